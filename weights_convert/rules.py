@@ -1,0 +1,109 @@
+"""Renaming a reference state dict into altdiff-min's names: an ordered list of rules, strict both ways.
+
+A rule is `(pattern, replacement)`: the first rule whose pattern matches the *start* of a source name
+rewrites that prefix (regex groups allowed) and keeps the rest (".weight", ".bias"). A drop is
+`(pattern, reason)`: source tensors we deliberately do not use, each with the reason why.
+
+Strict means: every source tensor is renamed or dropped, no two land on the same name, every target
+tensor is filled, and every shape agrees. All problems are collected and reported at once, before
+anything is loaded.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+Rule = tuple[str, str]  # (regex matched at the start of a source name, replacement for that prefix)
+Drop = tuple[str, str]  # (regex searched in a source name, why the tensor is not needed)
+
+
+class ConversionError(ValueError):
+    """A state dict that does not fit the target model; the message lists every offending name."""
+
+
+@dataclass
+class Report:
+    converted: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason → count
+
+    def __str__(self) -> str:
+        lines = [f"converted {self.converted} tensors"]
+        lines += [f"dropped {n} ({reason})" for reason, n in self.dropped.items()]
+        return "; ".join(lines)
+
+
+def rename(name: str, rules: list[Rule]) -> str | None:
+    for pattern, replacement in rules:
+        if m := re.match(pattern, name):
+            return m.expand(replacement) + name[m.end():]
+    return None
+
+
+def _listing(title: str, names: list[str], limit: int = 12) -> str:
+    more = f"\n    … and {len(names) - limit} more" if len(names) > limit else ""
+    return f"  {title} ({len(names)}):\n    " + "\n    ".join(names[:limit]) + more
+
+
+def convert_state_dict(
+    source: Mapping[str, torch.Tensor],
+    rules: list[Rule],
+    drops: list[Drop],
+    target: Mapping[str, torch.Tensor],
+    what: str = "state dict",
+) -> tuple[dict[str, torch.Tensor], Report]:
+    """Rename `source` into the names of `target` (a state dict, e.g. of a model on the meta device).
+
+    Returns the renamed tensors (the same tensor objects, not copies) and a report of what was done.
+    Raises ConversionError naming every unknown, duplicate, missing or mis-shaped tensor.
+    """
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    report = Report()
+    unknown, duplicates, wrong_shape = [], [], []
+    seen: set[str] = set()  # targets some source tensor aimed at, fitting or not
+    for name, tensor in source.items():
+        reason = next((why for pattern, why in drops if re.search(pattern, name)), None)
+        if reason is not None:
+            report.dropped[reason] += 1
+            continue
+        new = rename(name, rules)
+        if new is None or new not in target:
+            unknown.append(name if new is None else f"{name} (→ {new}, which the model does not have)")
+            continue
+        seen.add(new)
+        if new in out:
+            duplicates.append(f"{name} and {origin[new]} both → {new}")
+        elif tuple(tensor.shape) != tuple(target[new].shape):
+            wrong_shape.append(f"{name}: {tuple(tensor.shape)}, but {new} is {tuple(target[new].shape)}")
+        else:
+            out[new], origin[new] = tensor, name
+    missing = [name for name in target if name not in seen]
+    problems = [
+        _listing(title, names)
+        for title, names in [
+            ("unexpected tensors (no rule and no drop reason)", unknown),
+            ("tensors renamed onto the same target", duplicates),
+            ("tensors of the wrong shape", wrong_shape),
+            ("missing tensors (nothing in the source fills them)", missing),
+        ]
+        if names
+    ]
+    if problems:
+        raise ConversionError(f"{what} does not fit the model:\n" + "\n".join(problems))
+    report.converted = len(out)
+    return out, report
+
+
+def load_model(make: Callable[[], torch.nn.Module], source: Mapping[str, torch.Tensor], rules: list[Rule],
+               drops: list[Drop], what: str) -> tuple[torch.nn.Module, Report]:
+    """Build `make()` on the meta device (no memory, no random init), convert `source` into it and
+    load with strict=True. assign=True makes the model use the source tensors themselves: no copy."""
+    with torch.device("meta"):
+        model = make()
+    tensors, report = convert_state_dict(source, rules, drops, model.state_dict(), what)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval(), report

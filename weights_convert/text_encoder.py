@@ -1,0 +1,62 @@
+"""Text encoder: transformers' `RobertaSeriesModelWithTransformation` layout → altdiff_min.TextEncoder."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from altdiff_min.text_encoder import TextEncoder, TextEncoderConfig
+
+from .rules import Drop, Report, Rule, load_model
+
+LAYER = r"roberta\.encoder\.layer\.(\d+)\."
+
+RULES: list[Rule] = [
+    (r"roberta\.embeddings\.word_embeddings\.", "token_embedding."),
+    (r"roberta\.embeddings\.position_embeddings\.", "position_embedding."),
+    (r"roberta\.embeddings\.token_type_embeddings\.", "type_embedding."),
+    (r"roberta\.embeddings\.LayerNorm\.", "embed_norm."),
+    (LAYER + r"attention\.self\.query\.", r"layers.\1.attn.q."),
+    (LAYER + r"attention\.self\.key\.", r"layers.\1.attn.k."),
+    (LAYER + r"attention\.self\.value\.", r"layers.\1.attn.v."),
+    (LAYER + r"attention\.output\.dense\.", r"layers.\1.attn.out."),
+    (LAYER + r"attention\.output\.LayerNorm\.", r"layers.\1.attn_norm."),
+    (LAYER + r"intermediate\.dense\.", r"layers.\1.fc1."),
+    (LAYER + r"output\.dense\.", r"layers.\1.fc2."),
+    (LAYER + r"output\.LayerNorm\.", r"layers.\1.mlp_norm."),
+    (r"transformation\.", "transformation."),
+    (r"transformation_pre\.", "transformation_pre."),
+    (r"pre_LN\.", "pre_ln."),
+]
+
+DROPS: list[Drop] = [
+    (r"^roberta\.pooler\.", "pooler: the CLS pooling head, not used for conditioning"),
+    (r"^roberta\.embeddings\.(position_ids|token_type_ids)$", "index buffer: recomputed from the input ids"),
+    (r"^logit_scale$", "logit_scale: AltCLIP's contrastive temperature"),
+]
+
+
+def config_from_hf(hf: Mapping) -> TextEncoderConfig:
+    """Our config from a transformers `text_encoder/config.json` (RobertaSeriesConfig)."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"text encoder uses hidden_act={hf['hidden_act']!r}; only 'gelu' (XLM-R's) is implemented")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type={hf['position_embedding_type']!r} is not XLM-R's 'absolute'")
+    return TextEncoderConfig(
+        vocab_size=hf["vocab_size"],
+        hidden=hf["hidden_size"],
+        layers=hf["num_hidden_layers"],
+        heads=hf["num_attention_heads"],
+        mlp=hf["intermediate_size"],
+        max_positions=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 1),
+        eps=hf.get("layer_norm_eps", 1e-5),
+        pad_id=hf.get("pad_token_id", 1),
+        project_dim=hf["project_dim"],
+        pre_transformation=bool(hf.get("has_pre_transformation", False)),
+    )
+
+
+def load(state_dict: Mapping[str, torch.Tensor], cfg: TextEncoderConfig) -> tuple[TextEncoder, Report]:
+    """A TextEncoder holding the reference weights (loaded strictly), and the conversion report."""
+    return load_model(lambda: TextEncoder(cfg), state_dict, RULES, DROPS, "text encoder state dict")
