@@ -1,12 +1,15 @@
-"""Renaming a reference state dict into altdiff-min's names: an ordered list of rules, strict both ways.
+r"""Renaming a reference state dict into altdiff-min's names: an ordered list of rules, strict both ways.
 
-A rule is `(pattern, replacement)`: the first rule whose pattern matches the *start* of a source name
-rewrites that prefix (regex groups allowed) and keeps the rest (".weight", ".bias"). A drop is
-`(pattern, reason)`: source tensors we deliberately do not use, each with the reason why.
+A rule is `(pattern, replacement)`, applied like a line of a sed script: every rule, in order,
+rewrites the first place its regex matches in the name (groups allowed, `^` to anchor). So a layout
+is usually described in two short lists: where a block sits (`^down_blocks\.(\d+)\.resnets\.(\d+)\.`
+→ `down.\1.res.\2.`), then what differs inside blocks (`time_emb_proj\.` → `time_proj.`). Names
+that are the same in both layouts need no rule. A drop is `(pattern, reason)`: source tensors we
+deliberately do not use, each with the reason why.
 
-Strict means: every source tensor is renamed or dropped, no two land on the same name, every target
-tensor is filled, and every shape agrees. All problems are collected and reported at once, before
-anything is loaded.
+Strict means: every source tensor is renamed into a name the target has or dropped, no two land on
+the same name, every target tensor is filled, and every shape agrees. All problems are collected and
+reported at once, before anything is loaded.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
-Rule = tuple[str, str]  # (regex matched at the start of a source name, replacement for that prefix)
+Rule = tuple[str, str | Callable[[re.Match], str]]  # (regex searched in the name, its replacement), in order
 Drop = tuple[str, str]  # (regex searched in a source name, why the tensor is not needed)
 
 
@@ -36,11 +39,10 @@ class Report:
         return "; ".join(lines)
 
 
-def rename(name: str, rules: list[Rule]) -> str | None:
+def rename(name: str, rules: list[Rule]) -> str:
     for pattern, replacement in rules:
-        if m := re.match(pattern, name):
-            return m.expand(replacement) + name[m.end():]
-    return None
+        name = re.sub(pattern, replacement, name, count=1)
+    return name
 
 
 def _listing(title: str, names: list[str], limit: int = 12) -> str:
@@ -71,8 +73,8 @@ def convert_state_dict(
             report.dropped[reason] += 1
             continue
         new = rename(name, rules)
-        if new is None or new not in target:
-            unknown.append(name if new is None else f"{name} (→ {new}, which the model does not have)")
+        if new not in target:
+            unknown.append(name if new == name else f"{name} (→ {new}, which the model does not have)")
             continue
         seen.add(new)
         if new in out:
@@ -85,7 +87,7 @@ def convert_state_dict(
     problems = [
         _listing(title, names)
         for title, names in [
-            ("unexpected tensors (no rule and no drop reason)", unknown),
+            ("unexpected tensors (no rule leads to a model tensor, no drop reason)", unknown),
             ("tensors renamed onto the same target", duplicates),
             ("tensors of the wrong shape", wrong_shape),
             ("missing tensors (nothing in the source fills them)", missing),
@@ -101,7 +103,8 @@ def convert_state_dict(
 def load_model(make: Callable[[], torch.nn.Module], source: Mapping[str, torch.Tensor], rules: list[Rule],
                drops: list[Drop], what: str) -> tuple[torch.nn.Module, Report]:
     """Build `make()` on the meta device (no memory, no random init), convert `source` into it and
-    load with strict=True. assign=True makes the model use the source tensors themselves: no copy."""
+    load with strict=True. assign=True makes the model use the source tensors themselves: no copy,
+    so `model.state_dict()` is the converted state dict."""
     with torch.device("meta"):
         model = make()
     tensors, report = convert_state_dict(source, rules, drops, model.state_dict(), what)

@@ -9,24 +9,22 @@ from altdiff_min.text_encoder import TextEncoder, TextEncoderConfig
 
 from .rules import Drop, Report, Rule, load_model
 
-LAYER = r"roberta\.encoder\.layer\.(\d+)\."
-
 RULES: list[Rule] = [
-    (r"roberta\.embeddings\.word_embeddings\.", "token_embedding."),
-    (r"roberta\.embeddings\.position_embeddings\.", "position_embedding."),
-    (r"roberta\.embeddings\.token_type_embeddings\.", "type_embedding."),
-    (r"roberta\.embeddings\.LayerNorm\.", "embed_norm."),
-    (LAYER + r"attention\.self\.query\.", r"layers.\1.attn.q."),
-    (LAYER + r"attention\.self\.key\.", r"layers.\1.attn.k."),
-    (LAYER + r"attention\.self\.value\.", r"layers.\1.attn.v."),
-    (LAYER + r"attention\.output\.dense\.", r"layers.\1.attn.out."),
-    (LAYER + r"attention\.output\.LayerNorm\.", r"layers.\1.attn_norm."),
-    (LAYER + r"intermediate\.dense\.", r"layers.\1.fc1."),
-    (LAYER + r"output\.dense\.", r"layers.\1.fc2."),
-    (LAYER + r"output\.LayerNorm\.", r"layers.\1.mlp_norm."),
-    (r"transformation\.", "transformation."),
-    (r"transformation_pre\.", "transformation_pre."),
-    (r"pre_LN\.", "pre_ln."),
+    (r"^roberta\.embeddings\.word_embeddings\.", "token_embedding."),
+    (r"^roberta\.embeddings\.position_embeddings\.", "position_embedding."),
+    (r"^roberta\.embeddings\.token_type_embeddings\.", "type_embedding."),
+    (r"^roberta\.embeddings\.LayerNorm\.", "embed_norm."),
+    (r"^roberta\.encoder\.layer\.", "layers."),
+    # inside a layer; attention.output.* must be renamed before the MLP's output.*
+    (r"\.attention\.self\.query\.", ".attn.q."),
+    (r"\.attention\.self\.key\.", ".attn.k."),
+    (r"\.attention\.self\.value\.", ".attn.v."),
+    (r"\.attention\.output\.dense\.", ".attn.out."),
+    (r"\.attention\.output\.LayerNorm\.", ".attn_norm."),
+    (r"\.intermediate\.dense\.", ".fc1."),
+    (r"\.output\.dense\.", ".fc2."),
+    (r"\.output\.LayerNorm\.", ".mlp_norm."),
+    (r"^pre_LN\.", "pre_ln."),  # transformation.* and transformation_pre.* keep their names
 ]
 
 DROPS: list[Drop] = [

@@ -1,0 +1,139 @@
+"""altdiff_min.UNet against diffusers' UNet2DConditionModel with the same random weights; the
+converter's strictness; input checks."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from conftest import PRECISIONS, randomize_, rel_err
+from diffusers import UNet2DConditionModel
+
+from altdiff_min.attention import attention_backend
+from altdiff_min.unet import UNet, UNetConfig
+from weights_convert.rules import ConversionError
+from weights_convert.unet import config_from_hf, load
+
+CA, D, CU, U = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+
+# BAAI/AltDiffusion-m9 unet/config.json, as published (sample_size 32 included).
+M9_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.8.0.dev0", "act_fn": "silu",
+    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "cross_attention_dim": 768, "down_block_types": [CA, CA, CA, D], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+    "sample_size": 32, "up_block_types": [U, CU, CU, CU],
+}
+
+# Small variants that between them use every block type, channel changes and attention patterns.
+SMALL = {
+    # m9's pattern shrunk: attention on all levels but the last, 2 res blocks per level
+    "3levels": dict(block_out_channels=(32, 64, 96), down_block_types=(CA, CA, D), up_block_types=(U, CU, CU),
+                    layers_per_block=2, cross_attention_dim=48, attention_head_dim=4, norm_num_groups=8),
+    # attention on the 2nd and 4th levels only, 3 res blocks, a level that keeps its channels, other in/out widths
+    "4levels": dict(in_channels=5, out_channels=3, block_out_channels=(16, 32, 32, 48), down_block_types=(D, CA, D, CA),
+                    up_block_types=(CU, U, CU, U), layers_per_block=3, cross_attention_dim=40, attention_head_dim=2,
+                    norm_num_groups=8),
+}
+BACKENDS = ["sdpa", "explicit"]
+
+
+def make_reference(config: dict) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return randomize_(UNet2DConditionModel.from_config(config).eval())
+
+
+@pytest.fixture(scope="module", params=list(SMALL))
+def small_reference(request) -> UNet2DConditionModel:
+    return make_reference(SMALL[request.param])
+
+
+@pytest.fixture(scope="module")
+def m9_reference() -> UNet2DConditionModel:
+    return make_reference(M9_CONFIG)  # ~3.4 GB; ours shares its tensors
+
+
+@torch.no_grad()
+def check_parity(ref: UNet2DConditionModel, device: str, dtype: torch.dtype, tol: float, backend: str, timesteps) -> None:
+    """Ours and the reference on 2 non-square 16×24 latents: ‖ours − ref‖/‖ref‖ < tol."""
+    if (device, dtype) != ("cpu", torch.float32):
+        ref = copy.deepcopy(ref).to(device, dtype)
+    ours, _ = load(ref.state_dict(), config_from_hf(ref.config))  # shares the reference's tensors
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, ref.config.in_channels, 16, 24, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, ref.config.cross_attention_dim, generator=g).to(device, dtype)
+    if isinstance(timesteps, torch.Tensor):
+        timesteps = timesteps.to(device)
+    expected = ref(latents, timesteps, encoder_hidden_states=context).sample
+    with attention_backend(backend):
+        err = rel_err(ours(latents, timesteps, context), expected)
+    assert err < tol, f"relative error {err:.2e} ≥ {tol:.0e}"
+
+
+@pytest.mark.parametrize("timesteps", [981, torch.tensor(500.0), torch.tensor([999, 1])], ids=["int", "0-d", "per-sample"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,dtype,tol", PRECISIONS)
+def test_small_unet_matches_diffusers(small_reference, device, dtype, tol, backend, timesteps):
+    check_parity(small_reference, device, dtype, tol, backend, timesteps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,dtype,tol", PRECISIONS)
+def test_m9_unet_matches_diffusers(m9_reference, device, dtype, tol, backend):
+    check_parity(m9_reference, device, dtype, tol, backend, torch.tensor([999, 1]))
+
+
+def test_m9_config():
+    assert config_from_hf(M9_CONFIG) == UNetConfig()  # sample_size 32 ignored
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"use_linear_projection": True}, "use_linear_projection"),  # SD 2.x
+    ({"addition_embed_type": "text_time"}, "addition_embed_type"),  # SDXL
+    ({"down_block_types": [CA, CA, "SimpleCrossAttnDownBlock2D", D]}, "down_block_types"),
+    ({"up_block_types": [CU, CU, CU, U]}, "up_block_types"),  # not the mirror of the down path
+    ({"attention_head_dim": [5, 10, 20, 20]}, "attention_head_dim"),  # heads per level
+])
+def test_config_rejects_what_is_not_implemented(change, named):
+    with pytest.raises(ValueError, match=named):
+        config_from_hf({**M9_CONFIG, **change})
+
+
+@pytest.fixture(scope="module")
+def small_state_dict() -> dict[str, torch.Tensor]:
+    return dict(make_reference(SMALL["3levels"]).state_dict())
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda sd: sd.pop("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
+     r"missing tensors[^\n]*\n\s*down\.1\.attn\.0\.block\.cross_attn\.k\.weight"),
+    (lambda sd: sd.update({"mid_block.attentions.0.transformer_blocks.0.attn3.to_q.weight": torch.zeros(96, 96)}),
+     r"unexpected tensors[^\n]*\n\s*mid_block\.attentions\.0\.transformer_blocks\.0\.attn3\.to_q\.weight"),
+    (lambda sd: sd.update({"up_blocks.1.resnets.2.conv_shortcut.weight": torch.zeros(64, 96, 3, 3)}),
+     re.escape("up_blocks.1.resnets.2.conv_shortcut.weight: (64, 96, 3, 3), "
+               "but up.1.res.2.shortcut.weight is (64, 96, 1, 1)")),
+], ids=["missing", "unexpected", "mis-shaped"])
+def test_converter_names_the_offending_tensor(small_state_dict, edit, named):
+    sd = dict(small_state_dict)
+    edit(sd)
+    with pytest.raises(ConversionError, match=named):
+        load(sd, config_from_hf(SMALL["3levels"]))
+
+
+@pytest.mark.parametrize("latents,timesteps,context,named", [
+    ((2, 4, 15, 24), 1, (2, 77, 48), "latent size 15×24 is not a multiple of 4"),
+    ((2, 4, 16, 26), 1, (2, 77, 48), "latent size 16×26 is not a multiple of 4"),
+    ((2, 3, 16, 24), 1, (2, 77, 48), "latents must be (batch, 4 channels"),
+    ((4, 16, 24), 1, (2, 77, 48), "latents must be (batch, 4 channels"),
+    ((2, 4, 16, 24), 1, (2, 77, 768), "context must be (batch, tokens, 48)"),
+    ((2, 4, 16, 24), 1, (3, 77, 48), "batch sizes disagree: 2 latents but 3 contexts"),
+    ((2, 4, 16, 24), torch.tensor([1, 2, 3]), (2, 77, 48), "timesteps must be a number or a (2,) tensor"),
+], ids=["height", "width", "channels", "3-d", "context-width", "context-batch", "timesteps-batch"])
+def test_bad_input_is_rejected_before_the_forward_pass(latents, timesteps, context, named):
+    unet = UNet(UNetConfig(channels=(32, 64, 96), attention=(True, True, False), heads=4, context_dim=48, groups=8))
+    unet.conv_in.register_forward_pre_hook(lambda *_: pytest.fail("the forward pass started"))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        unet(torch.randn(latents), timesteps, torch.randn(context))
