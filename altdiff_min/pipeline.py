@@ -1,0 +1,87 @@
+"""A converted model folder, and `load()` which builds the whole AltDiffusion from it.
+
+The folder (written by `altdiff-min convert`) is self-describing and never needs the network:
+    config.json               every module's config, the noise schedule, the tokenizer length
+    model.safetensors         every tensor under altdiff-min's names: text_encoder.*, unet.*, vae.*
+    sentencepiece.bpe.model   the XLM-R tokenizer
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .samplers import ScheduleConfig
+from .text_encoder import TextEncoder, TextEncoderConfig
+from .tokenizer import Tokenizer
+from .unet import UNet, UNetConfig
+from .vae import VAE, VAEConfig
+
+FORMAT = "altdiff-min"
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "sentencepiece.bpe.model"
+MODULES = {"text_encoder": (TextEncoder, TextEncoderConfig), "unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig)}
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls, d: dict[str, Any]):
+    """A frozen config from its JSON form; JSON lists become the tuples the dataclass defaults use."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(d) - names:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass
+class AltDiffusion:
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+    schedule: ScheduleConfig
+    path: str
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The config.json of a model folder, after checking the folder really is one."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path!r}")
+    missing = [f for f in (CONFIG, WEIGHTS, TOKENIZER) if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise ValueError(f"{path!r} is not an altdiff-min model folder (missing {', '.join(missing)}); "
+                         f"make one with `altdiff-min convert SRC {path}`")
+    with open(os.path.join(path, CONFIG)) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{os.path.join(path, CONFIG)} is not an altdiff-min config (format {config.get('format')!r})")
+    return config
+
+
+def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> AltDiffusion:
+    """Build tokenizer, text encoder, UNet and VAE from a converted folder; no network, no random init.
+
+    dtype None keeps the dtype the folder was written in.
+    """
+    config = read_config(path)
+    tensors = load_file(os.path.join(path, WEIGHTS), device=str(device))
+    if stray := sorted({k.split(".")[0] for k in tensors} - set(MODULES)):
+        raise ValueError(f"{os.path.join(path, WEIGHTS)} holds tensors of unknown modules: {stray}")
+    modules = {}
+    for name, (model_cls, config_cls) in MODULES.items():
+        cfg = config_from_dict(config_cls, config[name])
+        with torch.device("meta"):
+            model = model_cls(cfg)
+        prefix = name + "."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        model.load_state_dict(state, strict=True, assign=True)
+        modules[name] = model.to(dtype=dtype).eval().requires_grad_(False)
+    tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
+    schedule = config_from_dict(ScheduleConfig, config["schedule"])
+    return AltDiffusion(tokenizer=tokenizer, schedule=schedule, path=path, **modules)

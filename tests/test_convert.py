@@ -1,0 +1,430 @@
+"""weights_convert end to end: the hub's diffusers layout and single ldm/FlagAI files → a model folder
+→ altdiff_min.load, each module compared with the diffusers/transformers reference it came from."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import randomize_, rel_err
+from safetensors.torch import save_file
+
+import altdiff_min
+from altdiff_min.pipeline import load
+from weights_convert.convert import convert
+from weights_convert.rules import ConversionError
+
+# A small AltDiffusion: every block type of the m9 architecture, at toy widths.
+TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=514,
+            type_vocab_size=1, layer_norm_eps=1e-5, project_dim=32, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
+VAE = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32), layers_per_block=2, latent_channels=4,
+           norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           sample_size=64)
+SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                 trained_betas=None, prediction_type="epsilon")
+MODEL_INDEX = {"_class_name": "AltDiffusionPipeline", "_diffusers_version": "0.11.0.dev0",
+               "feature_extractor": ["transformers", "CLIPFeatureExtractor"],
+               "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+               "scheduler": ["diffusers", "DDIMScheduler"],
+               "text_encoder": ["alt_diffusion", "RobertaSeriesModelWithTransformation"],
+               "tokenizer": ["transformers", "XLMRobertaTokenizer"],
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+@pytest.fixture(scope="module")
+def reference(spm_dir):
+    """Random diffusers/transformers modules of the small AltDiffusion (text encoder, UNet, VAE)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
+        RobertaSeriesConfig, RobertaSeriesModelWithTransformation)
+
+    torch.manual_seed(0)  # diffusers/transformers initialise from the global generator
+    vocab = altdiff_min.Tokenizer(os.path.join(spm_dir, "sentencepiece.bpe.model")).vocab_size
+    text = RobertaSeriesModelWithTransformation(RobertaSeriesConfig(vocab_size=vocab, **TEXT))
+    return {"text_encoder": randomize_(text, 1).eval(), "unet": randomize_(UNet2DConditionModel(**UNET), 2).eval(),
+            "vae": randomize_(AutoencoderKL(**VAE), 3).eval()}
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+@pytest.fixture(scope="module")
+def hub_layout(reference, spm_dir, tmp_path_factory):
+    """The small model saved as BAAI/AltDiffusion-m9 is on the hub: pickled .bin weights (the text
+    encoder's with its pooler), the tokenizer's 512-token config, the UNet's sample_size 32."""
+    root = tmp_path_factory.mktemp("hub") / "AltDiffusion-m9"
+    write_json(root / "model_index.json", MODEL_INDEX)
+    write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER)
+    text = reference["text_encoder"]
+    write_json(root / "text_encoder" / "config.json", {**text.config.to_dict(), "architectures": ["RobertaSeriesModelWithTransformation"]})
+    torch.save(text.state_dict(), root / "text_encoder" / "pytorch_model.bin")
+    assert any(k.startswith("roberta.pooler.") for k in text.state_dict())
+    for name in ("unet", "vae"):
+        write_json(root / name / "config.json", dict(reference[name].config))
+        torch.save(reference[name].state_dict(), root / name / "diffusion_pytorch_model.bin")
+    assert json.loads((root / "unet" / "config.json").read_text())["sample_size"] == 32
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "sentencepiece.bpe.model").write_bytes(open(os.path.join(spm_dir, "sentencepiece.bpe.model"), "rb").read())
+    write_json(root / "tokenizer" / "tokenizer_config.json", {"model_max_length": 512, "tokenizer_class": "XLMRobertaTokenizer"})
+    write_json(root / "tokenizer" / "special_tokens_map.json", {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>"})
+    # Never read: conversion must not need (or choke on) the safety checker.
+    (root / "safety_checker").mkdir()
+    (root / "safety_checker" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    return str(root)
+
+
+def assert_modules_match(model, reference, tol=1e-5):
+    """Each loaded module against its reference, on random non-square inputs with batch 2."""
+    g = torch.Generator().manual_seed(0)
+    ids, mask = model.tokenizer(["一只戴着帽子的小狗", "un cercle rouge sur un fond blanc"])
+    latents = torch.randn(2, 4, 8, 12, generator=g)
+    context = torch.randn(2, 77, 32, generator=g)
+    images = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
+    with torch.no_grad():
+        ref_text = reference["text_encoder"](input_ids=ids, attention_mask=mask).projection_state
+        assert rel_err(model.text_encoder(ids, mask), ref_text) < tol
+        ref_eps = reference["unet"](latents, torch.tensor([10, 900]), context).sample
+        assert rel_err(model.unet(latents, torch.tensor([10, 900]), context), ref_eps) < tol
+        assert rel_err(model.vae.decode(latents), reference["vae"].decode(latents).sample) < tol
+        dist = reference["vae"].encode(images).latent_dist
+        mean, logvar = model.vae.encode(images)
+        assert rel_err(mean, dist.mean) < tol and rel_err(logvar, dist.logvar) < tol
+
+
+def test_hub_layout_converts_and_matches(hub_layout, reference, tmp_path):
+    reports = convert(hub_layout, tmp_path / "m9")
+    assert sorted(os.listdir(tmp_path / "m9")) == ["config.json", "model.safetensors", "sentencepiece.bpe.model"]
+    assert "pooler" in str(reports["text_encoder"])  # dropped, and said so
+    config = json.loads((tmp_path / "m9" / "config.json").read_text())
+    assert config["tokenizer"]["max_length"] == 77  # not the hub tokenizer config's 512
+    assert config["schedule"]["num_train_timesteps"] == 1000
+    model = load(tmp_path / "m9")
+    assert model.tokenizer.max_length == 77
+    assert_modules_match(model, reference)
+
+
+def test_fp16_output_and_dtype_on_load(hub_layout, reference, tmp_path):
+    convert(hub_layout, tmp_path / "half", dtype="fp16")
+    model = load(tmp_path / "half")
+    assert {p.dtype for m in (model.text_encoder, model.unet, model.vae) for p in m.parameters()} == {torch.float16}
+    upcast = load(tmp_path / "half", dtype=torch.float32)
+    assert next(upcast.unet.parameters()).dtype == torch.float32
+
+
+def test_safetensors_and_fp16_variant_files(hub_layout, reference, tmp_path):
+    """Newer mirrors: .safetensors files, and `.fp16.` variants picked only for --dtype fp16."""
+    import shutil
+
+    root = tmp_path / "mirror"
+    shutil.copytree(hub_layout, root)
+    for name, stem in [("text_encoder", "model"), ("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")]:
+        for f in (root / name).glob("*.bin"):
+            f.unlink()
+        state = {k: v.contiguous() for k, v in reference[name].state_dict().items()}
+        save_file(state, root / name / f"{stem}.safetensors")
+        save_file({k: v.half() for k, v in state.items()}, root / name / f"{stem}.fp16.safetensors")
+    convert(root, tmp_path / "full")
+    assert_modules_match(load(tmp_path / "full"), reference)
+    convert(root, tmp_path / "half", dtype="fp16")
+    half = load(tmp_path / "half", dtype=torch.float32)
+    ids, mask = half.tokenizer(["a dog"])
+    with torch.no_grad():
+        expected = reference["text_encoder"](input_ids=ids, attention_mask=mask).projection_state
+        assert 0 < rel_err(half.text_encoder(ids, mask), expected) < 5e-3  # from the fp16 files: close, not equal
+
+
+# ---- the single-file ldm / FlagAI layout -------------------------------------------------------------
+
+def diffusers_to_ldm_unet(name: str, cfg: dict) -> str:
+    """The CompVis name of a diffusers UNet tensor (written from the ldm code's structure; proved
+    against diffusers' own ldm→diffusers conversion below)."""
+    per = cfg["layers_per_block"] + 1
+    levels = len(cfg["block_out_channels"])
+    attn_up = [t.startswith("CrossAttn") for t in cfg["up_block_types"]]
+    outer = [
+        (r"^conv_in\.", lambda m: "input_blocks.0.0."),
+        (r"^time_embedding\.linear_(\d)\.", lambda m: f"time_embed.{2 * int(m[1]) - 2}."),
+        (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.0."),
+        (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.1."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{(int(m[1]) + 1) * per}.0.op."),
+        (r"^mid_block\.resnets\.0\.", lambda m: "middle_block.0."), (r"^mid_block\.attentions\.0\.", lambda m: "middle_block.1."),
+        (r"^mid_block\.resnets\.1\.", lambda m: "middle_block.2."),
+        (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.0."),
+        (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.1."),
+        (r"^up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"output_blocks.{int(m[1]) * per + per - 1}.{2 if attn_up[int(m[1])] else 1}."),
+        (r"^conv_norm_out\.", lambda m: "out.0."), (r"^conv_out\.", lambda m: "out.2."),
+    ]
+    inner = [(".norm1.", ".in_layers.0."), (".conv1.", ".in_layers.2."), (".time_emb_proj.", ".emb_layers.1."),
+             (".norm2.", ".out_layers.0."), (".conv2.", ".out_layers.3."), (".conv_shortcut.", ".skip_connection.")]
+    assert levels == len(attn_up)
+    for pattern, fn in outer:
+        if m := re.match(pattern, name):
+            name = fn(m) + name[m.end():]
+            break
+    if ".transformer_blocks." not in name:
+        for theirs, ours in inner:
+            name = name.replace(theirs, ours)
+    return name
+
+
+def diffusers_to_ldm_vae(name: str, levels: int) -> str:
+    name = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", name)
+    for theirs, ours in [("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
+                         ("mid_block.attentions.0.", "mid.attn_1."), ("down_blocks.", "down."), (".resnets.", ".block."),
+                         ("downsamplers.0.", "downsample."), ("upsamplers.0.", "upsample."),
+                         ("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                         ("to_out.0.", "proj_out."), ("conv_norm_out.", "norm_out."), ("conv_shortcut.", "nin_shortcut.")]:
+        name = name.replace(theirs, ours)
+    return name
+
+
+def ldm_checkpoint(reference) -> dict:
+    """One FlagAI-style state dict of all three modules, with the extras real files carry."""
+    unet_cfg, vae_cfg = dict(reference["unet"].config), dict(reference["vae"].config)
+    sd = {"model.diffusion_model." + diffusers_to_ldm_unet(k, unet_cfg): v for k, v in reference["unet"].state_dict().items()}
+    for k, v in reference["vae"].state_dict().items():
+        ldm = diffusers_to_ldm_vae(k, len(vae_cfg["block_out_channels"]))
+        sd["first_stage_model." + ldm] = v[:, :, None, None] if ".mid.attn_1." in ldm and v.ndim == 2 else v  # 1×1 convs
+    sd.update({"cond_stage_model." + k: v for k, v in reference["text_encoder"].state_dict().items()})
+    hidden = reference["text_encoder"].config.hidden_size
+    sd["cond_stage_model.pre_LN.weight"], sd["cond_stage_model.pre_LN.bias"] = torch.ones(hidden), torch.zeros(hidden)
+    sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    sd["alphas_cumprod"] = torch.cumprod(1 - sd["betas"], 0)
+    sd["model_ema.decay"], sd["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(1000)
+    return sd
+
+
+def test_ldm_naming_map_is_what_diffusers_reads(reference):
+    """The test's ldm file is only trustworthy if diffusers' ldm→diffusers conversion recovers the
+    original modules from it, every tensor and nothing else."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    sd = ldm_checkpoint(reference)
+    for name, recover in [("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)]:
+        back = recover(dict(sd), dict(reference[name].config))
+        original = reference[name].state_dict()
+        assert set(back) == set(original)
+        assert all(torch.equal(back[k].reshape(original[k].shape), original[k]) for k in original)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_single_file_converts_and_matches(reference, spm_dir, tmp_path, suffix):
+    sd = ldm_checkpoint(reference)
+    path = tmp_path / f"Alt-Diffusion-M9{suffix}"
+    if suffix == ".ckpt":
+        torch.save({"state_dict": sd, "global_step": 1}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    from weights_convert import text_encoder, unet, vae
+
+    # Single files carry no configs: the converter assumes m9's unless told otherwise, as here.
+    cfgs = {"text_encoder": text_encoder.config_from_hf(reference["text_encoder"].config.to_dict()),
+            "unet": unet.config_from_hf(dict(reference["unet"].config)), "vae": vae.config_from_hf(dict(reference["vae"].config))}
+    reports = convert(path, tmp_path / "m9", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"), configs=cfgs)
+    dropped = str(reports["other"]) + str(reports["text_encoder"])
+    assert "noise-schedule" in dropped and "EMA" in dropped and "pre_LN" in dropped
+    assert_modules_match(load(tmp_path / "m9"), reference)
+
+
+# ---- the hub: huggingface_hub's own cache resolution, offline -----------------------------------------
+
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "altdiff_min", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_hub_id_from_the_cache_offline(hub_layout, reference, tmp_path):
+    """A hub id whose files sit in the HF cache (HF_HOME) converts with HF_HUB_OFFLINE=1."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--BAAI--AltDiffusion-m9"
+    shutil.copytree(hub_layout, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("safety_checker"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = run_cli("convert", "BAAI/AltDiffusion-m9", str(tmp_path / "m9"),
+                  env_extra={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "wrote" in out.stdout and "pooler" in out.stdout
+    assert_modules_match(load(tmp_path / "m9"), reference)
+
+
+def test_hub_id_not_cached_offline_says_how_to_get_it(tmp_path):
+    out = run_cli("convert", "BAAI/AltDiffusion-m9", str(tmp_path / "m9"),
+                  env_extra={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2
+    assert "not in the Hugging Face cache" in out.stderr and "huggingface-cli download BAAI/AltDiffusion-m9" in out.stderr
+    assert not (tmp_path / "m9").exists()
+
+
+def test_online_fetch_asks_only_for_what_it_needs(hub_layout, monkeypatch, tmp_path):
+    """Online, the repo listing decides: configs, tokenizer and one precision of the three modules'
+    weights, never the safety checker. (The hub is unreachable here: its two calls are stood in for.)"""
+    import huggingface_hub
+
+    listing = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/sentencepiece.bpe.model",
+               "tokenizer/tokenizer_config.json", "safety_checker/pytorch_model.bin", "feature_extractor/preprocessor_config.json",
+               "text_encoder/config.json", "text_encoder/pytorch_model.bin", "text_encoder/model.fp16.safetensors",
+               "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.bin",
+               "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors"]
+    asked = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, revision=None, allow_patterns=None, **kw: asked.append(allow_patterns) or hub_layout)
+    from weights_convert.sources import hub_folder
+
+    assert hub_folder("BAAI/AltDiffusion-m9", None, fp16=False) == hub_layout
+    assert set(asked[0]) == {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/sentencepiece.bpe.model",
+                             "tokenizer/tokenizer_config.json", "text_encoder/config.json", "unet/config.json",
+                             "vae/config.json", "text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
+                             "vae/diffusion_pytorch_model.safetensors"}
+    hub_folder("BAAI/AltDiffusion-m9", "fp16", fp16=True)
+    assert {"text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.bin"} <= set(asked[1])
+
+
+# ---- bad input: a clear error, and no OUT_DIR ----------------------------------------------------------
+
+class NotATensor:  # pickled into a checkpoint: torch.load(weights_only=True) must refuse to build it
+    pass
+
+
+def corrupt(root, how):
+    path = root / "unet" / "diffusion_pytorch_model.bin"
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif how == "code":
+        torch.save({"conv_in.weight": NotATensor()}, path)
+    elif how == "missing-config":
+        (root / "vae" / "config.json").unlink()
+    elif how == "wrong-tensor":
+        state = torch.load(path, weights_only=True)
+        state["conv_in.weight"] = state["conv_in.weight"][:, :3]
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("truncated", "not a readable PyTorch checkpoint"),
+    ("garbage", "not a readable PyTorch checkpoint"),
+    ("code", "never executes code"),
+    ("missing-config", "missing vae/config.json"),
+    ("wrong-tensor", "conv_in.weight"),
+])
+def test_bad_diffusers_folder_fails_clearly_and_leaves_nothing(hub_layout, tmp_path, how, message):
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    corrupt(root, how)
+    with pytest.raises(ConversionError, match=message):
+        convert(root, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no OUT_DIR, no partial folder
+
+
+@pytest.mark.parametrize("content,message", [
+    (lambda: {"state_dict": {"model.weird.weight": torch.zeros(2)}}, "not an AltDiffusion checkpoint"),
+    (lambda: {"first_stage_model.encoder.conv_in.weight": torch.zeros(2)}, "no tensors under"),
+    (lambda: [1, 2, 3], "does not hold a state dict"),
+])
+def test_wrong_single_files_fail_clearly(spm_dir, tmp_path, content, message):
+    torch.save(content(), tmp_path / "x.ckpt")
+    with pytest.raises(ConversionError, match=message):
+        convert(tmp_path / "x.ckpt", tmp_path / "out", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"))
+    (tmp_path / "y.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ConversionError, match="not a readable safetensors"):
+        convert(tmp_path / "y.safetensors", tmp_path / "out", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_argument_errors_come_first(hub_layout, tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        convert(hub_layout, tmp_path / "a", dtype="bf8")
+    with pytest.raises(FileNotFoundError, match="neither a file, a folder, nor a hub repo id"):
+        convert(str(tmp_path / "nowhere" / "x"), tmp_path / "a")
+    torch.save({}, tmp_path / "m.ckpt")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        convert(tmp_path / "m.ckpt", tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        convert(tmp_path / "m.ckpt", tmp_path / "a", tokenizer=tmp_path / "none.model")
+    with pytest.raises(ValueError, match="not an altdiff-min model folder"):
+        load(tmp_path)
+
+
+def test_existing_out_dir_needs_force_and_failures_keep_it(hub_layout, tmp_path, monkeypatch):
+    out = tmp_path / "m9"
+    convert(hub_layout, out)
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--force"):
+        convert(hub_layout, out)
+    import weights_convert.convert as module
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(hub_layout, out, force=True)
+    assert (out / "model.safetensors").stat().st_mtime_ns == before  # the old folder is untouched
+    assert sorted(os.listdir(tmp_path)) == ["m9"]  # and the partial one is gone
+    monkeypatch.undo()
+    convert(hub_layout, out, force=True, dtype="fp16")
+    assert load(out).unet.conv_in.weight.dtype == torch.float16 and sorted(os.listdir(tmp_path)) == ["m9"]
+
+
+# ---- the full m9 architecture: every key and shape of both layouts, on the meta device ---------------
+
+M9_TEXT = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+               max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, project_dim=768)
+M9_UNET = dict(sample_size=32, cross_attention_dim=768, attention_head_dim=8)  # diffusers' defaults are SD v1's
+M9_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+
+
+def test_full_m9_key_sets_and_shapes_on_meta():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
+        RobertaSeriesConfig, RobertaSeriesModelWithTransformation)
+
+    from altdiff_min import TextEncoderConfig
+    from altdiff_min.unet import UNetConfig
+    from altdiff_min.vae import VAEConfig
+    from weights_convert import ldm, text_encoder, unet, vae
+
+    with torch.device("meta"):
+        ref = {"text_encoder": RobertaSeriesModelWithTransformation(RobertaSeriesConfig(**M9_TEXT)),
+               "unet": UNet2DConditionModel(**M9_UNET), "vae": AutoencoderKL(**M9_VAE)}
+    converters = {"text_encoder": text_encoder, "unet": unet, "vae": vae}
+    cfgs = {name: converters[name].config_from_hf(ref[name].config.to_dict() if name == "text_encoder" else dict(ref[name].config))
+            for name in ref}
+    assert cfgs == {"text_encoder": TextEncoderConfig(), "unet": UNetConfig(), "vae": VAEConfig()} == ldm.DEFAULT_CONFIGS
+    params = 0
+    for name, module in ref.items():  # the diffusers layout
+        model, report = converters[name].load(module.state_dict(), cfgs[name])
+        assert report.converted == len(model.state_dict())
+        params += sum(p.numel() for p in model.parameters())
+    assert 1.45e9 < params < 1.55e9  # ~560 M + ~860 M + ~84 M
+    # The ldm layout, built by the test's map and proved against diffusers' converter at full size too.
+    sd = {"model.diffusion_model." + diffusers_to_ldm_unet(k, dict(ref["unet"].config)): v for k, v in ref["unet"].state_dict().items()}
+    sd.update({"first_stage_model." + diffusers_to_ldm_vae(k, 4): (v[:, :, None, None] if "attentions" in k and v.ndim == 2 else v)
+               for k, v in ref["vae"].state_dict().items()})
+    sd.update({"cond_stage_model." + k: v for k, v in ref["text_encoder"].state_dict().items()})
+    assert set(convert_ldm_unet_checkpoint(dict(sd), dict(ref["unet"].config))) == set(ref["unet"].state_dict())
+    assert set(convert_ldm_vae_checkpoint(dict(sd), dict(ref["vae"].config))) == set(ref["vae"].state_dict())
+    parts, _ = ldm.split(sd)
+    for name in ref:
+        model, report = ldm.load(name, parts[name], cfgs[name])
+        assert report.converted == len(model.state_dict())

@@ -1,0 +1,124 @@
+"""Reading checkpoints: tensors from .safetensors / .bin / .ckpt files, weights picked from a
+diffusers-layout folder, and that folder fetched from (or found in the cache of) the Hugging Face hub.
+
+Nothing from a checkpoint is executed: pickles are read with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .rules import ConversionError
+
+COMPONENTS = ("text_encoder", "unet", "vae")
+# File stems per component: transformers saves `model` / `pytorch_model`, diffusers `diffusion_pytorch_model`.
+STEMS = {"text_encoder": ("model", "pytorch_model"), "unet": ("diffusion_pytorch_model",),
+         "vae": ("diffusion_pytorch_model",)}
+CONFIG_FILES = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/sentencepiece.bpe.model",
+                "tokenizer/tokenizer_config.json"] + [f"{c}/config.json" for c in COMPONENTS]
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors, .bin, .pt or .ckpt file (a .ckpt's "state_dict" is unwrapped)."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConversionError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a class or function torch.load(weights_only=True) refuses to build
+            why = next(line.strip() for line in str(e).splitlines() if "Unsupported global" in line)
+            raise ConversionError(f"{path} holds more than tensors ({why}); altdiff-min never executes code from "
+                                  f"a checkpoint. Re-save it as tensors only, or as .safetensors.") from None
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # ldm / FlagAI .ckpt files nest the weights
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def pick_weights(files: list[str], component: str, fp16: bool) -> list[str]:
+    """The weight file(s) of one component among `files` (repo-relative paths): safetensors before
+    pickles, the `.fp16.` variant first only when fp16 is asked for; sharded checkpoints via their index."""
+    variants = ((".fp16", "") if fp16 else ("", ".fp16"))
+    available = set(files)
+    for variant in variants:
+        for ext in (".safetensors", ".bin"):
+            for stem in STEMS[component]:
+                name = f"{component}/{stem}{variant}{ext}"
+                if name in available:
+                    return [name]
+                if name + ".index.json" in available:
+                    return [name + ".index.json"]
+    raise ConversionError(f"no {component} weights found: expected e.g. {component}/{STEMS[component][-1]}.bin "
+                          f"or .safetensors (or their .fp16 variants)")
+
+
+def read_component(folder: str, files: list[str]) -> dict[str, torch.Tensor]:
+    if len(files) == 1 and files[0].endswith(".index.json"):
+        with open(os.path.join(folder, files[0])) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(os.path.dirname(files[0]), s) for s in shards]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(read_tensors(os.path.join(folder, name)))
+    return tensors
+
+
+def folder_files(folder: str) -> list[str]:
+    return [os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+            for d, _, fs in os.walk(folder) for f in fs]
+
+
+def hub_folder(repo_id: str, revision: str | None, fp16: bool) -> str:
+    """A local folder with what conversion needs from a hub repo: configs, tokenizer, and the text
+    encoder / UNet / VAE weights in one precision (not the safety checker, not both formats).
+
+    Online, the repo's file list decides which weight files to fetch; offline (HF_HUB_OFFLINE=1) or
+    when the hub cannot be reached, the usual cache (HF_HOME, HF_HUB_CACHE) is used as it is.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    listing = None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            listing = HfApi().list_repo_files(repo_id, revision=revision)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise ConversionError(f"{repo_id} (revision {revision or 'main'}) is not on the hub: {e}") from None
+        except Exception:  # no connection: fall back to what the cache holds, as huggingface_hub does
+            listing = None
+    if listing is not None:
+        wanted = [f for f in CONFIG_FILES if f in listing]
+        wanted += [f for c in COMPONENTS for f in pick_weights(listing, c, fp16)]
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=wanted)
+        for f in wanted:  # sharded weights: fetch the shards their index names
+            if f.endswith(".index.json"):
+                with open(os.path.join(folder, f)) as fh:
+                    shards = sorted(set(json.load(fh)["weight_map"].values()))
+                folder = snapshot_download(repo_id, revision=revision,
+                                           allow_patterns=wanted + [f"{os.path.dirname(f)}/{s}" for s in shards])
+        return folder
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=["model_index.json"])
+    except LocalEntryNotFoundError:
+        raise ConversionError(
+            f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached "
+            f"(offline mode or no network). Download it once where the hub is reachable, e.g.\n"
+            f"  huggingface-cli download {repo_id} --include '*.json' 'tokenizer/*' "
+            f"'text_encoder/*' 'unet/*' 'vae/*'\n"
+            f"then copy the cache (or the downloaded folder) here and run the conversion again, "
+            f"or pass a local folder in the diffusers layout as SRC.") from None
