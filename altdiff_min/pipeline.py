@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .samplers import ScheduleConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
@@ -46,7 +48,48 @@ class AltDiffusion:
     unet: UNet
     vae: VAE
     schedule: ScheduleConfig
-    path: str
+    path: str = ""
+
+    def save(self, path: str, force: bool = False, **extra: Any) -> None:
+        """Write this model as a model folder (atomically; see `write_folder`)."""
+        modules = {name: getattr(self, name) for name in MODULES}
+        write_folder(path, {n: m.cfg for n, m in modules.items()}, {n: m.state_dict() for n, m in modules.items()},
+                     self.schedule, self.tokenizer.model_file, self.tokenizer.max_length, force=force, **extra)
+
+
+def write_folder(path: str, configs: dict, states: dict, schedule: ScheduleConfig, tokenizer_file: str,
+                 max_length: int = 77, force: bool = False, dtype: torch.dtype | None = None, **extra: Any) -> None:
+    """Write a model folder atomically: everything goes into a temporary sibling, which is renamed to
+    `path` only once complete, so a failed or interrupted write never leaves a folder `load` accepts,
+    and an existing folder (replaced only with force=True) stays intact until the last moment.
+
+    configs / states: module name → config / state dict; dtype casts floating tensors (None keeps them).
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} already exists; pass --force (force=True) to replace it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        tensors = {f"{name}.{k}": (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
+                   for name, state in states.items() for k, v in state.items()}
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER))
+        config = {"format": FORMAT, "version": 1, **{name: config_to_dict(c) for name, c in configs.items()},
+                  "schedule": config_to_dict(schedule), "tokenizer": {"max_length": max_length}, **extra}
+        with open(os.path.join(tmp, CONFIG), "w") as f:  # written last: a folder without it is not loadable
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "previous"))
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_config(path: str) -> dict[str, Any]:

@@ -4,24 +4,20 @@ SRC is a hub repo id (BAAI/AltDiffusion-m9), a local folder in the diffusers lay
 ldm/FlagAI checkpoint (.ckpt / .safetensors, with --tokenizer). The steps:
   1. check the arguments and the destination, before reading gigabytes;
   2. read each module's config and weights and rename them strictly (weights_convert.rules);
-  3. write config.json, model.safetensors and the tokenizer into a temporary folder beside OUT_DIR,
-     and rename it to OUT_DIR only when everything is written: a failed or interrupted conversion
-     leaves nothing that `altdiff_min.load` would accept.
+  3. write the model folder atomically (altdiff_min.pipeline.write_folder): a failed or interrupted
+     conversion leaves nothing that `altdiff_min.load` would accept, and replaces nothing.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from altdiff_min.pipeline import CONFIG, FORMAT, TOKENIZER, WEIGHTS, config_to_dict
+from altdiff_min.pipeline import write_folder
 from altdiff_min.samplers import ScheduleConfig
 from altdiff_min.tokenizer import Tokenizer
 
@@ -72,34 +68,6 @@ def from_single_file(path: str, tokenizer: str, configs: dict | None = None) -> 
     return model
 
 
-def write_folder(model: Model, out_dir: str, dtype: torch.dtype | None, max_length: int, source: str) -> None:
-    """Everything into a temporary sibling of out_dir, then one rename."""
-    parent = os.path.dirname(out_dir) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    try:
-        tensors = {f"{name}.{k}": (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
-                   for name, state in model.tensors.items() for k, v in state.items()}
-        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "source": source})
-        shutil.copyfile(model.tokenizer_file, os.path.join(tmp, TOKENIZER))
-        config = {"format": FORMAT, "version": 1, "source": source,
-                  **{name: config_to_dict(cfg) for name, cfg in model.configs.items()},
-                  "schedule": config_to_dict(model.schedule), "tokenizer": {"max_length": max_length},
-                  "conversion": {name: str(r) for name, r in model.reports.items()}}
-        with open(os.path.join(tmp, CONFIG), "w") as f:  # written last: a folder without it is not loadable
-            json.dump(config, f, indent=2, ensure_ascii=False)
-        if os.path.exists(out_dir):  # only reached with force=True
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def convert(src: str, out_dir: str, dtype: str = "fp32", revision: str | None = None,
             tokenizer: str | None = None, force: bool = False, max_length: int = 77,
             configs: dict | None = None) -> dict[str, Report]:
@@ -133,5 +101,7 @@ def convert(src: str, out_dir: str, dtype: str = "fp32", revision: str | None = 
         raise ConversionError(f"the tokenizer {model.tokenizer_file} has {vocab} ids but the text encoder "
                               f"embeds {model.configs['text_encoder'].vocab_size}: they do not belong together")
     # 3. Write atomically.
-    write_folder(model, out_dir, DTYPES[dtype], max_length, source=src)
+    write_folder(out_dir, model.configs, model.tensors, model.schedule, model.tokenizer_file, max_length,
+                 force=force, dtype=DTYPES[dtype], source=src,
+                 conversion={name: str(r) for name, r in model.reports.items()})
     return model.reports
