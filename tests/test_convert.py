@@ -8,80 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import rel_err
 from safetensors.torch import save_file
 
-import altdiff_min
 from altdiff_min.pipeline import load
 from weights_convert.convert import convert
 from weights_convert.rules import ConversionError
-
-# A small AltDiffusion: every block type of the m9 architecture, at toy widths.
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=514,
-            type_vocab_size=1, layer_norm_eps=1e-5, project_dim=32, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8)
-VAE = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32, 32), layers_per_block=2, latent_channels=4,
-           norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           sample_size=64)
-SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                 beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                 trained_betas=None, prediction_type="epsilon")
-MODEL_INDEX = {"_class_name": "AltDiffusionPipeline", "_diffusers_version": "0.11.0.dev0",
-               "feature_extractor": ["transformers", "CLIPFeatureExtractor"],
-               "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
-               "scheduler": ["diffusers", "DDIMScheduler"],
-               "text_encoder": ["alt_diffusion", "RobertaSeriesModelWithTransformation"],
-               "tokenizer": ["transformers", "XLMRobertaTokenizer"],
-               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-
-
-@pytest.fixture(scope="module")
-def reference(spm_dir):
-    """Random diffusers/transformers modules of the small AltDiffusion (text encoder, UNet, VAE)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
-        RobertaSeriesConfig, RobertaSeriesModelWithTransformation)
-
-    torch.manual_seed(0)  # diffusers/transformers initialise from the global generator
-    vocab = altdiff_min.Tokenizer(os.path.join(spm_dir, "sentencepiece.bpe.model")).vocab_size
-    text = RobertaSeriesModelWithTransformation(RobertaSeriesConfig(vocab_size=vocab, **TEXT))
-    return {"text_encoder": randomize_(text, 1).eval(), "unet": randomize_(UNet2DConditionModel(**UNET), 2).eval(),
-            "vae": randomize_(AutoencoderKL(**VAE), 3).eval()}
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f)
-
-
-@pytest.fixture(scope="module")
-def hub_layout(reference, spm_dir, tmp_path_factory):
-    """The small model saved as BAAI/AltDiffusion-m9 is on the hub: pickled .bin weights (the text
-    encoder's with its pooler), the tokenizer's 512-token config, the UNet's sample_size 32."""
-    root = tmp_path_factory.mktemp("hub") / "AltDiffusion-m9"
-    write_json(root / "model_index.json", MODEL_INDEX)
-    write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER)
-    text = reference["text_encoder"]
-    write_json(root / "text_encoder" / "config.json", {**text.config.to_dict(), "architectures": ["RobertaSeriesModelWithTransformation"]})
-    torch.save(text.state_dict(), root / "text_encoder" / "pytorch_model.bin")
-    assert any(k.startswith("roberta.pooler.") for k in text.state_dict())
-    for name in ("unet", "vae"):
-        write_json(root / name / "config.json", dict(reference[name].config))
-        torch.save(reference[name].state_dict(), root / name / "diffusion_pytorch_model.bin")
-    assert json.loads((root / "unet" / "config.json").read_text())["sample_size"] == 32
-    (root / "tokenizer").mkdir()
-    (root / "tokenizer" / "sentencepiece.bpe.model").write_bytes(open(os.path.join(spm_dir, "sentencepiece.bpe.model"), "rb").read())
-    write_json(root / "tokenizer" / "tokenizer_config.json", {"model_max_length": 512, "tokenizer_class": "XLMRobertaTokenizer"})
-    write_json(root / "tokenizer" / "special_tokens_map.json", {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>"})
-    # Never read: conversion must not need (or choke on) the safety checker.
-    (root / "safety_checker").mkdir()
-    (root / "safety_checker" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
-    return str(root)
-
 
 def assert_modules_match(model, reference, tol=1e-5):
     """Each loaded module against its reference, on random non-square inputs with batch 2."""

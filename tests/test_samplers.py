@@ -13,7 +13,6 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from altdiff_min.samplers import SAMPLERS, ScheduleConfig, alphas_cumprod, get_sampler, timesteps
 
 TOL = 1e-5
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # numpy 2 vs diffusers
 # m9's scheduler_config.json, with every value the installed diffusers might default differently
 # passed explicitly. It has no `timestep_spacing` key (it predates it): see test_dpm_spacing_*.
 M9 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

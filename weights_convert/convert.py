@@ -38,6 +38,7 @@ class Model:
     reports: dict = field(default_factory=dict)  # module name → Report
     schedule: ScheduleConfig = ScheduleConfig()
     tokenizer_file: str = ""
+    image_size: int = 512  # SD v1's; a diffusers folder's VAE config may say otherwise
 
 
 def from_diffusers_folder(folder: str, fp16: bool, tokenizer: str | None = None) -> Model:
@@ -48,7 +49,10 @@ def from_diffusers_folder(folder: str, fp16: bool, tokenizer: str | None = None)
     model = Model(tokenizer_file=tokenizer or os.path.join(folder, "tokenizer", "sentencepiece.bpe.model"))
     for name in tqdm(COMPONENTS, desc="converting", unit="module"):
         with open(os.path.join(folder, name, "config.json")) as f:
-            cfg = CONVERTERS[name].config_from_hf(json.load(f))
+            hf = json.load(f)
+        cfg = CONVERTERS[name].config_from_hf(hf)
+        if name == "vae":  # the VAE's sample_size is the image size (the UNet's 32 is m9's known mistake)
+            model.image_size = hf.get("sample_size", model.image_size)
         weights = read_component(folder, pick_weights(files, name, fp16))
         module, model.reports[name] = CONVERTERS[name].load(weights, cfg)
         model.configs[name], model.tensors[name] = cfg, module.state_dict()
@@ -102,6 +106,6 @@ def convert(src: str, out_dir: str, dtype: str = "fp32", revision: str | None = 
                               f"embeds {model.configs['text_encoder'].vocab_size}: they do not belong together")
     # 3. Write atomically.
     write_folder(out_dir, model.configs, model.tensors, model.schedule, model.tokenizer_file, max_length,
-                 force=force, dtype=DTYPES[dtype], source=src,
+                 force=force, dtype=DTYPES[dtype], image_size=model.image_size, source=src,
                  conversion={name: str(r) for name, r in model.reports.items()})
     return model.reports
