@@ -105,7 +105,8 @@ def generate(args) -> int:
     """`altdiff-min generate`: samples to OUTDIR/samples/NNNNN.png (continuing the count), one grid per call."""
     import torch
 
-    from .pipeline import MODULES, check_size, config_from_dict, load, read_config
+    from .folder import MODULES, config_from_dict, read_config
+    from .pipeline import check_size, load
     from .samplers import check_eta, timesteps
 
     # 1. Everything that can be checked from the arguments and config.json, before loading weights.

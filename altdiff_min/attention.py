@@ -9,6 +9,7 @@ This function is the single seam for attention ablations: change it here and eve
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,26 +32,32 @@ def attention_backend(name: str):
         _backend = previous
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-    """softmax(QKᵀ/√d)·V on (B, H, L, D) tensors; mask is boolean, True where a key may be attended."""
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(QKᵀ/√d)·V on (B, H, L, D) tensors → (output, probabilities (B, H, Lq, Lk)).
+    mask is boolean, True where a key may be attended."""
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in fp32: in fp16 the exponentials of large scores overflow.
     probs = scores.float().softmax(dim=-1).to(v.dtype)
-    return probs @ v
+    return probs @ v, probs
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+              capture: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Multi-head attention of (B, Lq, C) queries over (B, Lk, C) keys/values → (B, Lq, C).
 
     mask: optional boolean (B, Lk), True for the keys that may be attended (padding is False).
+    capture: called with the (B, heads, Lq, Lk) probabilities; takes the explicit path, which has them.
     """
     q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
     if mask is not None:
         mask = mask.bool()[:, None, None, :]  # (B, 1, 1, Lk): the same for every head and query
-    if _backend == "sdpa":
+    if _backend == "sdpa" and capture is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        out = explicit_attention(q, k, v, mask)
+        out, probs = explicit_attention(q, k, v, mask)
+        if capture is not None:
+            capture(probs)
     return rearrange(out, "b h l d -> b l (h d)")

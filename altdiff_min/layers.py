@@ -70,6 +70,8 @@ class Attention(nn.Module):
     """q/k/v/out projections around the shared `attention` function on (B, L, dim) tokens.
 
     Keys and values come from `context` (cross-attention, width context_dim) or from x itself.
+    `capture`, when set to a callable, is handed this layer's attention probabilities
+    (altdiff_min.instruments.capture_attention sets it).
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False):
@@ -80,10 +82,11 @@ class Attention(nn.Module):
         self.k = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
+        self.capture = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.out(attention(self.q(x), self.k(context), self.v(context), self.heads))
+        return self.out(attention(self.q(x), self.k(context), self.v(context), self.heads, capture=self.capture))
 
 
 class Level(nn.Module):

@@ -92,20 +92,24 @@ class TextEncoder(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                layer: int | None = None) -> torch.Tensor:
         """(B, L) token ids and their mask (1 = token, 0 = padding) → (B, L, project_dim).
 
         Without a mask, padding is found from the ids, as AltDiffusion's pipeline does. Padding
         positions still get outputs: the UNet's cross-attention attends to all of them.
+        layer: project the hidden state after this many layers (0 = the embeddings) instead of the
+        model's own choice, the last (m9) or the penultimate (m18): an ablation.
         """
         self.check_inputs(input_ids, attention_mask)
+        depth = len(self.layers) - self.cfg.pre_transformation if layer is None else layer
+        if not 0 <= depth <= len(self.layers):
+            raise ValueError(f"layer must be in [0, {len(self.layers)}], got {layer}")
         mask = (input_ids != self.cfg.pad_id) if attention_mask is None else attention_mask.bool()
         x = self.token_embedding(input_ids) + self.position_embedding(self.positions(input_ids))
         x = self.embed_norm(x + self.type_embedding.weight[0])  # every token has type 0
+        for block in self.layers[:depth]:  # m18 reads the penultimate layer: the last one is not run
+            x = block(x, mask)
         if self.cfg.pre_transformation:
-            for layer in self.layers[:-1]:  # m18 reads the penultimate layer: the last one is not needed
-                x = layer(x, mask)
             return self.transformation_pre(self.pre_ln(x))
-        for layer in self.layers:
-            x = layer(x, mask)
         return self.transformation(x)

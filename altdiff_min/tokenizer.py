@@ -63,6 +63,11 @@ class Tokenizer:
             input_ids[i, : len(row)] = torch.tensor(row)
         return input_ids, (input_ids != PAD).long()
 
+    def pieces(self, prompt: str) -> list[str]:
+        """The pieces of `prompt` by position, `<s>` and `</s>` included: what each of its ids stands for."""
+        names = {BOS: "<s>", PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}
+        return [names.get(i) or self.sp.IdToPiece(i - FAIRSEQ_OFFSET) for i in self.encode(prompt)]
+
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """The text of a row of ids, special tokens left out."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids

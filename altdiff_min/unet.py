@@ -86,9 +86,10 @@ class TransformerBlock(nn.Module):
         self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
         self.norm3, self.ff = nn.LayerNorm(dim), GEGLU(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), context)  # unmasked: all context tokens, padding included
+        if context is not None:  # None: the "no cross-attention" ablation, the text is never read
+            x = x + self.cross_attn(self.norm2(x), context)  # unmasked: all context tokens, padding included
         return x + self.ff(self.norm3(x))
 
 
@@ -102,7 +103,7 @@ class SpatialTransformer(nn.Module):
         self.block = TransformerBlock(ch, heads, context_dim)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         h, w = x.shape[-2:]
         tokens = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         tokens = self.block(tokens, context)
@@ -147,7 +148,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, ch[0], cfg.eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def check_inputs(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def check_inputs(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """Raise a ValueError for inputs the UNet cannot take; return the timesteps as a (B,) tensor."""
         cfg, m = self.cfg, self.cfg.size_multiple
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
@@ -157,9 +158,9 @@ class UNet(nn.Module):
         if h == 0 or w == 0 or h % m or w % m:
             raise ValueError(f"latent size {h}×{w} is not a multiple of {m}: the UNet halves it "
                              f"{len(cfg.channels) - 1} times and the up path must meet every skip")
-        if context.ndim != 3 or context.shape[2] != cfg.context_dim:
+        if context is not None and (context.ndim != 3 or context.shape[2] != cfg.context_dim):
             raise ValueError(f"context must be (batch, tokens, {cfg.context_dim}), got {tuple(context.shape)}")
-        if context.shape[0] != b:
+        if context is not None and context.shape[0] != b:
             raise ValueError(f"batch sizes disagree: {b} latents but {context.shape[0]} contexts")
         t = torch.as_tensor(timesteps, device=latents.device)
         if t.ndim == 0:
@@ -168,9 +169,10 @@ class UNet(nn.Module):
             raise ValueError(f"timesteps must be a number or a ({b},) tensor, one per latent; got shape {tuple(t.shape)}")
         return t
 
-    def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor,
+                context: torch.Tensor | None) -> torch.Tensor:
         """ε (B, out_channels, h, w) for (B, in_channels, h, w) latents at `timesteps` (a number, or one per
-        latent), given the (B, L, context_dim) text context."""
+        latent), given the (B, L, context_dim) text context; context None skips cross-attention (ablation)."""
         t = self.check_inputs(latents, timesteps, context)
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]).to(latents.dtype))
 

@@ -29,12 +29,17 @@ PRECISIONS = [
 MEASURED: list[tuple[str, float]] = []  # (test id, relative error): printed after the run
 
 
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64; for checks that two things *differ* (not recorded as parity)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != reference {tuple(b.shape)}"
+    assert b.norm() > 0, "the reference output is all zeros: the comparison would prove nothing"
+    return ((a - b).norm() / b.norm()).item()
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖ours − ref‖ / ‖ref‖, computed in float64 (and recorded for the summary at the end)."""
-    ours, ref = ours.double().cpu(), ref.double().cpu()
-    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
-    assert ref.norm() > 0, "the reference output is all zeros: the comparison would prove nothing"
-    err = ((ours - ref).norm() / ref.norm()).item()
+    """‖ours − ref‖ / ‖ref‖, computed in float64, and recorded for the parity summary at the end."""
+    err = rel_diff(ours, ref)
     MEASURED.append((os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], err))
     return err
 
@@ -146,3 +151,13 @@ def hub_layout(reference, spm_dir, tmp_path_factory):
     (root / "safety_checker").mkdir()
     (root / "safety_checker" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(hub_layout, tmp_path_factory) -> str:
+    """The small AltDiffusion converted by weights_convert into a model folder."""
+    from weights_convert.convert import convert
+
+    out = tmp_path_factory.mktemp("model") / "small"
+    convert(hub_layout, out)
+    return str(out)

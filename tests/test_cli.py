@@ -5,14 +5,11 @@ import pytest
 from PIL import Image
 
 from altdiff_min.__main__ import main
-from weights_convert.convert import convert
 
 
 @pytest.fixture(scope="module")
-def model_dir(hub_layout, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "m9"
-    convert(hub_layout, out)
-    return str(out)
+def model_dir(small_model_dir):
+    return small_model_dir
 
 
 def test_generate_writes_samples_and_grids_and_continues_the_count(model_dir, tmp_path, capsys):

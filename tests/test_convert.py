@@ -301,7 +301,7 @@ def test_existing_out_dir_needs_force_and_failures_keep_it(hub_layout, tmp_path,
     before = (out / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="--force"):
         convert(hub_layout, out)
-    import altdiff_min.pipeline as module
+    import altdiff_min.folder as module
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

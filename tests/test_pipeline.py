@@ -7,17 +7,14 @@ import torch
 from conftest import SCHEDULER, rel_err
 
 from altdiff_min.pipeline import load
-from weights_convert.convert import convert
 
 PROMPT, NEGATIVE = "一只戴着帽子的小狗", "模糊"
 HEIGHT, WIDTH = 64, 96  # non-square; latents 8×12
 
 
 @pytest.fixture(scope="module")
-def ours(hub_layout, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "m9"
-    convert(hub_layout, out)
-    return load(out)
+def ours(small_model_dir):
+    return load(small_model_dir)
 
 
 def diffusers_pipeline(hub_layout, reference, sampler: str):

@@ -4,7 +4,7 @@ SRC is a hub repo id (BAAI/AltDiffusion-m9), a local folder in the diffusers lay
 ldm/FlagAI checkpoint (.ckpt / .safetensors, with --tokenizer). The steps:
   1. check the arguments and the destination, before reading gigabytes;
   2. read each module's config and weights and rename them strictly (weights_convert.rules);
-  3. write the model folder atomically (altdiff_min.pipeline.write_folder): a failed or interrupted
+  3. write the model folder atomically (altdiff_min.folder.write_folder): a failed or interrupted
      conversion leaves nothing that `altdiff_min.load` would accept, and replaces nothing.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from altdiff_min.pipeline import write_folder
+from altdiff_min.folder import write_folder
 from altdiff_min.samplers import ScheduleConfig
 from altdiff_min.tokenizer import Tokenizer
 

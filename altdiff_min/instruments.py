@@ -1,0 +1,68 @@
+"""Instruments for looking inside: where in the image each text token is attended.
+
+    with capture_attention(pipe.unet) as maps:
+        images = pipe.generate("un cercle rouge", seed=0)
+    heat = maps.heatmap(token=3, size=(64, 64))        # (batch, 64, 64) in [0, 1]
+
+While capturing, every cross-attention layer takes the explicit softmax path (the fused SDPA kernel
+never materialises the probabilities) and hands its probabilities (B, heads, h·w, tokens) over.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMaps:
+    """Cross-attention probabilities per layer name, summed over the UNet calls made while capturing
+    (`sums`, with `calls` the count), and, with per_step=True, each call's own (`steps`).
+    With guidance, the first half of the batch is the unconditional branch."""
+    per_step: bool = False
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def record(self, name: str, probs: torch.Tensor) -> None:
+        probs = probs.detach().float().cpu()
+        self.sums[name] = self.sums[name] + probs if name in self.sums else probs
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.per_step:
+            self.steps.setdefault(name, []).append(probs)
+
+    def mean(self, name: str) -> torch.Tensor:
+        """One layer's probabilities averaged over the calls: (B, heads, h·w, tokens)."""
+        return self.sums[name] / self.calls[name]
+
+    def heatmap(self, token: int, size: tuple[int, int], layers: list[str] | None = None) -> torch.Tensor:
+        """How much `token` (a position in the 77) is attended at each pixel: (B, H, W), each map
+        scaled to [0, 1]. Every layer's h×w map (averaged over heads and calls) is upsampled to
+        `size` — the image's or the latents' (height, width) — and the layers are averaged."""
+        total = 0
+        for name in layers or list(self.sums):
+            probs = self.mean(name)[..., token].mean(dim=1)  # (B, h·w): heads averaged
+            f = math.isqrt(size[0] * size[1] // probs.shape[1])  # how much smaller this layer's grid is
+            if f == 0 or (size[0] // f) * (size[1] // f) != probs.shape[1]:
+                raise ValueError(f"layer {name} has {probs.shape[1]} positions, not a downscaled {size[0]}×{size[1]} grid")
+            grid = probs.reshape(-1, 1, size[0] // f, size[1] // f)
+            total = total + F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[:, 0]
+        low = total.amin(dim=(1, 2), keepdim=True)
+        return (total - low) / (total.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
+
+
+@contextmanager
+def capture_attention(unet: torch.nn.Module, per_step: bool = False):
+    """Record the cross-attention probabilities of every transformer block of `unet`."""
+    maps = AttentionMaps(per_step=per_step)
+    layers = {name: m for name, m in unet.named_modules() if name.endswith("cross_attn")}
+    for name, module in layers.items():
+        module.capture = lambda probs, name=name: maps.record(name, probs)
+    try:
+        yield maps
+    finally:
+        for module in layers.values():
+            module.capture = None

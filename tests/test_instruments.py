@@ -1,0 +1,92 @@
+"""Instruments and ablation switches: attention capture, heat maps, and generate's switches,
+each off by default (the defaults are what test_pipeline proves equal to diffusers)."""
+import pytest
+import torch
+from conftest import rel_diff, rel_err
+
+from altdiff_min.instruments import capture_attention
+from altdiff_min.pipeline import load
+
+RUN = dict(steps=3, height=64, width=96, seed=3, output="tensor", progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(small_model_dir):
+    return load(small_model_dir)
+
+
+def test_capture_records_every_cross_attention_layer_and_changes_nothing(pipe):
+    plain = pipe.generate(["un cercle rouge", "a dog"], **RUN)
+    with capture_attention(pipe.unet, per_step=True) as maps:
+        captured = pipe.generate(["un cercle rouge", "a dog"], **RUN)
+    cross = [name for name, _ in pipe.unet.named_modules() if name.endswith("cross_attn")]
+    assert sorted(maps.sums) == sorted(cross) and len(cross) == 11  # 2×2 down, mid, 2×3 up in the small UNet
+    assert all(m.capture is None for _, m in pipe.unet.named_modules() if hasattr(m, "capture"))
+    assert rel_err(captured, plain) < 1e-5  # the explicit path, same images
+    name = "down.0.attn.0.block.cross_attn"
+    assert maps.calls[name] == 3 and len(maps.steps[name]) == 3  # one batched (guided) UNet call per step
+    probs = maps.mean(name)
+    assert probs.shape == (4, 4, 8 * 12, 77)  # [uncond ×2, cond ×2], heads, latent pixels, tokens
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+    heat = maps.heatmap(token=1, size=(64, 96))
+    assert heat.shape == (4, 64, 96) and heat.min() == 0 and torch.allclose(heat.amax(dim=(1, 2)), torch.ones(4))
+
+
+def test_heatmap_rejects_a_size_the_layers_do_not_fit(pipe):
+    with capture_attention(pipe.unet) as maps:
+        pipe.generate("a", **(RUN | dict(steps=1)))
+    with pytest.raises(ValueError, match="positions"):
+        maps.heatmap(token=1, size=(64, 64))
+
+
+def test_pieces_name_each_position(pipe):
+    pieces = pipe.tokenizer.pieces("un cercle rouge")
+    ids, _ = pipe.tokenizer("un cercle rouge")
+    assert pieces[0] == "<s>" and pieces[-1] == "</s>" and len(pieces) == int((ids != 1).sum())
+    assert "".join(pieces[1:-1]).replace("▁", " ").strip() == "un cercle rouge"
+
+
+def test_cross_attention_off_ignores_the_prompt(pipe):
+    a = pipe.generate("a red circle", cross_attention=False, **RUN)
+    b = pipe.generate("一只小狗", cross_attention=False, **RUN)
+    assert torch.equal(a, b)
+    assert rel_diff(pipe.generate("a red circle", **RUN), a) > 1e-3
+
+
+def test_text_layer(pipe):
+    last = len(pipe.text_encoder.layers)
+    assert torch.equal(pipe.encode(["un chien"], layer=last), pipe.encode(["un chien"]))
+    assert rel_diff(pipe.encode(["un chien"], layer=1), pipe.encode(["un chien"])) > 1e-2
+    with pytest.raises(ValueError, match="layer must be in"):
+        pipe.encode(["un chien"], layer=last + 1)
+    assert rel_diff(pipe.generate("un chien", text_layer=1, **RUN), pipe.generate("un chien", **RUN)) > 1e-4
+
+
+def test_guidance_schedule(pipe):
+    constant = pipe.generate("a dog", **RUN)
+    assert torch.equal(pipe.generate("a dog", scale=lambda t: 7.5, **RUN), constant)
+    varying = pipe.generate("a dog", scale=lambda t: 7.5 if t > 500 else 1.0, **RUN)
+    assert rel_diff(varying, constant) > 1e-4
+
+
+def test_prompt_embeddings_and_interpolation(pipe):
+    a, b = pipe.encode(["a red circle"]), pipe.encode(["un cercle rouge"])
+    direct = pipe.generate("a red circle", **RUN)
+    assert rel_err(pipe.generate(prompt_embeds=a, **RUN), direct) < 1e-6
+    noise = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(RUN["seed"])).expand(3, -1, -1, -1)
+    run = RUN | dict(seed=None, latents=noise)  # the same noise for every mix, so only the text differs
+    mixes = pipe.generate(prompt_embeds=torch.cat([torch.lerp(a, b, w) for w in (0.0, 0.5, 1.0)]), **run)
+    assert rel_err(mixes[0], direct[0]) < 1e-5 and rel_err(mixes[2], pipe.generate("un cercle rouge", **RUN)[0]) < 1e-5
+    assert rel_diff(mixes[1], mixes[0]) > 1e-4 and rel_diff(mixes[1], mixes[2]) > 1e-4
+    with pytest.raises(ValueError, match="not both"):
+        pipe.generate("a", prompt_embeds=a, **RUN)
+
+
+def test_trajectory(pipe):
+    images, trajectory = pipe.generate("a dog", sampler="dpm++2m", return_trajectory=True, **RUN)
+    assert [step["t"] for step in trajectory] == [999, 666, 333]
+    assert all(step["latents"].shape == step["x0"].shape == (1, 4, 8, 12) for step in trajectory)
+    final = trajectory[-1]["latents"]
+    assert torch.equal(final, trajectory[-1]["x0"])  # DPM-Solver++'s last step lands on x0
+    decoded = (pipe.vae.decode(final / pipe.vae.cfg.scaling_factor) / 2 + 0.5).clamp(0, 1)
+    assert rel_err(decoded, images) < 1e-6
