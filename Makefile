@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test bench setup clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# altdiff-min vs diffusers on the full m9 architecture (random weights); BENCH="--device cuda --dtype fp16" etc.
+bench: $(STAMP)
+	$(PY) tests/benchmark.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

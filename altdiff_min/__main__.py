@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", default="toy", help="a converted model folder, or 'toy' (the small shipped model)")
     gen.add_argument("--device", default="cuda" if torch_cuda() else "cpu")
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
 
     args = parser.parse_args(argv)
     if args.command == "generate":
@@ -125,7 +126,7 @@ def generate(args) -> int:
         raise ValueError(f"--C {args.C}: this model's latents have {unet.in_channels} channels")
     # 2. The model.
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = load(args.model, device=args.device, dtype=dtype)
+    model = load(args.model, device=args.device, dtype=dtype, compile=args.compile)
     samples = os.path.join(args.outdir, "samples")
     os.makedirs(samples, exist_ok=True)
     count = len(glob.glob(os.path.join(samples, "*.png")))

@@ -85,13 +85,15 @@ class AltDiffusion:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         device, dtype = self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype
 
-        # 1. The text: the conditional rows, and (with guidance) the negative prompt's before them.
-        cond = prompt_embeds.to(device, dtype) if prompt_embeds is not None else self.encode(prompts, text_layer)
-        cond = cond.repeat_interleave(n_samples, dim=0)
+        # 1. The text: the conditional rows, and with guidance the negative prompt's before them
+        #    (one text-encoder call: the negative prompt once, then each prompt once).
         guided = cross_attention and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
+        texts = ([negative_prompt] if guided else []) + (prompts if prompt_embeds is None else [])
+        encoded = self.encode(texts, text_layer) if texts else None
+        cond = prompt_embeds.to(device, dtype) if prompt_embeds is not None else encoded[int(guided):]
+        cond = cond.repeat_interleave(n_samples, dim=0)
         if guided:
-            uncond = self.encode([negative_prompt], text_layer).expand(batch, -1, -1)
-            context = torch.cat([uncond, cond])
+            context = torch.cat([encoded[:1].expand(batch, -1, -1), cond])
         else:
             context = cond if cross_attention else None
 
@@ -160,14 +162,19 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(p) for p in pixels]
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> AltDiffusion:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         compile: bool = False) -> AltDiffusion:
     """Build tokenizer, text encoder, UNet and VAE from a model folder; no network, no random init.
 
     dtype None keeps the dtype the folder was written in. path "toy" is the small model shipped
-    with the package (altdiff_min/toy/model).
+    with the package (altdiff_min/toy/model). compile: torch.compile the UNet as one graph
+    (fullgraph=True: the forward pass has no graph breaks); the first call then takes a while.
     """
     path = resolve(path)
     config = read_config(path)
     tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
+    modules = read_modules(path, config, device, dtype)
+    if compile:
+        modules["unet"] = torch.compile(modules["unet"], fullgraph=True)
     return AltDiffusion(tokenizer=tokenizer, schedule=config_from_dict(ScheduleConfig, config["schedule"]), path=path,
-                        image_size=config.get("image_size", 512), **read_modules(path, config, device, dtype))
+                        image_size=config.get("image_size", 512), **modules)

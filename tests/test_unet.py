@@ -137,3 +137,13 @@ def test_bad_input_is_rejected_before_the_forward_pass(latents, timesteps, conte
     unet.conv_in.register_forward_pre_hook(lambda *_: pytest.fail("the forward pass started"))
     with pytest.raises(ValueError, match=re.escape(named)):
         unet(torch.randn(latents), timesteps, torch.randn(context))
+
+
+def test_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) raises at the first graph break; aot_eager traces without codegen."""
+    torch._dynamo.reset()
+    unet = UNet(UNetConfig(channels=(32, 64, 96), attention=(True, True, False), heads=4, context_dim=48, groups=8)).eval()
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    latents, context = torch.randn(2, 4, 16, 24), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        assert rel_err(compiled(latents, torch.tensor([10, 900]), context), unet(latents, torch.tensor([10, 900]), context)) < 1e-6
