@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
 
+    from .toy.train import add_arguments, run as run_train_toy
+
+    add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (CPU: ~30 min)"))
+
     args = parser.parse_args(argv)
+    if args.command == "train-toy":
+        return run_train_toy(args)
     if args.command == "generate":
         try:
             return generate(args)

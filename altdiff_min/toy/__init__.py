@@ -1,0 +1,25 @@
+"""The toy: a miniature AltDiffusion trained from scratch, on CPU, with altdiff-min's own modules.
+
+Its world is one flat-coloured shape (circle, square, triangle; six colours) on a white 64×64
+picture, captioned in all nine m9 languages. It ships trained in `TOY_MODEL`, so everything in
+altdiff-min can be run and looked into without the 8 GB real weights:
+
+    from altdiff_min import load
+    from altdiff_min.toy import TOY_MODEL, caption, detect
+
+    model = load(TOY_MODEL)                                  # or load("toy")
+    image = model.generate(caption("triangle", "blue", "ru"), steps=25, seed=0)[0]
+    detect(image)                                            # ("triangle", "blue")
+
+data.py     the pictures (`render`) and captions (`caption`); SHAPES, COLOURS, LANGUAGES
+detect.py   what a picture shows (`detect`), and a model's accuracy per language (`evaluate`)
+train.py    `train_toy` / `altdiff-min train-toy OUT_DIR`: how the shipped model was made
+"""
+import os
+
+from .data import COLOURS, LANGUAGES, SHAPES, caption, render
+from .detect import detect, evaluate, format_table
+
+TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+
+__all__ = ["TOY_MODEL", "SHAPES", "COLOURS", "LANGUAGES", "render", "caption", "detect", "evaluate", "format_table"]

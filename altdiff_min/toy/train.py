@@ -1,0 +1,247 @@
+"""Train the toy AltDiffusion from scratch on the synthetic shapes: `altdiff-min train-toy OUT_DIR`.
+
+    captions → a sentencepiece unigram tokenizer (XLM-R's kind), trained on every caption there is
+    images   → 1. the VAE: L1 + L2 reconstruction and a small KL term; then scaling_factor = 1/std(latents)
+    latents  → 2. text encoder and UNet together: ε-prediction MSE at uniform t of the 1000-step
+                  schedule, with 10% empty captions so that classifier-free guidance has an
+                  unconditional model to steer away from (Ho & Salimans 2022)
+             → AltDiffusion(...).save(OUT_DIR): a model folder like the converter's, for `load`
+
+The modules are altdiff-min's own, in small configurations (`toy_configs`); everything else about
+the real model (tokenizer ids, 77 tokens, schedule, 8× VAE, guidance) is unchanged. About 20 minutes
+on two CPU cores; fixed seeds make a run repeatable.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from tqdm.auto import tqdm
+
+from ..pipeline import AltDiffusion
+from ..samplers import ScheduleConfig, alphas_cumprod
+from ..text_encoder import TextEncoder, TextEncoderConfig
+from ..tokenizer import PAD, Tokenizer
+from ..unet import UNet, UNetConfig
+from ..vae import VAE, VAEConfig
+from . import detect
+from .data import COLOURS, COLOUR_WORDS, LANGUAGES, PHRASINGS, SHAPE_WORDS, SHAPES, SIZE, all_captions, caption, render
+
+EVAL_SCALE, EVAL_STEPS = 7.5, 25  # guidance and DDIM steps of the accuracy measured after training
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a training run depends on besides the seed (recorded in the folder's config.json)."""
+    images: int = 5400  # rendered once, in equal numbers per (shape, colour): 300 each
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-3  # small: the latents stay informative, but their scale stays near 1
+    unet_steps: int = 1500
+    unet_batch: int = 128
+    unet_lr: float = 2e-3  # text encoder and UNet alike; warm-up, then cosine decay to 0
+    warmup: int = 50
+    uncond_prob: float = 0.1  # captions replaced by "" for classifier-free guidance
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, positive_int = getattr(self, f.name), f.type == "int"
+            if isinstance(value, bool) or not isinstance(value, int if positive_int else (int, float)):
+                raise TypeError(f"{f.name} must be {'an int' if positive_int else 'a number'}, got {value!r}")
+        for name in ("images", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "vae_lr", "unet_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.images < len(SHAPES) * len(COLOURS):
+            raise ValueError(f"images must be at least {len(SHAPES) * len(COLOURS)}, one per shape and colour")
+        if self.kl_weight < 0 or self.warmup < 0 or not 0 <= self.uncond_prob < 1:
+            raise ValueError("kl_weight and warmup must be >= 0 and uncond_prob in [0, 1)")
+
+
+def toy_configs(vocab_size: int) -> tuple[TextEncoderConfig, UNetConfig, VAEConfig]:
+    """m9's three modules, shrunk: ~0.1 M + 1.8 M + 1 M parameters instead of 560 M + 860 M + 84 M."""
+    text = TextEncoderConfig(vocab_size=vocab_size, hidden=64, layers=2, heads=4, mlp=256,
+                             max_positions=77 + 2, project_dim=64)  # 77 tokens after the pad id, as m9
+    unet = UNetConfig(channels=(32, 64, 64), layers=1, attention=(True, True, True), heads=4,
+                      context_dim=text.project_dim, groups=8)
+    vae = VAEConfig(channels=(16, 32, 64, 64), layers=1, groups=8)  # four levels: 8× down, as m9's
+    return text, unet, vae
+
+
+def train_tokenizer(path: str, vocab_size: int = 250) -> Tokenizer:
+    """A unigram model on every caption, plus each shape and colour word on its own so that words,
+    not whole phrases, become pieces (CJK captions have no spaces to split on)."""
+    words = [w for lang in LANGUAGES for table in (SHAPE_WORDS[lang], COLOUR_WORDS[lang])
+             for forms in table.values() for w in ([forms] if isinstance(forms, str) else forms)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(all_captions() + words * 10), model_writer=buf,
+                                   vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return Tokenizer(path)
+
+
+def render_dataset(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """n pictures (n, 3, 64, 64) in [−1, 1], cycling through every (shape, colour), and their labels."""
+    labels = [(shape, colour) for colour in COLOURS for shape in SHAPES]
+    labels = [labels[i % len(labels)] for i in range(n)]
+    pixels = np.stack([render(shape, colour, rng=rng) for shape, colour in labels])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, labels
+
+
+def lr_lambda(warmup: int, steps: int):
+    return lambda i: min(1.0, (i + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * i / steps))
+
+
+def train_vae(vae: VAE, images: torch.Tensor, r: Recipe, g: torch.Generator, progress: bool) -> list[float]:
+    """Fit the autoencoder; returns the loss of every step."""
+    opt = torch.optim.AdamW(vae.parameters(), r.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.warmup, r.vae_steps))
+    losses = []
+    for _ in (bar := tqdm(range(r.vae_steps), desc="1/2 VAE", disable=not progress)):
+        x = images[torch.randint(len(images), (r.vae_batch,), generator=g)]
+        mean, logvar = vae.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)  # a sample of the posterior
+        error = vae.decode(z) - x
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()  # KL(N(mean, var) ‖ N(0, 1)) per latent
+        loss = error.abs().mean() + error.pow(2).mean() + r.kl_weight * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def train_diffusion(text_encoder: TextEncoder, unet: UNet, latents: torch.Tensor, labels: list[tuple[str, str]],
+                    tokenizer: Tokenizer, schedule: ScheduleConfig, r: Recipe, g: torch.Generator,
+                    progress: bool) -> list[float]:
+    """Fit text encoder and UNet to predict the noise ε in x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε (Ho et al. 2020,
+    eq. 14, unweighted); returns the loss of every step."""
+    # Token ids of every caption of every (shape, colour), all languages and phrasings: (classes, captions, 77).
+    classes = sorted(set(labels))
+    captions = torch.stack([tokenizer([caption(s, c, lang, p) for lang in LANGUAGES for p in range(len(PHRASINGS[lang]))])[0]
+                            for s, c in classes])
+    label_index = torch.tensor([classes.index(label) for label in labels])
+    empty = tokenizer("")[0]
+    ac = alphas_cumprod(schedule)
+    params = [*text_encoder.parameters(), *unet.parameters()]
+    opt = torch.optim.AdamW(params, r.unet_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.warmup, r.unet_steps))
+    losses = []
+    for _ in (bar := tqdm(range(r.unet_steps), desc="2/2 text encoder + UNet", disable=not progress)):
+        i = torch.randint(len(latents), (r.unet_batch,), generator=g)
+        ids = captions[label_index[i], torch.randint(captions.shape[1], (r.unet_batch,), generator=g)]
+        ids[torch.rand(r.unet_batch, generator=g) < r.uncond_prob] = empty
+        t = torch.randint(schedule.num_train_timesteps, (r.unet_batch,), generator=g)
+        noise = torch.randn(latents[i].shape, generator=g)
+        a = ac[t][:, None, None, None]
+        x_t = a.sqrt() * latents[i] + (1 - a).sqrt() * noise
+        loss = (unet(x_t, t, text_encoder(ids, (ids != PAD).long())) - noise).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+@contextmanager
+def flush_denormals():
+    """Round subnormal floats to zero while training. Early in training some activations and
+    gradients underflow into the subnormal range, where x86 CPUs are ~100× slower: without this,
+    some steps took 15 s instead of 0.5 s."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def curve(losses: list[float], points: int = 50) -> list[float]:
+    """The loss averaged over `points` equal stretches of training: the log kept in config.json."""
+    return [round(float(np.mean(chunk)), 5) for chunk in np.array_split(np.array(losses), min(points, len(losses)))]
+
+
+def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool = True, progress: bool = True,
+              **recipe) -> AltDiffusion:
+    """Train the toy model and save it as a model folder at out_dir (refused if it exists, unless
+    force). recipe: fields of `Recipe` to change, e.g. unet_steps=3000. evaluate: measure the
+    finished model with the detector (`detect.evaluate`, ~30 s) and record the table in config.json.
+    Returns the trained model."""
+    r = Recipe(**recipe)  # bad values are refused here, before any work
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if os.path.exists(out_dir) and not force:
+        raise FileExistsError(f"{out_dir} already exists; pass --force (force=True) to replace it")
+    torch.manual_seed(seed)  # the modules' initial weights
+    g, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp, flush_denormals():
+        tokenizer = train_tokenizer(os.path.join(tmp, "sentencepiece.bpe.model"))
+        text_cfg, unet_cfg, vae_cfg = toy_configs(tokenizer.vocab_size)
+        text_encoder, unet, vae = TextEncoder(text_cfg), UNet(unet_cfg), VAE(vae_cfg)
+        images, labels = render_dataset(r.images, rng)
+
+        start = time.perf_counter()
+        vae_losses = train_vae(vae, images, r, g, progress)
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():  # the posterior means; the UNet learns the distribution of these
+            latents = torch.cat([vae.encode(batch)[0] for batch in images.split(256)])
+        scaling_factor = 1 / latents.std().item()  # so that the UNet sees latents of unit variance
+        vae.cfg = dataclasses.replace(vae_cfg, scaling_factor=scaling_factor)
+        minutes = {"vae": (time.perf_counter() - start) / 60}
+
+        start = time.perf_counter()
+        schedule = ScheduleConfig()
+        unet_losses = train_diffusion(text_encoder, unet, latents * scaling_factor, labels, tokenizer, schedule, r,
+                                      g, progress)
+        minutes["unet"] = (time.perf_counter() - start) / 60
+        model = AltDiffusion(tokenizer=tokenizer, text_encoder=text_encoder.eval().requires_grad_(False),
+                             unet=unet.eval().requires_grad_(False), vae=vae.eval(), schedule=schedule, image_size=SIZE)
+        info = {"seed": seed, "recipe": dataclasses.asdict(r), "minutes": {k: round(v, 2) for k, v in minutes.items()},
+                "loss": {"vae": curve(vae_losses), "unet": curve(unet_losses)}}
+        if evaluate:
+            info["accuracy"] = {"scale": EVAL_SCALE, "steps": EVAL_STEPS, "sampler": "ddim",
+                                "per_language": detect.evaluate(model, EVAL_SCALE, EVAL_STEPS)}
+            print(detect.format_table(info["accuracy"]["per_language"]))
+        model.save(out_dir, force=force, toy=info)
+    model.tokenizer = Tokenizer(os.path.join(out_dir, "sentencepiece.bpe.model"))  # the temporary file is gone
+    return model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `altdiff-min train-toy` (the CLI adds them to its sub-command's parser)."""
+    parser.add_argument("out_dir", help="the model folder to write (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and training")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--vae-steps", type=int, default=Recipe.vae_steps, help="VAE training steps")
+    parser.add_argument("--unet-steps", type=int, default=Recipe.unet_steps, help="text encoder + UNet training steps")
+    parser.add_argument("--images", type=int, default=Recipe.images, help="pictures rendered for training")
+    parser.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `altdiff-min train-toy` with parsed arguments; returns the exit status."""
+    try:
+        train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval,
+                  vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images)
+    except (FileExistsError, ValueError, TypeError) as e:
+        print(f"altdiff-min train-toy: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_dir}")
+    return 0
