@@ -1,5 +1,5 @@
 # Two commands, each doing its own set-up on a fresh machine:
-#   make demo   text-to-image (the most complete part that exists so far)
+#   make demo   text-to-image from non-English prompts with the shipped toy model
 #   make test   the whole test suite
 # The CPU build of torch is installed *first* and pinned: a bare `torch` requirement on a machine
 # without torch would pull a multi-GB CUDA build.
@@ -17,7 +17,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,notebooks]" "$(TORCH)"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="altdiff-min", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the most complete part of the model that exists, on small random weights")
+    demo = commands.add_parser("demo", help="text-to-image from non-English prompts with the shipped toy model")
     demo.add_argument("--seed", type=int, default=0)
 
     convert = commands.add_parser("convert", help="a hub repo, diffusers folder or single checkpoint → a model folder")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .toy.train import add_arguments, run as run_train_toy
 
-    add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (CPU: ~30 min)"))
+    add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~25 min)"))
 
     args = parser.parse_args(argv)
     if args.command == "train-toy":

@@ -166,13 +166,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
          compile: bool = False) -> AltDiffusion:
     """Build tokenizer, text encoder, UNet and VAE from a model folder; no network, no random init.
 
-    dtype None keeps the dtype the folder was written in. path "toy" is the small model shipped
+    dtype None: the folder's `default_dtype` if its config names one (the toy is stored in fp16 to
+    stay small and computes in fp32), else the dtype it was written in. path "toy" is the small model shipped
     with the package (altdiff_min/toy/model). compile: torch.compile the UNet as one graph
     (fullgraph=True: the forward pass has no graph breaks); the first call then takes a while.
     """
     path = resolve(path)
     config = read_config(path)
     tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
+    if dtype is None and "default_dtype" in config:
+        dtype = getattr(torch, config["default_dtype"])
     modules = read_modules(path, config, device, dtype)
     if compile:
         modules["unet"] = torch.compile(modules["unet"], fullgraph=True)

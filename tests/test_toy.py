@@ -115,10 +115,11 @@ def test_training_refuses_an_existing_folder_without_force(tmp_path, capsys):
 def test_training_runs_end_to_end_and_writes_a_loadable_folder(tmp_path):
     out = str(tmp_path / "toy")
     tiny = dict(images=18, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=8)
-    train_toy(out, seed=3, evaluate=False, progress=False, **tiny)
+    train_toy(out, seed=3, evaluate=True, progress=False, **tiny)
     model = load(out, dtype=torch.float32)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["toy"]["recipe"]["unet_steps"] == 2 and len(config["toy"]["loss"]["unet"]) == 2
+    assert set(config["toy"]["accuracy"]["per_language"]) == set(LANGUAGES)  # the measurement ran and was kept
     assert config["image_size"] == 64 and model.vae.cfg.scaling_factor == pytest.approx(config["vae"]["scaling_factor"])
     images = model.generate("un cercle rouge", steps=2, seed=0, output="tensor", progress=False)
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
@@ -127,6 +128,25 @@ def test_training_runs_end_to_end_and_writes_a_loadable_folder(tmp_path):
     train_toy(out, seed=3, force=True, evaluate=False, progress=False, **tiny)  # force replaces it, same seed, same weights
     again = load(out, dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(), again.unet.state_dict().values()))
+
+
+# ---- the shipped model --------------------------------------------------------------------------------
+def test_shipped_model_is_a_small_loadable_folder():
+    sizes = {f: os.path.getsize(os.path.join(TOY_MODEL, f)) for f in os.listdir(TOY_MODEL)}
+    assert set(sizes) == {"config.json", "model.safetensors", "sentencepiece.bpe.model"}
+    assert sum(sizes.values()) < 10 * 2**20, f"the shipped toy is {sum(sizes.values()) / 2**20:.1f} MB"
+    model = load("toy")  # stored in fp16 to stay small; computes in fp32 unless asked otherwise
+    assert model.image_size == 64 and model.path == TOY_MODEL
+    assert all(p.dtype == torch.float32 for m in (model.text_encoder, model.unet, model.vae) for p in m.parameters())
+
+
+def test_shipped_model_draws_what_it_is_asked_in_every_language():
+    """162 prompts (9 languages × 6 colours × 3 shapes), one picture each, DDIM 25 steps with guidance."""
+    model = load(TOY_MODEL, dtype=torch.float32)
+    table = evaluate(model, scale=SCALE, steps=STEPS, seed=0)
+    print(f"\nshipped toy model, DDIM {STEPS} steps, guidance {SCALE}, one picture per prompt:\n{format_table(table)}")
+    failing = {lang: row for lang, row in table.items() if row["colour"] < MIN_COLOUR or row["shape"] < MIN_SHAPE}
+    assert not failing, f"below {MIN_COLOUR:.0%} colour / {MIN_SHAPE:.0%} shape: {failing}"
 
 
 def test_train_toy_command_line_help():
