@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from .folder import MODULES, TOKENIZER, config_from_dict, read_config, read_modules, resolve, write_folder
 from .samplers import ScheduleConfig, check_eta, get_sampler, timesteps

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from altdiff_min.folder import write_folder
 from altdiff_min.samplers import ScheduleConfig

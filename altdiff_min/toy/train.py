@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import sentencepiece as spm
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from ..pipeline import AltDiffusion
 from ..samplers import ScheduleConfig, alphas_cumprod
