@@ -15,6 +15,26 @@ import torch.nn.functional as F
 from .attention import attention
 
 
+class Conv3x3(nn.Conv2d):
+    """A 3×3 convolution, stride 1, padding 1: the residual blocks' and the upsampler's.
+
+    Speed, not maths: on the CPU, oneDNN's direct convolution is slow on small images with many
+    channels (measured on 2 cores: 35–65 GFLOP/s on m9's 8×8 and 4×4 levels at 1280 channels,
+    against ~290 at 32×32). There the same sum runs as one matrix product over the unfolded 3×3
+    neighbourhoods (im2col), 2–4× faster; the result is the same up to float rounding. With fewer
+    channels (640 and below) or more pixels the direct kernel is as fast or faster, and is kept."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if x.device.type != "cpu" or h * w > 64 or self.out_channels < 1024:
+            return super().forward(x)
+        patches = F.unfold(x, 3, padding=1)  # (B, in_ch·9, h·w): column p is pixel p's 3×3 neighbourhood
+        return (self.weight.flatten(1) @ patches + self.bias[:, None]).view(b, -1, h, w)
+
+
 class ResBlock(nn.Module):
     """GroupNorm–SiLU–conv3×3 (+ the time projection), GroupNorm–SiLU–dropout–conv3×3, plus a shortcut.
 
@@ -25,11 +45,11 @@ class ResBlock(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.time_proj = nn.Linear(time_dim, out_ch) if time_dim else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv3x3(out_ch, out_ch)
         # The residual path needs the new channel count: a 1×1 conv where it changes.
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -60,7 +80,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv3x3(ch, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

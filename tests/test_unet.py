@@ -147,3 +147,16 @@ def test_compiles_as_one_graph():
     latents, context = torch.randn(2, 4, 16, 24), torch.randn(2, 77, 48)
     with torch.no_grad():
         assert rel_err(compiled(latents, torch.tensor([10, 900]), context), unet(latents, torch.tensor([10, 900]), context)) < 1e-6
+
+
+@pytest.mark.parametrize("in_ch,out_ch,h,w", [(1280, 1280, 4, 6), (640, 1280, 8, 8), (64, 64, 4, 4), (1280, 1280, 12, 8)],
+                         ids=["im2col", "im2col-640-in", "direct-few-channels", "direct-many-pixels"])
+def test_conv3x3_equals_the_direct_convolution(in_ch, out_ch, h, w):
+    """Conv3x3's CPU shortcut (a matrix product over unfolded patches) computes the same convolution."""
+    from altdiff_min.layers import Conv3x3
+
+    torch.manual_seed(0)
+    conv = Conv3x3(in_ch, out_ch).eval()
+    x = torch.randn(2, in_ch, h, w)
+    with torch.no_grad():
+        assert rel_err(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
