@@ -32,5 +32,5 @@ def run(seed: int = 0, outdir: str = "demo_outputs", asks: tuple[tuple[str, str,
         image.save(paths[-1])
         seen_shape, seen_colour = detect(image)
         print(f"{lang}  {prompt:40} → {paths[-1]}  ({time.perf_counter() - start:.2f} s; "
-              f"the detector sees a {seen_colour} {seen_shape})")
+              f"detected: {seen_colour} {seen_shape})")
     return paths
