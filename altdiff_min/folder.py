@@ -13,9 +13,11 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .samplers import ScheduleConfig
@@ -26,6 +28,26 @@ from .vae import VAE, VAEConfig
 FORMAT = "altdiff-min"
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "sentencepiece.bpe.model"
 MODULES = {"text_encoder": (TextEncoder, TextEncoderConfig), "unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig)}
+
+
+@contextmanager
+def empty_modules():
+    """Build modules as skeletons: parameters on the meta device (no memory) and torch.nn's random
+    initialisation switched off, since every tensor is about to be replaced by a checkpoint's.
+    Initialisation is ~60% of building m9's three modules even on the meta device (72 → 25 ms)."""
+    layers = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+    saved = {cls: cls.__dict__.get("reset_parameters") for cls in layers}
+    for cls in layers:
+        cls.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for cls, method in saved.items():
+            if method is None:
+                del cls.reset_parameters  # it was inherited: fall back to the base class's again
+            else:
+                cls.reset_parameters = method
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -111,7 +133,7 @@ def read_modules(path: str, config: dict[str, Any], device: str | torch.device =
         raise ValueError(f"{os.path.join(path, WEIGHTS)} holds tensors of unknown modules: {stray}")
     modules = {}
     for name, (model_cls, config_cls) in MODULES.items():
-        with torch.device("meta"):
+        with empty_modules():
             model = model_cls(config_from_dict(config_cls, config[name]))
         prefix = name + "."
         model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},

@@ -20,6 +20,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from altdiff_min.folder import empty_modules
+
 Rule = tuple[str, str | Callable[[re.Match], str]]  # (regex searched in the name, its replacement), in order
 Drop = tuple[str, str]  # (regex searched in a source name, why the tensor is not needed)
 
@@ -105,7 +107,7 @@ def load_model(make: Callable[[], torch.nn.Module], source: Mapping[str, torch.T
     """Build `make()` on the meta device (no memory, no random init), convert `source` into it and
     load with strict=True. assign=True makes the model use the source tensors themselves: no copy,
     so `model.state_dict()` is the converted state dict."""
-    with torch.device("meta"):
+    with empty_modules():
         model = make()
     tensors, report = convert_state_dict(source, rules, drops, model.state_dict(), what)
     model.load_state_dict(tensors, strict=True, assign=True)
