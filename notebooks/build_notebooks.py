@@ -249,6 +249,7 @@ embeddings alone still give a circle, but of the wrong colour; one layer of atte
 words already gives the right picture.""",
 ]
 
+
 def main(argv: list[str]) -> None:
     """python build_notebooks.py [--execute] [NAME ...]: write the lessons next to this file; with
     --execute, run each on the toy model and keep its outputs (so they read well on a code host)."""
