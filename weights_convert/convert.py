@@ -47,6 +47,10 @@ def from_diffusers_folder(folder: str, fp16: bool, tokenizer: str | None = None)
     if missing := [f for f in needed if f not in files]:
         raise ConversionError(f"{folder} is not an AltDiffusion folder in the diffusers layout: missing {', '.join(missing)}")
     model = Model(tokenizer_file=tokenizer or os.path.join(folder, "tokenizer", "sentencepiece.bpe.model"))
+    if "scheduler/scheduler_config.json" in files:  # first: a config we cannot honour stops before the weights
+        path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        with open(path) as f:
+            model.schedule = schedule.config_from_hf(json.load(f), path)
     for name in tqdm(COMPONENTS, desc="converting", unit="module"):
         with open(os.path.join(folder, name, "config.json")) as f:
             hf = json.load(f)
@@ -56,9 +60,6 @@ def from_diffusers_folder(folder: str, fp16: bool, tokenizer: str | None = None)
         weights = read_component(folder, pick_weights(files, name, fp16))
         module, model.reports[name] = CONVERTERS[name].load(weights, cfg)
         model.configs[name], model.tensors[name] = cfg, module.state_dict()
-    if "scheduler/scheduler_config.json" in files:
-        with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-            model.schedule = schedule.config_from_hf(json.load(f))
     return model
 
 
