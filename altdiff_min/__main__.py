@@ -6,6 +6,9 @@ import glob
 import os
 import sys
 
+# The keys of altdiff_min.samplers.SAMPLERS (tests check they agree), without importing torch for --help.
+SAMPLER_NAMES = ["ddim", "plms", "dpm++2m", "dpm++2m-karras", "euler", "euler_a"]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="altdiff-min", description=__doc__)
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--from-file", help="a text file, one prompt per line")
     gen.add_argument("--n-samples", type=int, default=4, help="images per prompt")
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--sampler", choices=["ddim", "plms", "dpm++2m"], default="ddim")
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim")
     gen.add_argument("--plms", action="store_true", help="same as --sampler plms (FlagAI's flag)")
     gen.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
@@ -114,7 +117,7 @@ def generate(args) -> int:
 
     from .folder import MODULES, config_from_dict, read_config
     from .pipeline import check_size, load
-    from .samplers import check_eta, timesteps
+    from .samplers import ScheduleConfig, check_eta, timesteps
 
     # 1. Everything that can be checked from the arguments and config.json, before loading weights.
     prompts = read_prompts(args)
@@ -123,8 +126,9 @@ def generate(args) -> int:
     sampler = "plms" if args.plms else args.sampler
     if args.n_samples < 1:
         raise ValueError(f"--n-samples must be at least 1, got {args.n_samples}")
-    check_eta(sampler, args.eta), timesteps(sampler, args.steps)
+    check_eta(sampler, args.eta)
     config = read_config(args.model)
+    timesteps(sampler, args.steps, config_from_dict(ScheduleConfig, config["schedule"]))
     unet, vae = (config_from_dict(MODULES[name][1], config[name]) for name in ("unet", "vae"))
     size = config.get("image_size", 512)
     check_size(size if args.H is None else args.H, size if args.W is None else args.W, vae, unet)

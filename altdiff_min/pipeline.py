@@ -1,7 +1,10 @@
 """The whole AltDiffusion: `load()` a model folder (altdiff_min.folder), then `generate()` images.
 
-    prompt ─ tokenizer ─ text encoder ─ context ┐
-    seed ─ x_T ~ N(0, I) ─ sampler(ε = guided UNet) ─ x_0 ─ VAE decode ─ image
+    1. encode_prompt     prompt ─ tokenizer ─ text encoder ─ context
+    2. initial_latents   seed ─ x_T ~ N(0, I) · init_noise_sigma
+    3. sample            x_T ─ sampler over timesteps, ε = guided UNet(x, t, context) ─ x_0
+    4. decode_latents    x_0 ─ VAE decoder ─ image
+`generate` is their composition, after checking every argument.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from .folder import MODULES, TOKENIZER, config_from_dict, read_config, read_modules, resolve, write_folder
-from .samplers import ScheduleConfig, check_eta, get_sampler, timesteps
+from .samplers import ScheduleConfig, Timesteps, check_eta, get_sampler, init_noise_sigma, timesteps
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
@@ -39,6 +42,49 @@ class AltDiffusion:
         device = self.unet.conv_in.weight.device
         return self.text_encoder(ids.to(device), mask.to(device), layer=layer).to(self.unet.conv_in.weight.dtype)
 
+    # The four stages of generate, each usable on its own.
+
+    def encode_prompt(self, prompts: list[str], negative_prompt: str = "", n_samples: int = 1, guided: bool = True,
+                      prompt_embeds: torch.Tensor | None = None, text_layer: int | None = None) -> torch.Tensor:
+        """1. The context of every sample: (P·n, 77, D), and with guidance the negative prompt's rows
+        first, (2·P·n, 77, D). One text-encoder call: the negative prompt once, then each prompt once.
+        prompt_embeds (P, 77, D): contexts to use instead of encoding `prompts`."""
+        texts = ([negative_prompt] if guided else []) + (prompts if prompt_embeds is None else [])
+        encoded = self.encode(texts, text_layer) if texts else None
+        if prompt_embeds is not None:
+            cond = prompt_embeds.to(self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype)
+        else:
+            cond = encoded[1:] if guided else encoded
+        cond = cond.repeat_interleave(n_samples, dim=0)
+        return torch.cat([encoded[:1].expand(len(cond), -1, -1), cond]) if guided else cond
+
+    def initial_latents(self, shape: tuple[int, ...], sampler: str, ts: Timesteps, seed: int | None = None,
+                        latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator | None]:
+        """2. x_T: N(0, I) drawn on the CPU from a generator seeded with `seed`, exactly as diffusers
+        draws it (or `latents`), times the sampler's init_noise_sigma; and the generator, whose
+        stream the stochastic samplers go on drawing from."""
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        x = latents if latents is not None else torch.randn(shape, generator=generator)
+        x = x.to(self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype)
+        return x * init_noise_sigma(sampler, ts, self.schedule), generator
+
+    def sample(self, x: torch.Tensor, context: torch.Tensor | None, sampler: str, ts: Timesteps, scale: Scale = 7.5,
+               eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
+               progress: bool = True) -> torch.Tensor:
+        """3. Run `sampler` over the timesteps `ts` with the guided UNet (guided_eps): x_T → clean latents."""
+        with tqdm(total=len(ts), desc=sampler, disable=not progress, leave=False) as bar:
+            def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+                bar.update()
+                if callback is not None:
+                    callback(i, t, x, x0)
+
+            return get_sampler(sampler)(guided_eps(self.unet, context, scale), x, ts, self.schedule, eta=eta,
+                                        generator=generator, callback=on_step)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """4. Clean latents (in the sampler's scaled space) → images (n, 3, H, W), float32 in [0, 1]."""
+        return (self.vae.decode(latents / self.vae.cfg.scaling_factor).float() / 2 + 0.5).clamp(0, 1)
+
     @torch.no_grad()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str = "", n_samples: int = 1,
                  steps: int = 50, sampler: str = "ddim", scale: Scale = 7.5, eta: float = 0.0,
@@ -48,11 +94,13 @@ class AltDiffusion:
                  cross_attention: bool = True, return_trajectory: bool = False):
         """Text to image: n_samples images per prompt, height × width pixels (default: image_size).
 
+        sampler: one of samplers.SAMPLERS, over `timesteps(sampler, steps, self.schedule)`.
         seed: the initial latents are torch.randn((n, 4, height//8, width//8)) from a CPU generator
-        seeded with it, exactly as diffusers draws them, so a seed gives the same image as diffusers'
-        AltDiffusionPipeline. latents: pass them yourself instead. callback(i, t, x, x0) sees the
-        latents after each step and the x0 the step predicted. output "tensor": floats in [0, 1],
-        (n, 3, height, width), float32 on the model's device; "pil": a list of PIL images.
+        seeded with it (times the sampler's init_noise_sigma), exactly as diffusers draws them, so a
+        seed gives the same image as diffusers' AltDiffusionPipeline with that scheduler. latents:
+        pass the N(0, I) draw yourself instead. callback(i, t, x, x0) sees the latents after each step
+        and the x0 the step predicted. output "tensor": floats in [0, 1], (n, 3, height, width),
+        float32 on the model's device; "pil": a list of PIL images.
 
         For ablations (all off by default):
           prompt_embeds: (P, L, D) contexts to use instead of encoding `prompt`, e.g. an interpolation
@@ -73,51 +121,31 @@ class AltDiffusion:
             raise TypeError(f"negative_prompt must be a str, got {negative_prompt!r}")
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        get_sampler(sampler), check_eta(sampler, eta), timesteps(sampler, steps, self.schedule)
+        get_sampler(sampler), check_eta(sampler, eta)
+        ts = timesteps(sampler, steps, self.schedule)
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
         height = self.image_size if height is None else height
         width = self.image_size if width is None else width
         down = check_size(height, width, self.vae.cfg, self.unet.cfg)
-        batch = len(prompts) * n_samples
-        shape = (batch, self.unet.cfg.in_channels, height // down, width // down)
+        shape = (len(prompts) * n_samples, self.unet.cfg.in_channels, height // down, width // down)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        device, dtype = self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype
 
-        # 1. The text: the conditional rows, and with guidance the negative prompt's before them
-        #    (one text-encoder call: the negative prompt once, then each prompt once).
         guided = cross_attention and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
-        texts = ([negative_prompt] if guided else []) + (prompts if prompt_embeds is None else [])
-        encoded = self.encode(texts, text_layer) if texts else None
-        cond = prompt_embeds.to(device, dtype) if prompt_embeds is not None else encoded[int(guided):]
-        cond = cond.repeat_interleave(n_samples, dim=0)
-        if guided:
-            context = torch.cat([encoded[:1].expand(batch, -1, -1), cond])
-        else:
-            context = cond if cross_attention else None
+        context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
+        x, generator = self.initial_latents(shape, sampler, ts, seed, latents)
+        trajectory = []
 
-        # 2. The initial latents x_T ~ N(0, I), drawn on the CPU as diffusers does.
-        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-        x = latents if latents is not None else torch.randn(shape, generator=generator)
-        x = x.to(device, dtype)
-
-        # 3. Sample with the guided ε, showing progress and keeping the trajectory if asked.
-        bar, trajectory = tqdm(total=steps, desc=sampler, disable=not progress, leave=False), []
-
-        def on_step(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            bar.update()
+        def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
             if return_trajectory:
                 trajectory.append({"t": t, "latents": x.float().cpu(), "x0": x0.float().cpu()})
             if callback is not None:
                 callback(i, t, x, x0)
 
-        x = get_sampler(sampler)(guided_eps(self.unet, context, scale if guided else 1.0), x, steps, self.schedule,
-                                 eta=eta, generator=generator, callback=on_step)
-        bar.close()
-
-        # 4. Decode: latents were sampled in the VAE's scaled space.
-        images = (self.vae.decode(x / self.vae.cfg.scaling_factor).float() / 2 + 0.5).clamp(0, 1)
+        x = self.sample(x, context if cross_attention else None, sampler, ts, scale if guided else 1.0, eta,
+                        generator, on_step, progress)
+        images = self.decode_latents(x)
         images = images if output == "tensor" else to_pil(images)
         return (images, trajectory) if return_trajectory else images
 

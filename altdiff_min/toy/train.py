@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from ..pipeline import AltDiffusion
-from ..samplers import ScheduleConfig, alphas_cumprod
+from ..samplers import ScheduleConfig, add_noise
 from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..tokenizer import PAD, Tokenizer
 from ..unet import UNet, UNetConfig
@@ -137,7 +137,6 @@ def train_diffusion(text_encoder: TextEncoder, unet: UNet, latents: torch.Tensor
                             for s, c in classes])
     label_index = torch.tensor([classes.index(label) for label in labels])
     empty = tokenizer("")[0]
-    ac = alphas_cumprod(schedule)
     params = [*text_encoder.parameters(), *unet.parameters()]
     opt = torch.optim.AdamW(params, r.unet_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.warmup, r.unet_steps))
@@ -148,8 +147,7 @@ def train_diffusion(text_encoder: TextEncoder, unet: UNet, latents: torch.Tensor
         ids[torch.rand(r.unet_batch, generator=g) < r.uncond_prob] = empty
         t = torch.randint(schedule.num_train_timesteps, (r.unet_batch,), generator=g)
         noise = torch.randn(latents[i].shape, generator=g)
-        a = ac[t][:, None, None, None]
-        x_t = a.sqrt() * latents[i] + (1 - a).sqrt() * noise
+        x_t = add_noise(latents[i], noise, t, schedule)
         loss = (unet(x_t, t, text_encoder(ids, (ids != PAD).long())) - noise).pow(2).mean()
         opt.zero_grad()
         loss.backward()
