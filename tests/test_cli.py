@@ -17,7 +17,7 @@ def test_generate_writes_samples_and_grids_and_continues_the_count(model_dir, tm
     args = ["generate", "a red circle", "--model", model_dir, "--n-samples", "2", "--steps", "3", "--H", "64",
             "--W", "96", "--outdir", out, "--device", "cpu"]
     assert main(args) == 0
-    assert main(args + ["--sampler", "dpm++2m"]) == 0
+    assert main(args + ["--sampler", "euler_a"]) == 0
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["00000.png", "00001.png", "00002.png", "00003.png"]
     assert sorted(f for f in os.listdir(out) if f.startswith("grid")) == ["grid-0000.png", "grid-0001.png"]
     assert Image.open(os.path.join(out, "samples", "00003.png")).size == (96, 64)
@@ -40,6 +40,9 @@ def test_prompts_from_file_share_the_seed(model_dir, tmp_path):
     (["--H", "60"], "multiples of 32"),
     (["--steps", "0"], "steps"),
     (["--plms", "--eta", "0.5"], "eta must be 0"),
+    (["--sampler", "euler_a", "--eta", "0.5"], "euler_a draws its own noise at every step: eta must be 0"),
+    (["--steps", "1000"], "steps=1000 is not possible for ddim with 'leading' spacing"),
+    (["--sampler", "dpm++2m", "--steps", "1000"], "steps=1000 is not possible for dpm++2m"),
     (["--n-samples", "0"], "--n-samples"),
     (["--C", "3"], "--C 3"),
     (["--plms", "--sampler", "dpm++2m"], "conflicts"),

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import SCHEDULER, rel_err, write_json
 from safetensors.torch import save_file
 
 from altdiff_min.pipeline import load
@@ -373,3 +373,81 @@ def test_empty_modules_builds_skeletons_and_restores_initialisation():
     assert {cls: cls.__dict__.get("reset_parameters") for cls in before} == before  # Conv2d's is inherited again
     fresh = torch.nn.Conv2d(3, 4, 3)
     assert fresh.weight.std() > 0 and not fresh.weight.is_meta
+
+
+# ---- the scheduler config: carried as diffusers' from_config reads it, or refused ---------------------
+
+def saved_by_diffusers(scheduler_cls, tmp_path, **changes) -> dict:
+    """scheduler_config.json as current diffusers writes it: every option stated, timestep_spacing too."""
+    from diffusers import DDIMScheduler
+
+    scheduler_cls.from_config(DDIMScheduler.from_config(SCHEDULER).config, **changes).save_config(tmp_path / "saved")
+    return json.loads((tmp_path / "saved" / "scheduler_config.json").read_text())
+
+
+def with_scheduler_config(hub_layout, tmp_path, scheduler_config: dict):
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    write_json(root / "scheduler" / "scheduler_config.json", scheduler_config)
+    return root
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("hub", dict(timestep_spacing=None, set_alpha_to_one=False, steps_offset=1)),
+    ("DDIMScheduler", dict(timestep_spacing="leading", set_alpha_to_one=False, steps_offset=1)),
+    ("PNDMScheduler", dict(timestep_spacing="leading", set_alpha_to_one=False, steps_offset=1)),
+    ("DPMSolverMultistepScheduler", dict(timestep_spacing="linspace", set_alpha_to_one=False, steps_offset=1)),
+    ("EulerDiscreteScheduler", dict(timestep_spacing="linspace", set_alpha_to_one=None, steps_offset=1)),
+    ("trailing", dict(timestep_spacing="trailing", set_alpha_to_one=False, steps_offset=1)),
+])
+def test_scheduler_config_is_carried(hub_layout, tmp_path, source, expected):
+    """A stated timestep_spacing is kept (it then applies to every sampler); an absent one is None.
+    diffusers keeps options a class does not use when it re-targets (DPM's config states set_alpha_to_one);
+    an Euler scheduler made afresh states none: None, each sampler's default."""
+    import diffusers
+
+    if source == "hub":
+        hf = SCHEDULER
+    elif source == "EulerDiscreteScheduler":
+        m9 = {k: SCHEDULER[k] for k in ("beta_start", "beta_end", "beta_schedule", "steps_offset")}
+        diffusers.EulerDiscreteScheduler(**m9).save_config(tmp_path / "saved")
+        hf = json.loads((tmp_path / "saved" / "scheduler_config.json").read_text())
+        assert "set_alpha_to_one" not in hf
+    elif source == "trailing":
+        hf = saved_by_diffusers(diffusers.DDIMScheduler, tmp_path, timestep_spacing="trailing")
+    else:
+        hf = saved_by_diffusers(getattr(diffusers, source), tmp_path)
+    out = tmp_path / "out"
+    convert(with_scheduler_config(hub_layout, tmp_path, hf), out)
+    schedule = load(out).schedule
+    assert {k: getattr(schedule, k) for k in expected} == expected
+    assert (schedule.beta_start, schedule.beta_end, schedule.num_train_timesteps) == (0.00085, 0.012, 1000)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(timestep_spacing="cosine"), "timestep_spacing='cosine' is not one of leading, linspace, trailing"),
+    (dict(prediction_type="v_prediction"), "prediction_type='v_prediction' is not implemented"),
+    (dict(use_karras_sigmas=True), "use_karras_sigmas=True is not implemented.*use the sampler 'dpm\\+\\+2m-karras'"),
+    (dict(solver_order=3), "solver_order=3 is not implemented"),
+    (dict(my_new_option=0.5), "scheduler option 'my_new_option' \\(= 0.5\\) is not implemented"),
+    (dict(beta_schedule=None), "beta_schedule='linear' \\(not stated, so diffusers' default\\) is not implemented"),
+])
+def test_scheduler_config_we_cannot_honour_is_refused_first(hub_layout, tmp_path, monkeypatch, change, message):
+    import weights_convert.convert as conversion
+
+    hf = {k: v for k, v in {**SCHEDULER, **change}.items() if v is not None}
+    src = with_scheduler_config(hub_layout, tmp_path, hf)
+    monkeypatch.setattr(conversion, "read_component", lambda *a: pytest.fail("weights were read"))
+    with pytest.raises(ConversionError, match="scheduler_config.json: " + message):
+        convert(src, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_options_listed_as_defaults_count_as_unstated():
+    """A config dumped from a loaded scheduler names the options it never stated in _use_default_values."""
+    from weights_convert.schedule import config_from_hf
+
+    dumped = {**SCHEDULER, "timestep_spacing": "leading", "_use_default_values": ["timestep_spacing"]}
+    assert config_from_hf(dumped).timestep_spacing is None

@@ -1,5 +1,7 @@
 """generate() end to end against diffusers' AltDiffusionPipeline: the same random AltDiffusion, converted
 from the hub layout and loaded by us, and given to diffusers component by component."""
+import dataclasses
+import json
 import os
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from conftest import SCHEDULER, rel_err
 
 from altdiff_min.pipeline import load
+from weights_convert.schedule import config_from_hf
 
 PROMPT, NEGATIVE = "一只戴着帽子的小狗", "模糊"
 HEIGHT, WIDTH = 64, 96  # non-square; latents 8×12
@@ -17,14 +20,33 @@ def ours(small_model_dir):
     return load(small_model_dir)
 
 
-def diffusers_pipeline(hub_layout, reference, sampler: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+# The diffusers scheduler behind each sampler, re-targeted with from_config as the model card does.
+SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+              "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+              "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+              "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {})}
+
+
+@pytest.fixture(scope="module")
+def resaved_config(tmp_path_factory) -> str:
+    """m9's scheduler config as current diffusers saves it: with "timestep_spacing": "leading"."""
+    from diffusers import DDIMScheduler
+
+    folder = tmp_path_factory.mktemp("resaved")
+    DDIMScheduler.from_config(SCHEDULER).save_config(folder)
+    assert json.loads((folder / "scheduler_config.json").read_text())["timestep_spacing"] == "leading"
+    return str(folder)
+
+
+def diffusers_pipeline(hub_layout, reference, sampler: str, scheduler_folder: str | None = None):
+    import diffusers
     from diffusers.pipelines.deprecated.alt_diffusion import AltDiffusionPipeline
     from transformers import XLMRobertaTokenizer
 
-    ddim = DDIMScheduler.from_config(SCHEDULER)
-    scheduler = {"ddim": ddim, "plms": PNDMScheduler.from_config(ddim.config, skip_prk_steps=True),
-                 "dpm++2m": DPMSolverMultistepScheduler.from_config(ddim.config)}[sampler]
+    loaded = (diffusers.DDIMScheduler.from_pretrained(scheduler_folder) if scheduler_folder
+              else diffusers.DDIMScheduler.from_config(SCHEDULER))
+    name, extra = SCHEDULERS[sampler]
+    scheduler = getattr(diffusers, name).from_config(loaded.config, **extra)
     # Components loaded explicitly (model_index's class names no longer resolve); tokenizer length 77.
     tokenizer = XLMRobertaTokenizer.from_pretrained(os.path.join(hub_layout, "tokenizer"), model_max_length=77)
     return AltDiffusionPipeline(vae=reference["vae"], text_encoder=reference["text_encoder"], tokenizer=tokenizer,
@@ -32,11 +54,7 @@ def diffusers_pipeline(hub_layout, reference, sampler: str):
                                 feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.mark.parametrize("sampler,steps,eta,scale", [
-    ("ddim", 7, 0.0, 7.5), ("ddim", 5, 1.0, 7.5), ("plms", 7, 0.0, 7.5), ("dpm++2m", 6, 0.0, 7.5), ("ddim", 4, 0.0, 1.0),
-], ids=["ddim", "ddim-eta1", "plms", "dpm++2m", "ddim-no-guidance"])
-def test_same_seed_same_images_as_diffusers(ours, hub_layout, reference, sampler, steps, eta, scale):
-    pipe = diffusers_pipeline(hub_layout, reference, sampler)
+def same_seed_same_images(ours, pipe, sampler, steps, eta=0.0, scale=7.5):
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         expected = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=steps,
@@ -47,6 +65,26 @@ def test_same_seed_same_images_as_diffusers(ours, hub_layout, reference, sampler
     assert got.shape == (2, 3, HEIGHT, WIDTH) and 0 <= got.min() and got.max() <= 1
     assert rel_err(got, expected) < 1e-4
     assert (got[0] - got[1]).abs().mean() > 1e-2  # two different samples, not one repeated
+
+
+@pytest.mark.parametrize("sampler,steps,eta,scale", [
+    ("ddim", 7, 0.0, 7.5), ("ddim", 5, 1.0, 7.5), ("plms", 7, 0.0, 7.5), ("dpm++2m", 6, 0.0, 7.5),
+    ("dpm++2m-karras", 6, 0.0, 7.5), ("euler", 6, 0.0, 7.5), ("euler_a", 6, 0.0, 7.5), ("ddim", 4, 0.0, 1.0),
+], ids=["ddim", "ddim-eta1", "plms", "dpm++2m", "dpm++2m-karras", "euler", "euler_a", "ddim-no-guidance"])
+def test_same_seed_same_images_as_diffusers(ours, hub_layout, reference, sampler, steps, eta, scale):
+    """The scheduler config as m9's hub has it: no timestep_spacing, each sampler spaces by its own default."""
+    same_seed_same_images(ours, diffusers_pipeline(hub_layout, reference, sampler), sampler, steps, eta, scale)
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_same_images_with_a_config_saved_by_current_diffusers(ours, hub_layout, reference, resaved_config, sampler):
+    """The reported bug: a re-saved config states "leading", and every sampler must then space by it.
+    The config goes through the converter's reading of scheduler_config.json."""
+    with open(os.path.join(resaved_config, "scheduler_config.json")) as f:
+        schedule = config_from_hf(json.load(f))
+    assert schedule.timestep_spacing == "leading"
+    resaved = dataclasses.replace(ours, schedule=schedule)
+    same_seed_same_images(resaved, diffusers_pipeline(hub_layout, reference, sampler, resaved_config), sampler, 6)
 
 
 def test_pil_output_trajectory_and_explicit_latents(ours):
@@ -66,7 +104,9 @@ def test_pil_output_trajectory_and_explicit_latents(ours):
     (dict(height=60), ValueError, "multiples of 32"),
     (dict(width=0), ValueError, "multiples of 32"),
     (dict(steps=0), ValueError, "steps"),
-    (dict(sampler="euler"), ValueError, "unknown sampler"),
+    (dict(sampler="heun"), ValueError, "unknown sampler"),
+    (dict(sampler="euler_a", eta=0.5), ValueError, "eta must be 0"),
+    (dict(steps=1000), ValueError, "steps=1000 is not possible"),
     (dict(sampler="plms", eta=0.5), ValueError, "eta must be 0"),
     (dict(n_samples=0), ValueError, "n_samples"),
     (dict(prompt=["ok", 3]), TypeError, "prompt"),

@@ -1,23 +1,31 @@
-"""Sampler parity with diffusers' DDIMScheduler, PNDMScheduler(skip_prk_steps=True) and
-DPMSolverMultistepScheduler.from_config(m9's DDIM config), driven by the same fake ε model.
+"""Sampler parity with diffusers' schedulers, built as users build them: `Cls.from_config(config)` of
+the model's DDIM scheduler config, once as m9's hub file has it (no `timestep_spacing`) and once with
+each spacing stated (as current diffusers saves it), driven by the same fake ε model.
 
 Every intermediate latent (and the x0 each step exposes) is compared, in fp32 on the CPU, with
 ‖ours − ref‖/‖ref‖ < 1e-5 per latent."""
 import math
 
+import numpy as np
 import pytest
 import torch
-from conftest import rel_err
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+from conftest import SCHEDULER, rel_err
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
 
-from altdiff_min.samplers import SAMPLERS, ScheduleConfig, alphas_cumprod, get_sampler, timesteps
+from altdiff_min.__main__ import SAMPLER_NAMES
+from altdiff_min.samplers import (SAMPLERS, ScheduleConfig, Timesteps, add_noise, alphas_cumprod, get_sampler,
+                                  init_noise_sigma, timesteps)
 
 TOL = 1e-5
-# m9's scheduler_config.json, with every value the installed diffusers might default differently
-# passed explicitly. It has no `timestep_spacing` key (it predates it): see test_dpm_spacing_*.
-M9 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-          trained_betas=None, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-STEPS = [1, 2, 7, 25, 50, 333, 999]  # 7, 333 do not divide 1000; 999 is the most a 1000-step schedule allows
+M9 = {k: v for k, v in SCHEDULER.items() if k != "_class_name"}  # m9's scheduler_config.json: no timestep_spacing
+SPACINGS = [None, "leading", "linspace", "trailing"]  # None: the key is absent from the config
+STEPS = [1, 2, 7, 10, 25, 50, 999]  # 7 does not divide 1000; 999 needs the schedule's every timestep but one
+# The diffusers scheduler behind each of our samplers, and what from_config is given besides the config.
+REFERENCE = {"ddim": (DDIMScheduler, {}), "plms": (PNDMScheduler, {"skip_prk_steps": True}),
+             "dpm++2m": (DPMSolverMultistepScheduler, {}),
+             "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+             "euler": (EulerDiscreteScheduler, {}), "euler_a": (EulerAncestralDiscreteScheduler, {})}
 
 g = torch.Generator().manual_seed(0)
 LATENTS = torch.randn(2, 4, 6, 10, generator=g)  # batch 2, non-square
@@ -25,152 +33,234 @@ FIXED = torch.randn(2, 4, 6, 10, generator=g)
 
 
 def fake_eps(x: torch.Tensor, t) -> torch.Tensor:
-    """Deterministic, nonlinear in x and in t; t may be an int (ours) or a 0-d tensor (diffusers)."""
-    t = int(t)
+    """Deterministic, nonlinear in x and in t; t may be a number (ours) or a 0-d tensor (diffusers)."""
+    t = float(t)
     return 0.5 * torch.tanh(x) * math.cos(t / 300) + 0.1 * math.sin(t) + 0.3 * (t / 1000) * FIXED
 
 
-def reference(name: str):
-    ddim = DDIMScheduler.from_config(M9)
-    if name == "ddim":
-        return ddim
-    if name == "plms":
-        return PNDMScheduler.from_config(M9, skip_prk_steps=True)
-    return DPMSolverMultistepScheduler.from_config(ddim.config)  # as the model card does
+def config(spacing: str | None, **changes) -> dict:
+    return {**M9, **changes} if spacing is None else {**M9, "timestep_spacing": spacing, **changes}
 
 
-def run_ours(name: str, steps: int, **kw) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """[(i, t, x after step i, x0 of step i)] from the callback; also checks the returned latents."""
+def reference(name: str, cfg: dict):
+    """The scheduler a diffusers user gets: the model's scheduler loaded, then re-targeted (model card)."""
+    cls, extra = REFERENCE[name]
+    return cls.from_config(DDIMScheduler.from_config(cfg).config, **extra)
+
+
+def ours_config(spacing: str | None) -> ScheduleConfig:
+    return ScheduleConfig(timestep_spacing=spacing)
+
+
+def reference_run(name: str, sch, x: torch.Tensor, seed: int | None = None, eta: float = 0.0, start: int = 0):
+    """diffusers' loop from timesteps[start:]: [(t, latents after the step, x0 of the step)]; PLMS's
+    warm-up output is dropped."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    kw = {"generator": gen} if name == "euler_a" else {"eta": eta, "generator": gen} if name == "ddim" else {}
+    used = []
+    if name == "plms":  # PNDM exposes no x0: record (x, t, ε') at each of its updates to compute it
+        prev_sample = sch._get_prev_sample
+        sch._get_prev_sample = lambda s, t, t_prev, e: used.append((s, t, e)) or prev_sample(s, t, t_prev, e)
+    out = []
+    for t in sch.timesteps[start:]:
+        step = sch.step(fake_eps(sch.scale_model_input(x, t), t), t, x, **kw)
+        x = step.prev_sample
+        if name == "plms":
+            sample, t_from, e = used[-1]
+            ac = sch.alphas_cumprod.double()[t_from]
+            x0 = (sample.double() - (1 - ac).sqrt() * e.double()) / ac.sqrt()
+        else:
+            x0 = sch.model_outputs[-1] if name.startswith("dpm") else step.pred_original_sample
+        out.append((float(t), x, x0))
+    if name == "plms" and len(out) > 1:  # 981, 961, 961, 941 …: outputs 1, 2, … are our steps 0, 1, … at 981, 961, …
+        out = [(t, x, x0) for (t, _, _), (_, x, x0) in zip(out[:1] + out[2:], out[1:])]
+    return out
+
+
+def run_ours(name: str, ts: Timesteps, cfg: ScheduleConfig, x: torch.Tensor, seed: int | None = None, eta: float = 0.0):
     traj = []
-    out = SAMPLERS[name](fake_eps, LATENTS.clone(), steps, callback=lambda *a: traj.append(a), **kw)
-    assert out is traj[-1][2] and [(i, t) for i, t, _, _ in traj] == list(enumerate(timesteps(name, steps)))
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = SAMPLERS[name](fake_eps, x.clone(), ts, cfg, eta=eta, generator=gen, callback=lambda *a: traj.append(a))
+    assert out is traj[-1][2] and [i for i, *_ in traj] == list(range(len(ts)))
     return traj
+
+
+def assert_same_run(ours, ref):
+    assert len(ours) == len(ref)
+    for (i, t, x, x0), (t_ref, x_ref, x0_ref) in zip(ours, ref):
+        assert t == t_ref, f"timestep of step {i}"
+        assert rel_err(x, x_ref) < TOL, f"latent after step {i} (t={t})"
+        assert rel_err(x0, x0_ref) < TOL, f"x0 at step {i} (t={t})"
+
+
+def diffusers_route_is_illegal(name: str, sch) -> bool:
+    """Why we refuse a step count: diffusers' timesteps leave [0, T−1] or repeat (a step of size 0)."""
+    ts = sch.timesteps.double().numpy()
+    if name == "plms" and len(ts) > 1:
+        ts = np.concatenate([ts[:1], ts[2:]])
+    return bool(ts.min() < 0 or ts.max() > 999 or np.any(np.diff(ts) >= 0))
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS, ids=lambda s: s or "absent")
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_every_step_matches_diffusers(name, spacing, steps):
+    sch, cfg = reference(name, config(spacing)), ours_config(spacing)
+    sch.set_timesteps(steps)
+    try:
+        ts = timesteps(name, steps, cfg)
+    except ValueError as e:
+        assert "is not possible" in str(e) and diffusers_route_is_illegal(name, sch), e
+        return
+    x = LATENTS * init_noise_sigma(name, ts, cfg)
+    assert float(sch.init_noise_sigma) == pytest.approx(init_noise_sigma(name, ts, cfg), rel=1e-6)
+    assert_same_run(run_ours(name, ts, cfg, x, seed=3), reference_run(name, sch, x.clone(), seed=3))
+
+
+def test_the_spacing_a_config_states_applies_to_every_sampler():
+    """The reported bug: a re-saved config states "leading", and DPM-Solver must then space by it."""
+    for name in REFERENCE:
+        for spacing in SPACINGS:
+            sch = reference(name, config(spacing))
+            sch.set_timesteps(25)
+            ours = timesteps(name, 25, ours_config(spacing))
+            want = sch.timesteps.tolist()
+            assert list(ours.t) == (want[:1] + want[2:] if name == "plms" else want), (name, spacing)
+    resaved = timesteps("dpm++2m", 25, ours_config("leading"))
+    assert resaved.t[:2] == (951, 913) and timesteps("dpm++2m", 25).t[:2] == (999, 959)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 50, 333])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+@pytest.mark.parametrize("spacing", SPACINGS, ids=lambda s: s or "absent")
+def test_ddim_with_eta_draws_noise_as_diffusers(spacing, eta, steps):
+    sch, cfg = reference("ddim", config(spacing)), ours_config(spacing)
+    sch.set_timesteps(steps)
+    ts = timesteps("ddim", steps, cfg)
+    assert_same_run(run_ours("ddim", ts, cfg, LATENTS, seed=1, eta=eta),
+                    reference_run("ddim", sch, LATENTS.clone(), seed=1, eta=eta))
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False, None])
+@pytest.mark.parametrize("name", ["ddim", "plms"])
+def test_final_alpha(name, set_alpha_to_one):
+    """None: the config does not say, and diffusers' DDIM (1) and PNDM (ᾱ_0) defaults differ."""
+    hub = config(None) if set_alpha_to_one is None else config(None, set_alpha_to_one=set_alpha_to_one)
+    hub.pop("set_alpha_to_one", None) if set_alpha_to_one is None else None
+    sch, cfg = reference(name, hub), ScheduleConfig(set_alpha_to_one=set_alpha_to_one)
+    sch.set_timesteps(10)
+    assert_same_run(run_ours(name, timesteps(name, 10, cfg), cfg, LATENTS), reference_run(name, sch, LATENTS.clone()))
+
+
+@pytest.mark.parametrize("start", [1, 6])
+@pytest.mark.parametrize("spacing", SPACINGS, ids=lambda s: s or "absent")
+@pytest.mark.parametrize("name", [n for n in REFERENCE if n != "plms"])
+def test_a_run_can_start_part_way(name, spacing, start):
+    """ts[k:] is diffusers' img2img: the scheduler's timesteps[k:] with set_begin_index(k).
+    (PLMS is left out: diffusers' PNDM keeps a step counter that a cut list does not reset.)"""
+    sch, cfg = reference(name, config(spacing)), ours_config(spacing)
+    sch.set_timesteps(10)
+    ts = timesteps(name, 10, cfg)[start:]
+    assert len(ts) == 10 - start and ts.t == tuple(sch.timesteps.tolist()[start:])
+    if hasattr(sch, "set_begin_index"):
+        sch.set_begin_index(start)
+    x = LATENTS * 3.0
+    assert_same_run(run_ours(name, ts, cfg, x, seed=2), reference_run(name, sch, x.clone(), seed=2, start=start))
+
+
+@pytest.mark.parametrize("name,scheduler", [("dpm++2m", DPMSolverMultistepScheduler), ("euler", EulerDiscreteScheduler)])
+def test_a_plain_list_of_timesteps(name, scheduler):
+    """Any descending list works; diffusers' custom `timesteps=` is the reference where it has one."""
+    custom = [999, 700, 420, 180, 40]
+    sch = scheduler.from_config(DDIMScheduler.from_config(M9).config)
+    sch.set_timesteps(timesteps=custom)
+    assert_same_run(run_ours(name, custom, ScheduleConfig(), LATENTS), reference_run(name, sch, LATENTS.clone()))
+    ddim = run_ours("ddim", [999, 500, 1], ScheduleConfig(), LATENTS)
+    assert [t for _, t, *_ in ddim] == [999, 500, 1]
+
+
+@pytest.mark.parametrize("t", [0, 1, 500, 999, torch.tensor([3, 990])], ids=["0", "1", "500", "999", "per-sample"])
+def test_add_noise_is_the_forward_process(t):
+    x0, noise = torch.randn(2, 4, 6, 10, generator=g), torch.randn(2, 4, 6, 10, generator=g)
+    expected = DDPMScheduler.from_config(M9).add_noise(x0, noise, torch.as_tensor(t).expand(2))
+    assert rel_err(add_noise(x0, noise, t), expected) < 1e-6
 
 
 def test_schedule_matches_diffusers():
     assert torch.equal(alphas_cumprod(ScheduleConfig()), DDIMScheduler.from_config(M9).alphas_cumprod)
 
 
-def test_timesteps_match_diffusers_for_every_step_count():
-    ddim, plms, dpm = reference("ddim"), reference("plms"), reference("dpm++2m")
-    for n in range(1, 1000):
-        for sch in ddim, plms, dpm:
-            sch.set_timesteps(n)
-        # PNDM repeats its second timestep for the warm-up's second model call (n > 1): 981, 961, 961, 941, …
-        pndm = plms.timesteps.tolist()
-        assert pndm == timesteps("plms", n)[:2] + timesteps("plms", n)[1:]
-        assert ddim.timesteps.tolist() == timesteps("ddim", n) == timesteps("plms", n)
-        assert dpm.timesteps.tolist() == timesteps("dpm++2m", n)
-    assert timesteps("ddim", 50)[:2] == [981, 961] and timesteps("ddim", 50)[-1] == 1
-    assert timesteps("dpm++2m", 25)[:2] == [999, 959] and timesteps("dpm++2m", 25)[-1] == 40
-
-
-def test_dpm_spacing_from_m9_config():
-    """from_config drops settings the source config only has as defaults: m9's json never set
-    timestep_spacing, so DPM gets its own default "linspace" (steps_offset 1 passes but is unused).
-    Had the DDIM config set "leading" explicitly, DPM would space by 1000 // (n + 1) instead."""
-    dpm = reference("dpm++2m")
-    assert (dpm.config.timestep_spacing, dpm.config.steps_offset) == ("linspace", 1)
-    explicit = DPMSolverMultistepScheduler.from_config(DDIMScheduler(**M9, timestep_spacing="leading").config)
-    explicit.set_timesteps(25)
-    assert explicit.timesteps.tolist()[:2] == [951, 913] != timesteps("dpm++2m", 25)[:2]
-
-
-@pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("eta,seed", [(0.0, None), (0.5, 1), (1.0, 2)])
-def test_ddim_matches_diffusers(steps, eta, seed):
-    """Every latent and every predicted x0; with η > 0 both draw their noise from equal generators."""
-    ours = run_ours("ddim", steps, eta=eta, generator=seed and torch.Generator().manual_seed(seed))
-    sch, x = reference("ddim"), LATENTS.clone()
-    sch.set_timesteps(steps)
-    gen = seed and torch.Generator().manual_seed(seed)
-    for (i, t, x_ours, x0_ours), t_ref in zip(ours, sch.timesteps, strict=True):
-        out = sch.step(fake_eps(x, t_ref), t_ref, x, eta=eta, generator=gen)
-        x = out.prev_sample
-        assert rel_err(x_ours, x) < TOL, f"latent after step {i} (t={t})"
-        assert rel_err(x0_ours, out.pred_original_sample) < TOL, f"x0 at step {i} (t={t})"
-
-
-@pytest.mark.parametrize("steps", STEPS)
-def test_plms_matches_diffusers(steps):
-    """diffusers makes S + 1 calls to step(); its first output is the warm-up's Euler estimate, an
-    internal value we do not expose, so ours[i] is compared with its output i + 1 (n > 1).
-    The x0 reference is the DDIM "predicted x0" for the combined ε' diffusers actually used,
-    captured at its `_get_prev_sample`."""
-    ours = run_ours("plms", steps)
-    sch, x, used = reference("plms"), LATENTS.clone(), []
-    get_prev_sample = sch._get_prev_sample
-
-    def spy(sample, t, t_prev, e):  # records (x_t, t, ε') of every update diffusers makes
-        used.append((sample, int(t), e))
-        return get_prev_sample(sample, t, t_prev, e)
-
-    sch._get_prev_sample = spy
-    sch.set_timesteps(steps)
-    latents = []
-    for t in sch.timesteps:
-        x = sch.step(fake_eps(x, t), t, x).prev_sample
-        latents.append(x)
-    skip = 1 if steps > 1 else 0
-    ac = sch.alphas_cumprod.double()
-    for (i, t, x_ours, x0_ours), x_ref, (sample, t_ref, e) in zip(ours, latents[skip:], used[skip:], strict=True):
-        assert t == t_ref
-        assert rel_err(x_ours, x_ref) < TOL, f"latent after step {i} (t={t})"
-        x0_ref = (sample.double() - (1 - ac[t]).sqrt() * e.double()) / ac[t].sqrt()
-        assert rel_err(x0_ours, x0_ref) < TOL, f"x0 at step {i} (t={t})"
-
-
-@pytest.mark.parametrize("steps", STEPS)
-def test_dpm_solver_pp_2m_matches_diffusers(steps):
-    """Every latent, and every x0 (diffusers keeps its data predictions in `model_outputs`)."""
-    ours = run_ours("dpm++2m", steps)
-    sch, x = reference("dpm++2m"), LATENTS.clone()
-    sch.set_timesteps(steps)
-    for (i, t, x_ours, x0_ours), t_ref in zip(ours, sch.timesteps, strict=True):
-        x = sch.step(fake_eps(x, t_ref), t_ref, x).prev_sample
-        assert rel_err(x_ours, x) < TOL, f"latent after step {i} (t={t})"
-        assert rel_err(x0_ours, sch.model_outputs[-1]) < TOL, f"x0 at step {i} (t={t})"
-    assert torch.equal(ours[-1][2], ours[-1][3])  # the last step goes to σ = 0: x is x0
-
-
-@pytest.mark.parametrize("name,calls", [("ddim", 50), ("plms", 51), ("dpm++2m", 50)])
+@pytest.mark.parametrize("name,calls", [("ddim", 50), ("plms", 51), ("dpm++2m", 50), ("dpm++2m-karras", 50),
+                                        ("euler", 50), ("euler_a", 50)])
 def test_model_calls(name, calls):
     """Any callable works as `eps`; PLMS's warm-up costs one extra call."""
     seen = []
-    SAMPLERS[name](lambda x, t: seen.append(t) or fake_eps(x, t), LATENTS.clone(), 50)
-    assert len(seen) == calls and all(type(t) is int for t in seen)
+    SAMPLERS[name](lambda x, t: seen.append(t) or fake_eps(x, t), LATENTS.clone(), timesteps(name, 50))
+    assert len(seen) == calls and all(isinstance(t, (int, float)) for t in seen)
 
 
-def test_diffusers_cannot_take_1000_steps():
-    """Why our limit is 999: with steps_offset 1 the first timestep would be 1000 (ᾱ has 1000
-    entries, 0 … 999), and DPM's linspace would round two timesteps to the same value."""
-    ddim, dpm = reference("ddim"), reference("dpm++2m")
-    ddim.set_timesteps(1000)
-    dpm.set_timesteps(1000)
-    assert ddim.timesteps[0] == len(ddim.alphas_cumprod) and len(set(dpm.timesteps.tolist())) == 999
+def test_the_command_line_offers_every_sampler():
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
 
 
 def never_called(x, t):
     raise AssertionError("the model must not be called when the arguments are bad")
 
 
-@pytest.mark.parametrize("name,steps,eta,error,match", [
-    ("ddim", 0, 0.0, ValueError, r"steps must be in \[1, 999\]"),
-    ("plms", -3, 0.0, ValueError, r"steps must be in \[1, 999\]"),
-    ("dpm++2m", 1000, 0.0, ValueError, r"steps must be in \[1, 999\]"),
-    ("ddim", 1001, 0.0, ValueError, r"steps must be in \[1, 999\]"),
-    ("ddim", 2.5, 0.0, TypeError, "steps must be an int"),
-    ("plms", True, 0.0, TypeError, "steps must be an int"),
-    ("ddim", 50, -0.1, ValueError, "eta must be >= 0"),
-    ("plms", 50, 0.5, ValueError, "plms is deterministic: eta must be 0"),
-    ("dpm++2m", 50, 1.0, ValueError, "dpm\\+\\+2m is deterministic: eta must be 0"),
+@pytest.mark.parametrize("name,steps,spacing,error,match", [
+    ("ddim", 0, None, ValueError, r"steps must be in \[1, 1000\]"),
+    ("plms", -3, None, ValueError, r"steps must be in \[1, 1000\]"),
+    ("euler", 1001, None, ValueError, r"steps must be in \[1, 1000\]"),
+    ("ddim", 1000, None, ValueError, r"steps=1000 is not possible for ddim with 'leading' spacing.*timestep 1000"),
+    ("dpm++2m", 1000, None, ValueError, r"steps=1000 is not possible for dpm\+\+2m with 'linspace'.*same timestep"),
+    ("dpm++2m", 999, "leading", ValueError, r"steps=999 is not possible for dpm\+\+2m with 'leading'"),
+    ("ddim", 2.5, None, TypeError, "steps must be an int"),
+    ("plms", True, None, TypeError, "steps must be an int"),
+    ("euler_a", "25", None, TypeError, "steps must be an int"),
+    ("karras", 25, None, ValueError, "unknown sampler 'karras'"),
 ])
-def test_bad_arguments(name, steps, eta, error, match):
+def test_bad_steps(name, steps, spacing, error, match):
     with pytest.raises(error, match=match):
-        SAMPLERS[name](never_called, LATENTS.clone(), steps, eta=eta)
+        timesteps(name, steps, ours_config(spacing))
+
+
+@pytest.mark.parametrize("name,eta,error,match", [
+    ("ddim", -0.1, ValueError, "eta must be >= 0"),
+    ("ddim", float("nan"), ValueError, "eta must be >= 0"),
+    ("ddim", "0.5", TypeError, "eta must be a number"),
+    ("plms", 0.5, ValueError, "plms is deterministic: eta must be 0"),
+    ("dpm++2m", 1.0, ValueError, r"dpm\+\+2m is deterministic: eta must be 0"),
+    ("dpm++2m-karras", 1.0, ValueError, r"dpm\+\+2m-karras is deterministic: eta must be 0"),
+    ("euler", 0.3, ValueError, "euler is deterministic: eta must be 0"),
+    ("euler_a", 1.0, ValueError, "euler_a draws its own noise at every step: eta must be 0"),
+])
+def test_bad_eta(name, eta, error, match):
+    with pytest.raises(error, match=match):
+        SAMPLERS[name](never_called, LATENTS.clone(), timesteps(name, 10), eta=eta)
+
+
+@pytest.mark.parametrize("ts,error,match", [
+    ([500, 700], ValueError, "two steps land on the same timestep"),
+    ([999, 999], ValueError, "two steps land on the same timestep"),
+    ([1200, 3], ValueError, r"outside the schedule's \[0, 999\]"),
+    ([], ValueError, "non-empty"),
+    (50, TypeError, "list of numbers"),
+    (["999"], TypeError, "list of numbers"),
+    ([999, float("nan")], ValueError, "finite"),
+])
+def test_bad_timestep_lists(ts, error, match):
+    for name in SAMPLERS:
+        with pytest.raises(error, match=match):
+            SAMPLERS[name](never_called, LATENTS.clone(), ts)
+
+
+def test_ddim_needs_integer_timesteps():
+    with pytest.raises(ValueError, match="integer timesteps"):
+        SAMPLERS["ddim"](never_called, LATENTS.clone(), timesteps("euler", 7))  # 999, 832.5, …
 
 
 @pytest.mark.parametrize("lookup", [get_sampler, lambda name: timesteps(name, 50)])
 def test_unknown_sampler(lookup):
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; choose one of \['ddim', 'dpm\+\+2m', 'plms'\]"):
-        lookup("euler")
+    with pytest.raises(ValueError, match=r"unknown sampler 'heun'; choose one of \['ddim', 'dpm\+\+2m', "
+                                         r"'dpm\+\+2m-karras', 'euler', 'euler_a', 'plms'\]"):
+        lookup("heun")
