@@ -28,4 +28,4 @@ def show(images, titles=None, rows: int = 1, size: float = 1.6, suptitle: str | 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents in the sampler's (scaled) space → images in [0, 1]."""
     with torch.no_grad():
-        return (pipe.vae.decode(latents / pipe.vae.cfg.scaling_factor) / 2 + 0.5).clamp(0, 1)
+        return pipe.decode_latents(latents)
