@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import glob
+import math
 import os
 import sys
 
@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("out_dir", help="the model folder to write (config.json, model.safetensors, tokenizer)")
     convert.add_argument("--dtype", choices=["fp32", "fp16", "keep"], default="fp32")
     convert.add_argument("--revision", help="hub branch, tag or commit (e.g. fp16)")
-    convert.add_argument("--tokenizer", help="sentencepiece.bpe.model; required for a single checkpoint")
-    convert.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    convert.add_argument("--tokenizer", help="sentencepiece.bpe.model: required for a single checkpoint; for a "
+                         "folder without one (transformers 5 saves tokenizer.json only), the hub's m9 tokenizer file")
+    convert.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a model folder altdiff-min wrote")
 
     gen = commands.add_parser("generate", help="text to image, as FlagAI's predict_generate_images")
     gen.add_argument("prompt", nargs="?", help="the prompt (or --from-file)")
@@ -45,34 +46,42 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device", default="cuda" if torch_cuda() else "cpu")
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
+    gen.add_argument("--no-limits", action="store_true",
+                     help="lift the sanity limits on image side (4096), batch (256) and pixels per call")
 
-    from .toy.train import add_arguments, run as run_train_toy
+    from .toy.train import add_arguments
 
     add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~25 min)"))
 
     args = parser.parse_args(argv)
+    from .errors import AltDiffError
+
+    try:
+        return run(args)
+    except AltDiffError as e:  # an expected failure: one line, exit 2; anything else is a bug and keeps its traceback
+        print(f"altdiff-min {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"altdiff-min {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
     if args.command == "train-toy":
+        from .toy.train import run as run_train_toy
+
         return run_train_toy(args)
     if args.command == "generate":
-        try:
-            return generate(args)
-        except (FileNotFoundError, ValueError, TypeError) as e:
-            print(f"altdiff-min generate: error: {e}", file=sys.stderr)
-            return 2
+        return generate(args)
     if args.command == "demo":
-        from .demo import run
+        from .demo import run as run_demo
 
-        run(seed=args.seed)
+        run_demo(seed=args.seed)
     elif args.command == "convert":
         from weights_convert.convert import convert as run_convert
-        from weights_convert.rules import ConversionError
 
-        try:
-            reports = run_convert(args.src, args.out_dir, dtype=args.dtype, revision=args.revision,
-                                  tokenizer=args.tokenizer, force=args.force)
-        except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
-            print(f"altdiff-min convert: error: {e}", file=sys.stderr)
-            return 2
+        reports = run_convert(args.src, args.out_dir, dtype=args.dtype, revision=args.revision,
+                              tokenizer=args.tokenizer, force=args.force)
         for name, report in reports.items():
             print(f"{name:13} {report}")
         print(f"wrote {args.out_dir}")
@@ -86,17 +95,29 @@ def torch_cuda() -> bool:
 
 
 def read_prompts(args) -> list[str]:
+    from .errors import BadValue, Missing, io_error
+    from .files import read_text
+    from .tokenizer import check_prompt
+
     if args.from_file:
-        if not os.path.isfile(args.from_file):
-            raise FileNotFoundError(f"prompt file not found: {args.from_file}")
-        with open(args.from_file, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        if args.prompt is not None:
+            raise BadValue("give a prompt or --from-file, not both")
+        if not os.path.exists(args.from_file):
+            raise Missing(f"prompt file not found: {args.from_file}")
+        try:
+            text = read_text(args.from_file, "prompt file")
+        except OSError as e:
+            raise io_error(args.from_file, e, "read") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"{args.from_file} has no prompts (one per line expected)")
-        return prompts
-    if not args.prompt:
-        raise ValueError("give a prompt, or --from-file with one prompt per line")
-    return [args.prompt]
+            raise BadValue(f"{args.from_file} has no prompts (one per line expected)")
+    elif args.prompt is None or not args.prompt.strip():
+        raise BadValue("give a prompt (not empty or blank), or --from-file with one prompt per line")
+    else:
+        prompts = [args.prompt]
+    for prompt in prompts:
+        check_prompt(prompt)
+    return prompts
 
 
 def grid(images: list, columns: int):
@@ -112,49 +133,67 @@ def grid(images: list, columns: int):
 
 
 def generate(args) -> int:
-    """`altdiff-min generate`: samples to OUTDIR/samples/NNNNN.png (continuing the count), one grid per call."""
+    """`altdiff-min generate`: samples to OUTDIR/samples/NNNNN.png (continuing the count), one grid per call.
+    Each PNG is written under a temporary name and renamed when complete, so a full disk leaves no
+    truncated picture to be counted."""
     import torch
 
-    from .folder import MODULES, config_from_dict, read_config
-    from .pipeline import check_size, load
-    from .samplers import ScheduleConfig, check_eta, timesteps
+    from .errors import BadValue, io_error
+    from .files import save_numbered
+    from .folder import read_config
+    from .pipeline import NO_LIMITS, Limits, check_device, check_size, load
+    from .samplers import check_eta, timesteps
 
-    # 1. Everything that can be checked from the arguments and config.json, before loading weights.
+    # 1. Everything that can be checked from the arguments, config.json and the output folder, before loading weights.
     prompts = read_prompts(args)
     if args.plms and args.sampler not in ("ddim", "plms"):
-        raise ValueError(f"--plms conflicts with --sampler {args.sampler}")
+        raise BadValue(f"--plms conflicts with --sampler {args.sampler}")
     sampler = "plms" if args.plms else args.sampler
-    if args.n_samples < 1:
-        raise ValueError(f"--n-samples must be at least 1, got {args.n_samples}")
+    limits = NO_LIMITS if args.no_limits else Limits()
+    if not 1 <= args.n_samples <= limits.max_batch:
+        raise BadValue(f"--n-samples must be in [1, {limits.max_batch}], got {args.n_samples} (--no-limits lifts the limit)")
     check_eta(sampler, args.eta)
+    if not math.isfinite(args.scale):
+        raise BadValue(f"--scale must be finite, got {args.scale}")
+    if not 0 <= args.seed < 2**64:
+        raise BadValue(f"--seed must be in [0, 2**64), got {args.seed}")
+    device = check_device(args.device)
     config = read_config(args.model)
-    timesteps(sampler, args.steps, config_from_dict(ScheduleConfig, config["schedule"]))
-    unet, vae = (config_from_dict(MODULES[name][1], config[name]) for name in ("unet", "vae"))
+    timesteps(sampler, args.steps, config["schedule"])
     size = config.get("image_size", 512)
-    check_size(size if args.H is None else args.H, size if args.W is None else args.W, vae, unet)
-    if args.C != unet.in_channels:
-        raise ValueError(f"--C {args.C}: this model's latents have {unet.in_channels} channels")
+    height, width = (size if args.H is None else args.H), (size if args.W is None else args.W)
+    for flag, value in (("--H", height), ("--W", width)):
+        if not 1 <= value <= limits.max_side:
+            raise BadValue(f"{flag} must be in [1, {limits.max_side}], got {value} (--no-limits lifts the limit)")
+    if args.n_samples * height * width > limits.max_pixels:
+        raise BadValue(f"--n-samples × --H × --W = {args.n_samples * height * width} pixels is over the limit of "
+                       f"{limits.max_pixels} per call (--no-limits lifts it)")
+    check_size(height, width, config["vae"], config["unet"])
+    if args.C != config["unet"].in_channels:
+        raise BadValue(f"--C {args.C}: this model's latents have {config['unet'].in_channels} channels")
+    samples = os.path.join(args.outdir, "samples")
+    for folder in (args.outdir, samples):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise BadValue(f"--outdir: {folder} exists and is not a folder")
+    try:
+        os.makedirs(samples, exist_ok=True)
+    except OSError as e:
+        raise io_error(samples, e, "create") from None
+    if not os.access(samples, os.W_OK | os.X_OK):
+        raise BadValue(f"--outdir: cannot write into {samples} (permission denied)")
     # 2. The model.
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = load(args.model, device=args.device, dtype=dtype, compile=args.compile)
-    samples = os.path.join(args.outdir, "samples")
-    os.makedirs(samples, exist_ok=True)
-    count = len(glob.glob(os.path.join(samples, "*.png")))
+    model = load(args.model, device=device, dtype=dtype, compile=args.compile, limits=limits)
     every = []
     for prompt in prompts:
         images = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
                                 steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
                                 height=args.H, width=args.W, seed=args.seed)
         for image in images:
-            path = os.path.join(samples, f"{count:05}.png")
-            image.save(path)
-            print(path)
-            count += 1
+            print(save_numbered(samples, "{:05}.png", lambda tmp: image.save(tmp, format="PNG")))
         every += images
     if not args.skip_grid:
-        path = os.path.join(args.outdir, f"grid-{len(glob.glob(os.path.join(args.outdir, 'grid-*.png'))):04}.png")
-        grid(every, args.n_samples).save(path)
-        print(path)
+        print(save_numbered(args.outdir, "grid-{:04}.png", lambda tmp: grid(every, args.n_samples).save(tmp, format="PNG")))
     return 0
 
 

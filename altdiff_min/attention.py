@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .errors import BadValue
+
 BACKENDS = ("sdpa", "explicit")
 _backend = "sdpa"
 
@@ -24,7 +26,7 @@ def attention_backend(name: str):
     """Run the enclosed code with the named attention path ("sdpa" or "explicit")."""
     global _backend
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+        raise BadValue(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
     previous, _backend = _backend, name
     try:
         yield

@@ -12,20 +12,22 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import AltDiffError, BadFile, BadType, BadValue, Exists, Missing, io_error
+from .files import fsync_path, leftovers, locked, read_json, sibling
 from .samplers import ScheduleConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 
-FORMAT = "altdiff-min"
+FORMAT, VERSION = "altdiff-min", 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "sentencepiece.bpe.model"
 MODULES = {"text_encoder": (TextEncoder, TextEncoderConfig), "unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig)}
 
@@ -55,48 +57,114 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 def config_from_dict(cls, d: dict[str, Any]):
-    """A frozen config from its JSON form; JSON lists become the tuples the dataclass defaults use."""
+    """A frozen config from its JSON form (checked by the config itself: altdiff_min/checks.py); JSON
+    lists become the tuples the dataclass defaults use. Fields a folder from an older altdiff-min
+    lacks take their defaults."""
+    if not isinstance(d, dict):
+        raise BadType(f"{cls.__name__} must be a JSON object, got {d!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     if unknown := set(d) - names:
-        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+        raise BadValue(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def write_folder(path: str, configs: dict, states: dict, schedule: ScheduleConfig, tokenizer_file: str,
                  max_length: int = 77, force: bool = False, dtype: torch.dtype | None = None, image_size: int = 512,
                  **extra: Any) -> None:
-    """Write a model folder atomically: everything goes into a temporary sibling, which is renamed to
-    `path` only once complete, so a failed or interrupted write never leaves a folder `load` accepts,
-    and an existing folder (replaced only with force=True) stays intact until the last moment.
+    """Write a model folder atomically (see `destination` and `write_locked`): a failed or interrupted
+    write never leaves a folder `load` accepts, and replaces nothing but a model folder (force=True).
 
     configs / states: module name → config / state dict; dtype casts floating tensors (None keeps them).
     """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} already exists; pass --force (force=True) to replace it")
+    with destination(path, force) as path:
+        write_locked(path, configs, states, schedule, tokenizer_file, max_length, dtype, image_size, **extra)
+
+
+@contextmanager
+def destination(path: str | os.PathLike, force: bool = False) -> Iterator[str]:
+    """Hold the write lock on `path`, finish or undo what an interrupted write of it left, and check
+    that it may be written: absent, or (force) a model folder. Yields the absolute path. The
+    converter holds it from before reading any weights, so two conversions to one folder never mix."""
+    path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise BadFile(f"{parent} is not a folder, so {path} cannot be written")
     try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise io_error(parent, e, "create") from None
+    with locked(path):
+        recover(path)
+        if os.path.lexists(path):
+            if not force:
+                raise Exists(f"{path} already exists; pass --force (force=True) to replace it")
+            if problem := not_a_model_folder(path):
+                raise Exists(f"{path} {problem}; --force replaces only a model folder that altdiff-min wrote")
+        yield path
+
+
+def recover(path: str) -> None:
+    """What a killed write of `path` left: a `.NAME.old-*` (the previous model, moved aside) comes back
+    if `path` is missing (killed between the two renames) and is removed otherwise (killed after);
+    `.NAME.partial-*` folders (unfinished writes) are removed."""
+    for old in leftovers(path, "old"):
+        if not os.path.lexists(path):
+            os.replace(old, path)
+            fsync_path(os.path.dirname(path))
+        else:
+            shutil.rmtree(old)
+    for partial in leftovers(path, "partial"):
+        shutil.rmtree(partial)
+
+
+def not_a_model_folder(path: str) -> str | None:
+    """Why `path` is not a model folder that may be replaced, or None."""
+    if os.path.islink(path):
+        return "is a symbolic link"
+    if not os.path.isdir(path):
+        return "is not a folder"
+    if other := sorted(set(os.listdir(path)) - {CONFIG, WEIGHTS, TOKENIZER}):
+        return f"holds files altdiff-min did not write ({', '.join(other[:5])})"
+    try:
+        config = read_json(os.path.join(path, CONFIG))
+    except AltDiffError:
+        return "has no readable config.json"
+    return None if isinstance(config, dict) and config.get("format") == FORMAT else "is not an altdiff-min model folder"
+
+
+def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfig, tokenizer_file: str,
+                 max_length: int, dtype: torch.dtype | None, image_size: int, **extra: Any) -> None:
+    """Write into a fresh `.NAME.partial-*` sibling, fsync its files and itself, then move any old
+    folder aside (`.NAME.old-*`), rename the new one into place, fsync the parent after each rename,
+    and remove the old one. Call inside `destination(path)`."""
+    parent, tmp, old = os.path.dirname(path), sibling(path, "partial"), None
+    try:
+        os.mkdir(tmp)  # 0777 less the umask, as any folder the user makes
         tensors = {f"{name}.{k}": (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
                    for name, state in states.items() for k, v in state.items()}
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER))
-        config = {"format": FORMAT, "version": 1, **{name: config_to_dict(c) for name, c in configs.items()},
+        config = {"format": FORMAT, "version": VERSION, **{name: config_to_dict(c) for name, c in configs.items()},
                   "schedule": config_to_dict(schedule), "tokenizer": {"max_length": max_length},
                   "image_size": image_size, **extra}
         with open(os.path.join(tmp, CONFIG), "w") as f:  # written last: a folder without it is not loadable
-            json.dump(config, f, indent=2, ensure_ascii=False)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "previous"))
-            os.replace(tmp, path)
+            json.dump(config, f, indent=2, ensure_ascii=False, allow_nan=False)
+        for name in (WEIGHTS, TOKENIZER, CONFIG, ""):
+            fsync_path(os.path.join(tmp, name))
+        if os.path.lexists(path):
+            old = sibling(path, "old")
+            os.replace(path, old)
+            fsync_path(parent)
+        os.replace(tmp, path)
+        fsync_path(parent)
+        if old:
             shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        if old and not os.path.lexists(path):
+            os.replace(old, path)  # the new folder could not be put in place: the old one goes back
+        raise io_error(path, e) from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve(path: str | os.PathLike) -> str:
@@ -109,34 +177,79 @@ def resolve(path: str | os.PathLike) -> str:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The config.json of a model folder, after checking the folder really is one."""
+    """The config.json of a model folder, after checking the folder really is one and the config
+    holds what `load` needs, each config checked (altdiff_min/checks.py). Errors name the file."""
     path = resolve(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder not found: {path!r}")
+        hint = ""
+        if os.path.isdir(os.path.join(path, "unet")) or os.path.isfile(os.path.join(path, "model_index.json")):
+            hint = f"; it looks like a diffusers folder: convert it first, `altdiff-min convert {path} OUT_DIR`"
+        if not os.path.lexists(path) and os.path.isdir(os.path.dirname(os.path.abspath(path))) and \
+                leftovers(os.path.abspath(path), "old"):
+            hint = "; an interrupted --force replacement left the previous model beside it: run the conversion again"
+        raise Missing(f"model folder not found: {path}{hint}")
     missing = [f for f in (CONFIG, WEIGHTS, TOKENIZER) if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        raise ValueError(f"{path!r} is not an altdiff-min model folder (missing {', '.join(missing)}); "
-                         f"make one with `altdiff-min convert SRC {path}`")
-    with open(os.path.join(path, CONFIG)) as f:
-        config = json.load(f)
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{os.path.join(path, CONFIG)} is not an altdiff-min config (format {config.get('format')!r})")
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            raise BadFile(f"{path} is a diffusers folder, not an altdiff-min model folder: convert it with "
+                          f"`altdiff-min convert {path} OUT_DIR` and pass OUT_DIR")
+        raise BadFile(f"{path} is not an altdiff-min model folder (missing {', '.join(missing)}); "
+                      f"convert a checkpoint into a new folder with `altdiff-min convert SRC OUT_DIR`")
+    file = os.path.join(path, CONFIG)
+    config = read_json(file)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BadFile(f"{file} is not an altdiff-min config (format {config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("version") != VERSION:
+        raise BadFile(f"{file} has version {config.get('version')!r}; this altdiff-min reads version {VERSION}")
+    try:
+        for name, (_, config_cls) in MODULES.items():
+            config[name] = config_from_dict(config_cls, config[name])
+        config["schedule"] = config_from_dict(ScheduleConfig, config["schedule"])
+        check_folder_values(config)
+    except KeyError as e:
+        raise BadFile(f"{file} has no {e.args[0]!r} entry") from None
+    except AltDiffError as e:
+        raise BadFile(f"{file}: {e}") from None
     return config
+
+
+def check_folder_values(config: dict[str, Any]) -> None:
+    """The folder's own values: the tokenizer length fits the text encoder's positions, the image size
+    fits the VAE and UNet."""
+    tokens = config["tokenizer"]["max_length"]
+    most = config["text_encoder"].max_length
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 2 <= tokens <= most:
+        raise BadValue(f"tokenizer.max_length must be an integer in [2, {most}] (the text encoder's positions), "
+                       f"got {tokens!r}")
+    size = config.get("image_size", 512)
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 16384:
+        raise BadValue(f"image_size must be an integer in [8, 16384], got {size!r}")
+    if "default_dtype" in config and config["default_dtype"] not in ("float32", "float16", "bfloat16"):
+        raise BadValue(f"default_dtype must be float32, float16 or bfloat16, got {config['default_dtype']!r}")
 
 
 def read_modules(path: str, config: dict[str, Any], device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> dict[str, torch.nn.Module]:
-    """The text encoder, UNet and VAE of a model folder, built on the meta device (no random init)
-    and filled strictly from model.safetensors; dtype None keeps the stored dtype."""
-    tensors = load_file(os.path.join(path, WEIGHTS), device=str(device))
+    """The text encoder, UNet and VAE of a model folder (config: from read_config), built on the meta
+    device (no random init) and filled strictly from model.safetensors; dtype None keeps the stored
+    dtype. A file that is corrupt or does not fit the config is a BadFile naming it."""
+    file = os.path.join(path, WEIGHTS)
+    try:
+        tensors = load_file(file, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadFile(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
     if stray := sorted({k.split(".")[0] for k in tensors} - set(MODULES)):
-        raise ValueError(f"{os.path.join(path, WEIGHTS)} holds tensors of unknown modules: {stray}")
+        raise BadFile(f"{file} holds tensors of unknown modules: {stray}")
     modules = {}
-    for name, (model_cls, config_cls) in MODULES.items():
+    for name, (model_cls, _) in MODULES.items():
         with empty_modules():
-            model = model_cls(config_from_dict(config_cls, config[name]))
+            model = model_cls(config[name])
         prefix = name + "."
-        model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                              strict=True, assign=True)
+        try:
+            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                  strict=True, assign=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise BadFile(f"{file} does not fit the {name} config in {CONFIG}: {' '.join(first[1:3])[:300]}") from None
         modules[name] = model.to(dtype=dtype).eval().requires_grad_(False)
     return modules

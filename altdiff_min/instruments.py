@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .errors import BadValue
+
 
 @dataclass
 class AttentionMaps:
@@ -42,12 +44,16 @@ class AttentionMaps:
         """How much `token` (a position in the 77) is attended at each pixel: (B, H, W), each map
         scaled to [0, 1]. Every layer's h×w map (averaged over heads and calls) is upsampled to
         `size` — the image's or the latents' (height, width) — and the layers are averaged."""
+        if not self.sums:
+            raise BadValue("no attention maps were captured: generate inside `with capture_attention(pipe.unet) as maps:`")
+        if unknown := sorted(set(layers or ()) - set(self.sums)):
+            raise BadValue(f"no maps were captured for layer(s) {unknown}; captured: {sorted(self.sums)}")
         total = 0
         for name in layers or list(self.sums):
             probs = self.mean(name)[..., token].mean(dim=1)  # (B, h·w): heads averaged
             f = math.isqrt(size[0] * size[1] // probs.shape[1])  # how much smaller this layer's grid is
             if f == 0 or (size[0] // f) * (size[1] // f) != probs.shape[1]:
-                raise ValueError(f"layer {name} has {probs.shape[1]} positions, not a downscaled {size[0]}×{size[1]} grid")
+                raise BadValue(f"layer {name} has {probs.shape[1]} positions, not a downscaled {size[0]}×{size[1]} grid")
             grid = probs.reshape(-1, 1, size[0] // f, size[1] // f)
             total = total + F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[:, 0]
         low = total.amin(dim=(1, 2), keepdim=True)

@@ -8,17 +8,19 @@
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
-from .folder import MODULES, TOKENIZER, config_from_dict, read_config, read_modules, resolve, write_folder
+from .errors import BadType, BadValue, NotFinite
+from .folder import MODULES, TOKENIZER, read_config, read_modules, resolve, write_folder
 from .samplers import ScheduleConfig, Timesteps, check_eta, get_sampler, init_noise_sigma, timesteps
 from .text_encoder import TextEncoder
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_prompt
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 
@@ -34,6 +36,7 @@ class AltDiffusion:
     schedule: ScheduleConfig
     path: str = ""
     image_size: int = 512  # what the model was trained at: the default height and width of generate
+    limits: Limits = field(default_factory=lambda: Limits())  # what one generate call may ask for
 
     @torch.no_grad()
     def encode(self, prompts: list[str], layer: int | None = None) -> torch.Tensor:
@@ -110,28 +113,8 @@ class AltDiffusion:
               {"t", "latents", "x0"} per step, on the CPU.
         """
         # 0. Check everything before any model work.
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if prompt_embeds is not None:
-            if prompt is not None or prompt_embeds.ndim != 3:
-                raise ValueError("give either prompt or prompt_embeds (P, tokens, context_dim), not both")
-            prompts = [""] * prompt_embeds.shape[0]
-        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
-        if not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str, got {negative_prompt!r}")
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        get_sampler(sampler), check_eta(sampler, eta)
-        ts = timesteps(sampler, steps, self.schedule)
-        if output not in ("pil", "tensor"):
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
-        height = self.image_size if height is None else height
-        width = self.image_size if width is None else width
-        down = check_size(height, width, self.vae.cfg, self.unet.cfg)
-        shape = (len(prompts) * n_samples, self.unet.cfg.in_channels, height // down, width // down)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-
+        prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
+                                                  height, width, seed, latents, output, prompt_embeds)
         guided = cross_attention and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
         x, generator = self.initial_latents(shape, sampler, ts, seed, latents)
@@ -146,8 +129,63 @@ class AltDiffusion:
         x = self.sample(x, context if cross_attention else None, sampler, ts, scale if guided else 1.0, eta,
                         generator, on_step, progress)
         images = self.decode_latents(x)
+        if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
+            raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
+                            f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
         images = images if output == "tensor" else to_pil(images)
         return (images, trajectory) if return_trajectory else images
+
+    def check_arguments(self, prompt, negative_prompt, n_samples, steps, sampler, scale, eta, height, width, seed,
+                        latents, output, prompt_embeds) -> tuple[list[str], Timesteps, tuple[int, ...]]:
+        """Every argument of generate, before any model work: one BadValue / BadType line each.
+        Returns the prompts, the sampler's timesteps and the latents' shape."""
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise BadValue("give either prompt or prompt_embeds, not both")
+            want = (self.tokenizer.max_length, self.unet.cfg.context_dim)
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3 or \
+                    tuple(prompt_embeds.shape[1:]) != want or len(prompt_embeds) == 0:
+                got = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds).__name__
+                raise BadValue(f"prompt_embeds must be a (P, {want[0]}, {want[1]}) tensor (what encode() gives), got {got}")
+            if not torch.isfinite(prompt_embeds).all():
+                raise NotFinite("prompt_embeds holds NaN or infinite values")
+            prompts = [""] * len(prompt_embeds)
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise BadType(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        if not isinstance(negative_prompt, str):
+            raise BadType(f"negative_prompt must be a str, got {negative_prompt!r}")
+        for text in [*prompts, negative_prompt]:
+            check_prompt(text)
+        positive_int("n_samples", n_samples)
+        get_sampler(sampler), check_eta(sampler, eta)
+        ts = timesteps(sampler, steps, self.schedule)
+        if not callable(scale):
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise BadType(f"scale must be a number or a callable t -> number, got {scale!r}")
+            if not math.isfinite(scale):
+                raise BadValue(f"scale must be finite, got {scale}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise BadValue(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if output not in ("pil", "tensor"):
+            raise BadValue(f"output must be 'pil' or 'tensor', got {output!r}")
+        height = self.image_size if height is None else height
+        width = self.image_size if width is None else width
+        positive_int("height", height, self.limits.max_side, "max_side")
+        positive_int("width", width, self.limits.max_side, "max_side")
+        down = check_size(height, width, self.vae.cfg, self.unet.cfg)
+        batch = len(prompts) * n_samples
+        positive_int("prompts × n_samples", batch, self.limits.max_batch, "max_batch")
+        positive_int("prompts × n_samples × height × width", batch * height * width, self.limits.max_pixels, "max_pixels")
+        shape = (batch, self.unet.cfg.in_channels, height // down, width // down)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                raise BadValue(f"latents must have shape {shape}, got "
+                               f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+            if not torch.isfinite(latents).all():
+                raise NotFinite("latents hold NaN or infinite values")
+        return list(prompts), ts, shape
 
     def save(self, path: str, force: bool = False, **extra: Any) -> None:
         """Write this model as a model folder (atomically; see folder.write_folder)."""
@@ -157,12 +195,36 @@ class AltDiffusion:
                      image_size=self.image_size, **extra)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The most one generate call takes, so that a typo (--H 100000, n_samples=10**9) is a clear error
+    instead of an allocator failure. Raise them per model: load(..., limits=Limits(max_side=8192)),
+    or `generate --no-limits` on the command line."""
+    max_side: int = 4096  # pixels, height and width (m9 is trained at 512)
+    max_batch: int = 256  # prompts × n_samples in one call
+    max_pixels: int = 256 * 1024 * 1024  # prompts × n_samples × height × width: 256 pictures of 1024²
+
+
+NO_LIMITS = Limits(max_side=2**31, max_batch=2**31, max_pixels=2**62)
+
+
+def positive_int(name: str, value, most: int | None = None, limit: str = "") -> None:
+    """Raise unless value is an int (not a bool, not 64.0) in [1, most]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadType(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise BadValue(f"{name} must be at least 1, got {value}")
+    if most is not None and value > most:
+        raise BadValue(f"{name} = {value} is over the limit of {most} (Limits.{limit}; raise it with "
+                       f"load(..., limits=Limits({limit}=...)) or --no-limits)")
+
+
 def check_size(height: int, width: int, vae: VAEConfig, unet: UNetConfig) -> int:
     """Raise unless the models can make height × width images; return the pixels per latent."""
     down = 2 ** (len(vae.channels) - 1)
     multiple = down * unet.size_multiple
     if height < multiple or width < multiple or height % multiple or width % multiple:
-        raise ValueError(f"height and width must be positive multiples of {multiple} for this model "
+        raise BadValue(f"height and width must be positive multiples of {multiple} for this model "
                          f"(the VAE downsamples {down}×, the UNet halves {unet.size_multiple}× more); got {height}×{width}")
     return down
 
@@ -191,14 +253,16 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         compile: bool = False) -> AltDiffusion:
+         compile: bool = False, limits: Limits = Limits()) -> AltDiffusion:
     """Build tokenizer, text encoder, UNet and VAE from a model folder; no network, no random init.
 
     dtype None: the folder's `default_dtype` if its config names one (the toy is stored in fp16 to
     stay small and computes in fp32), else the dtype it was written in. path "toy" is the small model shipped
     with the package (altdiff_min/toy/model). compile: torch.compile the UNet as one graph
     (fullgraph=True: the forward pass has no graph breaks); the first call then takes a while.
+    limits: the largest image side, batch and pixels per call `generate` accepts (see Limits).
     """
+    device = check_device(device)
     path = resolve(path)
     config = read_config(path)
     tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
@@ -207,5 +271,22 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     modules = read_modules(path, config, device, dtype)
     if compile:
         modules["unet"] = torch.compile(modules["unet"], fullgraph=True)
-    return AltDiffusion(tokenizer=tokenizer, schedule=config_from_dict(ScheduleConfig, config["schedule"]), path=path,
-                        image_size=config.get("image_size", 512), **modules)
+    return AltDiffusion(tokenizer=tokenizer, schedule=config["schedule"], path=path,
+                        image_size=config.get("image_size", 512), limits=limits, **modules)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a BadValue saying why it cannot be used here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BadValue(f"device {device!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadValue(f"device {str(device)!r}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BadValue(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise BadValue(f"device {str(device)!r}: altdiff-min runs on cpu, cuda or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BadValue("device 'mps': this machine has no MPS device")
+    return device

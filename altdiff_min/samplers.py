@@ -26,6 +26,9 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from .checks import check_config
+from .errors import BadType, BadValue
+
 Eps = Callable[[torch.Tensor, float], torch.Tensor]
 Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
 Spacing = Literal["leading", "linspace", "trailing"]
@@ -44,6 +47,9 @@ class ScheduleConfig:
     # How S steps are spread over the T training timesteps (Lin et al. 2023, table 2). None: each
     # sampler's own diffusers default (DEFAULT_SPACING), as m9's scheduler_config.json states none.
     timestep_spacing: Spacing | None = None
+
+    def __post_init__(self):
+        check_config(self)  # types, ranges and limits: altdiff_min/checks.py
 
 
 # Parity: diffusers' `Scheduler.from_config(cfg)` keeps a spacing the config states and otherwise
@@ -104,7 +110,7 @@ class Timesteps:
     def __getitem__(self, index):
         if isinstance(index, slice):
             if index.step not in (None, 1):
-                raise ValueError("a run can be cut (ts[k:], ts[:k]) but not strided")
+                raise BadValue("a run can be cut (ts[k:], ts[:k]) but not strided")
             start, stop, _ = index.indices(len(self.t))
             return Timesteps(self.t[start:stop], self.sigmas[start:stop + 1], self.stride)
         return self.t[index]
@@ -121,7 +127,7 @@ def spaced(spacing: str, steps: int, T: int, offset: int, dpm: bool = False) -> 
     elif spacing == "trailing":  # evenly from T − 1 down, T/S apart
         ts = np.round(np.arange(T, 0, -T / steps)) - 1
     else:
-        raise ValueError(f"timestep_spacing must be one of {SPACINGS} or None, got {spacing!r}")
+        raise BadValue(f"timestep_spacing must be one of {SPACINGS} or None, got {spacing!r}")
     return ts[:-1] if dpm and spacing != "trailing" else ts
 
 
@@ -145,10 +151,10 @@ def timesteps(name: str, steps: int, cfg: ScheduleConfig = ScheduleConfig()) -> 
     kind built with `from_config` of this schedule; also checks `name` and `steps`."""
     get_sampler(name)
     if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+        raise BadType(f"steps must be an int, got {type(steps).__name__}")
     T = cfg.num_train_timesteps
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}] for a {T}-step schedule, got {steps}")
+        raise BadValue(f"steps must be in [1, {T}] for a {T}-step schedule, got {steps}")
     spacing = cfg.timestep_spacing or DEFAULT_SPACING[name]
     sigmas = train_sigmas(cfg)
     stride = None
@@ -186,7 +192,7 @@ def check_route(ts: np.ndarray, steps: int, T: int, what: str, strict: bool = Tr
     elif np.any(np.diff(ts) >= 0) if strict else np.any(np.diff(ts) > 0):
         bad = "two steps land on the same timestep"
     if bad:
-        raise ValueError(f"steps={steps} is not possible for {what} on a {T}-step schedule: {bad}")
+        raise BadValue(f"steps={steps} is not possible for {what} on a {T}-step schedule: {bad}")
 
 
 def as_timesteps(ts: Timesteps | Sequence[float], cfg: ScheduleConfig) -> Timesteps:
@@ -194,10 +200,10 @@ def as_timesteps(ts: Timesteps | Sequence[float], cfg: ScheduleConfig) -> Timest
     if isinstance(ts, Timesteps):
         return ts
     if isinstance(ts, (int, float)) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in ts):
-        raise TypeError(f"timesteps must be a list of numbers (see samplers.timesteps), got {ts!r}")
+        raise BadType(f"timesteps must be a list of numbers (see samplers.timesteps), got {ts!r}")
     arr = np.asarray(ts, dtype=np.float64)
     if len(arr) == 0 or not np.isfinite(arr).all():
-        raise ValueError(f"timesteps must be a non-empty list of finite numbers, got {list(ts)!r}")
+        raise BadValue(f"timesteps must be a non-empty list of finite numbers, got {list(ts)!r}")
     check_route(arr, len(arr), cfg.num_train_timesteps, "this timestep list")
     levels = np.interp(arr, np.arange(cfg.num_train_timesteps), train_sigmas(cfg))
     return Timesteps(tuple(ts), tuple(np.append(levels, 0.0).astype(np.float32).tolist()))
@@ -214,12 +220,12 @@ def init_noise_sigma(name: str, ts: Timesteps, cfg: ScheduleConfig = ScheduleCon
 
 def check_eta(name: str, eta: float) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be a number, got {eta!r}")
+        raise BadType(f"eta must be a number, got {eta!r}")
     if not eta >= 0:  # also NaN
-        raise ValueError(f"eta must be >= 0, got {eta}")
+        raise BadValue(f"eta must be >= 0, got {eta}")
     if eta != 0 and name != "ddim":
         what = "draws its own noise at every step" if name == "euler_a" else "is deterministic"
-        raise ValueError(f"{name} {what}: eta must be 0 (got {eta}); eta is DDIM's, use 'ddim' for eta > 0")
+        raise BadValue(f"{name} {what}: eta must be 0 (got {eta}); eta is DDIM's, use 'ddim' for eta > 0")
 
 
 def draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -240,7 +246,7 @@ def landing(name: str, ts: Timesteps, cfg: ScheduleConfig) -> tuple[list[float],
     """ᾱ at each step's timestep and at the one it lands on (final_alpha past the end)."""
     ac, final = alphas_cumprod(cfg).tolist(), final_alpha(name, cfg)
     if any(v != int(v) for v in ts.t):
-        raise ValueError(f"DDIM and PLMS step between integer timesteps; got {list(ts.t)}")
+        raise BadValue(f"DDIM and PLMS step between integer timesteps; got {list(ts.t)}")
     t = [int(v) for v in ts.t]
     nxt = [v - ts.stride for v in t] if ts.stride else t[1:] + [-1]
     return [ac[v] for v in t], [ac[v] if v >= 0 else final for v in nxt]
@@ -399,5 +405,5 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """SAMPLERS[name], with a clear error for an unknown name. All share ddim's signature."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        raise BadValue(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]

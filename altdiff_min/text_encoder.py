@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .checks import check_config
+from .errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class TextEncoderConfig:
     pad_id: int = 1
     project_dim: int = 768
     pre_transformation: bool = False  # m18: hidden_states[-2] → pre_LN → transformation_pre
+
+    def __post_init__(self):
+        check_config(self)  # types, ranges and limits: altdiff_min/checks.py
 
     @property
     def max_length(self) -> int:
@@ -84,13 +89,13 @@ class TextEncoder(nn.Module):
 
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if input_ids.ndim != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be a (batch, length) LongTensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+            raise BadValue(f"input_ids must be a (batch, length) LongTensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.cfg.max_length:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; this encoder takes at most {self.cfg.max_length}")
+            raise BadValue(f"input_ids has {input_ids.shape[1]} tokens; this encoder takes at most {self.cfg.max_length}")
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.cfg.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}): is the tokenizer the model's own?")
+            raise BadValue(f"input_ids must lie in [0, {self.cfg.vocab_size}): is the tokenizer the model's own?")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+            raise BadValue(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 layer: int | None = None) -> torch.Tensor:
@@ -104,7 +109,7 @@ class TextEncoder(nn.Module):
         self.check_inputs(input_ids, attention_mask)
         depth = len(self.layers) - self.cfg.pre_transformation if layer is None else layer
         if not 0 <= depth <= len(self.layers):
-            raise ValueError(f"layer must be in [0, {len(self.layers)}], got {layer}")
+            raise BadValue(f"layer must be in [0, {len(self.layers)}], got {layer}")
         mask = (input_ids != self.cfg.pad_id) if attention_mask is None else attention_mask.bool()
         x = self.token_embedding(input_ids) + self.position_embedding(self.positions(input_ids))
         x = self.embed_norm(x + self.type_embedding.weight[0])  # every token has type 0

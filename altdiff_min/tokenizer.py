@@ -17,8 +17,20 @@ import os
 import sentencepiece as spm
 import torch
 
+from .errors import BadFile, BadType, BadValue, Missing
+
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 FAIRSEQ_OFFSET = 1  # fairseq id = sentencepiece id + 1 (ids 0..2 of sentencepiece are remapped above)
+
+
+def check_prompt(prompt: str) -> None:
+    """Raise BadValue for a str that is not text: a lone surrogate (U+D800–U+DFFF outside a pair, e.g.
+    from a badly decoded file) cannot be encoded as UTF-8, so sentencepiece cannot read it."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadValue(f"prompt {prompt[:40]!r} has a lone surrogate U+{ord(prompt[e.start]):04X} at position "
+                       f"{e.start}, which is not text; fix the prompt's encoding") from None
 
 
 class Tokenizer:
@@ -32,14 +44,14 @@ class Tokenizer:
     def __init__(self, model_file: str | os.PathLike, max_length: int = 77):
         model_file = os.fspath(model_file)
         if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"tokenizer model not found: {model_file!r}")
+            raise Missing(f"tokenizer model not found: {model_file}")
         if max_length < 2:
-            raise ValueError(f"max_length must leave room for <s> and </s>, got {max_length}")
+            raise BadValue(f"max_length must leave room for <s> and </s>, got {max_length}")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(model_file)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{model_file!r} is not a sentencepiece model: {e}") from None
+            raise BadFile(f"{model_file} is not a sentencepiece model: {str(e).strip().splitlines()[-1]}") from None
         self.model_file = model_file
         self.max_length = max_length
         self.vocab_size = self.sp.GetPieceSize() + FAIRSEQ_OFFSET + 1  # + <mask> at the end
@@ -48,7 +60,8 @@ class Tokenizer:
     def encode(self, prompt: str) -> list[int]:
         """Token ids of one prompt, `<s>` and `</s>` included, truncated but not padded."""
         if not isinstance(prompt, str):
-            raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}: {prompt!r}")
+            raise BadType(f"a prompt must be a str, got {type(prompt).__name__}: {prompt!r}")
+        check_prompt(prompt)
         pieces = [i + FAIRSEQ_OFFSET if i != self.sp.unk_id() else UNK for i in self.sp.EncodeAsIds(prompt)]
         return [BOS] + pieces[: self.max_length - 2] + [EOS]
 
@@ -56,7 +69,7 @@ class Tokenizer:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise TypeError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+            raise BadType(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
         rows = [self.encode(p) for p in prompts]
         input_ids = torch.full((len(rows), self.max_length), PAD, dtype=torch.long)
         for i, row in enumerate(rows):

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .checks import check_config
+from .errors import BadValue
 from .layers import Attention, Downsample, Level, ResBlock, Upsample
 
 
@@ -37,11 +39,7 @@ class UNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if len(self.attention) != len(self.channels):
-            raise ValueError(f"attention has {len(self.attention)} entries for {len(self.channels)} levels")
-        for c in self.channels:
-            if c % self.groups or c % self.heads:
-                raise ValueError(f"{c} channels do not divide into {self.groups} groups and {self.heads} heads")
+        check_config(self)  # types, ranges and limits: altdiff_min/checks.py
 
     @property
     def time_dim(self) -> int:
@@ -152,21 +150,21 @@ class UNet(nn.Module):
         """Raise a ValueError for inputs the UNet cannot take; return the timesteps as a (B,) tensor."""
         cfg, m = self.cfg, self.cfg.size_multiple
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
-            raise ValueError(f"latents must be (batch, {cfg.in_channels} channels, height, width), "
+            raise BadValue(f"latents must be (batch, {cfg.in_channels} channels, height, width), "
                              f"got {tuple(latents.shape)}")
         b, _, h, w = latents.shape
         if h == 0 or w == 0 or h % m or w % m:
-            raise ValueError(f"latent size {h}×{w} is not a multiple of {m}: the UNet halves it "
+            raise BadValue(f"latent size {h}×{w} is not a multiple of {m}: the UNet halves it "
                              f"{len(cfg.channels) - 1} times and the up path must meet every skip")
         if context is not None and (context.ndim != 3 or context.shape[2] != cfg.context_dim):
-            raise ValueError(f"context must be (batch, tokens, {cfg.context_dim}), got {tuple(context.shape)}")
+            raise BadValue(f"context must be (batch, tokens, {cfg.context_dim}), got {tuple(context.shape)}")
         if context is not None and context.shape[0] != b:
-            raise ValueError(f"batch sizes disagree: {b} latents but {context.shape[0]} contexts")
+            raise BadValue(f"batch sizes disagree: {b} latents but {context.shape[0]} contexts")
         t = torch.as_tensor(timesteps, device=latents.device)
         if t.ndim == 0:
             return t.expand(b)
         if t.shape != (b,):
-            raise ValueError(f"timesteps must be a number or a ({b},) tensor, one per latent; got shape {tuple(t.shape)}")
+            raise BadValue(f"timesteps must be a number or a ({b},) tensor, one per latent; got shape {tuple(t.shape)}")
         return t
 
     def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor,

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .checks import check_config
+from .errors import BadValue
 from .layers import Attention, Downsample, Level, ResBlock, Upsample
 
 
@@ -30,6 +32,9 @@ class VAEConfig:
     groups: int = 32
     eps: float = 1e-6  # Parity: GroupNorm eps is 1e-6 throughout the VAE (the UNet's res blocks use 1e-5)
     scaling_factor: float = 0.18215  # latents × this have about unit variance; used by the pipeline
+
+    def __post_init__(self):
+        check_config(self)  # types, ranges and limits: altdiff_min/checks.py
 
     @property
     def size_multiple(self) -> int:
@@ -120,7 +125,7 @@ class VAE(nn.Module):
     @staticmethod
     def check_channels(x: torch.Tensor, what: str, channels: int) -> None:
         if x.ndim != 4 or x.shape[1] != channels or not x.shape[2] * x.shape[3]:
-            raise ValueError(f"{what} must be (batch, {channels} channels, height, width), got {tuple(x.shape)}")
+            raise BadValue(f"{what} must be (batch, {channels} channels, height, width), got {tuple(x.shape)}")
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, image_channels, H, W) images in [−1, 1] → mean and log-variance, each (B, latent_channels, H/8, W/8).
@@ -129,7 +134,7 @@ class VAE(nn.Module):
         self.check_channels(images, "images", self.cfg.image_channels)
         h, w, m = *images.shape[-2:], self.cfg.size_multiple
         if h % m or w % m:
-            raise ValueError(f"image size {h}×{w} is not a multiple of {m}: "
+            raise BadValue(f"image size {h}×{w} is not a multiple of {m}: "
                              f"the encoder halves it {len(self.cfg.channels) - 1} times")
         mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # Parity: diffusers' DiagonalGaussianDistribution clamps

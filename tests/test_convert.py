@@ -149,6 +149,13 @@ def test_ldm_naming_map_is_what_diffusers_reads(reference):
         assert all(torch.equal(back[k].reshape(original[k].shape), original[k]) for k in original)
 
 
+def small_configs(reference) -> dict:
+    from weights_convert import text_encoder, unet, vae
+
+    return {"text_encoder": text_encoder.config_from_hf(reference["text_encoder"].config.to_dict()),
+            "unet": unet.config_from_hf(dict(reference["unet"].config)), "vae": vae.config_from_hf(dict(reference["vae"].config))}
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_single_file_converts_and_matches(reference, spm_dir, tmp_path, suffix):
     sd = ldm_checkpoint(reference)
@@ -157,12 +164,9 @@ def test_single_file_converts_and_matches(reference, spm_dir, tmp_path, suffix):
         torch.save({"state_dict": sd, "global_step": 1}, path)
     else:
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    from weights_convert import text_encoder, unet, vae
-
     # Single files carry no configs: the converter assumes m9's unless told otherwise, as here.
-    cfgs = {"text_encoder": text_encoder.config_from_hf(reference["text_encoder"].config.to_dict()),
-            "unet": unet.config_from_hf(dict(reference["unet"].config)), "vae": vae.config_from_hf(dict(reference["vae"].config))}
-    reports = convert(path, tmp_path / "m9", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"), configs=cfgs)
+    reports = convert(path, tmp_path / "m9", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"),
+                      configs=small_configs(reference))
     dropped = str(reports["other"]) + str(reports["text_encoder"])
     assert "noise-schedule" in dropped and "EMA" in dropped and "pre_LN" in dropped
     assert_modules_match(load(tmp_path / "m9"), reference)
@@ -271,13 +275,14 @@ def test_bad_diffusers_folder_fails_clearly_and_leaves_nothing(hub_layout, tmp_p
     (lambda: {"first_stage_model.encoder.conv_in.weight": torch.zeros(2)}, "no tensors under"),
     (lambda: [1, 2, 3], "does not hold a state dict"),
 ])
-def test_wrong_single_files_fail_clearly(spm_dir, tmp_path, content, message):
+def test_wrong_single_files_fail_clearly(reference, spm_dir, tmp_path, content, message):
+    spm, configs = os.path.join(spm_dir, "sentencepiece.bpe.model"), small_configs(reference)
     torch.save(content(), tmp_path / "x.ckpt")
     with pytest.raises(ConversionError, match=message):
-        convert(tmp_path / "x.ckpt", tmp_path / "out", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"))
+        convert(tmp_path / "x.ckpt", tmp_path / "out", tokenizer=spm, configs=configs)
     (tmp_path / "y.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ConversionError, match="not a readable safetensors"):
-        convert(tmp_path / "y.safetensors", tmp_path / "out", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"))
+        convert(tmp_path / "y.safetensors", tmp_path / "out", tokenizer=spm, configs=configs)
     assert not (tmp_path / "out").exists()
 
 

@@ -102,7 +102,8 @@ def test_pil_output_trajectory_and_explicit_latents(ours):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(height=60), ValueError, "multiples of 32"),
-    (dict(width=0), ValueError, "multiples of 32"),
+    (dict(width=0), ValueError, "width must be at least 1"),
+    (dict(width=48), ValueError, "multiples of 32"),
     (dict(steps=0), ValueError, "steps"),
     (dict(sampler="heun"), ValueError, "unknown sampler"),
     (dict(sampler="euler_a", eta=0.5), ValueError, "eta must be 0"),

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from altdiff_min import load
 from altdiff_min.toy import COLOURS, LANGUAGES, SHAPES, TOY_MODEL, caption, detect, evaluate, format_table, render
 from altdiff_min.toy.data import MAX_SIZE, MIN_SIZE, PHRASINGS, SIZE
-from altdiff_min.toy.train import Recipe, add_arguments, run, train_toy
+from altdiff_min.toy.train import Recipe, train_toy
 
 # What the shipped model must reach in every language separately, and how it is sampled for that.
 MIN_COLOUR, MIN_SHAPE = 0.90, 0.85
@@ -94,21 +93,21 @@ def test_training_refuses_bad_recipes_before_any_work(tmp_path, bad, match):
     assert not (tmp_path / "out").exists()
 
 
-def test_training_refuses_an_existing_folder_without_force(tmp_path, capsys):
+def test_training_refuses_an_existing_folder_before_any_training(tmp_path, capsys, monkeypatch):
+    import altdiff_min.toy.train as training
+    from altdiff_min.__main__ import main
+
+    monkeypatch.setattr(training, "train_vae", lambda *a, **k: pytest.fail("training started"))
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    start = time.perf_counter()
     with pytest.raises(FileExistsError, match="--force"):
         train_toy(str(out))
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert run(parser.parse_args([str(out)])) == 2
-    assert run(parser.parse_args([str(tmp_path / "new"), "--unet-steps", "-5"])) == 2
+    assert main(["train-toy", str(out)]) == 2
+    assert main(["train-toy", str(out), "--force"]) == 2  # --force replaces only a model folder
+    assert "replaces only a model folder" in capsys.readouterr().err
+    assert main(["train-toy", str(tmp_path / "new"), "--unet-steps", "-5"]) == 2
     assert "unet_steps must be positive" in capsys.readouterr().err
-    assert time.perf_counter() - start < 5, "refusals must come before any training"
     assert (out / "keep.txt").read_text() == "mine" and not (tmp_path / "new").exists()
 
 

@@ -5,7 +5,6 @@ Nothing from a checkpoint is executed: pickles are read with `torch.load(weights
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import zipfile
@@ -13,6 +12,8 @@ import zipfile
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from altdiff_min.files import read_json
 
 from .rules import ConversionError
 
@@ -33,16 +34,26 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise ConversionError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    if zipfile.is_zipfile(path):  # torch.save's format: every member carries a CRC, checked before use
+        try:
+            with zipfile.ZipFile(path) as z:
+                if (bad := z.testzip()) is not None:
+                    raise ConversionError(f"{path} is corrupt: member {bad} fails its CRC check")
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a class or function torch.load(weights_only=True) refuses to build
-            why = next(line.strip() for line in str(e).splitlines() if "Unsupported global" in line)
-            raise ConversionError(f"{path} holds more than tensors ({why}); altdiff-min never executes code from "
-                                  f"a checkpoint. Re-save it as tensors only, or as .safetensors.") from None
+        blocked = [line.strip() for line in str(e).splitlines()
+                   if "global" in line.lower() and ("unsupported" in line.lower() or "blocked" in line.lower())]
+        if blocked:  # a class or function torch.load(weights_only=True) refuses to build
+            raise ConversionError(f"{path} holds more than tensors ({blocked[0][:200]}); altdiff-min never executes "
+                                  f"code from a checkpoint. Re-save it as tensors only, or as .safetensors.") from None
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError, zipfile.BadZipFile) as e:
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated, or not a "
+                              f"checkpoint at all: {type(e).__name__})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # ldm / FlagAI .ckpt files nest the weights
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -69,8 +80,11 @@ def pick_weights(files: list[str], component: str, fp16: bool) -> list[str]:
 
 def read_component(folder: str, files: list[str]) -> dict[str, torch.Tensor]:
     if len(files) == 1 and files[0].endswith(".index.json"):
-        with open(os.path.join(folder, files[0])) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        index = os.path.join(folder, files[0])
+        try:
+            shards = sorted(set(read_json(index, "weight index")["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
+            raise ConversionError(f"{index} has no weight_map of tensor names to shard files") from None
         files = [os.path.join(os.path.dirname(files[0]), s) for s in shards]
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
@@ -80,7 +94,7 @@ def read_component(folder: str, files: list[str]) -> dict[str, torch.Tensor]:
 
 def folder_files(folder: str) -> list[str]:
     return [os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
-            for d, _, fs in os.walk(folder) for f in fs]
+            for d, _, fs in os.walk(folder, followlinks=True) for f in fs]
 
 
 def hub_folder(repo_id: str, revision: str | None, fp16: bool) -> str:
@@ -107,8 +121,7 @@ def hub_folder(repo_id: str, revision: str | None, fp16: bool) -> str:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=wanted)
         for f in wanted:  # sharded weights: fetch the shards their index names
             if f.endswith(".index.json"):
-                with open(os.path.join(folder, f)) as fh:
-                    shards = sorted(set(json.load(fh)["weight_map"].values()))
+                shards = sorted(set(read_json(os.path.join(folder, f), "weight index")["weight_map"].values()))
                 folder = snapshot_download(repo_id, revision=revision,
                                            allow_patterns=wanted + [f"{os.path.dirname(f)}/{s}" for s in shards])
         return folder

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import BadValue
 from .data import COLOURS, LANGUAGES, SHAPES, caption
 
 INK = 96  # a pixel is "ink" when some channel is this far below white: about half-way to every palette colour
@@ -22,7 +23,7 @@ def as_uint8(image) -> np.ndarray:
         image = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB image, got an array {image.shape} of {image.dtype}")
+        raise BadValue(f"expected an RGB image, got an array {image.shape} of {image.dtype}")
     return image
 
 

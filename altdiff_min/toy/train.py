@@ -18,7 +18,6 @@ import dataclasses
 import io
 import math
 import os
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -29,6 +28,8 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
+from ..errors import BadType, BadValue
+from ..folder import destination
 from ..pipeline import AltDiffusion
 from ..samplers import ScheduleConfig, add_noise
 from ..text_encoder import TextEncoder, TextEncoderConfig
@@ -59,14 +60,14 @@ class Recipe:
         for f in dataclasses.fields(self):
             value, positive_int = getattr(self, f.name), f.type == "int"
             if isinstance(value, bool) or not isinstance(value, int if positive_int else (int, float)):
-                raise TypeError(f"{f.name} must be {'an int' if positive_int else 'a number'}, got {value!r}")
+                raise BadType(f"{f.name} must be {'an int' if positive_int else 'a number'}, got {value!r}")
         for name in ("images", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "vae_lr", "unet_lr"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise BadValue(f"{name} must be positive, got {getattr(self, name)}")
         if self.images < len(SHAPES) * len(COLOURS):
-            raise ValueError(f"images must be at least {len(SHAPES) * len(COLOURS)}, one per shape and colour")
+            raise BadValue(f"images must be at least {len(SHAPES) * len(COLOURS)}, one per shape and colour")
         if self.kl_weight < 0 or self.warmup < 0 or not 0 <= self.uncond_prob < 1:
-            raise ValueError("kl_weight and warmup must be >= 0 and uncond_prob in [0, 1)")
+            raise BadValue("kl_weight and warmup must be >= 0 and uncond_prob in [0, 1)")
 
 
 def toy_configs(vocab_size: int) -> tuple[TextEncoderConfig, UNetConfig, VAEConfig]:
@@ -184,9 +185,9 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
     Returns the trained model."""
     r = Recipe(**recipe)  # bad values are refused here, before any work
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if os.path.exists(out_dir) and not force:
-        raise FileExistsError(f"{out_dir} already exists; pass --force (force=True) to replace it")
+        raise BadValue(f"seed must be an int >= 0, got {seed!r}")
+    with destination(out_dir, force):  # refused now, not after half an hour of training
+        pass
     torch.manual_seed(seed)  # the modules' initial weights
     g, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp, flush_denormals():
@@ -238,11 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `altdiff-min train-toy` with parsed arguments; returns the exit status."""
-    try:
-        train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval,
-                  vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images)
-    except (FileExistsError, ValueError, TypeError) as e:
-        print(f"altdiff-min train-toy: error: {e}", file=sys.stderr)
-        return 2
+    train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval,
+              vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images)
     print(f"wrote {args.out_dir}")
     return 0
