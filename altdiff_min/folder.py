@@ -149,7 +149,10 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
                   "image_size": image_size, **extra}
         with open(os.path.join(tmp, CONFIG), "w") as f:  # written last: a folder without it is not loadable
             json.dump(config, f, indent=2, ensure_ascii=False, allow_nan=False)
+        mode = os.stat(tmp).st_mode & 0o666  # files as the umask makes them (safetensors writes 0600)
         for name in (WEIGHTS, TOKENIZER, CONFIG, ""):
+            if name:
+                os.chmod(os.path.join(tmp, name), mode)
             fsync_path(os.path.join(tmp, name))
         if os.path.lexists(path):
             old = sibling(path, "old")

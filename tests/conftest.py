@@ -122,6 +122,14 @@ def reference(spm_dir):
             "vae": randomize_(AutoencoderKL(**VAE), 3).eval()}
 
 
+def small_configs(reference) -> dict:
+    """Our configs of the small reference modules: what a single checkpoint of them would need."""
+    from weights_convert import text_encoder, unet, vae
+
+    return {"text_encoder": text_encoder.config_from_hf(reference["text_encoder"].config.to_dict()),
+            "unet": unet.config_from_hf(dict(reference["unet"].config)), "vae": vae.config_from_hf(dict(reference["vae"].config))}
+
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SCHEDULER, rel_err, write_json
+from conftest import SCHEDULER, rel_err, small_configs, write_json
 from safetensors.torch import save_file
 
 from altdiff_min.pipeline import load
@@ -147,13 +147,6 @@ def test_ldm_naming_map_is_what_diffusers_reads(reference):
         original = reference[name].state_dict()
         assert set(back) == set(original)
         assert all(torch.equal(back[k].reshape(original[k].shape), original[k]) for k in original)
-
-
-def small_configs(reference) -> dict:
-    from weights_convert import text_encoder, unet, vae
-
-    return {"text_encoder": text_encoder.config_from_hf(reference["text_encoder"].config.to_dict()),
-            "unet": unet.config_from_hf(dict(reference["unet"].config)), "vae": vae.config_from_hf(dict(reference["vae"].config))}
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])

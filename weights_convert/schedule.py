@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+from altdiff_min.errors import AltDiffError
 from altdiff_min.samplers import SPACINGS, ScheduleConfig
 
 from .rules import ConversionError
@@ -63,4 +64,7 @@ def config_from_hf(hf: Mapping, name: str = "scheduler_config.json") -> Schedule
     if options["timestep_spacing"] not in SPACINGS + (None,):
         raise ConversionError(f"{name}: timestep_spacing={options['timestep_spacing']!r} is not one of "
                               f"{', '.join(SPACINGS)}")
-    return ScheduleConfig(**{k: options[k] for k in CARRIED})
+    try:
+        return ScheduleConfig(**{k: options[k] for k in CARRIED})
+    except AltDiffError as e:
+        raise ConversionError(f"{name}: {e}") from None

@@ -1,0 +1,540 @@
+"""Issue 12's reproductions, each now a test: nothing lost, nothing silently wrong.
+
+Numbers refer to the issue's list: 1 --force, 2 interrupted writes, 3 unbounded work, 4 NaN, 6 errors,
+7 permissions, 8 a new user's gaps, 9 no wall-clock limits (tests/test_notebooks.py). 5, the
+tokenizer, is in tests/test_tokenizer.py."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from conftest import small_configs, write_json
+
+import altdiff_min.folder as folder
+from altdiff_min.__main__ import main
+from altdiff_min.errors import AltDiffError, BadFile, BadType, BadValue, Busy, NotFinite
+from altdiff_min.files import locked
+from altdiff_min.pipeline import Limits, load
+from weights_convert.convert import convert
+from weights_convert.rules import ConversionError
+
+HW = dict(height=64, width=96, steps=2, progress=False)
+
+
+@pytest.fixture
+def src(hub_layout, tmp_path):
+    """A private copy of the small model in the hub layout, to break."""
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    return root
+
+
+@pytest.fixture
+def model(small_model_dir, tmp_path):
+    """A private copy of the small converted model folder, to break."""
+    root = tmp_path / "model"
+    shutil.copytree(small_model_dir, root)
+    return root
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = data
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            del node[key]
+        else:
+            node[key] = value
+    path.write_text(json.dumps(data))
+
+
+def no_weights_read(monkeypatch):
+    import weights_convert.convert as conversion
+
+    monkeypatch.setattr(conversion, "read_component", lambda *a: pytest.fail("weights were read"))
+    monkeypatch.setattr(folder, "load_file", lambda *a, **k: pytest.fail("weights were read"))
+
+
+# ---- 1. --force replaces only a model folder -----------------------------------------------------------
+
+def test_force_never_deletes_what_is_not_a_model_folder(src, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    (victim / "photos").mkdir(parents=True)
+    (victim / "important.txt").write_text("precious")
+    assert main(["convert", str(src), str(victim), "--force"]) == 2
+    assert "--force replaces only a model folder" in capsys.readouterr().err
+    assert (victim / "important.txt").read_text() == "precious" and (victim / "photos").is_dir()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(["convert", str(src), str(a_file), "--force"]) == 2 and a_file.read_text() == "mine"
+
+
+def test_force_keeps_a_model_folder_holding_other_files(src, tmp_path):
+    out = tmp_path / "m9"
+    convert(src, out)
+    (out / "notes.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"holds files altdiff-min did not write \(notes.md\)"):
+        convert(src, out, force=True)
+    assert (out / "notes.md").read_text() == "my notes"
+    (out / "notes.md").unlink()
+    convert(src, out, force=True, dtype="fp16")  # a model folder it wrote: replaced
+    assert load(out).unet.conv_in.weight.dtype == torch.float16
+
+
+def test_force_does_not_follow_a_symlink(src, tmp_path):
+    out = tmp_path / "m9"
+    convert(src, out)
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(FileExistsError, match="is a symbolic link"):
+        convert(src, tmp_path / "link", force=True)
+
+
+# ---- 2. interrupted writes: recovered or cleaned on the next run; fsync; one writer at a time ----------
+
+KILL_BETWEEN_RENAMES = """
+import os, sys
+calls = []
+real = os.replace
+def replace(a, b):
+    calls.append((a, b))
+    if len(calls) == 2:  # the new folder is about to take the old one's place
+        os._exit(9)
+    real(a, b)
+os.replace = replace
+from weights_convert.convert import convert
+convert(sys.argv[1], sys.argv[2], force=True)
+"""
+
+
+def test_a_kill_between_the_renames_loses_nothing(src, tmp_path):
+    out = tmp_path / "m9"
+    convert(src, out)
+    before = (out / "model.safetensors").read_bytes()
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(src), str(out)], timeout=300)
+    assert killed.returncode == 9
+    left = sorted(os.listdir(tmp_path))
+    assert "m9" not in left and any(e.startswith(".m9.old-") for e in left) and any(e.startswith(".m9.partial-") for e in left)
+    with pytest.raises(FileExistsError):  # the next run puts the old model back first
+        convert(src, out)
+    assert (out / "model.safetensors").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["m9", "src"]
+    load(out)
+
+
+def test_leftovers_of_interrupted_writes_are_removed(src, tmp_path):
+    out = tmp_path / "m9"
+    convert(src, out)
+    (tmp_path / ".m9.partial-0123456789ab").mkdir()  # a write killed halfway
+    (tmp_path / ".m9.old-0123456789ab").mkdir()  # a replacement killed after its second rename
+    convert(src, out, force=True)
+    assert sorted(os.listdir(tmp_path)) == ["m9", "src"]
+
+
+def test_files_and_folders_are_fsynced(src, tmp_path, monkeypatch):
+    import altdiff_min.files as files
+
+    synced = []
+    real = files.fsync_path
+    monkeypatch.setattr(folder, "fsync_path", lambda p: synced.append(os.path.basename(p.rstrip("/"))) or real(p))
+    out = tmp_path / "m9"
+    convert(src, out)
+    assert {"model.safetensors", "sentencepiece.bpe.model", "config.json"} <= set(synced)
+    assert synced[-1] == tmp_path.name  # the parent, after the rename
+
+
+def test_one_writer_at_a_time(src, tmp_path):
+    out = tmp_path / "m9"
+    with locked(str(out)):
+        with pytest.raises(Busy, match="another process is writing"):
+            convert(src, out)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["src"]  # and the lock file is gone
+    convert(src, out)
+
+
+# ---- 3. unbounded work from small inputs: refused up front -------------------------------------------
+
+def test_huge_config_values_are_refused_before_any_work(src, model, monkeypatch):
+    no_weights_read(monkeypatch)
+    edit_json(src / "unet" / "config.json", layers_per_block=1_000_000)
+    with pytest.raises(ConversionError, match=r"unet/config.json: UNetConfig.layers must be in \[1, 64\], got 1000000"):
+        convert(src, src.parent / "out")
+    edit_json(model / "config.json", unet__layers=1_000_000)
+    with pytest.raises(BadFile, match=r"config.json: UNetConfig.layers must be in \[1, 64\]"):
+        load(model)
+
+
+def test_huge_tokenizer_length_is_refused(model, monkeypatch):
+    no_weights_read(monkeypatch)
+    edit_json(model / "config.json", tokenizer__max_length=1_000_000_000)
+    with pytest.raises(BadFile, match=r"tokenizer.max_length must be an integer in \[2, 512\]"):
+        load(model)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "folder"])
+def test_config_that_is_not_a_regular_file(src, model, kind):
+    for path in (model / "config.json", src / "unet" / "config.json"):
+        path.unlink()
+        if kind == "dev-zero":
+            path.symlink_to("/dev/zero")
+        elif kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.mkdir()
+    with pytest.raises(BadFile, match="missing unet/config.json" if kind == "folder" else "is not a regular file"):
+        convert(src, src.parent / "out")
+    with pytest.raises(AltDiffError, match="config.json"):
+        load(model)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--H", "100000", "--W", "100000"], "--H must be in [1, 4096]"),
+    (["--n-samples", "100000"], "--n-samples must be in [1, 256]"),
+    (["--n-samples", "200", "--H", "1024", "--W", "2048"], "pixels is over the limit"),
+])
+def test_huge_requests_on_the_command_line(small_model_dir, tmp_path, monkeypatch, capsys, args, message):
+    import altdiff_min.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--no-limits" in err
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_samples=10**9), "over the limit of 256"),
+    (dict(height=100_000), "over the limit of 4096"),
+    (dict(n_samples=200, height=1024, width=2048), "over the limit of 268435456"),
+])
+def test_huge_requests_to_generate(small_model_dir, monkeypatch, kwargs, match):
+    pipe = load(small_model_dir)
+    monkeypatch.setattr(pipe.text_encoder, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(BadValue, match=match):
+        pipe.generate("a dog", **{**HW, **kwargs})
+
+
+def test_limits_can_be_raised(small_model_dir):
+    pipe = load(small_model_dir, limits=Limits(max_batch=2))
+    with pytest.raises(BadValue, match="over the limit of 2"):
+        pipe.generate("a", n_samples=3, **HW)
+    assert pipe.generate("a", n_samples=2, output="tensor", **HW).shape == (2, 3, 64, 96)
+
+
+# ---- 4. NaN never passes silently ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(latents=torch.full((1, 4, 8, 12), math.nan)), NotFinite, "latents hold NaN"),
+    (dict(latents=torch.full((1, 4, 8, 12), math.inf)), NotFinite, "latents hold NaN"),
+    (dict(scale=math.nan), BadValue, "scale must be finite"),
+    (dict(eta=math.nan), BadValue, "eta must be >= 0"),
+    (dict(prompt_embeds=torch.full((1, 77, 32), math.nan)), NotFinite, "prompt_embeds"),
+])
+def test_non_finite_arguments(small_model_dir, kwargs, error, match):
+    pipe = load(small_model_dir)
+    prompt = None if "prompt_embeds" in kwargs else "a dog"
+    with pytest.raises(error, match=match):
+        pipe.generate(prompt, **{**HW, **kwargs})
+
+
+@pytest.mark.parametrize("where,value,match", [
+    ("schedule__beta_start", math.nan, "ScheduleConfig.beta_start must be a finite number"),
+    ("schedule__num_train_timesteps", -5, r"ScheduleConfig.num_train_timesteps must be in \[2, 100000\]"),
+    ("vae__scaling_factor", math.inf, "VAEConfig.scaling_factor must be a finite number"),
+    ("image_size", -64, r"image_size must be an integer in \[8, 16384\]"),
+    ("version", 99, "has version 99; this altdiff-min reads version 1"),
+])
+def test_bad_numbers_in_a_model_folder(model, monkeypatch, where, value, match):
+    no_weights_read(monkeypatch)
+    edit_json(model / "config.json", **{where: value})  # json writes NaN as the non-standard NaN
+    with pytest.raises(BadFile, match=match):
+        load(model)
+
+
+def test_bad_numbers_at_conversion(src, monkeypatch):
+    no_weights_read(monkeypatch)
+    edit_json(src / "vae" / "config.json", sample_size=-64)
+    with pytest.raises(ConversionError, match=r"vae/config.json: sample_size must be an integer in \[8, 16384\]"):
+        convert(src, src.parent / "out")
+    edit_json(src / "vae" / "config.json", sample_size=64)
+    write_json(src / "scheduler" / "scheduler_config.json", {**json.loads((src / "scheduler" / "scheduler_config.json").read_text()),
+                                                            "beta_start": math.nan})
+    with pytest.raises(ConversionError, match="beta_start must be a finite number"):
+        convert(src, src.parent / "out")
+
+
+def test_nan_weights(src, model, tmp_path):
+    path = src / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    state["conv_in.weight"][0, 0, 0, 0] = math.nan
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=r"hold NaN or infinite values, e.g. unet.conv_in.weight"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # A model folder with NaN weights (written by other means): the picture is refused, not saved black.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    tensors["unet.conv_in.weight"][0, 0, 0, 0] = math.nan
+    save_file(tensors, model / "model.safetensors")
+    with pytest.raises(NotFinite, match=r"picture\(s\) \[0\] of 1 came out NaN"):
+        load(model).generate("a dog", **HW)
+
+
+def test_a_flipped_byte_in_a_pickled_checkpoint(src, tmp_path):
+    path = src / "unet" / "diffusion_pytorch_model.bin"
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor's storage
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="fails its CRC check"):
+        convert(src, tmp_path / "out")
+
+
+# ---- 6. every expected failure is one line naming the file and the problem ----------------------------
+
+class RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/altdiff-min-pwned",))
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("os.system", "never executes code"),
+    ("not-json", "unet/config.json is not valid JSON"),
+    ("a-list", "unet/config.json: a config must be a JSON object"),
+    ("string-channels", "UNetConfig.channels[0] must be an integer, got '32'"),
+    ("heads-0", "UNetConfig.heads must be in [1, 256], got 0"),
+    ("missing-key", "text_encoder/config.json has no 'project_dim' entry"),
+    ("symlinked-component", None),
+])
+def test_conversion_errors_name_the_file(src, tmp_path, capsys, breakage, message):
+    unet = src / "unet"
+    if breakage == "os.system":
+        torch.save({"conv_in.weight": RunsACommand()}, unet / "diffusion_pytorch_model.bin")
+    elif breakage == "not-json":
+        (unet / "config.json").write_text("{'in_channels': 4,")
+    elif breakage == "a-list":
+        (unet / "config.json").write_text("[1, 2]")
+    elif breakage == "string-channels":
+        edit_json(unet / "config.json", block_out_channels=["32", "64", "64"])
+    elif breakage == "heads-0":
+        edit_json(unet / "config.json", attention_head_dim=0)
+    elif breakage == "missing-key":
+        edit_json(src / "text_encoder" / "config.json", project_dim=KeyError)
+    else:
+        shutil.move(unet, tmp_path / "elsewhere")
+        unet.symlink_to(tmp_path / "elsewhere")
+    code = main(["convert", str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0, err
+        return
+    last = err.strip().splitlines()[-1]  # after the progress bar, if conversion had started
+    assert code == 2 and last.startswith("altdiff-min convert: error: ") and message in last
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert not os.path.exists("/tmp/altdiff-min-pwned")
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("corrupt-weights", "model.safetensors is not a readable safetensors file"),
+    ("not-json", "config.json is not valid JSON"),
+    ("a-list", "is not an altdiff-min config"),
+    ("missing-key", "config.json has no 'unet' entry"),
+    ("string-channels", "UNetConfig.channels[0] must be an integer"),
+])
+def test_model_folder_errors_name_the_file(model, tmp_path, capsys, breakage, message):
+    config = model / "config.json"
+    if breakage == "corrupt-weights":
+        data = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(data[: len(data) // 3])
+    elif breakage == "not-json":
+        config.write_text("{ nope")
+    elif breakage == "a-list":
+        config.write_text("[]")
+    elif breakage == "missing-key":
+        edit_json(config, unet=KeyError)
+    else:
+        edit_json(config, unet__channels=["32", "64", "64"])
+    code = main(["generate", "a dog", "--model", str(model), "--outdir", str(tmp_path / "o"), "--H", "64", "--W", "64",
+                 "--steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(model) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("outdir-is-a-file", "exists and is not a folder"),
+    ("samples-is-a-file", "samples exists and is not a folder"),
+])
+def test_output_folder_is_checked_before_the_model_loads(small_model_dir, tmp_path, monkeypatch, capsys, setup, message):
+    import altdiff_min.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "o"
+    if setup == "outdir-is-a-file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        (out / "samples").write_text("x")
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_full_disk_leaves_no_truncated_picture(small_model_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from PIL import Image
+
+    out = tmp_path / "o"
+    args = ["generate", "a dog", "--model", small_model_dir, "--outdir", str(out), "--H", "64", "--W", "64",
+            "--steps", "1", "--n-samples", "1", "--device", "cpu", "--skip-grid"]
+    assert main(args) == 0
+    real = Image.Image.save
+
+    def disk_full(self, fp, *a, **k):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "samples")) == ["00000.png"]  # nothing half-written, nothing counted
+    monkeypatch.setattr(Image.Image, "save", real)
+    assert main(args) == 0 and sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"]
+
+
+def test_numbered_pictures_never_overwrite(tmp_path):
+    from altdiff_min.files import save_numbered
+
+    (tmp_path / "00001.png").write_bytes(b"keep")  # a gap: one file, numbered 1
+    written = [save_numbered(str(tmp_path), "{:05}.png", lambda p: open(p, "wb").write(b"new")) for _ in range(2)]
+    assert [os.path.basename(p) for p in written] == ["00002.png", "00003.png"]
+    assert (tmp_path / "00001.png").read_bytes() == b"keep"
+
+
+# ---- 7. permissions: a converted folder is readable by others, as the user's own folders are ---------
+
+def test_converted_folders_follow_the_umask(src, tmp_path):
+    old = os.umask(0o022)
+    try:
+        convert(src, tmp_path / "m9")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m9").stat().st_mode & 0o777 == 0o755
+    assert {(f.stat().st_mode & 0o777) for f in (tmp_path / "m9").iterdir()} == {0o644}
+
+
+# ---- 8. a new user's gaps ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,message", [
+    pytest.param("cuda", "this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
+    ("tpu", "device 'tpu'"),
+    ("cpu:banana", "is not a torch device"),
+])
+def test_devices_that_cannot_be_used(small_model_dir, tmp_path, capsys, device, message):
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(tmp_path / "o"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_conversion_gaps(src, spm_dir, reference, tmp_path, monkeypatch, capsys):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("this is not a checkpoint\n" * 10)
+    with pytest.raises(ConversionError, match="not a readable PyTorch checkpoint"):
+        convert(junk, tmp_path / "a", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"),
+                configs=small_configs(reference))
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "./nosuch", "out"]) == 2
+    assert "neither a file, a folder, nor a hub repo id" in capsys.readouterr().err
+    # transformers 5 saves tokenizer.json only: say that --tokenizer solves it
+    (src / "tokenizer" / "sentencepiece.bpe.model").unlink()
+    assert main(["convert", str(src), str(tmp_path / "b")]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    # a wrong --tokenizer is refused before any module is converted
+    no_weights_read(monkeypatch)
+    other = tmp_path / "other.model"
+    from conftest import train_sentencepiece
+
+    train_sentencepiece(str(other), ["a small other vocabulary", "nothing like the model's"] * 20, vocab_size=40)
+    assert main(["convert", str(src), str(tmp_path / "b"), "--tokenizer", str(other)]) == 2
+    assert "do not belong together" in capsys.readouterr().err
+
+
+def test_model_paths_that_are_not_model_folders(hub_layout, tmp_path, capsys):
+    for path, message in [(str(tmp_path), "not an altdiff-min model folder"),
+                          (hub_layout, "is a diffusers folder, not an altdiff-min model folder: convert it")]:
+        assert main(["generate", "a dog", "--model", path, "--outdir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and f"convert SRC {path}" not in err  # never suggests converting into it
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(prompt=None, prompt_embeds=torch.zeros(77, 32)), BadValue, r"prompt_embeds must be a \(P, 77, 32\) tensor"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 48)), BadValue, r"prompt_embeds must be a \(P, 77, 32\) tensor"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 20, 32)), BadValue, r"prompt_embeds must be a \(P, 77, 32\) tensor"),
+    (dict(prompt_embeds=torch.zeros(1, 77, 32)), BadValue, "not both"),
+    (dict(height=64.0), BadType, "height must be an int"),
+    (dict(scale="7.5"), BadType, "scale must be a number"),
+    (dict(n_samples=True), BadType, "n_samples must be an int"),
+    (dict(seed=-1), BadValue, "seed must be an int"),
+    (dict(prompt="a \ud800 dog"), BadValue, r"lone surrogate U\+D800 at position 2"),
+])
+def test_generate_argument_gaps(small_model_dir, monkeypatch, kwargs, error, match):
+    pipe = load(small_model_dir)
+    monkeypatch.setattr(pipe.text_encoder, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    args = {"prompt": "a dog", **HW, **kwargs}
+    with pytest.raises(error, match=match):
+        pipe.generate(args.pop("prompt"), **args)
+
+
+def test_heatmap_with_nothing_captured():
+    from altdiff_min.instruments import AttentionMaps
+
+    with pytest.raises(BadValue, match="no attention maps were captured"):
+        AttentionMaps().heatmap(token=1, size=(64, 64))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["   "], "give a prompt (not empty or blank)"),
+    ([""], "give a prompt (not empty or blank)"),
+    (["a dog", "--from-file", "PROMPTS"], "give a prompt or --from-file, not both"),
+    (["a \udcff dog"], "lone surrogate"),
+])
+def test_command_line_prompt_gaps(small_model_dir, tmp_path, capsys, args, message):
+    (tmp_path / "PROMPTS").write_text("a cat\n")
+    args = [str(tmp_path / a) if a == "PROMPTS" else a for a in args]
+    assert main(["generate", *args, "--model", small_model_dir, "--outdir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_every_runtime_import_is_declared():
+    """tqdm came only through huggingface-hub; every third-party module the package imports must be declared."""
+    import ast
+    import tomllib
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        declared = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower().replace("-", "_")
+                    for d in tomllib.load(f)["project"]["dependencies"]}
+    names = {"PIL": "pillow", "safetensors": "safetensors", "huggingface_hub": "huggingface_hub"}
+    imported = set()
+    for package in ("altdiff_min", "weights_convert"):
+        for dirpath, _, files in os.walk(os.path.join(root, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    tree = ast.parse(open(os.path.join(dirpath, name), encoding="utf-8").read())
+                    for node in ast.walk(tree):
+                        if isinstance(node, ast.Import):
+                            imported |= {a.name.split(".")[0] for a in node.names}
+                        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                            imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("altdiff_min", "weights_convert")}
+    optional = {"nbformat", "nbclient", "matplotlib", "IPython"}  # extras, imported only where they are used
+    assert {names.get(m, m).lower() for m in third_party - optional} <= declared
