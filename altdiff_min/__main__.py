@@ -138,8 +138,8 @@ def generate(args) -> int:
     truncated picture to be counted."""
     import torch
 
-    from .errors import BadValue, io_error
-    from .files import save_numbered
+    from .errors import BadValue
+    from .files import make_folder, save_numbered
     from .folder import read_config
     from .pipeline import NO_LIMITS, Limits, check_device, check_size, load
     from .samplers import check_eta, timesteps
@@ -172,13 +172,7 @@ def generate(args) -> int:
     if args.C != config["unet"].in_channels:
         raise BadValue(f"--C {args.C}: this model's latents have {config['unet'].in_channels} channels")
     samples = os.path.join(args.outdir, "samples")
-    for folder in (args.outdir, samples):
-        if os.path.lexists(folder) and not os.path.isdir(folder):
-            raise BadValue(f"--outdir: {folder} exists and is not a folder")
-    try:
-        os.makedirs(samples, exist_ok=True)
-    except OSError as e:
-        raise io_error(samples, e, "create") from None
+    make_folder(samples, "--outdir")
     if not os.access(samples, os.W_OK | os.X_OK):
         raise BadValue(f"--outdir: cannot write into {samples} (permission denied)")
     # 2. The model.

@@ -45,6 +45,17 @@ def read_json(path: str | os.PathLike, what: str = "config") -> Any:
         raise BadFile(f"{path} is not valid JSON ({e})") from None
 
 
+def make_folder(path: str, what: str = "folder") -> None:
+    """Create `path` and its parents unless they exist; a file in the way, or a failure, is one line."""
+    for folder in (os.path.dirname(os.path.abspath(path)), path):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise BadFile(f"{what}: {folder} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise io_error(path, e, "create") from None
+
+
 def fsync_path(path: str) -> None:
     """Flush a file's or a folder's contents (a folder: its entries, after a rename) to the disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import AltDiffError, BadFile, BadType, BadValue, Exists, Missing, io_error
-from .files import fsync_path, leftovers, locked, read_json, sibling
+from .files import fsync_path, leftovers, locked, make_folder, read_json, sibling
 from .samplers import ScheduleConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
@@ -86,13 +86,7 @@ def destination(path: str | os.PathLike, force: bool = False) -> Iterator[str]:
     that it may be written: absent, or (force) a model folder. Yields the absolute path. The
     converter holds it from before reading any weights, so two conversions to one folder never mix."""
     path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    if os.path.lexists(parent) and not os.path.isdir(parent):
-        raise BadFile(f"{parent} is not a folder, so {path} cannot be written")
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise io_error(parent, e, "create") from None
+    make_folder(os.path.dirname(path), f"cannot write {path}")
     with locked(path):
         recover(path)
         if os.path.lexists(path):

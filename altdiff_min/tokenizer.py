@@ -1,4 +1,4 @@
-"""XLM-RoBERTa tokenizer: a sentencepiece unigram model with fairseq's id mapping.
+"""XLM-RoBERTa tokenizer: a sentencepiece unigram model with fairseq's id mapping, run as FlagAI ran it.
 
 XLM-R was trained in fairseq, whose dictionary puts four special symbols first and then every
 sentencepiece piece shifted by one. So the ids the text encoder expects are *not* the ids that
@@ -9,6 +9,21 @@ sentencepiece returns:
 
 sentencepiece's own ids 0, 1, 2 are <unk>, <s>, </s>; its <unk> (0) must become fairseq's <unk> (3),
 not 0 + 1 = 1, which would be <pad>.
+
+Which tokenizer: FlagAI encoded AltDiffusion-m9's and AltCLIP-m9's prompts with transformers'
+XLMRobertaTokenizerFast (its AltCLIPProcess lists ("XLMRobertaTokenizer", "XLMRobertaTokenizerFast")
+and processors pick the fast one; FlagAI pinned transformers 4.20.1). That is not the sentencepiece
+library but the `tokenizers` library running the same unigram model behind the pipeline transformers
+4.x built from the .model file (convert_slow_tokenizer.SpmConverter), which we build here the same way:
+  - text that spells a special token (<s>, </s>, <pad>, <unk>, <mask>) *is* that token; only <mask>
+    swallows the space before it;
+  - normalisation by the model's precompiled NFKC map, applied per grapheme cluster: a combining mark
+    after a character that has a mapping of its own (a fullwidth letter, a space, ZWNJ) is dropped,
+    where the sentencepiece library would keep it;
+  - whitespace at the end of the prompt, or before a special token, becomes a piece "▁" of its own;
+  - U+0085 is an ordinary character (the map does not make it a space).
+transformers 5's XLMRobertaTokenizer differs from FlagAI's in the last two (it splits on all Unicode
+whitespace first); tests/test_tokenizer.py states each difference.
 """
 from __future__ import annotations
 
@@ -16,21 +31,88 @@ import os
 
 import sentencepiece as spm
 import torch
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as Pipeline
+from tokenizers.models import Unigram
 
 from .errors import BadFile, BadType, BadValue, Missing
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 FAIRSEQ_OFFSET = 1  # fairseq id = sentencepiece id + 1 (ids 0..2 of sentencepiece are remapped above)
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 
 
 def check_prompt(prompt: str) -> None:
     """Raise BadValue for a str that is not text: a lone surrogate (U+D800–U+DFFF outside a pair, e.g.
-    from a badly decoded file) cannot be encoded as UTF-8, so sentencepiece cannot read it."""
+    from a badly decoded file) cannot be encoded as UTF-8, so no tokenizer can read it."""
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise BadValue(f"prompt {prompt[:40]!r} has a lone surrogate U+{ord(prompt[e.start]):04X} at position "
                        f"{e.start}, which is not text; fix the prompt's encoding") from None
+
+
+def proto_field(message: bytes, number: int) -> bytes | None:
+    """The first length-delimited field `number` of a serialized protobuf message (enough to read the
+    normaliser's precompiled map out of a sentencepiece model without the protobuf package)."""
+    i = 0
+    while i < len(message):
+        key, i = varint(message, i)
+        field, kind = key >> 3, key & 7
+        if kind == 0:
+            _, i = varint(message, i)
+        elif kind == 1:
+            i += 8
+        elif kind == 5:
+            i += 4
+        elif kind == 2:
+            size, i = varint(message, i)
+            if field == number:
+                return message[i:i + size]
+            i += size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {kind}")
+    return None
+
+
+def varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80:
+            return value, i
+
+
+def pipeline(sp: spm.SentencePieceProcessor) -> tuple[Pipeline, normalizers.Normalizer]:
+    """transformers 4.x's XLMRobertaConverter: the unigram pieces and scores in fairseq's order,
+    NFKC by the model's precompiled map, runs of spaces to one, "▁" before every word and segment."""
+    vocab = [(s, 0.0) for s in SPECIALS] + [(sp.IdToPiece(i), sp.GetScore(i)) for i in range(3, sp.GetPieceSize())]
+    engine = Pipeline(Unigram(vocab + [("<mask>", 0.0)], UNK, False))
+    charsmap = proto_field(proto_field(sp.serialized_model_proto(), 3) or b"", 2)  # ModelProto.normalizer_spec
+    # Parity: 4.x's Metaspace(add_prefix_space=True) put "▁" before each segment unless it began with one,
+    # and before nothing if the segment normalised to nothing ("\ufeff<mask>": no "▁"); today's
+    # Metaspace prepends even then. A space prepended before the squeeze does what 4.x did.
+    nfkc = normalizers.Precompiled(charsmap) if charsmap else normalizers.Sequence([])
+    engine.normalizer = normalizers.Sequence([nfkc, normalizers.Prepend(" "), normalizers.Replace(Regex(" {2,}"), " ")])
+    engine.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    engine.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")  # drops the first "▁"
+    engine.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS] +
+                              [AddedToken("<mask>", lstrip=True, special=True)])
+    return engine, nfkc
+
+
+def mask_swallows_left(text: str, nfkc: normalizers.Normalizer) -> str:
+    """Parity: FlagAI's <mask> (lstrip) swallowed the characters before it that the normaliser turns
+    into a space or nothing (ZWNJ, BOM, …) as well as whitespace; today's tokenizers only whitespace."""
+    parts = text.split("<mask>")
+    out = parts[0]
+    for part in parts[1:]:
+        while out and not nfkc.normalize_str(out[-1]).strip():
+            out = out[:-1]
+        out += "<mask>" + part
+    return out
 
 
 class Tokenizer:
@@ -52,9 +134,12 @@ class Tokenizer:
             self.sp.Load(model_file)
         except (RuntimeError, OSError) as e:
             raise BadFile(f"{model_file} is not a sentencepiece model: {str(e).strip().splitlines()[-1]}") from None
+        if (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) != (0, 1, 2) or self.sp.GetPieceSize() < 4:
+            raise BadFile(f"{model_file} does not put <unk>, <s>, </s> first, as XLM-R's sentencepiece model does")
+        self.engine, self.nfkc = pipeline(self.sp)
         self.model_file = model_file
         self.max_length = max_length
-        self.vocab_size = self.sp.GetPieceSize() + FAIRSEQ_OFFSET + 1  # + <mask> at the end
+        self.vocab_size = self.engine.get_vocab_size()  # sentencepiece's pieces + 1 (fairseq's shift) + <mask>
         self.mask_id = self.vocab_size - 1
 
     def encode(self, prompt: str) -> list[int]:
@@ -62,7 +147,7 @@ class Tokenizer:
         if not isinstance(prompt, str):
             raise BadType(f"a prompt must be a str, got {type(prompt).__name__}: {prompt!r}")
         check_prompt(prompt)
-        pieces = [i + FAIRSEQ_OFFSET if i != self.sp.unk_id() else UNK for i in self.sp.EncodeAsIds(prompt)]
+        pieces = self.engine.encode(mask_swallows_left(prompt, self.nfkc), add_special_tokens=False).ids
         return [BOS] + pieces[: self.max_length - 2] + [EOS]
 
     def __call__(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,16 +157,17 @@ class Tokenizer:
             raise BadType(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
         rows = [self.encode(p) for p in prompts]
         input_ids = torch.full((len(rows), self.max_length), PAD, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), self.max_length), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.tensor(row)
-        return input_ids, (input_ids != PAD).long()
+            attention_mask[i, : len(row)] = 1  # every token of the prompt, a "<pad>" spelled in it too
+        return input_ids, attention_mask
 
     def pieces(self, prompt: str) -> list[str]:
         """The pieces of `prompt` by position, `<s>` and `</s>` included: what each of its ids stands for."""
-        names = {BOS: "<s>", PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}
-        return [names.get(i) or self.sp.IdToPiece(i - FAIRSEQ_OFFSET) for i in self.encode(prompt)]
+        return [self.engine.id_to_token(i) for i in self.encode(prompt)]
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """The text of a row of ids, special tokens left out."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return self.sp.DecodeIds([i - FAIRSEQ_OFFSET for i in ids if i > UNK and i != self.mask_id])
+        return self.engine.decode([i for i in ids if i > UNK and i != self.mask_id], skip_special_tokens=True)
