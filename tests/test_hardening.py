@@ -409,6 +409,21 @@ def test_a_full_disk_leaves_no_truncated_picture(small_model_dir, tmp_path, monk
     assert main(args) == 0 and sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"]
 
 
+def test_a_read_only_folder_is_one_line(small_model_dir, tmp_path, monkeypatch, capsys):
+    """As root, permissions do not stop writes here; the file system's refusal is simulated."""
+    import errno
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "link", read_only)
+    out = tmp_path / "o"
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(out), "--H", "64", "--W", "64",
+                 "--steps", "1", "--n-samples", "1", "--device", "cpu", "--skip-grid"]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and str(out / "samples") in err and os.listdir(out / "samples") == []
+
+
 def test_numbered_pictures_never_overwrite(tmp_path):
     from altdiff_min.files import save_numbered
 
