@@ -72,8 +72,10 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig = TextEncoderConfig()):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden)
+        # Parity: XLM-R's token and position tables are padding_idx tables: the <pad> row (and the
+        # position row padding tokens get) takes no gradient in training; no effect on the forward pass.
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden, padding_idx=cfg.pad_id)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden, padding_idx=cfg.pad_id)
         self.type_embedding = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
         self.embed_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))

@@ -31,7 +31,8 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 from ..errors import BadType, BadValue
 from ..folder import destination
 from ..pipeline import AltDiffusion
-from ..samplers import ScheduleConfig, add_noise
+from ..samplers import ScheduleConfig
+from ..train import diffusion_loss, drop_captions, vae_loss
 from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..tokenizer import PAD, Tokenizer
 from ..unet import UNet, UNetConfig
@@ -112,12 +113,7 @@ def train_vae(vae: VAE, images: torch.Tensor, r: Recipe, g: torch.Generator, pro
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.warmup, r.vae_steps))
     losses = []
     for _ in (bar := tqdm(range(r.vae_steps), desc="1/2 VAE", disable=not progress)):
-        x = images[torch.randint(len(images), (r.vae_batch,), generator=g)]
-        mean, logvar = vae.encode(x)
-        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)  # a sample of the posterior
-        error = vae.decode(z) - x
-        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()  # KL(N(mean, var) ‖ N(0, 1)) per latent
-        loss = error.abs().mean() + error.pow(2).mean() + r.kl_weight * kl
+        loss = vae_loss(vae, images[torch.randint(len(images), (r.vae_batch,), generator=g)], r.kl_weight, g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -145,11 +141,10 @@ def train_diffusion(text_encoder: TextEncoder, unet: UNet, latents: torch.Tensor
     for _ in (bar := tqdm(range(r.unet_steps), desc="2/2 text encoder + UNet", disable=not progress)):
         i = torch.randint(len(latents), (r.unet_batch,), generator=g)
         ids = captions[label_index[i], torch.randint(captions.shape[1], (r.unet_batch,), generator=g)]
-        ids[torch.rand(r.unet_batch, generator=g) < r.uncond_prob] = empty
+        ids = drop_captions(ids, empty, torch.rand(r.unet_batch, generator=g) < r.uncond_prob)
         t = torch.randint(schedule.num_train_timesteps, (r.unet_batch,), generator=g)
         noise = torch.randn(latents[i].shape, generator=g)
-        x_t = add_noise(latents[i], noise, t, schedule)
-        loss = (unet(x_t, t, text_encoder(ids, (ids != PAD).long())) - noise).pow(2).mean()
+        loss = diffusion_loss(unet, text_encoder(ids, (ids != PAD).long()), latents[i], noise, t, schedule)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
