@@ -49,19 +49,19 @@ def interleaved(a, b, runs: int, device: str) -> tuple[float, float]:
 
 def build(folder: str, seed: int = 0) -> None:
     """The random m9 in both layouts: diffusers' save_pretrained folders and our model folder."""
-    from conftest import train_sentencepiece
+    from helpers import train_sentencepiece
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
         RobertaSeriesConfig, RobertaSeriesModelWithTransformation)
     from prompts import ALL_PROMPTS
-    from test_convert import M9_TEXT, M9_UNET, M9_VAE
+    from helpers import M9_TEXT, M9_UNET, M9_VAE
 
     from altdiff_min import AltDiffusion, ScheduleConfig, Tokenizer
     from weights_convert import text_encoder, unet, vae
 
     torch.manual_seed(seed)
     ref = {"text_encoder": RobertaSeriesModelWithTransformation(RobertaSeriesConfig(**M9_TEXT)),
-           "unet": UNet2DConditionModel(**M9_UNET), "vae": AutoencoderKL(**M9_VAE)}
+           "unet": UNet2DConditionModel.from_config(M9_UNET), "vae": AutoencoderKL.from_config(M9_VAE)}
     ours = {}
     for name, module in ref.items():
         module.save_pretrained(os.path.join(folder, "diffusers", name))
@@ -77,7 +77,7 @@ def load_diffusers(folder: str, device: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.alt_diffusion import AltDiffusionPipeline
     from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import RobertaSeriesModelWithTransformation
-    from conftest import SCHEDULER
+    from helpers import SCHEDULER
     from transformers import XLMRobertaTokenizer
 
     d = os.path.join(folder, "diffusers")

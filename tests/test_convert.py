@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SCHEDULER, rel_err, small_configs, write_json
+from helpers import M9_TEXT, M9_UNET, M9_VAE, SCHEDULER, rel_err, small_configs, write_json
 from safetensors.torch import save_file
 
 from altdiff_min.pipeline import load
@@ -316,11 +316,6 @@ def test_existing_out_dir_needs_force_and_failures_keep_it(hub_layout, tmp_path,
 
 # ---- the full m9 architecture: every key and shape of both layouts, on the meta device ---------------
 
-M9_TEXT = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-               max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, project_dim=768)
-M9_UNET = dict(sample_size=32, cross_attention_dim=768, attention_head_dim=8)  # diffusers' defaults are SD v1's
-M9_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
 
 
 def test_full_m9_key_sets_and_shapes_on_meta():
@@ -336,7 +331,7 @@ def test_full_m9_key_sets_and_shapes_on_meta():
 
     with torch.device("meta"):
         ref = {"text_encoder": RobertaSeriesModelWithTransformation(RobertaSeriesConfig(**M9_TEXT)),
-               "unet": UNet2DConditionModel(**M9_UNET), "vae": AutoencoderKL(**M9_VAE)}
+               "unet": UNet2DConditionModel.from_config(M9_UNET), "vae": AutoencoderKL.from_config(M9_VAE)}
     converters = {"text_encoder": text_encoder, "unet": unet, "vae": vae}
     cfgs = {name: converters[name].config_from_hf(ref[name].config.to_dict() if name == "text_encoder" else dict(ref[name].config))
             for name in ref}

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import small_configs, write_json
+from helpers import small_configs, write_json
 
 import altdiff_min.folder as folder
 from altdiff_min.__main__ import main
@@ -475,7 +475,7 @@ def test_conversion_gaps(src, spm_dir, reference, tmp_path, monkeypatch, capsys)
     # a wrong --tokenizer is refused before any module is converted
     no_weights_read(monkeypatch)
     other = tmp_path / "other.model"
-    from conftest import train_sentencepiece
+    from helpers import train_sentencepiece
 
     train_sentencepiece(str(other), ["a small other vocabulary", "nothing like the model's"] * 20, vocab_size=40)
     assert main(["convert", str(src), str(tmp_path / "b"), "--tokenizer", str(other)]) == 2

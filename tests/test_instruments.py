@@ -2,7 +2,7 @@
 each off by default (the defaults are what test_pipeline proves equal to diffusers)."""
 import pytest
 import torch
-from conftest import rel_diff, rel_err
+from helpers import rel_diff, rel_err
 
 from altdiff_min.instruments import capture_attention
 from altdiff_min.pipeline import load

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import SCHEDULER, rel_err
+from helpers import SCHEDULER, rel_err
 
 from altdiff_min.pipeline import load
 from weights_convert.schedule import config_from_hf

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import PRECISIONS, randomize_, rel_err
+from helpers import M9_TEXT, PRECISIONS, randomize_, rel_err
 from prompts import EDGE_PROMPTS, PROMPTS
 
 from altdiff_min.attention import attention_backend
@@ -15,8 +15,6 @@ from weights_convert.rules import ConversionError
 
 SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
              max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, project_dim=48)
-M9 = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-          max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, project_dim=768)
 
 
 def reference_model(pre_transformation: bool, **config):
@@ -61,7 +59,7 @@ def test_mask_defaults_to_non_padding(tokens):
 @pytest.mark.slow
 @pytest.mark.parametrize("pre_transformation", [False, True], ids=["m9", "m18-style"])
 def test_full_m9_config_matches_reference(pre_transformation):
-    ref = reference_model(pre_transformation, **M9)
+    ref = reference_model(pre_transformation, **M9_TEXT)
     cfg = convert.config_from_hf(ref.config.to_dict())
     assert cfg == TextEncoderConfig(pre_transformation=pre_transformation)  # our defaults are m9's numbers
     ours, _ = convert.load(ref.state_dict(), cfg)  # shares ref's tensors: no second 2 GB copy

@@ -4,7 +4,7 @@ UNet2DConditionModel and RobertaSeriesModelWithTransformation holding the same w
 import copy
 
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 from altdiff_min.pipeline import load
 from altdiff_min.samplers import add_noise
@@ -33,7 +33,7 @@ def gradients(named_parameters, rules=None):
 
 
 def test_loss_and_every_gradient_equal_diffusers(small_model_dir, reference):
-    from conftest import SCHEDULER
+    from helpers import SCHEDULER
     from diffusers import DDPMScheduler
 
     ours = load(small_model_dir)

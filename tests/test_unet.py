@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import PRECISIONS, randomize_, rel_err
+from helpers import M9_UNET, PRECISIONS, randomize_, rel_err
 from diffusers import UNet2DConditionModel
 
 from altdiff_min.attention import attention_backend
@@ -17,15 +17,6 @@ from weights_convert.unet import config_from_hf, load
 
 CA, D, CU, U = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
-# BAAI/AltDiffusion-m9 unet/config.json, as published (sample_size 32 included).
-M9_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.8.0.dev0", "act_fn": "silu",
-    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
-    "cross_attention_dim": 768, "down_block_types": [CA, CA, CA, D], "downsample_padding": 1,
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
-    "sample_size": 32, "up_block_types": [U, CU, CU, CU],
-}
 
 # Small variants that between them use every block type, channel changes and attention patterns.
 SMALL = {
@@ -52,7 +43,7 @@ def small_reference(request) -> UNet2DConditionModel:
 
 @pytest.fixture(scope="module")
 def m9_reference() -> UNet2DConditionModel:
-    return make_reference(M9_CONFIG)  # ~3.4 GB; ours shares its tensors
+    return make_reference(M9_UNET)  # ~3.4 GB; ours shares its tensors
 
 
 @torch.no_grad()
@@ -87,7 +78,7 @@ def test_m9_unet_matches_diffusers(m9_reference, device, dtype, tol, backend):
 
 
 def test_m9_config():
-    assert config_from_hf(M9_CONFIG) == UNetConfig()  # sample_size 32 ignored
+    assert config_from_hf(M9_UNET) == UNetConfig()  # sample_size 32 ignored
 
 
 @pytest.mark.parametrize("change,named", [
@@ -99,7 +90,7 @@ def test_m9_config():
 ])
 def test_config_rejects_what_is_not_implemented(change, named):
     with pytest.raises(ValueError, match=named):
-        config_from_hf({**M9_CONFIG, **change})
+        config_from_hf({**M9_UNET, **change})
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import PRECISIONS, randomize_, rel_err
+from helpers import M9_VAE, PRECISIONS, randomize_, rel_err
 from diffusers import AutoencoderKL
 
 from altdiff_min.attention import attention_backend
@@ -17,13 +17,6 @@ from weights_convert.vae import config_from_hf, load
 
 ENC, DEC = "DownEncoderBlock2D", "UpDecoderBlock2D"
 
-# BAAI/AltDiffusion-m9 vae/config.json, as published.
-M9_CONFIG = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.8.0.dev0", "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": [ENC] * 4, "in_channels": 3,
-    "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-    "sample_size": 512, "up_block_types": [DEC] * 4,
-}
 
 SMALL = {
     # m9's shape shrunk: channel changes between levels, 2 res blocks (3 in the decoder)
@@ -43,7 +36,7 @@ def make_reference(config: dict) -> AutoencoderKL:
 
 @pytest.fixture(scope="module", params=[*SMALL, "m9"])  # m9's VAE is small: seconds, ~0.4 GB
 def reference(request) -> AutoencoderKL:
-    return make_reference(M9_CONFIG if request.param == "m9" else SMALL[request.param])
+    return make_reference(M9_VAE if request.param == "m9" else SMALL[request.param])
 
 
 def on(ref: AutoencoderKL, device: str, dtype: torch.dtype) -> tuple[AutoencoderKL, VAE]:
@@ -94,7 +87,7 @@ def test_logvar_is_clamped_as_in_diffusers():
 
 
 def test_m9_config():
-    assert config_from_hf(M9_CONFIG) == VAEConfig()
+    assert config_from_hf(M9_VAE) == VAEConfig()
 
 
 @pytest.mark.parametrize("change,named", [
@@ -106,7 +99,7 @@ def test_m9_config():
 ])
 def test_config_rejects_what_is_not_implemented(change, named):
     with pytest.raises(ValueError, match=named):
-        config_from_hf({**M9_CONFIG, **change})
+        config_from_hf({**M9_VAE, **change})
 
 
 @pytest.mark.parametrize("edit,named", [
