@@ -129,7 +129,7 @@ for sampler in SAMPLERS:
         results.append(pipe.generate(prompt, sampler=sampler, steps=steps, seed=4, output="tensor", progress=False)[0])
         titles.append(f"{sampler}\\n{steps} steps, {time.perf_counter() - start:.2f}s")
 show(results, titles, rows=len(SAMPLERS))""",
-    """md:DDIM and Euler have settled by 12 steps, DPM-Solver++ on either schedule by 25. Euler ancestral
+    """md:DDIM and Euler have the triangle by 12 steps, DPM-Solver++ on either schedule by 25. Euler ancestral
 draws fresh noise at every step, so each step count is another random path and another picture,
 not a finer version of the same one. PLMS never settles on this model at guidance 7.5: every step
 count gives another picture. The x̂₀ trajectories show it step by step
@@ -170,8 +170,8 @@ for sampler in SAMPLERS:
     print(f"{sampler:16}{right[0]:12.0%}{right[1]:14.0%}")""",
     """md:DDIM and Euler, both first order, are the robust ones. DPM-Solver++'s second-order step
 tolerates the jumps at moderate guidance; over Karras' levels, which put more of its 25 steps at
-low noise (the routes above), it got every prompt right at 7.5 too, against 83% with its default
-spacing. Euler ancestral's fresh noise costs it a third of the prompts at 7.5. PLMS's extrapolation
+low noise (the routes above), it got every prompt right at 7.5 too, against 97% with its default
+spacing. Euler ancestral's fresh noise costs it a fifth of the prompts at 7.5. PLMS's extrapolation
 does not tolerate the jumps, and the larger jumps at 7.5 make it much worse. With a model whose ε
 varies smoothly the higher orders pay off in fewer steps; which model that is, is an experiment
 this code makes easy: every sampler is a plain function over any `eps(x, t)` and a list of timesteps.""",
@@ -203,13 +203,13 @@ for lang in ("en", "fr", "ru", "ar"):
     show([image] + heat[1:-1], ["image"] + [repr(p) for p in pieces[1:-1]], size=1.3)""",
     """md:The same seed gives the same green circle in every language. The maps (averaged over layers,
 heads and steps) differ: some words' attention gathers on the shape (en "circle", fr "vert", ru
-"зелёный"), others' spreads over the background. The text encoder is bidirectional, so every
+"зелёный", ar "دائرة"), others' spreads over the background (fr "cercle", ru "круг"). The text encoder is bidirectional, so every
 position's vector already mixes the whole sentence: which position the UNet reads the meaning from
 is the encoder's choice, not the word's. (matplotlib draws Arabic letters unjoined.)""",
     """md:## Per layer
 The latents are 8×8 here, so the levels see 8×8, 4×4 and 2×2 positions. The coarse layers (2×2:
-down.2, the middle, up.0) can only say "this quarter"; the finer ones, on the way up most clearly,
-outline the square. One token, "square", every layer:""",
+down.2, the middle, up.0) can only say "this quarter"; at 4×4 the layers on the way up (up.1) light
+up where the square is; the finest maps (8×8) are patchy. One token, "square", every layer:""",
     """prompt = data.caption("square", "orange", "en")
 with capture_attention(pipe.unet) as maps:
     image = pipe.generate(prompt, steps=25, seed=3, output="tensor", progress=False)
@@ -234,8 +234,8 @@ show(images, [f"scale {s}" for s in scales])""",
     """md:**Guidance sweep.** Scale 0 is the unconditional model (the empty prompt): it draws whatever
 this noise suggests to it, here a triangle. Scale 1 is the conditional model alone, and already
 draws the blue circle asked for: on this small world the prompt is easy to follow. Larger scales
-push ε further from the unconditional prediction (ε = ε∅ + s·(ε_c − ε∅)): the same circle, smaller
-and moved, and at 15 its outline starts to deform.""",
+push ε further from the unconditional prediction (ε = ε∅ + s·(ε_c − ε∅)): the same blue circle,
+moved and resized; at 7.5 and 15 it sits smaller, in the top left.""",
     """schedules = {"constant 7.5": 7.5, "7.5 early, 1 late": lambda t: 7.5 if t > 500 else 1.0,
              "1 early, 7.5 late": lambda t: 1.0 if t > 500 else 7.5}
 show([pipe.generate(prompt, scale=s, steps=25, seed=11, output="tensor", progress=False)[0] for s in schedules.values()],
