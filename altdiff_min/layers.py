@@ -89,9 +89,11 @@ class Upsample(nn.Module):
 class Attention(nn.Module):
     """q/k/v/out projections around the shared `attention` function on (B, L, dim) tokens.
 
-    Keys and values come from `context` (cross-attention, width context_dim) or from x itself.
+    Keys and values come from `context` (cross-attention, width context_dim) or from x itself; `mask`
+    (B, Lk), True for the keys that may be attended, hides padding (the text encoder's).
     `capture`, when set to a callable, is handed this layer's attention probabilities
-    (altdiff_min.instruments.capture_attention sets it).
+    (altdiff_min.instruments.capture_attention sets it). The UNet's, the VAE's and the text encoder's
+    attention are all this class: one seam for attention ablations and hooks.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False):
@@ -104,9 +106,10 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.capture = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.out(attention(self.q(x), self.k(context), self.v(context), self.heads, capture=self.capture))
+        return self.out(attention(self.q(x), self.k(context), self.v(context), self.heads, mask, self.capture))
 
 
 class Level(nn.Module):

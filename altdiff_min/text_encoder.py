@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
 from .checks import check_config
 from .errors import BadValue
+from .layers import Attention
 
 
 @dataclass(frozen=True)
@@ -42,29 +42,19 @@ class TextEncoderConfig:
         return self.max_positions - self.pad_id - 1
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.out(attention(self.q(x), self.k(x), self.v(x), self.heads, mask))
-
-
 class EncoderLayer(nn.Module):
     """BERT's post-LN layer: normalise *after* each residual sum."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.attn = SelfAttention(cfg.hidden, cfg.heads)
+        self.attn = Attention(cfg.hidden, cfg.heads, qkv_bias=True)  # BERT's q/k/v have biases
         self.attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.fc1 = nn.Linear(cfg.hidden, cfg.mlp)
         self.fc2 = nn.Linear(cfg.mlp, cfg.hidden)
         self.mlp_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn(x, mask))
+        x = self.attn_norm(x + self.attn(x, mask=mask))
         return self.mlp_norm(x + self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as XLM-R
 
 
