@@ -1,7 +1,8 @@
 """altdiff-min: AltDiffusion-m9 (multilingual Stable Diffusion) in plain PyTorch."""
 from .attention import attention, attention_backend
 from .pipeline import AltDiffusion, load
-from .samplers import SAMPLERS, ScheduleConfig, Timesteps, timesteps
+from .samplers import SAMPLERS
+from .schedule import ScheduleConfig, Timesteps, timesteps
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig

@@ -95,19 +95,14 @@ def torch_cuda() -> bool:
 
 
 def read_prompts(args) -> list[str]:
-    from .errors import BadValue, Missing, io_error
+    from .errors import BadValue
     from .files import read_text
     from .tokenizer import check_prompt
 
     if args.from_file:
         if args.prompt is not None:
             raise BadValue("give a prompt or --from-file, not both")
-        if not os.path.exists(args.from_file):
-            raise Missing(f"prompt file not found: {args.from_file}")
-        try:
-            text = read_text(args.from_file, "prompt file")
-        except OSError as e:
-            raise io_error(args.from_file, e, "read") from None
+        text = read_text(args.from_file, "prompt file")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise BadValue(f"{args.from_file} has no prompts (one per line expected)")
@@ -142,7 +137,8 @@ def generate(args) -> int:
     from .files import make_folder, save_numbered
     from .folder import read_config
     from .pipeline import NO_LIMITS, Limits, check_device, check_size, load
-    from .samplers import check_eta, timesteps
+    from .samplers import check_eta
+    from .schedule import timesteps
 
     # 1. Everything that can be checked from the arguments, config.json and the output folder, before loading weights.
     prompts = read_prompts(args)

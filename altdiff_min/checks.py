@@ -83,6 +83,16 @@ def check_value(where: str, value, hint, field: str) -> None:
             raise BadValue(f"{where} must be in {bracket}{low:g}, {high:g}), got {value:g}")
 
 
+IMAGE_SIZE = (8, 16384)  # a model folder's image_size (a VAE config's sample_size): m9's is 512
+
+
+def check_int(name: str, value, low: int, high: int) -> None:
+    """Raise unless value is an int (not a bool) in [low, high]: for single values outside a config
+    class (a model folder's image size and tokenizer length)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadValue(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
 def check_config(cfg) -> None:
     """Check every field of a config dataclass against its annotation and LIMITS, then the rules
     between fields (RULES)."""

@@ -21,28 +21,32 @@ from .errors import BadFile, Busy, Missing, io_error
 MAX_JSON_BYTES = 16 * 2**20  # a config is a few kB; anything this large is not one
 
 
-def read_json(path: str | os.PathLike, what: str = "config") -> Any:
-    """A JSON file that must be a regular file of at most MAX_JSON_BYTES (not a device, FIFO or a huge
+def read_text(path: str | os.PathLike, what: str = "text file", most: int = 64 * 2**20) -> str:
+    """A UTF-8 file that must be a regular file of at most `most` bytes (not a device, FIFO or a huge
     file behind a symlink); every failure names the file."""
     path = os.fspath(path)
     try:
         info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadFile(f"{path} is not a regular file (a folder, device or pipe), so it cannot be a {what}")
+        if info.st_size > most:
+            raise BadFile(f"{path} is {info.st_size} bytes; a {what} is at most {most} bytes")
+        with open(path, "rb") as f:
+            return f.read(most + 1).decode("utf-8")
     except FileNotFoundError:
         raise Missing(f"{what} not found: {path}") from None
     except OSError as e:
         raise io_error(path, e, "read") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise BadFile(f"{path} is not a regular file (a folder, device or pipe), so it cannot be a {what}")
-    if info.st_size > MAX_JSON_BYTES:
-        raise BadFile(f"{path} is {info.st_size} bytes; a {what} is at most {MAX_JSON_BYTES} bytes")
+    except UnicodeDecodeError as e:
+        raise BadFile(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "config") -> Any:
+    """A JSON file, read as read_text reads (at most MAX_JSON_BYTES)."""
     try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_JSON_BYTES + 1).decode("utf-8")
-        return json.loads(text)
-    except OSError as e:
-        raise io_error(path, e, "read") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadFile(f"{path} is not valid JSON ({e})") from None
+        return json.loads(read_text(path, what, MAX_JSON_BYTES))
+    except json.JSONDecodeError as e:
+        raise BadFile(f"{os.fspath(path)} is not valid JSON ({e})") from None
 
 
 def make_folder(path: str, what: str = "folder") -> None:
@@ -153,17 +157,3 @@ def save_numbered(folder: str, pattern: str, write: Callable[[str], None]) -> st
         if os.path.lexists(tmp):
             os.unlink(tmp)
 
-
-def read_text(path: str, what: str = "text file", most: int = 64 * 2**20) -> str:
-    """A UTF-8 text file that must be a regular file of at most `most` bytes; errors name the file."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise BadFile(f"{path} is not a regular file (a folder, device or pipe), so it cannot be a {what}")
-    if info.st_size > most:
-        raise BadFile(f"{path} is {info.st_size} bytes; a {what} is at most {most} bytes")
-    with open(path, "rb") as f:
-        data = f.read(most + 1)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadFile(f"{path} is not UTF-8 text (byte {e.start})") from None

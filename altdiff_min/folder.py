@@ -20,9 +20,10 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checks import IMAGE_SIZE, check_int
 from .errors import AltDiffError, BadFile, BadType, BadValue, Exists, Missing, io_error
 from .files import fsync_path, leftovers, locked, make_folder, read_json, sibling
-from .samplers import ScheduleConfig
+from .schedule import ScheduleConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -213,14 +214,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 def check_folder_values(config: dict[str, Any]) -> None:
     """The folder's own values: the tokenizer length fits the text encoder's positions, the image size
     fits the VAE and UNet."""
-    tokens = config["tokenizer"]["max_length"]
-    most = config["text_encoder"].max_length
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 2 <= tokens <= most:
-        raise BadValue(f"tokenizer.max_length must be an integer in [2, {most}] (the text encoder's positions), "
-                       f"got {tokens!r}")
-    size = config.get("image_size", 512)
-    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 16384:
-        raise BadValue(f"image_size must be an integer in [8, 16384], got {size!r}")
+    check_int("tokenizer.max_length", config["tokenizer"]["max_length"], 2, config["text_encoder"].max_length)
+    check_int("image_size", config.get("image_size", 512), *IMAGE_SIZE)
     if "default_dtype" in config and config["default_dtype"] not in ("float32", "float16", "bfloat16"):
         raise BadValue(f"default_dtype must be float32, float16 or bfloat16, got {config['default_dtype']!r}")
 

@@ -18,7 +18,8 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 
 from .errors import BadType, BadValue, NotFinite
 from .folder import MODULES, TOKENIZER, read_config, read_modules, resolve, write_folder
-from .samplers import ScheduleConfig, Timesteps, check_eta, get_sampler, init_noise_sigma, timesteps
+from .samplers import check_eta, get_sampler
+from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, timesteps
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer, check_prompt
 from .unet import UNet, UNetConfig

@@ -129,14 +129,14 @@ class Tokenizer:
             raise Missing(f"tokenizer model not found: {model_file}")
         if max_length < 2:
             raise BadValue(f"max_length must leave room for <s> and </s>, got {max_length}")
-        self.sp = spm.SentencePieceProcessor()
+        sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(model_file)
+            sp.Load(model_file)
         except (RuntimeError, OSError) as e:
             raise BadFile(f"{model_file} is not a sentencepiece model: {str(e).strip().splitlines()[-1]}") from None
-        if (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) != (0, 1, 2) or self.sp.GetPieceSize() < 4:
+        if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (0, 1, 2) or sp.GetPieceSize() < 4:
             raise BadFile(f"{model_file} does not put <unk>, <s>, </s> first, as XLM-R's sentencepiece model does")
-        self.engine, self.nfkc = pipeline(self.sp)
+        self.engine, self.nfkc = pipeline(sp)
         self.model_file = model_file
         self.max_length = max_length
         self.vocab_size = self.engine.get_vocab_size()  # sentencepiece's pieces + 1 (fairseq's shift) + <mask>

@@ -1,7 +1,7 @@
 """Training maths shared by every recipe (the toy's in toy/train.py; fine-tuning a converted model).
 
     diffusion_loss   ε-prediction (Ho et al. 2020, eq. 14, unweighted):
-                     L = mean ‖ε − ε_θ(x_t, t, c)‖²,  x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε  (samplers.add_noise)
+                     L = mean ‖ε − ε_θ(x_t, t, c)‖²,  x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε  (schedule.add_noise)
                      with t uniform over the T training timesteps and ε ~ N(0, I)
     drop_captions    classifier-free guidance (Ho & Salimans 2022): a fraction of the captions is
                      replaced by the empty prompt, so one model learns ε(x, c) and ε(x, ∅)
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .samplers import ScheduleConfig, add_noise
+from .schedule import ScheduleConfig, add_noise
 from .unet import UNet
 from .vae import VAE
 

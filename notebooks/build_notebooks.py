@@ -65,7 +65,7 @@ x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t (Song et al. 2021, eq. 12). H
 by the VAE, noised to four timesteps, and denoised in one UNet call: at small t the guess is nearly
 exact; at t = 999 almost nothing of the picture is left, and one call can only guess a blur: that
 is why sampling takes many small steps.""",
-    """from altdiff_min.samplers import add_noise, alphas_cumprod
+    """from altdiff_min.schedule import add_noise, alphas_cumprod
 a = alphas_cumprod(pipe.schedule)
 picture = torch.from_numpy(data.render("circle", "red", size=40, center=(32, 32))).permute(2, 0, 1)[None] / 127.5 - 1
 with torch.no_grad():
@@ -115,7 +115,8 @@ Each sampler runs over an explicit list of timesteps, `samplers.timesteps(name, 
 what diffusers' scheduler of that kind gives for the same config. The spacing comes from the
 model's scheduler config (`timestep_spacing`), or, as for m9 whose config names none, from each
 sampler's own default. `ts[k:]` starts part-way down (image-to-image does).""",
-    """from altdiff_min.samplers import SAMPLERS, timesteps
+    """from altdiff_min.samplers import SAMPLERS
+from altdiff_min.schedule import timesteps
 print("schedule:", pipe.schedule)
 for name in SAMPLERS:
     ts = timesteps(name, 10, pipe.schedule)

@@ -14,8 +14,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, PNDMScheduler)
 
 from altdiff_min.__main__ import SAMPLER_NAMES
-from altdiff_min.samplers import (SAMPLERS, ScheduleConfig, Timesteps, add_noise, alphas_cumprod, get_sampler,
-                                  init_noise_sigma, timesteps)
+from altdiff_min.samplers import SAMPLERS, get_sampler
+from altdiff_min.schedule import ScheduleConfig, Timesteps, add_noise, alphas_cumprod, init_noise_sigma, timesteps
 
 TOL = 1e-5
 M9 = {k: v for k, v in SCHEDULER.items() if k != "_class_name"}  # m9's scheduler_config.json: no timestep_spacing

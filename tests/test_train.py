@@ -7,7 +7,7 @@ import torch
 from helpers import rel_err
 
 from altdiff_min.pipeline import load
-from altdiff_min.samplers import add_noise
+from altdiff_min.schedule import add_noise
 from altdiff_min.train import diffusion_loss, drop_captions, trainable, vae_loss
 from weights_convert import text_encoder as text_rules
 from weights_convert import unet as unet_rules

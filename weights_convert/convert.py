@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
+from altdiff_min.checks import IMAGE_SIZE, check_int
 from altdiff_min.errors import AltDiffError, BadType, BadValue, Missing
 from altdiff_min.files import read_json
 from altdiff_min.folder import destination, write_locked
-from altdiff_min.samplers import ScheduleConfig
+from altdiff_min.schedule import ScheduleConfig
 from altdiff_min.tokenizer import Tokenizer
 
 from . import ldm, schedule, text_encoder, unet, vae
@@ -65,15 +66,13 @@ def from_diffusers_folder(folder: str, fp16: bool, tokenizer: str | None = None)
             if not isinstance(hf, dict):
                 raise BadType(f"a config must be a JSON object, got {type(hf).__name__}")
             model.configs[name] = CONVERTERS[name].config_from_hf(hf)
+            if name == "vae":  # the VAE's sample_size is the image size (the UNet's 32 is m9's known mistake)
+                model.image_size = hf.get("sample_size", model.image_size)
+                check_int("sample_size", model.image_size, *IMAGE_SIZE)
         except KeyError as e:
             raise ConversionError(f"{path} has no {e.args[0]!r} entry") from None
         except (AltDiffError, ValueError, TypeError) as e:
             raise ConversionError(f"{path}: {e}") from None
-        if name == "vae":  # the VAE's sample_size is the image size (the UNet's 32 is m9's known mistake)
-            model.image_size = hf.get("sample_size", model.image_size)
-            if isinstance(model.image_size, bool) or not isinstance(model.image_size, int) or \
-                    not 8 <= model.image_size <= 16384:
-                raise ConversionError(f"{path}: sample_size must be an integer in [8, 16384], got {model.image_size!r}")
     check_tokenizer(model)
     for name in tqdm(COMPONENTS, desc="converting", unit="module"):
         weights = read_component(folder, pick_weights(files, name, fp16))

@@ -11,7 +11,7 @@ import math
 from typing import Mapping
 
 from altdiff_min.errors import AltDiffError
-from altdiff_min.samplers import SPACINGS, ScheduleConfig
+from altdiff_min.schedule import SPACINGS, ScheduleConfig
 
 from .rules import ConversionError
 

@@ -31,7 +31,7 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 from ..errors import BadType, BadValue
 from ..folder import destination
 from ..pipeline import AltDiffusion
-from ..samplers import ScheduleConfig
+from ..schedule import ScheduleConfig
 from ..train import diffusion_loss, drop_captions, vae_loss
 from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..tokenizer import PAD, Tokenizer
