@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--no-limits", action="store_true",
                      help="lift the sanity limits on image side (4096), batch (256) and pixels per call")
 
+    add_train_arguments(commands.add_parser(
+        "train", help="fine-tune a model folder on captioned pictures (one process, or many under torchrun)",
+        description="Fine-tune MODEL on DATA into the run folder OUT_DIR (run.json, checkpoint.pt, loss.jsonl, "
+                    "loss.png, samples/, and the result in OUT_DIR/model). Under `torchrun --nproc_per_node N` the same "
+                    "command trains with DistributedDataParallel; the sums do not depend on N.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
     from .toy.train import add_arguments
 
     add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~25 min)"))
@@ -66,7 +73,61 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the model folder to start from: 'toy', or one `altdiff-min convert` wrote")
+    p.add_argument("data", help="a folder of images captioned in metadata.jsonl ({\"file_name\": …, \"text\": …} "
+                   "per line) or in NAME.txt beside each image; or 'toy' (the toy world's pictures)")
+    p.add_argument("out_dir", help="the run folder to write; OUT_DIR/model is the result, for load() and --model")
+    p.add_argument("--train", choices=["unet", "text_encoder", "both"], default="unet", help="what trains; the VAE stays frozen")
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (the cosine schedule ends at the last)")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per process per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step; the global batch is "
+                   "batch-size × processes × grad-accum")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (after warm-up)")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast the forward pass; weights and optimizer stay fp32 (fp16 adds a grad scaler)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~1/3 more time")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.9999) and save it as the model")
+    p.add_argument("--uncond-prob", type=float, default=0.1, help="captions replaced by '' (for classifier-free guidance)")
+    p.add_argument("--seed", type=int, default=0, help="the data order and every random draw of the run")
+    p.add_argument("--resolution", type=int, default=None, help="pictures are resized and centre-cropped to this "
+                   "(default: the model's image size; the toy world's is 64)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--sample-every", type=int, default=0, help="steps between sample pictures in OUT_DIR/samples (0: none)")
+    p.add_argument("--sample-prompt", action="append", default=[], help="a prompt to sample (repeat the flag for more); "
+                   "picture K uses seed K")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample pictures")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its checkpoint")
+    p.add_argument("--force", action="store_true", help="start again, replacing OUT_DIR if it is a run folder altdiff-min wrote")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one); under torchrun each "
+                   "process takes the GPU of its LOCAL_RANK")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train(args) -> int:
+    """`altdiff-min train`: the settings are checked (TrainConfig) before anything is read."""
+    from .train import TrainConfig, fine_tune
+
+    cfg = TrainConfig(train=args.train, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                      mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                      ema=args.ema, uncond_prob=args.uncond_prob, seed=args.seed, save_every=args.save_every,
+                      sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps)
+    result = fine_tune(args.model, args.data, args.out_dir, cfg, args.resolution, args.device or ("cuda" if torch_cuda() else "cpu"),
+                       resume=args.resume, force=args.force, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {result}")
+    return 0
+
+
 def run(args) -> int:
+    if args.command == "train":
+        return train(args)
     if args.command == "train-toy":
         from .toy.train import run as run_train_toy
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checks import check_config
 from .errors import BadValue
-from .layers import Attention
+from .layers import Attention, checkpointed
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class TextEncoder(nn.Module):
         if cfg.pre_transformation:
             self.pre_ln = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
             self.transformation_pre = nn.Linear(cfg.hidden, cfg.project_dim)
+        self.gradient_checkpointing = False  # training: recompute each layer's activations in backward
 
     def positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         # RoBERTa numbers the real tokens pad_id+1, pad_id+2, … and gives padding the pad_id itself.
@@ -106,7 +107,7 @@ class TextEncoder(nn.Module):
         x = self.token_embedding(input_ids) + self.position_embedding(self.positions(input_ids))
         x = self.embed_norm(x + self.type_embedding.weight[0])  # every token has type 0
         for block in self.layers[:depth]:  # m18 reads the penultimate layer: the last one is not run
-            x = block(x, mask)
+            x = checkpointed(self.gradient_checkpointing, block, x, mask)
         if self.cfg.pre_transformation:
             return self.transformation_pre(self.pre_ln(x))
         return self.transformation(x)

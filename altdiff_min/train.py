@@ -1,5 +1,6 @@
-"""Training maths shared by every recipe (the toy's in toy/train.py; fine-tuning a converted model).
+"""Training: the maths every recipe shares, and the one loop that runs it, on one process or under torchrun.
 
+The maths
     diffusion_loss   ε-prediction (Ho et al. 2020, eq. 14, unweighted):
                      L = mean ‖ε − ε_θ(x_t, t, c)‖²,  x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε  (schedule.add_noise)
                      with t uniform over the T training timesteps and ε ~ N(0, I)
@@ -7,17 +8,48 @@
                      replaced by the empty prompt, so one model learns ε(x, c) and ε(x, ∅)
     vae_loss         the autoencoder: L1 + L2 reconstruction of a posterior sample, plus a small
                      KL(q(z|x) ‖ N(0, I)) term
+The random draws (t, ε, which captions drop) are arguments: the same draws give the same loss and
+gradients, which is what the tests compare with diffusers.
 
-The random draws (t, ε, which captions drop) are arguments, so a caller decides where they come from:
-the same draws give the same loss and gradients, which is what the tests compare with diffusers.
+The loop (`train`): AdamW with warm-up and cosine decay, gradient clipping and accumulation,
+autocast mixed precision (fp32 master weights; a grad scaler for fp16), EMA, checkpoints and resume.
+Under torchrun the objective is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU).
+
+    global batch  G = batch_size × processes × grad_accum examples per optimizer step
+    step s, place j < G:  the example at position s·G + j of the data stream (epoch after epoch, each
+                          a permutation seeded by (seed, epoch)); its caption choice, dropout, t, ε and
+                          posterior sample drawn from a generator seeded by (seed, s, j)
+    micro-step a, rank r: places (a·processes + r)·batch_size … + batch_size
+
+So the maths depends on the seed, the step and the place in the global batch only, never on how many
+processes share it: one process with batch 2B and two with batch B do the same sums.
 """
 from __future__ import annotations
 
-import torch
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import run_folder
+from .errors import AltDiffError, BadValue, NotFinite
+from .files import locked, make_folder
 from .schedule import ScheduleConfig, add_noise
 from .unet import UNet
 from .vae import VAE
+
+# ---- the maths ------------------------------------------------------------------------------------------
 
 
 def trainable(*modules: torch.nn.Module) -> None:
@@ -41,12 +73,428 @@ def drop_captions(ids: torch.Tensor, empty: torch.Tensor, drop: torch.Tensor) ->
     return ids
 
 
-def vae_loss(vae: VAE, images: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """images (B, 3, H, W) in [−1, 1] → L1 + L2 reconstruction error of a sample of the posterior,
-    plus kl_weight · KL(N(mean, var) ‖ N(0, 1)) averaged over the latents."""
+def vae_loss(vae: VAE, images: torch.Tensor, kl_weight: float, noise: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) in [−1, 1] → L1 + L2 reconstruction error of the posterior sample
+    z = mean + σ·noise, plus kl_weight · KL(N(mean, σ²) ‖ N(0, 1)) averaged over the latents."""
     mean, logvar = vae.encode(images)
-    device = generator.device if generator is not None else mean.device
-    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=device).to(mean)  # posterior sample
-    error = vae.decode(z) - images
+    error = vae.decode(mean + (0.5 * logvar).exp() * noise.to(mean)) - images
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
     return error.abs().mean() + error.pow(2).mean() + kl_weight * kl
+
+
+def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at step i: linear warm-up over `warmup` steps, times a cosine from 1 to 0."""
+    return lambda i: min(1.0, (i + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * i / steps))
+
+
+# ---- what a run is --------------------------------------------------------------------------------------
+
+TRAIN = ("unet", "text_encoder", "both", "vae")  # what trains; "vae" is the toy's first stage
+PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    train: str = "unet"
+    max_steps: int = 1000  # optimizer steps; the cosine decay reaches 0 at the last
+    batch_size: int = 1  # examples per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-5
+    warmup: int = 0  # steps of linear warm-up
+    weight_decay: float = 1e-2  # AdamW's (decoupled)
+    max_grad_norm: float = 1.0  # clip the gradient's global norm to this; 0: no clipping
+    mixed_precision: str = "no"  # "bf16" | "fp16": autocast; the weights and the optimizer stay fp32
+    gradient_checkpointing: bool = False
+    ema: float = 0.0  # decay of an exponential moving average of the weights, saved as the model; 0: none
+    uncond_prob: float = 0.1  # captions replaced by "" (classifier-free guidance)
+    kl_weight: float = 1e-3  # train="vae" only
+    seed: int = 0
+    save_every: int = 500  # steps between checkpoints (and at the end)
+    sample_every: int = 0  # steps between sample pictures; 0: none
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 25
+
+    def __post_init__(self):
+        if self.train not in TRAIN:
+            raise BadValue(f"--train must be one of {', '.join(TRAIN[:3])}, got {self.train!r}")
+        if self.mixed_precision not in PRECISION:
+            raise BadValue(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadValue(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup", "sample_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadValue(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise BadValue(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if not 0 <= self.ema < 1 or not 0 <= self.uncond_prob < 1:
+            raise BadValue(f"ema and uncond_prob must be in [0, 1), got {self.ema} and {self.uncond_prob}")
+        if self.sample_every and not self.sample_prompts:
+            raise BadValue("--sample-every needs at least one --sample-prompt")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return {"both": ("text_encoder", "unet")}.get(self.train, (self.train,))
+
+
+# Settings that change the sums: a resumed run must have the same ones (with the same global batch).
+SAME_ON_RESUME = ("train", "max_steps", "lr", "warmup", "weight_decay", "max_grad_norm", "mixed_precision", "ema",
+                  "uncond_prob", "kl_weight", "seed")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes torchrun started (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", torch.device(self.device))
+
+
+def join_world(device: str | torch.device) -> World:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU and nccl on CUDA, each
+    process on the GPU of its LOCAL_RANK. torchrun's multi-node arguments need nothing more here."""
+    device, size = torch.device(device), int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+def on_rank0(world: World, fn: Callable):
+    """fn() on rank 0; its result, or the AltDiffError it raised, reaches every rank, so a refusal on
+    rank 0 stops every process instead of leaving the others waiting."""
+    result, error = None, None
+    if world.rank == 0:
+        try:
+            result = fn()
+        except AltDiffError as e:
+            error = e
+    if world.size > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+# ---- the random draws: functions of (seed, step, place) only -------------------------------------------
+
+
+def generator(seed: int, *key: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, key…) through numpy's SeedSequence: independent streams."""
+    state = np.random.SeedSequence(seed, spawn_key=key).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+class Stream:
+    """Position p of the data stream → example index: epoch p // n is a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.orders = n, seed, {}
+
+    def __getitem__(self, p: int) -> int:
+        epoch = p // self.n
+        if epoch not in self.orders:
+            self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+            self.orders[epoch] = torch.randperm(self.n, generator=generator(self.seed, 0, epoch)).tolist()
+        return self.orders[epoch][p % self.n]
+
+
+# ---- the objective DDP wraps ------------------------------------------------------------------------------
+
+
+class Objective(nn.Module):
+    """The loss of one micro-batch. Only the modules in training are submodules (DDP sees and
+    synchronises those); the frozen ones it reads are kept aside in `frozen`."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.cfg, self.schedule, self.frozen = cfg, model.schedule, {}
+        for name in ("text_encoder", "unet", "vae"):
+            if name in cfg.modules:
+                setattr(self, name, getattr(model, name))
+            else:
+                self.frozen[name] = getattr(model, name)
+
+    def module(self, name: str) -> nn.Module:
+        return self.frozen[name] if name in self.frozen else getattr(self, name)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.cfg.train == "vae":
+            return vae_loss(self.vae, batch["pixels"], self.cfg.kl_weight, batch["noise"])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "text_encoder" in self.cfg.modules):
+            context = self.module("text_encoder")(batch["ids"], batch["mask"])
+        return diffusion_loss(self.module("unet"), context, batch["latents"], batch["noise"], batch["t"], self.schedule)
+
+
+class Batches:
+    """Rank `world.rank`'s micro-batches: examples from the data stream, with their draws."""
+
+    def __init__(self, model, data, cfg: TrainConfig, world: World):
+        self.model, self.data, self.cfg, self.world = model, data, cfg, world
+        self.stream = Stream(len(data), cfg.seed)
+        self.global_batch = cfg.batch_size * world.size * cfg.grad_accum
+        down = 2 ** (len(model.vae.cfg.channels) - 1)
+        self.latent_shape = (model.vae.cfg.latent_channels, data.resolution // down, data.resolution // down)
+        self.empty = model.tokenizer("")[0][0]
+        self.posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # example → VAE mean and σ (cache)
+
+    def posterior(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's N(mean, σ²) of example i, encoded once, alone (so its bits never depend on the
+        examples it happened to come with), then kept on the CPU."""
+        if i not in self.posteriors:
+            vae = self.model.vae
+            with torch.no_grad():
+                pixels = self.data.pixels(i)[None].to(self.world.device)
+                mean, logvar = vae.encode(pixels)
+            self.posteriors[i] = mean[0].float().cpu(), (0.5 * logvar[0]).exp().float().cpu()
+        return self.posteriors[i]
+
+    def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        cfg, world = self.cfg, self.world
+        first = (micro * world.size + world.rank) * cfg.batch_size
+        places = range(first, first + cfg.batch_size)
+        examples = [self.stream[step * self.global_batch + j] for j in places]
+        gens = [generator(cfg.seed, 1, step, j) for j in places]
+        if cfg.train == "vae":
+            return {"pixels": torch.stack([self.data.pixels(i) for i in examples]).to(world.device),
+                    "noise": torch.stack([torch.randn(self.latent_shape, generator=g) for g in gens]).to(world.device)}
+        texts, drop, t, noise, latents = [], [], [], [], []
+        for i, g in zip(examples, gens):  # the order of the draws is part of the run's definition
+            captions = self.data.texts(i)
+            texts.append(captions[int(torch.randint(len(captions), (1,), generator=g))])
+            drop.append(bool(torch.rand(1, generator=g) < cfg.uncond_prob))
+            t.append(int(torch.randint(self.model.schedule.num_train_timesteps, (1,), generator=g)))
+            noise.append(torch.randn(self.latent_shape, generator=g))
+            mean, std = self.posterior(i)
+            latents.append((mean + std * torch.randn(self.latent_shape, generator=g)) * self.model.vae.cfg.scaling_factor)
+        ids, _ = self.model.tokenizer(texts)
+        ids = drop_captions(ids, self.empty, torch.tensor(drop))
+        pad = self.model.text_encoder.cfg.pad_id
+        return {name: value.to(world.device) for name, value in
+                {"ids": ids, "mask": (ids != pad).long(), "t": torch.tensor(t), "noise": torch.stack(noise),
+                 "latents": torch.stack(latents)}.items()}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    kind, key, *rest = states["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))
+
+
+def describe_batch(cfg: TrainConfig, processes: int) -> str:
+    return (f"{cfg.batch_size * processes * cfg.grad_accum} (batch {cfg.batch_size} × {processes} process(es) "
+            f"× {cfg.grad_accum} accumulation)")
+
+
+def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> None:
+    """A resumed run must do the same sums: same base model and data, the same settings, the same global batch."""
+    old = recorded["config"]
+    if changed := [f"--{n.replace('_', '-')} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
+        raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
+                       f"same ones, or start a new run")
+    for key in ("model", "data"):
+        if recorded[key] != run[key]:
+            raise BadValue(f"--resume: the run's {key} was {recorded[key]}, now {run[key]}; a resumed run must read the same")
+    global_batch = cfg.batch_size * world.size * cfg.grad_accum
+    if recorded["global_batch"] != global_batch:
+        raise BadValue(f"--resume: the run's global batch is {recorded['global_batch']} ({recorded['batch']}), this one "
+                       f"would be {describe_batch(cfg, world.size)}: with {world.size} process(es) choose --batch-size "
+                       f"and --grad-accum whose product is {recorded['global_batch'] / world.size:g}, or the sums change")
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+
+def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: World = World(), resume: bool = False,
+          progress: bool = True) -> list[float]:
+    """Train `model` (an AltDiffusion, fp32 on world.device) on `data` (dataset.CaptionedFolder or
+    dataset.ToyWorld: pixels(i), texts(i), resolution); returns the loss of every step. out_dir: a run
+    folder that `fine_tune` has prepared (rank 0 writes its log, checkpoints and samples; resume: go on
+    from its checkpoint); None keeps nothing (the toy recipe). The model leaves in eval mode, frozen,
+    with the EMA weights if cfg.ema."""
+    objective = Objective(model, cfg)
+    trained = [getattr(model, name) for name in cfg.modules]
+    trainable(*trained)
+    text = model.text_encoder
+    if "text_encoder" in cfg.modules and text.cfg.pre_transformation:  # m18 never runs its last layer:
+        text.layers[-1].requires_grad_(False), text.transformation.requires_grad_(False)  # no gradient for DDP to wait on
+    for module in trained:
+        module.gradient_checkpointing = cfg.gradient_checkpointing and hasattr(module, "gradient_checkpointing")
+    params = [p for module in trained for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.max_steps))
+    scaler = torch.amp.GradScaler(world.device.type) if cfg.mixed_precision == "fp16" else None
+    ema = [p.detach().float().clone() for p in params] if cfg.ema and world.rank == 0 else None
+    start, checkpoint = 0, run_folder.load_checkpoint(out_dir, world.device) if resume else None
+    if checkpoint is not None:
+        start = checkpoint["step"]
+        for name in cfg.modules:
+            getattr(model, name).load_state_dict(checkpoint["modules"][name])
+        opt.load_state_dict(checkpoint["optimizer"])
+        sched.load_state_dict(checkpoint["lr_schedule"])
+        if scaler is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            torch._foreach_copy_(ema, checkpoint["ema"])
+        set_rng_states(checkpoint["rng"])
+    ddp = objective if world.size == 1 else nn.parallel.DistributedDataParallel(
+        objective, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    batches = Batches(model, data, cfg, world)
+    main = world.rank == 0 and out_dir is not None
+    log = run_folder.LossLog(out_dir, upto=start) if main else None
+    losses = [row["loss"] for row in log.rows] if log else []
+
+    def save(step: int) -> None:
+        state = {"step": step, "modules": {n: getattr(model, n).state_dict() for n in cfg.modules},
+                 "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else None, "ema": ema, "rng": rng_states(),
+                 "data_position": step * batches.global_batch, "global_batch": batches.global_batch,
+                 "world_size": world.size}
+        run_folder.save_checkpoint(out_dir, state)
+        run_folder.draw_curve(losses, os.path.join(out_dir, run_folder.CURVE))
+
+    def sample(step: int) -> None:
+        for module in trained:
+            module.eval()
+        images = [model.generate(prompt, steps=cfg.sample_steps, seed=k, progress=False)[0]
+                  for k, prompt in enumerate(cfg.sample_prompts)]
+        for module in trained:
+            module.train()
+        run_folder.save_samples(out_dir, step, images)
+
+    try:
+        if main and cfg.sample_every and start == 0:
+            sample(0)
+        precision = PRECISION[cfg.mixed_precision]
+        autocast = torch.autocast(world.device.type, precision) if precision else nullcontext()
+        began = time.perf_counter()
+        bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"train {cfg.train}",
+                   disable=not (progress and world.rank == 0))
+        for step in bar:
+            total = torch.zeros((), device=world.device)
+            for micro in range(cfg.grad_accum):
+                batch = batches(step, micro)
+                last = micro == cfg.grad_accum - 1
+                with nullcontext() if last or world.size == 1 else ddp.no_sync():  # all-reduce once per step
+                    with autocast:
+                        loss = ddp(batch)
+                    scaled = loss.float() / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                total += loss.detach().float()
+            if scaler:
+                scaler.unscale_(opt)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = sched.get_last_lr()[0]
+            if scaler:
+                scaler.step(opt)  # skipped when the fp16 gradients overflowed; the scale then shrinks
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            if ema is not None:
+                torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - cfg.ema)
+            if world.size > 1:
+                dist.all_reduce(total)
+            value = total.item() / (cfg.grad_accum * world.size)
+            if not math.isfinite(value):
+                raise NotFinite(f"the loss became {value} at step {step + 1}: lower --lr, or use bf16 rather than fp16"
+                                + (f"; the last checkpoint is in {out_dir}" if out_dir else ""))
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            done = step + 1
+            if main:
+                log.append({"step": done, "loss": value, "lr": lr, "seconds": round(time.perf_counter() - began, 3)})
+                if done % cfg.save_every == 0 or done == cfg.max_steps:
+                    save(done)
+                if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
+                    sample(done)
+    finally:
+        if log:
+            log.close()
+    if ema is not None:  # the model leaves with the averaged weights
+        with torch.no_grad():
+            torch._foreach_copy_(params, ema)
+    for module in trained:
+        module.eval().requires_grad_(False)
+        module.gradient_checkpointing = False
+    return losses
+
+
+def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolution: int | None = None,
+              device: str | torch.device = "cpu", resume: bool = False, force: bool = False,
+              progress: bool = True) -> str:
+    """`altdiff-min train MODEL DATA OUT_DIR`: fine-tune a model folder ("toy" or a converted m9) on
+    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the
+    result. Under torchrun every process calls this; rank 0 checks and writes, the others follow.
+    Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
+    from .dataset import open_data
+    from .folder import CONFIG, read_config, resolve
+    from .pipeline import check_device, check_size, load
+
+    world = join_world(check_device(device))
+    try:
+        with ExitStack() as stack:
+            config = read_config(model_path)
+            resolution = (64 if data == "toy" else config.get("image_size", 512)) if resolution is None else resolution
+            check_size(resolution, resolution, config["vae"], config["unet"])
+            out_dir = os.path.abspath(out_dir)
+
+            def claim() -> dict | None:
+                make_folder(os.path.dirname(out_dir), "OUT_DIR")
+                stack.enter_context(locked(out_dir))  # held until the run ends
+                return run_folder.prepare(out_dir, force, resume)
+
+            recorded = on_rank0(world, claim)
+            dataset = on_rank0(world, lambda: open_data(data, resolution, progress))
+            with open(os.path.join(resolve(model_path), CONFIG), "rb") as f:
+                model_record = {"path": os.path.abspath(resolve(model_path)), "config_sha256": hashlib.sha256(f.read()).hexdigest()}
+            run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
+                   "config": dataclasses.asdict(cfg), "world_size": world.size,
+                   "global_batch": cfg.batch_size * world.size * cfg.grad_accum, "batch": describe_batch(cfg, world.size)}
+
+            def record() -> None:
+                if recorded:
+                    check_resume(recorded, cfg, world, run)
+                run_folder.write_json(os.path.join(out_dir, run_folder.RUN), run)
+                if world.rank == 0 and getattr(dataset, "skipped", None):
+                    print(f"data: {len(dataset)} examples; skipped {dataset.report()}")
+
+            on_rank0(world, record)
+            model = load(model_path, device=world.device, dtype=torch.float32)
+            losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
+            result = os.path.join(out_dir, run_folder.MODEL)
+            if world.rank == 0:
+                model.save(result, force=True, train={"base": model_record, "data": run["data"], "config": run["config"],
+                                                      "global_batch": run["global_batch"], "steps": cfg.max_steps,
+                                                      "weights": "ema" if cfg.ema else "last",
+                                                      "final_loss": losses[-1] if losses else None})
+            return result
+    finally:
+        if world.size > 1:
+            dist.destroy_process_group()

@@ -22,7 +22,7 @@ from einops import rearrange
 
 from .checks import check_config
 from .errors import BadValue
-from .layers import Attention, Downsample, Level, ResBlock, Upsample
+from .layers import Attention, Downsample, Level, ResBlock, Upsample, checkpointed
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(cfg.groups, ch[0], cfg.eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
     def check_inputs(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """Raise a ValueError for inputs the UNet cannot take; return the timesteps as a (B,) tensor."""
@@ -175,24 +176,26 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]).to(latents.dtype))
 
         x = self.conv_in(latents)
+        ckpt = self.gradient_checkpointing
         skips = [x]
         for level in self.down:
             for i, res in enumerate(level.res):
-                x = res(x, emb)
+                x = checkpointed(ckpt, res, x, emb)
                 if level.attn:
-                    x = level.attn[i](x, context)
+                    x = checkpointed(ckpt, level.attn[i], x, context)
                 skips.append(x)
             if level.downsample is not None:
                 x = level.downsample(x)
                 skips.append(x)
 
-        x = self.mid_res2(self.mid_attn(self.mid_res1(x, emb), context), emb)
+        x = checkpointed(ckpt, self.mid_res1, x, emb)
+        x = checkpointed(ckpt, self.mid_res2, checkpointed(ckpt, self.mid_attn, x, context), emb)
 
         for level in self.up:
             for i, res in enumerate(level.res):
-                x = res(torch.cat([x, skips.pop()], dim=1), emb)
+                x = checkpointed(ckpt, res, torch.cat([x, skips.pop()], dim=1), emb)
                 if level.attn:
-                    x = level.attn[i](x, context)
+                    x = checkpointed(ckpt, level.attn[i], x, context)
             if level.upsample is not None:
                 x = level.upsample(x)
         return self.conv_out(F.silu(self.norm_out(x)))

@@ -116,3 +116,27 @@ M9_VAE = {
     "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
     "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
+
+
+def write_pictures(folder, n: int, captions: str = "jsonl", seed: int = 0, sizes=((96, 72), (72, 104), (64, 64))) -> list[str]:
+    """n random RGB pictures (of the given, non-square sizes in turn) in folder, captioned in
+    metadata.jsonl ("jsonl") or in NAME.txt files ("txt"); returns the captions."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    words = ["un cercle rouge", "一只戴着帽子的小狗", "a blue square", "кошка на крыше", "赤い円", "un perro"]
+    texts = [words[i % len(words)] + f" {i}" for i in range(n)]
+    rows = []
+    for i, text in enumerate(texts):
+        w, h = sizes[i % len(sizes)]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03}.png"))
+        if captions == "txt":
+            with open(os.path.join(folder, f"{i:03}.txt"), "w") as f:
+                f.write(text)
+        rows.append(json.dumps({"file_name": f"{i:03}.png", "text": text}, ensure_ascii=False))
+    if captions == "jsonl":
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+    return texts

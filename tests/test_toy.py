@@ -97,7 +97,7 @@ def test_training_refuses_an_existing_folder_before_any_training(tmp_path, capsy
     import altdiff_min.toy.train as training
     from altdiff_min.__main__ import main
 
-    monkeypatch.setattr(training, "train_vae", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started"))
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

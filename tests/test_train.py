@@ -1,10 +1,21 @@
-"""The training maths against the reference: for one batch with given noise, timesteps and caption
+"""Training. The maths against the reference: for one batch with given noise, timesteps and caption
 dropout, the loss and every gradient of our UNet and text encoder equal those of diffusers'
-UNet2DConditionModel and RobertaSeriesModelWithTransformation holding the same weights."""
+UNet2DConditionModel and RobertaSeriesModelWithTransformation holding the same weights. The loop:
+`altdiff-min train` under torchrun equals one process, a killed run resumes to the same bits, and the
+run folder holds what it says."""
 import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
 
+import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, write_pictures
+from PIL import Image
+from safetensors.torch import load_file
 
 from altdiff_min.pipeline import load
 from altdiff_min.schedule import add_noise
@@ -13,6 +24,7 @@ from weights_convert import text_encoder as text_rules
 from weights_convert import unet as unet_rules
 from weights_convert.rules import rename
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle on a white background", "un cercle rouge", "一只戴着帽子的小狗"]
 
 
@@ -75,13 +87,12 @@ def test_vae_loss_is_reconstruction_plus_kl(small_model_dir):
     ours = load(small_model_dir)
     images = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
     mean, logvar = ours.vae.encode(images)
-    g = torch.Generator().manual_seed(2)
-    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(2))
-    error = ours.vae.decode(z) - images
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(2))
+    error = ours.vae.decode(mean + (0.5 * logvar).exp() * noise) - images
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
     expected = error.abs().mean() + error.pow(2).mean() + 0.1 * kl
-    assert rel_err(vae_loss(ours.vae, images, 0.1, g), expected) < 1e-6
-    assert kl > 0 and vae_loss(ours.vae, images, 0.0, torch.Generator().manual_seed(2)) < vae_loss(ours.vae, images, 1.0, torch.Generator().manual_seed(2))
+    assert rel_err(vae_loss(ours.vae, images, 0.1, noise), expected) < 1e-6
+    assert kl > 0 and vae_loss(ours.vae, images, 0.0, noise) < vae_loss(ours.vae, images, 1.0, noise)
 
 
 def test_add_noise_is_what_the_loss_sees(small_model_dir):
@@ -98,3 +109,161 @@ def test_add_noise_is_what_the_loss_sees(small_model_dir):
     loss = diffusion_loss(Spy(), None, latents, noise, t, ours.schedule)
     assert torch.equal(seen[0], add_noise(latents, noise, t, ours.schedule))
     assert rel_err(loss, noise.pow(2).mean()) < 1e-7
+
+
+# ---- the loop: `altdiff-min train` on one process, under torchrun, killed and resumed --------------------------
+
+STEPS = ["--max-steps", "4", "--lr", "1e-4", "--no-progress"]  # at the model's 64 px: 8×8 latents, 2×2 in the middle
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}  # one thread per process: two processes on two cores
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def cli(*args, torchrun: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m"] \
+        if torchrun else [sys.executable, "-m"]
+    done = subprocess.run([*launcher, "altdiff_min", "train", *map(str, args)], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert not check or done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("data") / "pictures"
+    write_pictures(folder, 12)
+    return str(folder)
+
+
+def test_two_processes_and_accumulation_do_the_sums_of_one_batch(small_model_dir, pictures, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) with batch 1, and one process accumulating 2 × batch 1, end
+    where one process with batch 2 ends: the global batch, not how it is split, defines the run."""
+    base = {f"{n}.{k}": v for n in ("text_encoder", "unet") for k, v in getattr(load(small_model_dir), n).state_dict().items()}
+    common = [small_model_dir, pictures, *STEPS, "--train", "both"]
+    cli(*common, tmp_path / "one", "--batch-size", "2")
+    cli(*common, tmp_path / "two", "--batch-size", "1", torchrun=2)
+    cli(*common, tmp_path / "accum", "--batch-size", "1", "--grad-accum", "2")
+    one, two, accum = (weights(tmp_path / name) for name in ("one", "two", "accum"))
+    assert sum(not torch.equal(one[k], v) for k, v in base.items()) > 0.9 * len(base)  # (almost) every weight moved
+    for other in (two, accum):
+        # Per tensor, the final weights; AdamW's early steps are ±lr whatever the gradient's size, so a
+        # process that missed the other's gradients would be off by ~lr·steps/|w| ≈ 1e-2 here.
+        assert max(rel_err(other[k], one[k]) for k in one) < 1e-5
+    runs = [json.loads((tmp_path / name / "run.json").read_text()) for name in ("one", "two")]
+    assert [r["global_batch"] for r in runs] == [2, 2] and [r["world_size"] for r in runs] == [1, 2]
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+              for name in ("one", "two")]
+    assert len(losses[0]) == 4 and max(abs(a - b) / abs(b) for a, b in zip(*losses)) < 1e-5  # the same examples and draws
+
+
+KILLER = """
+import os, signal, sys
+import torch
+from altdiff_min import run_folder
+from altdiff_min.__main__ import main
+mode, at = sys.argv[1], int(sys.argv[2])
+if mode == "after-step":  # SIGKILL once step `at` is logged: past the checkpoint before it
+    append = run_folder.LossLog.append
+    def killing_append(self, row):
+        append(self, row)
+        if row["step"] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    run_folder.LossLog.append = killing_append
+else:  # SIGKILL in the middle of writing the checkpoint of step `at`
+    save = torch.save
+    def killing_save(state, file):
+        if state["step"] == at:
+            with open(file, "wb") as f:
+                f.write(b"PK\\x03\\x04 half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        save(state, file)
+    torch.save = killing_save
+sys.exit(main(["train", *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.parametrize("mode, at, resumes_from", [("after-step", 5, 4), ("mid-checkpoint", 4, 2)])
+def test_a_killed_run_resumes_to_the_same_bits(small_model_dir, pictures, tmp_path, mode, at, resumes_from):
+    args = [small_model_dir, pictures, "--max-steps", "6", "--save-every", "2", "--batch-size", "2", "--lr", "1e-3",
+            "--train", "both", "--ema", "0.9", "--no-progress"]
+    cli(*args, tmp_path / "whole")
+    killed = subprocess.run([sys.executable, "-c", KILLER, mode, str(at), *map(str, args), str(tmp_path / "run")],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == resumes_from
+    assert not (tmp_path / "run" / "model").exists()
+    cli(*args, tmp_path / "run", "--resume")
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "run")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert (tmp_path / "run" / "loss.jsonl").read_text() .count("\n") == 6
+    log = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                        for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+    assert log("run") == log("whole")
+    assert not [f for f in os.listdir(tmp_path / "run") if f.startswith(".")]  # no half-written leftovers
+
+
+def test_resuming_keeps_the_global_batch_or_says_why(small_model_dir, pictures, tmp_path):
+    args = [small_model_dir, pictures, *STEPS, "--save-every", "2"]
+    cli(*args, tmp_path / "run", "--batch-size", "2")
+    refused = cli(*args, tmp_path / "run", "--batch-size", "1", "--resume", check=False)
+    assert refused.returncode == 2 and "global batch is 2" in refused.stderr and "product is 2" in refused.stderr
+    refused = cli(*args, tmp_path / "run", "--batch-size", "2", "--lr", "1e-3", "--resume", check=False)
+    assert refused.returncode == 2 and "--lr 0.0001 → 0.001" in refused.stderr
+    cli(*args, tmp_path / "run", "--batch-size", "1", "--grad-accum", "2", "--resume")  # the same global batch
+
+
+def test_run_folder_holds_log_curve_samples_and_a_loadable_model(small_model_dir, pictures, tmp_path):
+    out = tmp_path / "run"
+    cli(small_model_dir, pictures, *STEPS, out, "--batch-size", "2", "--sample-every", "2", "--sample-steps", "2",
+        "--sample-prompt", "un cercle rouge", "--sample-prompt", "一只狗", "--mixed-precision", "bf16",
+        "--gradient-checkpointing", "--ema", "0.5")
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss.jsonl", "loss.png", "model", "run.json", "samples"]
+    assert sorted(os.listdir(out / "samples")) == [f"step-{s:07d}-{k}.png" for s in (0, 2, 4) for k in (0, 1)]
+    rows = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert Image.open(out / "loss.png").size == (640, 360)
+    model = load(out / "model")
+    assert model.image_size == 64 and model.generate("un chien", steps=2, output="tensor").isfinite().all()
+    recorded = json.loads((out / "model" / "config.json").read_text())["train"]
+    assert recorded["weights"] == "ema" and recorded["global_batch"] == 2 and recorded["data"]["examples"] == 12
+    assert recorded["config"]["mixed_precision"] == "bf16" and recorded["base"]["path"] == small_model_dir
+
+
+def test_gradient_checkpointing_and_frozen_modules(small_model_dir, pictures, tmp_path):
+    """Checkpointing changes no bit; --train unet leaves the text encoder and the VAE exactly as they were."""
+    base = load(small_model_dir)
+    cli(small_model_dir, pictures, *STEPS, tmp_path / "a", "--batch-size", "2")
+    cli(small_model_dir, pictures, *STEPS, tmp_path / "b", "--batch-size", "2", "--gradient-checkpointing")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("text_encoder", "vae"):
+        assert all(torch.equal(a[f"{name}.{k}"], v) for k, v in getattr(base, name).state_dict().items())
+    assert not all(torch.equal(a[f"unet.{k}"], v) for k, v in base.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
+def test_mixed_precision_trains_in_autocast_with_fp32_weights(small_model_dir, pictures, tmp_path, mode):
+    from altdiff_min.dataset import open_data
+    from altdiff_min.train import TrainConfig, train
+
+    model = load(small_model_dir)
+    losses = train(model, open_data(pictures, 32), TrainConfig(max_steps=3, batch_size=2, lr=1e-3, mixed_precision=mode),
+                   progress=False)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert all(p.dtype == torch.float32 for p in model.unet.parameters())
+
+
+def test_training_settings_are_checked(small_model_dir, pictures, tmp_path, capsys):
+    from altdiff_min.__main__ import main
+
+    for bad, message in [(["--max-steps", "0"], "max_steps must be an int >= 1"),
+                         (["--lr", "nan"], "lr must be a finite number"),
+                         (["--ema", "1.5"], "ema and uncond_prob must be in [0, 1)"),
+                         (["--sample-every", "5"], "needs at least one --sample-prompt"),
+                         (["--resolution", "40"], "multiples of 32"),
+                         (["--force", "--resume"], "not both")]:
+        assert main(["train", small_model_dir, pictures, str(tmp_path / "out"), *bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()

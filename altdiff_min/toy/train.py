@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import math
 import os
 import tempfile
 import time
@@ -26,19 +25,19 @@ from dataclasses import dataclass
 import numpy as np
 import sentencepiece as spm
 import torch
-from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from ..errors import BadType, BadValue
 from ..folder import destination
 from ..pipeline import AltDiffusion
 from ..schedule import ScheduleConfig
-from ..train import diffusion_loss, drop_captions, vae_loss
+from ..dataset import ToyWorld
+from ..train import TrainConfig, train
 from ..text_encoder import TextEncoder, TextEncoderConfig
-from ..tokenizer import PAD, Tokenizer
+from ..tokenizer import Tokenizer
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
 from .detect import evaluate as measure_accuracy, format_table
-from .data import COLOURS, COLOUR_WORDS, LANGUAGES, PHRASINGS, SHAPE_WORDS, SHAPES, SIZE, all_captions, caption, render
+from .data import COLOURS, COLOUR_WORDS, LANGUAGES, SHAPE_WORDS, SHAPES, SIZE, all_captions
 
 EVAL_SCALE, EVAL_STEPS = 7.5, 25  # guidance and DDIM steps of the accuracy measured after training
 
@@ -95,64 +94,13 @@ def train_tokenizer(path: str, vocab_size: int = 250) -> Tokenizer:
     return Tokenizer(path)
 
 
-def render_dataset(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-    """n pictures (n, 3, 64, 64) in [−1, 1], cycling through every (shape, colour), and their labels."""
-    labels = [(shape, colour) for colour in COLOURS for shape in SHAPES]
-    labels = [labels[i % len(labels)] for i in range(n)]
-    pixels = np.stack([render(shape, colour, rng=rng) for shape, colour in labels])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, labels
-
-
-def lr_lambda(warmup: int, steps: int):
-    return lambda i: min(1.0, (i + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * i / steps))
-
-
-def train_vae(vae: VAE, images: torch.Tensor, r: Recipe, g: torch.Generator, progress: bool) -> list[float]:
-    """Fit the autoencoder; returns the loss of every step."""
-    opt = torch.optim.AdamW(vae.parameters(), r.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.warmup, r.vae_steps))
-    losses = []
-    for _ in (bar := tqdm(range(r.vae_steps), desc="1/2 VAE", disable=not progress)):
-        loss = vae_loss(vae, images[torch.randint(len(images), (r.vae_batch,), generator=g)], r.kl_weight, g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return losses
-
-
-def train_diffusion(text_encoder: TextEncoder, unet: UNet, latents: torch.Tensor, labels: list[tuple[str, str]],
-                    tokenizer: Tokenizer, schedule: ScheduleConfig, r: Recipe, g: torch.Generator,
-                    progress: bool) -> list[float]:
-    """Fit text encoder and UNet to predict the noise ε in x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε (Ho et al. 2020,
-    eq. 14, unweighted); returns the loss of every step."""
-    # Token ids of every caption of every (shape, colour), all languages and phrasings: (classes, captions, 77).
-    classes = sorted(set(labels))
-    captions = torch.stack([tokenizer([caption(s, c, lang, p) for lang in LANGUAGES for p in range(len(PHRASINGS[lang]))])[0]
-                            for s, c in classes])
-    label_index = torch.tensor([classes.index(label) for label in labels])
-    empty = tokenizer("")[0]
-    params = [*text_encoder.parameters(), *unet.parameters()]
-    opt = torch.optim.AdamW(params, r.unet_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.warmup, r.unet_steps))
-    losses = []
-    for _ in (bar := tqdm(range(r.unet_steps), desc="2/2 text encoder + UNet", disable=not progress)):
-        i = torch.randint(len(latents), (r.unet_batch,), generator=g)
-        ids = captions[label_index[i], torch.randint(captions.shape[1], (r.unet_batch,), generator=g)]
-        ids = drop_captions(ids, empty, torch.rand(r.unet_batch, generator=g) < r.uncond_prob)
-        t = torch.randint(schedule.num_train_timesteps, (r.unet_batch,), generator=g)
-        noise = torch.randn(latents[i].shape, generator=g)
-        loss = diffusion_loss(unet, text_encoder(ids, (ids != PAD).long()), latents[i], noise, t, schedule)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return losses
+def stage_configs(r: Recipe, seed: int) -> tuple[TrainConfig, TrainConfig]:
+    """The two stages as runs of the shared loop: the VAE, then text encoder and UNet together."""
+    vae = TrainConfig(train="vae", max_steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, warmup=r.warmup,
+                      weight_decay=0.0, max_grad_norm=0.0, kl_weight=r.kl_weight, seed=seed)
+    diffusion = TrainConfig(train="both", max_steps=r.unet_steps, batch_size=r.unet_batch, lr=r.unet_lr,
+                            warmup=r.warmup, weight_decay=0.0, max_grad_norm=1.0, uncond_prob=r.uncond_prob, seed=seed)
+    return vae, diffusion
 
 
 @contextmanager
@@ -184,29 +132,25 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
     with destination(out_dir, force):  # refused now, not after half an hour of training
         pass
     torch.manual_seed(seed)  # the modules' initial weights
-    g, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    vae_run, diffusion_run = stage_configs(r, seed)
     with tempfile.TemporaryDirectory() as tmp, flush_denormals():
         tokenizer = train_tokenizer(os.path.join(tmp, "sentencepiece.bpe.model"))
         text_cfg, unet_cfg, vae_cfg = toy_configs(tokenizer.vocab_size)
-        text_encoder, unet, vae = TextEncoder(text_cfg), UNet(unet_cfg), VAE(vae_cfg)
-        images, labels = render_dataset(r.images, rng)
+        model = AltDiffusion(tokenizer=tokenizer, text_encoder=TextEncoder(text_cfg), unet=UNet(unet_cfg),
+                             vae=VAE(vae_cfg), schedule=ScheduleConfig(), image_size=SIZE)
+        world = ToyWorld(r.images, seed)
 
         start = time.perf_counter()
-        vae_losses = train_vae(vae, images, r, g, progress)
-        vae.eval().requires_grad_(False)
-        with torch.no_grad():  # the posterior means; the UNet learns the distribution of these
-            latents = torch.cat([vae.encode(batch)[0] for batch in images.split(256)])
-        scaling_factor = 1 / latents.std().item()  # so that the UNet sees latents of unit variance
-        vae.cfg = dataclasses.replace(vae_cfg, scaling_factor=scaling_factor)
+        vae_losses = train(model, world, vae_run, progress=progress)
+        with torch.no_grad():  # the posterior means; the UNet learns the distribution of these, scaled to unit variance
+            latents = torch.cat([model.vae.encode(torch.stack([world.pixels(int(i)) for i in chunk]))[0]
+                                 for chunk in torch.arange(len(world)).split(256)])
+        model.vae.cfg = dataclasses.replace(vae_cfg, scaling_factor=1 / latents.std().item())
         minutes = {"vae": (time.perf_counter() - start) / 60}
 
         start = time.perf_counter()
-        schedule = ScheduleConfig()
-        unet_losses = train_diffusion(text_encoder, unet, latents * scaling_factor, labels, tokenizer, schedule, r,
-                                      g, progress)
+        unet_losses = train(model, world, diffusion_run, progress=progress)
         minutes["unet"] = (time.perf_counter() - start) / 60
-        model = AltDiffusion(tokenizer=tokenizer, text_encoder=text_encoder.eval().requires_grad_(False),
-                             unet=unet.eval().requires_grad_(False), vae=vae.eval(), schedule=schedule, image_size=SIZE)
         for module in (model.text_encoder, model.unet, model.vae):
             module.half().float()  # rounded to the fp16 it is stored in, so the accuracy below is the shipped model's
         info = {"seed": seed, "recipe": dataclasses.asdict(r), "minutes": {k: round(v, 2) for k, v in minutes.items()},

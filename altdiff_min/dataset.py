@@ -1,0 +1,257 @@
+"""Training data for `altdiff-min train`: pictures with captions.
+
+    CaptionedFolder(path, resolution)   a folder of images, captioned in metadata.jsonl (one
+                                        {"file_name": …, "text": …} per line: the Hugging Face
+                                        imagefolder convention) or in a NAME.txt beside each NAME.png
+    ToyWorld(n, seed)                   the toy's shapes (toy/data.py): n pictures, captions in nine languages
+
+Both give example i's pixels(i), (3, R, R) float32 in [−1, 1], and texts(i), its captions: a tuple,
+since an example may have several (a list as "text"); training picks one per draw.
+
+A folder is read in full before training starts, so that bad data is found before the first step, not
+in the middle of a run: every image is decoded. An image without a caption, a caption without an image,
+an image that does not decode (corrupt, truncated, not an image) and an image smaller than the
+resolution are skipped, counted and reported (`skipped`); a malformed metadata.jsonl line is an error
+naming the line; no usable example at all is an error. Grayscale, palette, RGBA (over white), CMYK and
+16-bit images are converted to 8-bit RGB; the EXIF orientation is applied; then the shorter side is
+resized to R (bicubic) and the centre R × R is cropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from .errors import BadFile, BadValue, Missing
+from .files import read_text
+from .tokenizer import check_prompt
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA = "metadata.jsonl"
+Example = tuple[torch.Tensor, tuple[str, ...]]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image → 8-bit RGB: 16- and 32-bit integer images scaled down (not clipped), transparency
+    composited over white (a transparent background is usually meant to be blank, not black)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNGs and TIFFs
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image, dtype=np.float64).clip(0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Shorter side resized to `resolution`, the centre square cropped → (3, R, R) in [−1, 1]."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1
+
+
+@dataclass
+class CaptionedFolder:
+    path: str
+    resolution: int
+    progress: bool = False
+    files: list[str] = field(default_factory=list)  # relative to path, in sorted order
+    captions: list[tuple[str, ...]] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason → files (relative)
+    source: str = ""  # "metadata.jsonl" or ".txt files"
+
+    def __post_init__(self):
+        if not os.path.isdir(self.path):
+            raise Missing(f"data folder not found: {self.path}" if not os.path.lexists(self.path)
+                          else f"data: {self.path} is not a folder")
+        self.path = os.path.abspath(self.path)
+        images = self.list_images()
+        listed = self.read_metadata() if os.path.lexists(os.path.join(self.path, METADATA)) else self.read_txt(images)
+        for file in images:
+            if file not in listed:
+                self.skip("image without a caption", file)
+        candidates, present = [], set(images)
+        for file, captions in sorted(listed.items()):
+            if file in present:
+                candidates.append((file, captions))
+            else:
+                self.skip("caption without an image", file)
+
+        for file, captions in tqdm(candidates, desc="checking images", disable=not self.progress, leave=False):
+            if problem := self.check_image(file):
+                self.skip(problem, file)
+            else:
+                self.files.append(file)
+                self.captions.append(captions)
+        if not self.files:
+            found = f"{len(images)} image(s), {len(listed)} caption(s) ({self.source})"
+            raise BadValue(f"data {self.path}: no usable example: {found}" + (f"; skipped {self.report()}" if self.skipped else ""))
+
+    def skip(self, reason: str, file: str) -> None:
+        self.skipped.setdefault(reason, []).append(file)
+
+    def list_images(self) -> list[str]:
+        found = []
+        for root, dirs, files in os.walk(self.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.relpath(os.path.join(root, f), self.path) for f in files
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        return sorted(found)
+
+    def read_metadata(self) -> dict[str, tuple[str, ...]]:
+        """file_name → captions from metadata.jsonl; a line that is not {"file_name": str, "text": str or
+        [str, …]} is an error naming the line (a broken file is fixed, not silently half-read)."""
+        self.source = METADATA
+        file = os.path.join(self.path, METADATA)
+        listed: dict[str, tuple[str, ...]] = {}
+        for n, line in enumerate(read_text(file, METADATA).splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{file} line {n}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadFile(f"{where} is not valid JSON ({e.msg})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or "text" not in entry:
+                raise BadFile(f"{where}: expected an object with \"file_name\" (a string) and \"text\", got {line.strip()[:80]}")
+            texts = entry["text"] if isinstance(entry["text"], list) else [entry["text"]]
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise BadFile(f"{where}: \"text\" must be a string or a non-empty list of strings")
+            for text in texts:
+                try:
+                    check_prompt(text)
+                except BadValue as e:
+                    raise BadFile(f"{where}: {e}") from None
+            name = os.path.normpath(entry["file_name"])
+            if os.path.isabs(name) or name.startswith(".."):
+                raise BadFile(f"{where}: file_name {entry['file_name']!r} is outside the data folder")
+            if name in listed:
+                raise BadFile(f"{where}: {name} is listed twice")
+            listed[name] = tuple(texts)
+        return listed
+
+    def read_txt(self, images: list[str]) -> dict[str, tuple[str, ...]]:
+        """NAME.png → the text of NAME.txt beside it (stripped); a .txt without an image is reported."""
+        self.source = ".txt files"
+        stems = {os.path.splitext(f)[0]: f for f in images}
+        listed = {}
+        for root, dirs, files in os.walk(self.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                if not f.endswith(".txt") or f.startswith("."):
+                    continue
+                rel = os.path.relpath(os.path.join(root, f), self.path)
+                image = stems.get(os.path.splitext(rel)[0])
+                if image is None:
+                    self.skip("caption without an image", rel)
+                    continue
+                text = read_text(os.path.join(self.path, rel), "caption file").strip()
+                check_prompt(text)
+                listed[image] = (text,)
+        return listed
+
+    def check_image(self, file: str) -> str | None:
+        """Why this image cannot be used, or None: it must decode in full and be at least R on its shorter side."""
+        try:
+            with Image.open(os.path.join(self.path, file)) as image:
+                image.load()
+                w, h = ImageOps.exif_transpose(image).size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return "corrupt, truncated or not an image"
+        if min(w, h) < self.resolution:
+            return f"smaller than the resolution ({self.resolution} px)"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def pixels(self, i: int) -> torch.Tensor:
+        file = os.path.join(self.path, self.files[i])
+        try:
+            with Image.open(file) as image:
+                return center_crop(to_rgb(image), self.resolution)
+        except OSError as e:  # it decoded when the run started: it was changed or removed since
+            raise BadFile(f"{file} could not be read any more ({e})") from None
+
+    def texts(self, i: int) -> tuple[str, ...]:
+        return self.captions[i]
+
+    def __getitem__(self, i: int) -> Example:
+        return self.pixels(i), self.texts(i)
+
+    def report(self) -> str:
+        """'3 (2 corrupt…: a.png, b.png; 1 image without a caption: c.png)', or '0'."""
+        parts = [f"{len(files)} {reason}: {', '.join(files[:3])}{', …' if len(files) > 3 else ''}"
+                 for reason, files in self.skipped.items()]
+        total = sum(len(files) for files in self.skipped.values())
+        return f"{total} ({'; '.join(parts)})" if total else "0"
+
+    def describe(self) -> dict:
+        """What the run records about its data."""
+        return {"kind": "folder", "path": self.path, "captions": self.source, "examples": len(self.files),
+                "resolution": self.resolution, "skipped": {r: len(f) for r, f in self.skipped.items()}}
+
+
+@dataclass
+class ToyWorld:
+    """The toy's pictures (64 px): example i is a (shape, colour) taken in turn, drawn at a size and
+    place fixed by (seed, i), with every caption of it in the nine languages and their phrasings."""
+    n: int = 5400
+    seed: int = 0
+
+    def __post_init__(self):
+        from .toy.data import COLOURS, LANGUAGES, PHRASINGS, SHAPES, SIZE, caption
+
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < len(SHAPES) * len(COLOURS):
+            raise BadValue(f"the toy world needs at least {len(SHAPES) * len(COLOURS)} pictures, one per shape and colour")
+        self.resolution = SIZE
+        self.labels = [(shape, colour) for colour in COLOURS for shape in SHAPES]
+        self.captions = {label: tuple(caption(*label, lang, p) for lang in LANGUAGES for p in range(len(PHRASINGS[lang])))
+                      for label in self.labels}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def label(self, i: int) -> tuple[str, str]:
+        return self.labels[i % len(self.labels)]
+
+    def pixels(self, i: int) -> torch.Tensor:
+        from .toy.data import render
+
+        pixels = render(*self.label(i), rng=np.random.default_rng([self.seed, int(i)]))
+        return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
+
+    def texts(self, i: int) -> tuple[str, ...]:
+        return self.captions[self.label(i)]
+
+    def __getitem__(self, i: int) -> Example:
+        return self.pixels(i), self.texts(i)
+
+    def describe(self) -> dict:
+        return {"kind": "toy", "examples": self.n, "seed": self.seed, "resolution": self.resolution}
+
+
+def open_data(data: str, resolution: int, progress: bool = False) -> CaptionedFolder | ToyWorld:
+    """DATA of `altdiff-min train`: "toy" (the toy world, 64 px) or a captioned folder."""
+    if data == "toy":
+        world = ToyWorld()
+        if resolution != world.resolution:
+            raise BadValue(f"the toy world's pictures are {world.resolution} px; --resolution {resolution} does not fit")
+        return world
+    return CaptionedFolder(data, resolution, progress)

@@ -1,0 +1,142 @@
+"""A training run's folder (OUT_DIR of `altdiff-min train`): what it holds and how it is written.
+
+    run.json        what the run is: the base model, the data, the settings, the global batch
+    checkpoint.pt   everything a restart needs (see train.checkpoint_state), replaced atomically
+    loss.jsonl      one {"step", "loss", "lr", "seconds"} per optimizer step; loss.png draws it
+    samples/        step-NNNNNNN-K.png: the --sample-prompt pictures, every --sample-every steps
+    model/          the result, a model folder `altdiff_min.load` reads (written at the end)
+
+Only rank 0 writes, holding a lock on the folder for the whole run, so two runs never write one
+folder. Every file is written under a temporary name and renamed into place: a run killed at any
+moment leaves the previous checkpoint whole. `--force` replaces only a folder holding a run.json that
+altdiff-min wrote; `--resume` continues the run the folder holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from .errors import AltDiffError, BadFile, Exists, Missing
+from .files import atomic_file, fsync_path, leftovers, make_folder, read_json, sibling
+
+FORMAT = "altdiff-min-train"
+RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL = "run.json", "checkpoint.pt", "loss.jsonl", "loss.png", "samples", "model"
+
+
+def is_run_folder(path: str) -> bool:
+    try:
+        return not os.path.islink(path) and read_json(os.path.join(path, RUN), RUN).get("format") == FORMAT
+    except (AltDiffError, AttributeError):
+        return False
+
+
+def prepare(path: str, force: bool, resume: bool) -> dict | None:
+    """Make OUT_DIR ready (call holding `locked(path)`): new, replaced (force) or resumed. Returns the
+    recorded run.json when resuming, else None. Leftover temporary files of a killed run are removed."""
+    if force and resume:
+        raise AltDiffError("give --force (start again) or --resume (continue), not both")
+    if resume:
+        if not os.path.isdir(path):
+            raise Missing(f"--resume: {path} does not exist; start the run without --resume")
+        if not is_run_folder(path):
+            raise BadFile(f"--resume: {path} is not a training run folder (no {RUN} that altdiff-min wrote)")
+        for leftover in leftovers(os.path.join(path, CHECKPOINT), "partial") + leftovers(os.path.join(path, LOSSES), "partial"):
+            os.unlink(leftover)  # a write the kill interrupted; the file it was replacing is whole
+        return read_json(os.path.join(path, RUN), RUN)
+    if os.path.lexists(path):
+        if not force:
+            raise Exists(f"{path} already exists; pass --resume to continue its run or --force to start it again")
+        if not is_run_folder(path):
+            raise Exists(f"{path} is not a training run folder; --force replaces only a run folder altdiff-min wrote")
+        old = sibling(path, "old")
+        os.replace(path, old)
+        shutil.rmtree(old)
+    make_folder(path, "OUT_DIR")
+    return None
+
+
+def write_json(path: str, value: Any) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    with atomic_file(os.path.join(path, CHECKPOINT)) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict | None:
+    """The folder's checkpoint (read with weights_only=True: nothing in it is executed), or None."""
+    file = os.path.join(path, CHECKPOINT)
+    if not os.path.exists(file):
+        return None
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 — a checkpoint that does not load is a bad file, whatever the cause
+        raise BadFile(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+class LossLog:
+    """loss.jsonl, appended one line per step and flushed; on resume cut back to the checkpoint's step,
+    so the log of a resumed run is the log of an uninterrupted one."""
+
+    def __init__(self, path: str, upto: int):
+        self.file = os.path.join(path, LOSSES)
+        self.rows = []
+        if os.path.exists(self.file):
+            with open(self.file) as f:
+                self.rows = [row for row in map(json.loads, filter(str.strip, f)) if row["step"] <= upto]
+        with atomic_file(self.file) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+        self.handle = open(self.file, "a")
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def draw_curve(losses: list[float], file: str, title: str = "training loss") -> None:
+    """loss.png: the loss of every step (light) and its running mean over ~2% of the run (dark), drawn
+    with PIL so that training needs no plotting library."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 640, 360, 48
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((pad, pad // 2, w - pad // 2, h - pad), outline="black")
+    if losses:
+        window = max(1, len(losses) // 50)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+        low, high = min(losses), max(losses)
+        span = (high - low) or 1.0
+
+        def point(i: int, y: float) -> tuple[float, float]:
+            x = pad + (w - 1.5 * pad) * (i / max(1, len(losses) - 1))
+            return x, h - pad - (h - 1.5 * pad) * (y - low) / span
+
+        for values, colour in ((losses, (170, 190, 230)), (smooth, (20, 60, 170))):
+            draw.line([point(i, y) for i, y in enumerate(values)], fill=colour, width=2 if values is smooth else 1)
+        draw.text((4, pad // 2), f"{high:.4g}", fill="black")
+        draw.text((4, h - pad - 10), f"{low:.4g}", fill="black")
+        draw.text((pad, h - pad + 6), "step 1", fill="black")
+        draw.text((w - pad * 2, h - pad + 6), f"step {len(losses)}", fill="black")
+    draw.text((pad, 4), title, fill="black")
+    with atomic_file(file) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_samples(path: str, step: int, images: list) -> None:
+    folder = os.path.join(path, SAMPLES)
+    make_folder(folder, "samples")
+    for k, image in enumerate(images):
+        with atomic_file(os.path.join(folder, f"step-{step:07d}-{k}.png")) as tmp:
+            image.save(tmp, format="PNG")
+    fsync_path(folder)
