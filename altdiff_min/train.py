@@ -46,6 +46,7 @@ from . import run_folder
 from .errors import AltDiffError, BadValue, NotFinite
 from .files import locked, make_folder
 from .schedule import ScheduleConfig, add_noise
+from .tokenizer import check_prompt
 from .unet import UNet
 from .vae import VAE
 
@@ -135,6 +136,10 @@ class TrainConfig:
             raise BadValue(f"ema and uncond_prob must be in [0, 1), got {self.ema} and {self.uncond_prob}")
         if self.sample_every and not self.sample_prompts:
             raise BadValue("--sample-every needs at least one --sample-prompt")
+        for prompt in self.sample_prompts:
+            if not isinstance(prompt, str):
+                raise BadValue(f"sample_prompts must be strings, got {prompt!r}")
+            check_prompt(prompt)
 
     @property
     def modules(self) -> tuple[str, ...]:

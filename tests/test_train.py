@@ -267,3 +267,15 @@ def test_training_settings_are_checked(small_model_dir, pictures, tmp_path, caps
         assert main(["train", small_model_dir, pictures, str(tmp_path / "out"), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_train_help_explains_every_flag(capsys):
+    from altdiff_min.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--max-steps", "--batch-size", "--grad-accum", "--lr", "--seed", "--resolution", "--save-every",
+                 "--sample-every", "--sample-prompt", "--resume", "--force", "--train", "--mixed-precision",
+                 "--gradient-checkpointing", "--ema", "metadata.jsonl", "torchrun"):
+        assert flag in text

@@ -7,6 +7,9 @@
                   unconditional model to steer away from (Ho & Salimans 2022)
              → AltDiffusion(...).save(OUT_DIR): a model folder like the converter's, for `load`
 
+Both stages are runs of the shared training loop (altdiff_min/train.py, `train`) over the toy world
+(dataset.ToyWorld); this file holds only the recipe: the configs, the two stages' settings, the order.
+
 The modules are altdiff-min's own, in small configurations (`toy_configs`); everything else about
 the real model (tokenizer ids, 77 tokens, schedule, 8× VAE, guidance) is unchanged. About 25 minutes
 on two CPU cores; fixed seeds make a run repeatable.
@@ -142,7 +145,7 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
 
         start = time.perf_counter()
         vae_losses = train(model, world, vae_run, progress=progress)
-        with torch.no_grad():  # the posterior means; the UNet learns the distribution of these, scaled to unit variance
+        with torch.no_grad():  # the posterior means' spread sets the scale at which the UNet sees latents: unit variance
             latents = torch.cat([model.vae.encode(torch.stack([world.pixels(int(i)) for i in chunk]))[0]
                                  for chunk in torch.arange(len(world)).split(256)])
         model.vae.cfg = dataclasses.replace(vae_cfg, scaling_factor=1 / latents.std().item())
