@@ -5,13 +5,24 @@ Each measurement alternates the two (A B A B …) after one warm-up each, and re
   text encoder forward (batch 2) · one guided UNet step (batch 2) · VAE decode (batch 1) ·
   a whole image at --steps (DPM-Solver++, guidance 7.5) · peak memory of that image, load included ·
   load time of a model folder (ours) vs from_pretrained (diffusers, safetensors).
+Training rows (UNet only: forward + backward + AdamW(lr=1e-5) step, batch 2, latents (--size / 8)²,
+fp32 master weights, autocast to --dtype unless fp32; ours `train.diffusion_loss`, diffusers the same
+loss by hand on its UNet2DConditionModel):
+  train step (s) · train peak memory (MiB), load and two steps included;
+  on cuda also: train step with gradient checkpointing (s) and its peak memory · largest train batch
+  (doubled from 1 until torch.cuda.OutOfMemoryError; here a ratio > 1 means we fit more).
+A training step holds ~15 GB on the CPU in fp32 (weights, grads, AdamW's two moments), so the two sides
+cannot share a 24 GB machine: the training rows run in child processes, ours, diffusers, ours, … (--runs
+each), each timing its own steps after a warm-up step (which allocates AdamW's state) and reporting its peak.
 On a 2-core CPU use a reduced --size (the default there is 256 px); the output states it.
 
     python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp16] [--compile] [--json out.json]
+                              [--train-only | --no-train]     (on cuda, --dtype bf16 for the training rows)
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -26,6 +37,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "黑暗精灵公主，非常详细，幻想，数字绘画，概念艺术"
+TIMED_TRAIN_STEPS = {"cpu": 1, "cuda": 10}  # per child, after its warm-up step: a GPU step is short and noisy
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")  # b 0: diffusers fit no batch at all
 
 
 def sync(device: str) -> None:
@@ -106,25 +122,172 @@ def image_fns(ours, theirs, args):
                            output_type="pt", **gen))
 
 
-def probe(args) -> None:
-    """Child process: load one implementation and make one image; print its peak memory in MiB."""
-    device, dtype = args.device, DTYPES[args.dtype]
-    model = (load_ours if args.probe == "ours" else load_diffusers)(args.folder, device, dtype)
-    with torch.no_grad():
-        (image_fns(model, None, args)[0] if args.probe == "ours" else image_fns(None, model, args)[1])()
+def train_inputs(batch: int, size: int, device: str, seed: int = 0):
+    """Fixed random (context, latents, noise, t) of one training batch: the same on both sides."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 4, size // 8, size // 8)
+    context, latents, noise = torch.randn(batch, 77, 768, generator=g), torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return context.to(device), latents.to(device), noise.to(device), t.to(device)
+
+
+def train_step_fn(which: str, folder: str, device: str, amp: torch.dtype, checkpointing: bool = False):
+    """step(context, latents, noise, t): one training step of one side's UNet, or None where ours has no
+    gradient checkpointing yet (an unknown attribute set on a Module would silently do nothing)."""
+    import torch.nn.functional as F
+
+    from altdiff_min.schedule import add_noise
+    from altdiff_min.train import diffusion_loss, trainable
+
+    if which == "ours":
+        unet = load_ours(folder, device, torch.float32).unet  # the text encoder and VAE are dropped here
+        trainable(unet)
+        if checkpointing:
+            if not hasattr(unet, "gradient_checkpointing"):
+                return None
+            unet.gradient_checkpointing = True
+        loss_fn = lambda c, x0, eps, t: diffusion_loss(unet, c, x0, eps, t)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "diffusers", "unet")).to(device)
+        unet.train().requires_grad_(True)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        loss_fn = lambda c, x0, eps, t: F.mse_loss(
+            unet(add_noise(x0, eps, t), t, encoder_hidden_states=c).sample.float(), eps.float())
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)  # fp16 needs loss scaling; bf16 does not
+
+    def step(*batch) -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=amp, enabled=amp != torch.float32):
+            loss = loss_fn(*batch)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def largest_batch(step, args, limit: int = 4096) -> int:
+    """The largest batch, doubling from 1, whose training step fits in GPU memory (0: not even 1)."""
+    fit, batch = 0, 1
+    while batch <= limit:
+        try:
+            step(*train_inputs(batch, args.size, args.device))
+        except torch.cuda.OutOfMemoryError:
+            break
+        fit, batch = batch, batch * 2
+    return fit
+
+
+def train_probe(args) -> dict:
+    """Child process, modes train / checkpointing / batch: one side's UNet, trained."""
+    device = args.device
+    with torch.enable_grad():
+        step = train_step_fn(args.probe, args.folder, device, DTYPES[args.dtype], args.mode == "checkpointing")
+        if step is None:
+            return {"missing": "altdiff_min's UNet has no gradient_checkpointing attribute yet"}
+        if args.mode == "batch":
+            return {"batch": largest_batch(step, args)}
+        batch = train_inputs(2, args.size, device)
+        step(*batch)  # warm-up: AdamW allocates its state on its first step
+        times = []
+        for _ in range(TIMED_TRAIN_STEPS[device]):
+            sync(device)
+            start = time.perf_counter()
+            step(*batch)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times)}
+
+
+def peak_mib(device: str) -> float:
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:  # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited across fork/exec)
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_mib": peak / 2**20}))
+        return torch.cuda.max_memory_allocated() / 2**20
+    # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited across fork/exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def probe(args) -> None:
+    """Child process: load one implementation and make one image (mode image) or train its UNet
+    (train_probe); print one JSON line with its peak memory in MiB and what the mode measured."""
+    if args.mode == "image":
+        model = (load_ours if args.probe == "ours" else load_diffusers)(args.folder, args.device, DTYPES[args.dtype])
+        with torch.no_grad():
+            (image_fns(model, None, args)[0] if args.probe == "ours" else image_fns(None, model, args)[1])()
+        result = {}
+    else:
+        result = train_probe(args)
+    print(json.dumps({**result, "peak_mib": peak_mib(args.device)}))
+
+
+def run_probe(args, which: str, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--probe", which, "--mode", mode, "--folder", args.folder, "--size", str(args.size),
+           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:  # -9: most likely the kernel's OOM killer
+        sys.exit(f"probe {which} ({mode}) exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def peak_memory(args, which: str) -> float:
-    cmd = [sys.executable, __file__, "--probe", which, "--folder", args.folder, "--size", str(args.size),
-           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return run_probe(args, which, "image")["peak_mib"]
+
+
+def train_rows(args, mode: str, time_row: str, memory_row: str) -> dict:
+    """Children alternate ours, diffusers, ours, … (--runs each; see the module docstring for why not
+    `interleaved` in this process): medians of their step times and peaks. {} where ours lacks the mode."""
+    results: dict[str, list[dict]] = {"ours": [], "diffusers": []}
+    for _ in range(args.runs):
+        for which, out in results.items():
+            out.append(run_probe(args, which, mode))
+            if "missing" in out[-1]:
+                print(f"skipping {time_row!r}: {out[-1]['missing']}", flush=True)
+                return {}
+    med = lambda key: tuple(statistics.median(r[key] for r in results[w]) for w in results)
+    return {time_row: med("step_s"), memory_row: med("peak_mib")}
+
+
+def training(args) -> dict:
+    """The training rows; checkpointing and the largest batch on cuda only."""
+    print(f"training rows: children alternate ours / diffusers, {args.runs} each …", flush=True)
+    rows = train_rows(args, "train", "train step (s)", "train peak memory (MiB)")
+    if args.device == "cuda":
+        rows.update(train_rows(args, "checkpointing", "train step, checkpointing (s)", "train peak, checkpointing (MiB)"))
+        rows["largest train batch"] = tuple(run_probe(args, w, "batch")["batch"] for w in ("ours", "diffusers"))
+    return rows
+
+
+def inference(args) -> dict:
+    """The inference rows, each measured by `interleaved` in this process; peak memory in child processes."""
+    folder, device, dtype = args.folder, args.device, DTYPES[args.dtype]
+    rows = {"load (s)": interleaved(lambda: load_ours(folder, device, dtype),
+                                    lambda: load_diffusers(folder, device, dtype), args.runs, device)}
+    ours, theirs = load_ours(folder, device, dtype), load_diffusers(folder, device, dtype)
+    if args.compile:
+        ours.unet = torch.compile(ours.unet, fullgraph=True)
+        theirs.unet = torch.compile(theirs.unet)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = ours.tokenizer(["", PROMPT])
+    ids, mask = ids.to(device), mask.to(device)
+    x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
+    t = torch.tensor(500, device=device)
+    rows["text encoder (s)"] = interleaved(lambda: ours.text_encoder(ids, mask),
+                                           lambda: theirs.text_encoder(input_ids=ids, attention_mask=mask), args.runs, device)
+    rows["guided UNet step (s)"] = interleaved(lambda: ours.unet(x, t, context),
+                                               lambda: theirs.unet(x, t, encoder_hidden_states=context), args.runs, device)
+    rows["VAE decode (s)"] = interleaved(lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z), args.runs, device)
+    rows[f"image, {args.steps} steps (s)"] = interleaved(*image_fns(ours, theirs, args), args.runs, device)
+    del ours, theirs
+    rows["peak memory (MiB)"] = (peak_memory(args, "ours"), peak_memory(args, "diffusers"))
+    if device == "cuda":  # hand this process's cached blocks back: the largest-batch children need them
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
 
 
 @torch.no_grad()
@@ -134,51 +297,38 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="steps of the whole image (default 25 on cuda, 4 on cpu)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile both UNets")
+    p.add_argument("--compile", action="store_true", help="torch.compile both UNets (inference rows)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", default="benchmark.json")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--train-only", action="store_true", help="only the training rows")
+    which.add_argument("--no-train", action="store_true", help="skip the training rows")
     p.add_argument("--probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["image", "train", "checkpointing", "batch"], default="image", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.size = args.size or (512 if args.device == "cuda" else 256)
     args.steps = args.steps or (25 if args.device == "cuda" else 4)
     if args.probe:
         return probe(args)
-    device, dtype = args.device, DTYPES[args.dtype]
+    device = args.device
     with tempfile.TemporaryDirectory() as folder:
         args.folder = folder
         print(f"building the random m9 in both layouts under {folder} …", flush=True)
         build(folder)
-        rows = {"load (s)": interleaved(lambda: load_ours(folder, device, dtype),
-                                        lambda: load_diffusers(folder, device, dtype), args.runs, device)}
-        ours, theirs = load_ours(folder, device, dtype), load_diffusers(folder, device, dtype)
-        if args.compile:
-            ours.unet = torch.compile(ours.unet, fullgraph=True)
-            theirs.unet = torch.compile(theirs.unet)
-        g = torch.Generator().manual_seed(0)
-        ids, mask = ours.tokenizer(["", PROMPT])
-        ids, mask = ids.to(device), mask.to(device)
-        x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
-        context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
-        z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
-        t = torch.tensor(500, device=device)
-        rows["text encoder (s)"] = interleaved(lambda: ours.text_encoder(ids, mask),
-                                               lambda: theirs.text_encoder(input_ids=ids, attention_mask=mask), args.runs, device)
-        rows["guided UNet step (s)"] = interleaved(lambda: ours.unet(x, t, context),
-                                                   lambda: theirs.unet(x, t, encoder_hidden_states=context), args.runs, device)
-        rows["VAE decode (s)"] = interleaved(lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z), args.runs, device)
-        rows[f"image, {args.steps} steps (s)"] = interleaved(*image_fns(ours, theirs, args), args.runs, device)
-        del ours, theirs
-        rows["peak memory (MiB)"] = (peak_memory(args, "ours"), peak_memory(args, "diffusers"))
+        rows = {} if args.train_only else inference(args)
+        if not args.no_train:
+            rows.update(training(args))
     machine = (torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores")
     title = f"{machine} · {args.dtype} · {args.size}×{args.size} px · compile={args.compile} · median of {args.runs}"
-    print(f"\n{title}\n{'':24}{'altdiff-min':>12}{'diffusers':>12}{'ratio':>8}")
+    print(f"\n{title}\n{'':32}{'altdiff-min':>12}{'diffusers':>12}{'ratio':>8}")
+    cell = lambda v: f"{v:12d}" if isinstance(v, int) else f"{v:12.3f}"  # int: a batch size
     for name, (a, b) in rows.items():
-        print(f"{name:24}{a:12.3f}{b:12.3f}{a / b:8.2f}")
+        print(f"{name:32}{cell(a)}{cell(b)}{ratio(a, b):8.2f}")
     with open(args.json, "w") as f:
-        json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items() if k not in ("probe", "folder")},
-                   "results": {k: {"ours": a, "diffusers": b, "ratio": a / b} for k, (a, b) in rows.items()}}, f, indent=2)
+        json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items() if k not in ("probe", "mode", "folder")},
+                   "results": {k: {"ours": a, "diffusers": b, "ratio": ratio(a, b)} for k, (a, b) in rows.items()}}, f, indent=2)
     print(f"wrote {args.json}")
 
 
