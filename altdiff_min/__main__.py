@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
     gen.add_argument("--no-limits", action="store_true",
                      help="lift the sanity limits on image side (4096), batch (256) and pixels per call")
+    gen.add_argument("--replay", metavar="MANIFEST:LINE",
+                     help="make the picture of line LINE (1-based) of an --outdir's manifest.jsonl again, into --outdir")
 
     add_train_arguments(commands.add_parser(
         "train", help="fine-tune a model folder on captioned pictures (one process, or many under torchrun)",
@@ -188,20 +190,60 @@ def grid(images: list, columns: int):
     return canvas
 
 
+MANIFEST = "manifest.jsonl"
+
+
+def replay(args) -> int | None:
+    """--replay MANIFEST:LINE: the arguments become those the line records; returns which picture of
+    that line's batch to keep (a seed's noise is drawn for the whole batch at once)."""
+    import json
+
+    from .errors import BadFile, BadValue
+    from .files import read_text
+    from .folder import fingerprint
+
+    if args.prompt is not None or args.from_file:
+        raise BadValue("--replay takes the prompt from the manifest line; give no prompt or --from-file")
+    file, _, line = args.replay.rpartition(":")
+    if not file or not line.isdigit() or int(line) < 1:
+        raise BadValue(f"--replay takes MANIFEST:LINE (e.g. out/manifest.jsonl:3), got {args.replay!r}")
+    lines = read_text(file, "manifest").splitlines()
+    if int(line) > len(lines):
+        raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
+    try:
+        row = json.loads(lines[int(line) - 1])
+        args.prompt, args.from_file, args.negative_prompt = row["prompt"], None, row["negative_prompt"]
+        args.seed, args.sampler, args.plms, args.steps = row["seed"], row["sampler"], False, row["steps"]
+        args.scale, args.eta, args.H, args.W = row["scale"], row["eta"], row["height"], row["width"]
+        args.n_samples, args.dtype, args.model = row["n_samples"], row["dtype"], row["model"]["path"]
+        keep, args.replayed = row["sample"], row
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadFile(f"{file} line {line} is not a manifest line of altdiff-min generate ({e})") from None
+    if fingerprint(args.model)["config_sha256"] != row["model"]["config_sha256"]:
+        raise BadValue(f"--replay: the config.json of {args.model} has changed since the picture was made")
+    args.skip_grid = True
+    return keep
+
+
 def generate(args) -> int:
     """`altdiff-min generate`: samples to OUTDIR/samples/NNNNN.png (continuing the count), one grid per call.
-    Each PNG is written under a temporary name and renamed when complete, so a full disk leaves no
-    truncated picture to be counted."""
+    Each PNG is written under a temporary name and linked to the first free number (never replacing a
+    file, so concurrent runs into one folder keep every picture), and gets a line in
+    OUTDIR/manifest.jsonl that records how to make it again (--replay)."""
+    import datetime
+    import json
+
     import torch
 
     from .errors import BadValue
-    from .files import make_folder, save_numbered
-    from .folder import read_config
+    from .files import append_line, make_folder, save_numbered
+    from .folder import fingerprint, read_config
     from .pipeline import NO_LIMITS, Limits, check_device, check_size, load
     from .samplers import check_eta
     from .schedule import timesteps
 
     # 1. Everything that can be checked from the arguments, config.json and the output folder, before loading weights.
+    keep = replay(args) if args.replay else None
     prompts = read_prompts(args)
     if args.plms and args.sampler not in ("ddim", "plms"):
         raise BadValue(f"--plms conflicts with --sampler {args.sampler}")
@@ -235,13 +277,24 @@ def generate(args) -> int:
     # 2. The model.
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     model = load(args.model, device=device, dtype=dtype, compile=args.compile, limits=limits)
+    record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
+              "sampler": sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta, "height": height,
+              "width": width, "dtype": args.dtype, "model": fingerprint(args.model)}
     every = []
     for prompt in prompts:
         images = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
                                 steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
                                 height=args.H, width=args.W, seed=args.seed)
-        for image in images:
-            print(save_numbered(samples, "{:05}.png", lambda tmp: image.save(tmp, format="PNG")))
+        for k, image in enumerate(images):
+            if keep is not None and k != keep:
+                continue
+            path = save_numbered(samples, "{:05}.png", lambda tmp: image.save(tmp, format="PNG"))
+            row = {"file": os.path.relpath(path, args.outdir), "prompt": prompt, "sample": k, **record,
+                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            if keep is not None:
+                row["replay_of"] = args.replayed["file"]
+            append_line(os.path.join(args.outdir, MANIFEST), json.dumps(row, ensure_ascii=False))
+            print(path)
         every += images
     if not args.skip_grid:
         print(save_numbered(args.outdir, "grid-{:04}.png", lambda tmp: grid(every, args.n_samples).save(tmp, format="PNG")))

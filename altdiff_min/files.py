@@ -4,6 +4,7 @@ lock per destination so that two processes never write the same one.
     with locked(path):                         a sibling .NAME.lock, held with flock; gone after
         with atomic_file(path) as tmp: …       write tmp, fsync, rename over path, fsync the folder
     save_numbered(folder, "{:05}.png", write)  a new numbered file, never replacing one
+    append_line(path, text)                    one whole line at the end of a shared log (flock'd)
 
 Every OSError becomes one line naming the path (errors.io_error).
 """
@@ -157,3 +158,28 @@ def save_numbered(folder: str, pattern: str, write: Callable[[str], None]) -> st
         if os.path.lexists(tmp):
             os.unlink(tmp)
 
+
+
+def append_line(path: str, line: str) -> None:
+    """Append `line` and a newline to `path` (created if missing) in one write, holding an exclusive
+    flock on the file while doing so: lines from concurrent processes never interleave, none is lost."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise io_error(path, e, "open") from None
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits: a writer holds it for one write
+        except ImportError:  # pragma: no cover (Windows: O_APPEND alone)
+            pass
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(28, f"only {written} of {len(data)} bytes written")
+        os.fsync(fd)
+    except OSError as e:
+        raise io_error(path, e, "append to") from None
+    finally:
+        os.close(fd)  # releases the lock

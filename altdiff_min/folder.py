@@ -174,6 +174,16 @@ def resolve(path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
+def fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """What a run or a picture records about the model folder it used: its absolute path and the
+    SHA-256 of its config.json (which names every module's shape and the schedule)."""
+    import hashlib
+
+    path = os.path.abspath(resolve(path))
+    with open(os.path.join(path, CONFIG), "rb") as f:
+        return {"path": path, "config_sha256": hashlib.sha256(f.read()).hexdigest()}
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The config.json of a model folder, after checking the folder really is one and the config
     holds what `load` needs, each config checked (altdiff_min/checks.py). Errors name the file."""

@@ -27,7 +27,6 @@ processes share it: one process with batch 2B and two with batch B do the same s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import random
@@ -459,7 +458,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
     result. Under torchrun every process calls this; rank 0 checks and writes, the others follow.
     Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
     from .dataset import open_data
-    from .folder import CONFIG, read_config, resolve
+    from .folder import fingerprint, read_config
     from .pipeline import check_device, check_size, load
 
     world = join_world(check_device(device))
@@ -477,8 +476,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
 
             recorded = on_rank0(world, claim)
             dataset = on_rank0(world, lambda: open_data(data, resolution, progress))
-            with open(os.path.join(resolve(model_path), CONFIG), "rb") as f:
-                model_record = {"path": os.path.abspath(resolve(model_path)), "config_sha256": hashlib.sha256(f.read()).hexdigest()}
+            model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
                    "config": dataclasses.asdict(cfg), "world_size": world.size,
                    "global_batch": cfg.batch_size * world.size * cfg.grad_accum, "batch": describe_batch(cfg, world.size)}

@@ -66,3 +66,53 @@ def test_bad_arguments_are_refused_before_the_model_loads(model_dir, tmp_path, m
 def test_missing_prompt(model_dir, capsys):
     assert main(["generate", "--model", model_dir]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+def test_manifest_records_every_picture_and_replay_makes_it_again(model_dir, tmp_path):
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nun chien\n")
+    out = tmp_path / "o"
+    assert main(["generate", "--from-file", str(prompts), "--model", model_dir, "--n-samples", "2", "--steps", "2",
+                 "--H", "64", "--W", "96", "--sampler", "euler_a", "--seed", "5", "--outdir", str(out), "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"], r["sample"]) for r in rows] == [
+        (os.path.join("samples", f"0000{i}.png"), p, k) for i, (p, k) in enumerate([("a red circle", 0), ("a red circle", 1),
+                                                                                    ("un chien", 0), ("un chien", 1)])]
+    assert rows[0]["seed"] == 5 and rows[0]["sampler"] == "euler_a" and (rows[0]["height"], rows[0]["width"]) == (64, 96)
+    assert rows[0]["model"]["path"] == os.path.abspath(model_dir) and len(rows[0]["model"]["config_sha256"]) == 64
+    assert main(["generate", "--replay", f"{out / 'manifest.jsonl'}:4", "--outdir", str(tmp_path / "again"),
+                 "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "again" / "manifest.jsonl").read_text())
+    assert again["replay_of"] == rows[3]["file"] and again["prompt"] == "un chien" and again["sample"] == 1
+    assert (tmp_path / "again" / "samples" / "00000.png").read_bytes() == (out / rows[3]["file"]).read_bytes()
+
+
+@pytest.mark.parametrize("replay, message", [("nowhere.jsonl:1", "manifest not found"), ("M:7", "has 1 line(s), not 7"),
+                                             ("M:0", "takes MANIFEST:LINE"), ("M", "takes MANIFEST:LINE")])
+def test_replay_refuses_bad_lines(model_dir, tmp_path, capsys, replay, message):
+    (tmp_path / "M").write_text('{"prompt": "x"}\n')
+    assert main(["generate", "--replay", replay.replace("M", str(tmp_path / "M")), "--outdir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_concurrent_runs_into_one_folder_keep_every_picture(model_dir, tmp_path):
+    """Three processes started at once, four pictures each: twelve files, twelve manifest lines."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    runs = [subprocess.Popen([sys.executable, "-m", "altdiff_min", "generate", f"prompt {i}", "--model", model_dir,
+                              "--n-samples", "4", "--steps", "2", "--H", "64", "--W", "64", "--seed", str(i),
+                              "--outdir", str(tmp_path / "o"), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for i in range(3)]
+    assert all(run.wait(timeout=600) == 0 for run in runs)
+    files = sorted(os.listdir(tmp_path / "o" / "samples"))
+    assert files == [f"{i:05}.png" for i in range(12)]
+    rows = [json.loads(line) for line in (tmp_path / "o" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in rows) == [os.path.join("samples", f) for f in files]
+    assert sorted((r["prompt"], r["sample"]) for r in rows) == [(f"prompt {i}", k) for i in range(3) for k in range(4)]
+    assert sorted(f for f in os.listdir(tmp_path / "o") if f.startswith("grid")) == [f"grid-{i:04}.png" for i in range(3)]
