@@ -232,9 +232,13 @@ def generate(args) -> int:
     OUTDIR/manifest.jsonl that records how to make it again (--replay)."""
     import datetime
     import json
+    import time
+    import uuid
 
     import torch
+    from PIL import Image
 
+    from .distributed import barrier, join_world, leave_world, on_rank0
     from .errors import BadValue
     from .files import append_line, make_folder, save_numbered
     from .folder import fingerprint, read_config
@@ -274,31 +278,53 @@ def generate(args) -> int:
     make_folder(samples, "--outdir")
     if not os.access(samples, os.W_OK | os.X_OK):
         raise BadValue(f"--outdir: cannot write into {samples} (permission denied)")
-    # 2. The model.
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = load(args.model, device=device, dtype=dtype, compile=args.compile, limits=limits)
-    record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
-              "sampler": sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta, "height": height,
-              "width": width, "dtype": args.dtype, "model": fingerprint(args.model)}
-    every = []
-    for prompt in prompts:
-        images = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
-                                steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
-                                height=args.H, width=args.W, seed=args.seed)
-        for k, image in enumerate(images):
-            if keep is not None and k != keep:
+    # 2. The model, on every process torchrun started; each makes the prompts p with p % processes == rank.
+    world = join_world(device)
+    try:
+        job = on_rank0(world, lambda: uuid.uuid4().hex[:12])  # one id for the pictures of this command, all ranks
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=limits)
+        record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
+                  "sampler": sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta, "height": height,
+                  "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "job": job}
+        start = time.perf_counter()
+        for index, prompt in enumerate(prompts):
+            if index % world.size != world.rank:
                 continue
-            path = save_numbered(samples, "{:05}.png", lambda tmp: image.save(tmp, format="PNG"))
-            row = {"file": os.path.relpath(path, args.outdir), "prompt": prompt, "sample": k, **record,
-                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            if keep is not None:
-                row["replay_of"] = args.replayed["file"]
-            append_line(os.path.join(args.outdir, MANIFEST), json.dumps(row, ensure_ascii=False))
-            print(path)
-        every += images
-    if not args.skip_grid:
-        print(save_numbered(args.outdir, "grid-{:04}.png", lambda tmp: grid(every, args.n_samples).save(tmp, format="PNG")))
+            images = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
+                                    steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
+                                    height=args.H, width=args.W, seed=args.seed, progress=world.rank == 0)
+            for k, image in enumerate(images):
+                if keep is not None and k != keep:
+                    continue
+                path = save_numbered(samples, "{:05}.png", lambda tmp: image.save(tmp, format="PNG"))
+                row = {"file": os.path.relpath(path, args.outdir), "prompt": prompt, "index": index, "sample": k,
+                       **record, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                if keep is not None:
+                    row["replay_of"] = args.replayed["file"]
+                append_line(os.path.join(args.outdir, MANIFEST), json.dumps(row, ensure_ascii=False))
+                print(path)
+        barrier(world)
+        if world.rank == 0:
+            rows = job_rows(os.path.join(args.outdir, MANIFEST), job)
+            if not args.skip_grid:
+                images = [Image.open(os.path.join(args.outdir, r["file"])).convert("RGB") for r in rows]
+                print(save_numbered(args.outdir, "grid-{:04}.png", lambda tmp: grid(images, args.n_samples).save(tmp, format="PNG")))
+            if world.size > 1:
+                print(f"{len(rows)} pictures of {len(prompts)} prompt(s) by {world.size} processes in "
+                      f"{time.perf_counter() - start:.1f} s; manifest: {os.path.join(args.outdir, MANIFEST)} (job {job})")
+    finally:
+        leave_world(world)
     return 0
+
+
+def job_rows(manifest: str, job: str) -> list[dict]:
+    """The manifest lines of one generate command (all its processes), in prompt order then sample order."""
+    import json
+
+    with open(manifest, encoding="utf-8") as f:
+        rows = [row for row in map(json.loads, filter(str.strip, f)) if row.get("job") == job]
+    return sorted(rows, key=lambda r: (r["index"], r["sample"]))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import run_folder
-from .errors import AltDiffError, BadValue, NotFinite
+from .errors import BadValue, NotFinite
+from .distributed import World, join_world, leave_world, on_rank0
 from .files import locked, make_folder
 from .schedule import ScheduleConfig, add_noise
 from .tokenizer import check_prompt
@@ -148,49 +149,6 @@ class TrainConfig:
 # Settings that change the sums: a resumed run must have the same ones (with the same global batch).
 SAME_ON_RESUME = ("train", "max_steps", "lr", "warmup", "weight_decay", "max_grad_norm", "mixed_precision", "ema",
                   "uncond_prob", "kl_weight", "seed")
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the processes torchrun started (rank 0 of 1 without torchrun)."""
-    rank: int = 0
-    size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    def __post_init__(self):
-        object.__setattr__(self, "device", torch.device(self.device))
-
-
-def join_world(device: str | torch.device) -> World:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU and nccl on CUDA, each
-    process on the GPU of its LOCAL_RANK. torchrun's multi-node arguments need nothing more here."""
-    device, size = torch.device(device), int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World(0, 1, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), device)
-
-
-def on_rank0(world: World, fn: Callable):
-    """fn() on rank 0; its result, or the AltDiffError it raised, reaches every rank, so a refusal on
-    rank 0 stops every process instead of leaving the others waiting."""
-    result, error = None, None
-    if world.rank == 0:
-        try:
-            result = fn()
-        except AltDiffError as e:
-            error = e
-    if world.size > 1:
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise error
-    return result
 
 
 # ---- the random draws: functions of (seed, step, place) only -------------------------------------------
@@ -499,5 +457,4 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                                                       "final_loss": losses[-1] if losses else None})
             return result
     finally:
-        if world.size > 1:
-            dist.destroy_process_group()
+        leave_world(world)
