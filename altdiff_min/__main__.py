@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                     "command trains with DistributedDataParallel; the sums do not depend on N.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
 
+    sweep = commands.add_parser("sweep", help="an ablation grid: every setting × prompt × seed, a table and a contact sheet")
+    sweep.add_argument("spec", help="the sweep spec, JSON or TOML: model, prompts, seeds, fixed, axes, metrics "
+                       "(see altdiff_min/sweep.py)")
+    sweep.add_argument("--outdir", help="where the pictures and the table go (default: SPEC without its extension)")
+    sweep.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    sweep.add_argument("--force", action="store_true", help="replace the sweep in --outdir if it was made from another spec")
+
     from .toy.train import add_arguments
 
     add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~25 min)"))
@@ -130,6 +137,11 @@ def train(args) -> int:
 def run(args) -> int:
     if args.command == "train":
         return train(args)
+    if args.command == "sweep":
+        from .sweep import run_sweep
+
+        run_sweep(args.spec, args.outdir, args.device or ("cuda" if torch_cuda() else "cpu"), force=args.force)
+        return 0
     if args.command == "train-toy":
         from .toy.train import run as run_train_toy
 

@@ -1,0 +1,307 @@
+"""Ablation sweeps: `altdiff-min sweep SPEC` runs a grid of `generate` settings over prompts and seeds
+and writes a table. An ablation is a table: settings down the side, prompts and seeds across, a
+measure in every cell.
+
+A SPEC (JSON, or TOML on Python ≥ 3.11):
+
+    model = "toy"                                  # a model folder, or "toy"
+    prompts = ["un cercle rouge", "一个蓝色的正方形"]   # or prompts_file = "prompts.txt" (one per line)
+    seeds = [0, 1, 2]
+    metrics = ["toy"]                              # built in: "toy"; or "package.module:function"
+    [fixed]                                        # generate arguments every cell shares
+    steps = 25
+    [axes]                                         # generate arguments to vary: every combination is a setting
+    scale = [1.0, 3.0, 7.5]
+    sampler = ["ddim", "dpm++2m"]
+
+Every cell (setting × prompt × seed) is one picture, `generate(prompt, seed=seed, **fixed, **setting)`,
+written atomically to OUT/pictures/sSSS-pPPP-seedN.png; a sweep that was interrupted resumes by
+skipping the cells whose picture exists. Under torchrun cell c is made by rank c % processes, and each
+picture depends only on its cell, so any number of processes makes the same pictures. At the end
+(rank 0): results.csv (one row per picture: its setting, prompt, seed, file and every metric),
+contact_sheet.png (one labelled row per setting, one column per prompt × seed), and the mean of every
+metric per setting, printed.
+
+A metric is a function (picture: PIL.Image, prompt: str) → {name: number or None}, computed from the
+saved picture. "toy" is the toy detector's colour and shape accuracy (None for a prompt that is not a
+toy caption); a multilingual CLIP score plugs in the same way.
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import itertools
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import BadFile, BadType, BadValue, Exists
+from .files import atomic_file, locked, make_folder, read_json, read_text
+
+SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "fixed", "axes"}
+NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
+             "return_trajectory"}  # generate arguments a cell sets itself, or that a spec cannot write
+FORMAT = "altdiff-min-sweep"
+Metric = Callable[..., dict]
+
+
+def generate_arguments() -> set[str]:
+    from .pipeline import AltDiffusion
+
+    return set(inspect.signature(AltDiffusion.generate).parameters) - {"self"} - NOT_SWEPT
+
+
+def toy_metric(picture, prompt: str) -> dict:
+    """The toy detector on the picture against what the prompt asks (any language, any phrasing)."""
+    from .toy import detect
+    from .toy.data import COLOURS, LANGUAGES, PHRASINGS, SHAPES, caption
+
+    if not hasattr(toy_metric, "asked"):
+        toy_metric.asked = {caption(s, c, lang, p): (s, c) for s in SHAPES for c in COLOURS for lang in LANGUAGES
+                            for p in range(len(PHRASINGS[lang]))}
+    if prompt not in toy_metric.asked:
+        return {"colour": None, "shape": None}
+    shape, colour = toy_metric.asked[prompt]
+    found = detect(picture)
+    return {"colour": float(found[1] == colour), "shape": float(found[0] == shape)}
+
+
+BUILT_IN_METRICS = {"toy": toy_metric}
+
+
+def find_metric(name: str) -> Metric:
+    if name in BUILT_IN_METRICS:
+        return BUILT_IN_METRICS[name]
+    module, _, function = name.partition(":")
+    if not function:
+        raise BadValue(f"metric {name!r}: not a built-in ({', '.join(BUILT_IN_METRICS)}) nor 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise BadValue(f"metric {name!r} cannot be imported ({e})") from None
+
+
+@dataclass
+class Spec:
+    model: str
+    prompts: list[str]
+    seeds: list[int]
+    fixed: dict
+    axes: dict[str, list]
+    metrics: list[str]
+
+    @property
+    def settings(self) -> list[dict]:
+        """Every combination of the axes' values, the first axis varying slowest."""
+        return [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+
+    def cells(self) -> list[tuple[int, int, int]]:
+        """(setting, prompt, seed) indices, in table order."""
+        return list(itertools.product(range(len(self.settings)), range(len(self.prompts)), range(len(self.seeds))))
+
+    def as_dict(self) -> dict:
+        return {"format": FORMAT, "model": self.model, "prompts": self.prompts, "seeds": self.seeds,
+                "fixed": self.fixed, "axes": self.axes, "metrics": self.metrics}
+
+
+def read_spec(path: str) -> Spec:
+    """A SPEC file, every entry checked (names, types, non-empty axes) before any model work."""
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise BadValue(f"{path}: reading TOML needs Python 3.11 or later; write the spec as JSON") from None
+        try:
+            raw = tomllib.loads(read_text(path, "sweep spec"))
+        except tomllib.TOMLDecodeError as e:
+            raise BadFile(f"{path} is not valid TOML ({e})") from None
+    else:
+        raw = read_json(path, "sweep spec")
+    if not isinstance(raw, dict):
+        raise BadFile(f"{path}: a sweep spec is a table of settings, got {type(raw).__name__}")
+    if unknown := set(raw) - SPEC_KEYS:
+        raise BadValue(f"{path}: unknown entries {sorted(unknown)}; a spec has {sorted(SPEC_KEYS)}")
+    if not isinstance(raw.get("model"), str):
+        raise BadValue(f"{path}: 'model' must name a model folder (or \"toy\")")
+    prompts = raw.get("prompts")
+    if "prompts_file" in raw:
+        if prompts is not None:
+            raise BadValue(f"{path}: give 'prompts' or 'prompts_file', not both")
+        file = os.path.join(os.path.dirname(os.path.abspath(path)), raw["prompts_file"])
+        prompts = [line.strip() for line in read_text(file, "prompt file").splitlines() if line.strip()]
+        if not prompts:
+            raise BadValue(f"{file} has no prompts (one per line expected)")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise BadValue(f"{path}: 'prompts' must be a non-empty list of strings (or give 'prompts_file')")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**64
+                                                          for s in seeds):
+        raise BadValue(f"{path}: 'seeds' must be a non-empty list of ints in [0, 2**64)")
+    fixed, axes = raw.get("fixed", {}), raw.get("axes", {})
+    if not isinstance(fixed, dict) or not isinstance(axes, dict):
+        raise BadType(f"{path}: 'fixed' and 'axes' must be tables of generate arguments")
+    allowed = generate_arguments()
+    for name in [*fixed, *axes]:
+        if name not in allowed:
+            raise BadValue(f"{path}: {name!r} is not a generate argument a sweep can set; choose from {sorted(allowed)}")
+    if both := set(fixed) & set(axes):
+        raise BadValue(f"{path}: {sorted(both)} is both fixed and an axis")
+    for name, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise BadValue(f"{path}: axis {name!r} is empty; give it a list of at least one value")
+    metrics = raw.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise BadValue(f"{path}: 'metrics' must be a list of names")
+    for name in metrics:
+        find_metric(name)
+    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics)
+
+
+def check_cells(spec: Spec, model) -> None:
+    """Every setting's arguments, checked by generate's own checks before any picture is made."""
+    layers = len(model.text_encoder.layers)
+    for setting in spec.settings:
+        arguments = {**spec.fixed, **setting}
+        if not isinstance(arguments.get("cross_attention", True), bool):
+            raise BadType(f"cross_attention must be true or false, got {arguments['cross_attention']!r}")
+        layer = arguments.get("text_layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= layers):
+            raise BadValue(f"text_layer must be an int in [0, {layers}] (or null), got {layer!r}")
+        model.check_arguments(spec.prompts[0], arguments.get("negative_prompt", ""), 1, arguments.get("steps", 50),
+                              arguments.get("sampler", "ddim"), arguments.get("scale", 7.5), arguments.get("eta", 0.0),
+                              arguments.get("height"), arguments.get("width"), spec.seeds[0], None, "pil", None)
+
+
+def picture_name(cell: tuple[int, int, int], spec: Spec) -> str:
+    s, p, k = cell
+    return os.path.join("pictures", f"s{s:03}-p{p:03}-seed{spec.seeds[k]}.png")
+
+
+def claim_folder(out: str, spec: Spec, force: bool) -> None:
+    """OUT is new, holds this very sweep (resumed), or (force) holds another sweep, replaced."""
+    file = os.path.join(out, "spec.json")
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise Exists(f"{out} exists and is not a folder")
+        recorded = read_json(file, "sweep spec") if os.path.exists(file) else None
+        if recorded is None or recorded.get("format") != FORMAT:
+            if os.listdir(out):
+                raise Exists(f"{out} holds files that are not a sweep's; choose another --outdir")
+        elif recorded != json.loads(json.dumps(spec.as_dict())):
+            if not force:
+                raise Exists(f"{out} holds a sweep of another spec; --force replaces it, or choose another --outdir")
+            import shutil
+
+            shutil.rmtree(out)
+    make_folder(os.path.join(out, "pictures"), "--outdir")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise BadValue(f"--outdir: cannot write into {out} (permission denied)")
+    with atomic_file(file) as tmp, open(tmp, "w") as f:
+        json.dump(spec.as_dict(), f, indent=2, ensure_ascii=False)
+
+
+def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force: bool = False,
+              metrics: dict[str, Metric] | None = None, progress: bool = True) -> list[dict]:
+    """`altdiff-min sweep SPEC`: make every missing cell's picture, then (rank 0) the table and the
+    contact sheet. out: default SPEC's name without its extension, beside it. metrics: more metric
+    functions by name, besides the spec's. Returns the table's rows."""
+    from .distributed import join_world, leave_world, on_rank0
+    from .folder import read_config
+    from .pipeline import check_device
+
+    spec = read_spec(spec_path)
+    out = os.path.abspath(out or os.path.splitext(spec_path)[0])
+    functions = {name: find_metric(name) for name in spec.metrics} | (metrics or {})
+    read_config(spec.model)  # a missing or broken model folder is refused here
+    world = join_world(check_device(device))
+    try:
+        with ExitStack() as stack:
+            def claim() -> None:
+                make_folder(os.path.dirname(out), "--outdir")
+                stack.enter_context(locked(out))  # one sweep at a time writes OUT (rank 0 holds it)
+                claim_folder(out, spec, force)
+
+            on_rank0(world, claim)
+            return make_cells(spec, out, functions, world, progress)
+    finally:
+        leave_world(world)
+
+
+def make_cells(spec: Spec, out: str, functions: dict[str, Metric], world, progress: bool) -> list[dict]:
+    """This rank's missing pictures, then (rank 0) the results; every rank returns the table."""
+    from tqdm import tqdm
+
+    from .distributed import barrier, on_rank0
+    from .pipeline import load
+
+    model = load(spec.model, device=world.device)
+    check_cells(spec, model)
+    settings, mine = spec.settings, [c for i, c in enumerate(spec.cells()) if i % world.size == world.rank]
+    todo = [c for c in mine if not os.path.exists(os.path.join(out, picture_name(c, spec)))]
+    for cell in tqdm(todo, desc="sweep", disable=not (progress and world.rank == 0)):
+        s, p, k = cell
+        image = model.generate(spec.prompts[p], seed=spec.seeds[k], progress=False, **{**spec.fixed, **settings[s]})[0]
+        with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp:
+            image.save(tmp, format="PNG")
+    barrier(world)
+    return on_rank0(world, lambda: write_results(out, spec, functions))
+
+
+def write_results(out: str, spec: Spec, functions: dict[str, Metric]) -> list[dict]:
+    """results.csv and contact_sheet.png from the saved pictures; prints each setting's mean per metric."""
+    from PIL import Image
+
+    rows = []
+    for cell in spec.cells():
+        s, p, k = cell
+        file = picture_name(cell, spec)
+        with Image.open(os.path.join(out, file)) as image:
+            picture = image.convert("RGB")
+        values = {}
+        for name, fn in functions.items():
+            values |= {(key if len(functions) == 1 else f"{name}.{key}"): value for key, value in fn(picture, spec.prompts[p]).items()}
+        rows.append({"setting": s, **{axis: json.dumps(v) if not isinstance(v, (int, float, str)) else v
+                                      for axis, v in spec.settings[s].items()},
+                     "prompt": spec.prompts[p], "seed": spec.seeds[k], "file": file, **values})
+    with atomic_file(os.path.join(out, "results.csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    contact_sheet(out, spec, rows)
+    measured = [key for key in rows[0] if key not in ("setting", "prompt", "seed", "file", *spec.axes)]
+    for s, setting in enumerate(spec.settings):
+        means = []
+        for key in measured:
+            values = [r[key] for r in rows if r["setting"] == s and r[key] is not None]
+            means.append(f"{key} {sum(values) / len(values):.2f}" if values else f"{key} –")
+        print(f"{label(setting):40} {'  '.join(means)}")
+    return rows
+
+
+def label(setting: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(fixed)"
+
+
+def contact_sheet(out: str, spec: Spec, rows: list[dict]) -> None:
+    """One row per setting, labelled; one column per prompt × seed, headed by the prompt's number and the seed."""
+    from PIL import Image, ImageDraw
+
+    pictures = [Image.open(os.path.join(out, r["file"])).convert("RGB") for r in rows]
+    w, h = pictures[0].size
+    columns = len(spec.prompts) * len(spec.seeds)
+    left, top, gap = 220, 20, 2
+    sheet = Image.new("RGB", (left + columns * (w + gap), top + len(spec.settings) * (h + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c in range(columns):
+        p, k = divmod(c, len(spec.seeds))
+        draw.text((left + c * (w + gap) + 2, 4), f"p{p} s{spec.seeds[k]}", fill="black")
+    for i, picture in enumerate(pictures):
+        s, c = divmod(i, columns)
+        sheet.paste(picture, (left + c * (w + gap), top + s * (h + gap)))
+        if c == 0:
+            draw.text((4, top + s * (h + gap) + h // 2 - 6), label(spec.settings[s])[:34], fill="black")
+    with atomic_file(os.path.join(out, "contact_sheet.png")) as tmp:
+        sheet.save(tmp, format="PNG")

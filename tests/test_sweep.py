@@ -1,0 +1,127 @@
+"""`altdiff-min sweep`: an ablation grid on the toy model — its table, its contact sheet, the toy
+detector as the metric, resuming without redoing cells, torchrun, and specs refused before any model work."""
+import csv
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from altdiff_min.__main__ import main
+from altdiff_min.toy import detect
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = {"model": "toy", "prompts": ["a red circle", "un carré bleu"], "seeds": [0, 3], "metrics": ["toy"],
+        "fixed": {"steps": 4}, "axes": {"scale": [1.0, 7.5], "sampler": ["ddim", "euler"]}}
+
+
+def write_spec(folder, spec=SPEC, name="spec.json"):
+    path = folder / name
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def table(out):
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_table_sheet_and_metric(tmp_path, capsys):
+    assert main(["sweep", write_spec(tmp_path), "--device", "cpu"]) == 0
+    out = tmp_path / "spec"
+    rows = table(out)
+    assert len(rows) == 4 * 2 * 2  # settings × prompts × seeds
+    assert [(r["scale"], r["sampler"]) for r in rows[::4]] == [("1.0", "ddim"), ("1.0", "euler"), ("7.5", "ddim"), ("7.5", "euler")]
+    asked = {"a red circle": ("circle", "red"), "un carré bleu": ("square", "blue")}
+    for r in rows:  # the accuracy column is the detector on the saved picture
+        shape, colour = detect(Image.open(out / r["file"]).convert("RGB"))
+        assert float(r["colour"]) == (colour == asked[r["prompt"]][1]) and float(r["shape"]) == (shape == asked[r["prompt"]][0])
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.size == (220 + 4 * 66, 20 + 4 * 66)  # a row per setting, a column per prompt × seed
+    printed = capsys.readouterr().out
+    assert "scale=7.5, sampler=euler" in printed and "colour" in printed
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
+    import altdiff_min.pipeline as pipeline
+
+    spec = write_spec(tmp_path)
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    out = tmp_path / "spec" / "pictures"
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    for f in sorted(before)[5:9]:  # as if the run had been killed before these
+        os.unlink(out / f)
+    made, original = [], pipeline.AltDiffusion.generate
+
+    @functools.wraps(original)  # the spec is checked against generate's signature
+    def counting(self, *args, **kwargs):
+        made.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.AltDiffusion, "generate", counting)
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    assert len(made) == 4 and {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_torchrun_sweep_makes_the_same_pictures(tmp_path):
+    spec = write_spec(tmp_path, {**SPEC, "axes": {"scale": [1.0, 7.5]}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        done = subprocess.run([sys.executable, *launcher, "-m", "altdiff_min", "sweep", spec, "--outdir", str(tmp_path / name),
+                               "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    pictures = {name: {f: (tmp_path / name / "pictures" / f).read_bytes() for f in os.listdir(tmp_path / name / "pictures")}
+                for name in ("one", "two")}
+    assert len(pictures["one"]) == 8 and pictures["one"] == pictures["two"]
+    assert table(tmp_path / "one") == table(tmp_path / "two")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"axes": {"guidance": [1, 2]}}, "'guidance' is not a generate argument"),
+    ({"axes": {"scale": []}}, "axis 'scale' is empty"),
+    ({"seeds": []}, "'seeds' must be a non-empty list"),
+    ({"prompts": []}, "'prompts' must be a non-empty list"),
+    ({"colour": "red"}, "unknown entries ['colour']"),
+    ({"metrics": ["nope"]}, "metric 'nope'"),
+    ({"fixed": {"scale": 2}}, "both fixed and an axis"),
+    ({"prompts": None, "prompts_file": "missing.txt"}, "prompt file not found"),
+    ({"prompts": None, "prompts_file": "EMPTY"}, "has no prompts"),
+    ({"model": "NOWHERE"}, "model folder not found"),
+    ({"axes": {"steps": [0]}}, "steps"),
+    ({"axes": {"text_layer": [9]}}, "text_layer must be an int in [0, 2]"),
+])
+def test_bad_specs_are_refused_before_any_picture(tmp_path, capsys, monkeypatch, change, message):
+    import altdiff_min.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.AltDiffusion, "generate",
+                        functools.wraps(pipeline.AltDiffusion.generate)(lambda *a, **k: pytest.fail("a picture was made")))
+    (tmp_path / "EMPTY").write_text("\n \n")
+    spec = {k: v for k, v in {**SPEC, **change}.items() if v is not None}
+    assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_outdir_that_is_a_file_or_someone_elses_folder(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep")
+    for out in ("file", "theirs"):
+        assert main(["sweep", spec, "--outdir", str(tmp_path / out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "not a sweep's" in err
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep"
+
+
+def test_a_toml_spec(tmp_path):
+    pytest.importorskip("tomllib")  # Python >= 3.11 (3.10 is told to use JSON)
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "s.toml").write_text('model = "toy"\nprompts_file = "prompts.txt"\nseeds = [1]\nmetrics = ["toy"]\n'
+                                     '[fixed]\nsteps = 3\n[axes]\ncross_attention = [true, false]\n')
+    assert main(["sweep", str(tmp_path / "s.toml"), "--device", "cpu"]) == 0
+    rows = table(tmp_path / "s")
+    assert [r["cross_attention"] for r in rows] == ["True", "False"]
