@@ -259,9 +259,10 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
+    """Put back what rng_states() saved (the checkpoint may have been loaded onto a GPU: states are CPU bytes)."""
+    torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
     kind, key, *rest = states["numpy"]
     np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))

@@ -221,6 +221,8 @@ show([image[0]] + [maps.heatmap(token, (64, 64), layers=[n])[1] for n in names],
      ["image"] + [n.replace(".block.cross_attn", "") for n in names], size=1.2, rows=2)""",
 ]
 
+SWEEP_TEXT = """md:**Reading the table.** (written after the run)"""
+
 LESSONS["04_ablations"] = [
     """md:# 4 · Ablations: guidance, cross-attention, languages in between
 
@@ -267,6 +269,27 @@ show([pipe.generate(prompt, text_layer=k, steps=25, seed=11, output="tensor", pr
 earlier one (0 = the embeddings alone) shows how much of the meaning the later layers add. Here the
 embeddings alone still give a circle, but of the wrong colour; one layer of attention over the
 words already gives the right picture.""",
+    """md:## An ablation as a table: `sweep`
+The switches above, one picture at a time, are anecdotes. `altdiff-min sweep SPEC` (or `run_sweep`)
+makes every combination of some `generate` arguments over prompts and seeds, measures every picture
+(here with the toy detector: is the colour right, is the shape right) and writes a table and a
+contact sheet. Two guidance scales × cross-attention on and off, three prompts in three languages,
+two seeds:""",
+    """import csv, json, tempfile
+from PIL import Image
+from altdiff_min.sweep import run_sweep
+
+folder = tempfile.mkdtemp()
+spec = {"model": "toy", "seeds": [0, 1], "metrics": ["toy"], "fixed": {"steps": 25},
+        "prompts": [data.caption("circle", "red", "fr"), data.caption("square", "blue", "ja"),
+                    data.caption("triangle", "green", "ar")],
+        "axes": {"scale": [1.0, 7.5], "cross_attention": [True, False]}}
+with open(f"{folder}/ablation.json", "w") as f:
+    json.dump(spec, f, ensure_ascii=False)
+rows = run_sweep(f"{folder}/ablation.json", progress=False)   # prints each setting's mean accuracy
+show([Image.open(f"{folder}/ablation/contact_sheet.png")], size=7)
+print(open(f"{folder}/ablation/results.csv", encoding="utf-8").read().splitlines()[:4])""",
+    SWEEP_TEXT,
 ]
 
 
