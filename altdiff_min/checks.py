@@ -39,6 +39,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "num_train_timesteps": (2, 100_000),  # 1000
     "beta_start": (0, 1), "beta_end": (0, 1),  # 0.00085, 0.012
     "steps_offset": (0, 100_000),  # 1
+    "patch": (1, 1024),  # vision tower: 14
+    "image_size": (1, 16384),  # vision tower input: 224
 }
 LEVELS = (1, 8)  # entries of a per-level tuple (channels, attention): m9 has 4
 CLOSED_AT_ZERO = {"dropout"}
@@ -124,6 +126,10 @@ RULES = {
         lambda c: divides(c, c.channels, ("groups", "heads")),
     ],
     "VAEConfig": [lambda c: divides(c, c.channels, ("groups",))],
+    "VisionConfig": [
+        lambda c: divides(c, (c.hidden,), ("heads",)),
+        lambda c: c.image_size % c.patch and f"image_size {c.image_size} is not a multiple of patch {c.patch}",
+    ],
     "ScheduleConfig": [
         lambda c: c.beta_start >= c.beta_end and f"beta_start {c.beta_start} must be below beta_end {c.beta_end}",
         lambda c: c.steps_offset >= c.num_train_timesteps

@@ -140,3 +140,8 @@ def write_pictures(folder, n: int, captions: str = "jsonl", seed: int = 0, sizes
         with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
             f.write("\n".join(rows) + "\n")
     return texts
+
+
+# CLIP ViT-L/14's vision tower as m9's safety checker publishes it (safety_checker/config.json, vision_config).
+M9_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14,
+                 image_size=224, num_channels=3, layer_norm_eps=1e-5, projection_dim=768, hidden_act="quick_gelu")
