@@ -29,6 +29,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "type_vocab_size": (1, 16),  # 1
     "pad_id": (0, 2**21),  # 1
     "project_dim": (1, 16384),  # 768
+    "projection_dim": (1, 16384),  # AltCLIP's joint image-text space: 768
     "context_dim": (1, 16384),  # 768
     "in_channels": (1, 64), "out_channels": (1, 64), "latent_channels": (1, 64), "image_channels": (1, 64),
     "channels": (1, 8192),  # per level: UNet 320 … 1280, VAE 128 … 512

@@ -90,6 +90,24 @@ class TextEncoder(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise BadValue(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      depth: int | None = None) -> torch.Tensor:
+        """(B, L) token ids and their mask → (B, L, hidden): XLM-R's hidden state after `depth` layers
+        (0 = the embeddings; default all of them), before any projection. AltCLIP reads the last one.
+
+        Without a mask, padding is found from the ids, as AltDiffusion's pipeline does.
+        """
+        self.check_inputs(input_ids, attention_mask)
+        depth = len(self.layers) if depth is None else depth
+        if not 0 <= depth <= len(self.layers):
+            raise BadValue(f"layer must be in [0, {len(self.layers)}], got {depth}")
+        mask = (input_ids != self.cfg.pad_id) if attention_mask is None else attention_mask.bool()
+        x = self.token_embedding(input_ids) + self.position_embedding(self.positions(input_ids))
+        x = self.embed_norm(x + self.type_embedding.weight[0])  # every token has type 0
+        for block in self.layers[:depth]:  # m18 reads the penultimate layer: the last one is not run
+            x = checkpointed(self.gradient_checkpointing, block, x, mask)
+        return x
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 layer: int | None = None) -> torch.Tensor:
         """(B, L) token ids and their mask (1 = token, 0 = padding) → (B, L, project_dim).
@@ -99,15 +117,8 @@ class TextEncoder(nn.Module):
         layer: project the hidden state after this many layers (0 = the embeddings) instead of the
         model's own choice, the last (m9) or the penultimate (m18): an ablation.
         """
-        self.check_inputs(input_ids, attention_mask)
         depth = len(self.layers) - self.cfg.pre_transformation if layer is None else layer
-        if not 0 <= depth <= len(self.layers):
-            raise BadValue(f"layer must be in [0, {len(self.layers)}], got {layer}")
-        mask = (input_ids != self.cfg.pad_id) if attention_mask is None else attention_mask.bool()
-        x = self.token_embedding(input_ids) + self.position_embedding(self.positions(input_ids))
-        x = self.embed_norm(x + self.type_embedding.weight[0])  # every token has type 0
-        for block in self.layers[:depth]:  # m18 reads the penultimate layer: the last one is not run
-            x = checkpointed(self.gradient_checkpointing, block, x, mask)
+        x = self.hidden_states(input_ids, attention_mask, depth)
         if self.cfg.pre_transformation:
             return self.transformation_pre(self.pre_ln(x))
         return self.transformation(x)

@@ -18,6 +18,8 @@ PRECISIONS = [
     pytest.param("cpu", torch.float32, 1e-5, id="cpu-fp32"),
     pytest.param("cuda", torch.float32, 1e-5, id="cuda-fp32", marks=no_cuda),
     pytest.param("cuda", torch.float16, 5e-3, id="cuda-fp16", marks=no_cuda),
+    # bf16 keeps 8 significant bits to fp16's 11: 8× fp16's tolerance.
+    pytest.param("cuda", torch.bfloat16, 4e-2, id="cuda-bf16", marks=no_cuda),
 ]
 
 
@@ -145,3 +147,7 @@ def write_pictures(folder, n: int, captions: str = "jsonl", seed: int = 0, sizes
 # CLIP ViT-L/14's vision tower as m9's safety checker publishes it (safety_checker/config.json, vision_config).
 M9_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14,
                  image_size=224, num_channels=3, layer_norm_eps=1e-5, projection_dim=768, hidden_act="quick_gelu")
+
+# AltCLIP-m9 (BAAI/AltCLIP-m9, transformers' AltCLIPModel): m9's text tower (XLM-R large + its 1024 → 768
+# `transformation`), CLIP ViT-L/14's vision tower, and CLIP ViT-L/14's 768-wide joint space.
+M9_ALTCLIP = dict(text_config=M9_TEXT, vision_config=M9_VISION, projection_dim=768, logit_scale_init_value=2.6592)

@@ -1,0 +1,269 @@
+"""AltCLIP-m9 vs transformers' AltCLIPModel (random weights): text and image embeddings, logits, the
+conversion of its state dict, and clip_score."""
+import gc
+import os
+import resource
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from helpers import M9_ALTCLIP, PRECISIONS, randomize_, rel_diff, rel_err
+from prompts import PROMPTS
+from test_vision import DROPS as VISION_DROPS
+from test_vision import RULES as VISION_RULES
+from test_vision import SMALL as SMALL_VISION
+from test_vision import config_from_hf as vision_config_from_hf
+from test_vision import picture
+
+from altdiff_min.altclip import AltCLIP, AltCLIPConfig, clip_score
+from altdiff_min.attention import attention_backend
+from altdiff_min.errors import BadType, BadValue
+from altdiff_min.text_encoder import TextEncoderConfig
+from altdiff_min.tokenizer import Tokenizer
+from altdiff_min.vision import preprocess
+from weights_convert import text_encoder
+from weights_convert.rules import Drop, Rule, load_model, rename
+
+# transformers' AltCLIPModel layout → altdiff_min.altclip.AltCLIP. Here until the converter reads
+# AltCLIP (then: weights_convert/altclip.py). Each tower's names go through that tower's own rules.
+TEXT_RULES: list[Rule] = [
+    # transformers 5 names XLM-R's layers encoder.layers.N (and renames the hub's encoder.layer.N when it
+    # loads them); 4.x, FlagAI and the hub's file say encoder.layer.N, which text_encoder.RULES handles.
+    (r"^roberta\.encoder\.layers\.", "layers."),
+    *text_encoder.RULES,
+]
+RULES: list[Rule] = [
+    (r"^text_model\.pre_LN\.", "text_norm."),  # before the text tower's rules, which would make it text.pre_ln
+    (r"^text_model\.(.+)$", lambda m: "text." + rename(m[1], TEXT_RULES)),
+    (r"^vision_model\.(.+)$", lambda m: "vision." + rename(m[1], VISION_RULES)),
+    # text_projection.weight, visual_projection.weight and logit_scale keep their names
+]
+DROPS: list[Drop] = [
+    # FlagAI built its text tower with XLMRobertaModel's default pooling head, so its files carry one;
+    # transformers' AltCLIPTextModel has none (add_pooling_layer=False) and skips it on loading.
+    (r"^text_model\.roberta\.pooler\.", "pooler: XLM-R's tanh head on token 0, which AltCLIP does not use"),
+    (r"^text_model\.roberta\.embeddings\.(position_ids|token_type_ids)$", text_encoder.DROPS[1][1]),
+    (r"^vision_model\.embeddings\.position_ids$", VISION_DROPS[0][1]),
+]
+
+
+def config_from_hf(hf: dict) -> AltCLIPConfig:
+    """Our config from transformers' AltCLIPConfig.to_dict() (the hub's config.json)."""
+    # AltCLIPModel never reads vision_config.projection_dim (its default is 512): the joint width is the
+    # top-level projection_dim, which the vision config then records too.
+    vision = replace(vision_config_from_hf(hf["vision_config"]), project_dim=hf["projection_dim"])
+    return AltCLIPConfig(text=text_encoder.config_from_hf(hf["text_config"]), vision=vision,
+                         projection_dim=hf["projection_dim"])
+
+
+def load(state_dict, cfg: AltCLIPConfig):
+    return load_model(lambda: AltCLIP(cfg), state_dict, RULES, DROPS, "AltCLIP state dict")
+
+
+# Every width differs from the others, so a transposed or misrouted projection cannot fit.
+SMALL_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, project_dim=24)
+SMALL = dict(text_config=SMALL_TEXT, vision_config=SMALL_VISION, projection_dim=16)  # vision: 48 wide, 64² pictures
+
+
+def reference_model(randomize: bool = True, **config):
+    from transformers import AltCLIPConfig as HFAltCLIPConfig
+    from transformers import AltCLIPModel
+
+    torch.manual_seed(0)  # transformers initialises from the global generator
+    ref = AltCLIPModel(HFAltCLIPConfig(**config))
+    return (randomize_(ref) if randomize else ref).eval()
+
+
+# Prompts in six of the nine languages, of different lengths (one truncated at 77 tokens, one empty).
+TEXTS = [PROMPTS["zh"][1], PROMPTS["ar"][0], PROMPTS["ru"][2], PROMPTS["ja"][3], ", ".join(PROMPTS["fr"] * 3), ""]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spm_dir):
+    return Tokenizer(os.path.join(spm_dir, "sentencepiece.bpe.model"))
+
+
+@pytest.fixture
+def small(tokenizer):
+    """The small reference, ours holding its weights, and a batch: 6 prompts, 4 pictures."""
+    ref = reference_model(**{**SMALL, "text_config": {**SMALL_TEXT, "vocab_size": tokenizer.vocab_size}})
+    ours, report = load(ref.state_dict(), config_from_hf(ref.config.to_dict()))
+    input_ids, mask = tokenizer(TEXTS)
+    lengths = mask.sum(1).tolist()
+    assert len(set(lengths)) == len(TEXTS) and max(lengths) == 77 and min(lengths) == 2
+    pictures = [picture("RGB", 96, 80, seed=0), picture("RGBA", 70, 120, seed=1), picture("L", 64, 64, seed=2),
+                picture("RGB", 150, 90, seed=3)]
+    return ref, ours, report, input_ids, mask, pictures
+
+
+def test_rules_cover_both_layouts():
+    assert rename("text_model.roberta.encoder.layers.1.attention.self.query.weight", RULES) == \
+        "text.layers.1.attn.q.weight"
+    assert rename("text_model.roberta.encoder.layer.1.output.LayerNorm.bias", RULES) == "text.layers.1.mlp_norm.bias"
+    assert rename("text_model.roberta.embeddings.word_embeddings.weight", RULES) == "text.token_embedding.weight"
+    assert rename("text_model.pre_LN.weight", RULES) == "text_norm.weight"
+    assert rename("text_model.transformation.bias", RULES) == "text.transformation.bias"
+    assert rename("vision_model.encoder.layers.0.self_attn.out_proj.weight", RULES) == "vision.layers.0.attn.out.weight"
+    assert rename("vision_model.embeddings.position_embedding.weight", RULES) == "vision.position_embedding"
+    for name in ("text_projection.weight", "visual_projection.weight", "logit_scale"):
+        assert rename(name, RULES) == name
+
+
+def test_conversion_is_strict_both_ways(small):
+    ref, ours, report, *_ = small
+    assert report.converted == len(ours.state_dict()) == len(ref.state_dict()) and not report.dropped
+    text = TextEncoderConfig(vocab_size=ours.cfg.text.vocab_size, hidden=32, layers=2, heads=4, mlp=64, project_dim=24)
+    vision = vision_config_from_hf({**SMALL_VISION, "projection_dim": 16})
+    assert ours.cfg == AltCLIPConfig(text=text, vision=vision, projection_dim=16)
+
+
+@pytest.mark.parametrize("device,dtype,tol", PRECISIONS)
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_small_config_matches_reference(small, backend, device, dtype, tol):
+    ref, ours, _, input_ids, mask, pictures = small
+    pixels = preprocess(pictures, ours.cfg.vision)
+    ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+    input_ids, mask, pixels = input_ids.to(device), mask.to(device), pixels.to(device, dtype)
+    with torch.no_grad(), attention_backend(backend):
+        text = ours.encode_text(input_ids, mask)
+        image = ours.encode_image(pixels)
+        per_image, per_text = ours(input_ids, mask, pixels)
+        expected = ref(input_ids=input_ids, pixel_values=pixels, attention_mask=mask)
+        expected_text = ref.get_text_features(input_ids=input_ids, attention_mask=mask).pooler_output
+        expected_image = ref.get_image_features(pixel_values=pixels).pooler_output
+    assert text.shape == (6, 16) and image.shape == (4, 16) and per_image.shape == (4, 6)
+    assert rel_err(text, expected_text) < tol
+    assert rel_err(image, expected_image) < tol
+    assert rel_err(per_image, expected.logits_per_image) < tol
+    assert rel_err(per_text, expected.logits_per_text) < tol
+    assert torch.equal(per_text, per_image.T)
+
+
+def test_padding_and_default_mask_change_nothing(small):
+    """Prompts padded to 77 tokens (FlagAI's padding="max_length") or only to the longest prompt, with
+    the tokenizer's mask or none: the same embeddings."""
+    _, ours, _, input_ids, mask, _ = small
+    short = [1, 2, 3, 5]  # without the 77-token prompt the longest has fewer tokens
+    width = int(mask[short].sum(1).max())
+    assert width < 40
+    with torch.no_grad():
+        full = ours.encode_text(input_ids[short], mask[short])
+        trimmed = ours.encode_text(input_ids[short, :width], mask[short, :width])
+        assert torch.allclose(trimmed, full, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(ours.encode_text(input_ids, mask)[short], full, rtol=1e-5, atol=1e-6)  # batch-mates
+        assert torch.equal(ours.encode_text(input_ids), ours.encode_text(input_ids, mask))
+
+
+def test_text_tower_is_the_diffusion_text_encoder(small):
+    """AltCLIP.text still gives m9's UNet context: transformation of every token, without pre_LN."""
+    ref, ours, _, input_ids, mask, _ = small
+    with torch.no_grad():
+        hidden = ref.text_model.roberta(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        assert rel_err(ours.text(input_ids, mask), ref.text_model.transformation(hidden)) < 1e-5
+
+
+def test_clip_score_matches_hand_computation(small, tokenizer):
+    ref, ours, _, _, _, pictures = small
+    prompts = [TEXTS[0], TEXTS[3], TEXTS[1], TEXTS[4]]  # one per picture
+    input_ids, mask = tokenizer(prompts)
+    pixels = preprocess(pictures, ours.cfg.vision)
+
+    def by_hand():
+        with torch.no_grad():
+            image = ref.get_image_features(pixel_values=pixels).pooler_output.double()
+            text = ref.get_text_features(input_ids=input_ids, attention_mask=mask).pooler_output.double()
+        cos = (image * text).sum(-1) / (image.norm(dim=-1) * text.norm(dim=-1))
+        return cos, 100 * cos.clamp(min=0)
+
+    # Random towers agree on nothing: every cosine is negative, so every score is exactly 0.
+    cos, _ = by_hand()
+    assert (cos < 0).all(), cos
+    got = clip_score(ours, tokenizer, pictures, prompts)
+    assert got.shape == (4,) and got.dtype == torch.float32 and torch.equal(got, torch.zeros(4))
+    # Negating the image projection negates every cosine: now all scores are positive.
+    with torch.no_grad():
+        ref.visual_projection.weight.neg_()
+    ours, _ = load(ref.state_dict(), ours.cfg)
+    cos, expected = by_hand()
+    assert (cos > 0).all(), cos
+    got = clip_score(ours, tokenizer, pictures, prompts)
+    assert rel_err(got, expected) < 1e-5
+    # Float pictures in [0, 1] take the pipeline's route (rounded to 8 bits first): the same pixels for
+    # a picture that is already 8-bit, so the same score (up to rounding: a batch of one, not of four).
+    as_tensor = torch.from_numpy(np.array(pictures[2].convert("RGB")))[None].permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(preprocess(as_tensor, ours.cfg.vision), pixels[2:3])
+    assert rel_diff(clip_score(ours, tokenizer, as_tensor, prompts[2]), got[2:3]) < 1e-5
+
+
+def test_clip_score_rejects_unpaired_input(small, tokenizer):
+    _, ours, _, _, _, pictures = small
+    with pytest.raises(BadValue, match="4 images and 3 prompts"):
+        clip_score(ours, tokenizer, pictures, TEXTS[:3])
+
+
+def test_hub_layout_converts(small):
+    """The hub's file (FlagAI's names, transformers 4.x) says encoder.layer.N and keeps XLM-R's pooler
+    and the index buffers: converted, the same model."""
+    ref, ours, _, input_ids, mask, pictures = small
+    state = {k.replace(".encoder.layers.", ".encoder.layer.") if k.startswith("text_model.") else k: v
+             for k, v in ref.state_dict().items()}
+    assert any(".encoder.layer.1." in k for k in state)
+    state["text_model.roberta.pooler.dense.weight"] = torch.zeros(32, 32)
+    state["text_model.roberta.pooler.dense.bias"] = torch.zeros(32)
+    state["text_model.roberta.embeddings.position_ids"] = torch.arange(514)[None]
+    state["text_model.roberta.embeddings.token_type_ids"] = torch.zeros(1, 514, dtype=torch.long)
+    state["vision_model.embeddings.position_ids"] = torch.arange(65)[None]
+    hub, report = load(state, ours.cfg)
+    assert report.converted == len(ours.state_dict())
+    assert dict(report.dropped) == {DROPS[0][1]: 2, DROPS[1][1]: 2, DROPS[2][1]: 1}
+    pixels = preprocess(pictures, ours.cfg.vision)
+    with torch.no_grad():
+        assert torch.equal(hub(input_ids, mask, pixels)[0], ours(input_ids, mask, pixels)[0])
+
+
+def test_config_checks():
+    m9_vision = vision_config_from_hf(M9_ALTCLIP["vision_config"])
+    assert AltCLIPConfig() == AltCLIPConfig(TextEncoderConfig(), m9_vision, 768)
+    with pytest.raises(BadValue, match="pre_transformation"):
+        AltCLIPConfig(text=TextEncoderConfig(pre_transformation=True))
+    with pytest.raises(BadType, match="TextEncoderConfig"):
+        AltCLIPConfig(text={"hidden": 1024})
+    with pytest.raises(BadType, match="projection_dim"):
+        AltCLIPConfig(projection_dim=7.5)
+
+
+@pytest.mark.slow
+def test_full_altclip_m9_matches_reference():
+    start = time.perf_counter()
+    ref = reference_model(**M9_ALTCLIP)
+    built = time.perf_counter()
+    cfg = config_from_hf(ref.config.to_dict())
+    assert cfg == AltCLIPConfig()  # our defaults are AltCLIP-m9's numbers
+    ours, report = load(ref.state_dict(), cfg)  # shares ref's tensors: no second 3.5 GB copy
+    assert report.converted == len(ours.state_dict()) == len(ref.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(4, 250002, (3, 77), generator=g)
+    input_ids[:, 0], input_ids[0, 30], input_ids[0, 31:], input_ids[1, -1] = 0, 2, 1, 2  # row 0 padded after 31 tokens
+    input_ids[2, 5], input_ids[2, 6:] = 2, 1
+    mask = (input_ids != 1).long()
+    pixels = preprocess([picture("RGB", 512, 384), picture("RGBA", 300, 500, seed=1)])
+    with torch.no_grad():
+        expected = ref(input_ids=input_ids, pixel_values=pixels, attention_mask=mask)
+        expected_text = ref.get_text_features(input_ids=input_ids, attention_mask=mask).pooler_output
+        expected_image = ref.get_image_features(pixel_values=pixels).pooler_output
+        text, image = ours.encode_text(input_ids, mask), ours.encode_image(pixels)
+        per_image, per_text = ours(input_ids, mask, pixels)
+    expected_per_image, expected_per_text = expected.logits_per_image, expected.logits_per_text
+    del ref, ours, expected  # 3.5 GB of weights (ours shares them) and the towers' outputs
+    gc.collect()
+    print(f"\nAltCLIP-m9 full test: build {built - start:.1f} s, total {time.perf_counter() - start:.1f} s, "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    assert text.shape == (3, 768) and image.shape == (2, 768) and per_image.shape == (2, 3)
+    assert rel_err(text, expected_text) < 1e-5
+    assert rel_err(image, expected_image) < 1e-5
+    assert rel_err(per_image, expected_per_image) < 1e-5
+    assert rel_err(per_text, expected_per_text) < 1e-5
