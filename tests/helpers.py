@@ -30,6 +30,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64; for checks that two things *differ* (not recorded as parity)."""
     a, b = a.double().cpu(), b.double().cpu()
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != reference {tuple(b.shape)}"
+    assert torch.isfinite(b).all(), "the reference output holds inf or NaN: the comparison would prove nothing"
     assert b.norm() > 0, "the reference output is all zeros: the comparison would prove nothing"
     return ((a - b).norm() / b.norm()).item()
 

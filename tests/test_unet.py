@@ -31,9 +31,9 @@ SMALL = {
 BACKENDS = ["sdpa", "explicit"]
 
 
-def make_reference(config: dict) -> UNet2DConditionModel:
+def make_reference(config: dict, scale: float = 0.05) -> UNet2DConditionModel:
     torch.manual_seed(0)
-    return randomize_(UNet2DConditionModel.from_config(config).eval())
+    return randomize_(UNet2DConditionModel.from_config(config).eval(), scale=scale)
 
 
 @pytest.fixture(scope="module", params=list(SMALL))
@@ -43,7 +43,10 @@ def small_reference(request) -> UNet2DConditionModel:
 
 @pytest.fixture(scope="module")
 def m9_reference() -> UNet2DConditionModel:
-    return make_reference(M9_UNET)  # ~3.4 GB; ours shares its tensors
+    # ~3.4 GB; ours shares its tensors. Perturbed by 0.02, not 0.05: at m9's width 0.05 makes
+    # activations grow to ~4.5e7 by the last up block (measured), past fp16's 65504, so the fp16
+    # reference would be inf; at 0.02 the largest is ~120 and the output still far from trivial.
+    return make_reference(M9_UNET, scale=0.02)
 
 
 @torch.no_grad()
