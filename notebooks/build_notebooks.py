@@ -130,10 +130,11 @@ for sampler in SAMPLERS:
         results.append(pipe.generate(prompt, sampler=sampler, steps=steps, seed=4, output="tensor", progress=False)[0])
         titles.append(f"{sampler}\\n{steps} steps, {time.perf_counter() - start:.2f}s")
 show(results, titles, rows=len(SAMPLERS))""",
-    """md:DDIM and Euler have the triangle by 12 steps, DPM-Solver++ on either schedule by 25. Euler ancestral
-draws fresh noise at every step, so each step count is another random path and another picture,
-not a finer version of the same one. PLMS never settles on this model at guidance 7.5: every step
-count gives another picture. The x̂₀ trajectories show it step by step
+    """md:DDIM has the purple triangle by 12 steps, Euler and DPM-Solver++ on either schedule by 25 (Euler's
+12-step triangle is still blue). Euler ancestral draws fresh noise at every step, so each step count
+is another random path and another picture, not a finer version of the same one. PLMS never draws
+the triangle on this model at guidance 7.5: each step count up to 25 gives another picture, and 25
+and 50 steps leave a blue sliver. The x̂₀ trajectories show it step by step
 (`return_trajectory=True` gives the latents and x̂₀ of every step; decoded here).""",
     """for sampler in SAMPLERS:
     _, trajectory = pipe.generate(prompt, sampler=sampler, steps=8, seed=4, output="tensor", progress=False,
@@ -171,8 +172,8 @@ for sampler in SAMPLERS:
     print(f"{sampler:16}{right[0]:12.0%}{right[1]:14.0%}")""",
     """md:DDIM and Euler, both first order, are the robust ones. DPM-Solver++'s second-order step
 tolerates the jumps at moderate guidance; over Karras' levels, which put more of its 25 steps at
-low noise (the routes above), it got every prompt right at 7.5 too, against 97% with its default
-spacing. Euler ancestral's fresh noise costs it a fifth of the prompts at 7.5. PLMS's extrapolation
+low noise (the routes above), it got every prompt right at 7.5 too, against 93% with its default
+spacing. Euler ancestral's fresh noise costs it two prompts in five at 7.5. PLMS's extrapolation
 does not tolerate the jumps, and the larger jumps at 7.5 make it much worse. With a model whose ε
 varies smoothly the higher orders pay off in fewer steps; which model that is, is an experiment
 this code makes easy: every sampler is a plain function over any `eps(x, t)` and a list of timesteps.""",
@@ -203,14 +204,16 @@ for lang in ("en", "fr", "ru", "ar"):
     print(lang, prompt)
     show([image] + heat[1:-1], ["image"] + [repr(p) for p in pieces[1:-1]], size=1.3)""",
     """md:The same seed gives the same green circle in every language. The maps (averaged over layers,
-heads and steps) differ: some words' attention gathers on the shape (en "circle", fr "vert", ru
-"зелёный", ar "دائرة"), others' spreads over the background (fr "cercle", ru "круг"). The text encoder is bidirectional, so every
+heads and steps) differ: some words' attention gathers on the shape (ru "зелёный" most clearly, fr
+"vert" and "un"), others' spreads over the picture (fr "cercle", ru "круг", en "green", both Arabic
+words). The text encoder is bidirectional, so every
 position's vector already mixes the whole sentence: which position the UNet reads the meaning from
 is the encoder's choice, not the word's. (matplotlib draws Arabic letters unjoined.)""",
     """md:## Per layer
 The latents are 8×8 here, so the levels see 8×8, 4×4 and 2×2 positions. The coarse layers (2×2:
-down.2, the middle, up.0) can only say "this quarter"; at 4×4 the layers on the way up (up.1) light
-up where the square is; the finest maps (8×8) are patchy. One token, "square", every layer:""",
+down.2, the middle, up.0) can only say "this half" or "this quarter"; at 8×8 on the way up, up.2.attn.0
+draws a frame around the square (the word is read at the shape's edges, not inside it), and the last
+layer's map is patchy. One token, "square", every layer:""",
     """prompt = data.caption("square", "orange", "en")
 with capture_attention(pipe.unet) as maps:
     image = pipe.generate(prompt, steps=25, seed=3, output="tensor", progress=False)
@@ -221,7 +224,12 @@ show([image[0]] + [maps.heatmap(token, (64, 64), layers=[n])[1] for n in names],
      ["image"] + [n.replace(".block.cross_attn", "") for n in names], size=1.2, rows=2)""",
 ]
 
-SWEEP_TEXT = """md:**Reading the table.** (written after the run)"""
+SWEEP_TEXT = """md:**Reading the table.** With cross-attention on, every picture shows the colour and
+the shape asked for, at both scales (the 1.00s). Without it the prompt is never read: each seed
+draws its own picture whatever the prompt (a blue circle from seed 0, a green square from seed 1),
+and the detector finds what was asked only where that happens to match, a third of the time.
+`results.csv` has one row per picture (setting, prompt, seed, file, colour, shape), ready for a
+spreadsheet or pandas; running the sweep again skips the cells already made."""
 
 LESSONS["04_ablations"] = [
     """md:# 4 · Ablations: guidance, cross-attention, languages in between
@@ -235,17 +243,19 @@ scales = (0.0, 1.0, 2.0, 4.0, 7.5, 15.0)
 images = [pipe.generate(prompt, scale=s, steps=25, seed=11, output="tensor", progress=False)[0] for s in scales]
 show(images, [f"scale {s}" for s in scales])""",
     """md:**Guidance sweep.** Scale 0 is the unconditional model (the empty prompt): it draws whatever
-this noise suggests to it, here a triangle. Scale 1 is the conditional model alone, and already
+this noise suggests to it, here a blue square. Scale 1 is the conditional model alone, and already
 draws the blue circle asked for: on this small world the prompt is easy to follow. Larger scales
-push ε further from the unconditional prediction (ε = ε∅ + s·(ε_c − ε∅)): the same blue circle,
-moved and resized; at 7.5 and 15 it sits smaller, in the top left.""",
+push ε further from the unconditional prediction (ε = ε∅ + s·(ε_c − ε∅)): the same blue circle in
+the same place, whose outline starts to wobble at 7.5 and dents at 15.""",
     """schedules = {"constant 7.5": 7.5, "7.5 early, 1 late": lambda t: 7.5 if t > 500 else 1.0,
              "1 early, 7.5 late": lambda t: 1.0 if t > 500 else 7.5}
 show([pipe.generate(prompt, scale=s, steps=25, seed=11, output="tensor", progress=False)[0] for s in schedules.values()],
      list(schedules))""",
-    """md:**Guidance schedules.** Guidance in the early (noisy) steps only gives the picture of constant
-7.5; guidance in the late steps only gives the picture of scale 1 (compare the sweep above). The
-early steps decide the layout; the late ones only refine it.""",
+    """md:**Guidance schedules.** All three put the same circle in the same place: here scale 1 already
+gets the layout right, so guidance only changes the outline, and the outline is decided late.
+Guidance in the late steps only gives the wobbly edge of constant 7.5; guidance in the early
+(noisy) steps only gives the smooth circle of scale 1 (compare the sweep above). The early steps
+decide the layout, the late ones the details.""",
     """images = [pipe.generate(data.caption(shape, "red", "en"), cross_attention=False, steps=25, seed=2,
                         output="tensor", progress=False)[0] for shape in data.SHAPES]
 show(images, [f"no cross-attn: red {s}" for s in data.SHAPES])""",
@@ -267,8 +277,8 @@ show([pipe.generate(prompt, text_layer=k, steps=25, seed=11, output="tensor", pr
      [f"text layer {k}" for k in layers])""",
     """md:**Which text-encoder layer.** The UNet was trained on the last layer's output; feeding it an
 earlier one (0 = the embeddings alone) shows how much of the meaning the later layers add. Here the
-embeddings alone still give a circle, but of the wrong colour; one layer of attention over the
-words already gives the right picture.""",
+embeddings alone give a green square, neither the colour nor the shape asked for; one layer of
+attention over the words already gives the blue circle.""",
     """md:## An ablation as a table: `sweep`
 The switches above, one picture at a time, are anecdotes. `altdiff-min sweep SPEC` (or `run_sweep`)
 makes every combination of some `generate` arguments over prompts and seeds, measures every picture
