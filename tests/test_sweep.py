@@ -125,3 +125,20 @@ def test_a_toml_spec(tmp_path):
     assert main(["sweep", str(tmp_path / "s.toml"), "--device", "cpu"]) == 0
     rows = table(tmp_path / "s")
     assert [r["cross_attention"] for r in rows] == ["True", "False"]
+
+
+def test_a_read_only_outdir_is_one_line_before_any_picture(tmp_path, capsys, monkeypatch):
+    """As root, permissions do not stop writes here; the file system's refusal is simulated."""
+    import errno
+
+    import altdiff_min.pipeline as pipeline
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    spec = write_spec(tmp_path)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["sweep", spec, "--outdir", str(tmp_path / "ro" / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and err.count("\n") == 1
