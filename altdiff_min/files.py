@@ -24,7 +24,7 @@ MAX_JSON_BYTES = 16 * 2**20  # a config is a few kB; anything this large is not 
 
 def read_text(path: str | os.PathLike, what: str = "text file", most: int = 64 * 2**20) -> str:
     """A UTF-8 file that must be a regular file of at most `most` bytes (not a device, FIFO or a huge
-    file behind a symlink); every failure names the file."""
+    file behind a symlink), without the byte-order mark some editors write; every failure names the file."""
     path = os.fspath(path)
     try:
         info = os.stat(path)
@@ -33,7 +33,7 @@ def read_text(path: str | os.PathLike, what: str = "text file", most: int = 64 *
         if info.st_size > most:
             raise BadFile(f"{path} is {info.st_size} bytes; a {what} is at most {most} bytes")
         with open(path, "rb") as f:
-            return f.read(most + 1).decode("utf-8")
+            return f.read(most + 1).decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except FileNotFoundError:
         raise Missing(f"{what} not found: {path}") from None
     except OSError as e:

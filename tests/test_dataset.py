@@ -193,3 +193,14 @@ def test_an_existing_out_dir_is_kept_without_force(small_model_dir, tmp_path, ca
     (run / "loss.jsonl").write_text("")
     assert main(["train", small_model_dir, str(data), str(run), "--max-steps", "1", "--no-progress", "--force"]) == 0
     assert (run / "loss.jsonl").read_text().count("\n") == 1  # started again
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_caption(tmp_path):
+    """Editors on Windows start UTF-8 files with U+FEFF; json.loads would refuse line 1 because of it."""
+    write_pictures(tmp_path / "a", 2, "jsonl")
+    write_pictures(tmp_path / "b", 2, "txt")
+    meta = tmp_path / "a" / "metadata.jsonl"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())
+    (tmp_path / "b" / "000.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "b" / "000.txt").read_bytes())
+    a, b = CaptionedFolder(str(tmp_path / "a"), 64), CaptionedFolder(str(tmp_path / "b"), 64)
+    assert a.texts(0) == b.texts(0) == ("un cercle rouge 0",)
