@@ -4,15 +4,12 @@ import gc
 import os
 import resource
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from helpers import M9_ALTCLIP, PRECISIONS, randomize_, rel_diff, rel_err
 from prompts import PROMPTS
-from test_vision import DROPS as VISION_DROPS
-from test_vision import RULES as VISION_RULES
 from test_vision import SMALL as SMALL_VISION
 from test_vision import config_from_hf as vision_config_from_hf
 from test_vision import picture
@@ -23,40 +20,10 @@ from altdiff_min.errors import BadType, BadValue
 from altdiff_min.text_encoder import TextEncoderConfig
 from altdiff_min.tokenizer import Tokenizer
 from altdiff_min.vision import preprocess
-from weights_convert import text_encoder
-from weights_convert.rules import Drop, Rule, load_model, rename
-
-# transformers' AltCLIPModel layout → altdiff_min.altclip.AltCLIP. Here until the converter reads
-# AltCLIP (then: weights_convert/altclip.py). Each tower's names go through that tower's own rules.
-TEXT_RULES: list[Rule] = [
-    # transformers 5 names XLM-R's layers encoder.layers.N (and renames the hub's encoder.layer.N when it
-    # loads them); 4.x, FlagAI and the hub's file say encoder.layer.N, which text_encoder.RULES handles.
-    (r"^roberta\.encoder\.layers\.", "layers."),
-    *text_encoder.RULES,
-]
-RULES: list[Rule] = [
-    (r"^text_model\.pre_LN\.", "text_norm."),  # before the text tower's rules, which would make it text.pre_ln
-    (r"^text_model\.(.+)$", lambda m: "text." + rename(m[1], TEXT_RULES)),
-    (r"^vision_model\.(.+)$", lambda m: "vision." + rename(m[1], VISION_RULES)),
-    # text_projection.weight, visual_projection.weight and logit_scale keep their names
-]
-DROPS: list[Drop] = [
-    # FlagAI built its text tower with XLMRobertaModel's default pooling head, so its files carry one;
-    # transformers' AltCLIPTextModel has none (add_pooling_layer=False) and skips it on loading.
-    (r"^text_model\.roberta\.pooler\.", "pooler: XLM-R's tanh head on token 0, which AltCLIP does not use"),
-    (r"^text_model\.roberta\.embeddings\.(position_ids|token_type_ids)$", text_encoder.DROPS[1][1]),
-    (r"^vision_model\.embeddings\.position_ids$", VISION_DROPS[0][1]),
-]
-
-
-def config_from_hf(hf: dict) -> AltCLIPConfig:
-    """Our config from transformers' AltCLIPConfig.to_dict() (the hub's config.json)."""
-    # AltCLIPModel never reads vision_config.projection_dim (its default is 512): the joint width is the
-    # top-level projection_dim, which the vision config then records too.
-    vision = replace(vision_config_from_hf(hf["vision_config"]), project_dim=hf["projection_dim"])
-    return AltCLIPConfig(text=text_encoder.config_from_hf(hf["text_config"]), vision=vision,
-                         projection_dim=hf["projection_dim"])
-
+from weights_convert.rules import load_model, rename
+from weights_convert.vision import ALTCLIP_DROPS as DROPS
+from weights_convert.vision import ALTCLIP_RULES as RULES
+from weights_convert.vision import altclip_config_from_hf as config_from_hf
 
 def load(state_dict, cfg: AltCLIPConfig):
     return load_model(lambda: AltCLIP(cfg), state_dict, RULES, DROPS, "AltCLIP state dict")

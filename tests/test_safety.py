@@ -9,21 +9,14 @@ import torch.nn.functional as F
 from helpers import M9_VISION, randomize_, rel_err
 from PIL import Image
 from test_vision import DROPS as VISION_DROPS
-from test_vision import RULES as VISION_RULES
 from test_vision import config_from_hf, picture
 
 from altdiff_min.errors import BadType, BadValue
 from altdiff_min.safety import CONCEPTS, PLACEHOLDER_GREY, SPECIAL_CONCEPTS, SafetyChecker, placeholder, replace_flagged
 from altdiff_min.vision import VisionConfig, preprocess
-from weights_convert.rules import Drop, Rule, load_model, rename
-
-# diffusers' StableDiffusionSafetyChecker → altdiff_min.safety.SafetyChecker. The hub's files say
-# vision_model.vision_model.…; transformers 5 loads them as vision_model.… : test_vision's RULES take
-# both once the outer vision_model. is ours (vision.). The other five names are the same here.
-RULES: list[Rule] = [
-    (r"^vision_model\.(.*)$", lambda m: "vision." + rename(m.group(1), VISION_RULES)),
-]
-DROPS: list[Drop] = VISION_DROPS
+from weights_convert.rules import load_model, rename
+from weights_convert.vision import SAFETY_DROPS as DROPS
+from weights_convert.vision import SAFETY_RULES as RULES
 
 SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, patch_size=8,
              image_size=64, num_channels=3, layer_norm_eps=1e-5, projection_dim=16, hidden_act="quick_gelu")

@@ -12,40 +12,11 @@ from altdiff_min.attention import attention_backend
 from altdiff_min.errors import BadType, BadValue, NotFinite
 from altdiff_min.pipeline import to_pil
 from altdiff_min.vision import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer, preprocess
-from weights_convert.rules import Drop, Rule, load_model, rename
+from weights_convert.rules import load_model, rename
+from weights_convert.vision import DROPS, RULES, config_from_hf
 
 # transformers' CLIPVisionModel layout → altdiff_min.vision.VisionTransformer. Here until the converter
 # reads vision towers (then: weights_convert/vision.py).
-RULES: list[Rule] = [
-    # transformers 4.x and the hub's files say vision_model.embeddings…; 5.x's CLIPVisionModel strips
-    # the prefix when it loads them (its state dict starts at embeddings…): accept both.
-    (r"^vision_model\.", ""),
-    (r"^embeddings\.position_embedding\.weight$", "position_embedding"),  # an nn.Embedding there, a table here
-    (r"^embeddings\.", ""),  # patch_embedding.weight, class_embedding
-    (r"^pre_layrnorm\.", "pre_norm."),
-    (r"^post_layernorm\.", "post_norm."),
-    (r"^encoder\.layers\.", "layers."),
-    # inside a layer
-    (r"\.self_attn\.(q|k|v|out)_proj\.", r".attn.\1."),
-    (r"\.layer_norm1\.", ".attn_norm."),
-    (r"\.layer_norm2\.", ".mlp_norm."),
-    (r"\.mlp\.(fc1|fc2)\.", r".\1."),
-]
-
-DROPS: list[Drop] = [
-    (r"(^|\.)embeddings\.position_ids$", "index buffer 0 … patches: every position is used, in order"),
-]
-
-
-def config_from_hf(hf: dict) -> VisionConfig:
-    if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise ValueError(f"vision tower uses hidden_act={hf['hidden_act']!r}; only CLIP's 'quick_gelu' is implemented")
-    return VisionConfig(hidden=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
-                        mlp=hf["intermediate_size"], patch=hf["patch_size"], image_size=hf["image_size"],
-                        image_channels=hf.get("num_channels", 3), eps=hf.get("layer_norm_eps", 1e-5),
-                        project_dim=hf.get("projection_dim", 512))
-
-
 def load(state_dict, cfg: VisionConfig):
     return load_model(lambda: VisionTransformer(cfg), state_dict, RULES, DROPS, "vision tower state dict")
 
