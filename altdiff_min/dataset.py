@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .errors import BadFile, BadValue, Missing
 from .files import read_text
 from .tokenizer import check_prompt
+from .vision import rgb_over_white
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
@@ -37,21 +38,16 @@ Example = tuple[torch.Tensor, tuple[str, ...]]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image → 8-bit RGB: 16- and 32-bit integer images scaled down (not clipped), transparency
-    composited over white (a transparent background is usually meant to be blank, not black)."""
+    """Any PIL image → 8-bit RGB: the EXIF orientation applied, 16- and 32-bit integer images scaled
+    down (not clipped), then transparency composited over white (vision.rgb_over_white: a transparent
+    background is usually meant to be blank, not black)."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNGs and TIFFs
         pixels = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
     elif image.mode == "F":
         image = Image.fromarray(np.asarray(image, dtype=np.float64).clip(0, 255).round().astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    return rgb_over_white(image)
 
 
 def center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -81,8 +77,8 @@ class CaptionedFolder:
             raise Missing(f"data folder not found: {self.path}" if not os.path.lexists(self.path)
                           else f"data: {self.path} is not a folder")
         self.path = os.path.abspath(self.path)
-        images = self.list_images()
-        listed = self.read_metadata() if os.path.lexists(os.path.join(self.path, METADATA)) else self.read_txt(images)
+        images, texts = self.walk()
+        listed = self.read_metadata() if os.path.lexists(os.path.join(self.path, METADATA)) else self.read_txt(images, texts)
         for file in images:
             if file not in listed:
                 self.skip("image without a caption", file)
@@ -106,13 +102,16 @@ class CaptionedFolder:
     def skip(self, reason: str, file: str) -> None:
         self.skipped.setdefault(reason, []).append(file)
 
-    def list_images(self) -> list[str]:
-        found = []
+    def walk(self) -> tuple[list[str], list[str]]:
+        """The images and the .txt files under the folder (relative paths, sorted; hidden ones skipped)."""
+        images, texts = [], []
         for root, dirs, files in os.walk(self.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found += [os.path.relpath(os.path.join(root, f), self.path) for f in files
-                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-        return sorted(found)
+            for f in files:
+                if not f.startswith("."):
+                    rel = os.path.relpath(os.path.join(root, f), self.path)
+                    (images if f.lower().endswith(IMAGE_EXTENSIONS) else texts if f.endswith(".txt") else []).append(rel)
+        return sorted(images), sorted(texts)
 
     def read_metadata(self) -> dict[str, tuple[str, ...]]:
         """file_name → captions from metadata.jsonl; a line that is not {"file_name": str, "text": str or
@@ -146,24 +145,19 @@ class CaptionedFolder:
             listed[name] = tuple(texts)
         return listed
 
-    def read_txt(self, images: list[str]) -> dict[str, tuple[str, ...]]:
+    def read_txt(self, images: list[str], texts: list[str]) -> dict[str, tuple[str, ...]]:
         """NAME.png → the text of NAME.txt beside it (stripped); a .txt without an image is reported."""
         self.source = ".txt files"
         stems = {os.path.splitext(f)[0]: f for f in images}
         listed = {}
-        for root, dirs, files in os.walk(self.path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if not f.endswith(".txt") or f.startswith("."):
-                    continue
-                rel = os.path.relpath(os.path.join(root, f), self.path)
-                image = stems.get(os.path.splitext(rel)[0])
-                if image is None:
-                    self.skip("caption without an image", rel)
-                    continue
-                text = read_text(os.path.join(self.path, rel), "caption file").strip()
-                check_prompt(text)
-                listed[image] = (text,)
+        for rel in texts:
+            image = stems.get(os.path.splitext(rel)[0])
+            if image is None:
+                self.skip("caption without an image", rel)
+                continue
+            text = read_text(os.path.join(self.path, rel), "caption file").strip()
+            check_prompt(text)
+            listed[image] = (text,)
         return listed
 
     def check_image(self, file: str) -> str | None:

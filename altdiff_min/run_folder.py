@@ -1,7 +1,8 @@
 """A training run's folder (OUT_DIR of `altdiff-min train`): what it holds and how it is written.
 
     run.json        what the run is: the base model, the data, the settings, the global batch
-    checkpoint.pt   everything a restart needs (see train.checkpoint_state), replaced atomically
+    checkpoint.pt   everything a restart needs (weights, optimizer, LR schedule, EMA, grad scaler,
+                    rng_states(), step: written by train.train), replaced atomically
     loss.jsonl      one {"step", "loss", "lr", "seconds"} per optimizer step; loss.png draws it
     samples/        step-NNNNNNN-K.png: the --sample-prompt pictures, every --sample-every steps
     model/          the result, a model folder `altdiff_min.load` reads (written at the end)
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import AltDiffError, BadFile, Exists, Missing
@@ -67,6 +70,22 @@ def write_json(path: str, value: Any) -> None:
 def save_checkpoint(path: str, state: dict) -> None:
     with atomic_file(os.path.join(path, CHECKPOINT)) as tmp:
         torch.save(state, tmp)
+
+
+def rng_states() -> dict:
+    """Every random generator's state (torch CPU and CUDA, Python's, numpy's): a checkpoint's "rng"."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+
+
+def set_rng_states(states: dict) -> None:
+    """Put back what rng_states() saved (the checkpoint may have been loaded onto a GPU: states are CPU bytes)."""
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    kind, key, *rest = states["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))
 
 
 def load_checkpoint(path: str, device: torch.device) -> dict | None:

@@ -254,12 +254,13 @@ def write_results(out: str, spec: Spec, functions: dict[str, Metric]) -> list[di
     """results.csv and contact_sheet.png from the saved pictures; prints each setting's mean per metric."""
     from PIL import Image
 
-    rows = []
+    rows, pictures = [], []
     for cell in spec.cells():
         s, p, k = cell
         file = picture_name(cell, spec)
         with Image.open(os.path.join(out, file)) as image:
             picture = image.convert("RGB")
+        pictures.append(picture)
         values = {}
         for name, fn in functions.items():
             values |= {(key if len(functions) == 1 else f"{name}.{key}"): value for key, value in fn(picture, spec.prompts[p]).items()}
@@ -270,7 +271,7 @@ def write_results(out: str, spec: Spec, functions: dict[str, Metric]) -> list[di
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    contact_sheet(out, spec, rows)
+    contact_sheet(out, spec, pictures)
     measured = [key for key in rows[0] if key not in ("setting", "prompt", "seed", "file", *spec.axes)]
     for s, setting in enumerate(spec.settings):
         means = []
@@ -285,11 +286,11 @@ def label(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(fixed)"
 
 
-def contact_sheet(out: str, spec: Spec, rows: list[dict]) -> None:
-    """One row per setting, labelled; one column per prompt × seed, headed by the prompt's number and the seed."""
+def contact_sheet(out: str, spec: Spec, pictures: list) -> None:
+    """One row per setting, labelled; one column per prompt × seed, headed by the prompt's number and
+    the seed. pictures: the cells' pictures, in spec.cells() order."""
     from PIL import Image, ImageDraw
 
-    pictures = [Image.open(os.path.join(out, r["file"])).convert("RGB") for r in rows]
     w, h = pictures[0].size
     columns = len(spec.prompts) * len(spec.seeds)
     left, top, gap = 220, 20, 2

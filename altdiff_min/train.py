@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import random
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -145,6 +144,10 @@ class TrainConfig:
     def modules(self) -> tuple[str, ...]:
         return {"both": ("text_encoder", "unet")}.get(self.train, (self.train,))
 
+    def global_batch(self, processes: int) -> int:
+        """Examples per optimizer step: batch_size × processes × grad_accum."""
+        return self.batch_size * processes * self.grad_accum
+
 
 # Settings that change the sums: a resumed run must have the same ones (with the same global batch).
 SAME_ON_RESUME = ("train", "max_steps", "lr", "warmup", "weight_decay", "max_grad_norm", "mixed_precision", "ema",
@@ -207,8 +210,8 @@ class Batches:
     def __init__(self, model, data, cfg: TrainConfig, world: World):
         self.model, self.data, self.cfg, self.world = model, data, cfg, world
         self.stream = Stream(len(data), cfg.seed)
-        self.global_batch = cfg.batch_size * world.size * cfg.grad_accum
-        down = 2 ** (len(model.vae.cfg.channels) - 1)
+        self.global_batch = cfg.global_batch(world.size)
+        down = model.vae.cfg.size_multiple
         self.latent_shape = (model.vae.cfg.latent_channels, data.resolution // down, data.resolution // down)
         self.empty = model.tokenizer("")[0][0]
         self.posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # example → VAE mean and σ (cache)
@@ -250,26 +253,11 @@ class Batches:
                  "latents": torch.stack(latents)}.items()}
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
-
-
-def set_rng_states(states: dict) -> None:
-    """Put back what rng_states() saved (the checkpoint may have been loaded onto a GPU: states are CPU bytes)."""
-    torch.set_rng_state(states["torch"].cpu())
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    kind, key, *rest = states["numpy"]
-    np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))
+# ---- resuming: the same sums or a reason -------------------------------------------------------------------
 
 
 def describe_batch(cfg: TrainConfig, processes: int) -> str:
-    return (f"{cfg.batch_size * processes * cfg.grad_accum} (batch {cfg.batch_size} × {processes} process(es) "
+    return (f"{cfg.global_batch(processes)} (batch {cfg.batch_size} × {processes} process(es) "
             f"× {cfg.grad_accum} accumulation)")
 
 
@@ -282,8 +270,7 @@ def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> N
     for key in ("model", "data"):
         if recorded[key] != run[key]:
             raise BadValue(f"--resume: the run's {key} was {recorded[key]}, now {run[key]}; a resumed run must read the same")
-    global_batch = cfg.batch_size * world.size * cfg.grad_accum
-    if recorded["global_batch"] != global_batch:
+    if recorded["global_batch"] != cfg.global_batch(world.size):
         raise BadValue(f"--resume: the run's global batch is {recorded['global_batch']} ({recorded['batch']}), this one "
                        f"would be {describe_batch(cfg, world.size)}: with {world.size} process(es) choose --batch-size "
                        f"and --grad-accum whose product is {recorded['global_batch'] / world.size:g}, or the sums change")
@@ -323,7 +310,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
             scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
             torch._foreach_copy_(ema, checkpoint["ema"])
-        set_rng_states(checkpoint["rng"])
+        run_folder.set_rng_states(checkpoint["rng"])
     ddp = objective if world.size == 1 else nn.parallel.DistributedDataParallel(
         objective, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     batches = Batches(model, data, cfg, world)
@@ -334,7 +321,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     def save(step: int) -> None:
         state = {"step": step, "modules": {n: getattr(model, n).state_dict() for n in cfg.modules},
                  "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(),
-                 "scaler": scaler.state_dict() if scaler else None, "ema": ema, "rng": rng_states(),
+                 "scaler": scaler.state_dict() if scaler else None, "ema": ema, "rng": run_folder.rng_states(),
                  "data_position": step * batches.global_batch, "global_batch": batches.global_batch,
                  "world_size": world.size}
         run_folder.save_checkpoint(out_dir, state)
@@ -419,12 +406,13 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
     from .dataset import open_data
     from .folder import fingerprint, read_config
     from .pipeline import check_device, check_size, load
+    from .toy.data import SIZE as TOY_SIZE
 
     world = join_world(check_device(device))
     try:
         with ExitStack() as stack:
             config = read_config(model_path)
-            resolution = (64 if data == "toy" else config.get("image_size", 512)) if resolution is None else resolution
+            resolution = (TOY_SIZE if data == "toy" else config.get("image_size", 512)) if resolution is None else resolution
             check_size(resolution, resolution, config["vae"], config["unet"])
             out_dir = os.path.abspath(out_dir)
 
@@ -438,13 +426,13 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
             model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
                    "config": dataclasses.asdict(cfg), "world_size": world.size,
-                   "global_batch": cfg.batch_size * world.size * cfg.grad_accum, "batch": describe_batch(cfg, world.size)}
+                   "global_batch": cfg.global_batch(world.size), "batch": describe_batch(cfg, world.size)}
 
             def record() -> None:
                 if recorded:
                     check_resume(recorded, cfg, world, run)
                 run_folder.write_json(os.path.join(out_dir, run_folder.RUN), run)
-                if world.rank == 0 and getattr(dataset, "skipped", None):
+                if getattr(dataset, "skipped", None):  # (record runs on rank 0)
                     print(f"data: {len(dataset)} examples; skipped {dataset.report()}")
 
             on_rank0(world, record)

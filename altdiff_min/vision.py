@@ -119,10 +119,10 @@ class VisionTransformer(nn.Module):
         return x, self.post_norm(x[:, 0])
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def rgb_over_white(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB, as transformers' convert_to_rgb does: transparency (an alpha band, or a
     palette's transparent index) is composited onto white, so transparent areas do not show
-    whatever colour they happen to store."""
+    whatever colour they happen to store. Training data is read through it too (dataset.to_rgb)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -176,7 +176,7 @@ def preprocess(images, cfg: VisionConfig = VisionConfig()) -> torch.Tensor:
         short, long = min(w, h), max(w, h)
         long = int(s * long / short)  # Parity: truncated, as transformers' get_resize_output_image_size
         size = (s, long) if w <= h else (long, s)  # PIL sizes are (width, height)
-        pixels = np.asarray(_to_rgb(image).resize(size, Image.Resampling.BICUBIC))  # (H, W, 3) uint8
+        pixels = np.asarray(rgb_over_white(image).resize(size, Image.Resampling.BICUBIC))  # (H, W, 3) uint8
         top, left = (pixels.shape[0] - s) // 2, (pixels.shape[1] - s) // 2  # odd margins: 1 more below/right
         out.append(torch.from_numpy(pixels[top:top + s, left:left + s].copy()).permute(2, 0, 1))
     x = (torch.stack(out).double() * (1 / 255)).float()
