@@ -17,14 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="text-to-image from non-English prompts with the shipped toy model")
     demo.add_argument("--seed", type=int, default=0)
 
-    convert = commands.add_parser("convert", help="a hub repo, diffusers folder or single checkpoint → a model folder")
-    convert.add_argument("src", help="hub repo id (BAAI/AltDiffusion-m9), diffusers-layout folder, or .ckpt/.safetensors file")
+    convert = commands.add_parser("convert", help="a hub repo, diffusers or transformers folder, or single checkpoint → a model folder")
+    convert.add_argument("src", help="hub repo id (BAAI/AltDiffusion-m9, BAAI/AltCLIP-m9), a folder in their layouts "
+                         "(diffusers, transformers), or a .ckpt/.safetensors file")
     convert.add_argument("out_dir", help="the model folder to write (config.json, model.safetensors, tokenizer)")
     convert.add_argument("--dtype", choices=["fp32", "fp16", "keep"], default="fp32")
     convert.add_argument("--revision", help="hub branch, tag or commit (e.g. fp16)")
     convert.add_argument("--tokenizer", help="sentencepiece.bpe.model: required for a single checkpoint; for a "
                          "folder without one (transformers 5 saves tokenizer.json only), the hub's m9 tokenizer file")
     convert.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a model folder altdiff-min wrote")
+    convert.add_argument("--with-safety-checker", action="store_true", help="also convert the diffusers folder's "
+                         "safety_checker/ (1.1 GB from the hub; generate then checks every picture by default)")
 
     gen = commands.add_parser("generate", help="text to image, as FlagAI's predict_generate_images")
     gen.add_argument("prompt", nargs="?", help="the prompt (or --from-file)")
@@ -156,9 +159,11 @@ def run(args) -> int:
         from weights_convert.convert import convert as run_convert
 
         reports = run_convert(args.src, args.out_dir, dtype=args.dtype, revision=args.revision,
-                              tokenizer=args.tokenizer, force=args.force)
+                              tokenizer=args.tokenizer, force=args.force, safety_checker=args.with_safety_checker)
         for name, report in reports.items():
-            print(f"{name:13} {report}")
+            print(f"{name:15} {report}")
+        if not args.with_safety_checker and os.path.isdir(os.path.join(args.src, "safety_checker")):
+            print(f"not converted: {os.path.join(args.src, 'safety_checker')} (pass --with-safety-checker)")
         print(f"wrote {args.out_dir}")
     return 0
 

@@ -1,9 +1,12 @@
-"""Model folders: how a whole AltDiffusion is stored, self-described, never needing the network.
+"""Model folders: how a model is stored, self-described, never needing the network.
 
-    config.json               every module's config, the noise schedule, the tokenizer length, the image size
-    model.safetensors         every tensor under altdiff-min's names: text_encoder.*, unet.*, vae.*
+    config.json               every module's config, the tokenizer length; for a diffusion model also
+                              the noise schedule and the image size
+    model.safetensors         every tensor under altdiff-min's names, prefixed by its module's name
     sentencepiece.bpe.model   the XLM-R tokenizer
 
+A folder holds the modules its config.json names (MODULES): an AltDiffusion is text_encoder, unet
+and vae (DIFFUSION), with a safety_checker beside them or not; an AltCLIP folder holds altclip.
 Written by `altdiff-min convert`, by `altdiff-min train-toy` and by `AltDiffusion.save`.
 """
 from __future__ import annotations
@@ -20,17 +23,24 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .altclip import AltCLIP, AltCLIPConfig
 from .checks import IMAGE_SIZE, check_int
 from .errors import AltDiffError, BadFile, BadType, BadValue, Exists, Missing, io_error
 from .files import fsync_path, leftovers, locked, make_folder, read_json, sibling
+from .safety import SafetyChecker
 from .schedule import ScheduleConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
+from .vision import VisionConfig
 
 FORMAT, VERSION = "altdiff-min", 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "sentencepiece.bpe.model"
-MODULES = {"text_encoder": (TextEncoder, TextEncoderConfig), "unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig)}
+# Every module a folder may hold: its name (the key of its config in config.json and the prefix of its
+# tensors) → (module class, config class).
+MODULES = {"text_encoder": (TextEncoder, TextEncoderConfig), "unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig),
+           "safety_checker": (SafetyChecker, VisionConfig), "altclip": (AltCLIP, AltCLIPConfig)}
+DIFFUSION = ("text_encoder", "unet", "vae")  # what `load` needs; the safety checker is optional beside them
 
 
 @contextmanager
@@ -59,23 +69,34 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 def config_from_dict(cls, d: dict[str, Any]):
     """A frozen config from its JSON form (checked by the config itself: altdiff_min/checks.py); JSON
-    lists become the tuples the dataclass defaults use. Fields a folder from an older altdiff-min
-    lacks take their defaults."""
+    lists become the tuples the dataclass defaults use, and a field whose default is a config (the
+    towers of AltCLIPConfig) is read as one. Fields a folder from an older altdiff-min lacks take
+    their defaults."""
     if not isinstance(d, dict):
         raise BadType(f"{cls.__name__} must be a JSON object, got {d!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    if unknown := set(d) - names:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown := set(d) - set(fields):
         raise BadValue(f"{cls.__name__} has no field(s) {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def value(name: str, v):
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            return config_from_dict(type(default), v)
+        return tuple(v) if isinstance(v, list) else v
+
+    return cls(**{k: value(k, v) for k, v in d.items()})
 
 
-def write_folder(path: str, configs: dict, states: dict, schedule: ScheduleConfig, tokenizer_file: str,
-                 max_length: int = 77, force: bool = False, dtype: torch.dtype | None = None, image_size: int = 512,
-                 **extra: Any) -> None:
+def write_folder(path: str, configs: dict, states: dict, schedule: ScheduleConfig | None, tokenizer_file: str,
+                 max_length: int = 77, force: bool = False, dtype: torch.dtype | None = None,
+                 image_size: int | None = 512, **extra: Any) -> None:
     """Write a model folder atomically (see `destination` and `write_locked`): a failed or interrupted
     write never leaves a folder `load` accepts, and replaces nothing but a model folder (force=True).
 
-    configs / states: module name → config / state dict; dtype casts floating tensors (None keeps them).
+    configs / states: module name (of MODULES) → config / state dict; dtype casts floating tensors
+    (None keeps them). schedule and image_size belong to a diffusion model: None for a folder
+    without a UNet (AltCLIP).
     """
     with destination(path, force) as path:
         write_locked(path, configs, states, schedule, tokenizer_file, max_length, dtype, image_size, **extra)
@@ -127,12 +148,14 @@ def not_a_model_folder(path: str) -> str | None:
     return None if isinstance(config, dict) and config.get("format") == FORMAT else "is not an altdiff-min model folder"
 
 
-def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfig, tokenizer_file: str,
-                 max_length: int, dtype: torch.dtype | None, image_size: int, **extra: Any) -> None:
+def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfig | None, tokenizer_file: str,
+                 max_length: int, dtype: torch.dtype | None, image_size: int | None, **extra: Any) -> None:
     """Write into a fresh `.NAME.partial-*` sibling, fsync its files and itself, then move any old
     folder aside (`.NAME.old-*`), rename the new one into place, fsync the parent after each rename,
     and remove the old one. Call inside `destination(path)`."""
     parent, tmp, old = os.path.dirname(path), sibling(path, "partial"), None
+    if unknown := sorted(set(configs) - set(MODULES)):
+        raise BadValue(f"a model folder holds {sorted(MODULES)}, not {unknown}")
     try:
         os.mkdir(tmp)  # 0777 less the umask, as any folder the user makes
         tensors = {f"{name}.{k}": (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
@@ -140,8 +163,9 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER))
         config = {"format": FORMAT, "version": VERSION, **{name: config_to_dict(c) for name, c in configs.items()},
-                  "schedule": config_to_dict(schedule), "tokenizer": {"max_length": max_length},
-                  "image_size": image_size, **extra}
+                  **({"schedule": config_to_dict(schedule)} if schedule is not None else {}),
+                  "tokenizer": {"max_length": max_length},
+                  **({"image_size": image_size} if image_size is not None else {}), **extra}
         with open(os.path.join(tmp, CONFIG), "w") as f:  # written last: a folder without it is not loadable
             json.dump(config, f, indent=2, ensure_ascii=False, allow_nan=False)
         mode = os.stat(tmp).st_mode & 0o666  # files as the umask makes them (safetensors writes 0600)
@@ -184,9 +208,10 @@ def fingerprint(path: str | os.PathLike) -> dict[str, str]:
         return {"path": path, "config_sha256": hashlib.sha256(f.read()).hexdigest()}
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The config.json of a model folder, after checking the folder really is one and the config
-    holds what `load` needs, each config checked (altdiff_min/checks.py). Errors name the file."""
+def read_config(path: str | os.PathLike, require: tuple[str, ...] = DIFFUSION) -> dict[str, Any]:
+    """The config.json of a model folder, after checking the folder really is one and holds the
+    modules `require` names, each config checked (altdiff_min/checks.py); the modules it holds are
+    config["modules"]. Errors name the file."""
     path = resolve(path)
     if not os.path.isdir(path):
         hint = ""
@@ -209,10 +234,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise BadFile(f"{file} is not an altdiff-min config (format {config.get('format') if isinstance(config, dict) else None!r})")
     if config.get("version") != VERSION:
         raise BadFile(f"{file} has version {config.get('version')!r}; this altdiff-min reads version {VERSION}")
+    config["modules"] = [name for name in MODULES if name in config]
+    if missing := [name for name in require if name not in config]:
+        what = " and ".join(config["modules"]) or "no module"
+        hint = {"altclip": "; pass an AltCLIP folder (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one)",
+                "unet": "; pass an AltDiffusion model folder"}.get(missing[0], "")
+        raise BadFile(f"{file} holds {what}, not {' and '.join(missing)}{hint}")
     try:
-        for name, (_, config_cls) in MODULES.items():
-            config[name] = config_from_dict(config_cls, config[name])
-        config["schedule"] = config_from_dict(ScheduleConfig, config["schedule"])
+        for name in config["modules"]:
+            config[name] = config_from_dict(MODULES[name][1], config[name])
+        if "unet" in config:  # a diffusion model: its noise schedule and image size
+            config["schedule"] = config_from_dict(ScheduleConfig, config["schedule"])
         check_folder_values(config)
     except KeyError as e:
         raise BadFile(f"{file} has no {e.args[0]!r} entry") from None
@@ -222,19 +254,23 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_folder_values(config: dict[str, Any]) -> None:
-    """The folder's own values: the tokenizer length fits the text encoder's positions, the image size
+    """The folder's own values: the tokenizer length fits the text tower's positions, the image size
     fits the VAE and UNet."""
-    check_int("tokenizer.max_length", config["tokenizer"]["max_length"], 2, config["text_encoder"].max_length)
-    check_int("image_size", config.get("image_size", 512), *IMAGE_SIZE)
+    text = config["text_encoder"] if "text_encoder" in config else config["altclip"].text if "altclip" in config else None
+    if text is not None:
+        check_int("tokenizer.max_length", config["tokenizer"]["max_length"], 2, text.max_length)
+    if "unet" in config:
+        check_int("image_size", config.get("image_size", 512), *IMAGE_SIZE)
     if "default_dtype" in config and config["default_dtype"] not in ("float32", "float16", "bfloat16"):
         raise BadValue(f"default_dtype must be float32, float16 or bfloat16, got {config['default_dtype']!r}")
 
 
 def read_modules(path: str, config: dict[str, Any], device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> dict[str, torch.nn.Module]:
-    """The text encoder, UNet and VAE of a model folder (config: from read_config), built on the meta
-    device (no random init) and filled strictly from model.safetensors; dtype None keeps the stored
-    dtype. A file that is corrupt or does not fit the config is a BadFile naming it."""
+                 dtype: torch.dtype | None = None, names: tuple[str, ...] | None = None) -> dict[str, torch.nn.Module]:
+    """The modules `names` of a model folder (None: every module it holds, config["modules"]; config:
+    from read_config), built on the meta device (no random init) and filled strictly from
+    model.safetensors; dtype None keeps the stored dtype. A file that is corrupt or does not fit the
+    config is a BadFile naming it."""
     file = os.path.join(path, WEIGHTS)
     try:
         # On the CPU (memory-mapped: read as used), each tensor then cast and moved on its own: a
@@ -243,10 +279,11 @@ def read_modules(path: str, config: dict[str, Any], device: str | torch.device =
         tensors = load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise BadFile(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
-    if stray := sorted({k.split(".")[0] for k in tensors} - set(MODULES)):
-        raise BadFile(f"{file} holds tensors of unknown modules: {stray}")
+    if stray := sorted({k.split(".")[0] for k in tensors} - set(config["modules"])):
+        raise BadFile(f"{file} holds tensors of modules its {CONFIG} does not name: {stray}")
     modules = {}
-    for name, (model_cls, _) in MODULES.items():
+    for name in config["modules"] if names is None else [n for n in config["modules"] if n in names]:
+        model_cls = MODULES[name][0]
         with empty_modules():
             model = model_cls(config[name])
         prefix = name + "."

@@ -4,6 +4,8 @@
     2. initial_latents   seed ─ x_T ~ N(0, I) · init_noise_sigma
     3. sample            x_T ─ sampler over timesteps, ε = guided UNet(x, t, context) ─ x_0
     4. decode_latents    x_0 ─ VAE decoder ─ image
+    5. check_safety      image ─ safety checker ─ flagged pictures replaced by a placeholder
+                         (only where the model folder holds a checker)
 `generate` is their composition, after checking every argument.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from .errors import BadType, BadValue, NotFinite
-from .folder import MODULES, TOKENIZER, read_config, read_modules, resolve, write_folder
+from .folder import DIFFUSION, TOKENIZER, read_config, read_modules, resolve, write_folder
+from .safety import SafetyChecker, replace_flagged
 from .samplers import check_eta, get_sampler
 from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, timesteps
 from .text_encoder import TextEncoder
@@ -38,6 +41,7 @@ class AltDiffusion:
     path: str = ""
     image_size: int = 512  # what the model was trained at: the default height and width of generate
     limits: Limits = field(default_factory=lambda: Limits())  # what one generate call may ask for
+    safety_checker: SafetyChecker | None = None  # the folder's, if it holds one (convert --with-safety-checker)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], layer: int | None = None) -> torch.Tensor:
@@ -89,13 +93,24 @@ class AltDiffusion:
         """4. Clean latents (in the sampler's scaled space) → images (n, 3, H, W), float32 in [0, 1]."""
         return (self.vae.decode(latents / self.vae.cfg.scaling_factor).float() / 2 + 0.5).clamp(0, 1)
 
+    def check_safety(self, images: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """5. Each picture (n, 3, H, W) in [0, 1] through the safety checker (diffusers'
+        StableDiffusionSafetyChecker decision, altdiff_min/safety.py) → the pictures with every flagged
+        one replaced by a placeholder that says so (FlagAI's behaviour; diffusers blacks them out),
+        and one flag per picture."""
+        if self.safety_checker is None:
+            raise BadValue("this model holds no safety checker (convert the diffusers folder with --with-safety-checker)")
+        flags, _ = self.safety_checker.check(images)
+        return replace_flagged(images, flags), flags
+
     @torch.no_grad()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str = "", n_samples: int = 1,
                  steps: int = 50, sampler: str = "ddim", scale: Scale = 7.5, eta: float = 0.0,
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, output: str = "pil", callback: Callable | None = None,
                  progress: bool = True, *, prompt_embeds: torch.Tensor | None = None, text_layer: int | None = None,
-                 cross_attention: bool = True, return_trajectory: bool = False):
+                 cross_attention: bool = True, return_trajectory: bool = False, safety_checker: bool | None = None,
+                 return_flags: bool = False):
         """Text to image: n_samples images per prompt, height × width pixels (default: image_size).
 
         sampler: one of samplers.SAMPLERS, over `timesteps(sampler, steps, self.schedule)`.
@@ -112,10 +127,21 @@ class AltDiffusion:
           scale: a callable t → scale gives a guidance schedule; cross_attention=False: the UNet
               never reads the text (self-attention only); return_trajectory: also return a list of
               {"t", "latents", "x0"} per step, on the CPU.
+
+        safety_checker: None (default) checks the pictures when the model holds a checker, False
+        never, True insists (an error if there is none). Flagged pictures are replaced by a
+        placeholder saying so; return_flags: also return one bool per picture (True: flagged and
+        replaced), or None when no checker ran. With both: (images, trajectory, flags).
         """
         # 0. Check everything before any model work.
         prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
                                                   height, width, seed, latents, output, prompt_embeds)
+        if safety_checker is not None and not isinstance(safety_checker, bool):
+            raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
+        if safety_checker and self.safety_checker is None:
+            raise BadValue("safety_checker=True, but this model holds no safety checker (convert the diffusers "
+                           "folder with --with-safety-checker)")
+        check = self.safety_checker is not None and safety_checker is not False
         guided = cross_attention and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
         x, generator = self.initial_latents(shape, sampler, ts, seed, latents)
@@ -133,8 +159,12 @@ class AltDiffusion:
         if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
             raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
                             f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
+        flags = None
+        if check:
+            images, flags = self.check_safety(images)
         images = images if output == "tensor" else to_pil(images)
-        return (images, trajectory) if return_trajectory else images
+        extra = ([trajectory] if return_trajectory else []) + ([flags] if return_flags else [])
+        return (images, *extra) if extra else images
 
     def check_arguments(self, prompt, negative_prompt, n_samples, steps, sampler, scale, eta, height, width, seed,
                         latents, output, prompt_embeds) -> tuple[list[str], Timesteps, tuple[int, ...]]:
@@ -190,7 +220,7 @@ class AltDiffusion:
 
     def save(self, path: str, force: bool = False, **extra: Any) -> None:
         """Write this model as a model folder (atomically; see folder.write_folder)."""
-        modules = {name: getattr(self, name) for name in MODULES}
+        modules = {name: getattr(self, name) for name in (*DIFFUSION, "safety_checker") if getattr(self, name) is not None}
         write_folder(path, {n: m.cfg for n, m in modules.items()}, {n: m.state_dict() for n, m in modules.items()},
                      self.schedule, self.tokenizer.model_file, self.tokenizer.max_length, force=force,
                      image_size=self.image_size, **extra)
@@ -254,8 +284,9 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         compile: bool = False, limits: Limits = Limits()) -> AltDiffusion:
-    """Build tokenizer, text encoder, UNet and VAE from a model folder; no network, no random init.
+         compile: bool = False, limits: Limits = Limits(), safety_checker: bool = True) -> AltDiffusion:
+    """Build tokenizer, text encoder, UNet and VAE from a model folder, and its safety checker if it
+    holds one (safety_checker=False: not even loaded); no network, no random init.
 
     dtype None: the folder's `default_dtype` if its config names one (the toy is stored in fp16 to
     stay small and computes in fp32), else the dtype it was written in. path "toy" is the small model shipped
@@ -269,7 +300,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
     if dtype is None and "default_dtype" in config:
         dtype = getattr(torch, config["default_dtype"])
-    modules = read_modules(path, config, device, dtype)
+    modules = read_modules(path, config, device, dtype, names=DIFFUSION + (("safety_checker",) if safety_checker else ()))
     if compile:
         modules["unet"] = torch.compile(modules["unet"], fullgraph=True)
     return AltDiffusion(tokenizer=tokenizer, schedule=config["schedule"], path=path,

@@ -345,7 +345,7 @@ def test_conversion_errors_name_the_file(src, tmp_path, capsys, breakage, messag
     ("corrupt-weights", "model.safetensors is not a readable safetensors file"),
     ("not-json", "config.json is not valid JSON"),
     ("a-list", "is not an altdiff-min config"),
-    ("missing-key", "config.json has no 'unet' entry"),
+    ("missing-key", "config.json holds text_encoder and vae, not unet"),
     ("string-channels", "UNetConfig.channels[0] must be an integer"),
 ])
 def test_model_folder_errors_name_the_file(model, tmp_path, capsys, breakage, message):

@@ -19,10 +19,13 @@ from .rules import ConversionError
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 # File stems per component: transformers saves `model` / `pytorch_model`, diffusers `diffusion_pytorch_model`.
+# "" is a transformers repo's top level (BAAI/AltCLIP-m9).
 STEMS = {"text_encoder": ("model", "pytorch_model"), "unet": ("diffusion_pytorch_model",),
-         "vae": ("diffusion_pytorch_model",)}
+         "vae": ("diffusion_pytorch_model",), "safety_checker": ("model", "pytorch_model"), "": ("model", "pytorch_model")}
 CONFIG_FILES = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/sentencepiece.bpe.model",
                 "tokenizer/tokenizer_config.json"] + [f"{c}/config.json" for c in COMPONENTS]
+SAFETY_FILES = ["safety_checker/config.json", "feature_extractor/preprocessor_config.json"]
+ALTCLIP_FILES = ["config.json", "preprocessor_config.json", "sentencepiece.bpe.model", "tokenizer_config.json"]
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -62,19 +65,20 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def pick_weights(files: list[str], component: str, fp16: bool) -> list[str]:
-    """The weight file(s) of one component among `files` (repo-relative paths): safetensors before
-    pickles, the `.fp16.` variant first only when fp16 is asked for; sharded checkpoints via their index."""
+    """The weight file(s) of one component among `files` (repo-relative paths; component "": the top
+    level): safetensors before pickles, the `.fp16.` variant first only when fp16 is asked for;
+    sharded checkpoints via their index."""
     variants = ((".fp16", "") if fp16 else ("", ".fp16"))
-    available = set(files)
+    available, folder = set(files), f"{component}/" if component else ""
     for variant in variants:
         for ext in (".safetensors", ".bin"):
             for stem in STEMS[component]:
-                name = f"{component}/{stem}{variant}{ext}"
+                name = f"{folder}{stem}{variant}{ext}"
                 if name in available:
                     return [name]
                 if name + ".index.json" in available:
                     return [name + ".index.json"]
-    raise ConversionError(f"no {component} weights found: expected e.g. {component}/{STEMS[component][-1]}.bin "
+    raise ConversionError(f"no {component or 'model'} weights found: expected e.g. {folder}{STEMS[component][-1]}.bin "
                           f"or .safetensors (or their .fp16 variants)")
 
 
@@ -97,9 +101,11 @@ def folder_files(folder: str) -> list[str]:
             for d, _, fs in os.walk(folder, followlinks=True) for f in fs]
 
 
-def hub_folder(repo_id: str, revision: str | None, fp16: bool) -> str:
-    """A local folder with what conversion needs from a hub repo: configs, tokenizer, and the text
-    encoder / UNet / VAE weights in one precision (not the safety checker, not both formats).
+def hub_folder(repo_id: str, revision: str | None, fp16: bool, safety_checker: bool = False) -> str:
+    """A local folder with what conversion needs from a hub repo, in one precision and one format:
+    an AltDiffusion (model_index.json): configs, tokenizer, the text encoder / UNet / VAE weights, and
+    the safety checker's only when asked; an AltCLIP (a transformers repo: config.json): its config,
+    tokenizer and weights.
 
     Online, the repo's file list decides which weight files to fetch; offline (HF_HUB_OFFLINE=1) or
     when the hub cannot be reached, the usual cache (HF_HOME, HF_HUB_CACHE) is used as it is.
@@ -116,22 +122,35 @@ def hub_folder(repo_id: str, revision: str | None, fp16: bool) -> str:
         except Exception:  # no connection: fall back to what the cache holds, as huggingface_hub does
             listing = None
     if listing is not None:
-        wanted = [f for f in CONFIG_FILES if f in listing]
-        wanted += [f for c in COMPONENTS for f in pick_weights(listing, c, fp16)]
+        if "model_index.json" in listing:
+            components = COMPONENTS + (("safety_checker",) if safety_checker else ())
+            wanted = [f for f in CONFIG_FILES + (SAFETY_FILES if safety_checker else []) if f in listing]
+        elif "config.json" in listing:
+            if safety_checker:
+                raise ConversionError(f"--with-safety-checker: {repo_id} is a transformers repo (an AltCLIP), which "
+                                      f"holds no safety checker; it comes with the diffusers repo (BAAI/AltDiffusion-m9)")
+            components, wanted = ("",), [f for f in ALTCLIP_FILES if f in listing]
+        else:
+            raise ConversionError(f"{repo_id} has neither model_index.json (an AltDiffusion in the diffusers layout) "
+                                  f"nor config.json (an AltCLIP in the transformers layout)")
+        wanted += [f for c in components for f in pick_weights(listing, c, fp16)]
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=wanted)
         for f in wanted:  # sharded weights: fetch the shards their index names
             if f.endswith(".index.json"):
                 shards = sorted(set(read_json(os.path.join(folder, f), "weight index")["weight_map"].values()))
                 folder = snapshot_download(repo_id, revision=revision,
-                                           allow_patterns=wanted + [f"{os.path.dirname(f)}/{s}" for s in shards])
+                                           allow_patterns=wanted + [os.path.join(os.path.dirname(f), s) for s in shards])
         return folder
     try:
-        return snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=["model_index.json"])
+        return snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                 allow_patterns=["model_index.json", "config.json"])
     except LocalEntryNotFoundError:
+        checker = " 'safety_checker/*' 'feature_extractor/*'" if safety_checker else ""
         raise ConversionError(
             f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached "
             f"(offline mode or no network). Download it once where the hub is reachable, e.g.\n"
             f"  huggingface-cli download {repo_id} --include '*.json' 'tokenizer/*' "
-            f"'text_encoder/*' 'unet/*' 'vae/*'\n"
+            f"'text_encoder/*' 'unet/*' 'vae/*'{checker}\n"
+            f"(for an AltCLIP repo: huggingface-cli download {repo_id})\n"
             f"then copy the cache (or the downloaded folder) here and run the conversion again, "
-            f"or pass a local folder in the diffusers layout as SRC.") from None
+            f"or pass a local folder in the diffusers or transformers layout as SRC.") from None

@@ -55,6 +55,13 @@ def config_from_hf(hf: Mapping) -> TextEncoderConfig:
     )
 
 
+# m9's text encoder has no second head, and diffusers' RobertaSeriesModelWithTransformation then has no
+# pre_LN; a file saved from FlagAI's model (which always builds one) still carries it, as the ldm
+# single file does. Dropped only for such a config: for m18 it is a weight the model needs.
+PRE_LN_DROP: Drop = (r"^pre_LN\.", "pre_LN: present in some m9 files, used only by m18's second head")
+
+
 def load(state_dict: Mapping[str, torch.Tensor], cfg: TextEncoderConfig) -> tuple[TextEncoder, Report]:
     """A TextEncoder holding the reference weights (loaded strictly), and the conversion report."""
-    return load_model(lambda: TextEncoder(cfg), state_dict, RULES, DROPS, "text encoder state dict")
+    drops = DROPS if cfg.pre_transformation else [*DROPS, PRE_LN_DROP]
+    return load_model(lambda: TextEncoder(cfg), state_dict, RULES, drops, "text encoder state dict")

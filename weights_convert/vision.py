@@ -1,16 +1,26 @@
 """The vision side's layouts → altdiff_min's modules: transformers' CLIPVisionModel (the tower alone),
 AltCLIPModel (BAAI/AltCLIP-m9) and diffusers' StableDiffusionSafetyChecker (the m9 repo's
-safety_checker/). Ordered rename rules, strict both ways, as for the three diffusion modules; the
-converter does not read these layouts yet (the tests load with them)."""
+safety_checker/), with their configs and CLIPImageProcessor's. Ordered rename rules, strict both
+ways, as for the three diffusion modules."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from typing import Mapping
 
-from altdiff_min.altclip import AltCLIPConfig
-from altdiff_min.vision import VisionConfig
+import torch
+
+from altdiff_min.altclip import AltCLIP, AltCLIPConfig
+from altdiff_min.safety import SafetyChecker
+from altdiff_min.vision import CLIP_MEAN, CLIP_STD, VisionConfig
 
 from . import text_encoder
-from .rules import Drop, Rule, rename
+from .rules import Drop, Report, Rule, load_model, rename
+
+# transformers' CLIPVisionConfig defaults (ViT-B/32's, not ViT-L/14's): what a config that leaves a
+# key out means.
+CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 # ---- CLIP's vision tower → altdiff_min.vision.VisionTransformer -------------------------------------------
 RULES: list[Rule] = [
@@ -32,6 +42,16 @@ RULES: list[Rule] = [
 DROPS: list[Drop] = [
     (r"(^|\.)embeddings\.position_ids$", "index buffer 0 … patches: every position is used, in order"),
 ]
+
+
+def tower_config(hf: Mapping, key: str, defaults: Mapping) -> dict:
+    """One tower's config from a two-tower config (CLIPConfig, AltCLIPConfig) as transformers reads it:
+    `vision_config` over the defaults; older files also carry `vision_config_dict`, which then wins
+    outright: its keys, and the defaults for every key it leaves out (transformers builds a full
+    config from it and lets that replace `vision_config`)."""
+    if (older := hf.get(f"{key}_dict")) is not None:
+        return {**(hf.get(key) or {}), **defaults, **older}
+    return {**defaults, **(hf.get(key) or {})}
 
 
 def config_from_hf(hf: dict) -> VisionConfig:
@@ -67,13 +87,27 @@ ALTCLIP_DROPS: list[Drop] = [
 ]
 
 
+# transformers' AltCLIPTextConfig defaults (AltCLIP-m9's XLM-R large) and AltCLIPConfig's joint width.
+ALTCLIP_TEXT_DEFAULTS = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             intermediate_size=4096, hidden_act="gelu", max_position_embeddings=514, type_vocab_size=1,
+                             layer_norm_eps=1e-5, pad_token_id=1, project_dim=768)
+ALTCLIP_PROJECTION_DIM = 768
+
+
 def altclip_config_from_hf(hf: dict) -> AltCLIPConfig:
     """Our config from transformers' AltCLIPConfig.to_dict() (the hub's config.json)."""
+    projection_dim = hf.get("projection_dim", ALTCLIP_PROJECTION_DIM)
+    text = tower_config(hf, "text_config", ALTCLIP_TEXT_DEFAULTS)
+    if text.get("position_embedding_type") is None:  # AltCLIPTextConfig's None means absolute
+        text.pop("position_embedding_type", None)
     # AltCLIPModel never reads vision_config.projection_dim (its default is 512): the joint width is the
     # top-level projection_dim, which the vision config then records too.
-    vision = replace(config_from_hf(hf["vision_config"]), project_dim=hf["projection_dim"])
-    return AltCLIPConfig(text=text_encoder.config_from_hf(hf["text_config"]), vision=vision,
-                         projection_dim=hf["projection_dim"])
+    vision = replace(config_from_hf(tower_config(hf, "vision_config", CLIP_VISION_DEFAULTS)), project_dim=projection_dim)
+    return AltCLIPConfig(text=text_encoder.config_from_hf(text), vision=vision, projection_dim=projection_dim)
+
+
+def load_altclip(state_dict: Mapping[str, torch.Tensor], cfg: AltCLIPConfig) -> tuple[AltCLIP, Report]:
+    return load_model(lambda: AltCLIP(cfg), state_dict, ALTCLIP_RULES, ALTCLIP_DROPS, "AltCLIP state dict")
 
 
 # ---- the safety checker -----------------------------------------------------------------------------------
@@ -84,3 +118,38 @@ SAFETY_RULES: list[Rule] = [
     (r"^vision_model\.(.*)$", lambda m: "vision." + rename(m.group(1), RULES)),
 ]
 SAFETY_DROPS: list[Drop] = DROPS
+
+
+def safety_config_from_hf(hf: dict) -> VisionConfig:
+    """Our config from the checker's config.json (a CLIPConfig: its vision tower, and projection_dim,
+    512 when left out as in transformers)."""
+    return replace(config_from_hf(tower_config(hf, "vision_config", CLIP_VISION_DEFAULTS)),
+                   project_dim=hf.get("projection_dim", 512))
+
+
+def load_safety_checker(state_dict: Mapping[str, torch.Tensor], cfg: VisionConfig) -> tuple[SafetyChecker, Report]:
+    return load_model(lambda: SafetyChecker(cfg), state_dict, SAFETY_RULES, SAFETY_DROPS, "safety checker state dict")
+
+
+# ---- CLIPImageProcessor's config ---------------------------------------------------------------------------
+def check_preprocessor(hf: dict, cfg: VisionConfig) -> None:
+    """Refuse a preprocessor_config.json that asks for other preprocessing than altdiff_min.vision.
+    preprocess does (CLIPImageProcessor's defaults at the tower's image size): the old
+    CLIPFeatureExtractor form (size: 224) and the current one (size: {"shortest_edge": 224}) both."""
+    s = cfg.image_size
+    size, crop = hf.get("size", s), hf.get("crop_size", s)
+    want = {"size": s, "crop_size": (s, s), "resample": 3}  # 3: PIL's BICUBIC
+    got = {"size": size.get("shortest_edge", size) if isinstance(size, dict) else size,
+           "crop_size": (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop),
+           "resample": hf.get("resample", 3)}
+    for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"):
+        want[flag], got[flag] = True, True if hf.get(flag) is None else hf[flag]  # null: the default
+    if got != want:
+        key = next(k for k in want if got[k] != want[k])
+        raise ValueError(f"{key} is {got[key]!r}; altdiff-min's preprocess does CLIP's ({key} {want[key]!r})")
+    for key, values in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        given = hf.get(key, list(values))
+        if not isinstance(given, list) or len(given) != 3 or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(given, values)):
+            raise ValueError(f"{key} is {given!r}; altdiff-min's preprocess normalises with CLIP's {list(values)}")
+    if not math.isclose(hf.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-9):
+        raise ValueError(f"rescale_factor is {hf['rescale_factor']!r}; altdiff-min's preprocess scales by 1/255")
