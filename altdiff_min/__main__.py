@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
     gen.add_argument("--no-limits", action="store_true",
                      help="lift the sanity limits on image side (4096), batch (256) and pixels per call")
+    gen.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
+                     help="check every picture with the model's safety checker and replace flagged ones by a "
+                     "placeholder (default: when the model folder holds one; --no-safety-checker: never)")
     gen.add_argument("--replay", metavar="MANIFEST:LINE",
                      help="make the picture of line LINE (1-based) of an --outdir's manifest.jsonl again, into --outdir")
 
@@ -233,6 +236,7 @@ def replay(args) -> int | None:
         args.seed, args.sampler, args.plms, args.steps = row["seed"], row["sampler"], False, row["steps"]
         args.scale, args.eta, args.H, args.W = row["scale"], row["eta"], row["height"], row["width"]
         args.n_samples, args.dtype, args.model = row["n_samples"], row["dtype"], row["model"]["path"]
+        args.safety_checker = row.get("safety_checker", False)  # whether it ran: it runs again, or not
         keep, args.replayed = row["sample"], row
     except (ValueError, KeyError, TypeError) as e:
         raise BadFile(f"{file} line {line} is not a manifest line of altdiff-min generate ({e})") from None
@@ -289,6 +293,10 @@ def generate(args) -> int:
         raise BadValue(f"--n-samples × --H × --W = {args.n_samples * height * width} pixels is over the limit of "
                        f"{limits.max_pixels} per call (--no-limits lifts it)")
     check_size(height, width, config["vae"], config["unet"])
+    if args.safety_checker and "safety_checker" not in config["modules"]:
+        raise BadValue(f"--safety-checker: {args.model} holds no safety checker (convert the diffusers folder "
+                       f"with --with-safety-checker)")
+    checked = "safety_checker" in config["modules"] and args.safety_checker is not False
     if args.C != config["unet"].in_channels:
         raise BadValue(f"--C {args.C}: this model's latents have {config['unet'].in_channels} channels")
     samples = os.path.join(args.outdir, "samples")
@@ -300,27 +308,31 @@ def generate(args) -> int:
     try:
         job = on_rank0(world, lambda: uuid.uuid4().hex[:12])  # one id for the pictures of this command, all ranks
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=limits)
+        model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=limits,
+                     safety_checker=checked)
         record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
                   "sampler": sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta, "height": height,
-                  "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "job": job}
+                  "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "safety_checker": checked,
+                  "job": job}
         start = time.perf_counter()
         for index, prompt in enumerate(prompts):
             if index % world.size != world.rank:
                 continue
-            images = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
-                                    steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
-                                    height=args.H, width=args.W, seed=args.seed, progress=world.rank == 0)
+            images, flags = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
+                                           steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
+                                           height=args.H, width=args.W, seed=args.seed, progress=world.rank == 0,
+                                           safety_checker=checked, return_flags=True)
             for k, image in enumerate(images):
                 if keep is not None and k != keep:
                     continue
                 path = save_numbered(samples, "{:05}.png", lambda tmp: image.save(tmp, format="PNG"))
                 row = {"file": os.path.relpath(path, args.outdir), "prompt": prompt, "index": index, "sample": k,
-                       **record, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                       **record, "flagged": flags[k] if flags else None,
+                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 if keep is not None:
                     row["replay_of"] = args.replayed["file"]
                 append_line(os.path.join(args.outdir, MANIFEST), json.dumps(row, ensure_ascii=False))
-                print(path)
+                print(f"{path} (flagged by the safety checker: replaced by a placeholder)" if row["flagged"] else path)
         barrier(world)
         if world.rank == 0:
             rows = job_rows(os.path.join(args.outdir, MANIFEST), job)

@@ -89,3 +89,83 @@ def small_model_dir(hub_layout, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("model") / "small"
     convert(hub_layout, out)
     return str(out)
+
+
+# The vision side: AltCLIP in the transformers layout, and the small AltDiffusion with a safety checker.
+CLIP_FEATURE_EXTRACTOR = {  # m9's feature_extractor/preprocessor_config.json, at the small tower's 64 px
+    "crop_size": 64, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 64}
+
+
+@pytest.fixture(scope="session")
+def altclip_reference(spm_dir):
+    from helpers import small_altclip
+
+    return small_altclip(Tokenizer(os.path.join(spm_dir, "sentencepiece.bpe.model")).vocab_size)
+
+
+@pytest.fixture(scope="session")
+def altclip_layout(altclip_reference, spm_dir, tmp_path_factory) -> str:
+    """The small AltCLIP saved as BAAI/AltCLIP-m9 is on the hub: config.json, a pickled state dict in
+    transformers 4.x's names (encoder.layer.N) with XLM-R's pooler, the tokenizer, and CLIP's
+    preprocessor config in its current form."""
+    root = tmp_path_factory.mktemp("hub") / "AltCLIP-m9"
+    ref = altclip_reference
+    write_json(root / "config.json", {**ref.config.to_dict(), "architectures": ["AltCLIPModel"]})
+    state = {k.replace(".encoder.layers.", ".encoder.layer.") if k.startswith("text_model.") else k: v
+             for k, v in ref.state_dict().items()}
+    hidden = ref.config.text_config.hidden_size
+    state["text_model.roberta.pooler.dense.weight"] = torch.zeros(hidden, hidden)
+    state["text_model.roberta.pooler.dense.bias"] = torch.zeros(hidden)
+    torch.save(state, root / "pytorch_model.bin")
+    (root / "sentencepiece.bpe.model").write_bytes(open(os.path.join(spm_dir, "sentencepiece.bpe.model"), "rb").read())
+    write_json(root / "preprocessor_config.json", {
+        "crop_size": {"height": 64, "width": 64}, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+        "do_rescale": True, "do_resize": True, "image_mean": CLIP_FEATURE_EXTRACTOR["image_mean"],
+        "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_FEATURE_EXTRACTOR["image_std"],
+        "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 64}})
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def altclip_dir(altclip_layout, tmp_path_factory) -> str:
+    """The small AltCLIP converted into a model folder (holding the module `altclip`)."""
+    from weights_convert.convert import convert
+
+    out = tmp_path_factory.mktemp("model") / "altclip"
+    convert(altclip_layout, out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def checker_reference():
+    from helpers import small_checker
+
+    return small_checker()
+
+
+@pytest.fixture(scope="session")
+def checker_layout(hub_layout, checker_reference, tmp_path_factory) -> str:
+    """The small AltDiffusion in the hub layout with a real safety checker: the hub's names
+    (vision_model.vision_model.…), pickled, and the CLIPFeatureExtractor config beside it."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("hub") / "AltDiffusion-m9-checker"
+    shutil.copytree(hub_layout, root)
+    ref = checker_reference
+    write_json(root / "safety_checker" / "config.json", {**ref.config.to_dict(), "architectures": ["StableDiffusionSafetyChecker"]})
+    torch.save({(f"vision_model.{k}" if k.startswith("vision_model.") else k): v for k, v in ref.state_dict().items()},
+               root / "safety_checker" / "pytorch_model.bin")
+    write_json(root / "feature_extractor" / "preprocessor_config.json", CLIP_FEATURE_EXTRACTOR)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def checker_model_dir(checker_layout, tmp_path_factory) -> str:
+    """The small AltDiffusion with its safety checker, converted (--with-safety-checker)."""
+    from weights_convert.convert import convert
+
+    out = tmp_path_factory.mktemp("model") / "checked"
+    convert(checker_layout, out, safety_checker=True)
+    return str(out)

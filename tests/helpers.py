@@ -152,3 +152,48 @@ M9_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
 # AltCLIP-m9 (BAAI/AltCLIP-m9, transformers' AltCLIPModel): m9's text tower (XLM-R large + its 1024 → 768
 # `transformation`), CLIP ViT-L/14's vision tower, and CLIP ViT-L/14's 768-wide joint space.
 M9_ALTCLIP = dict(text_config=M9_TEXT, vision_config=M9_VISION, projection_dim=768, logit_scale_init_value=2.6592)
+
+
+# The vision side at toy widths: every width differs from the others, so a transposed or misrouted
+# projection cannot fit. CLIP's vision tower 48 wide on 64² pictures (8 px patches).
+VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, patch_size=8,
+              image_size=64, num_channels=3, layer_norm_eps=1e-5, projection_dim=32, hidden_act="quick_gelu")
+ALTCLIP_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, project_dim=24)
+ALTCLIP = dict(text_config=ALTCLIP_TEXT, vision_config=VISION, projection_dim=16)  # + text_config's vocab_size
+CHECKER = dict(vision_config=VISION, projection_dim=16)  # the safety checker's CLIPConfig
+
+
+def picture(mode: str, w: int, h: int, seed: int = 0):
+    """A smooth gradient in each channel plus noise (alpha too: partly transparent everywhere)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    smooth = np.stack([x, y, 1 - (x + y) / 2, np.sqrt(x * y)], axis=-1) * 235
+    rgba = Image.fromarray(np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8))
+    if mode == "RGBA":
+        return rgba
+    if mode == "P":  # a palette picture whose colour 0 is transparent
+        p = rgba.convert("RGB").quantize(64)
+        p.info["transparency"] = 0
+        return p
+    return rgba.convert("RGB").convert(mode)
+
+
+def small_checker(seed: int = 0):
+    """diffusers' StableDiffusionSafetyChecker at the small config, every tensor perturbed."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    torch.manual_seed(seed)
+    return randomize_(StableDiffusionSafetyChecker(CLIPConfig(**CHECKER))).eval()
+
+
+def small_altclip(vocab_size: int, seed: int = 0):
+    """transformers' AltCLIPModel at the small config, every tensor perturbed."""
+    from transformers import AltCLIPConfig, AltCLIPModel
+
+    torch.manual_seed(seed)  # transformers initialises from the global generator
+    return randomize_(AltCLIPModel(AltCLIPConfig(**{**ALTCLIP, "text_config": {**ALTCLIP_TEXT, "vocab_size": vocab_size}}))).eval()

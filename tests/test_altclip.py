@@ -8,11 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import M9_ALTCLIP, PRECISIONS, randomize_, rel_diff, rel_err
+from helpers import M9_ALTCLIP, PRECISIONS, VISION, picture, randomize_, rel_diff, rel_err, small_altclip
 from prompts import PROMPTS
-from test_vision import SMALL as SMALL_VISION
-from test_vision import config_from_hf as vision_config_from_hf
-from test_vision import picture
 
 from altdiff_min.altclip import AltCLIP, AltCLIPConfig, clip_score
 from altdiff_min.attention import attention_backend
@@ -24,15 +21,11 @@ from weights_convert.rules import load_model, rename
 from weights_convert.vision import ALTCLIP_DROPS as DROPS
 from weights_convert.vision import ALTCLIP_RULES as RULES
 from weights_convert.vision import altclip_config_from_hf as config_from_hf
+from weights_convert.vision import load_altclip as load
+from weights_convert.vision import config_from_hf as vision_config_from_hf
 
-def load(state_dict, cfg: AltCLIPConfig):
-    return load_model(lambda: AltCLIP(cfg), state_dict, RULES, DROPS, "AltCLIP state dict")
 
 
-# Every width differs from the others, so a transposed or misrouted projection cannot fit.
-SMALL_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, project_dim=24)
-SMALL = dict(text_config=SMALL_TEXT, vision_config=SMALL_VISION, projection_dim=16)  # vision: 48 wide, 64² pictures
 
 
 def reference_model(randomize: bool = True, **config):
@@ -56,7 +49,7 @@ def tokenizer(spm_dir):
 @pytest.fixture
 def small(tokenizer):
     """The small reference, ours holding its weights, and a batch: 6 prompts, 4 pictures."""
-    ref = reference_model(**{**SMALL, "text_config": {**SMALL_TEXT, "vocab_size": tokenizer.vocab_size}})
+    ref = small_altclip(tokenizer.vocab_size)
     ours, report = load(ref.state_dict(), config_from_hf(ref.config.to_dict()))
     input_ids, mask = tokenizer(TEXTS)
     lengths = mask.sum(1).tolist()
@@ -83,7 +76,7 @@ def test_conversion_is_strict_both_ways(small):
     ref, ours, report, *_ = small
     assert report.converted == len(ours.state_dict()) == len(ref.state_dict()) and not report.dropped
     text = TextEncoderConfig(vocab_size=ours.cfg.text.vocab_size, hidden=32, layers=2, heads=4, mlp=64, project_dim=24)
-    vision = vision_config_from_hf({**SMALL_VISION, "projection_dim": 16})
+    vision = vision_config_from_hf({**VISION, "projection_dim": 16})
     assert ours.cfg == AltCLIPConfig(text=text, vision=vision, projection_dim=16)
 
 

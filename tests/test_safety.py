@@ -6,21 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import M9_VISION, randomize_, rel_err
+from helpers import CHECKER, M9_VISION, picture, rel_err, small_checker
 from PIL import Image
-from test_vision import DROPS as VISION_DROPS
-from test_vision import config_from_hf, picture
 
 from altdiff_min.errors import BadType, BadValue
 from altdiff_min.safety import CONCEPTS, PLACEHOLDER_GREY, SPECIAL_CONCEPTS, SafetyChecker, placeholder, replace_flagged
 from altdiff_min.vision import VisionConfig, preprocess
-from weights_convert.rules import load_model, rename
-from weights_convert.vision import SAFETY_DROPS as DROPS
+from weights_convert.rules import rename
+from weights_convert.vision import DROPS as VISION_DROPS
 from weights_convert.vision import SAFETY_RULES as RULES
+from weights_convert.vision import config_from_hf
+from weights_convert.vision import load_safety_checker as load
+from weights_convert.vision import safety_config_from_hf
 
-SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, patch_size=8,
-             image_size=64, num_channels=3, layer_norm_eps=1e-5, projection_dim=16, hidden_act="quick_gelu")
-PROJECTION = 16
+SMALL_CFG = safety_config_from_hf(CHECKER)  # the small tower, projecting to 16
 
 
 
@@ -34,16 +33,9 @@ def pictures() -> list[Image.Image]:
 
 
 def reference_checker():
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig
-
-    torch.manual_seed(0)
-    ref = StableDiffusionSafetyChecker(CLIPConfig(vision_config=SMALL, projection_dim=PROJECTION))
-    return randomize_(ref).eval()
+    return small_checker()
 
 
-def load(state_dict, cfg: VisionConfig):
-    return load_model(lambda: SafetyChecker(cfg), state_dict, RULES, DROPS, "safety checker state dict")
 
 
 def run_reference(ref, pixels):
@@ -70,9 +62,9 @@ def with_concepts(ref, pixels):
     with torch.no_grad():
         e = F.normalize(ref.visual_projection(ref.vision_model(pixels)[1]))
         g = torch.Generator().manual_seed(1)
-        concepts = F.normalize(torch.randn(CONCEPTS, PROJECTION, generator=g))
+        concepts = F.normalize(torch.randn(CONCEPTS, SMALL_CFG.project_dim, generator=g))
         concepts[0], concepts[5] = e[0], e[1]
-        special = F.normalize(torch.randn(SPECIAL_CONCEPTS, PROJECTION, generator=g))
+        special = F.normalize(torch.randn(SPECIAL_CONCEPTS, SMALL_CFG.project_dim, generator=g))
         special[0], special[2] = e[1], e[2]
         # Random concepts: 0.02 above every picture's cosine (the 0.01 adjustment cannot reach them).
         t = (e @ concepts.t()).max(dim=0).values + 0.02
@@ -92,7 +84,7 @@ def with_concepts(ref, pixels):
 def test_matches_diffusers_forward():
     ref = reference_checker()
     images = pictures()
-    cfg = config_from_hf(SMALL)
+    cfg = SMALL_CFG
     pixels = preprocess(images, cfg)
     ref = with_concepts(ref, pixels)
     expected_flags, result, out_images = run_reference(ref, pixels)
@@ -140,7 +132,7 @@ def test_hub_layout_converts():
     state = {(f"vision_model.{k}" if k.startswith("vision_model.") else k): v for k, v in ref.state_dict().items()}
     assert "vision_model.vision_model.embeddings.class_embedding" in state
     state["vision_model.vision_model.embeddings.position_ids"] = torch.arange(65)[None]
-    ours, report = load(state, config_from_hf(SMALL))
+    ours, report = load(state, SMALL_CFG)
     assert dict(report.dropped) == {VISION_DROPS[0][1]: 1}
     assert rename("visual_projection.weight", RULES) == "visual_projection.weight"
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
@@ -155,11 +147,11 @@ def test_conversion_is_strict():
     del state["special_care_embeds_weights"]
     state["concept_embeds_extra"] = torch.zeros(1)
     with pytest.raises(ConversionError, match="special_care_embeds_weights"):
-        load(state, config_from_hf(SMALL))
+        load(state, SMALL_CFG)
 
 
 def test_fresh_checker_flags_nothing():
-    ours = SafetyChecker(config_from_hf(SMALL))
+    ours = SafetyChecker(SMALL_CFG)
     flags, scores = ours.check(torch.rand(3, 3, 40, 50, generator=torch.Generator().manual_seed(0)))
     assert flags == [False] * 3 and scores["concept"].shape == (3, CONCEPTS) and scores["special"].shape == (3, SPECIAL_CONCEPTS)
 
@@ -203,7 +195,7 @@ def test_replace_flagged_rejects_bad_input(images, flags, error, match):
 
 def test_rejects_bad_config():
     with pytest.raises(BadType, match="VisionConfig"):
-        SafetyChecker(dict(SMALL))
+        SafetyChecker(dict(CHECKER))
 
 
 @pytest.mark.slow

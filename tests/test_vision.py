@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from helpers import M9_VISION, PRECISIONS, randomize_, rel_err
+from helpers import M9_VISION, PRECISIONS, VISION, picture, randomize_, rel_err
 from PIL import Image
 
 from altdiff_min.attention import attention_backend
@@ -15,14 +15,13 @@ from altdiff_min.vision import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransfor
 from weights_convert.rules import load_model, rename
 from weights_convert.vision import DROPS, RULES, config_from_hf
 
-# transformers' CLIPVisionModel layout → altdiff_min.vision.VisionTransformer. Here until the converter
-# reads vision towers (then: weights_convert/vision.py).
+# transformers' CLIPVisionModel layout → altdiff_min.vision.VisionTransformer (the tower alone: the
+# converter reads it inside AltCLIP and the safety checker).
 def load(state_dict, cfg: VisionConfig):
     return load_model(lambda: VisionTransformer(cfg), state_dict, RULES, DROPS, "vision tower state dict")
 
 
-SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, patch_size=8,
-             image_size=64, num_channels=3, layer_norm_eps=1e-5, projection_dim=32, hidden_act="quick_gelu")
+SMALL = VISION
 
 
 def reference_model(randomize: bool = True, **config):
@@ -31,21 +30,6 @@ def reference_model(randomize: bool = True, **config):
     torch.manual_seed(0)  # transformers initialises from the global generator
     ref = CLIPVisionModel(CLIPVisionConfig(**config))
     return (randomize_(ref) if randomize else ref).eval()
-
-
-def picture(mode: str, w: int, h: int, seed: int = 0) -> Image.Image:
-    """A smooth gradient in each channel plus noise (alpha too: partly transparent everywhere)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-    smooth = np.stack([x, y, 1 - (x + y) / 2, np.sqrt(x * y)], axis=-1) * 235
-    rgba = Image.fromarray(np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8))
-    if mode == "RGBA":
-        return rgba
-    if mode == "P":  # a palette picture whose colour 0 is transparent
-        p = rgba.convert("RGB").quantize(64)
-        p.info["transparency"] = 0
-        return p
-    return rgba.convert("RGB").convert(mode)
 
 
 # (mode, width, height): landscape whose long side 224·305/200 = 341.6 truncates (round would give 342),
