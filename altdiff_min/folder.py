@@ -237,8 +237,9 @@ def read_config(path: str | os.PathLike, require: tuple[str, ...] = DIFFUSION) -
     config["modules"] = [name for name in MODULES if name in config]
     if missing := [name for name in require if name not in config]:
         what = " and ".join(config["modules"]) or "no module"
-        hint = {"altclip": "; pass an AltCLIP folder (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one)",
-                "unet": "; pass an AltDiffusion model folder"}.get(missing[0], "")
+        hint = ("; pass an AltCLIP folder (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one)" if "altclip" in missing
+                else "; pass an AltDiffusion model folder" + (" (an AltCLIP folder is for `altdiff-min score --clip`)"
+                                                              if "altclip" in config else ""))
         raise BadFile(f"{file} holds {what}, not {' and '.join(missing)}{hint}")
     try:
         for name in config["modules"]:

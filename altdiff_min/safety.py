@@ -65,6 +65,7 @@ class SafetyChecker(nn.Module):
         super().__init__()
         if not isinstance(cfg, VisionConfig):
             raise BadType(f"cfg must be a VisionConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
         self.vision = VisionTransformer(cfg)
         self.visual_projection = nn.Linear(cfg.hidden, cfg.project_dim, bias=False)
         # The checkpoint's values replace these; ones (as diffusers) flag nothing: a cosine is ≤ 1.

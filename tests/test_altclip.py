@@ -1,6 +1,7 @@
 """AltCLIP-m9 vs transformers' AltCLIPModel (random weights): text and image embeddings, logits, the
 conversion of its state dict, and clip_score."""
 import gc
+import json
 import os
 import resource
 import time
@@ -227,3 +228,175 @@ def test_full_altclip_m9_matches_reference():
     assert rel_err(image, expected_image) < 1e-5
     assert rel_err(per_image, expected_per_image) < 1e-5
     assert rel_err(per_text, expected_per_text) < 1e-5
+
+
+# ---- AltCLIP-m9 as a model folder: `altdiff-min convert` from the transformers layout ------------------
+
+def read_altclip(path):
+    from altdiff_min.folder import read_config, read_modules
+
+    return read_modules(str(path), read_config(path, require=("altclip",)))["altclip"]
+
+
+def test_converted_folder_matches_reference(altclip_dir, altclip_reference, tokenizer):
+    """The hub layout (4.x names, pooler, pickled) → a model folder holding `altclip` and the
+    tokenizer → the reference's embeddings and logits."""
+    from altdiff_min.folder import read_config
+
+    config = read_config(altclip_dir, require=("altclip",))
+    assert config["modules"] == ["altclip"] and config["tokenizer"]["max_length"] == 77
+    assert "schedule" not in config and "image_size" not in config
+    ours = read_altclip(altclip_dir)
+    ids, mask = Tokenizer(os.path.join(altclip_dir, "sentencepiece.bpe.model"))(TEXTS[:4])
+    pixels = preprocess([picture("RGB", 96, 80), picture("RGBA", 70, 120, seed=1), picture("L", 64, 64, seed=2)],
+                        ours.cfg.vision)
+    with torch.no_grad():
+        ref = altclip_reference(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        per_image, per_text = ours(ids, mask, pixels)
+        text = ours.encode_text(ids, mask)
+        expected_text = altclip_reference.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    assert rel_err(per_image, ref.logits_per_image) < 1e-5 and rel_err(per_text, ref.logits_per_text) < 1e-5
+    assert rel_err(text, expected_text) < 1e-5
+
+
+def test_altclip_and_altdiffusion_folders_are_not_confused(altclip_dir, small_model_dir, altclip_layout, tmp_path):
+    from altdiff_min.errors import BadFile
+    from altdiff_min.folder import read_config
+    from altdiff_min.pipeline import load as load_diffusion
+    from weights_convert.convert import convert
+
+    with pytest.raises(BadFile, match="holds altclip, not text_encoder and unet and vae; pass an AltDiffusion") as e:
+        load_diffusion(altclip_dir)
+    assert "\n" not in str(e.value)
+    with pytest.raises(BadFile, match="holds text_encoder and unet and vae, not altclip; pass an AltCLIP folder"):
+        read_config(small_model_dir, require=("altclip",))
+    with pytest.raises(BadValue, match="an AltCLIP, which holds no safety checker"):
+        convert(altclip_layout, tmp_path / "x", safety_checker=True)
+    assert not (tmp_path / "x").exists()
+
+
+def altclip_copy(altclip_layout, tmp_path):
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(altclip_layout, root)
+    return root
+
+
+def edit_json(path, **changes):
+    import json
+
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("clip", "config.json: model_type is 'clip', not 'altclip'"),
+    ("no-tokenizer", "has no sentencepiece.bpe.model: pass --tokenizer"),
+    ("size", "preprocessor_config.json: size is 80"),
+    ("vocab", "ids but the text encoder embeds 300"),
+    ("no-weights", "no model weights found"),
+    ("extra-tensor", "text_model.extra.weight"),
+    ("wrong-shape", "text_projection.weight: (16, 12), but text_projection.weight is (16, 24)"),
+])
+def test_bad_altclip_fails_clearly_and_writes_nothing(altclip_layout, tmp_path, breakage, message):
+    from weights_convert.convert import convert
+    from weights_convert.rules import ConversionError
+
+    root = altclip_copy(altclip_layout, tmp_path)
+    weights = root / "pytorch_model.bin"
+    if breakage == "clip":
+        edit_json(root / "config.json", model_type="clip")
+    elif breakage == "no-tokenizer":
+        (root / "sentencepiece.bpe.model").unlink()
+    elif breakage == "size":
+        edit_json(root / "preprocessor_config.json", size={"shortest_edge": 80})
+    elif breakage == "vocab":
+        config = json.loads((root / "config.json").read_text())
+        edit_json(root / "config.json", text_config={**config["text_config"], "vocab_size": 300})
+    elif breakage == "no-weights":
+        weights.unlink()
+    else:
+        state = torch.load(weights, weights_only=True)
+        if breakage == "extra-tensor":
+            state["text_model.extra.weight"] = torch.zeros(2)
+        else:
+            state["text_projection.weight"] = state["text_projection.weight"][:, :12]
+        torch.save(state, weights)
+    with pytest.raises(ConversionError) as e:
+        convert(str(root), tmp_path / "out")
+    assert message in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_altclip_from_the_hub_online_and_offline(altclip_layout, altclip_reference, monkeypatch, tmp_path):
+    """Online, the listing of a transformers repo decides what is fetched (config, tokenizer,
+    preprocessor config, one weight file); offline, the cache is read as it is."""
+    import shutil
+
+    import huggingface_hub
+
+    from weights_convert.convert import convert
+
+    listing = ["config.json", "preprocessor_config.json", "pytorch_model.bin", "sentencepiece.bpe.model",
+               "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "README.md"]
+    asked = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, revision=None, allow_patterns=None, **kw: asked.append(allow_patterns) or altclip_layout)
+    convert("BAAI/AltCLIP-m9", tmp_path / "online")
+    assert set(asked[0]) == {"config.json", "preprocessor_config.json", "pytorch_model.bin", "sentencepiece.bpe.model"}
+    with pytest.raises(ConversionErrorType(), match="transformers repo \\(an AltCLIP\\), which holds no safety checker"):
+        convert("BAAI/AltCLIP-m9", tmp_path / "checker", safety_checker=True)
+    assert len(asked) == 1  # refused before anything was fetched
+    monkeypatch.undo()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--BAAI--AltCLIP-m9"
+    shutil.copytree(altclip_layout, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    convert("BAAI/AltCLIP-m9", tmp_path / "offline")
+    for out in ("online", "offline"):
+        ours = read_altclip(tmp_path / out)
+        assert all(torch.equal(v, ours.state_dict()[k]) for k, v in read_altclip(tmp_path / "online").state_dict().items())
+
+
+def ConversionErrorType():
+    from weights_convert.rules import ConversionError
+
+    return ConversionError
+
+
+def test_altclip_configs_in_every_form_transformers_reads():
+    """Keys left out take transformers' defaults (AltCLIPTextConfig's are m9's XLM-R; the vision
+    tower's CLIP ViT-B/32's), and an older file's *_config_dict wins as it does there."""
+    from transformers import AltCLIPConfig as HFAltCLIPConfig
+
+    assert config_from_hf({}) == config_from_hf(HFAltCLIPConfig().to_dict())
+    assert config_from_hf({}).text == TextEncoderConfig()
+    older = {**M9_ALTCLIP, "vision_config": {**M9_ALTCLIP["vision_config"], "patch_size": 32},
+             "vision_config_dict": {"patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                                    "num_hidden_layers": 24, "num_attention_heads": 16}}
+    assert config_from_hf(older) == AltCLIPConfig()
+
+
+def test_full_altclip_m9_key_sets_on_meta():
+    """AltCLIP-m9's every tensor converts, in transformers 5's names and in the hub file's (4.x: encoder.layer.N)."""
+    from transformers import AltCLIPConfig as HFAltCLIPConfig
+    from transformers import AltCLIPModel
+
+    with torch.device("meta"):
+        ref = AltCLIPModel(HFAltCLIPConfig(**M9_ALTCLIP))
+    state = ref.state_dict()
+    hub = {k.replace(".encoder.layers.", ".encoder.layer.") if k.startswith("text_model.") else k: v for k, v in state.items()}
+    cfg = config_from_hf(ref.config.to_dict())
+    assert cfg == AltCLIPConfig()
+    for source in (state, hub):
+        ours, report = load(source, cfg)
+        assert report.converted == len(ours.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())

@@ -198,7 +198,7 @@ def test_hub_id_not_cached_offline_says_how_to_get_it(tmp_path):
 
 def test_online_fetch_asks_only_for_what_it_needs(hub_layout, monkeypatch, tmp_path):
     """Online, the repo listing decides: configs, tokenizer and one precision of the three modules'
-    weights, never the safety checker. (The hub is unreachable here: its two calls are stood in for.)"""
+    weights; the safety checker's only when asked. (The hub is unreachable here: its two calls are stood in for.)"""
     import huggingface_hub
 
     listing = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/sentencepiece.bpe.model",
@@ -220,6 +220,25 @@ def test_online_fetch_asks_only_for_what_it_needs(hub_layout, monkeypatch, tmp_p
                              "vae/diffusion_pytorch_model.safetensors"}
     hub_folder("BAAI/AltDiffusion-m9", "fp16", fp16=True)
     assert {"text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.bin"} <= set(asked[1])
+    listing.append("safety_checker/config.json")
+    hub_folder("BAAI/AltDiffusion-m9", None, fp16=False, safety_checker=True)  # --with-safety-checker
+    assert set(asked[2]) - set(asked[0]) == {"safety_checker/config.json", "safety_checker/pytorch_model.bin",
+                                             "feature_extractor/preprocessor_config.json"}
+
+
+def test_text_encoder_file_with_an_unused_pre_ln(reference):
+    """A file saved from FlagAI's model carries pre_LN even for m9 (no second head): dropped, with its
+    reason; the rest converts as before."""
+    from weights_convert import text_encoder
+
+    ref = reference["text_encoder"]
+    state = dict(ref.state_dict())
+    hidden = ref.config.hidden_size
+    state["pre_LN.weight"], state["pre_LN.bias"] = torch.ones(hidden), torch.zeros(hidden)
+    cfg = text_encoder.config_from_hf(ref.config.to_dict())
+    model, report = text_encoder.load(state, cfg)
+    assert report.dropped[text_encoder.PRE_LN_DROP[1]] == 2
+    assert report.converted == len(model.state_dict())
 
 
 # ---- bad input: a clear error, and no OUT_DIR ----------------------------------------------------------

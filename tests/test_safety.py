@@ -1,5 +1,6 @@
 """The safety checker vs diffusers' StableDiffusionSafetyChecker.forward (random weights, concepts
 set so that a batch has flagged and unflagged pictures and special-care hits), and replace_flagged."""
+import os
 import sys
 
 import numpy as np
@@ -226,3 +227,203 @@ def test_full_checker_matches_reference():
     with torch.no_grad():
         embeds = ref.visual_projection(ref.vision_model(pixels)[1])
     assert rel_err(ours.image_embeds(pixels), embeds) < 1e-5
+
+
+# ---- converted from a diffusers folder, loaded with the model, run by generate --------------------------
+
+def edit_json(path, **changes):
+    import json
+
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_converted_checker_decides_as_diffusers(checker_model_dir, checker_reference):
+    """`convert --with-safety-checker` → `load` builds the checker beside the three modules, and its
+    decisions and scores are diffusers' on a batch with flagged and unflagged pictures."""
+    from altdiff_min.pipeline import load
+
+    model = load(checker_model_dir)
+    assert isinstance(model.safety_checker, SafetyChecker)
+    ref = checker_reference
+    with torch.no_grad():
+        embeds = ref.visual_projection(ref.vision_model(preprocess(pictures(), SMALL_CFG))[1])
+        cos = F.normalize(embeds) @ F.normalize(ref.concept_embeds).T
+    expected_flags, result, _ = run_reference(ref, preprocess(pictures(), SMALL_CFG))
+    flags, scores = model.safety_checker.check(pictures())
+    assert flags == expected_flags
+    assert np.array_equal(scores["concept"].numpy(), [[r["concept_scores"][k] for k in range(CONCEPTS)] for r in result])
+    assert rel_err(scores["concept_cos"], cos) < 1e-5
+    assert not load(checker_model_dir, safety_checker=False).safety_checker  # not even loaded
+
+
+@pytest.fixture
+def checked_model(checker_model_dir):
+    """The small model with its checker set to flag exactly the pictures the test picks: the threshold
+    of concept 0 sits between the cosines of the pictures of seed 0 (n_samples=3)."""
+    from altdiff_min.pipeline import load
+
+    model = load(checker_model_dir)
+    images = model.generate("un cercle rouge", n_samples=3, steps=2, seed=0, output="tensor", safety_checker=False,
+                            progress=False)
+    checker = model.safety_checker
+    with torch.no_grad():
+        cos = F.normalize(checker.image_embeds(preprocess(images, checker.vision.cfg))) @ F.normalize(checker.concept_embeds[:1]).T
+        order = cos[:, 0].sort().values
+        checker.concept_embeds_weights.fill_(2.0)  # no other concept can be hit: a cosine is ≤ 1
+        checker.special_care_embeds_weights.fill_(2.0)
+        checker.concept_embeds_weights[0] = (order[0] + order[1]) / 2  # the two larger cosines are hits
+    flagged = (cos[:, 0] > (order[0] + order[1]) / 2).tolist()
+    assert flagged.count(True) == 2
+    return model, images, flagged
+
+
+def test_generate_replaces_flagged_pictures_and_says_which(checked_model):
+    model, clean, flagged = checked_model
+    images, flags = model.generate("un cercle rouge", n_samples=3, steps=2, seed=0, output="tensor", return_flags=True,
+                                   progress=False)
+    assert flags == flagged
+    expected = replace_flagged(clean, flagged)
+    assert torch.equal(images, expected)
+    k = flagged.index(True)
+    assert not torch.equal(images[k], clean[k]) and torch.equal(images[flagged.index(False)], clean[flagged.index(False)])
+    pil, trajectory, flags = model.generate("un cercle rouge", n_samples=3, steps=2, seed=0, return_trajectory=True,
+                                            return_flags=True, progress=False)
+    assert flags == flagged and len(trajectory) == 2
+    assert np.array_equal(np.asarray(pil[k]), np.asarray(placeholder(*pil[k].size)))
+    # Turned off: one argument, and the pictures are the model's.
+    off, flags = model.generate("un cercle rouge", n_samples=3, steps=2, seed=0, output="tensor", safety_checker=False,
+                                return_flags=True, progress=False)
+    assert flags is None and torch.equal(off, clean)
+
+
+def test_checker_is_optional_and_insisting_on_one_is_an_error(small_model_dir, checked_model, tmp_path):
+    from altdiff_min.pipeline import load
+
+    model = load(small_model_dir)
+    assert model.safety_checker is None
+    images, flags = model.generate("un cercle rouge", steps=2, seed=0, return_flags=True, progress=False)
+    assert flags is None
+    with pytest.raises(BadValue, match="holds no safety checker") as e:
+        model.generate("un cercle rouge", steps=2, safety_checker=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(BadType, match="safety_checker must be None, True or False"):
+        model.generate("un cercle rouge", steps=2, safety_checker="yes")
+    # save keeps the checker (what `train` writes as its result), load gives it back
+    checked, _, _ = checked_model
+    checked.save(tmp_path / "saved")
+    again = load(tmp_path / "saved")
+    assert set(again.safety_checker.state_dict()) == set(checked.safety_checker.state_dict())
+    assert all(torch.equal(v, again.safety_checker.state_dict()[k]) for k, v in checked.safety_checker.state_dict().items())
+
+
+def test_cli_records_flags_and_turns_the_checker_off(checker_model_dir, small_model_dir, tmp_path, capsys):
+    import json
+
+    from altdiff_min.__main__ import main
+
+    common = ["generate", "un cercle rouge", "--model", checker_model_dir, "--steps", "2", "--n-samples", "2", "--skip-grid"]
+    assert main([*common, "--outdir", str(tmp_path / "on")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "on" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["safety_checker"] for r in rows] == [True, True] and all(isinstance(r["flagged"], bool) for r in rows)
+    assert main([*common, "--outdir", str(tmp_path / "off"), "--no-safety-checker"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "off" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["safety_checker"], r["flagged"]) for r in rows] == [(False, None)] * 2
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", small_model_dir, "--steps", "2", "--safety-checker",
+                 "--outdir", str(tmp_path / "none")]) == 2
+    assert "holds no safety checker" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "samples").exists() or not os.listdir(tmp_path / "none" / "samples")
+
+
+def test_conversion_without_the_flag_ignores_the_checker(checker_layout, tmp_path, capsys):
+    from altdiff_min.__main__ import main
+    from altdiff_min.folder import read_config
+
+    assert main(["convert", checker_layout, str(tmp_path / "m")]) == 0
+    assert "not converted: " in (out := capsys.readouterr().out) and "(pass --with-safety-checker)" in out
+    assert read_config(tmp_path / "m")["modules"] == ["text_encoder", "unet", "vae"]
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("no-checker", "missing safety_checker/config.json; convert without --with-safety-checker"),
+    ("gelu", "safety_checker/config.json: vision tower uses hidden_act='gelu'"),
+    ("crop", "preprocessor_config.json: crop_size is (32, 32)"),
+    ("mean", "preprocessor_config.json: image_mean is [0.5, 0.5, 0.5]"),
+    ("missing-tensor", "missing tensors (nothing in the source fills them) (1):\n    special_care_embeds_weights"),
+    ("extra-tensor", "unexpected tensors"),
+    ("wrong-shape", "concept_embeds: (17, 8), but concept_embeds is (17, 16)"),
+])
+def test_bad_checker_fails_clearly_and_writes_nothing(checker_layout, tmp_path, breakage, message):
+    import shutil
+
+    from weights_convert.convert import convert
+    from weights_convert.rules import ConversionError
+
+    root = tmp_path / "src"
+    shutil.copytree(checker_layout, root)
+    weights = root / "safety_checker" / "pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    if breakage == "no-checker":
+        shutil.rmtree(root / "safety_checker")
+    elif breakage == "gelu":
+        config = json_of(root / "safety_checker" / "config.json")
+        edit_json(root / "safety_checker" / "config.json", vision_config={**config["vision_config"], "hidden_act": "gelu"})
+    elif breakage == "crop":
+        edit_json(root / "feature_extractor" / "preprocessor_config.json", crop_size=32)
+    elif breakage == "mean":
+        edit_json(root / "feature_extractor" / "preprocessor_config.json", image_mean=[0.5, 0.5, 0.5])
+    else:
+        if breakage == "missing-tensor":
+            del state["special_care_embeds_weights"]
+        elif breakage == "extra-tensor":
+            state["concept_embeds_2"] = torch.zeros(3)
+        else:
+            state["concept_embeds"] = state["concept_embeds"][:, :8]
+        torch.save(state, weights)
+    with pytest.raises(ConversionError) as e:
+        convert(str(root), tmp_path / "out", safety_checker=True)
+    assert message in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_checker_configs_in_every_form_transformers_reads():
+    """The hub's checker config is CompVis's: a full vision_config and, from older transformers, a
+    vision_config_dict of five keys that wins (the rest then take CLIPVisionConfig's defaults, as
+    transformers does). Keys left out take CLIPVisionConfig's defaults; projection_dim CLIPConfig's 512."""
+    from transformers import CLIPConfig
+
+    vit_l = {k: M9_VISION[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                                        "patch_size")}
+    compvis = {"projection_dim": 768, "vision_config": {**M9_VISION, "image_size": 336}, "vision_config_dict": vit_l}
+    ours = safety_config_from_hf(compvis)
+    theirs = CLIPConfig(**compvis).vision_config
+    assert ours == VisionConfig()  # ViT-L/14 at 224: vision_config_dict left image_size to the default
+    assert (theirs.hidden_size, theirs.image_size, theirs.patch_size) == (ours.hidden, ours.image_size, ours.patch)
+    defaults = CLIPConfig()
+    assert safety_config_from_hf({}) == VisionConfig(hidden=768, layers=12, heads=12, mlp=3072, patch=32, project_dim=512)
+    assert safety_config_from_hf({}) == safety_config_from_hf({"vision_config": defaults.vision_config.to_dict(),
+                                                               "projection_dim": defaults.projection_dim})
+
+
+def test_full_checker_key_sets_on_meta():
+    """m9's checker (ViT-L/14, 768-wide concepts) as diffusers builds it, on the meta device: every
+    tensor converts, both with the hub's names and with the names transformers 5 loads."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    with torch.device("meta"):
+        ref = StableDiffusionSafetyChecker(CLIPConfig(vision_config=M9_VISION, projection_dim=768))
+    state = ref.state_dict()
+    hub = {(f"vision_model.{k}" if k.startswith("vision_model.") else k): v for k, v in state.items()}
+    for source in (state, hub):
+        ours, report = load(source, VisionConfig())
+        assert report.converted == len(ours.state_dict()) == len(state)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())

@@ -25,7 +25,7 @@ STEMS = {"text_encoder": ("model", "pytorch_model"), "unet": ("diffusion_pytorch
 CONFIG_FILES = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/sentencepiece.bpe.model",
                 "tokenizer/tokenizer_config.json"] + [f"{c}/config.json" for c in COMPONENTS]
 SAFETY_FILES = ["safety_checker/config.json", "feature_extractor/preprocessor_config.json"]
-ALTCLIP_FILES = ["config.json", "preprocessor_config.json", "sentencepiece.bpe.model", "tokenizer_config.json"]
+ALTCLIP_FILES = ["config.json", "preprocessor_config.json", "sentencepiece.bpe.model"]
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
