@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CHECKER, M9_VISION, picture, rel_err, small_checker
+from helpers import CHECKER, M9_VISION, PRECISIONS, picture, rel_err, small_checker
 from PIL import Image
 
 from altdiff_min.errors import BadType, BadValue
@@ -427,3 +427,20 @@ def test_full_checker_key_sets_on_meta():
         ours, report = load(source, VisionConfig())
         assert report.converted == len(ours.state_dict()) == len(state)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("device,dtype,tol", PRECISIONS)
+def test_checker_embeddings_in_every_precision(device, dtype, tol):
+    """The checker's image embeddings (what every cosine and decision comes from) on each device and
+    dtype against diffusers' in fp32 on the CPU."""
+    ref = reference_checker()
+    ours, _ = load(ref.state_dict(), SMALL_CFG)
+    ours = ours.to(device, dtype)
+    pixels = preprocess(pictures(), SMALL_CFG)
+    with torch.no_grad():
+        expected = ref.visual_projection(ref.vision_model(pixels)[1])
+        got = ours.image_embeds(pixels.to(device, dtype))
+    assert got.dtype == dtype
+    assert rel_err(got.float(), expected) < tol
+    flags, scores = ours.check(pictures())  # runs in the model's dtype, decides in float32 on the CPU
+    assert len(flags) == len(pictures()) and scores["concept"].dtype == torch.float32
