@@ -9,6 +9,7 @@ This function is the single seam for attention ablations: change it here and eve
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable
 
 import torch
@@ -18,20 +19,19 @@ from einops import rearrange
 from .errors import BadValue
 
 BACKENDS = ("sdpa", "explicit")
-_backend = "sdpa"
+_backend: ContextVar[str] = ContextVar("attention_backend", default="sdpa")
 
 
 @contextmanager
 def attention_backend(name: str):
-    """Run the enclosed code with the named attention path ("sdpa" or "explicit")."""
-    global _backend
+    """Run the enclosed code with the named attention path ("sdpa" or "explicit"), in this thread."""
     if name not in BACKENDS:
         raise BadValue(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
-    previous, _backend = _backend, name
+    token = _backend.set(name)
     try:
         yield
     finally:
-        _backend = previous
+        _backend.reset(token)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -56,7 +56,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mas
     q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
     if mask is not None:
         mask = mask.bool()[:, None, None, :]  # (B, 1, 1, Lk): the same for every head and query
-    if _backend == "sdpa" and capture is None:
+    if _backend.get() == "sdpa" and capture is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
         out, probs = explicit_attention(q, k, v, mask)

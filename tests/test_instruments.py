@@ -91,3 +91,40 @@ def test_trajectory(pipe):
     with torch.no_grad():
         decoded = pipe.decode_latents(final)
     assert rel_err(decoded, images) < 1e-6
+
+
+
+def test_attention_path_is_per_thread():
+    """attention_backend holds in its own thread only: a server's concurrent requests keep their own
+    path. One thread sits inside "explicit" while another asks which path it would take, then each
+    computes: both give the same attention output."""
+    import importlib
+    import threading
+
+    module = importlib.import_module("altdiff_min.attention")  # the package's `attention` is the function
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 8, generator=g) for _ in range(3))
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def explicit_request():
+        with module.attention_backend("explicit"):
+            inside.set()
+            seen["explicit_thread"] = module._backend.get()
+            seen["explicit_out"] = module.attention(q, k, v, 2)
+            done.wait(10)
+
+    def default_request():
+        inside.wait(10)
+        seen["other_thread"] = module._backend.get()
+        seen["default_out"] = module.attention(q, k, v, 2)
+        done.set()
+
+    threads = [threading.Thread(target=explicit_request), threading.Thread(target=default_request)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert (seen["explicit_thread"], seen["other_thread"], module._backend.get()) == ("explicit", "sdpa", "sdpa")
+    assert rel_diff(seen["explicit_out"], seen["default_out"]) < 1e-6
