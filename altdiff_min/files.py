@@ -21,6 +21,8 @@ from .errors import BadFile, Busy, Missing, io_error
 
 MAX_JSON_BYTES = 16 * 2**20  # a config is a few kB; anything this large is not one
 
+MANIFEST = "manifest.jsonl"  # what generate appends one line to per picture (and score reads)
+
 
 def read_text(path: str | os.PathLike, what: str = "text file", most: int = 64 * 2**20) -> str:
     """A UTF-8 file that must be a regular file of at most `most` bytes (not a device, FIFO or a huge

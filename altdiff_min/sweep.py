@@ -7,7 +7,8 @@ A SPEC (JSON, or TOML on Python ≥ 3.11):
     model = "toy"                                  # a model folder, or "toy"
     prompts = ["un cercle rouge", "一个蓝色的正方形"]   # or prompts_file = "prompts.txt" (one per line)
     seeds = [0, 1, 2]
-    metrics = ["toy"]                              # built in: "toy"; or "package.module:function"
+    metrics = ["toy", "clip"]                      # built in: "toy", "clip"; or "package.module:function"
+    clip_model = "altclip-m9"                      # the AltCLIP folder of "clip" (only with it)
     [fixed]                                        # generate arguments every cell shares
     steps = 25
     [axes]                                         # generate arguments to vary: every combination is a setting
@@ -24,7 +25,9 @@ metric per setting, printed.
 
 A metric is a function (picture: PIL.Image, prompt: str) → {name: number or None}, computed from the
 saved picture. "toy" is the toy detector's colour and shape accuracy (None for a prompt that is not a
-toy caption); a multilingual CLIP score plugs in the same way.
+toy caption); "clip" is the multilingual CLIP score (altdiff_min.score: AltCLIP-m9, 100 · max(cos, 0)),
+`clip_score`, by the AltCLIP folder `clip_model` (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes
+one), loaded once per sweep on the sweep's device.
 """
 from __future__ import annotations
 
@@ -38,12 +41,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import BadFile, BadType, BadValue, Exists
+from .errors import AltDiffError, BadFile, BadType, BadValue, Exists
 from .files import atomic_file, locked, make_folder, read_json, read_text
 
-SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "fixed", "axes"}
+SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes"}
 NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
-             "return_trajectory"}  # generate arguments a cell sets itself, or that a spec cannot write
+             "return_trajectory", "return_flags"}  # generate arguments a cell sets itself, or that a spec cannot write
 FORMAT = "altdiff-min-sweep"
 Metric = Callable[..., dict]
 
@@ -69,12 +72,33 @@ def toy_metric(picture, prompt: str) -> dict:
     return {"colour": float(found[1] == colour), "shape": float(found[0] == shape)}
 
 
-BUILT_IN_METRICS = {"toy": toy_metric}
+def clip_metric(path: str | None, device="cpu") -> Metric:
+    """The metric "clip": the multilingual CLIP score of the picture and its prompt, by the AltCLIP
+    folder `path`. The model is loaded at the first picture: once per sweep, only by the process that
+    writes the table, and not when read_spec merely checks the name."""
+    scorer = None
+
+    def clip(picture, prompt: str) -> dict:
+        from .score import load_clip
+
+        nonlocal scorer
+        if scorer is None:
+            scorer = load_clip(path, device)
+        return {"clip_score": scorer.score([picture], [prompt]).item()}
+
+    return clip
 
 
-def find_metric(name: str) -> Metric:
-    if name in BUILT_IN_METRICS:
-        return BUILT_IN_METRICS[name]
+BUILT_IN_METRICS = ("toy", "clip")
+
+
+def find_metric(name: str, clip_model: str | None = None, device="cpu") -> Metric:
+    """A built-in metric, or the function 'package.module:function' names. "clip" is made for one
+    sweep: its AltCLIP folder (the spec's clip_model), on the sweep's device."""
+    if name == "toy":
+        return toy_metric
+    if name == "clip":
+        return clip_metric(clip_model, device)
     module, _, function = name.partition(":")
     if not function:
         raise BadValue(f"metric {name!r}: not a built-in ({', '.join(BUILT_IN_METRICS)}) nor 'package.module:function'")
@@ -92,6 +116,7 @@ class Spec:
     fixed: dict
     axes: dict[str, list]
     metrics: list[str]
+    clip_model: str | None = None  # the AltCLIP folder of the metric "clip"
 
     @property
     def settings(self) -> list[dict]:
@@ -103,8 +128,10 @@ class Spec:
         return list(itertools.product(range(len(self.settings)), range(len(self.prompts)), range(len(self.seeds))))
 
     def as_dict(self) -> dict:
+        # clip_model only when given: the sweeps recorded before it existed still resume
         return {"format": FORMAT, "model": self.model, "prompts": self.prompts, "seeds": self.seeds,
-                "fixed": self.fixed, "axes": self.axes, "metrics": self.metrics}
+                "fixed": self.fixed, "axes": self.axes, "metrics": self.metrics,
+                **({"clip_model": self.clip_model} if self.clip_model is not None else {})}
 
 
 def read_spec(path: str) -> Spec:
@@ -157,7 +184,13 @@ def read_spec(path: str) -> Spec:
         raise BadValue(f"{path}: 'metrics' must be a list of names")
     for name in metrics:
         find_metric(name)
-    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics)
+    clip_model = raw.get("clip_model")
+    if "clip" in metrics and not isinstance(clip_model, str):
+        raise BadValue(f"{path}: the metric \"clip\" needs 'clip_model', an AltCLIP folder "
+                       f"(`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one)")
+    if "clip" not in metrics and clip_model is not None:
+        raise BadValue(f"{path}: 'clip_model' is read by the metric \"clip\" only; add \"clip\" to 'metrics' or remove it")
+    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics, clip_model)
 
 
 def check_cells(spec: Spec, model) -> None:
@@ -214,10 +247,15 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
 
     spec = read_spec(spec_path)
     out = os.path.abspath(out or os.path.splitext(spec_path)[0])
-    functions = {name: find_metric(name) for name in spec.metrics} | (metrics or {})
     read_config(spec.model)  # a missing or broken model folder is refused here
+    if spec.clip_model is not None:
+        try:
+            read_config(spec.clip_model, require=("altclip",))
+        except AltDiffError as e:
+            raise type(e)(f"{spec_path}: clip_model: {e}") from None
     world = join_world(check_device(device))
     try:
+        functions = {name: find_metric(name, spec.clip_model, world.device) for name in spec.metrics} | (metrics or {})
         with ExitStack() as stack:
             def claim() -> None:
                 make_folder(os.path.dirname(out), "--outdir")
@@ -246,6 +284,7 @@ def make_cells(spec: Spec, out: str, functions: dict[str, Metric], world, progre
         image = model.generate(spec.prompts[p], seed=spec.seeds[k], progress=False, **{**spec.fixed, **settings[s]})[0]
         with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp:
             image.save(tmp, format="PNG")
+    del model  # the metrics may load a model of their own ("clip": AltCLIP-m9) onto the same device
     barrier(world)
     return on_rank0(world, lambda: write_results(out, spec, functions))
 

@@ -95,6 +95,32 @@ def small_configs(reference) -> dict:
             "unet": unet.config_from_hf(dict(reference["unet"].config)), "vae": vae.config_from_hf(dict(reference["vae"].config))}
 
 
+# The diffusers scheduler behind each sampler, re-targeted with from_config as the model card does.
+SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+              "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+              "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+              "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {})}
+
+
+def diffusers_pipeline(hub_layout, reference, sampler: str, scheduler_folder: str | None = None, img2img: bool = False):
+    """diffusers' AltDiffusionPipeline (or AltDiffusionImg2ImgPipeline) on the small reference modules,
+    with the scheduler behind `sampler`, from m9's config or the one saved in scheduler_folder."""
+    import diffusers
+    from diffusers.pipelines.deprecated.alt_diffusion import AltDiffusionImg2ImgPipeline, AltDiffusionPipeline
+    from transformers import XLMRobertaTokenizer
+
+    loaded = (diffusers.DDIMScheduler.from_pretrained(scheduler_folder) if scheduler_folder
+              else diffusers.DDIMScheduler.from_config(SCHEDULER))
+    name, extra = SCHEDULERS[sampler]
+    scheduler = getattr(diffusers, name).from_config(loaded.config, **extra)
+    # Components loaded explicitly (model_index's class names no longer resolve); tokenizer length 77.
+    tokenizer = XLMRobertaTokenizer.from_pretrained(os.path.join(hub_layout, "tokenizer"), model_max_length=77)
+    cls = AltDiffusionImg2ImgPipeline if img2img else AltDiffusionPipeline
+    return cls(vae=reference["vae"], text_encoder=reference["text_encoder"], tokenizer=tokenizer,
+                                unet=reference["unet"], scheduler=scheduler, safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False)
+
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -196,4 +222,10 @@ def small_altclip(vocab_size: int, seed: int = 0):
     from transformers import AltCLIPConfig, AltCLIPModel
 
     torch.manual_seed(seed)  # transformers initialises from the global generator
-    return randomize_(AltCLIPModel(AltCLIPConfig(**{**ALTCLIP, "text_config": {**ALTCLIP_TEXT, "vocab_size": vocab_size}}))).eval()
+    model = randomize_(AltCLIPModel(AltCLIPConfig(**{**ALTCLIP, "text_config": {**ALTCLIP_TEXT, "vocab_size": vocab_size}})))
+    with torch.no_grad():
+        # Random towers agree on nothing: every cosine comes out near −0.05, so every CLIP score would
+        # be 0 and a test of scores would prove nothing. With the image projection negated every
+        # cosine is positive and every score differs from the next.
+        model.visual_projection.weight.neg_()
+    return model.eval()

@@ -1,5 +1,6 @@
 """AltCLIP-m9 vs transformers' AltCLIPModel (random weights): text and image embeddings, logits, the
 conversion of its state dict, and clip_score."""
+import copy
 import gc
 import json
 import os
@@ -139,19 +140,18 @@ def test_clip_score_matches_hand_computation(small, tokenizer):
         cos = (image * text).sum(-1) / (image.norm(dim=-1) * text.norm(dim=-1))
         return cos, 100 * cos.clamp(min=0)
 
-    # Random towers agree on nothing: every cosine is negative, so every score is exactly 0.
-    cos, _ = by_hand()
-    assert (cos < 0).all(), cos
-    got = clip_score(ours, tokenizer, pictures, prompts)
-    assert got.shape == (4,) and got.dtype == torch.float32 and torch.equal(got, torch.zeros(4))
-    # Negating the image projection negates every cosine: now all scores are positive.
-    with torch.no_grad():
-        ref.visual_projection.weight.neg_()
-    ours, _ = load(ref.state_dict(), ours.cfg)
+    # The small model's towers agree (helpers.small_altclip): every cosine positive, every score too.
     cos, expected = by_hand()
     assert (cos > 0).all(), cos
     got = clip_score(ours, tokenizer, pictures, prompts)
+    assert got.shape == (4,) and got.dtype == torch.float32
     assert rel_err(got, expected) < 1e-5
+    # Negating the image projection negates every cosine: now every score is exactly 0.
+    flipped = copy.deepcopy(ref)
+    with torch.no_grad():
+        flipped.visual_projection.weight.neg_()
+    flipped_ours, _ = load(flipped.state_dict(), ours.cfg)
+    assert torch.equal(clip_score(flipped_ours, tokenizer, pictures, prompts), torch.zeros(4))
     # Float pictures in [0, 1] take the pipeline's route (rounded to 8 bits first): the same pixels for
     # a picture that is already 8-bit, so the same score (up to rounding: a batch of one, not of four).
     as_tensor = torch.from_numpy(np.array(pictures[2].convert("RGB")))[None].permute(0, 3, 1, 2).float() / 255

@@ -45,6 +45,24 @@ def test_sweep_table_sheet_and_metric(tmp_path, capsys):
     assert "scale=7.5, sampler=euler" in printed and "colour" in printed
 
 
+def test_the_clip_metric_is_the_clip_score_of_each_saved_picture(altclip_dir, tmp_path, monkeypatch):
+    """One model load for the sweep; each row's clip_score is Scorer.score of its picture and prompt."""
+    import altdiff_min.score as score
+
+    clip_model = altclip_dir
+    loads, load_clip = [], score.load_clip
+    monkeypatch.setattr(score, "load_clip", lambda *a, **k: loads.append(a) or load_clip(*a, **k))
+    spec = {"model": "toy", "prompts": ["a red circle", "一个蓝色的正方形"], "seeds": [0], "metrics": ["clip"],
+            "clip_model": clip_model, "fixed": {"steps": 2}, "axes": {"scale": [1.0, 7.5]}}
+    assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
+    rows, clip = table(tmp_path / "spec"), load_clip(clip_model)
+    assert len(loads) == 1 and len(rows) == 4
+    for r in rows:
+        expected = clip.score([Image.open(tmp_path / "spec" / r["file"]).convert("RGB")], [r["prompt"]]).item()
+        assert float(r["clip_score"]) == expected > 0
+    assert json.loads((tmp_path / "spec" / "spec.json").read_text())["clip_model"] == clip_model
+
+
 def test_an_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
     import altdiff_min.pipeline as pipeline
 
@@ -92,6 +110,11 @@ def test_torchrun_sweep_makes_the_same_pictures(tmp_path):
     ({"model": "NOWHERE"}, "model folder not found"),
     ({"axes": {"steps": [0]}}, "steps"),
     ({"axes": {"text_layer": [9]}}, "text_layer must be an int in [0, 2]"),
+    ({"fixed": {"return_flags": True}}, "'return_flags' is not a generate argument"),
+    ({"metrics": ["clip"]}, "the metric \"clip\" needs 'clip_model'"),
+    ({"clip_model": "NOWHERE"}, "'clip_model' is read by the metric \"clip\" only"),
+    ({"metrics": ["clip"], "clip_model": "NOWHERE"}, "clip_model: model folder not found"),
+    ({"metrics": ["clip"], "clip_model": "toy"}, "not altclip; pass an AltCLIP folder"),  # an AltDiffusion folder
 ])
 def test_bad_specs_are_refused_before_any_picture(tmp_path, capsys, monkeypatch, change, message):
     import altdiff_min.pipeline as pipeline
