@@ -71,6 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     sweep.add_argument("--force", action="store_true", help="replace the sweep in --outdir if it was made from another spec")
 
+    score = commands.add_parser("score", help="multilingual CLIP score of pictures and their prompts, with AltCLIP-m9")
+    score.add_argument("path", help="a generate --outdir (or its manifest.jsonl), or a folder of pictures captioned in "
+                       "metadata.jsonl or NAME.txt files")
+    score.add_argument("--clip", required=True, help="an AltCLIP model folder (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR`)")
+    score.add_argument("--out", help="write every picture's score to this CSV file (file, prompt, clip_score)")
+    score.add_argument("--force", action="store_true", help="replace --out if it exists")
+    score.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    score.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    score.add_argument("--batch-size", type=int, default=32, help="pictures per forward pass")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ui = commands.add_parser("ui", help="a web page for text-to-image and image-to-image (pip install -e .[ui])")
+    ui.add_argument("--model", default="toy", help="a model folder, or 'toy' (the small shipped model, runs offline)")
+    ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    ui.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+
     from .toy.train import add_arguments
 
     add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~25 min)"))
@@ -148,6 +166,14 @@ def run(args) -> int:
 
         run_sweep(args.spec, args.outdir, args.device or ("cuda" if torch_cuda() else "cpu"), force=args.force)
         return 0
+    if args.command == "ui":
+        from .ui import run as run_ui
+
+        return run_ui(args)
+    if args.command == "score":
+        from .score import run as run_score
+
+        return run_score(args)
     if args.command == "train-toy":
         from .toy.train import run as run_train_toy
 
@@ -210,7 +236,7 @@ def grid(images: list, columns: int):
     return canvas
 
 
-MANIFEST = "manifest.jsonl"
+from .files import MANIFEST  # noqa: E402 (a constant; files imports no torch)
 
 
 def replay(args) -> int | None:

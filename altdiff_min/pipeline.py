@@ -1,8 +1,10 @@
 """The whole AltDiffusion: `load()` a model folder (altdiff_min.folder), then `generate()` images.
 
     1. encode_prompt     prompt ─ tokenizer ─ text encoder ─ context
-    2. initial_latents   seed ─ x_T ~ N(0, I) · init_noise_sigma
+       encode_image      (image to image) picture ─ VAE encoder ─ z0, a sample of its posterior
+    2. initial_latents   seed ─ x_T ~ N(0, I) · init_noise_sigma; or z0 noised to where strength starts
     3. sample            x_T ─ sampler over timesteps, ε = guided UNet(x, t, context) ─ x_0
+                         (inpainting: the kept region blended back after every step, img2img.Blend)
     4. decode_latents    x_0 ─ VAE decoder ─ image
     5. check_safety      image ─ safety checker ─ flagged pictures replaced by a placeholder
                          (only where the model folder holds a checker)
@@ -18,11 +20,12 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
+from . import img2img
 from .errors import BadType, BadValue, NotFinite
 from .folder import DIFFUSION, TOKENIZER, read_config, read_modules, resolve, write_folder
 from .safety import SafetyChecker, replace_flagged
-from .samplers import check_eta, get_sampler
-from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, timesteps
+from .samplers import check_eta, draw_noise, get_sampler
+from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, timesteps
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer, check_prompt
 from .unet import UNet, UNetConfig
@@ -66,25 +69,40 @@ class AltDiffusion:
         cond = cond.repeat_interleave(n_samples, dim=0)
         return torch.cat([encoded[:1].expand(len(cond), -1, -1), cond]) if guided else cond
 
-    def initial_latents(self, shape: tuple[int, ...], sampler: str, ts: Timesteps, seed: int | None = None,
-                        latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator | None]:
-        """2. x_T: N(0, I) drawn on the CPU from a generator seeded with `seed`, exactly as diffusers
-        draws it (or `latents`), times the sampler's init_noise_sigma; and the generator, whose
-        stream the stochastic samplers go on drawing from."""
-        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(Image to image.) Pixels (1, 3, H, W) in [−1, 1] (img2img.prepare_image) → z0: a sample of
+        the VAE's posterior N(mean, exp(logvar)), drawn from `generator` as diffusers draws it, times
+        scaling_factor (the sampler's space)."""
+        p = self.vae.quant_conv.weight
+        mean, logvar = self.vae.encode(pixels.to(p.device, p.dtype))
+        return (mean + (0.5 * logvar).exp() * draw_noise(mean, generator)) * self.vae.cfg.scaling_factor
+
+    def initial_latents(self, shape: tuple[int, ...], sampler: str, ts: Timesteps, generator: torch.Generator | None = None,
+                        latents: torch.Tensor | None = None,
+                        image_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """2. The latents the route starts from, and the N(0, I) draw they came from.
+
+        Text to image: the draw is torch.randn(shape) from the CPU `generator` exactly as diffusers
+        draws it (or `latents`), times the sampler's init_noise_sigma. Image to image (image_latents:
+        z0 from encode_image, repeated over the batch): z0 noised to the first level of `ts` (the
+        route strength cut) with the draw, as diffusers' scheduler.add_noise."""
+        p = self.unet.conv_in.weight
+        if image_latents is not None:
+            z0 = image_latents.expand(shape[0], -1, -1, -1)
+            noise = draw_noise(z0, generator)
+            return noise_to(sampler, z0, noise, ts.sigmas[0], ts.t[0], self.schedule).to(p.dtype), noise
         x = latents if latents is not None else torch.randn(shape, generator=generator)
-        x = x.to(self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype)
-        return x * init_noise_sigma(sampler, ts, self.schedule), generator
+        x = x.to(p.device, p.dtype)
+        return x * init_noise_sigma(sampler, ts, self.schedule), x
 
     def sample(self, x: torch.Tensor, context: torch.Tensor | None, sampler: str, ts: Timesteps, scale: Scale = 7.5,
                eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
                progress: bool = True) -> torch.Tensor:
         """3. Run `sampler` over the timesteps `ts` with the guided UNet (guided_eps): x_T → clean latents."""
         with tqdm(total=len(ts), desc=sampler, disable=not progress, leave=False) as bar:
-            def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+            def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
-                if callback is not None:
-                    callback(i, t, x, x0)
+                return callback(i, t, x, x0) if callback is not None else None
 
             return get_sampler(sampler)(guided_eps(self.unet, context, scale), x, ts, self.schedule, eta=eta,
                                         generator=generator, callback=on_step)
@@ -110,8 +128,10 @@ class AltDiffusion:
                  latents: torch.Tensor | None = None, output: str = "pil", callback: Callable | None = None,
                  progress: bool = True, *, prompt_embeds: torch.Tensor | None = None, text_layer: int | None = None,
                  cross_attention: bool = True, return_trajectory: bool = False, safety_checker: bool | None = None,
-                 return_flags: bool = False):
-        """Text to image: n_samples images per prompt, height × width pixels (default: image_size).
+                 return_flags: bool = False, image=None, strength: float | None = None, mask=None,
+                 paste_unmasked: bool = False):
+        """Text to image: n_samples images per prompt, height × width pixels (default: image_size);
+        with `image`, image to image; with `mask` too, inpainting (altdiff_min/img2img.py).
 
         sampler: one of samplers.SAMPLERS, over `timesteps(sampler, steps, self.schedule)`.
         seed: the initial latents are torch.randn((n, 4, height//8, width//8)) from a CPU generator
@@ -132,10 +152,24 @@ class AltDiffusion:
         never, True insists (an error if there is none). Flagged pictures are replaced by a
         placeholder saying so; return_flags: also return one bool per picture (True: flagged and
         replaced), or None when no checker ran. With both: (images, trajectory, flags).
+
+        Image to image (SDEdit; diffusers' AltDiffusionImg2ImgPipeline, same seed, same picture):
+          image: a PIL picture or a float tensor (1, 3, H, W) in [0, 1]; its size rounded down to a
+              multiple the model takes, or resized to height × width when they are given;
+          strength (default 0.8): how much of the route runs, the last int(steps · strength) steps;
+              1 starts from (almost) pure noise, small values keep the picture;
+          mask: inpainting with any model: white (≥ 0.5) is repainted, the rest kept by blending the
+              latents after every step; paste_unmasked: also paste the kept pixels back exactly.
         """
         # 0. Check everything before any model work.
+        picture = None
+        if image is not None or mask is not None or strength is not None or paste_unmasked:
+            picture = self.check_picture_arguments(image, strength, mask, paste_unmasked, latents, height, width)
+            height, width = picture["height"], picture["width"]
         prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
                                                   height, width, seed, latents, output, prompt_embeds)
+        if picture is not None:
+            ts = img2img.cut(ts, steps, 0.8 if strength is None else strength)
         if safety_checker is not None and not isinstance(safety_checker, bool):
             raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
         if safety_checker and self.safety_checker is None:
@@ -144,14 +178,19 @@ class AltDiffusion:
         check = self.safety_checker is not None and safety_checker is not False
         guided = cross_attention and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
-        x, generator = self.initial_latents(shape, sampler, ts, seed, latents)
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        z0 = self.encode_image(picture["pixels"], generator) if picture is not None else None  # draws first
+        x, noise = self.initial_latents(shape, sampler, ts, generator, latents, z0)
+        blend = img2img.Blend(sampler, z0, noise, picture["mask"], ts, self.schedule) if mask is not None else None
         trajectory = []
 
-        def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+        def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+            if blend is not None:
+                x = blend(i, t, x, x0)
             if return_trajectory:
                 trajectory.append({"t": t, "latents": x.float().cpu(), "x0": x0.float().cpu()})
-            if callback is not None:
-                callback(i, t, x, x0)
+            out = callback(i, t, x, x0) if callback is not None else None
+            return x if out is None else out
 
         x = self.sample(x, context if cross_attention else None, sampler, ts, scale if guided else 1.0, eta,
                         generator, on_step, progress)
@@ -159,12 +198,40 @@ class AltDiffusion:
         if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
             raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
                             f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
+        if paste_unmasked:
+            keep = 1 - picture["mask"].to(images)
+            images = images * (1 - keep) + (picture["pixels"].to(images) + 1) / 2 * keep
         flags = None
         if check:
             images, flags = self.check_safety(images)
         images = images if output == "tensor" else to_pil(images)
         extra = ([trajectory] if return_trajectory else []) + ([flags] if return_flags else [])
         return (images, *extra) if extra else images
+
+    def check_picture_arguments(self, image, strength, mask, paste_unmasked, latents, height, width) -> dict:
+        """Image to image's arguments, before any model work → {"pixels": (1, 3, H, W) in [−1, 1],
+        "mask": (1, 1, H, W) of 0/1 or None, "height", "width"}. strength against steps: img2img.cut."""
+        if image is None:
+            what = "mask" if mask is not None else "strength" if strength is not None else "paste_unmasked"
+            raise BadValue(f"{what} needs an image to start from (image=...)")
+        if latents is not None:
+            raise BadValue("give image or latents, not both: with an image the run starts from the noised picture")
+        if not isinstance(paste_unmasked, bool):
+            raise BadType(f"paste_unmasked must be True or False, got {paste_unmasked!r}")
+        if paste_unmasked and mask is None:
+            raise BadValue("paste_unmasked pastes back the pixels outside the mask: give a mask")
+        img2img.check_picture(image)
+        multiple = check_size(self.image_size, self.image_size, self.vae.cfg, self.unet.cfg) * self.unet.cfg.size_multiple
+        if height is None and width is None:
+            width, height = img2img.rounded_size(image, multiple)
+        else:
+            height = img2img.size_of(image)[1] if height is None else height
+            width = img2img.size_of(image)[0] if width is None else width
+            positive_int("height", height, self.limits.max_side, "max_side")
+            positive_int("width", width, self.limits.max_side, "max_side")
+            check_size(height, width, self.vae.cfg, self.unet.cfg)
+        return {"pixels": img2img.prepare_image(image, (width, height)), "height": height, "width": width,
+                "mask": img2img.prepare_mask(mask, image, (width, height)) if mask is not None else None}
 
     def check_arguments(self, prompt, negative_prompt, n_samples, steps, sampler, scale, eta, height, width, seed,
                         latents, output, prompt_embeds) -> tuple[list[str], Timesteps, tuple[int, ...]]:

@@ -7,7 +7,9 @@ Every sampler is a plain function over an ε-prediction callable and an explicit
 
 `timesteps` is what diffusers' scheduler `set_timesteps` gives for the same config and step count, so
 the same seed gives the same image. A plain list works too: `ddim(eps, x, [999, 500, 1])`.
-Each step calls `callback(i, t, x, x0)` with the latents *after* step i and the x0 that step predicted.
+Each step calls `callback(i, t, x, x0)` with the latents *after* step i and the x0 that step predicted;
+a callback that returns a tensor replaces the latents the run goes on from (inpainting's blending,
+or an ablation that edits the state mid-run); one that returns None changes nothing.
 Guidance is not here: the pipeline wraps the UNet into `eps`. The schedule and the routes
 (`timesteps`, ᾱ_t, σ_t) are in schedule.py.
 
@@ -27,7 +29,18 @@ from .errors import BadType, BadValue
 from .schedule import ScheduleConfig, Timesteps, alphas_cumprod, as_timesteps, check_sampler_name, final_alpha
 
 Eps = Callable[[torch.Tensor, float], torch.Tensor]
-Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
+Callback = Callable[[int, float, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def after_step(callback: Callback | None, i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The latents the run goes on from after step i: x, or what the callback returned instead."""
+    out = callback(i, t, x, x0) if callback is not None else None
+    if out is None:
+        return x
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        raise BadValue(f"a sampler callback returns None or latents of shape {tuple(x.shape)}, got "
+                       f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    return out
 
 
 def check_eta(name: str, eta: float) -> None:
@@ -76,8 +89,7 @@ def ddim(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
         x, x0 = ddim_step(x, eps(x, t), a[i], a_prev[i], sigma)
         if eta > 0:
             x = x + sigma * draw_noise(x, generator)
-        if callback:
-            callback(i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -118,8 +130,7 @@ def plms(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
             e_prime = (55 * e - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
         history = (history + [e])[-3:]
         x, x0 = ddim_step(x, e_prime, a_from, a_to)
-        if callback:
-            callback(i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -158,8 +169,7 @@ def dpm_solver_pp_2m(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], c
             d = x0 if x0_prev is None or last else x0 + (x0 - x0_prev) / (2 * (lam[i] - lam[i - 1]) / h)
             x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
         x0_prev = x0
-        if callback:
-            callback(i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -183,8 +193,7 @@ def euler(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[float], cfg: Sched
         s, s_next = ts.sigmas[i], ts.sigmas[i + 1]
         x0 = x - s * eps(x / math.sqrt(s * s + 1), t)
         x = x + (x - x0) / s * (s_next - s)
-        if callback:
-            callback(i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 
@@ -204,8 +213,7 @@ def euler_ancestral(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[float], 
         s_up = math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
         s_down = math.sqrt(s_next**2 - s_up**2)
         x = x + (x - x0) / s * (s_down - s) + draw_noise(x, generator) * s_up
-        if callback:
-            callback(i, t, x, x0)
+        x = after_step(callback, i, t, x, x0)
     return x
 
 

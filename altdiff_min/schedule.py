@@ -83,6 +83,21 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor,
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def noise_to(name: str, x0: torch.Tensor, noise: torch.Tensor, sigma: float, t: float,
+             cfg: ScheduleConfig = ScheduleConfig()) -> torch.Tensor:
+    """x0 noised to level sigma (timestep t) in sampler `name`'s state convention (see samplers.py),
+    as diffusers' scheduler of that kind `add_noise`s: DDIM and PNDM at ᾱ_t (add_noise above); the
+    DPM-Solvers at the level itself, α = 1/√(σ² + 1) (with Karras' σ this is not ᾱ of the rounded
+    timestep); Euler and Euler-a variance exploding, x0 + σ·noise."""
+    check_sampler_name(name)
+    if name in ("ddim", "plms"):
+        return add_noise(x0, noise, int(t), cfg)
+    if name in ("euler", "euler_a"):
+        return x0 + sigma * noise
+    alpha = 1 / math.sqrt(sigma * sigma + 1)
+    return alpha * x0 + sigma * alpha * noise
+
+
 @dataclass(frozen=True)
 class Timesteps:
     """The route of one run: at step i the UNet is told t[i] and the latents are at noise level

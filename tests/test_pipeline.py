@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import SCHEDULER, rel_err
+from helpers import SCHEDULER, SCHEDULERS, diffusers_pipeline, rel_err
 
 from altdiff_min.pipeline import load
 from weights_convert.schedule import config_from_hf
@@ -20,13 +20,6 @@ def ours(small_model_dir):
     return load(small_model_dir)
 
 
-# The diffusers scheduler behind each sampler, re-targeted with from_config as the model card does.
-SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-              "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-              "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-              "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {})}
-
-
 @pytest.fixture(scope="module")
 def resaved_config(tmp_path_factory) -> str:
     """m9's scheduler config as current diffusers saves it: with "timestep_spacing": "leading"."""
@@ -36,22 +29,6 @@ def resaved_config(tmp_path_factory) -> str:
     DDIMScheduler.from_config(SCHEDULER).save_config(folder)
     assert json.loads((folder / "scheduler_config.json").read_text())["timestep_spacing"] == "leading"
     return str(folder)
-
-
-def diffusers_pipeline(hub_layout, reference, sampler: str, scheduler_folder: str | None = None):
-    import diffusers
-    from diffusers.pipelines.deprecated.alt_diffusion import AltDiffusionPipeline
-    from transformers import XLMRobertaTokenizer
-
-    loaded = (diffusers.DDIMScheduler.from_pretrained(scheduler_folder) if scheduler_folder
-              else diffusers.DDIMScheduler.from_config(SCHEDULER))
-    name, extra = SCHEDULERS[sampler]
-    scheduler = getattr(diffusers, name).from_config(loaded.config, **extra)
-    # Components loaded explicitly (model_index's class names no longer resolve); tokenizer length 77.
-    tokenizer = XLMRobertaTokenizer.from_pretrained(os.path.join(hub_layout, "tokenizer"), model_max_length=77)
-    return AltDiffusionPipeline(vae=reference["vae"], text_encoder=reference["text_encoder"], tokenizer=tokenizer,
-                                unet=reference["unet"], scheduler=scheduler, safety_checker=None,
-                                feature_extractor=None, requires_safety_checker=False)
 
 
 def same_seed_same_images(ours, pipe, sampler, steps, eta=0.0, scale=7.5):

@@ -1,0 +1,145 @@
+"""Image to image against diffusers' AltDiffusionImg2ImgPipeline (the same random AltDiffusion), and
+inpainting by latent blending, tested by what it must do."""
+import numpy as np
+import pytest
+import torch
+from helpers import diffusers_pipeline, picture, rel_diff, rel_err
+from PIL import Image
+
+from altdiff_min.errors import BadType, BadValue
+from altdiff_min.pipeline import load
+
+PROMPT, NEGATIVE = "一只戴着帽子的小狗", "模糊"
+# 100×70 rounds down to 96×64 both in diffusers (multiples of 8) and here (the small model takes
+# multiples of 32): a non-square picture that is resized, with latents 8×12.
+INIT = picture("RGB", 100, 70, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ours(small_model_dir):
+    return load(small_model_dir)
+
+
+def img2img_parity(ours, hub_layout, reference, sampler, steps, strength, image=INIT, eta=0.0):
+    pipe = diffusers_pipeline(hub_layout, reference, sampler, img2img=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(PROMPT, image=image, strength=strength, negative_prompt=NEGATIVE, num_images_per_prompt=2,
+                        num_inference_steps=steps, guidance_scale=7.5, eta=eta, output_type="pt",
+                        generator=torch.Generator("cpu").manual_seed(7)).images
+    got = ours.generate(PROMPT, image=image, strength=strength, negative_prompt=NEGATIVE, n_samples=2, steps=steps,
+                        sampler=sampler, eta=eta, seed=7, output="tensor", progress=False)
+    assert got.shape == expected.shape == (2, 3, 64, 96)
+    assert rel_err(got, expected) < 1e-4
+    assert (got[0] - got[1]).abs().mean() > 1e-3  # two different samples
+    return got
+
+
+@pytest.mark.parametrize("sampler,steps,strength,eta", [
+    ("ddim", 10, 0.6, 0.0), ("ddim", 8, 0.75, 1.0), ("dpm++2m", 9, 0.5, 0.0), ("dpm++2m-karras", 9, 0.7, 0.0),
+    ("euler", 8, 0.6, 0.0), ("euler_a", 8, 0.8, 0.0),
+], ids=["ddim", "ddim-eta1", "dpm++2m", "dpm++2m-karras", "euler", "euler_a"])
+def test_same_seed_same_picture_as_diffusers(ours, hub_layout, reference, sampler, steps, strength, eta):
+    """Each sampler part-way down its route: the posterior sample and the noise drawn in diffusers'
+    order, the picture noised as that scheduler's add_noise, the cut route run."""
+    img2img_parity(ours, hub_layout, reference, sampler, steps, strength, eta=eta)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm++2m", "euler_a"])
+def test_strength_one_runs_the_whole_route_as_diffusers(ours, hub_layout, reference, sampler):
+    """strength 1: every step runs, from the picture noised to the first level (not pure noise). PLMS
+    agrees with diffusers here, where no cut splits its warm-up (see altdiff_min/img2img.py)."""
+    img2img_parity(ours, hub_layout, reference, sampler, 6, 1.0)
+
+
+def test_tensor_pictures_as_diffusers(ours, hub_layout, reference):
+    """A (1, 3, H, W) tensor in [0, 1] (what generate(output="tensor") gives) is taken as diffusers
+    takes it; its size (a multiple already) is kept."""
+    tensor = torch.from_numpy(np.asarray(INIT.resize((96, 64)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    img2img_parity(ours, hub_layout, reference, "ddim", 8, 0.5, image=tensor)
+
+
+def test_low_strength_keeps_the_picture(ours):
+    """Fewer steps from less noise: the result is nearer the picture as strength falls."""
+    target = torch.from_numpy(np.asarray(INIT.resize((96, 64), Image.Resampling.LANCZOS), dtype=np.float32) / 255)
+    target = target.permute(2, 0, 1)[None]
+    errors = [rel_diff(ours.generate("x", image=INIT, strength=s, steps=10, seed=0, output="tensor", progress=False),
+                       target) for s in (0.1, 0.5, 1.0)]
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_strength_edge_cases_are_clear_errors(ours, hub_layout, reference):
+    """diffusers fails on a strength that runs no step (its route is empty); here it is a clear error."""
+    pipe = diffusers_pipeline(hub_layout, reference, "ddim", img2img=True)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(Exception):
+        pipe("x", image=INIT, strength=0.0, num_inference_steps=4, output_type="pt")
+    for strength, steps in ((0.0, 10), (0.09, 10)):
+        with pytest.raises(BadValue, match="runs int") as e:
+            ours.generate("x", image=INIT, strength=strength, steps=steps, progress=False)
+        assert "\n" not in str(e.value)
+
+
+def mask_left(w=100, h=70, fraction=0.5) -> Image.Image:
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[:, : int(w * fraction)] = 255  # white: repaint the left part
+    return Image.fromarray(mask)
+
+
+def test_inpainting_repaints_the_mask_and_keeps_the_rest():
+    """With the toy (a trained VAE, so its round trip is faithful), 128×96, the left quarter
+    repainted: the kept latents end exactly at the picture's; the kept pixels away from the
+    boundary (the decoder mixes neighbours) stay within the VAE's round-trip error; the repainted
+    ones change; with paste_unmasked the kept pixels are the picture's exactly."""
+    from altdiff_min import img2img
+
+    toy = load("toy")
+    init = toy.generate("un cercle rouge", steps=10, seed=3, width=128, height=96, progress=False)[0]
+    pixels = torch.from_numpy(np.asarray(init, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        mean, _ = toy.vae.encode(pixels * 2 - 1)
+        round_trip = (toy.vae.decode(mean).clamp(-1, 1) + 1) / 2
+        z0 = toy.encode_image(img2img.prepare_image(init, (128, 96)), torch.Generator().manual_seed(0))
+    columns = {"repainted": slice(0, 32), "kept": slice(32, 128), "far": slice(64, 128)}
+
+    def error(images, part, reference=pixels):
+        return (images[..., columns[part]] - reference[..., columns[part]]).abs().mean().item()
+
+    for prompt in ("un carré bleu", "一个绿色的三角形"):
+        got, trajectory = toy.generate(prompt, image=init, mask=mask_left(128, 96, 0.25), strength=1.0, steps=10,
+                                       seed=0, output="tensor", return_trajectory=True, progress=False)
+        assert torch.equal(trajectory[-1]["latents"][..., 4:], z0.expand(1, -1, -1, -1)[..., 4:])  # latent columns ≥ 32 px / 8
+        assert error(got, "far") < 1.25 * error(round_trip, "far")
+        assert error(got, "repainted") > 50 * error(round_trip, "repainted")
+    pasted = toy.generate(prompt, image=init, mask=mask_left(128, 96, 0.25), strength=1.0, steps=10, seed=0,
+                          output="tensor", paste_unmasked=True, progress=False)
+    assert error(pasted, "kept") < 1e-6
+    assert torch.equal(pasted[..., columns["repainted"]], got[..., columns["repainted"]])
+
+
+def test_inpainting_with_a_tensor_mask_equals_the_picture_mask(ours):
+    mask = torch.from_numpy(np.asarray(mask_left(), dtype=np.float32) / 255)
+    a = ours.generate("x", image=INIT, mask=mask_left(), steps=4, seed=1, output="tensor", progress=False)
+    b = ours.generate("x", image=INIT, mask=mask, steps=4, seed=1, output="tensor", progress=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(image="photo.png"), BadType, "image must be a PIL image or a float tensor"),
+    (dict(image=torch.zeros(1, 4, 64, 64)), BadValue, "image tensor must be floats"),
+    (dict(image=INIT, mask=Image.new("L", (64, 64))), BadValue, "the mask is 64×64 pixels but the picture is 100×70"),
+    (dict(image=INIT, strength=1.5), BadValue, "strength must be in \\[0, 1\\]"),
+    (dict(image=INIT, strength="0.5"), BadType, "strength must be a number"),
+    (dict(image=Image.new("RGB", (20, 90))), BadValue, "rounding down leaves nothing"),
+    (dict(image=INIT, height=50), BadValue, "multiples of 32"),
+    (dict(mask=Image.new("L", (64, 64))), BadValue, "mask needs an image"),
+    (dict(strength=0.5), BadValue, "strength needs an image"),
+    (dict(image=INIT, paste_unmasked=True), BadValue, "give a mask"),
+    (dict(image=INIT, latents=torch.zeros(1, 4, 8, 12)), BadValue, "give image or latents"),
+])
+def test_bad_picture_arguments_fail_before_any_model_work(ours, monkeypatch, kwargs, error, match):
+    monkeypatch.setattr(ours.text_encoder, "forward", lambda *a: pytest.fail("the model ran"))
+    monkeypatch.setattr(ours.vae, "encode", lambda *a: pytest.fail("the VAE ran"))
+    with pytest.raises(error, match=match) as e:
+        ours.generate("a dog", steps=4, progress=False, **kwargs)
+    assert "\n" not in str(e.value)
