@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
     gen.add_argument("--no-limits", action="store_true",
                      help="lift the sanity limits on image side (4096), batch (256) and pixels per call")
+    gen.add_argument("--init-img", help="image to image: start from this picture (its size rounded down to a multiple "
+                     "the model takes, unless --H/--W are given)")
+    gen.add_argument("--strength", type=float, default=None, help="with --init-img: how much of the route runs, "
+                     "(0, 1]; 1 starts from (almost) pure noise (default 0.8)")
+    gen.add_argument("--mask", help="with --init-img: inpainting; white is repainted, black kept (same size as the picture)")
+    gen.add_argument("--paste-unmasked", action="store_true", help="with --mask: paste the kept pixels back exactly")
     gen.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
                      help="check every picture with the model's safety checker and replace flagged ones by a "
                      "placeholder (default: when the model folder holds one; --no-safety-checker: never)")
@@ -263,6 +269,12 @@ def replay(args) -> int | None:
         args.scale, args.eta, args.H, args.W = row["scale"], row["eta"], row["height"], row["width"]
         args.n_samples, args.dtype, args.model = row["n_samples"], row["dtype"], row["model"]["path"]
         args.safety_checker = row.get("safety_checker", False)  # whether it ran: it runs again, or not
+        picture = row.get("init_img")
+        args.init_img, args.strength = (picture["path"], row["strength"]) if picture else (None, None)
+        args.mask, args.paste_unmasked = (row["mask"]["path"], row["paste_unmasked"]) if row.get("mask") else (None, False)
+        for name, recorded in (("init_img", picture), ("mask", row.get("mask"))):
+            if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
+                raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
         keep, args.replayed = row["sample"], row
     except (ValueError, KeyError, TypeError) as e:
         raise BadFile(f"{file} line {line} is not a manifest line of altdiff-min generate ({e})") from None
@@ -270,6 +282,65 @@ def replay(args) -> int | None:
         raise BadValue(f"--replay: the config.json of {args.model} has changed since the picture was made")
     args.skip_grid = True
     return keep
+
+
+def file_digest(path: str, what: str) -> str:
+    """SHA-256 of a file (a picture the manifest names), or a clear error when it cannot be read."""
+    import hashlib
+
+    from .errors import Missing, io_error
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        raise Missing(f"{what} {path} is not there") from None
+    except OSError as e:
+        raise io_error(path, e) from None
+
+
+def read_picture(path: str, flag: str):
+    """A picture file as 8-bit RGB (dataset.to_rgb: EXIF orientation, 16-bit, transparency), or a
+    clear error naming the flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .dataset import to_rgb
+    from .errors import BadFile, Missing
+
+    if not os.path.isfile(path):
+        raise Missing(f"{flag} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadFile(f"{flag} {path} is not a picture PIL can read ({type(e).__name__})") from None
+
+
+def picture_arguments(args, config: dict) -> dict | None:
+    """--init-img, --strength, --mask, --paste-unmasked: read and checked before the model loads →
+    what generate takes, and what the manifest records (each file's path and SHA-256)."""
+    from . import img2img
+    from .errors import BadValue
+
+    if args.init_img is None:
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask), ("--paste-unmasked", args.paste_unmasked)):
+            if value not in (None, False):
+                raise BadValue(f"{flag} needs --init-img, the picture to start from")
+        return None
+    if args.paste_unmasked and args.mask is None:
+        raise BadValue("--paste-unmasked pastes back the pixels outside the mask: give --mask")
+    strength = 0.8 if args.strength is None else args.strength
+    img2img.check_strength(strength, args.steps)
+    image = read_picture(args.init_img, "--init-img")
+    mask = read_picture(args.mask, "--mask") if args.mask else None
+    width, height = img2img.rounded_size(image, config["vae"].size_multiple * config["unet"].size_multiple)
+    if mask is not None:
+        img2img.prepare_mask(mask, image, img2img.size_of(image))  # the same size as the picture, readable
+    record = {"init_img": {"path": os.path.abspath(args.init_img), "sha256": file_digest(args.init_img, "--init-img")},
+              "strength": strength, "paste_unmasked": args.paste_unmasked,
+              "mask": {"path": os.path.abspath(args.mask), "sha256": file_digest(args.mask, "--mask")} if mask else None}
+    return {"kwargs": {"image": image, "strength": strength, "mask": mask, "paste_unmasked": args.paste_unmasked},
+            "record": record, "height": height, "width": width}
 
 
 def generate(args) -> int:
@@ -310,8 +381,10 @@ def generate(args) -> int:
     device = check_device(args.device)
     config = read_config(args.model)
     timesteps(sampler, args.steps, config["schedule"])
+    picture = picture_arguments(args, config)
     size = config.get("image_size", 512)
-    height, width = (size if args.H is None else args.H), (size if args.W is None else args.W)
+    default_h, default_w = (picture["height"], picture["width"]) if picture else (size, size)
+    height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
     for flag, value in (("--H", height), ("--W", width)):
         if not 1 <= value <= limits.max_side:
             raise BadValue(f"{flag} must be in [1, {limits.max_side}], got {value} (--no-limits lifts the limit)")
@@ -339,15 +412,16 @@ def generate(args) -> int:
         record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
                   "sampler": sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta, "height": height,
                   "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "safety_checker": checked,
-                  "job": job}
+                  **(picture["record"] if picture else {}), "job": job}
         start = time.perf_counter()
         for index, prompt in enumerate(prompts):
             if index % world.size != world.rank:
                 continue
             images, flags = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
                                            steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
-                                           height=args.H, width=args.W, seed=args.seed, progress=world.rank == 0,
-                                           safety_checker=checked, return_flags=True)
+                                           height=height, width=width, seed=args.seed, progress=world.rank == 0,
+                                           safety_checker=checked, return_flags=True,
+                                           **(picture["kwargs"] if picture else {}))
             for k, image in enumerate(images):
                 if keep is not None and k != keep:
                     continue

@@ -221,9 +221,8 @@ class AltDiffusion:
         if paste_unmasked and mask is None:
             raise BadValue("paste_unmasked pastes back the pixels outside the mask: give a mask")
         img2img.check_picture(image)
-        multiple = check_size(self.image_size, self.image_size, self.vae.cfg, self.unet.cfg) * self.unet.cfg.size_multiple
         if height is None and width is None:
-            width, height = img2img.rounded_size(image, multiple)
+            width, height = img2img.rounded_size(image, self.vae.cfg.size_multiple * self.unet.cfg.size_multiple)
         else:
             height = img2img.size_of(image)[1] if height is None else height
             width = img2img.size_of(image)[0] if width is None else width

@@ -46,7 +46,9 @@ from .files import atomic_file, locked, make_folder, read_json, read_text
 
 SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes"}
 NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
-             "return_trajectory", "return_flags"}  # generate arguments a cell sets itself, or that a spec cannot write
+             "return_trajectory", "return_flags",
+             # image to image needs a picture, which a spec cannot hold yet
+             "image", "mask", "strength", "paste_unmasked"}  # generate arguments a cell sets itself, or that a spec cannot write
 FORMAT = "altdiff-min-sweep"
 Metric = Callable[..., dict]
 

@@ -142,3 +142,67 @@ def test_torchrun_makes_the_same_pictures_as_one_process(model_dir, tmp_path):
     assert len(pictures["one"]) == 6 and pictures["one"] == pictures["two"]
     assert (tmp_path / "one" / "grid-0000.png").read_bytes() == (tmp_path / "two" / "grid-0000.png").read_bytes()
     assert not (tmp_path / "two" / "grid-0001.png").exists()  # rank 0 alone wrote the grid
+
+
+def test_image_to_image_and_inpainting_from_the_command_line(model_dir, tmp_path, capsys):
+    """--init-img / --strength / --mask / --paste-unmasked give generate's pictures, the manifest
+    records the files (path and SHA-256), and --replay makes the picture again from them."""
+    import json
+
+    import numpy as np
+    from helpers import picture
+
+    from altdiff_min.pipeline import load
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    picture("RGB", 100, 70, seed=4).save(init)
+    m = np.zeros((70, 100), np.uint8)
+    m[:, 60:] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "o"
+    assert main(["generate", "un cercle rouge", "--model", model_dir, "--n-samples", "2", "--steps", "4", "--seed", "5",
+                 "--init-img", str(init), "--strength", "0.7", "--mask", str(mask), "--paste-unmasked",
+                 "--outdir", str(out), "--skip-grid", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in rows] == [0, 1] and (rows[0]["width"], rows[0]["height"]) == (96, 64)
+    assert rows[0]["init_img"]["path"] == str(init) and rows[0]["mask"]["path"] == str(mask) and rows[0]["strength"] == 0.7
+    expected = load(model_dir).generate("un cercle rouge", n_samples=2, steps=4, seed=5, image=Image.open(init),
+                                        strength=0.7, mask=Image.open(mask), paste_unmasked=True, progress=False)
+    for row, image in zip(rows, expected):
+        assert np.array_equal(np.asarray(Image.open(out / row["file"])), np.asarray(image))
+    assert main(["generate", "--replay", f"{out / 'manifest.jsonl'}:2", "--outdir", str(tmp_path / "again"),
+                 "--device", "cpu"]) == 0
+    again = [json.loads(line) for line in (tmp_path / "again" / "manifest.jsonl").read_text().splitlines()]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / again[0]["file"])), np.asarray(expected[1]))
+    # a changed picture cannot be replayed
+    picture("RGB", 100, 70, seed=5).save(init)
+    capsys.readouterr()
+    assert main(["generate", "--replay", f"{out / 'manifest.jsonl'}:1", "--outdir", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "has changed since the picture was made" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--init-img", "nowhere.png"], "--init-img nowhere.png: no such file"),
+    (["--init-img", "NOT_A_PICTURE"], "is not a picture PIL can read"),
+    (["--init-img", "INIT", "--strength", "1.5"], "strength must be in [0, 1]"),
+    (["--init-img", "INIT", "--strength", "0.1", "--steps", "5"], "runs int(5·0.1) = 0 steps"),
+    (["--init-img", "INIT", "--mask", "SMALL"], "the mask is 30×20 pixels but the picture is 100×70"),
+    (["--init-img", "TINY"], "rounding down leaves nothing"),
+    (["--strength", "0.5"], "--strength needs --init-img"),
+    (["--mask", "SMALL"], "--mask needs --init-img"),
+    (["--init-img", "INIT", "--paste-unmasked"], "give --mask"),
+])
+def test_bad_picture_arguments_are_refused_before_the_model_loads(model_dir, tmp_path, monkeypatch, capsys, extra, message):
+    from helpers import picture
+
+    import altdiff_min.pipeline
+
+    files = {"INIT": (100, 70), "SMALL": (30, 20), "TINY": (20, 90)}
+    for name, size in files.items():
+        picture("RGB", *size).save(tmp_path / f"{name}.png")
+    (tmp_path / "NOT_A_PICTURE.png").write_text("hello")
+    extra = [str(tmp_path / f"{a}.png") if a in (*files, "NOT_A_PICTURE") else a for a in extra]
+    monkeypatch.setattr(altdiff_min.pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", "x", "--model", model_dir, "--outdir", str(tmp_path / "o"), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
