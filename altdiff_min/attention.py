@@ -56,7 +56,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mas
     q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
     if mask is not None:
         mask = mask.bool()[:, None, None, :]  # (B, 1, 1, Lk): the same for every head and query
-    if _backend.get() == "sdpa" and capture is None:
+    # A compiled model (torch.compile) always takes the fused path: the choice is read per call, which
+    # a compiled graph cannot do (and "explicit" is for reading and hooking, not for speed).
+    if capture is None and (torch.compiler.is_compiling() or _backend.get() == "sdpa"):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
         out, probs = explicit_attention(q, k, v, mask)

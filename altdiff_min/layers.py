@@ -26,25 +26,11 @@ def checkpointed(enabled: bool, block: nn.Module, *args) -> torch.Tensor:
 
 
 class Conv3x3(nn.Conv2d):
-    """A 3×3 convolution, stride 1, padding 1: the residual blocks' and the upsampler's.
-
-    Speed, not maths: on the CPU, oneDNN's direct convolution is slow on small images with many
-    channels (measured on 2 cores: 35–65 GFLOP/s on m9's 8×8 and 4×4 levels at 1280 channels,
-    against ~290 at 32×32). There the same sum runs as one matrix product over the unfolded 3×3
-    neighbourhoods (im2col), 2–4× faster; the result is the same up to float rounding. With fewer
-    channels (640 and below) or more pixels the direct kernel is as fast or faster, and is kept; and
-    it is kept while gradients are recorded, where the unfolded input would be saved for backward."""
+    """A 3×3 convolution, stride 1, padding 1: the residual blocks' and the upsampler's. (On the CPU,
+    `load` runs it as speed.FastConv3x3, which computes the same sum faster at m9's wide levels.)"""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        # Training keeps the direct kernel: backward would need the unfolded input, 9× the input's size.
-        if x.device.type != "cpu" or h * w > 64 or self.out_channels < 1024 or torch.is_grad_enabled():
-            return super().forward(x)
-        patches = F.unfold(x, 3, padding=1)  # (B, in_ch·9, h·w): column p is pixel p's 3×3 neighbourhood
-        return (self.weight.flatten(1) @ patches + self.bias[:, None]).view(b, -1, h, w)
 
 
 class ResBlock(nn.Module):

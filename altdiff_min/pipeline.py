@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
-from . import img2img
+from . import img2img, speed
 from .errors import BadType, BadValue, NotFinite
 from .folder import DIFFUSION, TOKENIZER, read_config, read_modules, resolve, write_folder
 from .safety import SafetyChecker, replace_flagged
@@ -330,12 +330,18 @@ def guided_eps(unet: UNet, context: torch.Tensor | None, scale: Scale) -> Callab
     """ε for the sampler, with classifier-free guidance (Ho & Salimans 2022, eq. 6):
         ε = ε(x, ∅) + scale · (ε(x, c) − ε(x, ∅)),   ∅ = the negative prompt ("" by default).
     context holds the unconditional rows first, then the conditional ones; both halves go through
-    the UNet in one batch. With scale 1, context is only the conditional rows and ε = ε(x, c)."""
-    if not callable(scale) and scale == 1:
-        return lambda x, t: unet(x, t, context)
+    the UNet in one batch. With scale 1, context is only the conditional rows and ε = ε(x, c).
+    The timestep reaches the UNet as a float32 tensor, so a compiled UNet sees a new value, not a new
+    constant, at every step, and one dtype for every sampler: one compilation (the embedding computes
+    in float32 either way, and integer timesteps < 2²⁴ are exact in it)."""
+    def call(x: torch.Tensor, t) -> torch.Tensor:
+        return unet(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), context)
 
-    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-        e_uncond, e_cond = unet(torch.cat([x, x]), t, context).chunk(2)
+    if not callable(scale) and scale == 1:
+        return call
+
+    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
+        e_uncond, e_cond = call(torch.cat([x, x]), t).chunk(2)
         return e_uncond + (scale(t) if callable(scale) else scale) * (e_cond - e_uncond)
 
     return eps
@@ -350,15 +356,16 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         compile: bool = False, limits: Limits = Limits(), safety_checker: bool = True) -> AltDiffusion:
+         compile: bool = False, limits: Limits = Limits(), safety_checker: bool = True, fast: bool = True) -> AltDiffusion:
     """Build tokenizer, text encoder, UNet and VAE from a model folder, and its safety checker if it
     holds one (safety_checker=False: not even loaded); no network, no random init.
 
     dtype None: the folder's `default_dtype` if its config names one (the toy is stored in fp16 to
     stay small and computes in fp32), else the dtype it was written in. path "toy" is the small model shipped
-    with the package (altdiff_min/toy/model). compile: torch.compile the UNet as one graph
-    (fullgraph=True: the forward pass has no graph breaks); the first call then takes a while.
-    limits: the largest image side, batch and pixels per call `generate` accepts (see Limits).
+    with the package (altdiff_min/toy/model). fast: the speed paths of altdiff_min/speed.py (same
+    sums, faster; False: the modules exactly as the model files write them). compile: torch.compile
+    the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
+    and pixels per call `generate` accepts (see Limits).
     """
     device = check_device(device)
     path = resolve(path)
@@ -367,8 +374,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if dtype is None and "default_dtype" in config:
         dtype = getattr(torch, config["default_dtype"])
     modules = read_modules(path, config, device, dtype, names=DIFFUSION + (("safety_checker",) if safety_checker else ()))
+    if fast:
+        modules = {name: speed.apply(module) for name, module in modules.items()}
     if compile:
-        modules["unet"] = torch.compile(modules["unet"], fullgraph=True)
+        modules["unet"] = speed.compile_unet(modules["unet"])
     return AltDiffusion(tokenizer=tokenizer, schedule=config["schedule"], path=path,
                         image_size=config.get("image_size", 512), limits=limits, **modules)
 

@@ -145,12 +145,18 @@ def test_compiles_as_one_graph():
 
 @pytest.mark.parametrize("in_ch,out_ch,h,w", [(1280, 1280, 4, 6), (640, 1280, 8, 8), (64, 64, 4, 4), (1280, 1280, 12, 8)],
                          ids=["im2col", "im2col-640-in", "direct-few-channels", "direct-many-pixels"])
-def test_conv3x3_equals_the_direct_convolution(in_ch, out_ch, h, w):
-    """Conv3x3's CPU shortcut (a matrix product over unfolded patches) computes the same convolution."""
+def test_fast_conv3x3_equals_the_direct_convolution(in_ch, out_ch, h, w):
+    """speed.FastConv3x3's CPU shortcut (a matrix product over unfolded patches) computes the same
+    convolution; with gradients recorded it is the direct kernel itself."""
     from altdiff_min.layers import Conv3x3
+    from altdiff_min.speed import FastConv3x3, apply, as_written
 
     torch.manual_seed(0)
-    conv = Conv3x3(in_ch, out_ch).eval()
+    conv = apply(torch.nn.Sequential(Conv3x3(in_ch, out_ch)).eval())[0]
+    assert type(conv) is FastConv3x3 and "FastConv3x3" in repr(conv)
     x = torch.randn(2, in_ch, h, w)
+    direct = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
     with torch.no_grad():
-        assert rel_err(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+        assert rel_err(conv(x), direct) < 1e-5
+    assert torch.equal(conv(x), direct)  # grad enabled: the direct kernel
+    assert type(as_written(torch.nn.Sequential(conv))[0]) is Conv3x3
