@@ -17,7 +17,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,notebooks]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,notebooks,ui]" "$(TORCH)"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -535,9 +535,14 @@ def test_every_runtime_import_is_declared():
     import tomllib
 
     root = os.path.join(os.path.dirname(__file__), "..")
+    def name(requirement: str) -> str:
+        return requirement.split(">")[0].split("=")[0].split("[")[0].split("<")[0].strip().lower().replace("-", "_")
+
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
-        declared = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower().replace("-", "_")
-                    for d in tomllib.load(f)["project"]["dependencies"]}
+        project = tomllib.load(f)["project"]
+    declared = {name(d) for d in project["dependencies"]}
+    # the optional extras (the web UI's gradio, the notebooks'), imported only by the modules that need them
+    extras = {name(d) for extra, deps in project["optional-dependencies"].items() if extra != "test" for d in deps}
     names = {"PIL": "pillow", "safetensors": "safetensors", "huggingface_hub": "huggingface_hub"}
     imported = set()
     for package in ("altdiff_min", "weights_convert"):
@@ -551,5 +556,5 @@ def test_every_runtime_import_is_declared():
                         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                             imported.add(node.module.split(".")[0])
     third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("altdiff_min", "weights_convert")}
-    optional = {"nbformat", "nbclient", "matplotlib", "IPython"}  # extras, imported only where they are used
-    assert {names.get(m, m).lower() for m in third_party - optional} <= declared
+    optional = {"nbformat", "nbclient", "matplotlib", "IPython"}  # the notebooks' (through jupyter), where they are used
+    assert {names.get(m, m).lower() for m in third_party - optional} <= declared | extras
