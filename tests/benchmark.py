@@ -275,7 +275,7 @@ def inference(args) -> dict:
     x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
     context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
     z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
-    t = torch.tensor(500, device=device)
+    t = torch.tensor(500.0, device=device)  # float32, as the pipeline passes it (one compiled graph for both rows)
     rows["text encoder (s)"] = interleaved(lambda: ours.text_encoder(ids, mask),
                                            lambda: theirs.text_encoder(input_ids=ids, attention_mask=mask), args.runs, device)
     rows["guided UNet step (s)"] = interleaved(lambda: ours.unet(x, t, context),
