@@ -115,6 +115,35 @@ def load_ours(folder: str, device: str, dtype: torch.dtype):
     return load(os.path.join(folder, "ours"), device=device, dtype=dtype)
 
 
+def matmul_gflops(device: str, dtype: torch.dtype, runs: int) -> float:
+    """What this machine reaches on one large matrix product in `dtype`: the yardstick the UNet step
+    is measured against (GFLOP/s, median of `runs`)."""
+    n = 4096 if device == "cuda" else 2048
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    seconds, _ = interleaved(lambda: a @ b, lambda: None, runs, device)
+    return 2 * n**3 / seconds / 1e9
+
+
+def unet_gflop(unet, x, t, context) -> float:
+    """The floating-point operations of one UNet call, counted by torch (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, context)
+    return counter.get_total_flops() / 1e9
+
+
+def conversion_ways(folder: str, device: str, dtype: torch.dtype, x, t, context, runs: int) -> tuple[float, float]:
+    """A UNet step of our model loaded in fp32 and converted to `dtype` inside torch.inference_mode()
+    and outside it (the trap of issue 17: the first used to run 1.5× slower on the CPU)."""
+    inside, outside = load_ours(folder, device, torch.float32), load_ours(folder, device, torch.float32)
+    with torch.inference_mode():
+        inside.unet.to(dtype)
+    outside.unet.to(dtype)
+    return interleaved(lambda: inside.unet(x, t, context), lambda: outside.unet(x, t, context), runs, device)
+
+
 def image_fns(ours, theirs, args):
     gen = dict(height=args.size, width=args.size)
     return (lambda: ours.generate(PROMPT, steps=args.steps, sampler="dpm++2m", seed=0, output="tensor", progress=False, **gen),
@@ -266,20 +295,29 @@ def inference(args) -> dict:
     rows = {"load (s)": interleaved(lambda: load_ours(folder, device, dtype),
                                     lambda: load_diffusers(folder, device, dtype), args.runs, device)}
     ours, theirs = load_ours(folder, device, dtype), load_diffusers(folder, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    t = torch.tensor(500.0, device=device)  # float32, as the pipeline passes it (one compiled graph for both rows)
+    gflop = unet_gflop(ours.unet, x, t, context)
     if args.compile:
         ours.unet = torch.compile(ours.unet, fullgraph=True)
         theirs.unet = torch.compile(theirs.unet)
-    g = torch.Generator().manual_seed(0)
     ids, mask = ours.tokenizer(["", PROMPT])
     ids, mask = ids.to(device), mask.to(device)
-    x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
-    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
     z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
-    t = torch.tensor(500.0, device=device)  # float32, as the pipeline passes it (one compiled graph for both rows)
     rows["text encoder (s)"] = interleaved(lambda: ours.text_encoder(ids, mask),
                                            lambda: theirs.text_encoder(input_ids=ids, attention_mask=mask), args.runs, device)
     rows["guided UNet step (s)"] = interleaved(lambda: ours.unet(x, t, context),
                                                lambda: theirs.unet(x, t, encoder_hidden_states=context), args.runs, device)
+    step = rows["guided UNet step (s)"][0]
+    peak = matmul_gflops(device, dtype, args.runs)
+    args.unet_speed = {"gflop": gflop, "gflops": gflop / step, "matmul_gflops": peak, "fraction": gflop / step / peak}
+    print(f"guided UNet step: {gflop:.0f} GFLOP in {step:.3f} s = {gflop / step:.0f} GFLOP/s, "
+          f"{gflop / step / peak:.0%} of a large matmul's {peak:.0f} GFLOP/s in {args.dtype}", flush=True)
+    if dtype != torch.float32 and not args.compile:
+        rows["UNet step, converted in / outside inference_mode (s)"] = conversion_ways(folder, device, dtype, x, t,
+                                                                                      context, args.runs)
     rows["VAE decode (s)"] = interleaved(lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z), args.runs, device)
     rows[f"image, {args.steps} steps (s)"] = interleaved(*image_fns(ours, theirs, args), args.runs, device)
     del ours, theirs
@@ -327,7 +365,9 @@ def main() -> None:
     for name, (a, b) in rows.items():
         print(f"{name:32}{cell(a)}{cell(b)}{ratio(a, b):8.2f}")
     with open(args.json, "w") as f:
-        json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items() if k not in ("probe", "mode", "folder")},
+        json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items()
+                                                if k not in ("probe", "mode", "folder", "unet_speed")},
+                   "unet_speed": getattr(args, "unet_speed", None),
                    "results": {k: {"ours": a, "diffusers": b, "ratio": ratio(a, b)} for k, (a, b) in rows.items()}}, f, indent=2)
     print(f"wrote {args.json}")
 
