@@ -1,12 +1,13 @@
 """generate() end to end against diffusers' AltDiffusionPipeline: the same random AltDiffusion, converted
 from the hub layout and loaded by us, and given to diffusers component by component."""
+import copy
 import dataclasses
 import json
 import os
 
 import pytest
 import torch
-from helpers import SCHEDULER, SCHEDULERS, diffusers_pipeline, rel_err
+from helpers import BF16_TOL, SCHEDULER, SCHEDULERS, diffusers_pipeline, rel_err
 
 from altdiff_min.pipeline import load
 from weights_convert.schedule import config_from_hf
@@ -31,17 +32,25 @@ def resaved_config(tmp_path_factory) -> str:
     return str(folder)
 
 
-def same_seed_same_images(ours, pipe, sampler, steps, eta=0.0, scale=7.5):
+def diffusers_images(pipe, steps, eta=0.0, scale=7.5) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        expected = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=steps,
-                        guidance_scale=scale, eta=eta, height=HEIGHT, width=WIDTH, output_type="pt",
-                        generator=torch.Generator("cpu").manual_seed(42)).images
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=steps,
+                    guidance_scale=scale, eta=eta, height=HEIGHT, width=WIDTH, output_type="pt",
+                    generator=torch.Generator("cpu").manual_seed(42)).images
+
+
+def our_images(ours, sampler, steps, eta=0.0, scale=7.5) -> torch.Tensor:
     got = ours.generate(PROMPT, negative_prompt=NEGATIVE, n_samples=2, steps=steps, sampler=sampler, scale=scale,
                         eta=eta, height=HEIGHT, width=WIDTH, seed=42, output="tensor", progress=False)
     assert got.shape == (2, 3, HEIGHT, WIDTH) and 0 <= got.min() and got.max() <= 1
-    assert rel_err(got, expected) < 1e-4
     assert (got[0] - got[1]).abs().mean() > 1e-2  # two different samples, not one repeated
+    return got
+
+
+def same_seed_same_images(ours, pipe, sampler, steps, eta=0.0, scale=7.5):
+    expected = diffusers_images(pipe, steps, eta, scale)
+    assert rel_err(our_images(ours, sampler, steps, eta, scale), expected) < 1e-4
 
 
 @pytest.mark.parametrize("sampler,steps,eta,scale", [
@@ -62,6 +71,19 @@ def test_same_images_with_a_config_saved_by_current_diffusers(ours, hub_layout, 
     assert schedule.timestep_spacing == "leading"
     resaved = dataclasses.replace(ours, schedule=schedule)
     same_seed_same_images(resaved, diffusers_pipeline(hub_layout, reference, sampler, resaved_config), sampler, 6)
+
+
+def test_bf16_images_match_diffusers_in_fp32_and_in_bf16(small_model_dir, hub_layout, reference):
+    """generate in bf16 on the CPU, 5 DDIM steps, against diffusers' pipeline with the same seed in fp32
+    and in bf16. Tolerance: bf16's target for one module (helpers.BF16_TOL); over a few steps the
+    pictures stay within it (measured: ours 1.7e-2 from diffusers' fp32 pictures and 2.1e-2 from its
+    bf16 ones, diffusers' bf16 1.5e-2 from its fp32; with dpm++2m, euler_a, plms ≤ 2.1e-2 and 2.8e-2)."""
+    ours = load(small_model_dir, dtype=torch.bfloat16)
+    assert {p.dtype for m in (ours.text_encoder, ours.unet, ours.vae) for p in m.parameters()} == {torch.bfloat16}
+    got = our_images(ours, "ddim", 5)
+    in_bf16 = {name: copy.deepcopy(module).to(torch.bfloat16) for name, module in reference.items()}  # the fixture stays fp32
+    for modules in (reference, in_bf16):
+        assert rel_err(got, diffusers_images(diffusers_pipeline(hub_layout, modules, "ddim"), 5)) < BF16_TOL
 
 
 def test_pil_output_trajectory_and_explicit_latents(ours):

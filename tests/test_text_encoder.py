@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import M9_TEXT, PRECISIONS, randomize_, rel_err
+from helpers import M9_TEXT, SMALL_PRECISIONS, randomize_, rel_err
 from prompts import EDGE_PROMPTS, PROMPTS
 
 from altdiff_min.attention import attention_backend
@@ -32,7 +32,7 @@ def tokens(spm_dir):
     return tok([PROMPTS["zh"][1], PROMPTS["ar"][0], EDGE_PROMPTS[-1], ""]), tok.vocab_size
 
 
-@pytest.mark.parametrize("device,dtype,tol", PRECISIONS)
+@pytest.mark.parametrize("device,dtype,tol", SMALL_PRECISIONS)
 @pytest.mark.parametrize("pre_transformation", [False, True], ids=["m9", "m18-style"])
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
 def test_small_config_matches_reference(tokens, pre_transformation, backend, device, dtype, tol):

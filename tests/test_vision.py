@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 import torch
-from helpers import M9_VISION, PRECISIONS, VISION, picture, randomize_, rel_err
+from helpers import M9_VISION, SMALL_PRECISIONS, VISION, picture, randomize_, rel_err
 from PIL import Image
 
 from altdiff_min.attention import attention_backend
@@ -54,7 +54,7 @@ def test_rules_cover_both_layouts():
     assert rename("embeddings.position_embedding.weight", RULES) == "position_embedding"
 
 
-@pytest.mark.parametrize("device,dtype,tol", PRECISIONS)
+@pytest.mark.parametrize("device,dtype,tol", SMALL_PRECISIONS)
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
 def test_small_config_matches_reference(backend, device, dtype, tol):
     ref = reference_model(**SMALL)
