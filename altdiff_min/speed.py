@@ -35,7 +35,12 @@ class FastConv3x3(Conv3x3):
         if x.device.type != "cpu" or h * w > 64 or self.out_channels < 1024 or torch.is_grad_enabled():
             return super().forward(x)
         patches = F.unfold(x, 3, padding=1)  # (B, in_ch·9, h·w): column p is pixel p's 3×3 neighbourhood
-        return (self.weight.flatten(1) @ patches + self.bias[:, None]).view(b, -1, h, w)
+        # One 2-D product for the whole batch. (weight @ patches would broadcast: with weights that do not
+        # require grad, as `load` leaves them, torch.matmul then copies the weight once per picture into
+        # a bmm — measured 1.6 s instead of 1.15 s for m9's bf16 UNet step on 2 cores.)
+        columns = patches.transpose(0, 1).reshape(patches.shape[1], b * h * w)  # (in_ch·9, B·h·w)
+        out = torch.addmm(self.bias[:, None], self.weight.flatten(1), columns)  # (out_ch, B·h·w)
+        return out.view(-1, b, h * w).transpose(0, 1).reshape(b, -1, h, w)
 
 
 FAST = {Conv3x3: FastConv3x3}  # the module as written → its fast twin (a subclass adding no state)
