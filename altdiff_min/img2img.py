@@ -11,11 +11,9 @@
               inpainting-trained UNet is needed (diffusers' StableDiffusionInpaintPipeline does the
               same for 4-channel UNets).
 
-Parity with diffusers' AltDiffusionImg2ImgPipeline: same seed, same picture for DDIM, DPM-Solver++
-(plain and Karras) and Euler (plain and ancestral). PLMS differs on purpose once strength cuts the
-route: diffusers cuts PNDM's timestep list, whose second entry is repeated for the warm-up step, so
-after the cut its warm-up lands on τ₁ and the next step is told τ₂ (the latents skip a level); here
-the warm-up starts at the cut as PLMS starts any run. At strength 1 (no cut) they agree.
+Parity with diffusers' AltDiffusionImg2ImgPipeline: same seed, same picture for every sampler. For
+PLMS that means reproducing what diffusers' cut of PNDM's list does (see `cut`): the latents skip a
+level after the warm-up step.
 """
 from __future__ import annotations
 
@@ -42,9 +40,19 @@ def check_strength(strength, steps: int) -> int:
     return run
 
 
-def cut(ts: Timesteps, steps: int, strength: float) -> Timesteps:
-    """The last int(steps · strength) steps of the route ts (diffusers' get_timesteps)."""
-    return ts[steps - check_strength(strength, steps):]
+def cut(ts: Timesteps, steps: int, strength: float, sampler: str = "ddim") -> Timesteps:
+    """The last int(steps · strength) steps of the route ts (diffusers' get_timesteps).
+
+    PLMS: diffusers cuts PNDM's list P = [T0, T1, T1, T2, …] (T1 repeated: its warm-up step takes
+    two entries) at the same index k. PNDM then runs its warm-up over P[k], P[k+1] and its later
+    steps over P[k+2:], so for k ≥ 2 the run starts one timestep higher, T(k−1), the warm-up lands
+    on T(k), and the next step is told T(k+1): the latents skip a level. The same route here:
+    P[k], then P[k+2:], with the warm-up at P[k+1]."""
+    k = steps - check_strength(strength, steps)
+    if sampler != "plms" or k == 0:
+        return ts[k:]
+    t, sigmas = ts.t[:2] + ts.t[1:], ts.sigmas[:2] + ts.sigmas[1:]  # PNDM's list, and its levels
+    return Timesteps((t[k],) + t[k + 2:], (sigmas[k],) + sigmas[k + 2:], ts.stride, warmup=t[k + 1])
 
 
 def size_of(image) -> tuple[int, int]:

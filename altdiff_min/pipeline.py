@@ -169,7 +169,7 @@ class AltDiffusion:
         prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
                                                   height, width, seed, latents, output, prompt_embeds)
         if picture is not None:
-            ts = img2img.cut(ts, steps, 0.8 if strength is None else strength)
+            ts = img2img.cut(ts, steps, 0.8 if strength is None else strength, sampler)
         if safety_checker is not None and not isinstance(safety_checker, bool):
             raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
         if safety_checker and self.safety_checker is None:

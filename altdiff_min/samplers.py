@@ -114,12 +114,13 @@ def plms(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
     for i, t in enumerate(ts):
         e = eps(x, t)
         a_from, a_to = a[i], a_prev[i]
-        if not history and i + 1 < len(ts):
+        if not history and (i + 1 < len(ts) or ts.warmup is not None):
+            t_1 = ts[i + 1] if ts.warmup is None else ts.warmup
             x_euler, _ = ddim_step(x, e, a[i], a_prev[i])
-            e_prime = (e + eps(x_euler, ts[i + 1])) / 2
-            a_to = a[i + 1]  # the averaged step lands on t_1 itself
+            e_prime = (e + eps(x_euler, t_1)) / 2
+            a_to = ac[int(t_1)]  # the averaged step lands on t_1 itself
             if ts.stride:
-                a_from = ac[int(ts[i + 1]) + ts.stride]
+                a_from = ac[int(t_1) + ts.stride]
         elif not history:  # a single step: plain Euler, as diffusers
             e_prime = e
         elif len(history) == 1:

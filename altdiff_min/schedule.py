@@ -109,6 +109,11 @@ class Timesteps:
     t: tuple[float, ...]
     sigmas: tuple[float, ...]
     stride: int | None = None
+    # PLMS only: the timestep its warm-up step evaluates at and lands on, when not t[1]. Parity:
+    # diffusers' img2img cuts PNDM's timestep list, whose second entry repeats for the warm-up; cut
+    # below it, the warm-up lands on the timestep after the first and the next step is told the one
+    # after that (img2img.cut builds this route).
+    warmup: float | None = None
 
     def __len__(self) -> int:
         return len(self.t)
@@ -121,7 +126,8 @@ class Timesteps:
             if index.step not in (None, 1):
                 raise BadValue("a run can be cut (ts[k:], ts[:k]) but not strided")
             start, stop, _ = index.indices(len(self.t))
-            return Timesteps(self.t[start:stop], self.sigmas[start:stop + 1], self.stride)
+            return Timesteps(self.t[start:stop], self.sigmas[start:stop + 1], self.stride,
+                             self.warmup if start == 0 else None)
         return self.t[index]
 
 

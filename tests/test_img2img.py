@@ -38,17 +38,19 @@ def img2img_parity(ours, hub_layout, reference, sampler, steps, strength, image=
 @pytest.mark.parametrize("sampler,steps,strength,eta", [
     ("ddim", 10, 0.6, 0.0), ("ddim", 8, 0.75, 1.0), ("dpm++2m", 9, 0.5, 0.0), ("dpm++2m-karras", 9, 0.7, 0.0),
     ("euler", 8, 0.6, 0.0), ("euler_a", 8, 0.8, 0.0),
-], ids=["ddim", "ddim-eta1", "dpm++2m", "dpm++2m-karras", "euler", "euler_a"])
+    # PLMS: cut well inside the route, cut at its second step, and one step left (a warm-up alone)
+    ("plms", 10, 0.6, 0.0), ("plms", 8, 0.875, 0.0), ("plms", 8, 0.125, 0.0),
+], ids=["ddim", "ddim-eta1", "dpm++2m", "dpm++2m-karras", "euler", "euler_a", "plms", "plms-cut-1", "plms-1-step"])
 def test_same_seed_same_picture_as_diffusers(ours, hub_layout, reference, sampler, steps, strength, eta):
     """Each sampler part-way down its route: the posterior sample and the noise drawn in diffusers'
-    order, the picture noised as that scheduler's add_noise, the cut route run."""
+    order, the picture noised as that scheduler's add_noise, the cut route run (PLMS's as diffusers
+    cuts PNDM's list: img2img.cut)."""
     img2img_parity(ours, hub_layout, reference, sampler, steps, strength, eta=eta)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm++2m", "euler_a"])
 def test_strength_one_runs_the_whole_route_as_diffusers(ours, hub_layout, reference, sampler):
-    """strength 1: every step runs, from the picture noised to the first level (not pure noise). PLMS
-    agrees with diffusers here, where no cut splits its warm-up (see altdiff_min/img2img.py)."""
+    """strength 1: every step runs, from the picture noised to the first level (not pure noise)."""
     img2img_parity(ours, hub_layout, reference, sampler, 6, 1.0)
 
 
