@@ -162,14 +162,16 @@ class AltDiffusion:
               latents after every step; paste_unmasked: also paste the kept pixels back exactly.
         """
         # 0. Check everything before any model work.
-        picture = None
         if image is not None or mask is not None or strength is not None or paste_unmasked:
-            picture = self.check_picture_arguments(image, strength, mask, paste_unmasked, latents, height, width)
-            height, width = picture["height"], picture["width"]
+            height, width = self.check_picture_arguments(image, strength, mask, paste_unmasked, latents, height, width)
         prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
                                                   height, width, seed, latents, output, prompt_embeds)
-        if picture is not None:
+        pixels = repaint = None
+        if image is not None:
             ts = img2img.cut(ts, steps, 0.8 if strength is None else strength, sampler)
+            pixels = img2img.prepare_image(image, (width, height))
+        if mask is not None:
+            repaint = img2img.prepare_mask(mask, image, (width, height))
         if safety_checker is not None and not isinstance(safety_checker, bool):
             raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
         if safety_checker and self.safety_checker is None:
@@ -179,9 +181,9 @@ class AltDiffusion:
         guided = cross_attention and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-        z0 = self.encode_image(picture["pixels"], generator) if picture is not None else None  # draws first
+        z0 = self.encode_image(pixels, generator) if pixels is not None else None  # draws first
         x, noise = self.initial_latents(shape, sampler, ts, generator, latents, z0)
-        blend = img2img.Blend(sampler, z0, noise, picture["mask"], ts, self.schedule) if mask is not None else None
+        blend = img2img.Blend(sampler, z0, noise, repaint, ts, self.schedule) if mask is not None else None
         trajectory = []
 
         def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -199,8 +201,8 @@ class AltDiffusion:
             raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
                             f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
         if paste_unmasked:
-            keep = 1 - picture["mask"].to(images)
-            images = images * (1 - keep) + (picture["pixels"].to(images) + 1) / 2 * keep
+            keep = 1 - repaint.to(images)
+            images = images * (1 - keep) + (pixels.to(images) + 1) / 2 * keep
         flags = None
         if check:
             images, flags = self.check_safety(images)
@@ -208,9 +210,11 @@ class AltDiffusion:
         extra = ([trajectory] if return_trajectory else []) + ([flags] if return_flags else [])
         return (images, *extra) if extra else images
 
-    def check_picture_arguments(self, image, strength, mask, paste_unmasked, latents, height, width) -> dict:
-        """Image to image's arguments, before any model work → {"pixels": (1, 3, H, W) in [−1, 1],
-        "mask": (1, 1, H, W) of 0/1 or None, "height", "width"}. strength against steps: img2img.cut."""
+    def check_picture_arguments(self, image, strength, mask, paste_unmasked, latents, height,
+                                width) -> tuple[int, int]:
+        """Image to image's arguments, before any model work → the (height, width) to make: the
+        picture's, rounded down to a multiple the model takes, unless given (check_arguments checks
+        them). strength against steps: img2img.cut; the mask's size: img2img.prepare_mask."""
         if image is None:
             what = "mask" if mask is not None else "strength" if strength is not None else "paste_unmasked"
             raise BadValue(f"{what} needs an image to start from (image=...)")
@@ -223,14 +227,9 @@ class AltDiffusion:
         img2img.check_picture(image)
         if height is None and width is None:
             width, height = img2img.rounded_size(image, self.vae.cfg.size_multiple * self.unet.cfg.size_multiple)
-        else:
-            height = img2img.size_of(image)[1] if height is None else height
-            width = img2img.size_of(image)[0] if width is None else width
-            positive_int("height", height, self.limits.max_side, "max_side")
-            positive_int("width", width, self.limits.max_side, "max_side")
-            check_size(height, width, self.vae.cfg, self.unet.cfg)
-        return {"pixels": img2img.prepare_image(image, (width, height)), "height": height, "width": width,
-                "mask": img2img.prepare_mask(mask, image, (width, height)) if mask is not None else None}
+            return height, width
+        return (img2img.size_of(image)[1] if height is None else height,
+                img2img.size_of(image)[0] if width is None else width)
 
     def check_arguments(self, prompt, negative_prompt, n_samples, steps, sampler, scale, eta, height, width, seed,
                         latents, output, prompt_embeds) -> tuple[list[str], Timesteps, tuple[int, ...]]:

@@ -81,14 +81,19 @@ def hub_layout(reference, spm_dir, tmp_path_factory):
     return str(root)
 
 
+def converted(src: str, tmp_path_factory, name: str, **options) -> str:
+    """`src` converted by weights_convert into a fresh model folder `name`."""
+    from weights_convert.convert import convert
+
+    out = tmp_path_factory.mktemp("model") / name
+    convert(src, out, **options)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(hub_layout, tmp_path_factory) -> str:
     """The small AltDiffusion converted by weights_convert into a model folder."""
-    from weights_convert.convert import convert
-
-    out = tmp_path_factory.mktemp("model") / "small"
-    convert(hub_layout, out)
-    return str(out)
+    return converted(hub_layout, tmp_path_factory, "small")
 
 
 # The vision side: AltCLIP in the transformers layout, and the small AltDiffusion with a safety checker.
@@ -131,11 +136,7 @@ def altclip_layout(altclip_reference, spm_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def altclip_dir(altclip_layout, tmp_path_factory) -> str:
     """The small AltCLIP converted into a model folder (holding the module `altclip`)."""
-    from weights_convert.convert import convert
-
-    out = tmp_path_factory.mktemp("model") / "altclip"
-    convert(altclip_layout, out)
-    return str(out)
+    return converted(altclip_layout, tmp_path_factory, "altclip")
 
 
 @pytest.fixture(scope="session")
@@ -164,8 +165,4 @@ def checker_layout(hub_layout, checker_reference, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def checker_model_dir(checker_layout, tmp_path_factory) -> str:
     """The small AltDiffusion with its safety checker, converted (--with-safety-checker)."""
-    from weights_convert.convert import convert
-
-    out = tmp_path_factory.mktemp("model") / "checked"
-    convert(checker_layout, out, safety_checker=True)
-    return str(out)
+    return converted(checker_layout, tmp_path_factory, "checked", safety_checker=True)

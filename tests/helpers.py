@@ -133,6 +133,21 @@ def diffusers_pipeline(hub_layout, reference, sampler: str, scheduler_folder: st
                                 feature_extractor=None, requires_safety_checker=False)
 
 
+def edit_json(path, **changes):
+    """Change keys of a JSON file in place: a__b=v sets data["a"]["b"]; the value KeyError deletes the key."""
+    data = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = data
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            del node[key]
+        else:
+            node[key] = value
+    path.write_text(json.dumps(data))
+
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -2,24 +2,24 @@
 conversion of its state dict, and clip_score."""
 import copy
 import gc
-import json
 import os
 import resource
+import shutil
 import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import M9_ALTCLIP, PRECISIONS, VISION, picture, randomize_, rel_diff, rel_err, small_altclip
+from helpers import M9_ALTCLIP, PRECISIONS, VISION, edit_json, picture, randomize_, rel_diff, rel_err, small_altclip
 from prompts import PROMPTS
 
-from altdiff_min.altclip import AltCLIP, AltCLIPConfig, clip_score
+from altdiff_min.altclip import AltCLIPConfig, clip_score
 from altdiff_min.attention import attention_backend
 from altdiff_min.errors import BadType, BadValue
 from altdiff_min.text_encoder import TextEncoderConfig
 from altdiff_min.tokenizer import Tokenizer
 from altdiff_min.vision import preprocess
-from weights_convert.rules import load_model, rename
+from weights_convert.rules import rename
 from weights_convert.vision import ALTCLIP_DROPS as DROPS
 from weights_convert.vision import ALTCLIP_RULES as RULES
 from weights_convert.vision import altclip_config_from_hf as config_from_hf
@@ -278,22 +278,6 @@ def test_altclip_and_altdiffusion_folders_are_not_confused(altclip_dir, small_mo
     assert not (tmp_path / "x").exists()
 
 
-def altclip_copy(altclip_layout, tmp_path):
-    import shutil
-
-    root = tmp_path / "src"
-    shutil.copytree(altclip_layout, root)
-    return root
-
-
-def edit_json(path, **changes):
-    import json
-
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("breakage,message", [
     ("clip", "config.json: model_type is 'clip', not 'altclip'"),
     ("no-tokenizer", "has no sentencepiece.bpe.model: pass --tokenizer"),
@@ -307,7 +291,8 @@ def test_bad_altclip_fails_clearly_and_writes_nothing(altclip_layout, tmp_path, 
     from weights_convert.convert import convert
     from weights_convert.rules import ConversionError
 
-    root = altclip_copy(altclip_layout, tmp_path)
+    root = tmp_path / "src"
+    shutil.copytree(altclip_layout, root)
     weights = root / "pytorch_model.bin"
     if breakage == "clip":
         edit_json(root / "config.json", model_type="clip")
@@ -316,8 +301,7 @@ def test_bad_altclip_fails_clearly_and_writes_nothing(altclip_layout, tmp_path, 
     elif breakage == "size":
         edit_json(root / "preprocessor_config.json", size={"shortest_edge": 80})
     elif breakage == "vocab":
-        config = json.loads((root / "config.json").read_text())
-        edit_json(root / "config.json", text_config={**config["text_config"], "vocab_size": 300})
+        edit_json(root / "config.json", text_config__vocab_size=300)
     elif breakage == "no-weights":
         weights.unlink()
     else:

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 import torch
-from helpers import small_configs, write_json
+from helpers import edit_json, small_configs, write_json
 
 import altdiff_min.folder as folder
 from altdiff_min.__main__ import main
@@ -40,20 +40,6 @@ def model(small_model_dir, tmp_path):
     root = tmp_path / "model"
     shutil.copytree(small_model_dir, root)
     return root
-
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text())
-    for dotted, value in changes.items():
-        *parents, key = dotted.split("__")
-        node = data
-        for p in parents:
-            node = node[p]
-        if value is KeyError:
-            del node[key]
-        else:
-            node[key] = value
-    path.write_text(json.dumps(data))
 
 
 def no_weights_read(monkeypatch):

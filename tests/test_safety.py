@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CHECKER, M9_VISION, PRECISIONS, picture, rel_err, small_checker
+from helpers import CHECKER, M9_VISION, PRECISIONS, edit_json, picture, rel_err, small_checker
 from PIL import Image
 
 from altdiff_min.errors import BadType, BadValue
@@ -231,14 +231,6 @@ def test_full_checker_matches_reference():
 
 # ---- converted from a diffusers folder, loaded with the model, run by generate --------------------------
 
-def edit_json(path, **changes):
-    import json
-
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
 def test_converted_checker_decides_as_diffusers(checker_model_dir, checker_reference):
     """`convert --with-safety-checker` → `load` builds the checker beside the three modules, and its
     decisions and scores are diffusers' on a batch with flagged and unflagged pictures."""
@@ -364,17 +356,16 @@ def test_bad_checker_fails_clearly_and_writes_nothing(checker_layout, tmp_path, 
     root = tmp_path / "src"
     shutil.copytree(checker_layout, root)
     weights = root / "safety_checker" / "pytorch_model.bin"
-    state = torch.load(weights, weights_only=True)
     if breakage == "no-checker":
         shutil.rmtree(root / "safety_checker")
     elif breakage == "gelu":
-        config = json_of(root / "safety_checker" / "config.json")
-        edit_json(root / "safety_checker" / "config.json", vision_config={**config["vision_config"], "hidden_act": "gelu"})
+        edit_json(root / "safety_checker" / "config.json", vision_config__hidden_act="gelu")
     elif breakage == "crop":
         edit_json(root / "feature_extractor" / "preprocessor_config.json", crop_size=32)
     elif breakage == "mean":
         edit_json(root / "feature_extractor" / "preprocessor_config.json", image_mean=[0.5, 0.5, 0.5])
     else:
+        state = torch.load(weights, weights_only=True)
         if breakage == "missing-tensor":
             del state["special_care_embeds_weights"]
         elif breakage == "extra-tensor":
@@ -386,12 +377,6 @@ def test_bad_checker_fails_clearly_and_writes_nothing(checker_layout, tmp_path, 
         convert(str(root), tmp_path / "out", safety_checker=True)
     assert message in str(e.value)
     assert not (tmp_path / "out").exists()
-
-
-def json_of(path):
-    import json
-
-    return json.loads(path.read_text())
 
 
 def test_checker_configs_in_every_form_transformers_reads():

@@ -70,7 +70,7 @@ def from_diffusers_folder(folder: str, fp16: bool, tokenizer: str | None = None,
         path = os.path.join(folder, "scheduler", "scheduler_config.json")
         model.schedule = schedule.config_from_hf(read_json(path), path)
     for name in components:
-        hf = read_config(folder, f"{name}/config.json", name, model)
+        hf = read_module_config(folder, f"{name}/config.json", name, model)
         if name == "vae":  # the VAE's sample_size is the image size (the UNet's 32 is m9's known mistake)
             model.image_size = hf.get("sample_size", model.image_size)
             with naming(os.path.join(folder, name, "config.json")):
@@ -89,13 +89,13 @@ def from_transformers_folder(folder: str, fp16: bool, tokenizer: str | None = No
                               f"(AltCLIP-m9's is XLM-R's, the same file as AltDiffusion-m9's tokenizer/)")
     model = Model(tokenizer_file=tokenizer or os.path.join(folder, "sentencepiece.bpe.model"), schedule=None,
                   image_size=None)
-    read_config(folder, "config.json", "altclip", model)
+    read_module_config(folder, "config.json", "altclip", model)
     check_tokenizer(model)
     read_weights(folder, files, ("altclip",), fp16, model)
     return model
 
 
-def read_config(folder: str, file: str, name: str, model: Model) -> dict:
+def read_module_config(folder: str, file: str, name: str, model: Model) -> dict:
     """Module `name`'s config from the reference's `file` into model.configs (and its preprocessor's,
     checked, for the vision modules); returns the reference's config."""
     path = os.path.join(folder, file)
