@@ -301,8 +301,10 @@ def inference(args) -> dict:
     t = torch.tensor(500.0, device=device)  # float32, as the pipeline passes it (one compiled graph for both rows)
     gflop = unet_gflop(ours.unet, x, t, context)
     if args.compile:
-        ours.unet = torch.compile(ours.unet, fullgraph=True)
-        theirs.unet = torch.compile(theirs.unet)
+        from altdiff_min.speed import compile_unet
+
+        ours.unet = compile_unet(ours.unet)  # what load(..., compile=True) does
+        theirs.unet = torch.compile(theirs.unet)  # what diffusers' users do first
     ids, mask = ours.tokenizer(["", PROMPT])
     ids, mask = ids.to(device), mask.to(device)
     z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)

@@ -1,11 +1,14 @@
 """altdiff_min/speed.py: the speed paths compute what the model files write, are applied per model
 (never process-wide), show in repr, and can be left off; a compiled UNet samples with every sampler
 after one compilation."""
+import os
+
 import pytest
 import torch
 from helpers import M9_UNET, rel_diff, rel_err
 
 from altdiff_min import speed
+from altdiff_min.folder import WEIGHTS
 from altdiff_min.layers import Conv3x3
 from altdiff_min.pipeline import load
 from altdiff_min.samplers import SAMPLERS
@@ -43,19 +46,31 @@ def test_load_applies_the_speed_paths_per_model_and_fast_false_leaves_them_off(s
     assert rel_diff(a, b) < 1e-6  # the small model's widths never take the matrix-product path
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 @pytest.mark.slow
-def test_compiled_unet_samples_with_every_sampler_after_one_compilation(small_model_dir):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_unet_samples_with_every_sampler_after_one_compilation(small_model_dir, device, tmp_path):
     """--compile used to recompile at every step (each timestep a new Python constant) until
     fullgraph=True failed at the 8th. Timesteps reach the UNet as float32 tensors: the six samplers
-    run on one compiled graph, with results equal to the eager model's."""
+    run on one compiled graph per batch shape (guided: 2 rows a picture; unguided: 1), with results
+    equal to the eager model's. Unguided PLMS keeps the UNet's own earlier outputs, which a CUDA graph's
+    next replay would overwrite. The compiled model is the same module tree: it saves as the eager one."""
     import torch._dynamo
+    from safetensors.torch import load_file
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled, eager = load(small_model_dir, compile=True), load(small_model_dir)
-    for sampler in SAMPLERS:
-        args = dict(n_samples=2, steps=4, sampler=sampler, seed=0, height=64, width=96, output="tensor", progress=False)
+    compiled, eager = load(small_model_dir, device=device, compile=True), load(small_model_dir, device=device)
+    assert type(compiled.unet) is speed.CompiledUNet and "CompiledUNet" in repr(compiled.unet)
+    runs = [(sampler, 7.5) for sampler in SAMPLERS] + [("plms", 1.0)]
+    for sampler, scale in runs:
+        args = dict(n_samples=2, steps=4, sampler=sampler, scale=scale, seed=0, height=64, width=96, output="tensor",
+                    progress=False)
         got = compiled.generate("un cercle rouge", **args)
-        assert rel_diff(got, eager.generate("un cercle rouge", **args)) < 1e-4, sampler
-    assert counters["stats"]["unique_graphs"] == 1
+        assert rel_diff(got, eager.generate("un cercle rouge", **args)) < 1e-4, (sampler, scale)
+    assert counters["stats"]["unique_graphs"] == 2
+    compiled.save(str(tmp_path / "saved"))
+    assert load_file(tmp_path / "saved" / WEIGHTS).keys() == load_file(os.path.join(small_model_dir, WEIGHTS)).keys()
