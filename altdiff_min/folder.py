@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .altclip import AltCLIP, AltCLIPConfig
@@ -256,6 +256,48 @@ def check_folder_values(config: dict[str, Any]) -> None:
         raise BadValue(f"default_dtype must be float32, float16 or bfloat16, got {config['default_dtype']!r}")
 
 
+# safetensors' dtype names → torch's (the format is little-endian, as torch is on every machine it runs on)
+STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors(file: str, device: torch.device, dtype: torch.dtype | None, wanted: set[str],
+                 known: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors of the modules `wanted` in `file`, on `device`, the floating ones in `dtype` (None: as
+    stored). A file holding tensors of modules outside `known` is a BadFile.
+
+    Where the stored tensors are what is wanted (on the CPU, no cast) they are memory-mapped: read as
+    used, shared with the page cache. Otherwise each is read from the file on its own, then cast and
+    moved, so no more than one tensor in the stored precision is held beside the model being built:
+    through a memory map every page touched stays resident until the map closes, and m9 in bf16 from
+    an fp32 file peaked at 1.36× diffusers' memory (fp32 pages beside the bf16 weights); on a GPU,
+    casting there after moving peaked at 2.45×."""
+    with safe_open(file, framework="pt") as f:  # checks the header against the file
+        stored = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    if stray := sorted({k.split(".")[0] for k in stored} - known):
+        raise BadFile(f"{file} holds tensors of modules its {CONFIG} does not name: {stray}")
+    keys = [k for k in stored if k.split(".")[0] in wanted]
+    if unknown := sorted({stored[k] for k in keys} - set(STORED)):
+        raise BadFile(f"{file} holds tensors of dtypes altdiff-min does not read: {unknown}")
+    cast = lambda t: t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    if device.type == "cpu" and (dtype is None or all(STORED[stored[k]] == dtype or not STORED[stored[k]].is_floating_point
+                                                       for k in keys)):
+        mapped = load_file(file, device="cpu")
+        return {k: mapped[k] for k in keys}
+    out = {}
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        for key in keys:
+            begin, end = header[key]["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + header_size + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise BadFile(f"{file} ends inside tensor {key!r} (truncated?)")
+            out[key] = cast(raw.view(STORED[stored[key]]).reshape(header[key]["shape"]))
+    return out
+
+
 def read_modules(path: str, config: dict[str, Any], device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, names: tuple[str, ...] | None = None) -> dict[str, torch.nn.Module]:
     """The modules `names` of a model folder (None: every module it holds, config["modules"]; config:
@@ -263,23 +305,18 @@ def read_modules(path: str, config: dict[str, Any], device: str | torch.device =
     model.safetensors; dtype None keeps the stored dtype. A file that is corrupt or does not fit the
     config is a BadFile naming it."""
     file = os.path.join(path, WEIGHTS)
+    wanted = list(config["modules"]) if names is None else [n for n in config["modules"] if n in names]
     try:
-        # On the CPU (memory-mapped: read as used), each tensor then cast and moved on its own: a
-        # GPU never holds a stored-precision copy beside the one it keeps (fp32 file, fp16 model:
-        # loading onto the GPU first, then casting, peaked at 2.45× diffusers' memory on an H200).
-        tensors = load_file(file, device="cpu")
+        tensors = read_tensors(file, torch.device(device), dtype, set(wanted), set(config["modules"]))
     except (SafetensorError, OSError, ValueError) as e:
         raise BadFile(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
-    if stray := sorted({k.split(".")[0] for k in tensors} - set(config["modules"])):
-        raise BadFile(f"{file} holds tensors of modules its {CONFIG} does not name: {stray}")
     modules = {}
-    for name in config["modules"] if names is None else [n for n in config["modules"] if n in names]:
+    for name in wanted:
         model_cls = MODULES[name][0]
         with empty_modules():
             model = model_cls(config[name])
         prefix = name + "."
-        state = {k[len(prefix):]: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype)
-                 for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:

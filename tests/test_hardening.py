@@ -353,6 +353,15 @@ def test_model_folder_errors_name_the_file(model, tmp_path, capsys, breakage, me
     assert code == 2 and message in err and str(model) in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])  # memory-mapped; read tensor by tensor to be cast
+@pytest.mark.parametrize("cut", [0.3, 0.999])  # inside the header or the data; inside the last tensor
+def test_truncated_weights_are_a_bad_file_however_they_are_read(model, dtype, cut):
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(BadFile, match="model.safetensors is not a readable safetensors file"):
+        load(model, dtype=dtype)
+
+
 @pytest.mark.parametrize("setup,message", [
     ("outdir-is-a-file", "exists and is not a folder"),
     ("samples-is-a-file", "samples exists and is not a folder"),

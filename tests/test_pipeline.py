@@ -119,3 +119,15 @@ def test_bad_arguments_fail_before_any_model_work(ours, monkeypatch, kwargs, err
     args = dict(prompt="a dog", height=HEIGHT, width=WIDTH, progress=False) | kwargs
     with pytest.raises(error, match=match):
         ours.generate(args.pop("prompt"), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loading_in_another_dtype_reads_tensor_by_tensor_and_casts_exactly(small_model_dir, dtype):
+    """Cast on load (each tensor read from the file on its own, not memory-mapped) = load as stored, then cast."""
+    cast, stored = load(small_model_dir, dtype=dtype), load(small_model_dir)
+    for name in ("text_encoder", "unet", "vae"):
+        ours, ref = getattr(cast, name).state_dict(), getattr(stored, name).state_dict()
+        assert ours.keys() == ref.keys()
+        for key, value in ref.items():
+            expected = value.to(dtype) if value.is_floating_point() else value
+            assert ours[key].dtype == expected.dtype and torch.equal(ours[key], expected), (name, key)
