@@ -2,15 +2,19 @@
 
     with capture_attention(pipe.unet) as maps:
         images = pipe.generate("un cercle rouge", seed=0)
-    heat = maps.heatmap(token=3, size=(64, 64))        # (batch, 64, 64) in [0, 1]
+    heat = maps.heatmap(token=3, size=(64, 64))        # (pictures, 64, 64) in [0, 1]: the prompts' rows
 
 While capturing, every cross-attention layer takes the explicit softmax path (the fused SDPA kernel
 never materialises the probabilities) and hands its probabilities (B, heads, h·w, tokens) over.
+With guidance the UNet's batch holds the negative prompt's rows too, first; pipeline.guided_eps runs
+its batched call inside `guided_batch()`, so the maps know which rows are which. (The shapes cannot
+tell: one prompt guided and two prompts unguided are both 2 rows.)
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -18,18 +22,37 @@ import torch.nn.functional as F
 
 from .errors import BadValue
 
+BRANCHES = ("conditional", "unconditional", "both")
+_guided: ContextVar[bool] = ContextVar("guided_batch", default=False)
+
+
+@contextmanager
+def guided_batch():
+    """The UNet calls inside, in this thread, are guidance batches: the unconditional rows first."""
+    token = _guided.set(True)
+    try:
+        yield
+    finally:
+        _guided.reset(token)
+
 
 @dataclass
 class AttentionMaps:
     """Cross-attention probabilities per layer name, summed over the UNet calls made while capturing
-    (`sums`, with `calls` the count), and, with per_step=True, each call's own (`steps`).
-    With guidance, the first half of the batch is the unconditional branch."""
+    (`sums`, with `calls` the count), and, with per_step=True, each call's own (`steps`): every row
+    of the UNet's batch. `guided`: whether those calls were guidance batches, whose first half is
+    the unconditional branch (None until a call is recorded)."""
     per_step: bool = False
+    guided: bool | None = None
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     steps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def record(self, name: str, probs: torch.Tensor) -> None:
+        if self.guided is not None and self.guided != _guided.get():
+            raise BadValue("one capture holds guided or unguided UNet calls, not both (scale 1 has no "
+                           "unconditional rows): capture each generate call on its own")
+        self.guided = _guided.get()
         probs = probs.detach().float().cpu()
         self.sums[name] = self.sums[name] + probs if name in self.sums else probs
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -40,17 +63,31 @@ class AttentionMaps:
         """One layer's probabilities averaged over the calls: (B, heads, h·w, tokens)."""
         return self.sums[name] / self.calls[name]
 
-    def heatmap(self, token: int, size: tuple[int, int], layers: list[str] | None = None) -> torch.Tensor:
-        """How much `token` (a position in the 77) is attended at each pixel: (B, H, W), each map
-        scaled to [0, 1]. Every layer's h×w map (averaged over heads and calls) is upsampled to
-        `size` — the image's or the latents' (height, width) — and the layers are averaged."""
+    def heatmap(self, token: int, size: tuple[int, int], layers: list[str] | None = None,
+                branch: str = "conditional") -> torch.Tensor:
+        """How much `token` (a position in the 77) is attended at each pixel: (pictures, H, W).
+
+        branch "conditional" (default): one map per picture, the prompts' rows; "unconditional": the
+        negative prompt's rows of a guided run; "both": every row, unconditional first when guided.
+        A map is the token's attention probability, its share of the pixel's attention over all 77
+        positions (the UNet's cross-attention is unmasked: <s>, </s> and padding take shares too,
+        and nothing is renormalised over the words), then each map is scaled to [0, 1] on its own:
+        compare places within a map, not brightness across maps. Every layer's h×w map (averaged
+        over heads and calls) is upsampled to `size`, the image's or the latents' (height, width),
+        and the layers are averaged."""
         if not self.sums:
             raise BadValue("no attention maps were captured: generate inside `with capture_attention(pipe.unet) as maps:`")
+        if branch not in BRANCHES:
+            raise BadValue(f"branch must be one of {BRANCHES}, got {branch!r}")
+        if branch == "unconditional" and not self.guided:
+            raise BadValue("these maps hold no unconditional branch: the run was not guided (scale 1)")
         if unknown := sorted(set(layers or ()) - set(self.sums)):
             raise BadValue(f"no maps were captured for layer(s) {unknown}; captured: {sorted(self.sums)}")
         total = 0
         for name in layers or list(self.sums):
             probs = self.mean(name)[..., token].mean(dim=1)  # (B, h·w): heads averaged
+            half = len(probs) // 2 if self.guided else 0
+            probs = {"conditional": probs[half:], "unconditional": probs[:half], "both": probs}[branch]
             f = math.isqrt(size[0] * size[1] // probs.shape[1])  # how much smaller this layer's grid is
             if f == 0 or (size[0] // f) * (size[1] // f) != probs.shape[1]:
                 raise BadValue(f"layer {name} has {probs.shape[1]} positions, not a downscaled {size[0]}×{size[1]} grid")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 from . import img2img, speed
 from .errors import BadType, BadValue, NotFinite
 from .folder import DIFFUSION, TOKENIZER, read_config, read_modules, resolve, write_folder
+from .instruments import guided_batch
 from .safety import SafetyChecker, replace_flagged
 from .samplers import check_eta, draw_noise, get_sampler
 from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, timesteps
@@ -97,14 +99,16 @@ class AltDiffusion:
 
     def sample(self, x: torch.Tensor, context: torch.Tensor | None, sampler: str, ts: Timesteps, scale: Scale = 7.5,
                eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
-               progress: bool = True) -> torch.Tensor:
-        """3. Run `sampler` over the timesteps `ts` with the guided UNet (guided_eps): x_T → clean latents."""
+               progress: bool = True, cross_attention: bool | Collection[str] = True) -> torch.Tensor:
+        """3. Run `sampler` over the timesteps `ts` with the guided UNet (guided_eps): x_T → clean latents.
+        cross_attention: which parts of the UNet read the context (UNet.text_parts)."""
         with tqdm(total=len(ts), desc=sampler, disable=not progress, leave=False) as bar:
             def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
                 return callback(i, t, x, x0) if callback is not None else None
 
-            return get_sampler(sampler)(guided_eps(self.unet, context, scale), x, ts, self.schedule, eta=eta,
+            eps = guided_eps(self.unet, context, scale, cross_attention)
+            return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
                                         generator=generator, callback=on_step)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -127,8 +131,8 @@ class AltDiffusion:
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, output: str = "pil", callback: Callable | None = None,
                  progress: bool = True, *, prompt_embeds: torch.Tensor | None = None, text_layer: int | None = None,
-                 cross_attention: bool = True, return_trajectory: bool = False, safety_checker: bool | None = None,
-                 return_flags: bool = False, image=None, strength: float | None = None, mask=None,
+                 cross_attention: bool | Collection[str] = True, return_trajectory: bool = False,
+                 safety_checker: bool | None = None, return_flags: bool = False, image=None, strength: float | None = None, mask=None,
                  paste_unmasked: bool = False):
         """Text to image: n_samples images per prompt, height × width pixels (default: image_size);
         with `image`, image to image; with `mask` too, inpainting (altdiff_min/img2img.py).
@@ -145,8 +149,9 @@ class AltDiffusion:
           prompt_embeds: (P, L, D) contexts to use instead of encoding `prompt`, e.g. an interpolation
               between two prompts' `encode()`; text_layer: which text-encoder layer feeds the UNet;
           scale: a callable t → scale gives a guidance schedule; cross_attention=False: the UNet
-              never reads the text (self-attention only); return_trajectory: also return a list of
-              {"t", "latents", "x0"} per step, on the CPU.
+              never reads the text (self-attention only); a part or a list of parts, e.g. ["down",
+              "up.2"]: only those read it (names: UNet.text_parts; [] = False, every part = True);
+              return_trajectory: also return a list of {"t", "latents", "x0"} per step, on the CPU.
 
         safety_checker: None (default) checks the pictures when the model holds a checker, False
         never, True insists (an error if there is none). Flagged pictures are replaced by a
@@ -166,6 +171,7 @@ class AltDiffusion:
             height, width = self.check_picture_arguments(image, strength, mask, paste_unmasked, latents, height, width)
         prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
                                                   height, width, seed, latents, output, prompt_embeds)
+        reads_text = bool(self.unet.text_parts(cross_attention))  # [] or False: the text is never encoded
         pixels = repaint = None
         if image is not None:
             ts = img2img.cut(ts, steps, 0.8 if strength is None else strength, sampler)
@@ -178,7 +184,7 @@ class AltDiffusion:
             raise BadValue("safety_checker=True, but this model holds no safety checker (convert the diffusers "
                            "folder with --with-safety-checker)")
         check = self.safety_checker is not None and safety_checker is not False
-        guided = cross_attention and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
+        guided = reads_text and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
         z0 = self.encode_image(pixels, generator) if pixels is not None else None  # draws first
@@ -194,8 +200,8 @@ class AltDiffusion:
             out = callback(i, t, x, x0) if callback is not None else None
             return x if out is None else out
 
-        x = self.sample(x, context if cross_attention else None, sampler, ts, scale if guided else 1.0, eta,
-                        generator, on_step, progress)
+        x = self.sample(x, context if reads_text else None, sampler, ts, scale if guided else 1.0, eta,
+                        generator, on_step, progress, cross_attention)
         images = self.decode_latents(x)
         if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
             raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
@@ -325,22 +331,25 @@ def check_size(height: int, width: int, vae: VAEConfig, unet: UNetConfig) -> int
     return down
 
 
-def guided_eps(unet: UNet, context: torch.Tensor | None, scale: Scale) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def guided_eps(unet: UNet, context: torch.Tensor | None, scale: Scale,
+               cross_attention: bool | Collection[str] = True) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """ε for the sampler, with classifier-free guidance (Ho & Salimans 2022, eq. 6):
         ε = ε(x, ∅) + scale · (ε(x, c) − ε(x, ∅)),   ∅ = the negative prompt ("" by default).
     context holds the unconditional rows first, then the conditional ones; both halves go through
-    the UNet in one batch. With scale 1, context is only the conditional rows and ε = ε(x, c).
+    the UNet in one batch, marked as such for instruments.capture_attention. With scale 1, context
+    is only the conditional rows and ε = ε(x, c). cross_attention: which UNet parts read the context.
     The timestep reaches the UNet as a float32 tensor, so a compiled UNet sees a new value, not a new
     constant, at every step, and one dtype for every sampler: one compilation (the embedding computes
     in float32 either way, and integer timesteps < 2²⁴ are exact in it)."""
     def call(x: torch.Tensor, t) -> torch.Tensor:
-        return unet(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), context)
+        return unet(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), context, cross_attention)
 
     if not callable(scale) and scale == 1:
         return call
 
     def eps(x: torch.Tensor, t: float) -> torch.Tensor:
-        e_uncond, e_cond = call(torch.cat([x, x]), t).chunk(2)
+        with guided_batch():
+            e_uncond, e_cond = call(torch.cat([x, x]), t).chunk(2)
         return e_uncond + (scale(t) if callable(scale) else scale) * (e_cond - e_uncond)
 
     return eps

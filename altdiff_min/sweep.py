@@ -14,6 +14,7 @@ A SPEC (JSON, or TOML on Python ≥ 3.11):
     [axes]                                         # generate arguments to vary: every combination is a setting
     scale = [1.0, 3.0, 7.5]
     sampler = ["ddim", "dpm++2m"]
+    cross_attention = [true, ["down", "up"], "mid"]  # everywhere; all but the middle; the middle only
 
 Every cell (setting × prompt × seed) is one picture, `generate(prompt, seed=seed, **fixed, **setting)`,
 written atomically to OUT/pictures/sSSS-pPPP-seedN.png; a sweep that was interrupted resumes by
@@ -200,8 +201,7 @@ def check_cells(spec: Spec, model) -> None:
     layers = len(model.text_encoder.layers)
     for setting in spec.settings:
         arguments = {**spec.fixed, **setting}
-        if not isinstance(arguments.get("cross_attention", True), bool):
-            raise BadType(f"cross_attention must be true or false, got {arguments['cross_attention']!r}")
+        model.unet.text_parts(arguments.get("cross_attention", True))  # true, false or a list of UNet parts
         layer = arguments.get("text_layer")
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= layers):
             raise BadValue(f"text_layer must be an int in [0, {layers}] (or null), got {layer!r}")

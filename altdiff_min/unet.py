@@ -13,6 +13,7 @@ the text through cross-attention. Ho et al. 2020 (DDPM UNet), Rombach et al. 202
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .checks import check_config
-from .errors import BadValue
+from .errors import BadType, BadValue
 from .layers import Attention, Downsample, Level, ResBlock, Upsample, checkpointed
 
 
@@ -168,34 +169,56 @@ class UNet(nn.Module):
             raise BadValue(f"timesteps must be a number or a ({b},) tensor, one per latent; got shape {tuple(t.shape)}")
         return t
 
-    def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor,
-                context: torch.Tensor | None) -> torch.Tensor:
+    def text_parts(self, cross_attention: bool | str | Collection[str] = True) -> frozenset[str]:
+        """The levels whose transformers read the text, named as the modules are: "down.i", "mid", "up.i"
+        (levels with attention only). cross_attention: True (every level), False (none), or the parts
+        that keep reading it, any mix of "down", "mid", "up" and single levels such as "down.1"."""
+        levels = {"down": [f"down.{i}" for i, level in enumerate(self.down) if level.attn], "mid": ["mid"],
+                  "up": [f"up.{i}" for i, level in enumerate(self.up) if level.attn]}
+        if isinstance(cross_attention, bool):
+            return frozenset(name for names in levels.values() for name in names if cross_attention)
+        names = [cross_attention] if isinstance(cross_attention, str) else cross_attention
+        if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names):
+            raise BadType(f"cross_attention must be True, False or a list of UNet parts, got {cross_attention!r}")
+        parts = levels | {name: [name] for names in levels.values() for name in names}
+        if bad := [n for n in names if n not in parts]:
+            raise BadValue(f"cross_attention: {bad[0]!r} is not a part of this UNet; its parts are {', '.join(parts)}")
+        return frozenset(level for n in names for level in parts[n])
+
+    def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None,
+                cross_attention: bool | str | Collection[str] = True) -> torch.Tensor:
         """ε (B, out_channels, h, w) for (B, in_channels, h, w) latents at `timesteps` (a number, or one per
-        latent), given the (B, L, context_dim) text context; context None skips cross-attention (ablation)."""
+        latent), given the (B, L, context_dim) text context. Ablations: context None skips every
+        cross-attention; cross_attention names the parts that still read the text (see text_parts),
+        the others skip theirs."""
         t = self.check_inputs(latents, timesteps, context)
+        reads = self.text_parts(cross_attention) if context is not None else frozenset()
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]).to(latents.dtype))
 
         x = self.conv_in(latents)
         ckpt = self.gradient_checkpointing
         skips = [x]
-        for level in self.down:
+        for k, level in enumerate(self.down):
+            text = context if f"down.{k}" in reads else None
             for i, res in enumerate(level.res):
                 x = checkpointed(ckpt, res, x, emb)
                 if level.attn:
-                    x = checkpointed(ckpt, level.attn[i], x, context)
+                    x = checkpointed(ckpt, level.attn[i], x, text)
                 skips.append(x)
             if level.downsample is not None:
                 x = level.downsample(x)
                 skips.append(x)
 
         x = checkpointed(ckpt, self.mid_res1, x, emb)
-        x = checkpointed(ckpt, self.mid_res2, checkpointed(ckpt, self.mid_attn, x, context), emb)
+        text = context if "mid" in reads else None
+        x = checkpointed(ckpt, self.mid_res2, checkpointed(ckpt, self.mid_attn, x, text), emb)
 
-        for level in self.up:
+        for k, level in enumerate(self.up):
+            text = context if f"up.{k}" in reads else None
             for i, res in enumerate(level.res):
                 x = checkpointed(ckpt, res, torch.cat([x, skips.pop()], dim=1), emb)
                 if level.attn:
-                    x = checkpointed(ckpt, level.attn[i], x, context)
+                    x = checkpointed(ckpt, level.attn[i], x, text)
             if level.upsample is not None:
                 x = level.upsample(x)
         return self.conv_out(F.silu(self.norm_out(x)))

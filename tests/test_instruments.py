@@ -1,5 +1,7 @@
 """Instruments and ablation switches: attention capture, heat maps, and generate's switches,
 each off by default (the defaults are what test_pipeline proves equal to diffusers)."""
+import re
+
 import pytest
 import torch
 from helpers import rel_diff, rel_err
@@ -28,8 +30,27 @@ def test_capture_records_every_cross_attention_layer_and_changes_nothing(pipe):
     probs = maps.mean(name)
     assert probs.shape == (4, 4, 8 * 12, 77)  # [uncond ×2, cond ×2], heads, latent pixels, tokens
     assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+    assert maps.guided
+    heat = maps.heatmap(token=1, size=(64, 96))  # one map per picture: the prompts' rows
+    assert heat.shape == (2, 64, 96) and heat.min() == 0 and torch.allclose(heat.amax(dim=(1, 2)), torch.ones(2))
+    both = maps.heatmap(token=1, size=(64, 96), branch="both")
+    assert both.shape == (4, 64, 96) and torch.equal(both[2:], heat)
+    assert torch.equal(maps.heatmap(token=1, size=(64, 96), branch="unconditional"), both[:2])
+    with pytest.raises(ValueError, match="branch must be one of"):
+        maps.heatmap(token=1, size=(64, 96), branch="cond")
+
+
+def test_heatmap_without_guidance_has_only_the_conditional_rows(pipe):
+    with capture_attention(pipe.unet) as maps:
+        pipe.generate(["un cercle rouge", "a dog"], scale=1.0, **RUN)
+    assert maps.guided is False and maps.mean("mid_attn.block.cross_attn").shape[0] == 2  # no unconditional rows
     heat = maps.heatmap(token=1, size=(64, 96))
-    assert heat.shape == (4, 64, 96) and heat.min() == 0 and torch.allclose(heat.amax(dim=(1, 2)), torch.ones(4))
+    assert heat.shape == (2, 64, 96) and torch.equal(maps.heatmap(token=1, size=(64, 96), branch="both"), heat)
+    with pytest.raises(ValueError, match="no unconditional branch"):
+        maps.heatmap(token=1, size=(64, 96), branch="unconditional")
+    with capture_attention(pipe.unet), pytest.raises(ValueError, match="guided or unguided UNet calls, not both"):
+        pipe.generate("un cercle rouge", scale=1.0, **RUN)
+        pipe.generate("un cercle rouge", scale=7.5, **RUN)  # 2 rows either way, but not the same rows
 
 
 def test_heatmap_rejects_a_size_the_layers_do_not_fit(pipe):
@@ -51,6 +72,45 @@ def test_cross_attention_off_ignores_the_prompt(pipe):
     b = pipe.generate("一只小狗", cross_attention=False, **RUN)
     assert torch.equal(a, b)
     assert rel_diff(pipe.generate("a red circle", **RUN), a) > 1e-3
+
+
+def test_cross_attention_per_part(pipe):
+    """[] is False, every part is True, exactly; the names are the modules' (down.i, mid_attn, up.i)."""
+    def make(cross_attention=True):
+        return pipe.generate("a red circle", cross_attention=cross_attention, **RUN)
+
+    full = make()
+    assert torch.equal(make([]), make(False))
+    assert torch.equal(make(["down", "mid", "up"]), full) and torch.equal(make(sorted(pipe.unet.text_parts())), full)
+    assert sorted(pipe.unet.text_parts()) == ["down.0", "down.1", "mid", "up.1", "up.2"]  # up.0 has no attention
+
+
+@pytest.mark.parametrize("off, on", [("mid", ["down", "up"]), ("up.1", ["down", "mid", "up.2"]), ("down", ["mid", "up"])])
+def test_a_part_switched_off_equals_zeroing_its_cross_attention_by_hand(pipe, off, on):
+    full = pipe.generate("a red circle", **RUN)
+    ablated = pipe.generate("a red circle", cross_attention=on, **RUN)
+    prefix = "mid_attn." if off == "mid" else f"{off}."
+    hooks = [m.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+             for name, m in pipe.unet.named_modules() if name.startswith(prefix) and name.endswith("cross_attn")]
+    try:
+        by_hand = pipe.generate("a red circle", **RUN)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert hooks and torch.equal(ablated, by_hand) and rel_diff(ablated, full) > 1e-4
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (["down", "middle"], ValueError, "cross_attention: 'middle' is not a part of this UNet; its parts are "
+                                     "down, mid, up, down.0, down.1, up.1, up.2"),
+    ("up.0", ValueError, "'up.0' is not a part"),  # a level without attention
+    (3, TypeError, "cross_attention must be True, False or a list of UNet parts, got 3"),
+    ([None], TypeError, "a list of UNet parts"),
+])
+def test_bad_cross_attention_parts_fail_before_any_model_work(pipe, monkeypatch, value, error, message):
+    monkeypatch.setattr(pipe.text_encoder, "forward", lambda *a: pytest.fail("the model ran"))
+    with pytest.raises(error, match=re.escape(message)):
+        pipe.generate("a", cross_attention=value, **RUN)
 
 
 def test_text_layer(pipe):

@@ -110,6 +110,8 @@ def test_torchrun_sweep_makes_the_same_pictures(tmp_path):
     ({"model": "NOWHERE"}, "model folder not found"),
     ({"axes": {"steps": [0]}}, "steps"),
     ({"axes": {"text_layer": [9]}}, "text_layer must be an int in [0, 2]"),
+    ({"axes": {"cross_attention": [True, ["down", "middle"]]}}, "'middle' is not a part of this UNet; its parts are down, mid"),
+    ({"fixed": {"cross_attention": 1}}, "cross_attention must be True, False or a list of UNet parts"),
     ({"fixed": {"return_flags": True}}, "'return_flags' is not a generate argument"),
     ({"metrics": ["clip"]}, "the metric \"clip\" needs 'clip_model'"),
     ({"clip_model": "NOWHERE"}, "'clip_model' is read by the metric \"clip\" only"),
@@ -144,10 +146,13 @@ def test_a_toml_spec(tmp_path):
     pytest.importorskip("tomllib")  # Python >= 3.11 (3.10 is told to use JSON)
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     (tmp_path / "s.toml").write_text('model = "toy"\nprompts_file = "prompts.txt"\nseeds = [1]\nmetrics = ["toy"]\n'
-                                     '[fixed]\nsteps = 3\n[axes]\ncross_attention = [true, false]\n')
+                                     '[fixed]\nsteps = 3\n[axes]\ncross_attention = [true, false, ["down", "up"], "mid"]\n')
     assert main(["sweep", str(tmp_path / "s.toml"), "--device", "cpu"]) == 0
     rows = table(tmp_path / "s")
-    assert [r["cross_attention"] for r in rows] == ["True", "False"]
+    assert [r["cross_attention"] for r in rows] == ["True", "False", '["down", "up"]', "mid"]
+    assert json.loads((tmp_path / "s" / "spec.json").read_text())["axes"]["cross_attention"] == [True, False, ["down", "up"], "mid"]
+    pictures = [(tmp_path / "s" / r["file"]).read_bytes() for r in rows]
+    assert len(set(pictures)) == 4  # each part switched off changes the picture
 
 
 def test_a_read_only_outdir_is_one_line_before_any_picture(tmp_path, capsys, monkeypatch):
