@@ -2,6 +2,7 @@
 quality measured with the detector over every language × colour × shape prompt."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,9 +11,13 @@ import pytest
 import torch
 
 from altdiff_min import load
-from altdiff_min.toy import COLOURS, LANGUAGES, SHAPES, TOY_MODEL, caption, detect, evaluate, format_table, render
-from altdiff_min.toy.data import MAX_SIZE, MIN_SIZE, PHRASINGS, SIZE
-from altdiff_min.toy.train import Recipe, train_toy
+from altdiff_min.toy import (COLOURS, LANGUAGES, SHAPES, TOY_MODEL, Obj, Scene, caption, caption_scene, detect,
+                             detect_scene, evaluate, evaluate_scenes, format_table, render, render_scene)
+from altdiff_min.toy.data import (BESIDE, COLOUR_WORDS, GAP, MAX_SIZE, MIN_SIZE, PHRASINGS, RELATIONS, RU_INSTRUMENTAL,
+                                  SCENE_PHRASINGS, SHAPE_WORDS, SIDES, SIZE, SIZE_WORDS, WHERE, SceneWorld, place_pair,
+                                  random_scene, scene_corpus)
+from altdiff_min.toy.detect import SPECK, compositions, detect_objects, same_scene
+from altdiff_min.toy.train import Recipe, train_tokenizer, train_toy
 
 # What the shipped model must reach in every language separately, and how it is sampled for that.
 MIN_COLOUR, MIN_SHAPE = 0.90, 0.85
@@ -79,10 +84,188 @@ def test_detector_is_right_on_rendered_pictures():
     assert detect(np.full((SIZE, SIZE, 3), 255, np.uint8)) == (None, None)
 
 
+# ---- scenes: sizes, two objects, relations ------------------------------------------------------------
+# The spec, in every language: a small red circle left of a blue square (phrasing 0, and 3: told from the
+# square), and a green square above a big yellow circle (phrasing 2; ru also 0: над + instrumental).
+SPOKEN = {
+    "en": ("a small red circle to the left of a blue square", "a blue square with a small red circle to its left",
+           "a picture of a green square above a big yellow circle"),
+    "zh": ("蓝色正方形左边的红色小圆形", "红色小圆形在蓝色正方形左边", "一张黄色大圆形上方有绿色正方形的图片"),
+    "es": ("un círculo rojo pequeño a la izquierda de un cuadrado azul",
+           "un cuadrado azul con un círculo rojo pequeño a su izquierda",
+           "una imagen de un cuadrado verde encima de un círculo amarillo grande"),
+    "fr": ("un petit cercle rouge à gauche d'un carré bleu", "un carré bleu avec un petit cercle rouge à sa gauche",
+           "une image d'un carré vert au-dessus d'un grand cercle jaune"),
+    "ru": ("маленький красный круг слева от синего квадрата", "синий квадрат, слева от него маленький красный круг",
+           "изображение зелёного квадрата над большим жёлтым кругом"),
+    "ja": ("青い正方形の左に小さな赤い円", "小さな赤い円が青い正方形の左にある", "大きな黄色い円の上に緑の正方形がある絵"),
+    "ko": ("파란 정사각형 왼쪽에 작은 빨간 원", "작은 빨간 원이 파란 정사각형 왼쪽에 있다",
+           "큰 노란 원 위에 초록색 정사각형이 있는 그림"),
+    "ar": ("دائرة حمراء صغيرة على يسار مربع أزرق", "مربع أزرق وعلى يساره دائرة حمراء صغيرة",
+           "صورة لمربع أخضر فوق دائرة صفراء كبيرة"),
+    "it": ("un cerchio rosso piccolo a sinistra di un quadrato blu",
+           "un quadrato blu con un cerchio rosso piccolo alla sua sinistra",
+           "un'immagine di un quadrato verde sopra un cerchio giallo grande"),
+}
+LEFT = Scene(Obj("circle", "red", "small"), "left of", Obj("square", "blue"))
+ABOVE = Scene(Obj("square", "green"), "above", Obj("circle", "yellow", "big"))
+
+
+def phrasings(scene: Scene) -> range:
+    return range(len(PHRASINGS["en"]) if scene.second is None else len(SCENE_PHRASINGS["en"]))
+
+
+def forms(entry) -> list[str]:
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
+def relation_words(lang: str, relation: str) -> list[str]:
+    """How `lang` says `relation`: its WHERE phrase without B, and its BESIDE phrase(s)."""
+    i = RELATIONS.index(relation)
+    return [re.sub(r"\{B\w*\}", "", w).strip() for w in [WHERE[lang][i]] + forms(BESIDE.get(lang, ("",) * 4)[i]) if w]
+
+
+def test_scene_captions_as_spoken_in_every_language():
+    for lang, (left, left_told_from_b, above) in SPOKEN.items():
+        assert (caption_scene(LEFT, lang, 0), caption_scene(LEFT, lang, 3), caption_scene(ABOVE, lang, 2)) == \
+            (left, left_told_from_b, above), lang
+    assert caption_scene(ABOVE, "ru", 0) == "зелёный квадрат над большим жёлтым кругом"
+    assert caption_scene(ABOVE.flipped(), "ar", 3) == "مربع أخضر وتحته دائرة صفراء كبيرة"  # -hu: a masculine B
+    assert caption_scene(ABOVE, "ar", 3) == "دائرة صفراء كبيرة وفوقها مربع أخضر"  # -hā: a feminine B
+    assert caption_scene(Scene(Obj("square", "orange"), "below", Obj("circle", "red")), "en", 0) == \
+        "an orange square below a red circle"
+    assert caption("square", "orange", "en", 0, size="small") == "a small orange square"
+    assert caption("circle", "red", "zh", 0, size="small") == "一个红色的小圆形"  # not 大红色: that reads "scarlet"
+    assert caption("circle", "green", "ar", 0, size="big") == "دائرة خضراء كبيرة"
+    assert caption("triangle", "purple", "ru", 2, size="small") == "изображение маленького фиолетового треугольника"
+    assert caption("square", "blue", "fr", 1, size="big") == "un grand carré bleu sur un fond blanc"
+    with pytest.raises(ValueError, match="phrasing"):
+        caption_scene(Scene(Obj("circle", "red")), "en", 3)  # lone objects have three phrasings, pairs four
+
+
+def test_unsized_lone_objects_keep_the_first_worlds_captions():
+    for lang in LANGUAGES:
+        for s in SHAPES:
+            for c in COLOURS:
+                for p in range(len(PHRASINGS[lang])):
+                    assert caption_scene(Scene(Obj(s, c)), lang, p) == caption(s, c, lang, p)
+
+
+def test_scene_captions_differ_where_the_scene_does_and_name_its_words():
+    rng = np.random.default_rng(3)
+    scenes = {Scene(Obj(s, c, size)) for s in SHAPES for c in COLOURS for size in (None, "small", "big")}
+    scenes |= {random_scene(rng, 2) for _ in range(150)}
+    scenes |= {scene.flipped() for scene in scenes}
+    for lang in LANGUAGES:
+        said = {}
+        for scene in scenes:
+            texts = [caption_scene(scene, lang, p) for p in phrasings(scene)]
+            assert len(set(texts)) == len(texts), f"{lang}: phrasings of {scene} coincide"
+            for p, text in enumerate(texts):
+                assert said.setdefault((p, text), scene) == scene, f"{lang}: {text!r} for two scenes"
+                for obj in scene.objects:
+                    shape, colour = forms(SHAPE_WORDS[lang][obj.shape]), forms(COLOUR_WORDS[lang][obj.colour])
+                    assert any(w in text for w in shape + [RU_INSTRUMENTAL.get(w, w) for w in shape]), (text, obj)
+                    assert any(w in text for w in colour + [RU_INSTRUMENTAL.get(w, w) for w in colour]), (text, obj)
+                sized = any(o.size for o in scene.objects)
+                size_words = [w for size in ("small", "big") for f in forms(SIZE_WORDS[lang][size])
+                              for w in (f, RU_INSTRUMENTAL.get(f, f))]
+                assert sized == any(w in text for w in size_words), text
+                if scene.relation is not None:  # its own relation's words, and no other relation's
+                    assert any(w in text for w in relation_words(lang, scene.relation)), text
+                    assert not any(w in text for r in RELATIONS if r != scene.relation
+                                   for w in relation_words(lang, r)), text
+
+
+def test_scene_corpus_holds_every_word():
+    corpus = "\n".join(scene_corpus())
+    for table in (SHAPE_WORDS, COLOUR_WORDS, SIZE_WORDS):
+        for lang in LANGUAGES:
+            for entry in table[lang].values():
+                assert all(w in corpus for w in forms(entry)), (lang, entry)
+    assert all(w in corpus for w in RU_INSTRUMENTAL.values())
+
+
+def test_pairs_are_placed_apart_and_plainly_related():
+    rng = np.random.default_rng(4)
+    for i in range(2000):
+        relation = RELATIONS[i % 4]
+        sides = [int(rng.integers(SIDES[2][w][0], SIDES[2][w][1] + 1)) for w in rng.choice([None, "small", "big"], 2)]
+        if i % 50 == 0:
+            sides = [SIDES[2]["big"][1]] * 2  # the tightest fit
+        (x1, y1), (x2, y2) = place_pair(sides, relation, rng)
+        boxes = [(x - s / 2, y - s / 2, x + s / 2, y + s / 2) for (x, y), s in zip([(x1, y1), (x2, y2)], sides)]
+        assert all(1 <= b[0] and 1 <= b[1] and b[2] <= SIZE - 1 and b[3] <= SIZE - 1 for b in boxes)
+        along = {"left of": boxes[1][0] - boxes[0][2], "right of": boxes[0][0] - boxes[1][2],
+                 "above": boxes[1][1] - boxes[0][3], "below": boxes[0][1] - boxes[1][3]}[relation]
+        assert along >= GAP - 1e-9, (relation, sides, boxes)
+        dx, dy = abs(x2 - x1), abs(y2 - y1)
+        assert (dy <= dx / 2) if relation in ("left of", "right of") else (dx <= dy / 2)
+
+
+def test_render_scene_draws_the_asked_sizes_in_the_exact_colours():
+    rng = np.random.default_rng(5)
+    for i in range(600):
+        scene = random_scene(rng, 1 + i % 2)
+        image = render_scene(scene, rng)
+        assert {tuple(p) for p in image.reshape(-1, 3).tolist()} == {(255, 255, 255)} | {
+            COLOURS[o.colour] for o in scene.objects}
+        boxes = {(o.shape, o.colour): box for o, box in detect_objects(image)}  # the two differ in one or both
+        for obj in scene.objects:
+            box, (low, high) = boxes[obj.shape, obj.colour], SIDES[len(scene.objects)][obj.size]
+            assert low - 1 <= max(box[2] - box[0], box[3] - box[1]) <= high + 1
+    rng_a, rng_b = np.random.default_rng(6), np.random.default_rng(6)
+    assert np.array_equal(render_scene(Scene(Obj("circle", "red")), rng_a), render("circle", "red", rng=rng_b))
+
+
+def test_detector_reads_every_rendered_scene_exactly():
+    rng = np.random.default_rng(7)
+    for i in range(1500):
+        scene = random_scene(rng, 1 + (i % 3 > 0))
+        image = render_scene(scene, rng)
+        assert same_scene(detect_scene(image), scene), (scene, detect_scene(image))  # size words asked for too
+    assert detect_scene(np.full((SIZE, SIZE, 3), 255, np.uint8)) is None
+    assert same_scene(detect_scene(torch.from_numpy(render_scene(LEFT, rng)).permute(2, 0, 1) / 255.0), LEFT)
+    assert same_scene(detect_scene(render_scene(LEFT.flipped(), rng)), LEFT)  # the same picture, told either way
+    assert not same_scene(detect_scene(render_scene(LEFT, rng)), Scene(LEFT.first, "right of", LEFT.second))
+
+
+def test_detector_ignores_specks_and_splits_touching_objects():
+    rng = np.random.default_rng(8)
+    image = render_scene(LEFT, rng)
+    noisy = image.copy()
+    for _ in range(6):  # specks of a few pixels, in any palette colour
+        y, x = rng.integers(0, SIZE - 3, 2)
+        if (image[y:y + 3, x:x + 3] == 255).all():
+            noisy[y:y + 3, x:x + 3] = list(COLOURS.values())[rng.integers(6)]
+    assert same_scene(detect_scene(noisy), LEFT)
+    touching = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    touching[20:40, 10:30] = COLOURS["red"]  # a red square and a blue square side by side, no white between
+    touching[20:40, 30:50] = COLOURS["blue"]
+    assert detect_scene(touching) == Scene(Obj("square", "red", "big"), "left of", Obj("square", "blue", "big"))
+    speck = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    speck[5:8, 5:8] = COLOURS["green"]
+    assert SPECK > 9 and detect_scene(speck) is None
+
+
+def test_scene_world_is_fixed_by_seed_and_index():
+    world = SceneWorld(30, seed=2)
+    assert len(world) == 30 and world.resolution == SIZE
+    assert [len(world.scene(i).objects) for i in range(6)] == [1, 2, 2, 1, 2, 2]
+    assert torch.equal(world.pixels(7), SceneWorld(30, seed=2).pixels(7))
+    assert not torch.equal(world.pixels(7), SceneWorld(30, seed=3).pixels(7))
+    pixels, texts = world[4]
+    assert pixels.shape == (3, SIZE, SIZE) and pixels.min() >= -1 and pixels.max() <= 1
+    assert len(texts) == len(LANGUAGES) * 4 and caption_scene(world.scene(4), "ko", 2) in texts
+    assert same_scene(detect_scene(((pixels + 1) / 2)), world.scene(4))
+    with pytest.raises(ValueError, match="at least"):
+        SceneWorld(2)
+
+
 # ---- the training command -----------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, match", [(dict(unet_steps=-1), "unet_steps"), (dict(vae_steps=0), "vae_steps"),
                                         (dict(images=5), "images"), (dict(unet_lr=0.0), "unet_lr"),
-                                        (dict(uncond_prob=1.0), "uncond_prob")])
+                                        (dict(uncond_prob=1.0), "uncond_prob"), (dict(world="cubes"), "world")])
 def test_training_refuses_bad_recipes_before_any_work(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         train_toy(str(tmp_path / "out"), **bad)
@@ -129,6 +312,25 @@ def test_training_runs_end_to_end_and_writes_a_loadable_folder(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(), again.unet.state_dict().values()))
 
 
+def test_scene_training_runs_end_to_end_with_its_own_tokenizer(tmp_path):
+    out = str(tmp_path / "scenes")
+    train_toy(out, seed=1, evaluate=False, progress=False, world="scenes", images=18, vae_steps=2, vae_batch=4,
+              unet_steps=2, unet_batch=8)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["toy"]["recipe"]["world"] == "scenes"
+    assert set(config["toy"]["vae_readback"]) == {"lone", "pairs", "small"}  # what the VAE keeps, measured
+    model = load(out, dtype=torch.float32)
+    for lang in LANGUAGES:  # every word of the new world is made of known pieces (id 3 is <unk>)
+        ids, _ = model.tokenizer([caption_scene(LEFT, lang, p) for p in range(4)] + [caption_scene(ABOVE, lang, 2)])
+        assert not (ids == 3).any(), lang
+
+
+def test_the_first_worlds_tokenizer_is_trained_again_bit_for_bit(tmp_path):
+    train_tokenizer(str(tmp_path / "spm.model"))  # world "shapes", the default recipe's
+    with open(os.path.join(TOY_MODEL, "sentencepiece.bpe.model"), "rb") as shipped:
+        assert (tmp_path / "spm.model").read_bytes() == shipped.read()
+
+
 # ---- the shipped model --------------------------------------------------------------------------------
 def test_shipped_model_is_a_small_loadable_folder():
     sizes = {f: os.path.getsize(os.path.join(TOY_MODEL, f)) for f in os.listdir(TOY_MODEL)}
@@ -142,10 +344,37 @@ def test_shipped_model_is_a_small_loadable_folder():
 def test_shipped_model_draws_what_it_is_asked_in_every_language():
     """162 prompts (9 languages × 6 colours × 3 shapes), one picture each, DDIM 25 steps with guidance."""
     model = load(TOY_MODEL, dtype=torch.float32)
-    table = evaluate(model, scale=SCALE, steps=STEPS, seed=0)
+    table = evaluate(model, scale=SCALE, steps=STEPS, seeds=0)
     print(f"\nshipped toy model, DDIM {STEPS} steps, guidance {SCALE}, one picture per prompt:\n{format_table(table)}")
     failing = {lang: row for lang, row in table.items() if row["colour"] < MIN_COLOUR or row["shape"] < MIN_SHAPE}
     assert not failing, f"below {MIN_COLOUR:.0%} colour / {MIN_SHAPE:.0%} shape: {failing}"
+
+
+def test_evaluation_takes_seeds_a_sampler_and_a_batch_size():
+    model = load(TOY_MODEL, dtype=torch.float32)
+    whole = evaluate(model, steps=2, seeds=[0, 1], languages=("ja",))  # 2 steps: the arguments' test, not a quality one
+    assert whole == evaluate(model, steps=2, seeds=[0, 1], languages=("ja",), batch_size=12)  # the same pictures
+    assert set(whole) == {"ja"} and all(0 <= v <= 1 for v in whole["ja"].values())
+    euler = evaluate(model, steps=2, seeds=3, languages=("fr",), sampler="euler", batch_size=18)
+    assert set(euler["fr"]) == {"colour", "shape"}
+    with pytest.raises(ValueError, match="seeds"):
+        evaluate(model, seeds=[])
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, batch_size=0)
+
+    scenes = compositions(singles=3, pairs=4)
+    assert [len(s.objects) for s in scenes] == [1, 1, 1, 2, 2, 2, 2] and scenes == compositions(3, 4)
+    assert [s.relation for s in scenes[3:]] == list(RELATIONS)
+    assert [s.first.size for s in scenes[:3]] == [None, "small", "big"]
+    table = evaluate_scenes(model, scenes, steps=2, seeds=0, languages=("en", "ja"), batch_size=4)
+    for row in table.values():
+        assert set(row) == {"colour", "shape", "size", "objects", "relation", "swaps", "pairs"}
+        assert row["pairs"] == 4 and 0 <= row["swaps"] <= 4 and 0 <= row["objects"] <= 1
+    text = format_table(table)
+    assert text.splitlines()[0].split() == ["lang", "colour", "shape", "size", "objects", "relation", "swaps", "pairs"]
+    assert text.splitlines()[-1].split()[-1] == "8"  # counts add up over the languages, fractions average
+    assert format_table({"en": {"colour": 0.5, "shape": 1.0}}) == (
+        "lang  colour   shape\nen       50%    100%\nall      50%    100%")
 
 
 def test_train_toy_command_line_help():

@@ -1,8 +1,9 @@
 """The toy: a miniature AltDiffusion trained from scratch, on CPU, with altdiff-min's own modules.
 
 Its world is one flat-coloured shape (circle, square, triangle; six colours) on a white 64×64
-picture, captioned in all nine m9 languages. It ships trained in `TOY_MODEL`, so everything in
-altdiff-min can be run and looked into without the 8 GB real weights:
+picture, captioned in all nine m9 languages; `Scene`s grow it to one or two objects with size words
+(small, big) and relations (left of, right of, above, below). It ships trained in `TOY_MODEL` (on one
+object a picture), so everything in altdiff-min can be run and looked into without the 8 GB real weights:
 
     from altdiff_min import load
     from altdiff_min.toy import TOY_MODEL, caption, detect
@@ -11,15 +12,18 @@ altdiff-min can be run and looked into without the 8 GB real weights:
     image = model.generate(caption("triangle", "blue", "ru"), steps=25, seed=0)[0]
     detect(image)                                            # ("triangle", "blue")
 
-data.py     the pictures (`render`) and captions (`caption`); SHAPES, COLOURS, LANGUAGES
-detect.py   what a picture shows (`detect`), and a model's accuracy per language (`evaluate`)
+data.py     the pictures (`render`, `render_scene`) and captions (`caption`, `caption_scene`); SHAPES,
+            COLOURS, LANGUAGES, RELATIONS; `SceneWorld`, the scenes as training data
+detect.py   what a picture shows (`detect`, `detect_scene`), and a model's accuracy per language
+            (`evaluate`; `evaluate_scenes` for compositions)
 train.py    `train_toy` / `altdiff-min train-toy OUT_DIR`: how the shipped model was made
 """
 import os
 
-from .data import COLOURS, LANGUAGES, SHAPES, caption, render
-from .detect import detect, evaluate, format_table
+from .data import COLOURS, LANGUAGES, RELATIONS, SHAPES, Obj, Scene, caption, caption_scene, render, render_scene
+from .detect import detect, detect_scene, evaluate, evaluate_scenes, format_table
 
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 
-__all__ = ["TOY_MODEL", "SHAPES", "COLOURS", "LANGUAGES", "render", "caption", "detect", "evaluate", "format_table"]
+__all__ = ["TOY_MODEL", "SHAPES", "COLOURS", "LANGUAGES", "RELATIONS", "Obj", "Scene", "render", "render_scene",
+           "caption", "caption_scene", "detect", "detect_scene", "evaluate", "evaluate_scenes", "format_table"]

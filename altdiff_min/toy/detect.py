@@ -1,20 +1,31 @@
 """What a toy picture shows, measured rather than learned, and how often a model draws what it was asked.
 
     detect(image)                        → ("triangle", "blue"), or (None, None) for a blank picture
+    detect_scene(image)                  → Scene(Obj("circle", "red", "small"), "left of", Obj("square", "blue", "big"))
     table = evaluate(model)              → {lang: {"colour": 0.98, "shape": 0.93}} over all 162 prompts
+    table = evaluate_scenes(model)       → {lang: {"colour", "shape", "size", "objects", "relation", "swaps", ...}}
+    vae_readback(model.vae, SceneWorld()) → {"lone": …, "pairs": …, "small": …}: read right after the VAE
     print(format_table(table))
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-from ..errors import BadValue
-from .data import COLOURS, LANGUAGES, SHAPES, caption
+from ..errors import BadType, BadValue
+from .data import (COLOURS, INVERSE, LANGUAGES, RELATIONS, SHAPES, SIDES, SIZE_CHOICES, Obj, Scene, caption,
+                   caption_scene, random_scene)
 
 INK = 96  # a pixel is "ink" when some channel is this far below white: about half-way to every palette colour
 # Fill ratio of the ink's bounding box: square 1, circle π/4 ≈ 0.79, triangle 1/2; split half-way.
 SQUARE_ABOVE, CIRCLE_ABOVE = 0.89, 0.64
+SPECK = 20  # pieces of ink smaller than this (pixels) are noise, not objects: a 12-pixel triangle has ~70
+SPLIT = 0.3  # a piece of ink whose inside is ≥ 30% a second colour is two objects touching: split by colour
+# Size words are read half-way (in side length) between a small and a big object of a scene with that many.
+SMALL_BELOW = {n: (sides["small"][1] + sides["big"][0]) / 2 for n, sides in SIDES.items()}
+PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 
 
 def as_uint8(image) -> np.ndarray:
@@ -27,6 +38,19 @@ def as_uint8(image) -> np.ndarray:
     return image
 
 
+def nearest_colour(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) float RGB → (...) index into COLOURS of the nearest palette colour."""
+    return ((pixels[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
+
+
+def shape_of(region: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
+    """The shape a boolean region's bounding box is filled like, and the box (x0, y0, x1, y1), ends excluded."""
+    ys, xs = np.nonzero(region)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    fill = region.sum() / ((box[2] - box[0]) * (box[3] - box[1]))
+    return ("square" if fill > SQUARE_ABOVE else "circle" if fill > CIRCLE_ABOVE else "triangle"), box
+
+
 def detect(image) -> tuple[str | None, str | None]:
     """(shape, colour) of the single shape in `image`, or (None, None) for a blank one.
 
@@ -37,38 +61,243 @@ def detect(image) -> tuple[str | None, str | None]:
     ink = (255 - image).max(axis=-1) > INK
     if not ink.any():
         return None, None
-    mean = image[ink].mean(axis=0)
-    names, palette = list(COLOURS), np.array(list(COLOURS.values()), dtype=np.float32)
-    colour = names[int(np.argmin(((palette - mean) ** 2).sum(axis=1)))]
-    ys, xs = np.nonzero(ink)
-    fill = ink.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "square" if fill > SQUARE_ABOVE else "circle" if fill > CIRCLE_ABOVE else "triangle"
-    return shape, colour
+    return shape_of(ink)[0], list(COLOURS)[int(nearest_colour(image[ink].mean(axis=0)))]
 
 
-def evaluate(model, scale: float = 7.5, steps: int = 25, seed: int = 0, phrasing: int = 0,
-             languages: tuple[str, ...] = LANGUAGES) -> dict[str, dict[str, float]]:
-    """Draw one picture per language × colour × shape prompt (DDIM, guidance `scale`) and detect it.
+def label(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected components of a boolean mask, as masks: each pixel takes the least flat index
+    among itself and its neighbours until nothing changes (a convex blob needs about its width in rounds)."""
+    off = mask.size
+    labels = np.where(mask, np.arange(off).reshape(mask.shape), off)
+    while True:
+        p = np.pad(labels, 1, constant_values=off)
+        least = np.where(mask, np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), off)
+        if np.array_equal(least, labels):
+            return [labels == v for v in np.unique(labels[mask])]
+        labels = least
 
-    Returns, per language, the fraction of pictures with the right colour and with the right shape.
-    All prompts go through `generate` in one batch; the initial latents come from `seed`.
+
+def inside(mask: np.ndarray) -> np.ndarray:
+    """The pixels of `mask` whose four neighbours are in it too: a blob without its rim."""
+    p = np.pad(mask, 1)
+    return mask & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
+def detect_objects(image) -> list[tuple[Obj, tuple[int, int, int, int]]]:
+    """Every object in `image`, left to right: (Obj(shape, colour, size word), box (x0, y0, x1, y1)).
+
+    Objects are the 4-connected pieces of ink, specks under SPECK pixels left out. A piece whose inside
+    (rim dropped: a model's blended edges) is ≥ SPLIT a second colour is two touching objects, and
+    splits into its colours' pieces. Each object as `detect` reads one: colour from the mean, shape
+    from the box's fill; its size word from its side against SMALL_BELOW for a scene of that many.
+    """
+    image = as_uint8(image).astype(np.float32)
+    ink = (255 - image).max(axis=-1) > INK
+    colours = nearest_colour(image)
+    regions = []
+    for piece in label(ink):
+        if piece.sum() < SPECK:
+            continue
+        counts = np.bincount(colours[inside(piece)], minlength=len(COLOURS))
+        main = np.nonzero(counts >= SPLIT * max(counts.sum(), 1))[0]  # the colours of a good part of its inside
+        if len(main) > 1:
+            regions += [r for c in main for r in label(piece & (colours == c)) if r.sum() >= SPECK]
+        else:
+            regions.append(piece)
+    small_below = SMALL_BELOW[min(max(len(regions), 1), 2)]
+    found = []
+    for region in regions:
+        shape, box = shape_of(region)
+        side = max(box[2] - box[0], box[3] - box[1])
+        colour = list(COLOURS)[int(nearest_colour(image[region].mean(axis=0)))]
+        found.append((Obj(shape, colour, "small" if side < small_below else "big"), box))
+    return sorted(found, key=lambda f: (f[1][0] + f[1][2], f[1][1] + f[1][3]))
+
+
+def relation(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> str:
+    """Where box a is relative to box b: along the axis on which their centres are further apart."""
+    dx, dy = (b[0] + b[2] - a[0] - a[2]) / 2, (b[1] + b[3] - a[1] - a[3]) / 2
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
+
+
+def detect_scene(image) -> Scene | None:
+    """The scene `image` shows, told from the left or top object: "left of" or "above" (compare with
+    `same_scene`); None for a blank picture or one of three objects or more. Every object gets a
+    size word, the one its side is nearer to (an unsized object of a caption gets one too)."""
+    found = detect_objects(image)
+    if len(found) == 1:
+        return Scene(found[0][0])
+    if len(found) != 2:
+        return None
+    (a, box_a), (b, box_b) = found
+    where = relation(box_a, box_b)
+    return Scene(a, where, b) if where in ("left of", "above") else Scene(b, INVERSE[where], a)
+
+
+def same_scene(seen: Scene | None, asked: Scene) -> bool:
+    """Whether `seen` shows what `asked` asks: the same objects (each size word that was asked for)
+    in the same relation, told either way round."""
+    def same(s: Obj, a: Obj) -> bool:
+        return (s.shape, s.colour) == (a.shape, a.colour) and a.size in (None, s.size)
+    return seen is not None and len(seen.objects) == len(asked.objects) and any(
+        all(same(s, a) for s, a in zip(told.objects, asked.objects)) and told.relation == asked.relation
+        for told in (seen, seen.flipped()))
+
+
+@torch.no_grad()
+def vae_readback(vae, world, n: int = 240) -> dict[str, float]:
+    """How much of a scene survives the VAE: the fraction of the world's first n pictures (a
+    data.SceneWorld's) that `detect_scene` still reads right after encode and decode (posterior
+    means), for lone objects, pairs, and scenes holding a small object (the hardest: 12 px is 1.5
+    latent cells)."""
+    right: dict[str, list[bool]] = {"lone": [], "pairs": [], "small": []}
+    for start in range(0, min(n, len(world)), 60):
+        indices = range(start, min(start + 60, n, len(world)))
+        pixels = torch.stack([world.pixels(i) for i in indices])
+        decoded = ((vae.decode(vae.encode(pixels)[0]) + 1) / 2).clamp(0, 1)
+        for i, image in zip(indices, decoded):
+            scene = world.scene(i)
+            ok = same_scene(detect_scene(image), scene)
+            right["lone" if scene.second is None else "pairs"].append(ok)
+            if any(o.size == "small" for o in scene.objects):
+                right["small"].append(ok)
+    return {kind: round(float(np.mean(oks)), 3) if oks else None for kind, oks in right.items()}
+
+
+# ---- accuracy of a model ----------------------------------------------------------------------------
+def draw(model, prompts: list[str], seeds: int | Sequence[int] = 0, sampler: str = "ddim", scale: float = 7.5,
+         steps: int = 25, batch_size: int | None = None) -> list[torch.Tensor]:
+    """One picture per prompt and seed (seed-major), in batches of batch_size prompts (None: as many as the
+    model's Limits.max_batch lets one call of `generate` draw, 256 unless raised).
+
+    A seed's initial latents are drawn for all prompts at once, torch.randn((len(prompts), 4, h, w))
+    from the seed as `generate` draws them, and split into the batches: prompt i starts from the same
+    noise whatever the batch size, and with one batch the pictures are generate(prompts, seed=seed)'s.
+    (An ancestral sampler's later draws, euler_a's, do depend on the split.)
+    """
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise BadValue(f"seeds must be an int >= 0 or a non-empty list of them, got {seeds!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+        raise BadType(f"batch_size must be an int or None, got {batch_size!r}")
+    if batch_size is not None and batch_size < 1:
+        raise BadValue(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = batch_size or min(len(prompts), model.limits.max_batch)
+    down = model.vae.cfg.size_multiple
+    shape = (len(prompts), model.unet.cfg.in_channels, model.image_size // down, model.image_size // down)
+    images = []
+    for seed in seeds:
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        for start in range(0, len(prompts), batch_size):
+            part = slice(start, start + batch_size)
+            images += list(model.generate(prompts[part], steps=steps, sampler=sampler, scale=scale, seed=seed,
+                                          latents=None if batch_size >= len(prompts) else noise[part],
+                                          output="tensor", progress=False))
+    return images
+
+
+def evaluate(model, scale: float = 7.5, steps: int = 25, seeds: int | Sequence[int] = 0, phrasing: int = 0,
+             languages: tuple[str, ...] = LANGUAGES, sampler: str = "ddim",
+             batch_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Draw one picture per language × colour × shape prompt and seed (`sampler`, `steps`, guidance
+    `scale`) and detect it. Returns, per language, the fraction of pictures with the right colour and
+    with the right shape. seeds: one or several, each drawing every prompt once; batch_size: prompts
+    per call of `generate` (None: up to the model's max_batch; fewer saves memory, same pictures: `draw`).
     """
     prompts = [(lang, shape, colour) for lang in languages for colour in COLOURS for shape in SHAPES]
-    images = model.generate([caption(s, c, lang, phrasing) for lang, s, c in prompts], steps=steps, sampler="ddim",
-                            scale=scale, height=64, width=64, seed=seed, output="tensor", progress=False)
+    images = draw(model, [caption(s, c, lang, phrasing) for lang, s, c in prompts], seeds, sampler, scale, steps,
+                  batch_size)
     table = {lang: {"colour": 0.0, "shape": 0.0} for lang in languages}
-    per_language = len(COLOURS) * len(SHAPES)
-    for (lang, shape, colour), image in zip(prompts, images):
+    per_language = len(images) // len(languages)
+    for (lang, shape, colour), image in zip(prompts * (len(images) // len(prompts)), images):
         seen_shape, seen_colour = detect(image)
         table[lang]["colour"] += (seen_colour == colour) / per_language
         table[lang]["shape"] += (seen_shape == shape) / per_language
     return table
 
 
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    """The accuracy table as text: one line per language, then the mean."""
-    lines = [f"{'lang':4}  {'colour':>6}  {'shape':>6}"]
-    lines += [f"{lang:4}  {row['colour']:6.0%}  {row['shape']:6.0%}" for lang, row in table.items()]
-    lines.append(f"{'all':4}  {np.mean([r['colour'] for r in table.values()]):6.0%}  "
-                 f"{np.mean([r['shape'] for r in table.values()]):6.0%}")
+def compositions(singles: int = 18, pairs: int = 36, seed: int = 0) -> list[Scene]:
+    """The fixed sample `evaluate_scenes` asks for: `singles` lone objects, every shape × colour in turn
+    with the size words none, small, big in turn; `pairs` random pairs (`random_scene`), the relations in turn."""
+    rng = np.random.default_rng(seed)
+    lone = [Scene(Obj(SHAPES[i % 3], list(COLOURS)[i // 3 % 6], SIZE_CHOICES[(i + i // 3) % 3]))
+            for i in range(singles)]  # each size word once per colour, twice per shape in 18
+    two = [random_scene(rng, 2) for _ in range(pairs)]
+    two = [Scene(s.first, RELATIONS[i % 4], s.second) for i, s in enumerate(two)]
+    return lone + two
+
+
+def evaluate_scenes(model, scenes: list[Scene] | None = None, scale: float = 7.5, steps: int = 25,
+                    seeds: int | Sequence[int] = 0, phrasing: int | np.random.Generator = 0,
+                    languages: tuple[str, ...] = LANGUAGES, sampler: str = "ddim",
+                    batch_size: int | None = None) -> dict[str, dict[str, float | int | None]]:
+    """Composition accuracy: one picture per language × scene (default `compositions()`) and seed,
+    detected with `detect_scene`. Per language:
+
+      colour, shape   lone objects: the fraction drawn alone with the right colour / shape
+      size            lone objects asked with a size word: the fraction of those with the right one
+      objects         pairs: the fraction with exactly two objects, both of the right colour and shape
+      relation        among those, the fraction in the right relation (None when there are none)
+      swaps           pairs drawn with each colour on the other's shape (a red square and a blue circle
+                      for "a red circle left of a blue square"): the binding failure, counted
+      pairs           how many pair pictures were drawn (for reading swaps)
+
+    phrasing: an index (0–2: lone objects have three phrasings), or a numpy Generator for a random one each.
+    """
+    scenes = compositions() if scenes is None else scenes
+    asks = [(lang, scene) for lang in languages for scene in scenes]
+    images = draw(model, [caption_scene(s, lang, phrasing) for lang, s in asks], seeds, sampler, scale, steps,
+                  batch_size)
+    counts = {lang: dict.fromkeys(("single", "colour", "shape", "sized", "size", "pairs", "objects", "relation",
+                                   "swaps"), 0) for lang in languages}
+    for (lang, asked), image in zip(asks * (len(images) // len(asks)), images):
+        seen, n = detect_scene(image), counts[lang]
+        if asked.second is None:
+            one = seen.first if seen is not None and seen.second is None else None
+            n["single"] += 1
+            n["colour"] += one is not None and one.colour == asked.first.colour
+            n["shape"] += one is not None and one.shape == asked.first.shape
+            n["sized"] += asked.first.size is not None
+            n["size"] += asked.first.size is not None and one is not None and one.size == asked.first.size
+            continue
+        n["pairs"] += 1
+        kinds = sorted((o.shape, o.colour) for o in seen.objects) if seen is not None else []
+        a, b = asked.first, asked.second
+        if kinds == sorted([(a.shape, a.colour), (b.shape, b.colour)]):
+            n["objects"] += 1
+            told = seen if (seen.first.shape, seen.first.colour) == (a.shape, a.colour) else seen.flipped()
+            n["relation"] += told.relation == asked.relation
+        n["swaps"] += a.shape != b.shape and a.colour != b.colour and kinds == sorted([(a.shape, b.colour),
+                                                                                        (b.shape, a.colour)])
+    return {lang: {"colour": ratio(n["colour"], n["single"]), "shape": ratio(n["shape"], n["single"]),
+                   "size": ratio(n["size"], n["sized"]), "objects": ratio(n["objects"], n["pairs"]),
+                   "relation": ratio(n["relation"], n["objects"]), "swaps": n["swaps"], "pairs": n["pairs"]}
+            for lang, n in counts.items()}
+
+
+def ratio(right: int, total: int) -> float | None:
+    return right / total if total else None
+
+
+def format_table(table: dict[str, dict[str, float | int | None]]) -> str:
+    """An accuracy table (`evaluate`'s or `evaluate_scenes`') as text: one line per language, then
+    `all`: the mean of each fraction, the sum of each count. A fraction of nothing prints as –."""
+    columns = list(next(iter(table.values())))
+    width = {c: max(6, len(c)) for c in columns}
+
+    def cell(c: str, value) -> str:
+        text = "–" if value is None else f"{value:.0%}" if isinstance(value, float) else str(value)
+        return f"{text:>{width[c]}}"
+
+    def total(c: str):
+        values = [row[c] for row in table.values() if row[c] is not None]
+        if values and all(isinstance(v, int) for v in values):
+            return sum(values)
+        return float(np.mean(values)) if values else None
+
+    lines = [f"{'lang':4}  " + "  ".join(f"{c:>{width[c]}}" for c in columns)]
+    lines += [f"{lang:4}  " + "  ".join(cell(c, row[c]) for c in columns) for lang, row in table.items()]
+    lines.append(f"{'all':4}  " + "  ".join(cell(c, total(c)) for c in columns))
     return "\n".join(lines)

@@ -7,8 +7,10 @@
                   unconditional model to steer away from (Ho & Salimans 2022)
              → AltDiffusion(...).save(OUT_DIR): a model folder like the converter's, for `load`
 
-Both stages are runs of the shared training loop (altdiff_min/train.py, `train`) over the toy world
-(dataset.ToyWorld); this file holds only the recipe: the configs, the two stages' settings, the order.
+Both stages are runs of the shared training loop (altdiff_min/train.py, `train`) over the toy world:
+dataset.ToyWorld (one object a picture, the shipped model's) or, with world="scenes" (--world scenes),
+data.SceneWorld (one or two objects, size words, relations). This file holds only the recipe: the
+configs, the two stages' settings, the order.
 
 The modules are altdiff-min's own, in small configurations (`toy_configs`); everything else about
 the real model (tokenizer ids, 77 tokens, schedule, 8× VAE, guidance) is unchanged. About 25 minutes
@@ -20,6 +22,7 @@ import argparse
 import dataclasses
 import io
 import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -39,16 +42,22 @@ from ..text_encoder import TextEncoder, TextEncoderConfig
 from ..tokenizer import Tokenizer
 from ..unet import UNet, UNetConfig
 from ..vae import VAE, VAEConfig
-from .detect import evaluate as measure_accuracy, format_table
-from .data import COLOURS, COLOUR_WORDS, LANGUAGES, SHAPE_WORDS, SHAPES, SIZE, all_captions
+from .detect import evaluate as measure_accuracy, evaluate_scenes, format_table, vae_readback
+from .data import COLOURS, SHAPES, SIZE, SceneWorld, all_captions, scene_corpus, vocabulary
 
 EVAL_SCALE, EVAL_STEPS = 7.5, 25  # guidance and DDIM steps of the accuracy measured after training
+# The worlds a recipe trains on. "shapes": one unsized object a picture (dataset.ToyWorld), the shipped
+# model's. "scenes": a third lone objects (a size word two times in three), two thirds pairs with their
+# relation (data.SceneWorld): pairs are the harder half (two bindings and a relation to learn), lone
+# objects keep the first world's captions true. Its tokenizer sees the size and relation words too.
+WORLDS = ("shapes", "scenes")
+VOCAB = {"shapes": 250, "scenes": 400}  # the tokenizer's target vocabulary (a bound: hard_vocab_limit is off)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything a training run depends on besides the seed (recorded in the folder's config.json)."""
-    images: int = 5400  # rendered once, in equal numbers per (shape, colour): 300 each
+    images: int = 5400  # rendered once; "shapes": in equal numbers per (shape, colour), 300 each
     vae_steps: int = 600
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -58,9 +67,12 @@ class Recipe:
     unet_lr: float = 2e-3  # text encoder and UNet alike; warm-up, then cosine decay to 0
     warmup: int = 50
     uncond_prob: float = 0.1  # captions replaced by "" for classifier-free guidance
+    world: str = "shapes"  # what the pictures and captions show: one of WORLDS
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
+        if self.world not in WORLDS:
+            raise BadValue(f"world must be one of {WORLDS}, got {self.world!r}")
+        for f in (f for f in dataclasses.fields(self) if f.type != "str"):
             value, positive_int = getattr(self, f.name), f.type == "int"
             if isinstance(value, bool) or not isinstance(value, int if positive_int else (int, float)):
                 raise BadType(f"{f.name} must be {'an int' if positive_int else 'a number'}, got {value!r}")
@@ -83,15 +95,21 @@ def toy_configs(vocab_size: int) -> tuple[TextEncoderConfig, UNetConfig, VAEConf
     return text, unet, vae
 
 
-def train_tokenizer(path: str, vocab_size: int = 250) -> Tokenizer:
-    """A unigram model on every caption, plus each shape and colour word on its own so that words,
-    not whole phrases, become pieces (CJK captions have no spaces to split on)."""
-    words = [w for lang in LANGUAGES for table in (SHAPE_WORDS[lang], COLOUR_WORDS[lang])
-             for forms in table.values() for w in ([forms] if isinstance(forms, str) else forms)]
+def train_tokenizer(path: str, world: str = "shapes") -> Tokenizer:
+    """A unigram model on the world's captions (every one of "shapes", data.scene_corpus of "scenes"),
+    plus each word of its tables on its own so that words, not whole phrases, become pieces (CJK
+    captions have no spaces to split on). For "scenes" the captions are also cut around those words
+    while training (pieces never cross the cuts): else the many colour-size-shape phrases of zh and ja
+    became pieces of their own ("橙色小正方形": one token, nothing for attention to tell apart)."""
+    words, captions, extra = vocabulary(world), all_captions() if world == "shapes" else [], {}
+    if world == "scenes":
+        cut = re.compile("|".join(map(re.escape, sorted(set(words), key=len, reverse=True))))
+        captions = [cut.sub(lambda m: f"\t{m.group(0)}\t", text) for text in scene_corpus()]
+        extra = {"pretokenization_delimiter": "\t"}
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(all_captions() + words * 10), model_writer=buf,
-                                   vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
-                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions + words * 10), model_writer=buf,
+                                   vocab_size=VOCAB[world], model_type="unigram", character_coverage=1.0,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2, **extra)
     with open(path, "wb") as f:
         f.write(buf.getvalue())
     return Tokenizer(path)
@@ -137,11 +155,11 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
     torch.manual_seed(seed)  # the modules' initial weights
     vae_run, diffusion_run = stage_configs(r, seed)
     with tempfile.TemporaryDirectory() as tmp, flush_denormals():
-        tokenizer = train_tokenizer(os.path.join(tmp, "sentencepiece.bpe.model"))
+        tokenizer = train_tokenizer(os.path.join(tmp, "sentencepiece.bpe.model"), r.world)
         text_cfg, unet_cfg, vae_cfg = toy_configs(tokenizer.vocab_size)
         model = AltDiffusion(tokenizer=tokenizer, text_encoder=TextEncoder(text_cfg), unet=UNet(unet_cfg),
                              vae=VAE(vae_cfg), schedule=ScheduleConfig(), image_size=SIZE)
-        world = ToyWorld(r.images, seed)
+        world = ToyWorld(r.images, seed) if r.world == "shapes" else SceneWorld(r.images, seed)
 
         start = time.perf_counter()
         vae_losses = train(model, world, vae_run, progress=progress)
@@ -150,6 +168,9 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
                                  for chunk in torch.arange(len(world)).split(256)])
         model.vae.cfg = dataclasses.replace(vae_cfg, scaling_factor=1 / latents.std().item())
         minutes = {"vae": (time.perf_counter() - start) / 60}
+        readback = vae_readback(model.vae, world) if r.world == "scenes" else None  # ~10 s: is 8× enough?
+        if readback is not None and progress:
+            print(f"the VAE keeps what the detector reads in: {readback}")
 
         start = time.perf_counter()
         unet_losses = train(model, world, diffusion_run, progress=progress)
@@ -158,10 +179,15 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
             module.half().float()  # rounded to the fp16 it is stored in, so the accuracy below is the shipped model's
         info = {"seed": seed, "recipe": dataclasses.asdict(r), "minutes": {k: round(v, 2) for k, v in minutes.items()},
                 "loss": {"vae": curve(vae_losses), "unet": curve(unet_losses)}}
+        if readback is not None:
+            info["vae_readback"] = readback
         if evaluate:
             info["accuracy"] = {"scale": EVAL_SCALE, "steps": EVAL_STEPS, "sampler": "ddim",
                                 "per_language": measure_accuracy(model, EVAL_SCALE, EVAL_STEPS)}
             print(format_table(info["accuracy"]["per_language"]))
+            if r.world == "scenes":  # every language × data.compositions(), detect.evaluate_scenes
+                info["accuracy"]["scenes"] = evaluate_scenes(model, scale=EVAL_SCALE, steps=EVAL_STEPS)
+                print(format_table(info["accuracy"]["scenes"]))
         # Stored in fp16 to halve the package (~6 MB), loaded back in fp32 unless a dtype is asked for.
         model.save(out_dir, force=force, dtype=torch.float16, default_dtype="float32", toy=info)
     model.tokenizer = Tokenizer(os.path.join(out_dir, "sentencepiece.bpe.model"))  # the temporary file is gone
@@ -176,12 +202,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-steps", type=int, default=Recipe.vae_steps, help="VAE training steps")
     parser.add_argument("--unet-steps", type=int, default=Recipe.unet_steps, help="text encoder + UNet training steps")
     parser.add_argument("--images", type=int, default=Recipe.images, help="pictures rendered for training")
+    parser.add_argument("--world", choices=WORLDS, default=Recipe.world,
+                        help="shapes: one object a picture (the shipped model's); scenes: one or two, sizes, relations")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement at the end")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `altdiff-min train-toy` with parsed arguments; returns the exit status."""
     train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval,
-              vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images)
+              vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images, world=args.world)
     print(f"wrote {args.out_dir}")
     return 0
