@@ -16,7 +16,7 @@ cannot share a 24 GB machine: the training rows run in child processes, ours, di
 each), each timing its own steps after a warm-up step (which allocates AdamW's state) and reporting its peak.
 On a 2-core CPU use a reduced --size (the default there is 256 px); the output states it.
 
-    python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp16] [--compile] [--json out.json]
+    python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp32 bf16] [--compile [both]] [--json out.json]
                               [--train-only | --no-train]     (on cuda, --dtype bf16 for the training rows)
 """
 from __future__ import annotations
@@ -49,7 +49,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(a, b, runs: int, device: str) -> tuple[float, float]:
+class Timing(tuple):
+    """(ours, diffusers) medians, with `pairs`: each run's (ours, diffusers), for the ratio's spread."""
+    pairs: list[tuple[float, float]] = []
+
+
+def interleaved(a, b, runs: int, device: str) -> Timing:
     """Median seconds of a() and b(), alternating, after one warm-up of each."""
     times: tuple[list[float], list[float]] = ([], [])
     for r in range(runs + 1):
@@ -60,7 +65,9 @@ def interleaved(a, b, runs: int, device: str) -> tuple[float, float]:
             sync(device)
             if r:
                 out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    result = Timing((statistics.median(times[0]), statistics.median(times[1])))
+    result.pairs = list(zip(*times))
+    return result
 
 
 def build(folder: str, seed: int = 0) -> None:
@@ -132,6 +139,14 @@ def unet_gflop(unet, x, t, context) -> float:
     with FlopCounterMode(display=False) as counter:
         unet(x, t, context)
     return counter.get_total_flops() / 1e9
+
+
+def first_call(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def conversion_ways(folder: str, device: str, dtype: torch.dtype, x, t, context, runs: int) -> tuple[float, float]:
@@ -289,11 +304,14 @@ def training(args) -> dict:
     return rows
 
 
-def inference(args) -> dict:
-    """The inference rows, each measured by `interleaved` in this process; peak memory in child processes."""
+def inference(args) -> tuple[dict, dict]:
+    """The inference rows of one dtype, eager or compiled, each measured by `interleaved` in this
+    process (peak memory in child processes), and the UNet step's GFLOP/s against a large matmul's."""
     folder, device, dtype = args.folder, args.device, DTYPES[args.dtype]
-    rows = {"load (s)": interleaved(lambda: load_ours(folder, device, dtype),
-                                    lambda: load_diffusers(folder, device, dtype), args.runs, device)}
+    rows = {}
+    if not args.compile:  # the same either way
+        rows["load (s)"] = interleaved(lambda: load_ours(folder, device, dtype),
+                                       lambda: load_diffusers(folder, device, dtype), args.runs, device)
     ours, theirs = load_ours(folder, device, dtype), load_diffusers(folder, device, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
@@ -305,6 +323,8 @@ def inference(args) -> dict:
 
         ours.unet = compile_unet(ours.unet)  # what load(..., compile=True) does
         theirs.unet = torch.compile(theirs.unet)  # what diffusers' users do first
+        rows["compile: first UNet call (s)"] = (first_call(lambda: ours.unet(x, t, context), device),
+                                               first_call(lambda: theirs.unet(x, t, encoder_hidden_states=context), device))
     ids, mask = ours.tokenizer(["", PROMPT])
     ids, mask = ids.to(device), mask.to(device)
     z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)
@@ -314,7 +334,7 @@ def inference(args) -> dict:
                                                lambda: theirs.unet(x, t, encoder_hidden_states=context), args.runs, device)
     step = rows["guided UNet step (s)"][0]
     peak = matmul_gflops(device, dtype, args.runs)
-    args.unet_speed = {"gflop": gflop, "gflops": gflop / step, "matmul_gflops": peak, "fraction": gflop / step / peak}
+    unet_speed = {"gflop": gflop, "gflops": gflop / step, "matmul_gflops": peak, "fraction": gflop / step / peak}
     print(f"guided UNet step: {gflop:.0f} GFLOP in {step:.3f} s = {gflop / step:.0f} GFLOP/s, "
           f"{gflop / step / peak:.0%} of a large matmul's {peak:.0f} GFLOP/s in {args.dtype}", flush=True)
     if dtype != torch.float32 and not args.compile:
@@ -323,11 +343,12 @@ def inference(args) -> dict:
     rows["VAE decode (s)"] = interleaved(lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z), args.runs, device)
     rows[f"image, {args.steps} steps (s)"] = interleaved(*image_fns(ours, theirs, args), args.runs, device)
     del ours, theirs
-    rows["peak memory (MiB)"] = (peak_memory(args, "ours"), peak_memory(args, "diffusers"))
+    if not args.compile:
+        rows["peak memory (MiB)"] = (peak_memory(args, "ours"), peak_memory(args, "diffusers"))
     if device == "cuda":  # hand this process's cached blocks back: the largest-batch children need them
         gc.collect()
         torch.cuda.empty_cache()
-    return rows
+    return rows, unet_speed
 
 
 @torch.no_grad()
@@ -336,8 +357,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 on cuda, 256 on cpu)")
     p.add_argument("--steps", type=int, default=None, help="steps of the whole image (default 25 on cuda, 4 on cpu)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile both UNets (inference rows)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32"],
+                   help="one or more; each gets its inference rows (the training rows: the first)")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                   help="torch.compile both UNets (ours as load(compile=True) does): on, or both eager and compiled rows")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", default="benchmark.json")
     which = p.add_mutually_exclusive_group()
@@ -349,28 +372,48 @@ def main() -> None:
     args = p.parse_args()
     args.size = args.size or (512 if args.device == "cuda" else 256)
     args.steps = args.steps or (25 if args.device == "cuda" else 4)
+    dtypes, args.dtype = args.dtype, args.dtype[0]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     if args.probe:
         return probe(args)
-    device = args.device
+    results, unet_speed = [], {}  # results: (row, dtype, compile, (ours, diffusers) or a Timing)
     with tempfile.TemporaryDirectory() as folder:
         args.folder = folder
         print(f"building the random m9 in both layouts under {folder} …", flush=True)
         build(folder)
-        rows = {} if args.train_only else inference(args)
+        for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not args.train_only else []:
+            print(f"inference rows: {dtype}, {'compiled' if compiled else 'eager'} …", flush=True)
+            rows, unet_speed[f"{dtype} {'compiled' if compiled else 'eager'}"] = inference(
+                argparse.Namespace(**{**vars(args), "dtype": dtype, "compile": compiled}))
+            results += [(name, dtype, "yes" if compiled else "no", row) for name, row in rows.items()]
         if not args.no_train:
-            rows.update(training(args))
-    machine = (torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, "
+            results += [(name, args.dtype, "-", row) for name, row in training(args).items()]
+    report(results, unet_speed, args)
+
+
+def report(results: list, unet_speed: dict, args) -> None:
+    """The table (with the spread of each ratio over the runs, where the two sides were timed in pairs)
+    and the JSON."""
+    machine = (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores")
-    title = f"{machine} · {args.dtype} · {args.size}×{args.size} px · compile={args.compile} · median of {args.runs}"
-    print(f"\n{title}\n{'':32}{'altdiff-min':>12}{'diffusers':>12}{'ratio':>8}")
+    print(f"\n{machine} · {args.size}×{args.size} px · {args.steps} steps · median of {args.runs} "
+          f"(spread: the lowest and highest ratio of the runs' pairs)")
+    print(f"{'':52}{'dtype':>6}{'compile':>8}{'altdiff-min':>12}{'diffusers':>12}{'ratio':>7}  spread")
     cell = lambda v: f"{v:12d}" if isinstance(v, int) else f"{v:12.3f}"  # int: a batch size
-    for name, (a, b) in rows.items():
-        print(f"{name:32}{cell(a)}{cell(b)}{ratio(a, b):8.2f}")
+    spread = lambda row: sorted(ratio(a, b) for a, b in getattr(row, "pairs", []))
+    for name, dtype, compiled, row in results:
+        (a, b), pairs = row, spread(row)
+        print(f"{name:52}{dtype:>6}{compiled:>8}{cell(a)}{cell(b)}{ratio(a, b):7.2f}  "
+              + (f"{pairs[0]:.2f}–{pairs[-1]:.2f}" if pairs else ""))
+    for config, sp in unet_speed.items():
+        print(f"UNet step, {config}: {sp['gflop']:.0f} GFLOP at {sp['gflops']:.0f} GFLOP/s, {sp['fraction']:.0%} of a "
+              f"large matmul's {sp['matmul_gflops']:.0f} GFLOP/s")
     with open(args.json, "w") as f:
-        json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items()
-                                                if k not in ("probe", "mode", "folder", "unet_speed")},
-                   "unet_speed": getattr(args, "unet_speed", None),
-                   "results": {k: {"ours": a, "diffusers": b, "ratio": ratio(a, b)} for k, (a, b) in rows.items()}}, f, indent=2)
+        json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items() if k not in ("probe", "mode", "folder")},
+                   "unet_speed": unet_speed,
+                   "results": [{"row": name, "dtype": dtype, "compile": compiled, "ours": row[0], "diffusers": row[1],
+                                "ratio": ratio(*row), "ratios": spread(row)} for name, dtype, compiled, row in results]},
+                  f, indent=2)
     print(f"wrote {args.json}")
 
 
