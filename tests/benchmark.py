@@ -54,17 +54,23 @@ class Timing(tuple):
     pairs: list[tuple[float, float]] = []
 
 
+def seconds(fn, device: str) -> float:
+    """Wall-clock seconds of one fn(), the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def interleaved(a, b, runs: int, device: str) -> Timing:
     """Median seconds of a() and b(), alternating, after one warm-up of each."""
     times: tuple[list[float], list[float]] = ([], [])
     for r in range(runs + 1):
         for fn, out in ((a, times[0]), (b, times[1])):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
+            elapsed = seconds(fn, device)
             if r:
-                out.append(time.perf_counter() - start)
+                out.append(elapsed)
     result = Timing((statistics.median(times[0]), statistics.median(times[1])))
     result.pairs = list(zip(*times))
     return result
@@ -139,14 +145,6 @@ def unet_gflop(unet, x, t, context) -> float:
     with FlopCounterMode(display=False) as counter:
         unet(x, t, context)
     return counter.get_total_flops() / 1e9
-
-
-def first_call(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def conversion_ways(folder: str, device: str, dtype: torch.dtype, x, t, context, runs: int) -> tuple[float, float]:
@@ -236,13 +234,7 @@ def train_probe(args) -> dict:
             return {"batch": largest_batch(step, args)}
         batch = train_inputs(2, args.size, device)
         step(*batch)  # warm-up: AdamW allocates its state on its first step
-        times = []
-        for _ in range(TIMED_TRAIN_STEPS[device]):
-            sync(device)
-            start = time.perf_counter()
-            step(*batch)
-            sync(device)
-            times.append(time.perf_counter() - start)
+        times = [seconds(lambda: step(*batch), device) for _ in range(TIMED_TRAIN_STEPS[device])]
     return {"step_s": statistics.median(times)}
 
 
@@ -323,8 +315,8 @@ def inference(args) -> tuple[dict, dict]:
 
         ours.unet = compile_unet(ours.unet)  # what load(..., compile=True) does
         theirs.unet = torch.compile(theirs.unet)  # what diffusers' users do first
-        rows["compile: first UNet call (s)"] = (first_call(lambda: ours.unet(x, t, context), device),
-                                               first_call(lambda: theirs.unet(x, t, encoder_hidden_states=context), device))
+        rows["compile: first UNet call (s)"] = (seconds(lambda: ours.unet(x, t, context), device),
+                                               seconds(lambda: theirs.unet(x, t, encoder_hidden_states=context), device))
     ids, mask = ours.tokenizer(["", PROMPT])
     ids, mask = ids.to(device), mask.to(device)
     z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g).to(device, dtype)

@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchmark import DTYPES, sync  # noqa: E402
+from benchmark import DTYPES, seconds, sync  # noqa: E402
 
 CLASSES = (  # operator (or kernel) name fragments → class; the first match wins
     ("attention", ("scaled_dot_product", "flash", "attention", "fmha", "softmax", "baddbmm")),
@@ -54,6 +54,12 @@ def build(device: str, dtype: torch.dtype, seed: int = 0):
     return ours.eval(), theirs
 
 
+def check_variant(spec: str) -> None:
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in ("ours", "ours-as-written", "diffusers") or parts[2] not in ("nchw", "nhwc"):
+        sys.exit(f"bad variant {spec!r}: SIDE:COMPILE:LAYOUT, SIDE ours|ours-as-written|diffusers, LAYOUT nchw|nhwc")
+
+
 def variant(spec: str, ours, theirs, device: str, dtype: torch.dtype):
     """(callable of (x, t, context), compile mode) for one SIDE:COMPILE:LAYOUT; each variant its own copy."""
     import copy
@@ -61,8 +67,6 @@ def variant(spec: str, ours, theirs, device: str, dtype: torch.dtype):
     from altdiff_min import speed
 
     side, mode, layout = spec.split(":")
-    if side not in ("ours", "ours-as-written", "diffusers") or layout not in ("nchw", "nhwc"):
-        sys.exit(f"bad variant {spec!r}: SIDE ours|ours-as-written|diffusers, LAYOUT nchw|nhwc")
     model = copy.deepcopy(theirs if side == "diffusers" else ours)
     if side == "ours":
         speed.apply(model)
@@ -114,6 +118,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     device, dtype = args.device, DTYPES[args.dtype]
+    for spec in args.variants:  # before the minute-long build
+        check_variant(spec)
     torch.set_grad_enabled(False)
     ours, theirs = build(device, dtype)
     g = torch.Generator().manual_seed(0)
@@ -122,22 +128,14 @@ def main() -> None:
     t = torch.tensor(500.0, device=device)
     fns, warm = {}, {}
     for spec in args.variants:
-        fns[spec] = variant(spec, ours, theirs, device, dtype)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(3 if ":none:" not in spec else 1):  # cudagraph modes record on their 2nd/3rd call
-            fns[spec](x, t, context)
-        sync(device)
-        warm[spec] = time.perf_counter() - start
+        fn = fns[spec] = variant(spec, ours, theirs, device, dtype)
+        calls = 3 if ":none:" not in spec else 1  # cudagraph modes record on their 2nd/3rd call
+        warm[spec] = sum(seconds(lambda: fn(x, t, context), device) for _ in range(calls))
         print(f"{spec}: warm-up (compile included) {warm[spec]:.1f} s", flush=True)
     times: dict[str, list[float]] = {s: [] for s in fns}
     for _ in range(args.runs):
         for spec, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn(x, t, context)
-            sync(device)
-            times[spec].append(time.perf_counter() - start)
+            times[spec].append(seconds(lambda: fn(x, t, context), device))
     base = statistics.median(times[args.variants[-1]])
     print(f"\n{args.device} {args.dtype} {args.size} px, guided UNet step (batch 2), median of {args.runs}, "
           f"ratio to {args.variants[-1]}")
