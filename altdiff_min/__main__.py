@@ -133,6 +133,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.9999) and save it as the model")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="captions replaced by '' (for classifier-free guidance)")
+    p.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA", help="weight each example's loss by "
+                   "min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; 5 is usual); 0: unweighted")
     p.add_argument("--seed", type=int, default=0, help="the data order and every random draw of the run")
     p.add_argument("--resolution", type=int, default=None, help="pictures are resized and centre-cropped to this "
                    "(default: the model's image size; the toy world's is 64)")
@@ -155,7 +157,7 @@ def train(args) -> int:
     cfg = TrainConfig(train=args.train, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                       mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                      ema=args.ema, uncond_prob=args.uncond_prob, seed=args.seed, save_every=args.save_every,
+                      ema=args.ema, uncond_prob=args.uncond_prob, snr_gamma=args.snr_gamma, seed=args.seed, save_every=args.save_every,
                       sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps)
     result = fine_tune(args.model, args.data, args.out_dir, cfg, args.resolution, args.device or ("cuda" if torch_cuda() else "cpu"),
                        resume=args.resume, force=args.force, progress=not args.no_progress)

@@ -25,8 +25,8 @@ contact_sheet.png (one labelled row per setting, one column per prompt × seed),
 metric per setting, printed.
 
 A metric is a function (picture: PIL.Image, prompt: str) → {name: number or None}, computed from the
-saved picture. "toy" is the toy detector's colour and shape accuracy (None for a prompt that is not a
-toy caption); "clip" is the multilingual CLIP score (altdiff_min.score: AltCLIP-m9, 100 · max(cos, 0)),
+saved picture. "toy" is the toy detector's accuracy: colour and shape for one object, both objects
+and their relation for two (None for a prompt that is not a toy caption); "clip" is the multilingual CLIP score (altdiff_min.score: AltCLIP-m9, 100 · max(cos, 0)),
 `clip_score`, by the AltCLIP folder `clip_model` (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes
 one), loaded once per sweep on the sweep's device.
 """
@@ -61,18 +61,23 @@ def generate_arguments() -> set[str]:
 
 
 def toy_metric(picture, prompt: str) -> dict:
-    """The toy detector on the picture against what the prompt asks (any language, any phrasing)."""
-    from .toy import detect
-    from .toy.data import COLOURS, LANGUAGES, PHRASINGS, SHAPES, caption
+    """The toy detector on the picture against what the prompt asks (any language, any phrasing:
+    data.read_caption). One object: "colour" and "shape", each 1 when right. Two: "objects", 1 when
+    exactly the two asked for are drawn (colour and shape), and "relation", 1 when they are also where
+    the prompt puts them (None when the objects are not right). None where a value does not apply,
+    and everywhere for a prompt that is not a toy caption."""
+    from .toy.data import read_caption
+    from .toy.detect import detect, detect_scene, judge_pair
 
-    if not hasattr(toy_metric, "asked"):
-        toy_metric.asked = {caption(s, c, lang, p): (s, c) for s in SHAPES for c in COLOURS for lang in LANGUAGES
-                            for p in range(len(PHRASINGS[lang]))}
-    if prompt not in toy_metric.asked:
-        return {"colour": None, "shape": None}
-    shape, colour = toy_metric.asked[prompt]
-    found = detect(picture)
-    return {"colour": float(found[1] == colour), "shape": float(found[0] == shape)}
+    values = dict.fromkeys(("colour", "shape", "objects", "relation"))
+    asked = read_caption(prompt)
+    if asked is None:
+        return values
+    if asked.second is None:
+        shape, colour = detect(picture)
+        return values | {"colour": float(colour == asked.first.colour), "shape": float(shape == asked.first.shape)}
+    objects, where = judge_pair(detect_scene(picture), asked)
+    return values | {"objects": float(objects), "relation": None if where is None else float(where)}
 
 
 def clip_metric(path: str | None, device="cpu") -> Metric:

@@ -3,7 +3,11 @@
 The maths
     diffusion_loss   ε-prediction (Ho et al. 2020, eq. 14, unweighted):
                      L = mean ‖ε − ε_θ(x_t, t, c)‖²,  x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε  (schedule.add_noise)
-                     with t uniform over the T training timesteps and ε ~ N(0, I)
+                     with t uniform over the T training timesteps and ε ~ N(0, I); optionally each
+                     example weighted by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t) (Min-SNR-γ, Hang et
+                     al. 2023, for ε-prediction): the nearly clean timesteps count less (their
+                     gradients conflict with those of the noisy ones, which decide what the
+                     picture shows: the paper's reading); diffusers' training script's --snr_gamma
     drop_captions    classifier-free guidance (Ho & Salimans 2022): a fraction of the captions is
                      replaced by the empty prompt, so one model learns ε(x, c) and ε(x, ∅)
     vae_loss         the autoencoder: L1 + L2 reconstruction of a posterior sample, plus a small
@@ -44,7 +48,7 @@ from . import run_folder
 from .errors import BadValue, NotFinite
 from .distributed import World, join_world, leave_world, on_rank0
 from .files import locked, make_folder
-from .schedule import ScheduleConfig, add_noise
+from .schedule import ScheduleConfig, add_noise, alphas_cumprod
 from .tokenizer import check_prompt
 from .unet import UNet
 from .vae import VAE
@@ -59,11 +63,17 @@ def trainable(*modules: torch.nn.Module) -> None:
 
 
 def diffusion_loss(unet: UNet, context: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   schedule: ScheduleConfig = ScheduleConfig()) -> torch.Tensor:
+                   schedule: ScheduleConfig = ScheduleConfig(), snr_gamma: float = 0.0) -> torch.Tensor:
     """mean ‖ε_θ(x_t, t, context) − ε‖² over every element of the batch: latents, noise (B, 4, h, w)
-    in the sampler's scale (VAE latents × scaling_factor), t (B,) integer timesteps, context (B, 77, D)."""
+    in the sampler's scale (VAE latents × scaling_factor), t (B,) integer timesteps, context (B, 77, D).
+    snr_gamma γ > 0: each example's mean error weighted by min(SNR_t, γ)/SNR_t (Min-SNR-γ), then averaged."""
     x_t = add_noise(latents, noise, t, schedule)
-    return (unet(x_t, t, context).float() - noise.float()).pow(2).mean()
+    error = (unet(x_t, t, context).float() - noise.float()).pow(2)
+    if not snr_gamma:
+        return error.mean()
+    a = alphas_cumprod(schedule).to(error.device)[t]
+    snr = a / (1 - a)
+    return (error.flatten(1).mean(dim=1) * snr.clamp(max=snr_gamma) / snr).mean()
 
 
 def drop_captions(ids: torch.Tensor, empty: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -107,6 +117,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     ema: float = 0.0  # decay of an exponential moving average of the weights, saved as the model; 0: none
     uncond_prob: float = 0.1  # captions replaced by "" (classifier-free guidance)
+    snr_gamma: float = 0.0  # Min-SNR-γ loss weights (Hang et al. 2023; 5 is theirs and diffusers'); 0: unweighted
     kl_weight: float = 1e-3  # train="vae" only
     seed: int = 0
     save_every: int = 500  # steps between checkpoints (and at the end)
@@ -127,7 +138,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BadValue(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise BadValue(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
@@ -151,7 +162,7 @@ class TrainConfig:
 
 # Settings that change the sums: a resumed run must have the same ones (with the same global batch).
 SAME_ON_RESUME = ("train", "max_steps", "lr", "warmup", "weight_decay", "max_grad_norm", "mixed_precision", "ema",
-                  "uncond_prob", "kl_weight", "seed")
+                  "uncond_prob", "snr_gamma", "kl_weight", "seed")
 
 
 # ---- the random draws: functions of (seed, step, place) only -------------------------------------------
@@ -201,7 +212,8 @@ class Objective(nn.Module):
             return vae_loss(self.vae, batch["pixels"], self.cfg.kl_weight, batch["noise"])
         with torch.set_grad_enabled(torch.is_grad_enabled() and "text_encoder" in self.cfg.modules):
             context = self.module("text_encoder")(batch["ids"], batch["mask"])
-        return diffusion_loss(self.module("unet"), context, batch["latents"], batch["noise"], batch["t"], self.schedule)
+        return diffusion_loss(self.module("unet"), context, batch["latents"], batch["noise"], batch["t"], self.schedule,
+                              self.cfg.snr_gamma)
 
 
 class Batches:
@@ -264,6 +276,7 @@ def describe_batch(cfg: TrainConfig, processes: int) -> str:
 def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> None:
     """A resumed run must do the same sums: same base model and data, the same settings, the same global batch."""
     old = recorded["config"]
+    old = {n: old.get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # a setting added since: its default
     if changed := [f"--{n.replace('_', '-')} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
                        f"same ones, or start a new run")

@@ -45,6 +45,31 @@ def test_sweep_table_sheet_and_metric(tmp_path, capsys):
     assert "scale=7.5, sampler=euler" in printed and "colour" in printed
 
 
+def test_the_toy_metric_reads_two_object_prompts_in_any_language():
+    """Two objects: "objects" (both right) and "relation" (where the prompt puts them); one: colour, shape."""
+    import numpy as np
+
+    from altdiff_min.sweep import toy_metric
+    from altdiff_min.toy import Obj, Scene, caption_scene, render_scene
+    from altdiff_min.toy.data import INVERSE
+
+    scene = Scene(Obj("circle", "red", "small"), "above", Obj("triangle", "blue"))
+    picture = Image.fromarray(render_scene(scene, np.random.default_rng(0)))
+    other = Scene(Obj("circle", "green", "small"), "above", Obj("triangle", "blue"))
+    for lang, p in (("en", 0), ("ko", 1), ("ar", 3)):
+        assert toy_metric(picture, caption_scene(scene, lang, p)) == {"colour": None, "shape": None, "objects": 1.0,
+                                                                      "relation": 1.0}
+        assert toy_metric(picture, caption_scene(scene.flipped(), lang, p))["relation"] == 1.0  # the same picture
+        assert toy_metric(picture, caption_scene(Scene(scene.first, INVERSE["above"], scene.second), lang, p)) == \
+            {"colour": None, "shape": None, "objects": 1.0, "relation": 0.0}
+        assert toy_metric(picture, caption_scene(other, lang, p)) == {"colour": None, "shape": None, "objects": 0.0,
+                                                                      "relation": None}
+    lone = Image.fromarray(render_scene(Scene(Obj("square", "orange", "big")), np.random.default_rng(1)))
+    assert toy_metric(lone, caption_scene(Scene(Obj("square", "orange", "big")), "ja", 2)) == \
+        {"colour": 1.0, "shape": 1.0, "objects": None, "relation": None}
+    assert toy_metric(lone, "a photo of a cat") == dict.fromkeys(("colour", "shape", "objects", "relation"))
+
+
 def test_the_clip_metric_is_the_clip_score_of_each_saved_picture(altclip_dir, tmp_path, monkeypatch):
     """One model load for the sweep; each row's clip_score is Scorer.score of its picture and prompt."""
     import altdiff_min.score as score

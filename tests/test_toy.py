@@ -15,7 +15,7 @@ from altdiff_min.toy import (COLOURS, LANGUAGES, SHAPES, TOY_MODEL, Obj, Scene, 
                              detect_scene, evaluate, evaluate_scenes, format_table, render, render_scene)
 from altdiff_min.toy.data import (BESIDE, COLOUR_WORDS, GAP, MAX_SIZE, MIN_SIZE, PHRASINGS, RELATIONS, RU_INSTRUMENTAL,
                                   SCENE_PHRASINGS, SHAPE_WORDS, SIDES, SIZE, SIZE_WORDS, WHERE, SceneWorld, place_pair,
-                                  random_scene, scene_corpus)
+                                  random_scene, read_caption, scene_captions, scene_corpus)
 from altdiff_min.toy.detect import SPECK, compositions, detect_objects, same_scene
 from altdiff_min.toy.train import Recipe, train_tokenizer, train_toy
 
@@ -141,6 +141,18 @@ def test_scene_captions_as_spoken_in_every_language():
     assert caption("square", "blue", "fr", 1, size="big") == "un grand carré bleu sur un fond blanc"
     with pytest.raises(ValueError, match="phrasing"):
         caption_scene(Scene(Obj("circle", "red")), "en", 3)  # lone objects have three phrasings, pairs four
+
+
+def test_read_caption_finds_the_scene_of_every_caption():
+    rng = np.random.default_rng(5)
+    scenes = [Scene(Obj(s, c, size)) for s in SHAPES for c in COLOURS for size in (None, "small", "big")]
+    scenes += [random_scene(rng, 2) for _ in range(40)]
+    for scene in scenes:
+        for text in scene_captions(scene):
+            assert read_caption(text) == scene, text
+    told = caption_scene(scenes[-1], "en", 0)
+    for text in ("a pink circle", "", told[: len(told) // 2], told + " and a red square", "un cercle rouge rouge"):
+        assert read_caption(text) is None, text
 
 
 def test_unsized_lone_objects_keep_the_first_worlds_captions():
@@ -323,6 +335,39 @@ def test_scene_training_runs_end_to_end_with_its_own_tokenizer(tmp_path):
     for lang in LANGUAGES:  # every word of the new world is made of known pieces (id 3 is <unk>)
         ids, _ = model.tokenizer([caption_scene(LEFT, lang, p) for p in range(4)] + [caption_scene(ABOVE, lang, 2)])
         assert not (ids == 3).any(), lang
+
+
+def test_scene_training_under_torchrun_does_the_same_sums_as_one_process(tmp_path):
+    """Two processes share each global batch (the recipe's batches are global): the same losses, and
+    weights equal up to the all-reduce's order of addition, through the fp16 they are stored in."""
+    tiny = ["--world", "scenes", "--images", "18", "--vae-steps", "3", "--unet-steps", "3", "--latent-channels", "8",
+            "--snr-gamma", "5", "--no-eval", "--seed", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    launch = {1: [sys.executable, "-m"], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc_per_node=2", "-m"]}
+    for n, command in launch.items():
+        subprocess.run(command + ["altdiff_min", "train-toy", str(tmp_path / str(n))] + tiny, env=env, check=True,
+                       capture_output=True)
+    one, two = (json.load(open(tmp_path / str(n) / "config.json")) for n in (1, 2))
+    assert (one["toy"]["processes"], two["toy"]["processes"]) == (1, 2)
+    for stage in ("vae", "unet"):
+        assert one["toy"]["loss"][stage] == pytest.approx(two["toy"]["loss"][stage], rel=1e-4)
+    assert one["unet"]["in_channels"] == one["vae"]["latent_channels"] == 8
+    a, b = (load(str(tmp_path / str(n)), dtype=torch.float32) for n in (1, 2))
+    for module in ("text_encoder", "unet", "vae"):
+        for (name, p), q in zip(getattr(a, module).state_dict().items(), getattr(b, module).state_dict().values()):
+            assert (p - q).norm() <= 2e-3 * p.norm() + 1e-6, f"{module}.{name}"  # fp16 storage: one rounding step
+
+
+def test_recipe_batches_must_split_into_the_processes():
+    from altdiff_min.toy.train import stage_configs
+
+    vae, unet = stage_configs(Recipe(vae_batch=32, unet_batch=128, snr_gamma=5.0), seed=0, processes=2)
+    assert (vae.batch_size, unet.batch_size, unet.snr_gamma) == (16, 64, 5.0)
+    with pytest.raises(ValueError, match="vae_batch 33 does not split into 2"):
+        stage_configs(Recipe(vae_batch=33), seed=0, processes=2)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        Recipe(snr_gamma=-1.0)
 
 
 def test_the_first_worlds_tokenizer_is_trained_again_bit_for_bit(tmp_path):

@@ -15,6 +15,7 @@ add size words and a second object with its relation, and `SceneWorld` is their 
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -352,6 +353,30 @@ def scene_captions(scene: Scene) -> tuple[str, ...]:
     """Every caption of `scene`: each language, each phrasing."""
     count = len(PHRASINGS["en"]) if scene.second is None else len(SCENE_PHRASINGS["en"])
     return tuple(caption_scene(scene, lang, p) for lang in LANGUAGES for p in range(count))
+
+
+def read_caption(text: str) -> Scene | None:
+    """The scene a caption of this world describes, whatever its language and phrasing (the inverse
+    of `caption_scene`); None when the text is no caption of it. The objects whose words all occur in
+    the text are the candidates; the scenes they make are captioned every way and compared exactly."""
+    text = squash(text)
+    for lang in LANGUAGES:
+        objects = [o for o, forms in said(lang) if any(all(w in text for w in words) for words in forms)]
+        scenes = [Scene(o) for o in objects] + [Scene(a, r, b) for a in objects for b in objects
+                                                if (a.shape, a.colour) != (b.shape, b.colour) for r in RELATIONS]
+        for scene in scenes:
+            count = len(PHRASINGS[lang]) if scene.second is None else len(SCENE_PHRASINGS[lang])
+            if any(caption_scene(scene, lang, p) == text for p in range(count)):
+                return scene
+    return None
+
+
+@functools.cache
+def said(lang: str) -> tuple[tuple[Obj, tuple[tuple[str, str, str], ...]], ...]:
+    """Every object of the world with its (shape, colour, size) words in `lang`, in each case."""
+    objects = [Obj(s, c, z) for s in SHAPES for c in COLOURS for z in SIZE_CHOICES]
+    return tuple((o, tuple((w["shape"], w["colour"], w["size"]) for w in (words(o, lang, case) for case in ("nom", "gen", "ins"))))
+                 for o in objects)
 
 
 def all_captions() -> list[str]:

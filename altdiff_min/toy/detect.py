@@ -146,6 +146,17 @@ def same_scene(seen: Scene | None, asked: Scene) -> bool:
         for told in (seen, seen.flipped()))
 
 
+def judge_pair(seen: Scene | None, asked: Scene) -> tuple[bool, bool | None]:
+    """For a picture read as `seen` and a two-object prompt `asked`: are exactly the two objects asked
+    for drawn (colour and shape; size words not judged), and if so, are they in the asked relation
+    (None when the objects are not right)."""
+    kinds = sorted((o.shape, o.colour) for o in seen.objects) if seen is not None else []
+    if kinds != sorted((o.shape, o.colour) for o in asked.objects):
+        return False, None
+    told = seen if (seen.first.shape, seen.first.colour) == (asked.first.shape, asked.first.colour) else seen.flipped()
+    return True, told.relation == asked.relation
+
+
 @torch.no_grad()
 def vae_readback(vae, world, n: int = 240) -> dict[str, float]:
     """How much of a scene survives the VAE: the fraction of the world's first n pictures (a
@@ -263,12 +274,11 @@ def evaluate_scenes(model, scenes: list[Scene] | None = None, scale: float = 7.5
             n["size"] += asked.first.size is not None and one is not None and one.size == asked.first.size
             continue
         n["pairs"] += 1
-        kinds = sorted((o.shape, o.colour) for o in seen.objects) if seen is not None else []
+        objects, where = judge_pair(seen, asked)
+        n["objects"] += objects
+        n["relation"] += bool(where)
         a, b = asked.first, asked.second
-        if kinds == sorted([(a.shape, a.colour), (b.shape, b.colour)]):
-            n["objects"] += 1
-            told = seen if (seen.first.shape, seen.first.colour) == (a.shape, a.colour) else seen.flipped()
-            n["relation"] += told.relation == asked.relation
+        kinds = sorted((o.shape, o.colour) for o in seen.objects) if seen is not None else []
         n["swaps"] += a.shape != b.shape and a.colour != b.colour and kinds == sorted([(a.shape, b.colour),
                                                                                         (b.shape, a.colour)])
     return {lang: {"colour": ratio(n["colour"], n["single"]), "shape": ratio(n["shape"], n["single"]),
