@@ -241,7 +241,8 @@ SWEEP_TEXT = """md:**Reading the table.** With cross-attention on, every picture
 the shape asked for, at both scales (the 1.00s). Without it the prompt is never read: each seed
 draws its own picture whatever the prompt (a blue circle from seed 0, a green square from seed 1),
 and the detector finds what was asked only where that happens to match, a third of the time.
-`results.csv` has one row per picture (setting, prompt, seed, file, colour, shape), ready for a
+`results.csv` has one row per picture (setting, prompt, seed, file, colour, shape, and the
+two-object columns objects and relation, empty for these one-object prompts), ready for a
 spreadsheet or pandas; running the sweep again skips the cells already made."""
 
 LESSONS["04_ablations"] = [
