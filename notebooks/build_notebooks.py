@@ -69,7 +69,7 @@ is why sampling takes many small steps.""",
 a = alphas_cumprod(pipe.schedule)
 picture = torch.from_numpy(data.render("circle", "red", size=40, center=(32, 32))).permute(2, 0, 1)[None] / 127.5 - 1
 with torch.no_grad():
-    z0 = pipe.vae.encode(picture)[0] * pipe.vae.cfg.scaling_factor  # the clean latents (1, 4, 8, 8), in the sampler's scale
+    z0 = pipe.vae.encode(picture)[0] * pipe.vae.cfg.scaling_factor  # the clean latents (1, C, 8, 8), in the sampler's scale
 noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
 images, titles = [], []
 for t in (100, 400, 700, 999):
@@ -155,7 +155,7 @@ context = pipe.encode(["", prompt])
 for scale in (3.0, 7.5):
     seen = []
     eps = guided_eps(pipe.unet, context, scale)
-    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    start = torch.randn(1, pipe.unet.cfg.in_channels, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ddim(lambda x, t: seen.append(eps(x, t)) or seen[-1], start, timesteps("ddim", 25, pipe.schedule), pipe.schedule)
     jumps = [((b - a).norm() / b.norm()).item() for a, b in zip(seen, seen[1:-1])]  # the last step is the final denoise
@@ -300,7 +300,7 @@ and its 17% of colours is chance (one in six). The colour needs both halves of t
     """a = pipe.encode([data.caption("square", "yellow", "en")])
 b = pipe.encode([data.caption("triangle", "green", "zh")])
 weights = [0.0, 0.25, 0.5, 0.75, 1.0]
-noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)).expand(len(weights), -1, -1, -1)
+noise = torch.randn(1, pipe.unet.cfg.in_channels, 8, 8, generator=torch.Generator().manual_seed(5)).expand(len(weights), -1, -1, -1)
 mixes = pipe.generate(prompt_embeds=torch.cat([torch.lerp(a, b, w) for w in weights]), latents=noise, steps=25,
                       output="tensor", progress=False)
 show(mixes, [f"en → zh, w={w}" for w in weights])""",
