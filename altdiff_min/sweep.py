@@ -26,9 +26,10 @@ metric per setting, printed.
 
 A metric is a function (picture: PIL.Image, prompt: str) → {name: number or None}, computed from the
 saved picture. "toy" is the toy detector's accuracy: colour and shape for one object, both objects
-and their relation for two (None for a prompt that is not a toy caption); "clip" is the multilingual CLIP score (altdiff_min.score: AltCLIP-m9, 100 · max(cos, 0)),
-`clip_score`, by the AltCLIP folder `clip_model` (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes
-one), loaded once per sweep on the sweep's device.
+and their relation for two (None for a prompt that is not a toy caption); "clip" is the multilingual
+CLIP score (altdiff_min.score: AltCLIP-m9, 100 · max(cos, 0)), `clip_score`, by the AltCLIP folder
+`clip_model` (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one), loaded once per sweep on the
+sweep's device.
 """
 from __future__ import annotations
 

@@ -275,8 +275,7 @@ def describe_batch(cfg: TrainConfig, processes: int) -> str:
 
 def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> None:
     """A resumed run must do the same sums: same base model and data, the same settings, the same global batch."""
-    old = recorded["config"]
-    old = {n: old.get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # a setting added since: its default
+    old = {n: recorded["config"].get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # one added since: its default
     if changed := [f"--{n.replace('_', '-')} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
                        f"same ones, or start a new run")

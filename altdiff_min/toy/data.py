@@ -374,9 +374,9 @@ def read_caption(text: str) -> Scene | None:
 @functools.cache
 def said(lang: str) -> tuple[tuple[Obj, tuple[tuple[str, str, str], ...]], ...]:
     """Every object of the world with its (shape, colour, size) words in `lang`, in each case."""
-    objects = [Obj(s, c, z) for s in SHAPES for c in COLOURS for z in SIZE_CHOICES]
-    return tuple((o, tuple((w["shape"], w["colour"], w["size"]) for w in (words(o, lang, case) for case in ("nom", "gen", "ins"))))
-                 for o in objects)
+    def forms(o: Obj) -> tuple[tuple[str, str, str], ...]:
+        return tuple((w["shape"], w["colour"], w["size"]) for w in (words(o, lang, case) for case in ("nom", "gen", "ins")))
+    return tuple((o, forms(o)) for o in (Obj(s, c, z) for s in SHAPES for c in COLOURS for z in SIZE_CHOICES))
 
 
 def all_captions() -> list[str]:

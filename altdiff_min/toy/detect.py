@@ -277,10 +277,9 @@ def evaluate_scenes(model, scenes: list[Scene] | None = None, scale: float = 7.5
         objects, where = judge_pair(seen, asked)
         n["objects"] += objects
         n["relation"] += bool(where)
-        a, b = asked.first, asked.second
-        kinds = sorted((o.shape, o.colour) for o in seen.objects) if seen is not None else []
-        n["swaps"] += a.shape != b.shape and a.colour != b.colour and kinds == sorted([(a.shape, b.colour),
-                                                                                        (b.shape, a.colour)])
+        a, b = asked.first, asked.second  # swapped: each colour drawn on the other's shape
+        swapped = Scene(Obj(a.shape, b.colour), asked.relation, Obj(b.shape, a.colour))
+        n["swaps"] += a.shape != b.shape and a.colour != b.colour and judge_pair(seen, swapped)[0]
     return {lang: {"colour": ratio(n["colour"], n["single"]), "shape": ratio(n["shape"], n["single"]),
                    "size": ratio(n["size"], n["sized"]), "objects": ratio(n["objects"], n["pairs"]),
                    "relation": ratio(n["relation"], n["objects"]), "swaps": n["swaps"], "pairs": n["pairs"]}

@@ -168,9 +168,9 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
         raise BadValue(f"seed must be an int >= 0, got {seed!r}")
     world = join_world("cpu")
     try:
-        stage_configs(r, seed, world.size)  # batches that split into the processes' shares
+        runs = stage_configs(r, seed, world.size)  # refused if the batches do not split into the processes' shares
         on_rank0(world, lambda: check_destination(out_dir, force))  # refused now, not after an hour of training
-        return run_recipe(r, out_dir, seed, force, evaluate, progress and world.rank == 0, world)
+        return run_recipe(r, runs, out_dir, seed, force, evaluate, progress and world.rank == 0, world)
     finally:
         leave_world(world)
 
@@ -188,10 +188,10 @@ def check_destination(out_dir: str, force: bool) -> None:
         pass
 
 
-def run_recipe(r: Recipe, out_dir: str, seed: int, force: bool, evaluate: bool, progress: bool,
-               world: World) -> AltDiffusion:
+def run_recipe(r: Recipe, runs: tuple[TrainConfig, TrainConfig], out_dir: str, seed: int, force: bool,
+               evaluate: bool, progress: bool, world: World) -> AltDiffusion:
     torch.manual_seed(seed)  # the modules' initial weights
-    vae_run, diffusion_run = stage_configs(r, seed, world.size)
+    vae_run, diffusion_run = runs
     with tempfile.TemporaryDirectory() as tmp, flush_denormals():
         path = os.path.join(tmp, "sentencepiece.bpe.model")
         pieces = on_rank0(world, lambda: train_tokenizer(path, r.world) and open(path, "rb").read())
