@@ -277,7 +277,9 @@ def test_scene_world_is_fixed_by_seed_and_index():
 # ---- the training command -----------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, match", [(dict(unet_steps=-1), "unet_steps"), (dict(vae_steps=0), "vae_steps"),
                                         (dict(images=5), "images"), (dict(unet_lr=0.0), "unet_lr"),
-                                        (dict(uncond_prob=1.0), "uncond_prob"), (dict(world="cubes"), "world")])
+                                        (dict(uncond_prob=1.0), "uncond_prob"), (dict(world="cubes"), "world"),
+                                        (dict(unet_channels=(48, 100)), "unet_channels"),
+                                        (dict(unet_channels=[48, 96]), "unet_channels"), (dict(text_layers=0), "text_layers")])
 def test_training_refuses_bad_recipes_before_any_work(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         train_toy(str(tmp_path / "out"), **bad)
@@ -341,7 +343,7 @@ def test_scene_training_under_torchrun_does_the_same_sums_as_one_process(tmp_pat
     """Two processes share each global batch (the recipe's batches are global): the same losses, and
     weights equal up to the all-reduce's order of addition, through the fp16 they are stored in."""
     tiny = ["--world", "scenes", "--images", "18", "--vae-steps", "3", "--unet-steps", "3", "--latent-channels", "8",
-            "--snr-gamma", "5", "--no-eval", "--seed", "2"]
+            "--snr-gamma", "5", "--unet-channels", "16", "32", "--text-layers", "1", "--no-eval", "--seed", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     launch = {1: [sys.executable, "-m"], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                             "--nproc_per_node=2", "-m"]}
@@ -353,6 +355,7 @@ def test_scene_training_under_torchrun_does_the_same_sums_as_one_process(tmp_pat
     for stage in ("vae", "unet"):
         assert one["toy"]["loss"][stage] == pytest.approx(two["toy"]["loss"][stage], rel=1e-4)
     assert one["unet"]["in_channels"] == one["vae"]["latent_channels"] == 8
+    assert one["unet"]["channels"] == [16, 32] and one["text_encoder"]["layers"] == 1
     a, b = (load(str(tmp_path / str(n)), dtype=torch.float32) for n in (1, 2))
     for module in ("text_encoder", "unet", "vae"):
         for (name, p), q in zip(getattr(a, module).state_dict().items(), getattr(b, module).state_dict().values()):

@@ -70,17 +70,23 @@ class Recipe:
     uncond_prob: float = 0.1  # captions replaced by "" for classifier-free guidance
     snr_gamma: float = 0.0  # Min-SNR-γ loss weights (train.diffusion_loss); 0: the plain ε-prediction loss
     latent_channels: int = 4  # m9's 4; 8 keeps the shape of a 12-pixel object that 4 blurs (1.5 latent cells)
+    unet_channels: tuple[int, ...] = (32, 64, 64)  # the UNet's width per level (8×8, 4×4, 2×2 latents)
+    text_layers: int = 2  # the text encoder's transformer layers
     world: str = "shapes"  # what the pictures and captions show: one of WORLDS
 
     def __post_init__(self):
         if self.world not in WORLDS:
             raise BadValue(f"world must be one of {WORLDS}, got {self.world!r}")
-        for f in (f for f in dataclasses.fields(self) if f.type != "str"):
+        if (not isinstance(self.unet_channels, tuple) or not self.unet_channels
+                or not all(type(c) is int and c > 0 and c % 8 == 0 for c in self.unet_channels)):
+            raise BadValue(f"unet_channels must be a tuple of positive multiples of 8 (GroupNorm's 8 groups), "
+                           f"got {self.unet_channels!r}")
+        for f in (f for f in dataclasses.fields(self) if f.type in ("int", "float")):
             value, positive_int = getattr(self, f.name), f.type == "int"
             if isinstance(value, bool) or not isinstance(value, int if positive_int else (int, float)):
                 raise BadType(f"{f.name} must be {'an int' if positive_int else 'a number'}, got {value!r}")
         for name in ("images", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "vae_lr", "unet_lr",
-                     "latent_channels"):
+                     "latent_channels", "text_layers"):
             if getattr(self, name) <= 0:
                 raise BadValue(f"{name} must be positive, got {getattr(self, name)}")
         if self.images < len(SHAPES) * len(COLOURS):
@@ -89,12 +95,13 @@ class Recipe:
             raise BadValue("kl_weight, warmup and snr_gamma must be >= 0 and uncond_prob in [0, 1)")
 
 
-def toy_configs(vocab_size: int, latent_channels: int = 4) -> tuple[TextEncoderConfig, UNetConfig, VAEConfig]:
+def toy_configs(vocab_size: int, latent_channels: int = 4, unet_channels: tuple[int, ...] = (32, 64, 64),
+                text_layers: int = 2) -> tuple[TextEncoderConfig, UNetConfig, VAEConfig]:
     """m9's three modules, shrunk: ~0.1 M + 1.8 M + 1 M parameters instead of 560 M + 860 M + 84 M."""
-    text = TextEncoderConfig(vocab_size=vocab_size, hidden=64, layers=2, heads=4, mlp=256,
+    text = TextEncoderConfig(vocab_size=vocab_size, hidden=64, layers=text_layers, heads=4, mlp=256,
                              max_positions=77 + 2, project_dim=64)  # 77 tokens after the pad id, as m9
-    unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, channels=(32, 64, 64), layers=1,
-                      attention=(True, True, True), heads=4, context_dim=text.project_dim, groups=8)
+    unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, channels=unet_channels, layers=1,
+                      attention=(True,) * len(unet_channels), heads=4, context_dim=text.project_dim, groups=8)
     vae = VAEConfig(channels=(16, 32, 64, 64), layers=1, groups=8,  # four levels: 8× down, as m9's
                     latent_channels=latent_channels)
     return text, unet, vae
@@ -199,7 +206,8 @@ def run_recipe(r: Recipe, runs: tuple[TrainConfig, TrainConfig], out_dir: str, s
             with open(path, "wb") as f:
                 f.write(pieces)
         tokenizer = Tokenizer(path)
-        text_cfg, unet_cfg, vae_cfg = toy_configs(tokenizer.vocab_size, r.latent_channels)
+        text_cfg, unet_cfg, vae_cfg = toy_configs(tokenizer.vocab_size, r.latent_channels, r.unet_channels,
+                                                  r.text_layers)
         model = AltDiffusion(tokenizer=tokenizer, text_encoder=TextEncoder(text_cfg), unet=UNet(unet_cfg),
                              vae=VAE(vae_cfg), schedule=ScheduleConfig(), image_size=SIZE)
         data = ToyWorld(r.images, seed) if r.world == "shapes" else SceneWorld(r.images, seed)
@@ -248,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snr-gamma", type=float, default=Recipe.snr_gamma,
                         help="Min-SNR-γ loss weights of the UNet stage (0: unweighted)")
     parser.add_argument("--latent-channels", type=int, default=Recipe.latent_channels, help="the VAE's latent channels")
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=Recipe.unet_channels,
+                        help="the UNet's channels per level, e.g. 48 96 96")
+    parser.add_argument("--text-layers", type=int, default=Recipe.text_layers, help="the text encoder's layers")
     parser.add_argument("--world", choices=WORLDS, default=Recipe.world,
                         help="shapes: one object a picture (the shipped model's); scenes: one or two, sizes, relations")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement at the end")
@@ -257,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `altdiff-min train-toy` with parsed arguments; returns the exit status."""
     train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval,
               vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images, world=args.world,
-              snr_gamma=args.snr_gamma, latent_channels=args.latent_channels)
+              snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
+              unet_channels=tuple(args.unet_channels), text_layers=args.text_layers)
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {args.out_dir}")
     return 0
