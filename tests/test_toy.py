@@ -252,8 +252,8 @@ def test_detector_ignores_specks_and_splits_touching_objects():
             noisy[y:y + 3, x:x + 3] = list(COLOURS.values())[rng.integers(6)]
     assert same_scene(detect_scene(noisy), LEFT)
     touching = np.full((SIZE, SIZE, 3), 255, np.uint8)
-    touching[20:40, 10:30] = COLOURS["red"]  # a red square and a blue square side by side, no white between
-    touching[20:40, 30:50] = COLOURS["blue"]
+    touching[20:46, 6:32] = COLOURS["red"]  # a red square and a blue square side by side, no white between
+    touching[20:46, 32:58] = COLOURS["blue"]
     assert detect_scene(touching) == Scene(Obj("square", "red", "big"), "left of", Obj("square", "blue", "big"))
     speck = np.full((SIZE, SIZE, 3), 255, np.uint8)
     speck[5:8, 5:8] = COLOURS["green"]

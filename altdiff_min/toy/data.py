@@ -36,11 +36,11 @@ SIZE_CHOICES = (None, "small", "big")  # an object's size word: none, or one of 
 RELATIONS = ("left of", "right of", "above", "below")  # where a scene's first object is, relative to its second
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 # Sides in pixels (inclusive ranges) by size word, in a picture of one object and of two. Size words
-# are relative, as in speech: two big objects must fit side by side (27 + 6 + 27 ≤ 62), so a big one
+# are relative, as in speech: two big objects must fit side by side (28 + 6 + 28 ≤ 62), so a big one
 # of a pair is smaller than a big one alone. Within each, small and big are ≥ 1.5× apart. Unsized
-# lone objects keep the first world's 24–48; the smallest (12 px) is 1.5 latent cells.
+# lone objects keep the first world's 24–48; the smallest (14 px) is under two latent cells.
 SIDES = {1: {None: (MIN_SIZE, MAX_SIZE), "small": (14, 20), "big": (32, 46)},
-         2: {None: (17, 21), "small": (12, 15), "big": (23, 27)}}
+         2: {None: (20, 24), "small": (15, 18), "big": (27, 28)}}
 GAP = 6  # the least distance in pixels between two objects' boxes along their relation's axis
 
 
