@@ -95,15 +95,15 @@ class Recipe:
             raise BadValue("kl_weight, warmup and snr_gamma must be >= 0 and uncond_prob in [0, 1)")
 
 
-def toy_configs(vocab_size: int, latent_channels: int = 4, unet_channels: tuple[int, ...] = (32, 64, 64),
-                text_layers: int = 2) -> tuple[TextEncoderConfig, UNetConfig, VAEConfig]:
-    """m9's three modules, shrunk: ~0.1 M + 1.8 M + 1 M parameters instead of 560 M + 860 M + 84 M."""
-    text = TextEncoderConfig(vocab_size=vocab_size, hidden=64, layers=text_layers, heads=4, mlp=256,
+def toy_configs(vocab_size: int, r: Recipe = Recipe()) -> tuple[TextEncoderConfig, UNetConfig, VAEConfig]:
+    """m9's three modules, shrunk to the recipe's sizes: by default ~0.1 M + 1.8 M + 1 M parameters
+    instead of 560 M + 860 M + 84 M."""
+    text = TextEncoderConfig(vocab_size=vocab_size, hidden=64, layers=r.text_layers, heads=4, mlp=256,
                              max_positions=77 + 2, project_dim=64)  # 77 tokens after the pad id, as m9
-    unet = UNetConfig(in_channels=latent_channels, out_channels=latent_channels, channels=unet_channels, layers=1,
-                      attention=(True,) * len(unet_channels), heads=4, context_dim=text.project_dim, groups=8)
+    unet = UNetConfig(in_channels=r.latent_channels, out_channels=r.latent_channels, channels=r.unet_channels,
+                      layers=1, attention=(True,) * len(r.unet_channels), heads=4, context_dim=text.project_dim, groups=8)
     vae = VAEConfig(channels=(16, 32, 64, 64), layers=1, groups=8,  # four levels: 8× down, as m9's
-                    latent_channels=latent_channels)
+                    latent_channels=r.latent_channels)
     return text, unet, vae
 
 
@@ -206,8 +206,7 @@ def run_recipe(r: Recipe, runs: tuple[TrainConfig, TrainConfig], out_dir: str, s
             with open(path, "wb") as f:
                 f.write(pieces)
         tokenizer = Tokenizer(path)
-        text_cfg, unet_cfg, vae_cfg = toy_configs(tokenizer.vocab_size, r.latent_channels, r.unet_channels,
-                                                  r.text_layers)
+        text_cfg, unet_cfg, vae_cfg = toy_configs(tokenizer.vocab_size, r)
         model = AltDiffusion(tokenizer=tokenizer, text_encoder=TextEncoder(text_cfg), unet=UNet(unet_cfg),
                              vae=VAE(vae_cfg), schedule=ScheduleConfig(), image_size=SIZE)
         data = ToyWorld(r.images, seed) if r.world == "shapes" else SceneWorld(r.images, seed)
