@@ -251,6 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--vae-steps", type=int, default=Recipe.vae_steps, help="VAE training steps")
     parser.add_argument("--unet-steps", type=int, default=Recipe.unet_steps, help="text encoder + UNet training steps")
+    parser.add_argument("--unet-batch", type=int, default=Recipe.unet_batch,
+                        help="text encoder + UNet global batch (shared among torchrun's processes)")
     parser.add_argument("--images", type=int, default=Recipe.images, help="pictures rendered for training")
     parser.add_argument("--snr-gamma", type=float, default=Recipe.snr_gamma,
                         help="Min-SNR-γ loss weights of the UNet stage (0: unweighted)")
@@ -266,7 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `altdiff-min train-toy` with parsed arguments; returns the exit status."""
     train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval,
-              vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images, world=args.world,
+              vae_steps=args.vae_steps, unet_steps=args.unet_steps, unet_batch=args.unet_batch, images=args.images, world=args.world,
               snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
               unet_channels=tuple(args.unet_channels), text_layers=args.text_layers)
     if os.environ.get("RANK", "0") == "0":
