@@ -342,8 +342,9 @@ def test_scene_training_runs_end_to_end_with_its_own_tokenizer(tmp_path):
 def test_scene_training_under_torchrun_does_the_same_sums_as_one_process(tmp_path):
     """Two processes share each global batch (the recipe's batches are global): the same losses, and
     weights equal up to the all-reduce's order of addition, through the fp16 they are stored in."""
-    tiny = ["--world", "scenes", "--images", "18", "--vae-steps", "3", "--unet-steps", "3", "--unet-batch", "16", "--latent-channels", "8",
-            "--snr-gamma", "5", "--unet-channels", "16", "32", "--text-layers", "1", "--no-eval", "--seed", "2"]
+    tiny = ["--world", "scenes", "--images", "18", "--vae-steps", "3", "--unet-steps", "3", "--unet-batch", "16",
+            "--latent-channels", "8", "--snr-gamma", "5", "--unet-channels", "16", "32", "--text-layers", "1",
+            "--no-eval", "--seed", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     launch = {1: [sys.executable, "-m"], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                             "--nproc_per_node=2", "-m"]}

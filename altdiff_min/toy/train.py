@@ -267,10 +267,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `altdiff-min train-toy` with parsed arguments; returns the exit status."""
-    train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval,
-              vae_steps=args.vae_steps, unet_steps=args.unet_steps, unet_batch=args.unet_batch, images=args.images, world=args.world,
-              snr_gamma=args.snr_gamma, latent_channels=args.latent_channels,
-              unet_channels=tuple(args.unet_channels), text_layers=args.text_layers)
+    recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}  # each flag
+    recipe["unet_channels"] = tuple(recipe["unet_channels"])  # nargs="+" gives a list
+    train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval, **recipe)
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {args.out_dir}")
     return 0
