@@ -29,3 +29,27 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents in the sampler's (scaled) space → images in [0, 1]."""
     with torch.no_grad():
         return pipe.decode_latents(latents)
+
+
+def word_tokens(pipe, prompt: str, word: str, nth: int = 0) -> list[int]:
+    """The positions (in the 77) of the pieces that spell the `nth` occurrence of `word` in `prompt`:
+    a word may be one piece or several ("正方形" can be 正 方 形), and a piece may start mid-word."""
+    pieces = pipe.tokenizer.pieces(prompt)[1:-1]  # without <s> and </s>
+    text = "".join(p.replace("\u2581", " ") for p in pieces)
+    start = -1
+    for _ in range(nth + 1):
+        start = text.find(word, start + 1)
+    if start < 0:
+        raise ValueError(f"{word!r} is not in {prompt!r}")
+    positions, at = [], 0
+    for i, piece in enumerate(pieces, start=1):
+        end = at + len(piece)
+        if at < start + len(word) and end > start and piece.strip("\u2581"):
+            positions.append(i)
+        at = end
+    return positions
+
+
+def word_map(maps, positions: list[int], size=(64, 64), **kwargs) -> torch.Tensor:
+    """One word's heat map, (pictures, H, W): its pieces' maps averaged (each scaled to [0, 1] on its own)."""
+    return torch.stack([maps.heatmap(p, size, **kwargs) for p in positions]).mean(dim=0)
