@@ -507,7 +507,8 @@ tuning the text encoder and UNet alone would teach "pink" to mean this purple (t
 steps drew every pink prompt as about (147, 60, 174)). The VAE has to learn the colour first.""",
     """start = time.perf_counter()
 vae_cfg = TrainConfig(train="vae", max_steps=100, batch_size=16, lr=4e-4, warmup=10, weight_decay=0.0, save_every=100)
-with_vae = altdiff_min.load(fine_tune("toy", folder, f"{runs}/vae", vae_cfg, progress=False))
+vae_model = fine_tune("toy", folder, f"{runs}/vae", vae_cfg, progress=False)   # the run folder's model/
+with_vae = altdiff_min.load(vae_model)
 print(f"VAE: {vae_cfg.max_steps} steps in {time.perf_counter() - start:.0f} s")
 for name, result in round_trip(with_vae).items():
     print(f"{name:7} {str(COLOUR[name]):16} → {result}")""",
@@ -518,7 +519,7 @@ encoder has moved too: the latents the shipped UNet learnt to make are now read 
 decoder. The table below shows what that does to the old prompts (its middle column).""",
     """start = time.perf_counter()
 cfg = TrainConfig(train="both", max_steps=300, batch_size=16, lr=1.5e-3, warmup=20, uncond_prob=0.1, save_every=300)
-tuned = altdiff_min.load(fine_tune(f"{runs}/vae/model", folder, f"{runs}/both", cfg, progress=False))
+tuned = altdiff_min.load(fine_tune(vae_model, folder, f"{runs}/both", cfg, progress=False))   # on from the tuned VAE
 print(f"text encoder + UNet: {cfg.max_steps} steps in {time.perf_counter() - start:.0f} s")
 show([Image.open(f"{runs}/both/loss.png")], size=5)""",
     """md:**The curve.** The loss of these 300 steps hardly falls. Each step measures it at random
