@@ -63,6 +63,17 @@ class AttentionMaps:
         """One layer's probabilities averaged over the calls: (B, heads, h·w, tokens)."""
         return self.sums[name] / self.calls[name]
 
+    def at_step(self, i: int) -> AttentionMaps:
+        """The maps of UNet call i alone (0 is the first, noisiest step; -1 the last), as AttentionMaps
+        whose heatmap and mean read that one call. Needs capture_attention(..., per_step=True)."""
+        if not self.per_step:
+            raise BadValue("these maps hold sums only: capture with capture_attention(unet, per_step=True) to read single steps")
+        count = len(next(iter(self.steps.values()), []))
+        if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+            raise BadValue(f"step must be an integer in [{-count}, {count}), the calls captured; got {i!r}")
+        return AttentionMaps(guided=self.guided, sums={name: calls[i] for name, calls in self.steps.items()},
+                             calls={name: 1 for name in self.steps})
+
     def heatmap(self, token: int, size: tuple[int, int], layers: list[str] | None = None,
                 branch: str = "conditional") -> torch.Tensor:
         """How much `token` (a position in the 77) is attended at each pixel: (pictures, H, W).

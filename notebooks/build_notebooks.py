@@ -321,11 +321,12 @@ makes every combination of some `generate` arguments over prompts and seeds, mea
 (here with the toy detector: is the colour right, is the shape right) and writes a table and a
 contact sheet. Two guidance scales × cross-attention on and off, three prompts in three languages,
 two seeds:""",
-    """import csv, json, tempfile
+    """import csv, json
 from PIL import Image
 from altdiff_min.sweep import run_sweep
+from lesson import scratch_folder
 
-folder = tempfile.mkdtemp()
+folder = scratch_folder()   # removed when the kernel stops
 spec = {"model": "toy", "seeds": [0, 1], "metrics": ["toy"], "fixed": {"steps": 25},
         "prompts": [data.caption("circle", "red", "fr"), data.caption("square", "blue", "ja"),
                     data.caption("triangle", "green", "ar")],
@@ -393,14 +394,12 @@ shape has settled into A's circle but B's last 4 steps (from t = 121) still make
 all 25 steps of A give the red circle. Meanwhile the object barely moves: its centre stays within
 (28–32, 34–43) whatever k is. On this toy, the early steps settle *where*; the shape is settled
 between steps 18 and 21, and under guidance 7.5 the last four steps can still recolour it.""",
-    """from altdiff_min.instruments import AttentionMaps, capture_attention
+    """from altdiff_min.instruments import capture_attention
 from lesson import word_tokens, word_map
-with capture_attention(pipe.unet, per_step=True) as maps:
+with capture_attention(pipe.unet, per_step=True) as maps:   # per_step: keep each UNet call's maps
     image = pipe.generate(A, steps=25, seed=SEED, output="tensor", progress=False)
 steps = (0, 1, 2, 4, 8, 24)
-def at_step(i):   # the maps of step i alone
-    return AttentionMaps(guided=maps.guided, sums={n: s[i] for n, s in maps.steps.items()}, calls={n: 1 for n in maps.steps})
-rows = [[word_map(at_step(i), word_tokens(pipe, A, w))[0] for i in steps] for w in ("red", "circle")]
+rows = [[word_map(maps.at_step(i), word_tokens(pipe, A, w))[0] for i in steps] for w in ("red", "circle")]
 show([image[0], *rows[0], image[0], *rows[1]], [f"{w}\\nstep {i + 1}" if i is not None else "picture"
                                               for w in ("red", "circle") for i in (None, *steps)], rows=2, size=1.3)""",
     """md:**The maps step by step.** Each word's map at single steps (step 1 is the noisiest; each map
@@ -457,13 +456,14 @@ has never seen, named by a word it has never read ("pink"), from 48 pictures, mi
 as many pictures of the old world so that the old words are not forgotten. A latent diffusion model
 draws through its VAE, so the first question is whether the VAE can draw pink at all.""",
     SETUP,
-    """import json, tempfile
+    """import json
 import numpy as np
 from PIL import Image
 from altdiff_min.toy.data import COLOURS, LANGUAGES, SHAPES, mask as shape_mask
 from altdiff_min.train import TrainConfig, fine_tune
+from lesson import scratch_folder
 PINK = (250, 120, 190)   # not one of data.COLOURS
-folder, runs = tempfile.mkdtemp(), tempfile.mkdtemp()   # the pictures; the runs (kept out of the pictures' folder)
+folder, runs = scratch_folder(), scratch_folder()   # the pictures; the runs (kept out of the pictures' folder)
 rng = np.random.default_rng(0)
 rows = []
 for i in range(48):
@@ -557,10 +557,11 @@ compared the samplers at 25 steps and showed one prompt at fewer; here the quest
 table: four samplers × four step counts at guidance 7.5, four prompts in four languages, three seeds
 (192 pictures), each read by the toy detector ("colour" and "shape": 1 when right).""",
     SETUP,
-    """import json, tempfile
+    """import json
 from PIL import Image
 from altdiff_min.sweep import run_sweep
-folder = tempfile.mkdtemp()
+from lesson import scratch_folder
+folder = scratch_folder()   # removed when the kernel stops
 spec = {"model": "toy", "seeds": [0, 1, 2], "metrics": ["toy"], "fixed": {"scale": 7.5},
         "prompts": [data.caption("circle", "red", "en"), data.caption("square", "blue", "zh"),
                     data.caption("triangle", "yellow", "es"), data.caption("circle", "purple", "ko")],

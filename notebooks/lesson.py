@@ -1,6 +1,10 @@
 """Small display helpers shared by the lessons (matplotlib comes with the [notebooks] extra)."""
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+
 import matplotlib.pyplot as plt
 import torch
 
@@ -23,6 +27,14 @@ def show(images, titles=None, rows: int = 1, size: float = 1.6, suptitle: str | 
         fig.suptitle(suptitle, fontsize=10)
     plt.tight_layout()
     plt.show()
+
+
+def scratch_folder() -> str:
+    """A new temporary folder for a lesson's files, removed when the notebook's kernel stops (to keep
+    what a lesson writes, use a folder of your own instead)."""
+    folder = tempfile.mkdtemp(prefix="altdiff-lesson-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:

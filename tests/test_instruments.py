@@ -40,6 +40,25 @@ def test_capture_records_every_cross_attention_layer_and_changes_nothing(pipe):
         maps.heatmap(token=1, size=(64, 96), branch="cond")
 
 
+def test_at_step_reads_one_call_and_the_calls_add_up_to_the_sums(pipe):
+    with capture_attention(pipe.unet, per_step=True) as maps:
+        pipe.generate(["un cercle rouge", "a dog"], **RUN)
+    steps = [maps.at_step(i) for i in range(3)]
+    for name in maps.sums:
+        assert torch.allclose(sum(step.mean(name) for step in steps), maps.sums[name], rtol=1e-6, atol=0)
+        assert torch.equal(maps.at_step(-1).mean(name), steps[2].mean(name))
+    first = steps[0].heatmap(token=1, size=(64, 96))
+    assert first.shape == (2, 64, 96) and steps[0].guided  # the conditional rows, as for the whole run
+    assert rel_diff(first, steps[2].heatmap(token=1, size=(64, 96))) > 1e-3  # each step its own maps
+    for bad in (3, -4, 1.0, True):
+        with pytest.raises(ValueError, match=r"step must be an integer in \[-3, 3\)"):
+            maps.at_step(bad)
+    with capture_attention(pipe.unet) as sums_only:
+        pipe.generate("a", **(RUN | dict(steps=1)))
+    with pytest.raises(ValueError, match="per_step=True"):
+        sums_only.at_step(0)
+
+
 def test_heatmap_without_guidance_has_only_the_conditional_rows(pipe):
     with capture_attention(pipe.unet) as maps:
         pipe.generate(["un cercle rouge", "a dog"], scale=1.0, **RUN)
