@@ -59,13 +59,17 @@ def final_alpha(name: str, cfg: ScheduleConfig) -> float:
     return 1.0 if one else alphas_cumprod(cfg)[0].item()
 
 
-def alphas_cumprod(cfg: ScheduleConfig = ScheduleConfig()) -> torch.Tensor:
+def betas(cfg: ScheduleConfig = ScheduleConfig(), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """β_t, "scaled_linear": linspace(√beta_start, √beta_end, T)², shape (T,)."""
+    return torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=dtype) ** 2
+
+
+def alphas_cumprod(cfg: ScheduleConfig = ScheduleConfig(), dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """ᾱ_t = Π_{s≤t} (1 − β_s), shape (T,).
 
     Parity: computed in float32 as diffusers does; FlagAI computes it in float64 and stores float32
     (the two differ by ~1e-7 relative)."""
-    betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float32) ** 2
-    return torch.cumprod(1 - betas, dim=0)
+    return torch.cumprod(1 - betas(cfg, dtype), dim=0)
 
 
 def train_sigmas(cfg: ScheduleConfig = ScheduleConfig()) -> np.ndarray:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import M9_TEXT, M9_UNET, M9_VAE, SCHEDULER, rel_err, small_configs, write_json
+from helpers import M9_TEXT, M9_UNET, M9_VAE, SCHEDULER, SCHEDULERS, rel_err, small_configs, write_json
 from safetensors.torch import save_file
 
 from altdiff_min.pipeline import load
@@ -130,8 +130,8 @@ def ldm_checkpoint(reference) -> dict:
     sd.update({"cond_stage_model." + k: v for k, v in reference["text_encoder"].state_dict().items()})
     hidden = reference["text_encoder"].config.hidden_size
     sd["cond_stage_model.pre_LN.weight"], sd["cond_stage_model.pre_LN.bias"] = torch.ones(hidden), torch.zeros(hidden)
-    sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
-    sd["alphas_cumprod"] = torch.cumprod(1 - sd["betas"], 0)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # as FlagAI: float64,
+    sd["betas"], sd["alphas_cumprod"] = betas.float(), torch.cumprod(1 - betas, 0).float()  # stored float32
     sd["model_ema.decay"], sd["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(1000)
     return sd
 
@@ -163,6 +163,21 @@ def test_single_file_converts_and_matches(reference, spm_dir, tmp_path, suffix):
     dropped = str(reports["other"]) + str(reports["text_encoder"])
     assert "noise-schedule" in dropped and "EMA" in dropped and "pre_LN" in dropped
     assert_modules_match(load(tmp_path / "m9"), reference)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"betas": torch.linspace(1e-4, 2e-2, 1000)}, "its betas differs from scaled_linear β 0.00085–0.012 over 1000 steps by"),
+    ({"alphas_cumprod": torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000), 0)}, "its alphas_cumprod differs"),
+    ({"alphas_cumprod": torch.ones(500)}, "alphas_cumprod of shape \\(500,\\), not the \\(1000,\\)"),
+])
+def test_single_file_with_another_noise_schedule_is_refused(reference, spm_dir, tmp_path, change, message):
+    """Such files carry no schedule config: the buffers they keep must be the schedule we sample with."""
+    path = tmp_path / "other-schedule.safetensors"
+    save_file({k: v.contiguous() for k, v in {**ldm_checkpoint(reference), **change}.items()}, path)
+    with pytest.raises(ConversionError, match="the checkpoint's noise schedule .*" + message):
+        convert(path, tmp_path / "m9", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"),
+                configs=small_configs(reference))
+    assert not (tmp_path / "m9").exists()
 
 
 # ---- the hub: huggingface_hub's own cache resolution, offline -----------------------------------------
@@ -430,8 +445,8 @@ def test_scheduler_config_is_carried(hub_layout, tmp_path, source, expected):
         assert "set_alpha_to_one" not in hf
     elif source == "trailing":
         hf = saved_by_diffusers(diffusers.DDIMScheduler, tmp_path, timestep_spacing="trailing")
-    else:
-        hf = saved_by_diffusers(getattr(diffusers, source), tmp_path)
+    else:  # PNDM as the model card re-targets it: without its Runge–Kutta steps (refused otherwise, above)
+        hf = saved_by_diffusers(getattr(diffusers, source), tmp_path, **(SCHEDULERS["plms"][1] if source == "PNDMScheduler" else {}))
     out = tmp_path / "out"
     convert(with_scheduler_config(hub_layout, tmp_path, hf), out)
     schedule = load(out).schedule
@@ -445,7 +460,11 @@ def test_scheduler_config_is_carried(hub_layout, tmp_path, source, expected):
     (dict(use_karras_sigmas=True), "use_karras_sigmas=True is not implemented.*use the sampler 'dpm\\+\\+2m-karras'"),
     (dict(solver_order=3), "solver_order=3 is not implemented"),
     (dict(my_new_option=0.5), "scheduler option 'my_new_option' \\(= 0.5\\) is not implemented"),
-    (dict(beta_schedule=None), "beta_schedule='linear' \\(not stated, so diffusers' default\\) is not implemented"),
+    (dict(beta_schedule=None), "beta_schedule='linear' \\(not stated, so diffusers' default for DDIMScheduler\\) is not implemented"),
+    (dict(clip_sample=None), "clip_sample=True \\(not stated, so diffusers' default for DDIMScheduler\\) is not implemented"),
+    (dict(_class_name="PNDMScheduler"), "skip_prk_steps=False \\(not stated, so diffusers' default for PNDMScheduler"),
+    (dict(_class_name="PNDMScheduler", skip_prk_steps=False), "skip_prk_steps=False is not implemented"),
+    (dict(_class_name="MyScheduler"), "scheduler class 'MyScheduler' is not one whose defaults altdiff-min knows"),
 ])
 def test_scheduler_config_we_cannot_honour_is_refused_first(hub_layout, tmp_path, monkeypatch, change, message):
     import weights_convert.convert as conversion
@@ -456,6 +475,30 @@ def test_scheduler_config_we_cannot_honour_is_refused_first(hub_layout, tmp_path
     with pytest.raises(ConversionError, match="scheduler_config.json: " + message):
         convert(src, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_unstated_options_take_the_defaults_of_the_class_that_wrote_the_file():
+    """Every diffusers scheduler class is either refused or read with its own __init__ defaults for
+    every option altdiff-min checks, carries or assumes."""
+    import inspect
+
+    import diffusers
+
+    from weights_convert.schedule import ABSENT, IMPLEMENTED, defaults
+
+    checked = (set(ABSENT) | set(IMPLEMENTED)) - {"set_alpha_to_one", "timestep_spacing"}  # None: each sampler's own
+    read = []
+    for class_name in [n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax")]:
+        try:
+            ours = defaults(class_name)
+        except ConversionError:
+            continue
+        params = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+        theirs = {k: p.default for k, p in params.items() if k in checked and p.default is not inspect.Parameter.empty}
+        assert {k: ours.get(k, IMPLEMENTED.get(k)) for k in theirs} == theirs, class_name
+        read.append(class_name)
+    assert {"DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler"} <= set(read)
 
 
 def test_options_listed_as_defaults_count_as_unstated():

@@ -146,7 +146,9 @@ def is_transformers_folder(folder: str) -> bool:
 def from_single_file(path: str, tokenizer: str, configs: dict | None = None) -> Model:
     model = Model(tokenizer_file=tokenizer, configs=dict(configs or ldm.DEFAULT_CONFIGS))
     check_tokenizer(model)
-    parts, model.reports["other"] = ldm.split(read_tensors(path))
+    tensors = read_tensors(path)
+    ldm.check_schedule(tensors, model.schedule)
+    parts, model.reports["other"] = ldm.split(tensors)
     for name in tqdm(COMPONENTS, desc="converting", unit="module"):
         module, model.reports[name] = ldm.load(name, parts[name], model.configs[name])
         model.tensors[name] = module.state_dict()

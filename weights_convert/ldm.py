@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from altdiff_min.schedule import ScheduleConfig, alphas_cumprod, betas
 from altdiff_min.text_encoder import TextEncoder, TextEncoderConfig
 from altdiff_min.unet import UNet, UNetConfig
 from altdiff_min.vae import VAE, VAEConfig
@@ -74,6 +75,25 @@ def as_linear(name: str, t: torch.Tensor) -> torch.Tensor:
     # Parity: ldm keeps the VAE's attention projections as 1×1 convs (C, C, 1, 1): the same numbers as a Linear.
     is_attn_conv = ".mid.attn_1." in name and name.endswith(".weight") and t.ndim == 4
     return t[:, :, 0, 0] if is_attn_conv else t
+
+
+def check_schedule(state_dict: Mapping[str, torch.Tensor], cfg: ScheduleConfig) -> None:
+    """The noise schedule the file keeps (ldm's `betas` and `alphas_cumprod` buffers) must be the one it
+    will be sampled with, `cfg` (m9's unless configured): these files carry no schedule config."""
+    for key, ours in (("betas", betas(cfg, torch.float64)), ("alphas_cumprod", alphas_cumprod(cfg, torch.float64))):
+        if key not in state_dict:
+            continue
+        theirs = state_dict[key]
+        if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != tuple(ours.shape):
+            got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+            raise ConversionError(f"the checkpoint's noise schedule has {key} of shape {got}, not the "
+                                  f"({cfg.num_train_timesteps},) of the schedule it would be sampled with")
+        diff = ((theirs.double() - ours).norm() / ours.norm()).item()
+        if not diff < 1e-5:  # FlagAI stores its float64 schedule as float32: ~1e-7
+            raise ConversionError(
+                f"the checkpoint's noise schedule is not the one it would be sampled with: its {key} differs "
+                f"from scaled_linear β {cfg.beta_start}–{cfg.beta_end} over {cfg.num_train_timesteps} steps "
+                f"by {diff:.2g} (relative); altdiff-min reads only that schedule from a single file")
 
 
 def split(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], Report]:
