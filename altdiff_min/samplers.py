@@ -43,6 +43,12 @@ def after_step(callback: Callback | None, i: int, t: float, x: torch.Tensor, x0:
     return out
 
 
+def check_generator(generator) -> None:
+    """One torch.Generator (or None) draws the whole batch's noise, as diffusers' single generator does."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise BadType(f"generator must be a torch.Generator or None (one for the whole batch), got {type(generator).__name__}")
+
+
 def check_eta(name: str, eta: float) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise BadType(f"eta must be a number, got {eta!r}")
@@ -81,7 +87,7 @@ def ddim(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
          eta: float = 0.0, generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021), variance preserving. η = 0: deterministic; η = 1: DDPM-like ancestral
     sampling, with z drawn every step as diffusers' DDIMScheduler.step draws it (draw_noise)."""
-    check_eta("ddim", eta)
+    check_eta("ddim", eta), check_generator(generator)
     ts = as_timesteps(ts, cfg)
     a, a_prev = landing("ddim", ts, cfg)
     for i, t in enumerate(ts):
@@ -106,7 +112,7 @@ def plms(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
     Parity: diffusers' `_get_prev_sample` is the "transfer" of eq. 9, algebraically DDIM's η = 0
     update; `ddim_step` gives the same latents to float32 rounding. With a stride (see Timesteps)
     the averaged warm-up step goes from t_1 + stride to t_1, as diffusers' does."""
-    check_eta("plms", eta)
+    check_eta("plms", eta), check_generator(generator)
     ts = as_timesteps(ts, cfg)
     a, a_prev = landing("plms", ts, cfg)
     ac = alphas_cumprod(cfg).tolist()
@@ -156,7 +162,7 @@ def dpm_solver_pp_2m(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], c
     with D_i = x0_i at the first step and at the run's last (first order = DDIM) and, between, the
     linear extrapolation D_i = x0_i + (x0_i − x0_{i−1})/(2 r_i), r_i = h_{i−1}/h_i ("midpoint").
     A step to σ = 0 (the end, "zero"): λ = ∞, and the update returns x0 itself."""
-    check_eta("dpm++2m", eta)
+    check_eta("dpm++2m", eta), check_generator(generator)
     ts = as_timesteps(ts, cfg)
     alpha, sigma, lam = vp_levels(ts)
     x0_prev = None
@@ -179,7 +185,7 @@ def dpm_solver_pp_2m_karras(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[
                             generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) over Karras' σ (diffusers' use_karras_sigmas=True; the web UIs' "DPM++ 2M
     Karras"): the same solver; only `timesteps("dpm++2m-karras", …)` differs."""
-    check_eta("dpm++2m-karras", eta)
+    check_eta("dpm++2m-karras", eta), check_generator(generator)
     return dpm_solver_pp_2m(eps, x, ts, cfg, callback=callback)
 
 
@@ -188,7 +194,7 @@ def euler(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[float], cfg: Sched
     """Euler's method on the probability-flow ODE dx/dσ = (x − x0)/σ (Karras et al. 2022, alg. 1
     without churn; k-diffusion's sample_euler; diffusers' EulerDiscreteScheduler). Variance exploding:
     x = x0 + σ·ε, starting from N(0, I)·init_noise_sigma; the UNet sees x/√(σ² + 1)."""
-    check_eta("euler", eta)
+    check_eta("euler", eta), check_generator(generator)
     ts = as_timesteps(ts, cfg)
     for i, t in enumerate(ts):
         s, s_next = ts.sigmas[i], ts.sigmas[i + 1]
@@ -206,7 +212,7 @@ def euler_ancestral(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[float], 
     and σ_up² = σ_next²(σ² − σ_next²)/σ² (the DDPM posterior's variance in this scale).
     Variance exploding, as `euler`. The noise is drawn every step from `generator` (draw_noise), as
     diffusers draws it, so one seed gives one image."""
-    check_eta("euler_a", eta)
+    check_eta("euler_a", eta), check_generator(generator)
     ts = as_timesteps(ts, cfg)
     for i, t in enumerate(ts):
         s, s_next = ts.sigmas[i], ts.sigmas[i + 1]

@@ -239,6 +239,14 @@ def test_bad_eta(name, eta, error, match):
         SAMPLERS[name](never_called, LATENTS.clone(), timesteps(name, 10), eta=eta)
 
 
+@pytest.mark.parametrize("generator", [[torch.Generator()], 42, "x"])
+def test_bad_generator(generator):
+    """Every sampler, drawing noise or not: one torch.Generator or None, checked before the first model call."""
+    for name in SAMPLERS:
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+            SAMPLERS[name](never_called, LATENTS.clone(), timesteps(name, 10), generator=generator)
+
+
 @pytest.mark.parametrize("ts,error,match", [
     ([500, 700], ValueError, "two steps land on the same timestep"),
     ([999, 999], ValueError, "two steps land on the same timestep"),
