@@ -147,10 +147,14 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
     parent, tmp, old = os.path.dirname(path), sibling(path, "partial"), None
     if unknown := sorted(set(configs) - set(MODULES)):
         raise BadValue(f"a model folder holds {sorted(MODULES)}, not {unknown}")
+    tensors = {f"{name}.{k}": (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
+               for name, state in states.items() for k, v in state.items()}
+    if dtype is not None and dtype.is_floating_point:
+        if overflow := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+            raise BadValue(f"{len(overflow)} tensor(s) do not fit {str(dtype).removeprefix('torch.')} (beyond "
+                           f"±{torch.finfo(dtype).max:g}, or NaN), e.g. {', '.join(overflow[:3])}: write them in float32")
     try:
         os.mkdir(tmp)  # 0777 less the umask, as any folder the user makes
-        tensors = {f"{name}.{k}": (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
-                   for name, state in states.items() for k, v in state.items()}
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER))
         config = {"format": FORMAT, "version": VERSION, **{name: config_to_dict(c) for name, c in configs.items()},

@@ -277,6 +277,10 @@ def corrupt(root, how):
         state = torch.load(path, weights_only=True)
         state["conv_in.weight"] = state["conv_in.weight"][:, :3]
         torch.save(state, path)
+    elif how == "beyond-fp16":  # finite in float32, infinite once written as fp16
+        state = torch.load(path, weights_only=True)
+        state["conv_in.weight"][0, 0, 0, 0] = 1e5
+        torch.save(state, path)
 
 
 @pytest.mark.parametrize("how,message", [
@@ -346,6 +350,19 @@ def test_existing_out_dir_needs_force_and_failures_keep_it(hub_layout, tmp_path,
     monkeypatch.undo()
     convert(hub_layout, out, force=True, dtype="fp16")
     assert load(out).unet.conv_in.weight.dtype == torch.float16 and sorted(os.listdir(tmp_path)) == ["m9"]
+
+
+def test_weights_beyond_fp16_are_refused_not_written_as_infinities(hub_layout, tmp_path):
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    corrupt(root, "beyond-fp16")
+    with pytest.raises(ValueError, match="1 tensor\\(s\\) do not fit float16 .* e.g. unet.conv_in.weight: write them in float32"):
+        convert(root, tmp_path / "half", dtype="fp16")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    convert(root, tmp_path / "full")  # float32 holds it
+    assert load(tmp_path / "full").unet.conv_in.weight[0, 0, 0, 0] == 1e5
 
 
 # ---- the full m9 architecture: every key and shape of both layouts, on the meta device ---------------

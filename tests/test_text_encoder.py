@@ -101,9 +101,15 @@ def test_conversion_drops_only_listed_tensors():
     assert dict(report.dropped) == {convert.DROPS[0][1]: 2, convert.DROPS[1][1]: 1}
 
 
-def test_config_rejects_what_is_not_implemented():
-    with pytest.raises(ValueError, match="hidden_act"):
-        convert.config_from_hf({"hidden_act": "relu"})
+@pytest.mark.parametrize("change,named", [
+    ({"hidden_act": "relu"}, "hidden_act"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ({"use_attention_mask": False}, "use_attention_mask=False: altdiff-min always masks"),  # diffusers would not mask
+])
+def test_config_rejects_what_is_not_implemented(change, named):
+    assert convert.config_from_hf(M9_TEXT) == TextEncoderConfig()
+    with pytest.raises(ValueError, match=named):
+        convert.config_from_hf({**M9_TEXT, **change})
 
 
 @pytest.mark.parametrize("make_input,match", [

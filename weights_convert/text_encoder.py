@@ -40,6 +40,9 @@ def config_from_hf(hf: Mapping) -> TextEncoderConfig:
         raise ValueError(f"text encoder uses hidden_act={hf['hidden_act']!r}; only 'gelu' (XLM-R's) is implemented")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"position_embedding_type={hf['position_embedding_type']!r} is not XLM-R's 'absolute'")
+    if hf.get("use_attention_mask", True) is not True:  # diffusers' AltDiffusionPipeline then encodes unmasked
+        raise ValueError(f"use_attention_mask={hf['use_attention_mask']!r}: altdiff-min always masks the padding, "
+                         f"as m9 (use_attention_mask true) does")
     return TextEncoderConfig(
         vocab_size=hf["vocab_size"],
         hidden=hf["hidden_size"],
