@@ -262,6 +262,26 @@ def test_converted_folder_matches_reference(altclip_dir, altclip_reference, toke
     assert rel_err(text, expected_text) < 1e-5
 
 
+def test_folder_saved_by_the_installed_transformers_converts(altclip_layout, altclip_reference, tmp_path):
+    """transformers 5.x's save_pretrained renames on the way out (vision_model.encoder.layer.N)."""
+    import shutil
+
+    from weights_convert.convert import convert
+
+    src = tmp_path / "saved"
+    altclip_reference.save_pretrained(src)
+    for name in ("sentencepiece.bpe.model", "preprocessor_config.json"):
+        shutil.copy(os.path.join(altclip_layout, name), src / name)
+    convert(src, tmp_path / "out")
+    ours = read_altclip(tmp_path / "out")
+    ids, mask = Tokenizer(str(src / "sentencepiece.bpe.model"))(TEXTS[:3])
+    pixels = preprocess([picture("RGB", 96, 80), picture("RGB", 64, 72, seed=3)], ours.cfg.vision)
+    with torch.no_grad():
+        ref = altclip_reference(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        per_image, _ = ours(ids, mask, pixels)
+    assert rel_err(per_image, ref.logits_per_image) < 1e-5
+
+
 def test_altclip_and_altdiffusion_folders_are_not_confused(altclip_dir, small_model_dir, altclip_layout, tmp_path):
     from altdiff_min.errors import BadFile
     from altdiff_min.folder import read_config

@@ -75,6 +75,31 @@ def test_safetensors_and_fp16_variant_files(hub_layout, reference, tmp_path):
         assert 0 < rel_err(half.text_encoder(ids, mask), expected) < 5e-3  # from the fp16 files: close, not equal
 
 
+def test_sharded_weights_and_their_fp16_variant_as_diffusers_names_them(hub_layout, reference, tmp_path):
+    """save_pretrained's shards: `….safetensors.index.json`, and for a variant `….safetensors.index.fp16.json`."""
+    import copy
+    import shutil
+
+    root = tmp_path / "sharded"
+    shutil.copytree(hub_layout, root)
+    for f in (root / "unet").glob("*.bin"):
+        f.unlink()
+    reference["unet"].save_pretrained(root / "unet", max_shard_size="100KB")
+    copy.deepcopy(reference["unet"]).half().save_pretrained(root / "unet", variant="fp16", max_shard_size="100KB")
+    names = sorted(f.name for f in (root / "unet").iterdir())
+    assert {"diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.fp16.json"} <= set(names)
+    assert len(names) > 6  # several shards of each
+    convert(root, tmp_path / "full")
+    assert_modules_match(load(tmp_path / "full"), reference)  # exactly the fp32 shards
+    convert(root, tmp_path / "half", dtype="fp16")
+    g = torch.Generator().manual_seed(1)
+    latents, context = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        expected = reference["unet"](latents, torch.tensor([10, 900]), context).sample
+        got = load(tmp_path / "half", dtype=torch.float32).unet(latents, torch.tensor([10, 900]), context)
+    assert 0 < rel_err(got, expected) < 5e-3  # from the fp16 shards: close, not equal
+
+
 # ---- the single-file ldm / FlagAI layout -------------------------------------------------------------
 
 def diffusers_to_ldm_unet(name: str, cfg: dict) -> str:

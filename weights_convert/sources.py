@@ -67,7 +67,8 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 def pick_weights(files: list[str], component: str, fp16: bool) -> list[str]:
     """The weight file(s) of one component among `files` (repo-relative paths; component "": the top
     level): safetensors before pickles, the `.fp16.` variant first only when fp16 is asked for;
-    sharded checkpoints via their index."""
+    sharded checkpoints via their index (a variant's: `NAME.safetensors.index.fp16.json`, as diffusers
+    and transformers name it, or `NAME.fp16.safetensors.index.json`)."""
     variants = ((".fp16", "") if fp16 else ("", ".fp16"))
     available, folder = set(files), f"{component}/" if component else ""
     for variant in variants:
@@ -76,14 +77,20 @@ def pick_weights(files: list[str], component: str, fp16: bool) -> list[str]:
                 name = f"{folder}{stem}{variant}{ext}"
                 if name in available:
                     return [name]
-                if name + ".index.json" in available:
-                    return [name + ".index.json"]
+                for index in (f"{folder}{stem}{ext}.index{variant}.json", name + ".index.json"):
+                    if index in available:
+                        return [index]
     raise ConversionError(f"no {component or 'model'} weights found: expected e.g. {folder}{STEMS[component][-1]}.bin "
                           f"or .safetensors (or their .fp16 variants)")
 
 
+def is_index(name: str) -> bool:
+    """A sharded checkpoint's index (the shards' names are in its weight_map)."""
+    return name.endswith((".index.json", ".index.fp16.json"))
+
+
 def read_component(folder: str, files: list[str]) -> dict[str, torch.Tensor]:
-    if len(files) == 1 and files[0].endswith(".index.json"):
+    if len(files) == 1 and is_index(files[0]):
         index = os.path.join(folder, files[0])
         try:
             shards = sorted(set(read_json(index, "weight index")["weight_map"].values()))
@@ -136,7 +143,7 @@ def hub_folder(repo_id: str, revision: str | None, fp16: bool, safety_checker: b
         wanted += [f for c in components for f in pick_weights(listing, c, fp16)]
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=wanted)
         for f in wanted:  # sharded weights: fetch the shards their index names
-            if f.endswith(".index.json"):
+            if is_index(f):
                 shards = sorted(set(read_json(os.path.join(folder, f), "weight index")["weight_map"].values()))
                 folder = snapshot_download(repo_id, revision=revision,
                                            allow_patterns=wanted + [os.path.join(os.path.dirname(f), s) for s in shards])

@@ -31,7 +31,7 @@ RULES: list[Rule] = [
     (r"^embeddings\.", ""),  # patch_embedding.weight, class_embedding
     (r"^pre_layrnorm\.", "pre_norm."),
     (r"^post_layernorm\.", "post_norm."),
-    (r"^encoder\.layers\.", "layers."),
+    (r"^encoder\.layers?\.", "layers."),  # 5.x's save_pretrained writes the vision layers as encoder.layer.N
     # inside a layer
     (r"\.self_attn\.(q|k|v|out)_proj\.", r".attn.\1."),
     (r"\.layer_norm1\.", ".attn_norm."),
