@@ -147,8 +147,11 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
     parent, tmp, old = os.path.dirname(path), sibling(path, "partial"), None
     if unknown := sorted(set(configs) - set(MODULES)):
         raise BadValue(f"a model folder holds {sorted(MODULES)}, not {unknown}")
-    tensors = {f"{name}.{k}": (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous()
-               for name, state in states.items() for k, v in state.items()}
+    def written(v: torch.Tensor) -> torch.Tensor:  # dtype None keeps each float's precision, float64 excepted
+        to = dtype or (torch.float32 if v.dtype == torch.float64 else None)
+        return (v.to(to) if to is not None and v.is_floating_point() else v).contiguous()
+
+    tensors = {f"{name}.{k}": written(v) for name, state in states.items() for k, v in state.items()}
     if dtype is not None and dtype.is_floating_point:
         if overflow := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
             raise BadValue(f"{len(overflow)} tensor(s) do not fit {str(dtype).removeprefix('torch.')} (beyond "

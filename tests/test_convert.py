@@ -287,6 +287,16 @@ class NotATensor:  # pickled into a checkpoint: torch.load(weights_only=True) mu
     pass
 
 
+# State dicts torch.load(weights_only=True) reads that are not names → dense real float tensors.
+ODD_TENSORS = {
+    "int-key": lambda state: state.update({7: torch.zeros(1)}),
+    "sparse": lambda state: state.update({"conv_in.weight": state["conv_in.weight"].to_sparse()}),
+    "int64": lambda state: state.update({"conv_in.weight": state["conv_in.weight"].long()}),
+    "complex": lambda state: state.update({"conv_in.bias": state["conv_in.bias"].to(torch.complex64)}),
+    "float64": lambda state: state.update({"conv_in.weight": state["conv_in.weight"].double()}),
+}
+
+
 def corrupt(root, how):
     path = root / "unet" / "diffusion_pytorch_model.bin"
     data = path.read_bytes()
@@ -302,6 +312,10 @@ def corrupt(root, how):
         state = torch.load(path, weights_only=True)
         state["conv_in.weight"] = state["conv_in.weight"][:, :3]
         torch.save(state, path)
+    elif how in ODD_TENSORS:
+        state = torch.load(path, weights_only=True)
+        ODD_TENSORS[how](state)
+        torch.save(state, path)
     elif how == "beyond-fp16":  # finite in float32, infinite once written as fp16
         state = torch.load(path, weights_only=True)
         state["conv_in.weight"][0, 0, 0, 0] = 1e5
@@ -314,6 +328,10 @@ def corrupt(root, how):
     ("code", "never executes code"),
     ("missing-config", "missing vae/config.json"),
     ("wrong-tensor", "conv_in.weight"),
+    ("int-key", "unet state dict has a key that is not a name: 7"),
+    ("sparse", "tensors of the wrong kind.*\n.*conv_in.weight: torch.float32 sparse_coo, but conv_in.weight holds real floats"),
+    ("int64", "tensors of the wrong kind.*\n.*conv_in.weight: torch.int64 strided"),
+    ("complex", "tensors of the wrong kind.*\n.*conv_in.bias: torch.complex64"),
 ])
 def test_bad_diffusers_folder_fails_clearly_and_leaves_nothing(hub_layout, tmp_path, how, message):
     import shutil
@@ -375,6 +393,19 @@ def test_existing_out_dir_needs_force_and_failures_keep_it(hub_layout, tmp_path,
     monkeypatch.undo()
     convert(hub_layout, out, force=True, dtype="fp16")
     assert load(out).unet.conv_in.weight.dtype == torch.float16 and sorted(os.listdir(tmp_path)) == ["m9"]
+
+
+def test_float64_weights_are_written_as_float32_even_with_keep(hub_layout, tmp_path):
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    corrupt(root, "float64")
+    convert(root, tmp_path / "kept", dtype="keep")
+    model = load(tmp_path / "kept")
+    assert model.unet.conv_in.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert model.unet(torch.randn(2, 4, 8, 12), torch.tensor([1, 500]), torch.randn(2, 77, 32)).isfinite().all()
 
 
 def test_weights_beyond_fp16_are_refused_not_written_as_infinities(hub_layout, tmp_path):

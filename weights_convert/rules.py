@@ -53,6 +53,16 @@ def _listing(title: str, names: list[str], limit: int = 12) -> str:
     return f"  {title} ({len(names)}):\n    " + "\n    ".join(names[:limit]) + more
 
 
+def fits_kind(tensor: torch.Tensor, target: torch.Tensor) -> bool:
+    """A dense tensor of the target's kind: any real float precision for a float (fp16, bf16, fp32 and
+    fp64 checkpoints all exist; `load` casts them), the same dtype otherwise."""
+    if tensor.layout != torch.strided:
+        return False
+    if target.is_floating_point():
+        return tensor.is_floating_point()
+    return tensor.dtype == target.dtype
+
+
 def convert_state_dict(
     source: Mapping[str, torch.Tensor],
     rules: list[Rule],
@@ -68,9 +78,11 @@ def convert_state_dict(
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     report = Report()
-    unknown, duplicates, wrong_shape = [], [], []
+    unknown, duplicates, wrong_shape, wrong_kind = [], [], [], []
     seen: set[str] = set()  # targets some source tensor aimed at, fitting or not
     for name, tensor in source.items():
+        if not isinstance(name, str):
+            raise ConversionError(f"{what} has a key that is not a name: {name!r}")
         reason = next((why for pattern, why in drops if re.search(pattern, name)), None)
         if reason is not None:
             report.dropped[reason] += 1
@@ -84,6 +96,9 @@ def convert_state_dict(
             duplicates.append(f"{name} and {origin[new]} both → {new}")
         elif tuple(tensor.shape) != tuple(target[new].shape):
             wrong_shape.append(f"{name}: {tuple(tensor.shape)}, but {new} is {tuple(target[new].shape)}")
+        elif not fits_kind(tensor, target[new]):
+            wrong_kind.append(f"{name}: {tensor.dtype} {str(tensor.layout).removeprefix('torch.')}, but {new} holds "
+                              f"{'real floats' if target[new].is_floating_point() else target[new].dtype}, dense")
         else:
             out[new], origin[new] = tensor, name
     missing = [name for name in target if name not in seen]
@@ -93,6 +108,7 @@ def convert_state_dict(
             ("unexpected tensors (no rule leads to a model tensor, no drop reason)", unknown),
             ("tensors renamed onto the same target", duplicates),
             ("tensors of the wrong shape", wrong_shape),
+            ("tensors of the wrong kind", wrong_kind),
             ("missing tensors (nothing in the source fills them)", missing),
         ]
         if names
