@@ -211,6 +211,9 @@ def read_config(path: str | os.PathLike, require: tuple[str, ...] = DIFFUSION) -
     modules `require` names, each config checked (altdiff_min/checks.py); the modules it holds are
     config["modules"]. Errors name the file."""
     path = resolve(path)
+    if os.path.isfile(path):
+        raise BadFile(f"{path} is a file, not a model folder: convert a single checkpoint first, "
+                      f"`altdiff-min convert {path} OUT_DIR --tokenizer sentencepiece.bpe.model`, and pass OUT_DIR")
     if not os.path.isdir(path):
         hint = ""
         if os.path.isdir(os.path.join(path, "unet")) or os.path.isfile(os.path.join(path, "model_index.json")):

@@ -190,6 +190,17 @@ def test_single_file_converts_and_matches(reference, spm_dir, tmp_path, suffix):
     assert_modules_match(load(tmp_path / "m9"), reference)
 
 
+def test_single_file_configs_not_given_are_m9s(reference, spm_dir, tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_checkpoint(reference).items()}, path)
+    spm, small = os.path.join(spm_dir, "sentencepiece.bpe.model"), small_configs(reference)
+    with pytest.raises(ConversionError, match="the text encoder embeds 250002"):  # m9's, not a KeyError
+        convert(path, tmp_path / "out", tokenizer=spm, configs={"unet": small["unet"]})
+    with pytest.raises(ValueError, match="a single file holds \\['text_encoder', 'unet', 'vae'\\], not \\['altclip'\\]"):
+        convert(path, tmp_path / "out", tokenizer=spm, configs={**small, "altclip": None})
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("change,message", [
     ({"betas": torch.linspace(1e-4, 2e-2, 1000)}, "its betas differs from scaled_linear β 0.00085–0.012 over 1000 steps by"),
     ({"alphas_cumprod": torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000), 0)}, "its alphas_cumprod differs"),
@@ -306,6 +317,11 @@ def corrupt(root, how):
         path.write_bytes(os.urandom(4096))
     elif how == "code":
         torch.save({"conv_in.weight": NotATensor()}, path)
+    elif how == "raw-pickle":  # pickle.dump, not torch.save: opcodes the weights-only unpickler refuses
+        import pickle
+
+        with open(path, "wb") as f:
+            pickle.dump({"conv_in.weight": NotATensor()}, f, protocol=4)
     elif how == "missing-config":
         (root / "vae" / "config.json").unlink()
     elif how == "wrong-tensor":
@@ -326,6 +342,7 @@ def corrupt(root, how):
     ("truncated", "not a readable PyTorch checkpoint"),
     ("garbage", "not a readable PyTorch checkpoint"),
     ("code", "never executes code"),
+    ("raw-pickle", "is a pickle that torch.load\\(weights_only=True\\) cannot read safely .* never executes code"),
     ("missing-config", "missing vae/config.json"),
     ("wrong-tensor", "conv_in.weight"),
     ("int-key", "unet state dict has a key that is not a name: 7"),
@@ -372,6 +389,8 @@ def test_argument_errors_come_first(hub_layout, tmp_path):
         convert(tmp_path / "m.ckpt", tmp_path / "a", tokenizer=tmp_path / "none.model")
     with pytest.raises(ValueError, match="not an altdiff-min model folder"):
         load(tmp_path)
+    with pytest.raises(ValueError, match="m.ckpt is a file, not a model folder: convert a single checkpoint first"):
+        load(tmp_path / "m.ckpt")
 
 
 def test_existing_out_dir_needs_force_and_failures_keep_it(hub_layout, tmp_path, monkeypatch):
@@ -406,6 +425,39 @@ def test_float64_weights_are_written_as_float32_even_with_keep(hub_layout, tmp_p
     assert model.unet.conv_in.weight.dtype == torch.float32
     with torch.no_grad():
         assert model.unet(torch.randn(2, 4, 8, 12), torch.tensor([1, 500]), torch.randn(2, 77, 32)).isfinite().all()
+
+
+@pytest.mark.parametrize("component", ["vae", "text_encoder"])
+def test_a_missing_weight_file_is_named_before_any_weights_are_read(hub_layout, tmp_path, monkeypatch, component):
+    import shutil
+
+    import weights_convert.convert as conversion
+
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    for f in (root / component).glob("*.bin"):
+        f.unlink()
+    monkeypatch.setattr(conversion, "read_component", lambda *a: pytest.fail("weights were read"))
+    with pytest.raises(ConversionError, match=f"no {component} weights found"):
+        convert(root, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_a_missing_shard_is_named_before_any_weights_are_read(hub_layout, reference, tmp_path, monkeypatch):
+    import shutil
+
+    import weights_convert.convert as conversion
+
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    for f in (root / "vae").glob("*.bin"):
+        f.unlink()
+    reference["vae"].save_pretrained(root / "vae", max_shard_size="50KB")
+    shard = sorted((root / "vae").glob("*-of-*.safetensors"))[1]
+    shard.unlink()
+    monkeypatch.setattr(conversion, "read_component", lambda *a: pytest.fail("weights were read"))
+    with pytest.raises(ConversionError, match=f"weight file\\(s\\) not found in .*: vae/{shard.name}"):
+        convert(root, tmp_path / "out")
 
 
 def test_weights_beyond_fp16_are_refused_not_written_as_infinities(hub_layout, tmp_path):

@@ -27,7 +27,7 @@ from altdiff_min.tokenizer import Tokenizer
 
 from . import ldm, schedule, text_encoder, unet, vae, vision
 from .rules import ConversionError, Report
-from .sources import COMPONENTS, folder_files, hub_folder, pick_weights, read_component, read_tensors
+from .sources import COMPONENTS, folder_files, hub_folder, locate, pick_weights, read_component, read_tensors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "keep": None}
 # module → (its config from the reference's config.json, its weights renamed strictly into the module)
@@ -126,8 +126,10 @@ def naming(path: str):
 
 
 def read_weights(folder: str, files: list[str], components: tuple[str, ...], fp16: bool, model: Model) -> None:
+    """Every component's weight files found first (a missing one is named before gigabytes are read)."""
+    located = {name: locate(folder, pick_weights(files, "" if name == "altclip" else name, fp16)) for name in components}
     for name in tqdm(components, desc="converting", unit="module"):
-        weights = read_component(folder, pick_weights(files, "" if name == "altclip" else name, fp16))
+        weights = read_component(folder, located[name])
         module, model.reports[name] = CONVERTERS[name][1](weights, model.configs[name])
         model.tensors[name] = module.state_dict()
 
@@ -144,7 +146,9 @@ def is_transformers_folder(folder: str) -> bool:
 
 
 def from_single_file(path: str, tokenizer: str, configs: dict | None = None) -> Model:
-    model = Model(tokenizer_file=tokenizer, configs=dict(configs or ldm.DEFAULT_CONFIGS))
+    if unknown := sorted(set(configs or ()) - set(ldm.DEFAULT_CONFIGS)):
+        raise BadValue(f"configs: a single file holds {sorted(ldm.DEFAULT_CONFIGS)}, not {unknown}")
+    model = Model(tokenizer_file=tokenizer, configs={**ldm.DEFAULT_CONFIGS, **(configs or {})})  # the rest: m9's
     check_tokenizer(model)
     tensors = read_tensors(path)
     ldm.check_schedule(tensors, model.schedule)

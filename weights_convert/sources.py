@@ -28,6 +28,13 @@ SAFETY_FILES = ["safety_checker/config.json", "feature_extractor/preprocessor_co
 ALTCLIP_FILES = ["config.json", "preprocessor_config.json", "sentencepiece.bpe.model"]
 
 
+def is_pickle(path: str) -> bool:
+    """The file starts as a pickle of protocol 2 to 5 does (PROTO opcode, version)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors, .bin, .pt or .ckpt file (a .ckpt's "state_dict" is unwrapped)."""
     if not os.path.isfile(path):
@@ -52,6 +59,12 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
         if blocked:  # a class or function torch.load(weights_only=True) refuses to build
             raise ConversionError(f"{path} holds more than tensors ({blocked[0][:200]}); altdiff-min never executes "
                                   f"code from a checkpoint. Re-save it as tensors only, or as .safetensors.") from None
+        if "weights only load failed" in str(e).lower() and is_pickle(path):  # one torch.save did not write
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line), "")
+            raise ConversionError(f"{path} is a pickle that torch.load(weights_only=True) cannot read safely "
+                                  f"({why[:120] or 'unsupported content'}); altdiff-min never executes code from a "
+                                  f"checkpoint. Re-save its tensors with torch.save, or as .safetensors.") from None
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
             UnicodeDecodeError, zipfile.BadZipFile) as e:
@@ -89,7 +102,9 @@ def is_index(name: str) -> bool:
     return name.endswith((".index.json", ".index.fp16.json"))
 
 
-def read_component(folder: str, files: list[str]) -> dict[str, torch.Tensor]:
+def locate(folder: str, files: list[str]) -> list[str]:
+    """The files `pick_weights` chose, with a sharded checkpoint's index replaced by its shards, each
+    checked to exist: every file is found before any is read."""
     if len(files) == 1 and is_index(files[0]):
         index = os.path.join(folder, files[0])
         try:
@@ -97,6 +112,13 @@ def read_component(folder: str, files: list[str]) -> dict[str, torch.Tensor]:
         except (KeyError, TypeError, AttributeError):
             raise ConversionError(f"{index} has no weight_map of tensor names to shard files") from None
         files = [os.path.join(os.path.dirname(files[0]), s) for s in shards]
+    if missing := [f for f in files if not os.path.isfile(os.path.join(folder, f))]:
+        raise ConversionError(f"weight file(s) not found in {folder}: {', '.join(missing[:5])}")
+    return files
+
+
+def read_component(folder: str, files: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of the files `locate` gave (the shards of one checkpoint, or one file)."""
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         tensors.update(read_tensors(os.path.join(folder, name)))
