@@ -7,11 +7,13 @@
               from the generator after the posterior sample, as diffusers draws both
     inpainting (`Blend`): after each step, the latents outside the mask are set to z0 noised to the
               level that step landed on, and to z0 itself after the last step; inside the mask
-              (white = repaint) the sampler's latents stay. Any text-to-image model does this: no
-              inpainting-trained UNet is needed (diffusers' StableDiffusionInpaintPipeline does the
-              same for 4-channel UNets).
+              (white = repaint) the sampler's latents stay (and PLMS's warm-up estimate is blended
+              too). Any text-to-image model does this: no inpainting-trained UNet is needed
+              (diffusers' StableDiffusionInpaintPipeline does the same for 4-channel UNets, and
+              at strength 1 starts from pure noise, as here).
 
-Parity with diffusers' AltDiffusionImg2ImgPipeline: same seed, same picture for every sampler. For
+Parity with diffusers' AltDiffusionImg2ImgPipeline, and for inpainting with its
+StableDiffusionInpaintPipeline: same seed, same picture for every sampler. For
 PLMS that means reproducing what diffusers' cut of PNDM's list does (see `cut`): the latents skip a
 level after the warm-up step.
 """
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BadType, BadValue, NotFinite
-from .schedule import ScheduleConfig, Timesteps, noise_to
+from .schedule import ScheduleConfig, Timesteps, add_noise, noise_to
 from .vision import rgb_over_white
 
 
@@ -150,3 +152,7 @@ class Blend:
         else:
             kept = self.z0
         return self.mask * x + (1 - self.mask) * kept
+
+    def warmup(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        """PLMS's Euler estimate at timestep t (samplers.plms' `warmup`), blended as after a step."""
+        return self.mask * x + (1 - self.mask) * add_noise(self.z0, self.noise, int(t), self.cfg)

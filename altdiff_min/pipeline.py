@@ -81,17 +81,22 @@ class AltDiffusion:
 
     def initial_latents(self, shape: tuple[int, ...], sampler: str, ts: Timesteps, generator: torch.Generator | None = None,
                         latents: torch.Tensor | None = None,
-                        image_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        image_latents: torch.Tensor | None = None,
+                        pure_noise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """2. The latents the route starts from, and the N(0, I) draw they came from.
 
         Text to image: the draw is torch.randn(shape) from the CPU `generator` exactly as diffusers
         draws it (or `latents`), times the sampler's init_noise_sigma. Image to image (image_latents:
         z0 from encode_image, repeated over the batch): z0 noised to the first level of `ts` (the
-        route strength cut) with the draw, as diffusers' scheduler.add_noise."""
+        route strength cut) with the draw, as diffusers' scheduler.add_noise; with pure_noise
+        (inpainting at strength 1, as diffusers' inpainting pipeline) the draw alone, times
+        init_noise_sigma, drawn after z0 all the same: the blending reads both."""
         p = self.unet.conv_in.weight
         if image_latents is not None:
             z0 = image_latents.expand(shape[0], -1, -1, -1)
             noise = draw_noise(z0, generator)
+            if pure_noise:
+                return (noise * init_noise_sigma(sampler, ts, self.schedule)).to(p.dtype), noise
             return noise_to(sampler, z0, noise, ts.sigmas[0], ts.t[0], self.schedule).to(p.dtype), noise
         x = latents if latents is not None else torch.randn(shape, generator=generator)
         x = x.to(p.device, p.dtype)
@@ -99,17 +104,23 @@ class AltDiffusion:
 
     def sample(self, x: torch.Tensor, context: torch.Tensor | None, sampler: str, ts: Timesteps, scale: Scale = 7.5,
                eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
-               progress: bool = True, cross_attention: bool | Collection[str] = True) -> torch.Tensor:
+               progress: bool = True, cross_attention: bool | Collection[str] = True,
+               blend: img2img.Blend | None = None) -> torch.Tensor:
         """3. Run `sampler` over the timesteps `ts` with the guided UNet (guided_eps): x_T → clean latents.
-        cross_attention: which parts of the UNet read the context (UNet.text_parts)."""
+        cross_attention: which parts of the UNet read the context (UNet.text_parts). blend:
+        inpainting's, applied after every step before `callback` sees the latents (and to PLMS's
+        warm-up estimate)."""
         with tqdm(total=len(ts), desc=sampler, disable=not progress, leave=False) as bar:
             def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
-                return callback(i, t, x, x0) if callback is not None else None
+                x = blend(i, t, x, x0) if blend is not None else x
+                out = callback(i, t, x, x0) if callback is not None else None
+                return x if out is None else out
 
             eps = guided_eps(self.unet, context, scale, cross_attention)
+            extra = {"warmup": blend.warmup} if blend is not None and sampler == "plms" else {}
             return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
-                                        generator=generator, callback=on_step)
+                                        generator=generator, callback=on_step, **extra)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """4. Clean latents (in the sampler's scaled space) → images (n, 3, H, W), float32 in [0, 1]."""
@@ -188,20 +199,21 @@ class AltDiffusion:
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
         z0 = self.encode_image(pixels, generator) if pixels is not None else None  # draws first
-        x, noise = self.initial_latents(shape, sampler, ts, generator, latents, z0)
+        x, noise = self.initial_latents(shape, sampler, ts, generator, latents, z0,
+                                        pure_noise=mask is not None and strength == 1)
+        if mask is not None:  # Parity: diffusers' inpainting pipeline then encodes the masked picture (for
+            draw_noise(z0, generator)  # 9-channel UNets), a posterior draw; skipped alike, so η > 0 and Euler-a match
         blend = img2img.Blend(sampler, z0, noise, repaint, ts, self.schedule) if mask is not None else None
         trajectory = []
 
         def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-            if blend is not None:
-                x = blend(i, t, x, x0)
             if return_trajectory:
                 trajectory.append({"t": t, "latents": x.float().cpu(), "x0": x0.float().cpu()})
             out = callback(i, t, x, x0) if callback is not None else None
             return x if out is None else out
 
         x = self.sample(x, context if reads_text else None, sampler, ts, scale if guided else 1.0, eta,
-                        generator, on_step, progress, cross_attention)
+                        generator, on_step, progress, cross_attention, blend)
         images = self.decode_latents(x)
         if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
             raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "

@@ -100,7 +100,8 @@ def ddim(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
 
 
 def plms(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: ScheduleConfig = ScheduleConfig(), *,
-         eta: float = 0.0, generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+         eta: float = 0.0, generator: torch.Generator | None = None, callback: Callback | None = None,
+         warmup: Callable[[float, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022), as diffusers'
     PNDMScheduler(skip_prk_steps=True) and CompVis' plms.py: DDIM's update with a better ε. Variance preserving.
 
@@ -108,6 +109,10 @@ def plms(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
     again at t_1 on the Euler estimate there, and the two ε are averaged (S + 1 model calls in all;
     diffusers repeats t_1 in its timestep list for this). Later steps extrapolate ε with the
     Adams–Bashforth formulas of order 2, 3, 4. The warm-up ε at t_1 is not kept in the history.
+
+    warmup(t_1, x): the Euler estimate at t_1 before the model reads it → the latents it reads instead
+    (inpainting's blending: diffusers' loop blends after every PNDM step call, and PNDM lists t_1
+    twice, so its Euler estimate is blended too); `callback` sees the steps only.
 
     Parity: diffusers' `_get_prev_sample` is the "transfer" of eq. 9, algebraically DDIM's η = 0
     update; `ddim_step` gives the same latents to float32 rounding. With a stride (see Timesteps)
@@ -123,6 +128,8 @@ def plms(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[int], cfg: Schedule
         if not history and (i + 1 < len(ts) or ts.warmup is not None):
             t_1 = ts[i + 1] if ts.warmup is None else ts.warmup
             x_euler, _ = ddim_step(x, e, a[i], a_prev[i])
+            if warmup is not None:
+                x_euler = warmup(t_1, x_euler)
             e_prime = (e + eps(x_euler, t_1)) / 2
             a_to = ac[int(t_1)]  # the averaged step lands on t_1 itself
             if ts.stride:
@@ -230,6 +237,6 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
-    """SAMPLERS[name], with a clear error for an unknown name. All share ddim's signature."""
+    """SAMPLERS[name], with a clear error for an unknown name. All share ddim's signature (PLMS adds `warmup`)."""
     check_sampler_name(name)
     return SAMPLERS[name]

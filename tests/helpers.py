@@ -114,9 +114,12 @@ SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", {"skip_pr
               "euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {})}
 
 
-def diffusers_pipeline(hub_layout, reference, sampler: str, scheduler_folder: str | None = None, img2img: bool = False):
-    """diffusers' AltDiffusionPipeline (or AltDiffusionImg2ImgPipeline) on the small reference modules,
-    with the scheduler behind `sampler`, from m9's config or the one saved in scheduler_folder."""
+def diffusers_pipeline(hub_layout, reference, sampler: str, scheduler_folder: str | None = None, img2img: bool = False,
+                       inpaint: bool = False):
+    """diffusers' AltDiffusionPipeline (or AltDiffusionImg2ImgPipeline, or StableDiffusionInpaintPipeline,
+    whose 4-channel path blends; AltDiffusion has none, and it reads the RobertaSeries encoder alike)
+    on the small reference modules, with the scheduler behind `sampler`, from m9's config or the one
+    saved in scheduler_folder."""
     import diffusers
     from diffusers.pipelines.deprecated.alt_diffusion import AltDiffusionImg2ImgPipeline, AltDiffusionPipeline
     from transformers import XLMRobertaTokenizer
@@ -127,7 +130,7 @@ def diffusers_pipeline(hub_layout, reference, sampler: str, scheduler_folder: st
     scheduler = getattr(diffusers, name).from_config(loaded.config, **extra)
     # Components loaded explicitly (model_index's class names no longer resolve); tokenizer length 77.
     tokenizer = XLMRobertaTokenizer.from_pretrained(os.path.join(hub_layout, "tokenizer"), model_max_length=77)
-    cls = AltDiffusionImg2ImgPipeline if img2img else AltDiffusionPipeline
+    cls = diffusers.StableDiffusionInpaintPipeline if inpaint else AltDiffusionImg2ImgPipeline if img2img else AltDiffusionPipeline
     return cls(vae=reference["vae"], text_encoder=reference["text_encoder"], tokenizer=tokenizer,
                                 unet=reference["unet"], scheduler=scheduler, safety_checker=None,
                                 feature_extractor=None, requires_safety_checker=False)

@@ -112,11 +112,35 @@ def test_inpainting_repaints_the_mask_and_keeps_the_rest():
                                        seed=0, output="tensor", return_trajectory=True, progress=False)
         assert torch.equal(trajectory[-1]["latents"][..., 4:], z0.expand(1, -1, -1, -1)[..., 4:])  # latent columns ≥ 32 px / 8
         assert error(got, "far") < 1.25 * error(round_trip, "far")
-        assert error(got, "repainted") > 50 * error(round_trip, "repainted")
+        assert error(got, "repainted") > 20 * error(round_trip, "repainted")  # 33× and 172× measured (from pure noise)
     pasted = toy.generate(prompt, image=init, mask=mask_left(128, 96, 0.25), strength=1.0, steps=10, seed=0,
                           output="tensor", paste_unmasked=True, progress=False)
     assert error(pasted, "kept") < 1e-6
     assert torch.equal(pasted[..., columns["repainted"]], got[..., columns["repainted"]])
+
+
+@pytest.mark.parametrize("sampler,steps,strength,eta", [
+    ("ddim", 8, 0.6, 0.0), ("ddim", 8, 1.0, 0.0), ("ddim", 6, 0.75, 1.0), ("dpm++2m", 9, 0.5, 0.0),
+    ("dpm++2m-karras", 8, 1.0, 0.0), ("euler", 8, 0.6, 0.0), ("euler", 6, 1.0, 0.0), ("euler_a", 8, 0.8, 0.0),
+    # PLMS: its warm-up's Euler estimate is blended too; the whole route, cut inside it, cut at its second step
+    ("plms", 8, 1.0, 0.0), ("plms", 10, 0.6, 0.0), ("plms", 8, 0.875, 0.0),
+], ids=["ddim", "ddim-strength1", "ddim-eta1", "dpm++2m", "dpm++2m-karras-strength1", "euler", "euler-strength1",
+        "euler_a", "plms-strength1", "plms", "plms-cut-1"])
+def test_inpainting_same_seed_same_picture_as_diffusers(ours, hub_layout, reference, sampler, steps, strength, eta):
+    """diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet blends as we do: after each step the
+    kept latents are the picture's noised to the next timestep; at strength 1 it starts from pure noise."""
+    pipe = diffusers_pipeline(hub_layout, reference, sampler, inpaint=True)
+    pipe.set_progress_bar_config(disable=True)
+    mask = mask_left(fraction=0.4)
+    with torch.no_grad():
+        expected = pipe(PROMPT, image=INIT, mask_image=mask, height=64, width=96, strength=strength,
+                        negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=steps, guidance_scale=7.5,
+                        eta=eta, output_type="pt", generator=torch.Generator("cpu").manual_seed(5)).images
+    got = ours.generate(PROMPT, image=INIT, mask=mask, strength=strength, negative_prompt=NEGATIVE, n_samples=2,
+                        steps=steps, sampler=sampler, eta=eta, seed=5, output="tensor", progress=False)
+    assert got.shape == expected.shape == (2, 3, 64, 96)
+    assert rel_err(got, expected) < 1e-4
+    assert (got[0] - got[1]).abs().mean() > 1e-3  # two different samples
 
 
 def test_inpainting_with_a_tensor_mask_equals_the_picture_mask(ours):
