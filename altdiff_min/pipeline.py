@@ -349,7 +349,10 @@ def guided_eps(unet: UNet, context: torch.Tensor | None, scale: Scale,
         ε = ε(x, ∅) + scale · (ε(x, c) − ε(x, ∅)),   ∅ = the negative prompt ("" by default).
     context holds the unconditional rows first, then the conditional ones; both halves go through
     the UNet in one batch, marked as such for instruments.capture_attention. With scale 1, context
-    is only the conditional rows and ε = ε(x, c). cross_attention: which UNet parts read the context.
+    is only the conditional rows and ε = ε(x, c). Any other scale is taken as written, as FlagAI's
+    (ldm's) samplers take it: 0 is the negative prompt alone, between 0 and 1 a mix, below 0 away
+    from the prompt; diffusers instead skips guidance for every scale ≤ 1 (ε(x, c)), so only scales
+    > 1 and exactly 1 give its pictures. cross_attention: which UNet parts read the context.
     The timestep reaches the UNet as a float32 tensor, so a compiled UNet sees a new value, not a new
     constant, at every step, and one dtype for every sampler: one compilation (the embedding computes
     in float32 either way, and integer timesteps < 2²⁴ are exact in it)."""
