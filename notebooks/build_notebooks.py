@@ -443,7 +443,7 @@ for s, im in zip(strengths, out):
 show([torch.from_numpy(mask).float() / 255, *out], ["the mask"] + [f"strength {s}" for s in strengths])""",
     """md:**Inpainting.** Only the masked box is re-made; `paste_unmasked=True` puts the original pixels
 back outside the mask. At every strength the red circle becomes a blue square near its place
-(centre (23–25, 39–40)). At 0.8 and 1.0 the square grows past the box, and the paste cuts it at
+(centre (23–25, 39–41)). At 0.8 and 1.0 the square grows past the box, and the paste cuts it at
 the mask's right edge: the mask bounds what changes, not what the model draws.""",
 ]
 
