@@ -52,8 +52,8 @@ def check_generator(generator) -> None:
 def check_eta(name: str, eta: float) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise BadType(f"eta must be a number, got {eta!r}")
-    if not eta >= 0:  # also NaN
-        raise BadValue(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # also NaN; above 1 the direction term's √(1 − ᾱ_prev − σ²) turns imaginary
+        raise BadValue(f"eta must be in [0, 1] (DDIM's η: 0 deterministic, 1 DDPM-like), got {eta}")
     if eta != 0 and name != "ddim":
         what = "draws its own noise at every step" if name == "euler_a" else "is deterministic"
         raise BadValue(f"{name} {what}: eta must be 0 (got {eta}); eta is DDIM's, use 'ddim' for eta > 0")

@@ -45,6 +45,8 @@ from typing import Callable
 
 from .errors import AltDiffError, BadFile, BadType, BadValue, Exists
 from .files import atomic_file, locked, make_folder, read_json, read_text
+from .folder import fingerprint
+from .tokenizer import check_prompt
 
 SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes"}
 NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
@@ -166,16 +168,25 @@ def read_spec(path: str) -> Spec:
     if "prompts_file" in raw:
         if prompts is not None:
             raise BadValue(f"{path}: give 'prompts' or 'prompts_file', not both")
+        if not isinstance(raw["prompts_file"], str):
+            raise BadValue(f"{path}: 'prompts_file' must name a text file (one prompt per line), beside the spec")
         file = os.path.join(os.path.dirname(os.path.abspath(path)), raw["prompts_file"])
         prompts = [line.strip() for line in read_text(file, "prompt file").splitlines() if line.strip()]
         if not prompts:
             raise BadValue(f"{file} has no prompts (one per line expected)")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise BadValue(f"{path}: 'prompts' must be a non-empty list of strings (or give 'prompts_file')")
+    for prompt in prompts:
+        try:
+            check_prompt(prompt)
+        except AltDiffError as e:
+            raise type(e)(f"{path}: {e}") from None
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**64
                                                           for s in seeds):
         raise BadValue(f"{path}: 'seeds' must be a non-empty list of ints in [0, 2**64)")
+    if len(set(seeds)) < len(seeds):
+        raise BadValue(f"{path}: 'seeds' repeats a seed ({seeds}): each would be the same picture")
     fixed, axes = raw.get("fixed", {}), raw.get("axes", {})
     if not isinstance(fixed, dict) or not isinstance(axes, dict):
         raise BadType(f"{path}: 'fixed' and 'axes' must be tables of generate arguments")
@@ -221,27 +232,55 @@ def picture_name(cell: tuple[int, int, int], spec: Spec) -> str:
     return os.path.join("pictures", f"s{s:03}-p{p:03}-seed{spec.seeds[k]}.png")
 
 
-def claim_folder(out: str, spec: Spec, force: bool) -> None:
-    """OUT is new, holds this very sweep (resumed), or (force) holds another sweep, replaced."""
+SWEEP_FILES = ("spec.json", "pictures", "results.csv", "contact_sheet.png")  # what a sweep writes into OUT
+
+
+def recorded_spec(spec: Spec) -> dict:
+    """spec.json: the spec, and the model folder's fingerprint (a changed model is another sweep)."""
+    return {**spec.as_dict(), "model_folder": fingerprint(spec.model)}
+
+
+def claim_folder(out: str, spec: Spec, force: bool, write: bool = True) -> None:
+    """OUT is new, holds this very sweep (resumed), or (force) holds another sweep, whose files are
+    replaced (only when OUT holds nothing else). write=False: only check, before any model work."""
     file = os.path.join(out, "spec.json")
     if os.path.lexists(out):
         if not os.path.isdir(out):
             raise Exists(f"{out} exists and is not a folder")
         recorded = read_json(file, "sweep spec") if os.path.exists(file) else None
-        if recorded is None or recorded.get("format") != FORMAT:
+        if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
             if os.listdir(out):
                 raise Exists(f"{out} holds files that are not a sweep's; choose another --outdir")
-        elif recorded != json.loads(json.dumps(spec.as_dict())):
+        elif (why := differs(recorded, recorded_spec(spec))) is not None:
             if not force:
-                raise Exists(f"{out} holds a sweep of another spec; --force replaces it, or choose another --outdir")
-            import shutil
+                raise Exists(f"{out} holds a sweep of another spec{why}; --force replaces it, or choose another --outdir")
+            if others := sorted(set(os.listdir(out)) - set(SWEEP_FILES)):
+                raise Exists(f"{out} also holds {others[:3]}, which no sweep wrote; --force replaces only a sweep's "
+                             f"files: move them, or choose another --outdir")
+            if write:
+                import shutil
 
-            shutil.rmtree(out)
+                for name in SWEEP_FILES:
+                    path = os.path.join(out, name)
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else \
+                        os.unlink(path) if os.path.lexists(path) else None
+    where = out if os.path.isdir(out) else os.path.dirname(out)
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise BadValue(f"--outdir: cannot write into {where} (permission denied)")
+    if not write:
+        return
     make_folder(os.path.join(out, "pictures"), "--outdir")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise BadValue(f"--outdir: cannot write into {out} (permission denied)")
     with atomic_file(file) as tmp, open(tmp, "w") as f:
-        json.dump(spec.as_dict(), f, indent=2, ensure_ascii=False)
+        json.dump(recorded_spec(spec), f, indent=2, ensure_ascii=False)
+
+
+def differs(recorded: dict, now: dict) -> str | None:
+    """None when `recorded` (spec.json) is this sweep; else why not, for the message. Sweeps recorded
+    before the model's fingerprint was kept compare their specs only."""
+    if "model_folder" in recorded and recorded["model_folder"] != now["model_folder"]:
+        return " (the model folder, or its config.json, is not the one the sweep began with)"
+    recorded = {k: v for k, v in recorded.items() if k != "model_folder"}
+    return None if recorded == json.loads(json.dumps({k: v for k, v in now.items() if k != "model_folder"})) else ""
 
 
 def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force: bool = False,
@@ -249,9 +288,9 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
     """`altdiff-min sweep SPEC`: make every missing cell's picture, then (rank 0) the table and the
     contact sheet. out: default SPEC's name without its extension, beside it. metrics: more metric
     functions by name, besides the spec's. Returns the table's rows."""
-    from .distributed import join_world, leave_world, on_rank0
+    from .distributed import barrier, join_world, leave_world, on_rank0
     from .folder import read_config
-    from .pipeline import check_device
+    from .pipeline import check_device, load
 
     spec = read_spec(spec_path)
     out = os.path.abspath(out or os.path.splitext(spec_path)[0])
@@ -261,9 +300,16 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
             read_config(spec.clip_model, require=("altclip",))
         except AltDiffError as e:
             raise type(e)(f"{spec_path}: clip_model: {e}") from None
+    make_folder(os.path.dirname(out), "--outdir")  # OUT's place and state, before the model loads
+    claim_folder(out, spec, force, write=False)
     world = join_world(check_device(device))
     try:
         functions = {name: find_metric(name, spec.clip_model, world.device) for name in spec.metrics} | (metrics or {})
+        model = load(spec.model, device=world.device)
+        try:
+            check_cells(spec, model)
+        except AltDiffError as e:
+            raise type(e)(f"{spec_path}: {e}") from None
         with ExitStack() as stack:
             def claim() -> None:
                 make_folder(os.path.dirname(out), "--outdir")
@@ -271,20 +317,18 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
                 claim_folder(out, spec, force)
 
             on_rank0(world, claim)
-            return make_cells(spec, out, functions, world, progress)
+            make_pictures(spec, out, world, model, progress)
+        del model  # the metrics may load a model of their own ("clip": AltCLIP-m9) onto the same device
+        barrier(world)
+        return on_rank0(world, lambda: write_results(out, spec, functions))
     finally:
         leave_world(world)
 
 
-def make_cells(spec: Spec, out: str, functions: dict[str, Metric], world, progress: bool) -> list[dict]:
-    """This rank's missing pictures, then (rank 0) the results; every rank returns the table."""
+def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
+    """This rank's missing pictures, by `model` (loaded, its cells checked)."""
     from tqdm import tqdm
 
-    from .distributed import barrier, on_rank0
-    from .pipeline import load
-
-    model = load(spec.model, device=world.device)
-    check_cells(spec, model)
     settings, mine = spec.settings, [c for i, c in enumerate(spec.cells()) if i % world.size == world.rank]
     todo = [c for c in mine if not os.path.exists(os.path.join(out, picture_name(c, spec)))]
     for cell in tqdm(todo, desc="sweep", disable=not (progress and world.rank == 0)):
@@ -292,9 +336,6 @@ def make_cells(spec: Spec, out: str, functions: dict[str, Metric], world, progre
         image = model.generate(spec.prompts[p], seed=spec.seeds[k], progress=False, **{**spec.fixed, **settings[s]})[0]
         with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp:
             image.save(tmp, format="PNG")
-    del model  # the metrics may load a model of their own ("clip": AltCLIP-m9) onto the same device
-    barrier(world)
-    return on_rank0(world, lambda: write_results(out, spec, functions))
 
 
 def write_results(out: str, spec: Spec, functions: dict[str, Metric]) -> list[dict]:
@@ -338,7 +379,7 @@ def contact_sheet(out: str, spec: Spec, pictures: list) -> None:
     the seed. pictures: the cells' pictures, in spec.cells() order."""
     from PIL import Image, ImageDraw
 
-    w, h = pictures[0].size
+    w, h = max(p.size[0] for p in pictures), max(p.size[1] for p in pictures)  # an axis may change the size
     columns = len(spec.prompts) * len(spec.seeds)
     left, top, gap = 220, 20, 2
     sheet = Image.new("RGB", (left + columns * (w + gap), top + len(spec.settings) * (h + gap)), "white")

@@ -218,7 +218,8 @@ def test_limits_can_be_raised(small_model_dir):
     (dict(latents=torch.full((1, 4, 8, 12), math.nan)), NotFinite, "latents hold NaN"),
     (dict(latents=torch.full((1, 4, 8, 12), math.inf)), NotFinite, "latents hold NaN"),
     (dict(scale=math.nan), BadValue, "scale must be finite"),
-    (dict(eta=math.nan), BadValue, "eta must be >= 0"),
+    (dict(eta=math.nan), BadValue, r"eta must be in \[0, 1\]"),
+    (dict(eta=1.5), BadValue, r"eta must be in \[0, 1\]"),
     (dict(prompt_embeds=torch.full((1, 77, 32), math.nan)), NotFinite, "prompt_embeds"),
 ])
 def test_non_finite_arguments(small_model_dir, kwargs, error, match):

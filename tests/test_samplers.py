@@ -225,8 +225,9 @@ def test_bad_steps(name, steps, spacing, error, match):
 
 
 @pytest.mark.parametrize("name,eta,error,match", [
-    ("ddim", -0.1, ValueError, "eta must be >= 0"),
-    ("ddim", float("nan"), ValueError, "eta must be >= 0"),
+    ("ddim", -0.1, ValueError, r"eta must be in \[0, 1\]"),
+    ("ddim", 1.5, ValueError, r"eta must be in \[0, 1\]"),
+    ("ddim", float("nan"), ValueError, r"eta must be in \[0, 1\]"),
     ("ddim", "0.5", TypeError, "eta must be a number"),
     ("plms", 0.5, ValueError, "plms is deterministic: eta must be 0"),
     ("dpm++2m", 1.0, ValueError, r"dpm\+\+2m is deterministic: eta must be 0"),

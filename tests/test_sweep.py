@@ -142,6 +142,10 @@ def test_torchrun_sweep_makes_the_same_pictures(tmp_path):
     ({"clip_model": "NOWHERE"}, "'clip_model' is read by the metric \"clip\" only"),
     ({"metrics": ["clip"], "clip_model": "NOWHERE"}, "clip_model: model folder not found"),
     ({"metrics": ["clip"], "clip_model": "toy"}, "not altclip; pass an AltCLIP folder"),  # an AltDiffusion folder
+    ({"prompts": None, "prompts_file": 5}, "'prompts_file' must name a text file"),
+    ({"prompts": ["a red circle", "x\udc80"]}, "spec.json: "),  # not UTF-8: refused by the tokenizer's check
+    ({"seeds": [1, 1]}, "'seeds' repeats a seed"),
+    ({"axes": {"eta": [0.0, 2.0]}}, "spec.json: eta must be in [0, 1]"),
 ])
 def test_bad_specs_are_refused_before_any_picture(tmp_path, capsys, monkeypatch, change, message):
     import altdiff_min.pipeline as pipeline
@@ -153,6 +157,45 @@ def test_bad_specs_are_refused_before_any_picture(tmp_path, capsys, monkeypatch,
     assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "spec").exists()  # OUT not claimed: the corrected spec runs there
+
+
+def test_force_replaces_only_what_a_sweep_wrote(tmp_path, capsys):
+    small = {**SPEC, "seeds": [0], "axes": {"scale": [7.5]}}
+    out = tmp_path / "spec"
+    assert main(["sweep", write_spec(tmp_path, small), "--device", "cpu"]) == 0
+    (out / "notes.txt").write_text("mine")
+    changed = write_spec(tmp_path, {**small, "seeds": [1]})
+    assert main(["sweep", changed, "--device", "cpu"]) == 2
+    assert "holds a sweep of another spec; --force replaces it" in capsys.readouterr().err
+    assert main(["sweep", changed, "--device", "cpu", "--force"]) == 2
+    assert "also holds ['notes.txt'], which no sweep wrote" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and len(table(out)) == 2  # the old sweep is whole
+    (out / "notes.txt").unlink()
+    assert main(["sweep", changed, "--device", "cpu", "--force"]) == 0
+    assert sorted(os.listdir(out / "pictures")) == ["s000-p000-seed1.png", "s000-p001-seed1.png"]
+
+
+def test_a_sweep_resumed_with_another_model_is_refused(tmp_path, capsys):
+    import shutil
+
+    from altdiff_min.folder import resolve
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve("toy"), model)
+    spec = write_spec(tmp_path, {**SPEC, "model": str(model), "seeds": [0], "axes": {"scale": [7.5]}})
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    config = json.loads((model / "config.json").read_text())
+    config["schedule"]["beta_end"] = 0.02
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["sweep", spec, "--device", "cpu"]) == 2
+    assert "the model folder, or its config.json, is not the one the sweep began with" in capsys.readouterr().err
+
+
+def test_contact_sheet_fits_an_axis_of_sizes(tmp_path):
+    spec = {**SPEC, "prompts": ["a red circle"], "seeds": [0], "axes": {"width": [64, 128]}}
+    assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "spec" / "contact_sheet.png").size == (220 + 130, 20 + 2 * 66)
 
 
 def test_outdir_that_is_a_file_or_someone_elses_folder(tmp_path, capsys):
