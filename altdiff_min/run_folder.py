@@ -50,6 +50,8 @@ def prepare(path: str, force: bool, resume: bool) -> dict | None:
         for leftover in leftovers(os.path.join(path, CHECKPOINT), "partial") + leftovers(os.path.join(path, LOSSES), "partial"):
             os.unlink(leftover)  # a write the kill interrupted; the file it was replacing is whole
         return read_json(os.path.join(path, RUN), RUN)
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return None  # an empty folder (made by hand, or left by a run that failed at once): nothing to lose
     if os.path.lexists(path):
         if not force:
             raise Exists(f"{path} already exists; pass --resume to continue its run or --force to start it again")

@@ -433,8 +433,8 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 stack.enter_context(locked(out_dir))  # held until the run ends
                 return run_folder.prepare(out_dir, force, resume)
 
+            dataset = on_rank0(world, lambda: open_data(data, resolution, progress))  # before OUT_DIR is touched
             recorded = on_rank0(world, claim)
-            dataset = on_rank0(world, lambda: open_data(data, resolution, progress))
             model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
                    "config": dataclasses.asdict(cfg), "world_size": world.size,

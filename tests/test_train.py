@@ -290,6 +290,24 @@ def test_training_settings_are_checked(small_model_dir, pictures, tmp_path, caps
         assert not (tmp_path / "out").exists()
 
 
+def test_bad_data_touches_no_run_folder(small_model_dir, pictures, tmp_path, capsys):
+    """DATA is read before OUT_DIR is claimed: --force with a mistyped DATA keeps the old run, and a
+    new OUT_DIR is not left behind empty. An empty folder is taken as a new OUT_DIR."""
+    from altdiff_min.__main__ import main
+
+    run = tmp_path / "run"
+    assert main(["train", small_model_dir, pictures, str(run), "--max-steps", "1", "--no-progress"]) == 0
+    before = sorted(os.listdir(run))
+    assert main(["train", small_model_dir, str(tmp_path / "no-such-data"), str(run), "--force", "--max-steps", "1"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == before and "checkpoint.pt" in before
+    assert main(["train", small_model_dir, str(tmp_path / "no-such-data"), str(tmp_path / "new"), "--max-steps", "1"]) == 2
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["train", small_model_dir, pictures, str(tmp_path / "empty"), "--max-steps", "1", "--no-progress"]) == 0
+    assert (tmp_path / "empty" / "model" / "model.safetensors").is_file()
+
+
 def test_train_help_explains_every_flag(capsys):
     from altdiff_min.__main__ import main
 
