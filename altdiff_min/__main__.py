@@ -212,7 +212,7 @@ def torch_cuda() -> bool:
 
 
 def read_prompts(args) -> list[str]:
-    from .errors import BadValue
+    from .errors import AltDiffError, BadValue
     from .files import read_text
     from .tokenizer import check_prompt
 
@@ -229,6 +229,10 @@ def read_prompts(args) -> list[str]:
         prompts = [args.prompt]
     for prompt in prompts:
         check_prompt(prompt)
+    try:
+        check_prompt(args.negative_prompt)
+    except AltDiffError as e:
+        raise type(e)(f"--negative-prompt: {e}") from None
     return prompts
 
 
@@ -278,7 +282,15 @@ def replay(args) -> int | None:
             if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
         keep, args.replayed = row["sample"], row
-    except (ValueError, KeyError, TypeError) as e:
+        kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
+                 "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int}
+        if wrong := [k for k, kind in kinds.items() if isinstance(row[k], bool) or not isinstance(row[k], kind)]:
+            raise TypeError(f"{', '.join(wrong)} of the wrong type")
+        if row["dtype"] not in ("fp32", "fp16", "bf16") or not 0 <= row["sample"] < row["n_samples"]:
+            raise ValueError(f"dtype {row['dtype']!r} or sample {row['sample']} out of range")
+        if not isinstance(row["model"]["path"], str) or not isinstance(row["model"]["config_sha256"], str):
+            raise TypeError("model is not a recorded model folder")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BadFile(f"{file} line {line} is not a manifest line of altdiff-min generate ({e})") from None
     if fingerprint(args.model)["config_sha256"] != row["model"]["config_sha256"]:
         raise BadValue(f"--replay: the config.json of {args.model} has changed since the picture was made")
@@ -400,10 +412,13 @@ def generate(args) -> int:
     checked = "safety_checker" in config["modules"] and args.safety_checker is not False
     if args.C != config["unet"].in_channels:
         raise BadValue(f"--C {args.C}: this model's latents have {config['unet'].in_channels} channels")
-    samples = os.path.join(args.outdir, "samples")
+    samples, manifest = os.path.join(args.outdir, "samples"), os.path.join(args.outdir, MANIFEST)
     make_folder(samples, "--outdir")
-    if not os.access(samples, os.W_OK | os.X_OK):
-        raise BadValue(f"--outdir: cannot write into {samples} (permission denied)")
+    for folder in (samples, args.outdir):  # the pictures; the manifest and the grid
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BadValue(f"--outdir: cannot write into {folder} (permission denied)")
+    if os.path.lexists(manifest) and not (os.path.isfile(manifest) and os.access(manifest, os.R_OK | os.W_OK)):
+        raise BadValue(f"--outdir: {manifest} is not a file this run can read and append to")
     # 2. The model, on every process torchrun started; each makes the prompts p with p % processes == rank.
     world = join_world(device)
     try:
@@ -433,28 +448,35 @@ def generate(args) -> int:
                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 if keep is not None:
                     row["replay_of"] = args.replayed["file"]
-                append_line(os.path.join(args.outdir, MANIFEST), json.dumps(row, ensure_ascii=False))
+                append_line(manifest, json.dumps(row, ensure_ascii=False))
                 print(f"{path} (flagged by the safety checker: replaced by a placeholder)" if row["flagged"] else path)
         barrier(world)
         if world.rank == 0:
-            rows = job_rows(os.path.join(args.outdir, MANIFEST), job)
+            rows = job_rows(manifest, job)
             if not args.skip_grid:
                 images = [Image.open(os.path.join(args.outdir, r["file"])).convert("RGB") for r in rows]
                 print(save_numbered(args.outdir, "grid-{:04}.png", lambda tmp: grid(images, args.n_samples).save(tmp, format="PNG")))
             if world.size > 1:
                 print(f"{len(rows)} pictures of {len(prompts)} prompt(s) by {world.size} processes in "
-                      f"{time.perf_counter() - start:.1f} s; manifest: {os.path.join(args.outdir, MANIFEST)} (job {job})")
+                      f"{time.perf_counter() - start:.1f} s; manifest: {manifest} (job {job})")
     finally:
         leave_world(world)
     return 0
 
 
 def job_rows(manifest: str, job: str) -> list[dict]:
-    """The manifest lines of one generate command (all its processes), in prompt order then sample order."""
+    """The manifest lines of one generate command (all its processes), in prompt order then sample order.
+    Other lines are not read: one a user edited, or one a killed write cut short, is not this job's."""
     import json
 
-    with open(manifest, encoding="utf-8") as f:
-        rows = [row for row in map(json.loads, filter(str.strip, f)) if row.get("job") == job]
+    def parsed(line: str):
+        try:
+            return json.loads(line)
+        except ValueError:
+            return None
+
+    with open(manifest, encoding="utf-8", errors="replace") as f:
+        rows = [row for row in map(parsed, f) if isinstance(row, dict) and row.get("job") == job]
     return sorted(rows, key=lambda r: (r["index"], r["sample"]))
 
 

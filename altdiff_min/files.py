@@ -164,10 +164,11 @@ def save_numbered(folder: str, pattern: str, write: Callable[[str], None]) -> st
 
 def append_line(path: str, line: str) -> None:
     """Append `line` and a newline to `path` (created if missing) in one write, holding an exclusive
-    flock on the file while doing so: lines from concurrent processes never interleave, none is lost."""
+    flock on the file while doing so: lines from concurrent processes never interleave, none is lost.
+    A file whose last line lacks its newline (a write cut short) gets one first: the line stays whole."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as e:
         raise io_error(path, e, "open") from None
     try:
@@ -177,6 +178,9 @@ def append_line(path: str, line: str) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX)  # waits: a writer holds it for one write
         except ImportError:  # pragma: no cover (Windows: O_APPEND alone)
             pass
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         written = os.write(fd, data)
         if written != len(data):
             raise OSError(28, f"only {written} of {len(data)} bytes written")

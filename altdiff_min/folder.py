@@ -202,8 +202,11 @@ def fingerprint(path: str | os.PathLike) -> dict[str, str]:
     import hashlib
 
     path = os.path.abspath(resolve(path))
-    with open(os.path.join(path, CONFIG), "rb") as f:
-        return {"path": path, "config_sha256": hashlib.sha256(f.read()).hexdigest()}
+    try:
+        with open(os.path.join(path, CONFIG), "rb") as f:
+            return {"path": path, "config_sha256": hashlib.sha256(f.read()).hexdigest()}
+    except OSError as e:
+        raise Missing(f"model folder not found (or its {CONFIG} unreadable): {path} ({e.strerror})") from None
 
 
 def read_config(path: str | os.PathLike, require: tuple[str, ...] = DIFFUSION) -> dict[str, Any]:

@@ -97,6 +97,57 @@ def test_replay_refuses_bad_lines(model_dir, tmp_path, capsys, replay, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"prompt": 5}, "prompt of the wrong type"), ({"scale": "7.5"}, "scale of the wrong type"),
+    ({"seed": "5"}, "seed of the wrong type"), ({"dtype": "fp8"}, "dtype 'fp8' or sample 0 out of range"),
+    ({"sample": 5}, "sample 5 out of range"), ({"model": "m"}, "is not a manifest line"),
+    ({"model": {"path": "NOWHERE", "config_sha256": "0"}}, "model folder not found"),
+])
+def test_replay_refuses_a_recorded_line_it_cannot_honour(model_dir, tmp_path, capsys, monkeypatch, change, message):
+    import json
+
+    import altdiff_min.pipeline as pipeline
+
+    out = tmp_path / "o"
+    assert main(["generate", "a dog", "--model", model_dir, "--steps", "1", "--n-samples", "1", "--outdir", str(out),
+                 "--device", "cpu"]) == 0
+    row = {**json.loads((out / "manifest.jsonl").read_text()), **change}
+    (tmp_path / "M").write_text(json.dumps(row) + "\n")
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", "--replay", f"{tmp_path / 'M'}:1", "--outdir", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_broken_manifest_line_is_left_alone_and_the_next_one_starts_fresh(model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text('not json\n{"file": "samples/x.png", "time": "2026-11-')  # cut short
+    assert main(["generate", "a dog", "--model", model_dir, "--steps", "1", "--n-samples", "1", "--outdir", str(out),
+                 "--device", "cpu"]) == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["prompt"] == "a dog"
+    assert (out / "grid-0000.png").is_file()
+
+
+@pytest.mark.parametrize("how", ["manifest is a folder", "negative prompt not text"])
+def test_outdir_and_negative_prompt_are_checked_before_loading(model_dir, tmp_path, capsys, monkeypatch, how):
+    import altdiff_min.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out, extra = tmp_path / "o", []
+    if how == "manifest is a folder":
+        (out / "manifest.jsonl").mkdir(parents=True)
+    else:
+        extra = ["--negative-prompt", "blurry\udc80"]
+    assert main(["generate", "a dog", "--model", model_dir, "--outdir", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert ("is not a file this run can read and append to" if how == "manifest is a folder" else
+            "--negative-prompt: prompt 'blurry\\udc80' has a lone surrogate") in err and err.count("\n") == 1
+
+
 def test_concurrent_runs_into_one_folder_keep_every_picture(model_dir, tmp_path):
     """Three processes started at once, four pictures each: twelve files, twelve manifest lines."""
     import json
