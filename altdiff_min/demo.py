@@ -6,9 +6,10 @@ in a world of coloured shapes captioned in nine languages. The detector reads ba
 """
 from __future__ import annotations
 
-import os
 import time
 
+from .errors import BadValue
+from .files import make_folder, save_numbered
 from .pipeline import load
 from .toy import caption, detect
 
@@ -19,17 +20,19 @@ ASKS = (("zh", "circle", "red"), ("fr", "square", "blue"), ("ar", "triangle", "g
 
 
 def run(seed: int = 0, outdir: str = "demo_outputs", asks: tuple[tuple[str, str, str], ...] = ASKS) -> list[str]:
-    """Draw each ask with the toy model into outdir/LANG.png; print and return the paths."""
+    """Draw each ask with the toy model into outdir/LANG-NNN.png (the next free number: a rerun adds,
+    never overwrites); print and return the paths."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise BadValue(f"--seed must be an int in [0, 2**64), got {seed!r}")
+    make_folder(outdir, "the demo's output folder")
     pipe = load("toy")
     print(f"altdiff-min demo: the trained toy model ({pipe.path}), DDIM 25 steps, guidance 7.5, seed {seed}")
-    os.makedirs(outdir, exist_ok=True)
     paths = []
     for lang, shape, colour in asks:
         prompt = caption(shape, colour, lang, 1)
         start = time.perf_counter()
         image = pipe.generate(prompt, steps=25, seed=seed, progress=False)[0]
-        paths.append(os.path.join(outdir, f"{lang}.png"))
-        image.save(paths[-1])
+        paths.append(save_numbered(outdir, lang + "-{:03}.png", lambda tmp: image.save(tmp, format="PNG")))
         seen_shape, seen_colour = detect(image)
         print(f"{lang}  {prompt:40} → {paths[-1]}  ({time.perf_counter() - start:.2f} s; "
               f"detected: {seen_colour} {seen_shape})")
