@@ -347,7 +347,10 @@ def picture_arguments(args, config: dict) -> dict | None:
     img2img.check_strength(strength, args.steps)
     image = read_picture(args.init_img, "--init-img")
     mask = read_picture(args.mask, "--mask") if args.mask else None
-    width, height = img2img.rounded_size(image, config["vae"].size_multiple * config["unet"].size_multiple)
+    if args.H is None and args.W is None:
+        width, height = img2img.rounded_size(image, config["vae"].size_multiple * config["unet"].size_multiple)
+    else:  # resized to them (as generate does): a side not given is the picture's own
+        width, height = img2img.size_of(image)
     if mask is not None:
         img2img.prepare_mask(mask, image, img2img.size_of(image))  # the same size as the picture, readable
     record = {"init_img": {"path": os.path.abspath(args.init_img), "sha256": file_digest(args.init_img, "--init-img")},

@@ -148,6 +148,16 @@ def test_outdir_and_negative_prompt_are_checked_before_loading(model_dir, tmp_pa
             "--negative-prompt: prompt 'blurry\\udc80' has a lone surrogate") in err and err.count("\n") == 1
 
 
+def test_a_small_init_img_with_a_size_given_is_resized_as_generate_does(model_dir, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "tiny.png")
+    out = tmp_path / "o"
+    assert main(["generate", "a dog", "--model", model_dir, "--init-img", str(tmp_path / "tiny.png"), "--H", "64", "--W",
+                 "96", "--steps", "2", "--n-samples", "1", "--outdir", str(out), "--device", "cpu"]) == 0
+    assert Image.open(out / "samples" / "00000.png").size == (96, 64)
+
+
 def test_concurrent_runs_into_one_folder_keep_every_picture(model_dir, tmp_path):
     """Three processes started at once, four pictures each: twelve files, twelve manifest lines."""
     import json
