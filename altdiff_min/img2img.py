@@ -75,6 +75,9 @@ def check_picture(image, what: str = "image") -> None:
         raise BadValue(f"{what} tensor must be floats (1, 3, H, W) or (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
     if not torch.isfinite(image).all():
         raise NotFinite(f"{what} holds NaN or infinite values")
+    if image.min() < 0 or image.max() > 1:
+        raise BadValue(f"{what} tensor must be in [0, 1], got values in [{image.min():g}, {image.max():g}] "
+                       f"(a 0–255 picture: divide it by 255)")
 
 
 def rounded_size(image, multiple: int) -> tuple[int, int]:

@@ -183,6 +183,9 @@ class AltDiffusion:
         prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
                                                   height, width, seed, latents, output, prompt_embeds)
         reads_text = bool(self.unet.text_parts(cross_attention))  # [] or False: the text is never encoded
+        if callback is not None and not callable(callback):
+            raise BadType(f"callback must be a function (i, t, latents, x0) -> latents or None, got {callback!r}")
+        self.check_text_layer(text_layer)
         pixels = repaint = None
         if image is not None:
             ts = img2img.cut(ts, steps, 0.8 if strength is None else strength, sampler)
@@ -248,6 +251,13 @@ class AltDiffusion:
             return height, width
         return (img2img.size_of(image)[1] if height is None else height,
                 img2img.size_of(image)[0] if width is None else width)
+
+    def check_text_layer(self, text_layer) -> None:
+        """generate's text_layer: None (the last), or which text-encoder layer feeds the UNet, 0 the embeddings."""
+        layers = len(self.text_encoder.layers)
+        if text_layer is not None and (isinstance(text_layer, bool) or not isinstance(text_layer, int)
+                                       or not 0 <= text_layer <= layers):
+            raise BadValue(f"text_layer must be an int in [0, {layers}] (or None), got {text_layer!r}")
 
     def check_arguments(self, prompt, negative_prompt, n_samples, steps, sampler, scale, eta, height, width, seed,
                         latents, output, prompt_embeds) -> tuple[list[str], Timesteps, tuple[int, ...]]:

@@ -49,7 +49,7 @@ DEFAULT_ALPHA_TO_ONE = {"ddim": True, "plms": False}
 
 def check_sampler_name(name: str) -> None:
     """Raise unless `name` is one of the samplers (samplers.SAMPLERS: the keys of DEFAULT_SPACING)."""
-    if name not in DEFAULT_SPACING:
+    if not isinstance(name, str) or name not in DEFAULT_SPACING:
         raise BadValue(f"unknown sampler {name!r}; choose one of {sorted(DEFAULT_SPACING)}")
 
 

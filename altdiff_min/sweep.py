@@ -215,13 +215,10 @@ def read_spec(path: str) -> Spec:
 
 def check_cells(spec: Spec, model) -> None:
     """Every setting's arguments, checked by generate's own checks before any picture is made."""
-    layers = len(model.text_encoder.layers)
     for setting in spec.settings:
         arguments = {**spec.fixed, **setting}
         model.unet.text_parts(arguments.get("cross_attention", True))  # true, false or a list of UNet parts
-        layer = arguments.get("text_layer")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= layers):
-            raise BadValue(f"text_layer must be an int in [0, {layers}] (or null), got {layer!r}")
+        model.check_text_layer(arguments.get("text_layer"))
         model.check_arguments(spec.prompts[0], arguments.get("negative_prompt", ""), 1, arguments.get("steps", 50),
                               arguments.get("sampler", "ddim"), arguments.get("scale", 7.5), arguments.get("eta", 0.0),
                               arguments.get("height"), arguments.get("width"), spec.seeds[0], None, "pil", None)

@@ -212,6 +212,22 @@ def test_limits_can_be_raised(small_model_dir):
     assert pipe.generate("a", n_samples=2, output="tensor", **HW).shape == (2, 3, 64, 96)
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(callback=3), BadType, "callback must be a function"),
+    (dict(text_layer="a"), BadValue, r"text_layer must be an int in \[0, 2\]"),
+    (dict(text_layer=True), BadValue, r"text_layer must be an int in \[0, 2\]"),
+    (dict(sampler=["ddim"]), BadValue, r"unknown sampler \['ddim'\]"),
+    (dict(image=torch.full((1, 3, 64, 96), 255.0)), BadValue, r"image tensor must be in \[0, 1\], got values in \[255, 255\]"),
+])
+def test_wrong_arguments_to_generate_fail_before_the_model_runs(small_model_dir, monkeypatch, kwargs, error, match):
+    pipe = load(small_model_dir)
+    monkeypatch.setattr(pipe.text_encoder, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    monkeypatch.setattr(pipe.vae, "encode", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(error, match=match) as e:
+        pipe.generate("a dog", **{**HW, **kwargs})
+    assert "\n" not in str(e.value)
+
+
 # ---- 4. NaN never passes silently ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,error,match", [
