@@ -93,9 +93,10 @@ class AltCLIP(nn.Module):
 def clip_score(model: AltCLIP, tokenizer, images, prompts: str | Sequence[str]) -> torch.Tensor:
     """CLIPScore of each (image, prompt) pair → (B,) float32: 100 · max(cos(E_image, E_text), 0).
 
-    The definition torchmetrics' CLIPScore uses (its per-pair score, before it averages them); Hessel
-    et al. 2021, who defined CLIPScore, scale by w = 2.5 instead of 100. Higher is better; 0 means
-    unrelated or worse. The temperature (logit_scale) plays no part.
+    Hessel et al. 2021's per-pair CLIPScore, clamped at 0 as they define it, scaled by 100 as
+    torchmetrics scales it (Hessel et al. use w = 2.5). torchmetrics clamps only the mean of its
+    unclamped 100·cos, so the two means differ when some cosine is negative. Higher is better; 0
+    means unrelated or worse. The temperature (logit_scale) plays no part.
 
     images: PIL images or a float tensor (B, 3, H, W) in [0, 1], preprocessed by `vision.preprocess`
     (resize, centre crop, CLIP's normalisation); prompts: one per image, tokenized by `tokenizer`

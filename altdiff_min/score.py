@@ -5,8 +5,9 @@
     read_pairs(PATH)                                [(picture path, prompt), …]
     score_pictures(PATH, clip, out="scores.csv")    [{file, prompt, clip_score}, …], and the CSV
 
-The score of a pair is altclip.clip_score: 100 · max(cos(image embedding, text embedding), 0), the
-per-pair CLIPScore of torchmetrics. AltCLIP's text tower reads the nine m9 languages, so prompts in
+The score of a pair is altclip.clip_score: 100 · max(cos(image embedding, text embedding), 0), Hessel
+et al.'s per-pair CLIPScore at torchmetrics' scale (torchmetrics clamps only its mean, so the means
+differ where some cosine is negative). AltCLIP's text tower reads the nine m9 languages, so prompts in
 any of them are scored against the same image embedding.
 
 PATH is what `altdiff-min generate` wrote (an --outdir holding manifest.jsonl, or that manifest.jsonl
@@ -84,6 +85,17 @@ def open_picture(path: str | os.PathLike):
         raise BadFile(f"{os.fspath(path)} is not a readable picture ({e})") from None
 
 
+def check_picture_file(path: str, where: str = "") -> None:
+    """A picture file that decodes (PIL's verify: its structure and checksums), checked before any model loads."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadFile(f"{where}{path} is not a readable picture ({e})") from None
+
+
 def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Scorer:
     """The AltCLIP model of a model folder and its tokenizer; no network, no random init. dtype None:
     the folder's default_dtype if its config names one, else the dtype it was written in. An
@@ -131,6 +143,7 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
         picture = os.path.join(folder, file)
         if not os.path.isfile(picture):
             raise Missing(f"{manifest} line {n}: picture not found: {picture}")
+        check_picture_file(picture, f"{manifest} line {n}: ")
         pairs.append((picture, prompt))
     if flagged:
         print(f"{manifest}: left out {flagged} picture(s) the safety checker replaced by a placeholder", file=sys.stderr)

@@ -302,6 +302,8 @@ def test_altclip_and_altdiffusion_folders_are_not_confused(altclip_dir, small_mo
     ("clip", "config.json: model_type is 'clip', not 'altclip'"),
     ("no-tokenizer", "has no sentencepiece.bpe.model: pass --tokenizer"),
     ("size", "preprocessor_config.json: size is 80"),
+    ("longest-edge", "preprocessor_config.json: size is {'shortest_edge': 64, 'longest_edge': 80}; altdiff-min's preprocess resizes the shortest edge only"),
+    ("pad", "preprocessor_config.json: do_pad is True; altdiff-min's preprocess does not pad"),
     ("vocab", "ids but the text encoder embeds 300"),
     ("no-weights", "no model weights found"),
     ("extra-tensor", "text_model.extra.weight"),
@@ -320,6 +322,10 @@ def test_bad_altclip_fails_clearly_and_writes_nothing(altclip_layout, tmp_path, 
         (root / "sentencepiece.bpe.model").unlink()
     elif breakage == "size":
         edit_json(root / "preprocessor_config.json", size={"shortest_edge": 80})
+    elif breakage == "longest-edge":
+        edit_json(root / "preprocessor_config.json", size={"shortest_edge": 64, "longest_edge": 80})
+    elif breakage == "pad":
+        edit_json(root / "preprocessor_config.json", do_pad=True)
     elif breakage == "vocab":
         edit_json(root / "config.json", text_config__vocab_size=300)
     elif breakage == "no-weights":

@@ -147,6 +147,8 @@ def test_the_command_line_end_to_end(generated, altclip_dir, tmp_path, capsys):
     ("no clip", "model folder not found"),
     ("no path", "pictures not found"),
     ("missing picture", "line 2: picture not found"),
+    ("unreadable picture", "line 2: "),
+    ("truncated picture", "line 2: "),
     ("bad line", "line 1 is not a manifest line of altdiff-min generate"),
     ("empty manifest", "names no picture to score"),
     ("empty folder", "no usable example"),
@@ -169,6 +171,12 @@ def test_bad_input_is_one_line_before_the_model_loads(generated, altclip_dir, sm
         clip = str(tmp_path / "nowhere")
     elif case == "no path":
         path = str(tmp_path / "nowhere")
+    elif case in ("unreadable picture", "truncated picture"):
+        shutil.copytree(os.path.join(generated, "samples"), tmp_path / "samples")
+        picture = tmp_path / json.loads(lines[1])["file"]
+        picture.write_bytes(b"not a png" if case == "unreadable picture" else picture.read_bytes()[:200])
+        manifest.write_text("\n".join(lines))
+        path, message = str(manifest), f"line 2: {picture} is not a readable picture"
     elif case in ("missing picture", "bad line", "empty manifest"):
         shutil.copytree(os.path.join(generated, "samples"), tmp_path / "samples")
         os.unlink(tmp_path / json.loads(lines[1])["file"])

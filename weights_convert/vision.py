@@ -147,9 +147,15 @@ def check_preprocessor(hf: dict, cfg: VisionConfig) -> None:
     if got != want:
         key = next(k for k in want if got[k] != want[k])
         raise ValueError(f"{key} is {got[key]!r}; altdiff-min's preprocess does CLIP's ({key} {want[key]!r})")
+    if isinstance(size, dict) and set(size) - {"shortest_edge"}:
+        raise ValueError(f"size is {size!r}; altdiff-min's preprocess resizes the shortest edge only (no "
+                         f"longest_edge, height or width)")
+    if hf.get("do_pad"):
+        raise ValueError(f"do_pad is {hf['do_pad']!r}; altdiff-min's preprocess does not pad")
     for key, values in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
         given = hf.get(key, list(values))
         if not isinstance(given, list) or len(given) != 3 or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(given, values)):
             raise ValueError(f"{key} is {given!r}; altdiff-min's preprocess normalises with CLIP's {list(values)}")
-    if not math.isclose(hf.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-9):
+    factor = hf.get("rescale_factor", 1 / 255)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isclose(factor, 1 / 255, rel_tol=1e-9):
         raise ValueError(f"rescale_factor is {hf['rescale_factor']!r}; altdiff-min's preprocess scales by 1/255")
