@@ -122,7 +122,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="examples per process per micro-step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step; the global batch is "
                    "batch-size × processes × grad-accum")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (after warm-up)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW's peak learning rate; times the linear warm-up "
+                   "and a cosine to 0 over the whole run (a long warm-up peaks below it)")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
@@ -131,7 +132,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~1/3 more time")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (e.g. 0.9999) and save it as the model")
+                   help="keep an exponential moving average of the weights (e.g. 0.9999; diffusers' warm-up: "
+                   "min(DECAY, (1+k)/(10+k)) at step k) and save it as the model; the samples use it too")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="captions replaced by '' (for classifier-free guidance)")
     p.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA", help="weight each example's loss by "
                    "min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; 5 is usual); 0: unweighted")

@@ -197,9 +197,17 @@ class CaptionedFolder:
         return f"{total} ({'; '.join(parts)})" if total else "0"
 
     def describe(self) -> dict:
-        """What the run records about its data."""
+        """What the run records about its data; "content": a SHA-256 of every example's file name, size
+        and captions, so a resumed run notices rewritten captions or swapped files under the same path."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for file, captions in zip(self.files, self.captions):
+            size = os.path.getsize(os.path.join(self.path, file))
+            digest.update(json.dumps([file, size, list(captions)], ensure_ascii=False).encode("utf-8") + b"\n")
         return {"kind": "folder", "path": self.path, "captions": self.source, "examples": len(self.files),
-                "resolution": self.resolution, "skipped": {r: len(f) for r, f in self.skipped.items()}}
+                "resolution": self.resolution, "skipped": {r: len(f) for r, f in self.skipped.items()},
+                "content": digest.hexdigest()}
 
 
 @dataclass

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import AltDiffError, BadFile, Exists, Missing
-from .files import atomic_file, fsync_path, leftovers, make_folder, read_json, sibling
+from .files import atomic_file, fsync_path, make_folder, read_json, sibling
 
 FORMAT = "altdiff-min-train"
 RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL = "run.json", "checkpoint.pt", "loss.jsonl", "loss.png", "samples", "model"
@@ -47,8 +47,9 @@ def prepare(path: str, force: bool, resume: bool) -> dict | None:
             raise Missing(f"--resume: {path} does not exist; start the run without --resume")
         if not is_run_folder(path):
             raise BadFile(f"--resume: {path} is not a training run folder (no {RUN} that altdiff-min wrote)")
-        for leftover in leftovers(os.path.join(path, CHECKPOINT), "partial") + leftovers(os.path.join(path, LOSSES), "partial"):
-            os.unlink(leftover)  # a write the kill interrupted; the file it was replacing is whole
+        for folder in (path, os.path.join(path, SAMPLES)):  # writes a kill interrupted (checkpoint, log, curve,
+            for leftover in partial_files(folder):        # run.json, samples); the files they were replacing are whole
+                os.unlink(leftover)
         return read_json(os.path.join(path, RUN), RUN)
     if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
         return None  # an empty folder (made by hand, or left by a run that failed at once): nothing to lose
@@ -62,6 +63,14 @@ def prepare(path: str, force: bool, resume: bool) -> dict | None:
         shutil.rmtree(old)
     make_folder(path, "OUT_DIR")
     return None
+
+
+def partial_files(folder: str) -> list[str]:
+    """The temporary files (files.sibling's `.NAME.partial-*`) that interrupted writes left in `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if e.startswith(".") and ".partial-" in e
+                  and os.path.isfile(os.path.join(folder, e)))
 
 
 def write_json(path: str, value: Any) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ def vae_loss(vae: VAE, images: torch.Tensor, kl_weight: float, noise: torch.Tens
     error = vae.decode(mean + (0.5 * logvar).exp() * noise.to(mean)) - images
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
     return error.abs().mean() + error.pow(2).mean() + kl_weight * kl
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The EMA's decay at (0-based) optimizer step `step`: 0 at the first (the average starts at the
+    trained weights), then min(decay, (1 + step)/(10 + step)), diffusers' EMAModel's warm-up, so a
+    short run is not mostly its starting point (0.9999 held from the start keeps 90% of it after 1000 steps)."""
+    return 0.0 if step == 0 else min(decay, (1 + step) / (10 + step))
 
 
 def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
@@ -268,6 +276,13 @@ class Batches:
 # ---- resuming: the same sums or a reason -------------------------------------------------------------------
 
 
+def check_batch(cfg: TrainConfig, processes: int, examples: int) -> None:
+    """A global batch holds each example at most once: no larger than the data."""
+    if cfg.global_batch(processes) > examples:
+        raise BadValue(f"the global batch {describe_batch(cfg, processes)} is larger than the data's {examples} "
+                       f"example(s): lower --batch-size or --grad-accum")
+
+
 def describe_batch(cfg: TrainConfig, processes: int) -> str:
     return (f"{cfg.global_batch(processes)} (batch {cfg.batch_size} × {processes} process(es) "
             f"× {cfg.grad_accum} accumulation)")
@@ -279,9 +294,18 @@ def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> N
     if changed := [f"--{n.replace('_', '-')} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
                        f"same ones, or start a new run")
+
+    def but_content(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "content"}
+
     for key in ("model", "data"):
-        if recorded[key] != run[key]:
-            raise BadValue(f"--resume: the run's {key} was {recorded[key]}, now {run[key]}; a resumed run must read the same")
+        was, now = recorded[key], run[key]
+        if key == "data" and "content" not in was:  # recorded before the content's hash was kept
+            now = but_content(now)
+        if was != now:
+            why = " (the same folder, but other captions or files)" if key == "data" and but_content(was) == \
+                but_content(now) else ""
+            raise BadValue(f"--resume: the run's {key} was {was}, now {now}{why}; a resumed run must read the same")
     if recorded["global_batch"] != cfg.global_batch(world.size):
         raise BadValue(f"--resume: the run's global batch is {recorded['global_batch']} ({recorded['batch']}), this one "
                        f"would be {describe_batch(cfg, world.size)}: with {world.size} process(es) choose --batch-size "
@@ -298,6 +322,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     folder that `fine_tune` has prepared (rank 0 writes its log, checkpoints and samples; resume: go on
     from its checkpoint); None keeps nothing (the toy recipe). The model leaves in eval mode, frozen,
     with the EMA weights if cfg.ema."""
+    check_batch(cfg, world.size, len(data))
     objective = Objective(model, cfg)
     trained = [getattr(model, name) for name in cfg.modules]
     trainable(*trained)
@@ -340,14 +365,22 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
         run_folder.draw_curve(losses, os.path.join(out_dir, run_folder.CURVE))
 
     def sample(step: int) -> None:
+        """Sample pictures by the weights the run would save now: the EMA's, when there is one."""
         for module in trained:
             module.eval()
-        images = [model.generate(prompt, steps=cfg.sample_steps, seed=k, progress=False)[0]
-                  for k, prompt in enumerate(cfg.sample_prompts)]
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in params] if ema is not None and step > 0 else None
+            if raw is not None:
+                torch._foreach_copy_(params, ema)
+            images = [model.generate(prompt, steps=cfg.sample_steps, seed=k, progress=False)[0]
+                      for k, prompt in enumerate(cfg.sample_prompts)]
+            if raw is not None:
+                torch._foreach_copy_(params, raw)
         for module in trained:
             module.train()
         run_folder.save_samples(out_dir, step, images)
 
+    skipped = 0  # steps the fp16 grad scaler skipped (overflowed gradients)
     try:
         if main and cfg.sample_every and start == 0:
             sample(0)
@@ -372,15 +405,20 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = sched.get_last_lr()[0]
+            stepped = True
             if scaler:
+                scale = scaler.get_scale()
                 scaler.step(opt)  # skipped when the fp16 gradients overflowed; the scale then shrinks
                 scaler.update()
+                stepped = scaler.get_scale() >= scale
+                skipped += not stepped
             else:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            sched.step()
+            if stepped:  # a skipped step does not move the schedule on (as accelerate's scheduler wrapper)
+                sched.step()
             if ema is not None:
-                torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - cfg.ema)
+                torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - ema_decay(step, cfg.ema))
             if world.size > 1:
                 dist.all_reduce(total)
             value = total.item() / (cfg.grad_accum * world.size)
@@ -388,7 +426,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
                 raise NotFinite(f"the loss became {value} at step {step + 1}: lower --lr, or use bf16 rather than fp16"
                                 + (f"; the last checkpoint is in {out_dir}" if out_dir else ""))
             losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", **({"skipped": skipped} if scaler else {}))
             done = step + 1
             if main:
                 log.append({"step": done, "loss": value, "lr": lr, "seconds": round(time.perf_counter() - began, 3)})
@@ -399,6 +437,9 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     finally:
         if log:
             log.close()
+    if skipped and world.rank == 0:
+        print(f"train: the fp16 grad scaler skipped {skipped} of {cfg.max_steps - start} steps (gradients overflowed)"
+              + ("; no step updated the weights: try bf16" if skipped == cfg.max_steps - start else ""), file=sys.stderr)
     if ema is not None:  # the model leaves with the averaged weights
         with torch.no_grad():
             torch._foreach_copy_(params, ema)
@@ -434,6 +475,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 return run_folder.prepare(out_dir, force, resume)
 
             dataset = on_rank0(world, lambda: open_data(data, resolution, progress))  # before OUT_DIR is touched
+            check_batch(cfg, world.size, len(dataset))
             recorded = on_rank0(world, claim)
             model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),

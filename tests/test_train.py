@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import rel_err, write_pictures
@@ -306,6 +307,78 @@ def test_bad_data_touches_no_run_folder(small_model_dir, pictures, tmp_path, cap
     (tmp_path / "empty").mkdir()
     assert main(["train", small_model_dir, pictures, str(tmp_path / "empty"), "--max-steps", "1", "--no-progress"]) == 0
     assert (tmp_path / "empty" / "model" / "model.safetensors").is_file()
+
+
+def test_ema_decay_is_diffusers_ema_models():
+    """diffusers' EMAModel (its train_text_to_image --use_ema): decay 0 at the first update, then
+    min(decay, (1 + k)/(10 + k)); ours at 0-based step k is its get_decay at optimization step k + 1."""
+    from diffusers.training_utils import EMAModel
+
+    from altdiff_min.train import ema_decay
+
+    for decay in (0.9999, 0.99, 0.5):
+        ref = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay)
+        assert [ema_decay(k, decay) for k in range(300)] == [ref.get_decay(k + 1) for k in range(300)]
+
+
+def test_fp16_steps_the_scaler_skips_do_not_move_the_schedule(small_model_dir, pictures, tmp_path, monkeypatch, capsys):
+    """As accelerate's scheduler wrapper (diffusers' scripts): an overflowed step leaves the learning-rate
+    schedule where it was, and the run says how many steps were skipped."""
+    from altdiff_min.dataset import open_data
+    from altdiff_min.train import TrainConfig, train, warmup_cosine
+
+    class HugeScale(torch.amp.GradScaler):  # the first steps overflow until the scale has halved enough
+        def __init__(self, *a, **k):
+            super().__init__(*a, init_scale=2.0**40, **k)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", HugeScale)
+    cfg = TrainConfig(max_steps=30, batch_size=2, lr=1e-3, warmup=4, mixed_precision="fp16", save_every=100)
+    (tmp_path / "run").mkdir()
+    train(load(small_model_dir), open_data(pictures, 64), cfg, str(tmp_path / "run"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    skipped = int(capsys.readouterr().err.split("skipped ")[1].split(" of 30")[0])
+    assert 0 < skipped < 30
+    factor = warmup_cosine(cfg.warmup, cfg.max_steps)
+    assert [r["lr"] for r in rows[:skipped + 1]] == [cfg.lr * factor(0)] * (skipped + 1)  # still the first lr
+    assert rows[skipped + 1]["lr"] == cfg.lr * factor(1)
+
+
+def test_samples_of_an_ema_run_are_drawn_by_the_ema_weights(small_model_dir, pictures, tmp_path):
+    from altdiff_min.dataset import open_data
+    from altdiff_min.train import TrainConfig, train
+
+    cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-3, ema=0.9, save_every=100, sample_every=3,
+                      sample_prompts=("a red circle",), sample_steps=2)
+    (tmp_path / "run").mkdir()
+    model = load(small_model_dir)
+    train(model, open_data(pictures, 64), cfg, str(tmp_path / "run"), progress=False)  # leaves with the EMA weights
+    again = model.generate("a red circle", steps=2, seed=0, progress=False)[0]
+    sample = Image.open(tmp_path / "run" / "samples" / "step-0000003-0.png")
+    assert torch.equal(torch.from_numpy(np.asarray(sample)), torch.from_numpy(np.asarray(again)))
+
+
+def test_batch_larger_than_the_data_is_refused_before_loading(small_model_dir, pictures, tmp_path, capsys, monkeypatch):
+    import altdiff_min.pipeline as pipeline
+    from altdiff_min.__main__ import main
+
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for args in (["--batch-size", "13"], ["--batch-size", "7", "--grad-accum", "2"]):
+        assert main(["train", small_model_dir, pictures, str(tmp_path / "out"), *args]) == 2
+        assert "is larger than the data's 12 example(s)" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_rewritten_captions(small_model_dir, tmp_path, capsys):
+    from altdiff_min.__main__ import main
+
+    data = tmp_path / "data"
+    write_pictures(data, 4)
+    run = tmp_path / "run"
+    assert main(["train", small_model_dir, str(data), str(run), "--max-steps", "2", "--save-every", "1", "--no-progress"]) == 0
+    captions = data / "metadata.jsonl"
+    captions.write_text(captions.read_text().replace('"text": "', '"text": "x '))
+    assert main(["train", small_model_dir, str(data), str(run), "--max-steps", "2", "--resume", "--no-progress"]) == 2
+    assert "(the same folder, but other captions or files)" in capsys.readouterr().err
 
 
 def test_train_help_explains_every_flag(capsys):
