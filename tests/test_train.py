@@ -381,6 +381,21 @@ def test_resume_refuses_rewritten_captions(small_model_dir, tmp_path, capsys):
     assert "(the same folder, but other captions or files)" in capsys.readouterr().err
 
 
+def test_resume_clears_every_interrupted_write(tmp_path):
+    from altdiff_min import run_folder
+
+    run = tmp_path / "run"
+    run_folder.prepare(str(run), force=False, resume=False)
+    run_folder.write_json(str(run / "run.json"), {"format": run_folder.FORMAT})
+    (run / "samples").mkdir()
+    left = [run / ".loss.png.partial-1a2b", run / ".run.json.partial-3c4d", run / "samples" / ".step-0000002-0.png.partial-5e"]
+    for f in left:
+        f.write_bytes(b"half")
+    (run / "notes.partial-keep.txt").write_text("not a temporary file")
+    assert run_folder.prepare(str(run), force=False, resume=True) == {"format": run_folder.FORMAT}
+    assert not any(f.exists() for f in left) and (run / "notes.partial-keep.txt").exists()
+
+
 def test_train_help_explains_every_flag(capsys):
     from altdiff_min.__main__ import main
 
