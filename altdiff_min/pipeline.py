@@ -3,8 +3,9 @@
     1. encode_prompt     prompt ─ tokenizer ─ text encoder ─ context
        encode_image      (image to image) picture ─ VAE encoder ─ z0, a sample of its posterior
     2. initial_latents   seed ─ x_T ~ N(0, I) · init_noise_sigma; or z0 noised to where strength starts
+                         (inpainting at strength 1: x_T alone, as diffusers)
     3. sample            x_T ─ sampler over timesteps, ε = guided UNet(x, t, context) ─ x_0
-                         (inpainting: the kept region blended back after every step, img2img.Blend)
+                         (inpainting: the kept region blended back after every step, `blend`)
     4. decode_latents    x_0 ─ VAE decoder ─ image
     5. check_safety      image ─ safety checker ─ flagged pictures replaced by a placeholder
                          (only where the model folder holds a checker)
