@@ -277,7 +277,8 @@ class Batches:
 
 
 def check_batch(cfg: TrainConfig, processes: int, examples: int) -> None:
-    """A global batch holds each example at most once: no larger than the data."""
+    """`altdiff-min train`: a global batch holds each example at most once, no larger than the data
+    (the loop itself reads the data stream epoch after epoch; the toy recipe's small worlds rely on it)."""
     if cfg.global_batch(processes) > examples:
         raise BadValue(f"the global batch {describe_batch(cfg, processes)} is larger than the data's {examples} "
                        f"example(s): lower --batch-size or --grad-accum")
@@ -322,7 +323,6 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     folder that `fine_tune` has prepared (rank 0 writes its log, checkpoints and samples; resume: go on
     from its checkpoint); None keeps nothing (the toy recipe). The model leaves in eval mode, frozen,
     with the EMA weights if cfg.ema."""
-    check_batch(cfg, world.size, len(data))
     objective = Objective(model, cfg)
     trained = [getattr(model, name) for name in cfg.modules]
     trainable(*trained)
