@@ -259,8 +259,10 @@ def claim_folder(out: str, spec: Spec, force: bool, write: bool = True) -> None:
 
                 for name in SWEEP_FILES:
                     path = os.path.join(out, name)
-                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else \
-                        os.unlink(path) if os.path.lexists(path) else None
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    elif os.path.lexists(path):
+                        os.unlink(path)
     where = out if os.path.isdir(out) else os.path.dirname(out)
     if not os.access(where, os.W_OK | os.X_OK):
         raise BadValue(f"--outdir: cannot write into {where} (permission denied)")
