@@ -378,21 +378,43 @@ def main() -> None:
             rows, unet_speed[f"{dtype} {'compiled' if compiled else 'eager'}"] = inference(
                 argparse.Namespace(**{**vars(args), "dtype": dtype, "compile": compiled}))
             results += [(name, dtype, "yes" if compiled else "no", row) for name, row in rows.items()]
+            write_json(results, unet_speed, args)  # so far: what survives a run stopped at a time limit
         if not args.no_train:
             results += [(name, args.dtype, "-", row) for name, row in training(args).items()]
     report(results, unet_speed, args)
 
 
+def machine_name(args) -> str:
+    return (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores")
+
+
+def spread(row) -> list[float]:
+    """The sorted ratios of the runs' (ours, diffusers) pairs; [] where the two were not timed in pairs."""
+    return sorted(ratio(a, b) for a, b in getattr(row, "pairs", []))
+
+
+def write_json(results: list, unet_speed: dict, args) -> None:
+    """The results so far, written atomically (the file is rewritten after each configuration)."""
+    tmp = f"{args.json}.partial"
+    with open(tmp, "w") as f:
+        json.dump({"machine": machine_name(args),
+                   "args": {k: v for k, v in vars(args).items() if k not in ("probe", "mode", "folder")},
+                   "unet_speed": unet_speed,
+                   "results": [{"row": name, "dtype": dtype, "compile": compiled, "ours": row[0], "diffusers": row[1],
+                                "ratio": ratio(*row), "ratios": spread(row)} for name, dtype, compiled, row in results]},
+                  f, indent=2)
+    os.replace(tmp, args.json)
+
+
 def report(results: list, unet_speed: dict, args) -> None:
     """The table (with the spread of each ratio over the runs, where the two sides were timed in pairs)
     and the JSON."""
-    machine = (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores")
+    machine = machine_name(args)
     print(f"\n{machine} · {args.size}×{args.size} px · {args.steps} steps · median of {args.runs} "
           f"(spread: the lowest and highest ratio of the runs' pairs)")
     print(f"{'':52}{'dtype':>6}{'compile':>8}{'altdiff-min':>12}{'diffusers':>12}{'ratio':>7}  spread")
     cell = lambda v: f"{v:12d}" if isinstance(v, int) else f"{v:12.3f}"  # int: a batch size
-    spread = lambda row: sorted(ratio(a, b) for a, b in getattr(row, "pairs", []))
     for name, dtype, compiled, row in results:
         (a, b), pairs = row, spread(row)
         print(f"{name:52}{dtype:>6}{compiled:>8}{cell(a)}{cell(b)}{ratio(a, b):7.2f}  "
@@ -400,12 +422,7 @@ def report(results: list, unet_speed: dict, args) -> None:
     for config, sp in unet_speed.items():
         print(f"UNet step, {config}: {sp['gflop']:.0f} GFLOP at {sp['gflops']:.0f} GFLOP/s, {sp['fraction']:.0%} of a "
               f"large matmul's {sp['matmul_gflops']:.0f} GFLOP/s")
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items() if k not in ("probe", "mode", "folder")},
-                   "unet_speed": unet_speed,
-                   "results": [{"row": name, "dtype": dtype, "compile": compiled, "ours": row[0], "diffusers": row[1],
-                                "ratio": ratio(*row), "ratios": spread(row)} for name, dtype, compiled, row in results]},
-                  f, indent=2)
+    write_json(results, unet_speed, args)
     print(f"wrote {args.json}")
 
 
