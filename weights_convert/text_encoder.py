@@ -34,13 +34,28 @@ DROPS: list[Drop] = [
 ]
 
 
-def config_from_hf(hf: Mapping) -> TextEncoderConfig:
-    """Our config from a transformers `text_encoder/config.json` (RobertaSeriesConfig)."""
-    if hf.get("hidden_act", "gelu") != "gelu":
+# RobertaSeriesConfig's defaults (XLMRobertaConfig's, with its own pad id and project_dim): what a key a
+# config.json leaves out means. transformers' save_pretrained writes only the keys that differ from them,
+# so a saved model whose layer_norm_eps is the default 1e-12 has none in its file. m9 states every one.
+REFERENCE_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+                          layer_norm_eps=1e-12, pad_token_id=1, project_dim=512, has_pre_transformation=False,
+                          position_embedding_type="absolute", use_attention_mask=True, is_decoder=False,
+                          add_cross_attention=False)
+
+
+def config_from_hf(config: Mapping) -> TextEncoderConfig:
+    """Our config from a transformers `text_encoder/config.json` (RobertaSeriesConfig); a key it leaves out
+    takes that class's default."""
+    hf = {**REFERENCE_DEFAULTS, **config}
+    for flag in ("is_decoder", "add_cross_attention"):  # causal self-attention / cross-attention layers
+        if hf[flag]:
+            raise ValueError(f"text encoder has {flag}=true; altdiff-min implements XLM-R's bidirectional encoder only")
+    if hf["hidden_act"] != "gelu":
         raise ValueError(f"text encoder uses hidden_act={hf['hidden_act']!r}; only 'gelu' (XLM-R's) is implemented")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
+    if hf["position_embedding_type"] != "absolute":
         raise ValueError(f"position_embedding_type={hf['position_embedding_type']!r} is not XLM-R's 'absolute'")
-    if hf.get("use_attention_mask", True) is not True:  # diffusers' AltDiffusionPipeline then encodes unmasked
+    if hf["use_attention_mask"] is not True:  # diffusers' AltDiffusionPipeline then encodes unmasked
         raise ValueError(f"use_attention_mask={hf['use_attention_mask']!r}: altdiff-min always masks the padding, "
                          f"as m9 (use_attention_mask true) does")
     return TextEncoderConfig(
@@ -50,11 +65,11 @@ def config_from_hf(hf: Mapping) -> TextEncoderConfig:
         heads=hf["num_attention_heads"],
         mlp=hf["intermediate_size"],
         max_positions=hf["max_position_embeddings"],
-        type_vocab_size=hf.get("type_vocab_size", 1),
-        eps=hf.get("layer_norm_eps", 1e-5),
-        pad_id=hf.get("pad_token_id", 1),
+        type_vocab_size=hf["type_vocab_size"],
+        eps=hf["layer_norm_eps"],
+        pad_id=hf["pad_token_id"],
         project_dim=hf["project_dim"],
-        pre_transformation=bool(hf.get("has_pre_transformation", False)),
+        pre_transformation=bool(hf["has_pre_transformation"]),
     )
 
 
