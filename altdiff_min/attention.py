@@ -42,7 +42,10 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in fp32: in fp16 the exponentials of large scores overflow.
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    probs = scores.float().softmax(dim=-1)
+    if mask is not None:  # a query with no key to attend gets no attention (0/0 above), as in torch's SDPA
+        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    probs = probs.to(v.dtype)
     return probs @ v, probs
 
 
