@@ -95,7 +95,8 @@ class TextEncoder(nn.Module):
         """(B, L) token ids and their mask → (B, L, hidden): XLM-R's hidden state after `depth` layers
         (0 = the embeddings; default all of them), before any projection. AltCLIP reads the last one.
 
-        Without a mask, padding is found from the ids, as AltDiffusion's pipeline does.
+        Without a mask, padding is the ids equal to pad_id (the pipeline passes the tokenizer's mask,
+        as diffusers' AltDiffusionPipeline does; the two differ only where a prompt spells "<pad>").
         """
         self.check_inputs(input_ids, attention_mask)
         depth = len(self.layers) if depth is None else depth
@@ -112,7 +113,7 @@ class TextEncoder(nn.Module):
                 layer: int | None = None) -> torch.Tensor:
         """(B, L) token ids and their mask (1 = token, 0 = padding) → (B, L, project_dim).
 
-        Without a mask, padding is found from the ids, as AltDiffusion's pipeline does. Padding
+        Without a mask, padding is the ids equal to pad_id (see hidden_states). Padding
         positions still get outputs: the UNet's cross-attention attends to all of them.
         layer: project the hidden state after this many layers (0 = the embeddings) instead of the
         model's own choice, the last (m9) or the penultimate (m18): an ablation.

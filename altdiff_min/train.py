@@ -84,6 +84,12 @@ def drop_captions(ids: torch.Tensor, empty: torch.Tensor, drop: torch.Tensor) ->
     return ids
 
 
+def caption_tokens(tokenizer, texts: list[str], drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The captions' (ids, attention mask), the rows where drop is True the empty prompt's. The mask is
+    the tokenizer's, as at inference: a caption that spells "<pad>" attends to that token there too."""
+    return tuple(drop_captions(x, empty[0], drop) for x, empty in zip(tokenizer(texts), tokenizer("")))
+
+
 def vae_loss(vae: VAE, images: torch.Tensor, kl_weight: float, noise: torch.Tensor) -> torch.Tensor:
     """images (B, 3, H, W) in [−1, 1] → L1 + L2 reconstruction error of the posterior sample
     z = mean + σ·noise, plus kl_weight · KL(N(mean, σ²) ‖ N(0, 1)) averaged over the latents."""
@@ -233,7 +239,6 @@ class Batches:
         self.global_batch = cfg.global_batch(world.size)
         down = model.vae.cfg.size_multiple
         self.latent_shape = (model.vae.cfg.latent_channels, data.resolution // down, data.resolution // down)
-        self.empty = model.tokenizer("")[0][0]
         self.posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # example → VAE mean and σ (cache)
 
     def posterior(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,11 +270,9 @@ class Batches:
             noise.append(torch.randn(self.latent_shape, generator=g))
             mean, std = self.posterior(i)
             latents.append((mean + std * torch.randn(self.latent_shape, generator=g)) * self.model.vae.cfg.scaling_factor)
-        ids, _ = self.model.tokenizer(texts)
-        ids = drop_captions(ids, self.empty, torch.tensor(drop))
-        pad = self.model.text_encoder.cfg.pad_id
+        ids, mask = caption_tokens(self.model.tokenizer, texts, torch.tensor(drop))
         return {name: value.to(world.device) for name, value in
-                {"ids": ids, "mask": (ids != pad).long(), "t": torch.tensor(t), "noise": torch.stack(noise),
+                {"ids": ids, "mask": mask, "t": torch.tensor(t), "noise": torch.stack(noise),
                  "latents": torch.stack(latents)}.items()}
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from altdiff_min.pipeline import load
 from altdiff_min.schedule import add_noise
-from altdiff_min.train import diffusion_loss, drop_captions, trainable, vae_loss
+from altdiff_min.train import caption_tokens, diffusion_loss, trainable, vae_loss
 from weights_convert import text_encoder as text_rules
 from weights_convert import unet as unet_rules
 from weights_convert.rules import rename
@@ -32,17 +32,25 @@ CAPTIONS = ["a red circle on a white background", "un cercle rouge", "一只戴�
 def batch(ours, seed=0):
     """Three captions, the middle one dropped to the empty prompt; latents 8×12; t spread over the schedule."""
     g = torch.Generator().manual_seed(seed)
-    ids, _ = ours.tokenizer(CAPTIONS)
-    empty = ours.tokenizer("")[0][0]
-    ids = drop_captions(ids, empty, torch.tensor([False, True, False]))
+    ids, mask = caption_tokens(ours.tokenizer, CAPTIONS, torch.tensor([False, True, False]))
     latents = torch.randn(3, 4, 8, 12, generator=g)
     noise = torch.randn(3, 4, 8, 12, generator=g)
     t = torch.tensor([999, 500, 3])
-    return ids, (ids != 1).long(), latents, noise, t
+    return ids, mask, latents, noise, t
 
 
 def gradients(named_parameters, rules=None):
     return {rename(n, rules) if rules else n: p.grad for n, p in named_parameters if p.grad is not None}
+
+
+def test_captions_keep_the_tokenizers_mask_and_dropped_ones_the_empty_prompts(small_model_dir):
+    tokenizer = load(small_model_dir).tokenizer
+    captions = ["a <pad> circle", "un cercle rouge", "一只小狗"]
+    ids, mask = caption_tokens(tokenizer, captions, torch.tensor([False, True, False]))
+    (ids_all, mask_all), (empty_ids, empty_mask) = tokenizer(captions), tokenizer("")
+    assert (ids[0] == 1).any() and torch.equal(mask[0], mask_all[0])  # the spelt <pad> is attended, as at inference
+    assert torch.equal(ids[[0, 2]], ids_all[[0, 2]]) and torch.equal(mask[2], mask_all[2])
+    assert torch.equal(ids[1], empty_ids[0]) and torch.equal(mask[1], empty_mask[0])
 
 
 def test_loss_and_every_gradient_equal_diffusers(small_model_dir, reference):
