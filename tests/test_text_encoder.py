@@ -49,6 +49,21 @@ def test_small_config_matches_reference(tokens, pre_transformation, backend, dev
     assert rel_err(got, expected) < tol
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_a_row_with_every_key_masked_matches_reference(tokens, backend):
+    """A mask of zeros (a caller's, or a row of padding) attends uniformly, as the reference's additive
+    mask does, on both backends: no 0/0."""
+    (input_ids, mask), vocab = tokens
+    mask = mask.clone()
+    mask[1] = 0
+    ref = reference_model(False, vocab_size=vocab, **SMALL)
+    ours, _ = convert.load(ref.state_dict(), convert.config_from_hf(ref.config.to_dict()))
+    with torch.no_grad(), attention_backend(backend):
+        expected = ref(input_ids=input_ids, attention_mask=mask).projection_state
+        got = ours(input_ids, mask)
+    assert rel_err(got, expected) < 1e-5
+
+
 def test_mask_defaults_to_non_padding(tokens):
     (input_ids, mask), vocab = tokens
     ours = randomize_(TextEncoder(TextEncoderConfig(vocab_size=vocab, hidden=32, layers=1, heads=2, mlp=48, project_dim=16)))
@@ -101,7 +116,24 @@ def test_conversion_drops_only_listed_tensors():
     assert dict(report.dropped) == {convert.DROPS[0][1]: 2, convert.DROPS[1][1]: 1}
 
 
+def test_config_keys_left_out_take_the_reference_defaults():
+    """A config.json may leave out what equals RobertaSeriesConfig's defaults (transformers 4's
+    save_pretrained writes only the differences): layer_norm_eps 1e-12, type_vocab_size 2 and the rest
+    must come back as the reference builds them."""
+    ref = reference_model(False, vocab_size=300, **{**SMALL, "layer_norm_eps": 1e-12, "type_vocab_size": 2})
+    written = {k: v for k, v in ref.config.to_dict().items() if convert.REFERENCE_DEFAULTS.get(k, object()) != v}
+    assert "layer_norm_eps" not in written and "type_vocab_size" not in written
+    cfg = convert.config_from_hf(written)
+    assert cfg == convert.config_from_hf(ref.config.to_dict())
+    assert (cfg.eps, cfg.type_vocab_size) == (1e-12, 2)
+    defaults = type(ref.config)()  # our table is the class's (transformers 5 has no position_embedding_type
+    for key, value in convert.REFERENCE_DEFAULTS.items():  # or has_pre_transformation: absent means the default)
+        assert getattr(defaults, key, value) == value, key
+
+
 @pytest.mark.parametrize("change,named", [
+    ({"is_decoder": True}, "is_decoder=true"),  # transformers' XLM-R then attends causally
+    ({"add_cross_attention": True}, "add_cross_attention=true"),
     ({"hidden_act": "relu"}, "hidden_act"),
     ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
     ({"use_attention_mask": False}, "use_attention_mask=False: altdiff-min always masks"),  # diffusers would not mask
