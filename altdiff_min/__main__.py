@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--init-img", help="image to image: start from this picture (its size rounded down to a multiple "
                      "the model takes, unless --H/--W are given)")
     gen.add_argument("--strength", type=float, default=None, help="with --init-img: how much of the route runs, "
-                     "(0, 1]; 1 starts from (almost) pure noise (default 0.8)")
+                     "(0, 1]; 1 starts from (almost) pure noise, with --mask from pure noise (default 0.8, with --mask 1.0, as diffusers)")
     gen.add_argument("--mask", help="with --init-img: inpainting; white is repainted, black kept (same size as the picture)")
     gen.add_argument("--paste-unmasked", action="store_true", help="with --mask: paste the kept pixels back exactly")
     gen.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
@@ -315,19 +315,21 @@ def file_digest(path: str, what: str) -> str:
         raise io_error(path, e) from None
 
 
-def read_picture(path: str, flag: str):
-    """A picture file as 8-bit RGB (dataset.to_rgb: EXIF orientation, 16-bit, transparency), or a
-    clear error naming the flag."""
-    from PIL import Image, UnidentifiedImageError
+def read_picture(path: str, flag: str, mask: bool = False):
+    """A picture file as 8-bit RGB (dataset.to_rgb: EXIF orientation, 16-bit, transparency), or with
+    mask=True in its own mode, 8-bit (EXIF orientation; img2img.prepare_mask reads its grey levels as
+    diffusers does, alpha ignored); or a clear error naming the flag."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from .dataset import to_rgb
     from .errors import BadFile, Missing
+    from .vision import eight_bit
 
     if not os.path.isfile(path):
         raise Missing(f"{flag} {path}: no such file")
     try:
         with Image.open(path) as image:
-            return to_rgb(image)
+            return eight_bit(ImageOps.exif_transpose(image)) if mask else to_rgb(image)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadFile(f"{flag} {path} is not a picture PIL can read ({type(e).__name__})") from None
 
@@ -345,14 +347,14 @@ def picture_arguments(args, config: dict) -> dict | None:
         return None
     if args.paste_unmasked and args.mask is None:
         raise BadValue("--paste-unmasked pastes back the pixels outside the mask: give --mask")
-    strength = 0.8 if args.strength is None else args.strength
+    strength = img2img.default_strength(args.mask) if args.strength is None else args.strength
     img2img.check_strength(strength, args.steps)
     image = read_picture(args.init_img, "--init-img")
-    mask = read_picture(args.mask, "--mask") if args.mask else None
-    if args.H is None and args.W is None:
+    mask = read_picture(args.mask, "--mask", mask=True) if args.mask else None
+    # A side not given is the picture's own, rounded down to a multiple the model takes (as generate does)
+    width, height = args.W, args.H
+    if args.H is None or args.W is None:
         width, height = img2img.rounded_size(image, config["vae"].size_multiple * config["unet"].size_multiple)
-    else:  # resized to them (as generate does): a side not given is the picture's own
-        width, height = img2img.size_of(image)
     if mask is not None:
         img2img.prepare_mask(mask, image, img2img.size_of(image))  # the same size as the picture, readable
     record = {"init_img": {"path": os.path.abspath(args.init_img), "sha256": file_digest(args.init_img, "--init-img")},
@@ -404,9 +406,10 @@ def generate(args) -> int:
     size = config.get("image_size", 512)
     default_h, default_w = (picture["height"], picture["width"]) if picture else (size, size)
     height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
-    for flag, value in (("--H", height), ("--W", width)):
+    for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):
         if not 1 <= value <= limits.max_side:
-            raise BadValue(f"{flag} must be in [1, {limits.max_side}], got {value} (--no-limits lifts the limit)")
+            source = f"got {value}" if given is not None else f"--init-img {args.init_img} gives {value} (rounded down)"
+            raise BadValue(f"{flag} must be in [1, {limits.max_side}], {source} (--no-limits lifts the limit)")
     if args.n_samples * height * width > limits.max_pixels:
         raise BadValue(f"--n-samples × --H × --W = {args.n_samples * height * width} pixels is over the limit of "
                        f"{limits.max_pixels} per call (--no-limits lifts it)")

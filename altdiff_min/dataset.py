@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .errors import BadFile, BadValue, Missing
 from .files import read_text
 from .tokenizer import check_prompt
-from .vision import rgb_over_white
+from .vision import eight_bit, rgb_over_white
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
@@ -41,13 +41,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image → 8-bit RGB: the EXIF orientation applied, 16- and 32-bit integer images scaled
     down (not clipped), then transparency composited over white (vision.rgb_over_white: a transparent
     background is usually meant to be blank, not black)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNGs and TIFFs
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.asarray(image, dtype=np.float64).clip(0, 255).round().astype(np.uint8), "L")
-    return rgb_over_white(image)
+    return rgb_over_white(eight_bit(ImageOps.exif_transpose(image)))
 
 
 def center_crop(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -26,7 +26,13 @@ from PIL import Image
 
 from .errors import BadType, BadValue, NotFinite
 from .schedule import ScheduleConfig, Timesteps, add_noise, noise_to
-from .vision import rgb_over_white
+from .vision import eight_bit, rgb_over_white
+
+
+def default_strength(mask) -> float:
+    """diffusers' defaults: 0.8 for image to image (AltDiffusionImg2ImgPipeline), 1.0 for inpainting
+    (StableDiffusionInpaintPipeline: the masked region from pure noise)."""
+    return 0.8 if mask is None else 1.0
 
 
 def check_strength(strength, steps: int) -> int:
@@ -95,10 +101,11 @@ def prepare_image(image, size: tuple[int, int]) -> torch.Tensor:
     """A picture → (1, 3, height, width) float32 in [−1, 1], as diffusers' VaeImageProcessor.preprocess:
     a PIL picture resized (when its size differs) with PIL's Lanczos filter, then /255; a tensor in
     [0, 1] resized with F.interpolate's default (nearest). Then 2x − 1. Pictures that are not RGB
-    are composited over white first (diffusers would pass their other channel counts to the VAE)."""
+    are composited over white first (diffusers would pass their other channel counts to the VAE), and
+    16-bit ones scaled to 8 bits (vision.eight_bit; PIL's convert would clip them white)."""
     w, h = size
     if isinstance(image, Image.Image):
-        image = rgb_over_white(image)
+        image = rgb_over_white(eight_bit(image))
         if image.size != (w, h):
             image = image.resize((w, h), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
@@ -110,17 +117,22 @@ def prepare_image(image, size: tuple[int, int]) -> torch.Tensor:
 
 
 def prepare_mask(mask, image, size: tuple[int, int]) -> torch.Tensor:
-    """A mask the size of `image` (PIL, any mode: its grey levels; or a float tensor (H, W), (1, H, W)
-    or (1, 1, H, W) in [0, 1]) → (1, 1, height, width) of 0 and 1 at the prepared picture's size:
-    1 (white, ≥ 0.5 after resizing) = repaint, 0 = keep."""
+    """A mask the size of `image` (PIL, any mode; or a float tensor (H, W), (1, H, W) or (1, 1, H, W)
+    in [0, 1]) → (1, 1, height, width) of 0 and 1 at the prepared picture's size: 1 (white, ≥ 0.5
+    after resizing) = repaint, 0 = keep.
+
+    A PIL mask is read as diffusers' mask processor reads it: resized in its own mode, then its grey
+    levels (convert("L")), so an alpha band is ignored: white strokes painted on a layer that is
+    transparent black elsewhere repaint the strokes only (composited over white, as pictures are,
+    the whole layer would be repainted). 16-bit masks are scaled to 8 bits first (vision.eight_bit)."""
     if isinstance(mask, Image.Image):
         if mask.size != size_of(image):
             raise BadValue(f"the mask is {mask.size[0]}×{mask.size[1]} pixels but the picture is "
                            f"{size_of(image)[0]}×{size_of(image)[1]}: they must be the same size")
-        grey = rgb_over_white(mask).convert("L")
+        grey = eight_bit(mask)
         if grey.size != size:
             grey = grey.resize(size, Image.Resampling.LANCZOS)
-        m = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None, None]
+        m = torch.from_numpy(np.asarray(grey.convert("L"), dtype=np.float32) / 255.0)[None, None]
     elif isinstance(mask, torch.Tensor):
         if not mask.is_floating_point() or mask.ndim < 2 or mask.ndim > 4 or mask[..., 0, 0].numel() != 1:
             raise BadValue(f"a mask tensor must be floats (H, W), (1, H, W) or (1, 1, H, W) in [0, 1], "

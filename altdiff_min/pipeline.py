@@ -173,8 +173,9 @@ class AltDiffusion:
         Image to image (SDEdit; diffusers' AltDiffusionImg2ImgPipeline, same seed, same picture):
           image: a PIL picture or a float tensor (1, 3, H, W) in [0, 1]; its size rounded down to a
               multiple the model takes, or resized to height × width when they are given;
-          strength (default 0.8): how much of the route runs, the last int(steps · strength) steps;
-              1 starts from (almost) pure noise, small values keep the picture;
+          strength (default 0.8, with a mask 1.0, as diffusers): how much of the route runs, the last
+              int(steps · strength) steps; 1 starts from (almost) pure noise (with a mask: pure
+              noise), small values keep the picture;
           mask: inpainting with any model: white (≥ 0.5) is repainted, the rest kept by blending the
               latents after every step; paste_unmasked: also paste the kept pixels back exactly.
         """
@@ -189,7 +190,8 @@ class AltDiffusion:
         self.check_text_layer(text_layer)
         pixels = repaint = None
         if image is not None:
-            ts = img2img.cut(ts, steps, 0.8 if strength is None else strength, sampler)
+            strength = img2img.default_strength(mask) if strength is None else strength
+            ts = img2img.cut(ts, steps, strength, sampler)
             pixels = img2img.prepare_image(image, (width, height))
         if mask is not None:
             repaint = img2img.prepare_mask(mask, image, (width, height))
@@ -247,11 +249,11 @@ class AltDiffusion:
         if paste_unmasked and mask is None:
             raise BadValue("paste_unmasked pastes back the pixels outside the mask: give a mask")
         img2img.check_picture(image)
-        if height is None and width is None:
-            width, height = img2img.rounded_size(image, self.vae.cfg.size_multiple * self.unet.cfg.size_multiple)
+        if height is not None and width is not None:
             return height, width
-        return (img2img.size_of(image)[1] if height is None else height,
-                img2img.size_of(image)[0] if width is None else width)
+        # A side not given is the picture's, rounded down (diffusers' get_default_height_width, to 8)
+        rounded_width, rounded_height = img2img.rounded_size(image, self.vae.cfg.size_multiple * self.unet.cfg.size_multiple)
+        return (rounded_height if height is None else height, rounded_width if width is None else width)
 
     def check_text_layer(self, text_layer) -> None:
         """generate's text_layer: None (the last), or which text-encoder layer feeds the UNet, 0 the embeddings."""

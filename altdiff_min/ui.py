@@ -214,8 +214,9 @@ def build_app(model: AltDiffusion):
                 mask = gr.Image(type="filepath", image_mode=None, label="mask (optional; white: repaint)", height=256,
                                 elem_id="mask-img2img")
             with gr.Row():
-                strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength",
-                                     info="0 keeps the picture, 1 repaints it from noise")
+                strength = gr.Slider(0.05, 1, value=0.8, step=0.05, label="strength",
+                                     info="small: close to the picture; 1: from the picture drowned in noise "
+                                          "(with a mask: the masked part from pure noise)")
                 paste = gr.Checkbox(False, label="keep the unmasked pixels exactly (paste them back)")
             button = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
             outputs = results("img2img")

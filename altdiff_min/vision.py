@@ -119,6 +119,18 @@ class VisionTransformer(nn.Module):
         return x, self.post_norm(x[:, 0])
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images scaled down to 8-bit grey ("L"), not clipped (PIL's convert clips
+    them at 255: a 16-bit picture would come out white); float images ("F", 0–255 as PIL reads them)
+    rounded. Other modes unchanged."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNGs and TIFFs
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+    if image.mode == "F":
+        return Image.fromarray(np.asarray(image, dtype=np.float64).clip(0, 255).round().astype(np.uint8), "L")
+    return image
+
+
 def rgb_over_white(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB, as transformers' convert_to_rgb does: transparency (an alpha band, or a
     palette's transparent index) is composited onto white, so transparent areas do not show

@@ -249,6 +249,8 @@ def test_image_to_image_and_inpainting_from_the_command_line(model_dir, tmp_path
     (["--init-img", "INIT", "--strength", "0.1", "--steps", "5"], "runs int(5·0.1) = 0 steps"),
     (["--init-img", "INIT", "--mask", "SMALL"], "the mask is 30×20 pixels but the picture is 100×70"),
     (["--init-img", "TINY"], "rounding down leaves nothing"),
+    (["--init-img", "WIDE"], "--W must be in [1, 4096], --init-img "),  # the side came from the picture
+    (["--init-img", "WIDE", "--H", "64"], "--W must be in [1, 4096], --init-img "),
     (["--strength", "0.5"], "--strength needs --init-img"),
     (["--mask", "SMALL"], "--mask needs --init-img"),
     (["--init-img", "INIT", "--paste-unmasked"], "give --mask"),
@@ -258,7 +260,7 @@ def test_bad_picture_arguments_are_refused_before_the_model_loads(model_dir, tmp
 
     import altdiff_min.pipeline
 
-    files = {"INIT": (100, 70), "SMALL": (30, 20), "TINY": (20, 90)}
+    files = {"INIT": (100, 70), "SMALL": (30, 20), "TINY": (20, 90), "WIDE": (4200, 70)}
     for name, size in files.items():
         picture("RGB", *size).save(tmp_path / f"{name}.png")
     (tmp_path / "NOT_A_PICTURE.png").write_text("hello")

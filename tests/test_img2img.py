@@ -150,6 +150,72 @@ def test_inpainting_with_a_tensor_mask_equals_the_picture_mask(ours):
     assert torch.equal(a, b)
 
 
+def masks_in_every_mode():
+    """The same left-quarter mask as PIL modes a user may hand over; RGBA/LA/P: white strokes on a
+    layer that is transparent black elsewhere (what painting programs and Gradio's editor export)."""
+    grey = mask_left(fraction=0.25)
+    layer = Image.merge("RGBA", [grey] * 4)  # alpha = the strokes
+    palette = grey.convert("P")
+    palette.info["transparency"] = 0
+    return {"L": grey, "1": grey.convert("1"), "RGB": grey.convert("RGB"), "RGBA": layer,
+            "LA": layer.convert("LA"), "P": palette}
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "RGB", "RGBA", "LA", "P"])
+def test_masks_of_every_mode_read_as_diffusers_reads_them(mode):
+    """diffusers' inpainting mask processor (convert("L"), binarised at 0.5): alpha is ignored, so a
+    transparent background is kept, not repainted."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from altdiff_min.img2img import prepare_mask
+
+    mask = masks_in_every_mode()[mode]
+    processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    expected = processor.preprocess(mask, height=64, width=96)
+    got = prepare_mask(mask, INIT, (96, 64))
+    assert torch.equal(got, expected) and 0.2 < got.mean() < 0.3
+
+
+def test_sixteen_bit_pictures_and_masks_are_scaled_not_clipped():
+    """PIL's convert clips 16-bit levels at 255 (a picture all white, a dark mask all "repaint"):
+    they are scaled to 8 bits, as the command line's reader does."""
+    from altdiff_min.img2img import prepare_image, prepare_mask
+
+    grey = INIT.convert("L")
+    deep = Image.fromarray(np.asarray(grey, dtype=np.uint16) * 257)  # the same levels in 16 bits
+    assert deep.mode.startswith("I")
+    assert torch.equal(prepare_image(deep, (96, 64)), prepare_image(grey, (96, 64)))
+    dark = Image.fromarray(np.full((70, 100), 40 * 257, dtype=np.uint16))
+    assert prepare_mask(dark, INIT, (96, 64)).sum() == 0  # 40 of 255: keep everything
+    assert torch.equal(prepare_mask(Image.fromarray(np.asarray(mask_left(), dtype=np.uint16) * 257), INIT, (96, 64)),
+                       prepare_mask(mask_left(), INIT, (96, 64)))
+
+
+def test_the_command_lines_mask_reader_is_generates(tmp_path):
+    from altdiff_min.__main__ import read_picture
+    from altdiff_min.img2img import prepare_mask
+
+    for mode, mask in masks_in_every_mode().items():
+        mask.save(tmp_path / f"{mode}.png")
+        read = read_picture(str(tmp_path / f"{mode}.png"), "--mask", mask=True)
+        assert torch.equal(prepare_mask(read, INIT, (96, 64)), prepare_mask(mask, INIT, (96, 64))), mode
+
+
+def test_inpainting_defaults_to_strength_one_as_diffusers(ours):
+    a = ours.generate("x", image=INIT, mask=mask_left(), steps=4, seed=1, output="tensor", progress=False)
+    b = ours.generate("x", image=INIT, mask=mask_left(), strength=1.0, steps=4, seed=1, output="tensor", progress=False)
+    c = ours.generate("x", image=INIT, strength=0.8, steps=5, seed=1, output="tensor", progress=False)
+    d = ours.generate("x", image=INIT, steps=5, seed=1, output="tensor", progress=False)
+    assert torch.equal(a, b) and torch.equal(c, d)
+
+
+@pytest.mark.parametrize("given,size", [(dict(height=64), (64, 96)), (dict(width=64), (64, 64)),
+                                        (dict(height=128, width=32), (128, 32)), ({}, (64, 96))])
+def test_a_side_not_given_is_the_pictures_rounded_down(ours, given, size):
+    """100×70 with only one side given: the other is 96 or 64, as diffusers rounds it (to 8)."""
+    assert ours.check_picture_arguments(INIT, None, None, False, None, given.get("height"), given.get("width")) == size
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(image="photo.png"), BadType, "image must be a PIL image or a float tensor"),
     (dict(image=torch.zeros(1, 4, 64, 64)), BadValue, "image tensor must be floats"),
