@@ -34,19 +34,17 @@ DROPS: list[Drop] = [
 ]
 
 
-# RobertaSeriesConfig's defaults (XLMRobertaConfig's, with its own pad id and project_dim): what a key a
-# config.json leaves out means. transformers' save_pretrained writes only the keys that differ from them,
-# so a saved model whose layer_norm_eps is the default 1e-12 has none in its file. m9 states every one.
-REFERENCE_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                          intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
-                          layer_norm_eps=1e-12, pad_token_id=1, project_dim=512, has_pre_transformation=False,
-                          position_embedding_type="absolute", use_attention_mask=True, is_decoder=False,
-                          add_cross_attention=False)
+# What an option a config.json leaves out means: RobertaSeriesConfig's default (XLMRobertaConfig's), as
+# transformers builds the reference from that file; layer_norm_eps is 1e-12 there, not m9's 1e-5. The
+# sizes (hidden_size, project_dim, …) must be stated: a missing one is a one-line error naming the file.
+REFERENCE_DEFAULTS = dict(hidden_act="gelu", type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=1,
+                          has_pre_transformation=False, position_embedding_type="absolute", use_attention_mask=True,
+                          is_decoder=False, add_cross_attention=False)
 
 
 def config_from_hf(config: Mapping) -> TextEncoderConfig:
-    """Our config from a transformers `text_encoder/config.json` (RobertaSeriesConfig); a key it leaves out
-    takes that class's default."""
+    """Our config from a transformers `text_encoder/config.json` (RobertaSeriesConfig); an option it
+    leaves out takes that class's default (REFERENCE_DEFAULTS)."""
     hf = {**REFERENCE_DEFAULTS, **config}
     for flag in ("is_decoder", "add_cross_attention"):  # causal self-attention / cross-attention layers
         if hf[flag]:
