@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -26,11 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from .altclip import AltCLIP, AltCLIPConfig
 from .checks import IMAGE_SIZE, check_int
-from .errors import AltDiffError, BadFile, BadType, BadValue, Exists, Missing, io_error
+from .errors import AltDiffError, BadFile, BadType, BadValue, Busy, Exists, Missing, io_error
 from .files import fsync_path, leftovers, locked, make_folder, read_json, sibling
 from .safety import SafetyChecker
 from .schedule import ScheduleConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
+from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 from .vision import VisionConfig
@@ -330,6 +332,10 @@ def read_modules(path: str, config: dict[str, Any], device: str | torch.device =
         tensors = read_tensors(file, torch.device(device), dtype, set(wanted), set(config["modules"]))
     except (SafetensorError, OSError, ValueError) as e:
         raise BadFile(f"{file} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    except RuntimeError:  # safetensors' memory map of a file that was there a moment ago
+        if os.path.isfile(file):
+            raise
+        raise Missing(f"{file} was removed while it was being read") from None
     modules = {}
     for name in wanted:
         model_cls = MODULES[name][0]
@@ -344,3 +350,44 @@ def read_modules(path: str, config: dict[str, Any], device: str | torch.device =
             raise BadFile(f"{file} does not fit the {name} config in {CONFIG}: {' '.join(first[1:3])[:300]}") from None
         modules[name] = model.eval().requires_grad_(False)
     return modules
+
+
+REREADS = 20  # reads of a folder that a --force replacement keeps changing, before giving up
+
+
+def identity(path: str) -> tuple[int, ...] | None:
+    """What tells one folder at `path` from the next one renamed there; None: absent. The inode alone
+    does not: a replacement removes the old folder, and the next one made may get its number again;
+    its change time (set on creation and on the rename into place) then differs."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns
+
+
+def read_folder(path: str, require: tuple[str, ...], device: torch.device, dtype: torch.dtype | None,
+                names: tuple[str, ...]) -> tuple[dict[str, Any], Tokenizer, dict[str, nn.Module]]:
+    """A model folder's config (read_config), tokenizer and modules `names` (read_modules; dtype None:
+    the config's default_dtype, else as stored), all from one folder. Its files are opened one by one
+    by path, without the write lock (a load never waits for a conversion), while a --force replacement
+    may rename the old folder aside and the new one into place (write_locked): a read during which
+    the folder changed (the config of one, the weights of the other) or vanished between the two
+    renames is done again."""
+    for attempt in range(REREADS):
+        before = identity(path)
+        try:
+            config = read_config(path, require)
+            tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
+            want = getattr(torch, config["default_dtype"]) if dtype is None and "default_dtype" in config else dtype
+            modules = read_modules(path, config, device, want, names)
+        except (AltDiffError, RuntimeError):  # RuntimeError: safetensors' map of a file renamed away meanwhile
+            replacing = identity(path) != before or (
+                before is None and os.path.isdir(os.path.dirname(os.path.abspath(path))) and leftovers(os.path.abspath(path), "old"))
+            if attempt + 1 == REREADS or not replacing:
+                raise
+        else:
+            if identity(path) == before:
+                return config, tokenizer, modules
+        time.sleep(0.02 * (attempt + 1))
+    raise Busy(f"{path} was replaced {REREADS} times while it was being read; try again")

@@ -24,7 +24,7 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 
 from . import img2img, speed
 from .errors import BadType, BadValue, NotFinite
-from .folder import DIFFUSION, TOKENIZER, read_config, read_modules, resolve, write_folder
+from .folder import DIFFUSION, read_folder, resolve, write_folder
 from .instruments import guided_batch
 from .safety import SafetyChecker, replace_flagged
 from .samplers import check_eta, draw_noise, get_sampler
@@ -405,11 +405,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     """
     device = check_device(device)
     path = resolve(path)
-    config = read_config(path)
-    tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
-    if dtype is None and "default_dtype" in config:
-        dtype = getattr(torch, config["default_dtype"])
-    modules = read_modules(path, config, device, dtype, names=DIFFUSION + (("safety_checker",) if safety_checker else ()))
+    config, tokenizer, modules = read_folder(path, DIFFUSION, device, dtype,
+                                             names=DIFFUSION + (("safety_checker",) if safety_checker else ()))
     if fast:
         modules = {name: speed.apply(module) for name, module in modules.items()}
     if compile:

@@ -100,16 +100,13 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype
     """The AltCLIP model of a model folder and its tokenizer; no network, no random init. dtype None:
     the folder's default_dtype if its config names one, else the dtype it was written in. An
     AltDiffusion folder (or anything else without the module altclip) is refused before any weight is read."""
-    from .folder import TOKENIZER, read_config, read_modules, resolve
+    from .folder import read_folder, resolve
     from .pipeline import check_device
 
     device = check_device(device)
     path = resolve(path)
-    config = read_config(path, require=REQUIRE)
-    tokenizer = Tokenizer(os.path.join(path, TOKENIZER), max_length=config["tokenizer"]["max_length"])
-    if dtype is None and "default_dtype" in config:
-        dtype = getattr(torch, config["default_dtype"])
-    return Scorer(read_modules(path, config, device, dtype, names=REQUIRE)["altclip"], tokenizer, os.fspath(path))
+    _, tokenizer, modules = read_folder(path, REQUIRE, device, dtype, names=REQUIRE)
+    return Scorer(modules["altclip"], tokenizer, os.fspath(path))
 
 
 def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -114,6 +114,52 @@ def test_a_kill_between_the_renames_loses_nothing(src, tmp_path):
     load(out)
 
 
+def two_versions(model, tmp_path):
+    """The model folder as `live`, and another version of it (other image size, other weights)."""
+    a, b = load(model), load(model)
+    b.image_size = 128
+    with torch.no_grad():
+        b.unet.conv_in.weight.add_(1.0)
+    a.save(tmp_path / "live")
+    return tmp_path / "live", a, b
+
+
+def test_a_load_while_a_force_replacement_swaps_the_folder_reads_one_folder_whole(model, tmp_path, monkeypatch):
+    """load opens config.json, the tokenizer and the weights one by one by path, without the write
+    lock: a replacement between the first and the last must not give one version's config with the
+    other's weights. The read is done again, whole, from the new folder."""
+    live, a, b = two_versions(model, tmp_path)
+    real, calls = folder.read_modules, []
+
+    def replaced_meanwhile(*args, **kwargs):
+        if not calls:  # a's config is read; now the folder is replaced before its weights are
+            b.save(live, force=True)
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(folder, "read_modules", replaced_meanwhile)
+    got = load(live)
+    assert len(calls) == 2 and got.image_size == 128 and torch.equal(got.unet.conv_in.weight, b.unet.conv_in.weight)
+
+
+def test_a_load_between_the_two_renames_of_a_replacement_waits_for_the_new_folder(model, tmp_path, monkeypatch):
+    """write_locked renames the old folder aside, then the new one into place: a load in between finds
+    no folder, and must not report an interrupted replacement while one is under way."""
+    live, a, b = two_versions(model, tmp_path)
+    b.save(tmp_path / "new")
+    os.replace(live, tmp_path / ".live.old-0123456789ab")  # the first rename
+    slept = []
+
+    def second_rename(seconds):
+        if not slept:
+            os.replace(tmp_path / "new", live)
+        slept.append(seconds)
+
+    monkeypatch.setattr(folder.time, "sleep", second_rename)
+    got = load(live)
+    assert slept and got.image_size == 128 and torch.equal(got.unet.conv_in.weight, b.unet.conv_in.weight)
+
+
 def test_leftovers_of_interrupted_writes_are_removed(src, tmp_path):
     out = tmp_path / "m9"
     convert(src, out)
