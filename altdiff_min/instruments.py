@@ -111,6 +111,11 @@ class AttentionMaps:
 @contextmanager
 def capture_attention(unet: torch.nn.Module, per_step: bool = False):
     """Record the cross-attention probabilities of every transformer block of `unet`."""
+    from .speed import CompiledUNet
+
+    if isinstance(unet, CompiledUNet):  # one fused graph: no Python hook runs inside it
+        raise BadValue("capture_attention needs the UNet as written, and this one is compiled "
+                       "(load(..., compile=True)): load the model without compile to read its attention")
     maps = AttentionMaps(per_step=per_step)
     layers = {name: m for name, m in unet.named_modules() if name.endswith("cross_attn")}
     for name, module in layers.items():

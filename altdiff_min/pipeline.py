@@ -403,7 +403,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
     and pixels per call `generate` accepts (see Limits).
     """
-    device = check_device(device)
+    device, dtype = check_device(device), check_dtype(dtype)
+    for name, flag in (("compile", compile), ("safety_checker", safety_checker), ("fast", fast)):
+        if not isinstance(flag, bool):
+            raise BadType(f"{name} must be True or False, got {flag!r}")
+    if not isinstance(limits, Limits):
+        raise BadType(f"limits must be a Limits, got {limits!r}")
     path = resolve(path)
     config, tokenizer, modules = read_folder(path, DIFFUSION, device, dtype,
                                              names=DIFFUSION + (("safety_checker",) if safety_checker else ()))
@@ -413,6 +418,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         modules["unet"] = speed.compile_unet(modules["unet"])
     return AltDiffusion(tokenizer=tokenizer, schedule=config["schedule"], path=path,
                         image_size=config.get("image_size", 512), limits=limits, **modules)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """dtype as given (None: the folder's), or a BadType/BadValue naming the dtypes a model computes in."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise BadType(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None, got {dtype!r}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise BadValue(f"dtype {dtype} is not one a model computes in: torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
 
 
 def check_device(device: str | torch.device) -> torch.device:

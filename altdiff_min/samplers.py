@@ -40,6 +40,9 @@ def after_step(callback: Callback | None, i: int, t: float, x: torch.Tensor, x0:
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         raise BadValue(f"a sampler callback returns None or latents of shape {tuple(x.shape)}, got "
                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if out.dtype != x.dtype or out.device != x.device:
+        raise BadValue(f"a sampler callback returns latents as it got them, {x.dtype} on {x.device}, got "
+                       f"{out.dtype} on {out.device}")
     return out
 
 

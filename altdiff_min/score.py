@@ -101,9 +101,9 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype
     the folder's default_dtype if its config names one, else the dtype it was written in. An
     AltDiffusion folder (or anything else without the module altclip) is refused before any weight is read."""
     from .folder import read_folder, resolve
-    from .pipeline import check_device
+    from .pipeline import check_device, check_dtype
 
-    device = check_device(device)
+    device, dtype = check_device(device), check_dtype(dtype)
     path = resolve(path)
     _, tokenizer, modules = read_folder(path, REQUIRE, device, dtype, names=REQUIRE)
     return Scorer(modules["altclip"], tokenizer, os.fspath(path))

@@ -6,6 +6,7 @@ tokenizer, is in tests/test_tokenizer.py."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,21 @@ def test_wrong_arguments_to_generate_fail_before_the_model_runs(small_model_dir,
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("returned,match", [
+    (lambda x: x[..., :2], r"latents of shape \(1, 4, 2, 3\), got \(1, 4, 2, 2\)"),
+    (lambda x: "x", "got str"),
+    (lambda x: x.double(), "as it got them, torch.float32 on cpu, got torch.float64 on cpu"),
+])
+def test_what_a_callback_returns_is_checked(returned, match):
+    from altdiff_min.samplers import after_step
+
+    x = torch.randn(1, 4, 2, 3)
+    assert after_step(lambda i, t, x, x0: None, 0, 999.0, x, x) is x
+    with pytest.raises(BadValue, match=match) as e:
+        after_step(lambda i, t, x, x0: returned(x), 0, 999.0, x, x)
+    assert "\n" not in str(e.value)
+
+
 # ---- 4. NaN never passes silently ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -515,6 +531,22 @@ def test_devices_that_cannot_be_used(small_model_dir, tmp_path, capsys, device, 
     assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(tmp_path / "o"), "--device", device]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(dtype="fp16"), BadType, "dtype must be torch.float32, torch.float16, torch.bfloat16 or None, got 'fp16'"),
+    (dict(dtype=torch.int8), BadValue, "dtype torch.int8 is not one a model computes in"),
+    (dict(dtype=torch.complex64), BadValue, "dtype torch.complex64 is not one"),
+    (dict(compile="no"), BadType, "compile must be True or False, got 'no'"),
+    (dict(fast=1), BadType, "fast must be True or False"),
+    (dict(safety_checker=None), BadType, "safety_checker must be True or False"),
+    (dict(limits=None), BadType, "limits must be a Limits, got None"),
+])
+def test_load_arguments_are_checked_before_any_weight_is_read(small_model_dir, monkeypatch, kwargs, error, message):
+    no_weights_read(monkeypatch)
+    with pytest.raises(error, match=re.escape(message)) as e:
+        load(small_model_dir, **kwargs)
+    assert "\n" not in str(e.value)
 
 
 def test_conversion_gaps(src, spm_dir, reference, tmp_path, monkeypatch, capsys):

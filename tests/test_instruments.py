@@ -40,6 +40,16 @@ def test_capture_records_every_cross_attention_layer_and_changes_nothing(pipe):
         maps.heatmap(token=1, size=(64, 96), branch="cond")
 
 
+def test_capture_refuses_a_compiled_unet(small_model_dir):
+    """A compiled UNet runs one fused graph, in which no hook can run: a one-line error, not dynamo's."""
+    from altdiff_min.errors import BadValue
+
+    unet = load(small_model_dir, compile=True).unet  # compiled at its first call, which never comes
+    with pytest.raises(BadValue, match="load the model without compile"):
+        with capture_attention(unet):
+            pass
+
+
 def test_at_step_reads_one_call_and_the_calls_add_up_to_the_sums(pipe):
     with capture_attention(pipe.unet, per_step=True) as maps:
         pipe.generate(["un cercle rouge", "a dog"], **RUN)
