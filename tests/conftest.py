@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from helpers import MEASURED, MODEL_INDEX, SCHEDULER, TEXT, UNET, VAE, randomize_, train_sentencepiece, write_json
+from helpers import (MEASURED, MODEL_INDEX, SCHEDULER, TEXT, UNET, VAE, legacy_attention_name, randomize_,
+                     train_sentencepiece, write_json)
 from prompts import ALL_PROMPTS
 
 from altdiff_min.tokenizer import Tokenizer
@@ -69,7 +70,10 @@ def hub_layout(reference, spm_dir, tmp_path_factory):
     assert any(k.startswith("roberta.pooler.") for k in text.state_dict())
     for name in ("unet", "vae"):
         write_json(root / name / "config.json", dict(reference[name].config))
-        torch.save(reference[name].state_dict(), root / name / "diffusion_pytorch_model.bin")
+        state = reference[name].state_dict()
+        if name == "vae":  # the hub's vae/ was saved by diffusers 0.8: the attention's names of before 0.14
+            state = {legacy_attention_name(k): v for k, v in state.items()}
+        torch.save(state, root / name / "diffusion_pytorch_model.bin")
     assert json.loads((root / "unet" / "config.json").read_text())["sample_size"] == 32
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "sentencepiece.bpe.model").write_bytes(open(os.path.join(spm_dir, "sentencepiece.bpe.model"), "rb").read())

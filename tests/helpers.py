@@ -38,6 +38,13 @@ SMALL_PRECISIONS = [*PRECISIONS, pytest.param("cpu", torch.float16, FP16_TOL, id
 MEASURED: list[tuple[str, float]] = []  # (test id, relative error): printed after the run
 
 
+def legacy_attention_name(key: str) -> str:
+    """A VAE tensor's name as diffusers < 0.14 wrote it: mid_block.attentions.0.query/key/value/proj_attn."""
+    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+        key = key.replace(f"mid_block.attentions.0.{new}.", f"mid_block.attentions.0.{old}.")
+    return key
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64; for checks that two things *differ* (not recorded as parity)."""
     a, b = a.double().cpu(), b.double().cpu()

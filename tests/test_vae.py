@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers import M9_VAE, PRECISIONS, SMALL_PRECISIONS, randomize_, rel_err
+from helpers import M9_VAE, PRECISIONS, SMALL_PRECISIONS, legacy_attention_name, randomize_, rel_err
 from diffusers import AutoencoderKL
 
 from altdiff_min.attention import attention_backend
@@ -108,15 +108,29 @@ def test_config_rejects_what_is_not_implemented(change, named):
         config_from_hf({**M9_VAE, **change})
 
 
+def test_attention_names_of_diffusers_before_0_14_convert_alike():
+    """m9's hub vae/ was saved by diffusers 0.8: its mid-block attention is query/key/value/proj_attn,
+    which diffusers still loads (renamed on load). The same tensors under either spelling, one model."""
+    sd = make_reference(SMALL["3levels"]).state_dict()
+    old = {legacy_attention_name(k): v for k, v in sd.items()}
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in old and "encoder.mid_block.attentions.0.key.bias" in old
+    new_model, _ = load(sd, config_from_hf(SMALL["3levels"]))
+    old_model, report = load(old, config_from_hf(SMALL["3levels"]))
+    assert report.converted == len(old) and new_model.state_dict().keys() == old_model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(new_model.state_dict().values(), old_model.state_dict().values()))
+
+
 @pytest.mark.parametrize("edit,named", [
     (lambda sd: sd.pop("decoder.mid_block.attentions.0.to_v.bias"),
      r"missing tensors[^\n]*\n\s*decoder\.mid\.attn\.v\.bias"),
-    (lambda sd: sd.update({"encoder.mid_block.attentions.0.query.weight": torch.zeros(64, 64)}),
-     r"unexpected tensors[^\n]*\n\s*encoder\.mid_block\.attentions\.0\.query\.weight"),
+    (lambda sd: sd.update({"encoder.mid_block.attentions.0.rotary.weight": torch.zeros(64, 64)}),
+     r"unexpected tensors[^\n]*\n\s*encoder\.mid_block\.attentions\.0\.rotary\.weight"),
+    (lambda sd: sd.update({"encoder.mid_block.attentions.0.query.weight": torch.zeros(64, 64)}),  # both spellings
+     r"renamed onto the same target[^\n]*\n\s*encoder\.mid_block\.attentions\.0\.(query|to_q)\.weight"),
     (lambda sd: sd.update({"decoder.up_blocks.2.resnets.0.conv_shortcut.weight": torch.zeros(16, 32, 3, 3)}),
      re.escape("decoder.up_blocks.2.resnets.0.conv_shortcut.weight: (16, 32, 3, 3), "
                "but decoder.up.2.res.0.shortcut.weight is (16, 32, 1, 1)")),
-], ids=["missing", "unexpected", "mis-shaped"])
+], ids=["missing", "unexpected", "both-attention-spellings", "mis-shaped"])
 def test_converter_names_the_offending_tensor(edit, named):
     sd = dict(make_reference(SMALL["3levels"]).state_dict())
     edit(sd)

@@ -25,7 +25,13 @@ PLACES: list[Rule] = [  # conv_in, conv_out, quant_conv and post_quant_conv keep
     (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
 ]
 
-INSIDE: list[Rule] = [(r"\.conv_shortcut\.", ".shortcut."), (r"\.group_norm\.", ".norm."), *ATTENTION_INSIDE]
+# diffusers before 0.14 (m9's hub vae/ was written by 0.8) named the mid-block attention's projections
+# query/key/value/proj_attn; diffusers still reads such files (renaming them on load), and so do we.
+LEGACY_ATTENTION: list[Rule] = [(rf"(\.mid\.attn)\.{old}\.", rf"\1.{new}.")
+                                for old, new in [("query", "q"), ("key", "k"), ("value", "v"), ("proj_attn", "out")]]
+
+INSIDE: list[Rule] = [(r"\.conv_shortcut\.", ".shortcut."), (r"\.group_norm\.", ".norm."), *ATTENTION_INSIDE,
+                      *LEGACY_ATTENTION]
 
 RULES: list[Rule] = PLACES + INSIDE
 
