@@ -78,13 +78,17 @@ class CaptionedFolder:
                 self.skip("image without a caption", file)
         candidates, present = [], set(images)
         for file, captions in sorted(listed.items()):
+            if captions is None:  # skipped already, with its reason
+                continue
             if file in present:
                 candidates.append((file, captions))
             else:
                 self.skip("caption without an image", file)
 
         for file, captions in tqdm(candidates, desc="checking images", disable=not self.progress, leave=False):
-            if problem := self.check_image(file):
+            if not captions:  # an empty caption would train the unconditional model unasked (see --uncond-prob)
+                self.skip("empty caption", file)
+            elif problem := self.check_image(file):
                 self.skip(problem, file)
             else:
                 self.files.append(file)
@@ -104,7 +108,7 @@ class CaptionedFolder:
             for f in files:
                 if not f.startswith("."):
                     rel = os.path.relpath(os.path.join(root, f), self.path)
-                    (images if f.lower().endswith(IMAGE_EXTENSIONS) else texts if f.endswith(".txt") else []).append(rel)
+                    (images if f.lower().endswith(IMAGE_EXTENSIONS) else texts if f.lower().endswith(".txt") else []).append(rel)
         return sorted(images), sorted(texts)
 
     def read_metadata(self) -> dict[str, tuple[str, ...]]:
@@ -136,22 +140,29 @@ class CaptionedFolder:
                 raise BadFile(f"{where}: file_name {entry['file_name']!r} is outside the data folder")
             if name in listed:
                 raise BadFile(f"{where}: {name} is listed twice")
-            listed[name] = tuple(texts)
+            listed[name] = tuple(t for t in texts if t.strip())  # () : skipped as an empty caption
         return listed
 
     def read_txt(self, images: list[str], texts: list[str]) -> dict[str, tuple[str, ...]]:
         """NAME.png → the text of NAME.txt beside it (stripped); a .txt without an image is reported."""
         self.source = ".txt files"
-        stems = {os.path.splitext(f)[0]: f for f in images}
+        stems: dict[str, list[str]] = {}
+        for f in images:
+            stems.setdefault(os.path.splitext(f)[0], []).append(f)
         listed = {}
         for rel in texts:
-            image = stems.get(os.path.splitext(rel)[0])
-            if image is None:
+            found = stems.get(os.path.splitext(rel)[0], [])
+            if not found:
                 self.skip("caption without an image", rel)
+                continue
+            if len(found) > 1:  # a.png and a.jpg beside a.txt: which one it describes is anyone's guess
+                for image in found:
+                    self.skip(f"one caption file for several images ({rel})", image)
+                    listed[image] = None
                 continue
             text = read_text(os.path.join(self.path, rel), "caption file").strip()
             check_prompt(text)
-            listed[image] = (text,)
+            listed[found[0]] = (text,) if text else ()
         return listed
 
     def check_image(self, file: str) -> str | None:
@@ -160,7 +171,9 @@ class CaptionedFolder:
             with Image.open(os.path.join(self.path, file)) as image:
                 image.load()
                 w, h = ImageOps.exif_transpose(image).size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:
+            return f"more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
+        except (OSError, SyntaxError, ValueError):
             return "corrupt, truncated or not an image"
         if min(w, h) < self.resolution:
             return f"smaller than the resolution ({self.resolution} px)"
@@ -246,6 +259,8 @@ class ToyWorld:
 def open_data(data: str, resolution: int, progress: bool = False) -> CaptionedFolder | ToyWorld:
     """DATA of `altdiff-min train`: "toy" (the toy world, 64 px) or a captioned folder."""
     if data == "toy":
+        if os.path.isdir(data):
+            raise BadValue("data 'toy' names the toy world, and there is also a folder toy here: pass ./toy for the folder")
         world = ToyWorld()
         if resolution != world.resolution:
             raise BadValue(f"the toy world's pictures are {world.resolution} px; --resolution {resolution} does not fit")

@@ -124,8 +124,12 @@ def eight_bit(image: Image.Image) -> Image.Image:
     them at 255: a 16-bit picture would come out white); float images ("F", 0–255 as PIL reads them)
     rounded. Other modes unchanged."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale PNGs and TIFFs
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8), "L")
+        levels = np.asarray(image, dtype=np.float64)
+        grey = Image.fromarray((levels / 257.0).clip(0, 255).round().astype(np.uint8), "L")
+        if isinstance(image.info.get("transparency"), int):  # a PNG's tRNS level: keep it as alpha
+            alpha = np.where(levels == image.info["transparency"], 0, 255).astype(np.uint8)
+            return Image.merge("LA", (grey, Image.fromarray(alpha, "L")))
+        return grey
     if image.mode == "F":
         return Image.fromarray(np.asarray(image, dtype=np.float64).clip(0, 255).round().astype(np.uint8), "L")
     return image

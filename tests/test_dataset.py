@@ -61,6 +61,42 @@ def test_bad_pictures_and_captions_are_skipped_counted_and_reported(tmp_path):
     assert data.describe()["skipped"] == {k: len(v) for k, v in data.skipped.items()}
 
 
+def test_empty_captions_shared_caption_files_and_big_pictures_are_skipped_with_their_reason(tmp_path, monkeypatch):
+    txt = tmp_path / "txt"
+    write_pictures(txt, 2, "txt")
+    for stem in ("blank", "twin"):
+        Image.new("RGB", (64, 64)).save(txt / f"{stem}.png")
+    Image.new("RGB", (64, 64)).save(txt / "twin.jpg")
+    (txt / "blank.txt").write_text("  \n")
+    (txt / "twin.txt").write_text("which picture?")
+    Image.new("RGB", (64, 64)).save(txt / "upper.png")
+    (txt / "upper.TXT").write_text("a caption in a .TXT file")
+    Image.new("RGB", (300, 300)).save(txt / "huge.png")
+    (txt / "huge.txt").write_text("too many pixels")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300² is over twice that: PIL refuses it
+    data = CaptionedFolder(str(txt), 64)
+    assert data.files == ["000.png", "001.png", "upper.png"]
+    assert data.skipped == {"one caption file for several images (twin.txt)": ["twin.jpg", "twin.png"],
+                            "empty caption": ["blank.png"], "more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = 20000)": ["huge.png"]}
+    jsonl = tmp_path / "jsonl"
+    write_pictures(jsonl, 2, "jsonl")
+    Image.new("RGB", (64, 64)).save(jsonl / "blank.png")
+    Image.new("RGB", (64, 64)).save(jsonl / "half.png")
+    with open(jsonl / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "blank.png", "text": ""}) + "\n")
+        f.write(json.dumps({"file_name": "half.png", "text": ["", "un chien"]}) + "\n")
+    data = CaptionedFolder(str(jsonl), 64)
+    assert data.skipped == {"empty caption": ["blank.png"]} and data.texts(data.files.index("half.png")) == ("un chien",)
+
+
+def test_a_folder_named_toy_is_not_taken_for_the_toy_world(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_pictures(tmp_path / "toy", 2, "txt")
+    with pytest.raises(BadValue, match="pass ./toy for the folder"):
+        open_data("toy", 64)
+    assert open_data("./toy", 64).files == ["000.png", "001.png"]
+
+
 def test_the_command_reports_the_skips_before_training(small_model_dir, tmp_path, capsys):
     from altdiff_min.__main__ import main
 
@@ -94,6 +130,17 @@ def test_every_image_mode_becomes_rgb(tmp_path, mode):
         assert np.abs(rgb[..., 0].astype(int) - grey).max() <= 1 and (rgb[..., 0] == rgb[..., 2]).all()
     else:
         assert rgb.std() > 0
+
+
+def test_a_16_bit_png_with_a_transparent_level_is_over_white(tmp_path):
+    levels = np.full((40, 48), 20000, dtype=np.uint16)
+    levels[:, :10] = 0
+    image = Image.fromarray(levels)
+    image.save(tmp_path / "x.png", transparency=0)
+    with Image.open(tmp_path / "x.png") as reread:
+        assert reread.mode.startswith("I") and reread.info.get("transparency") == 0
+        rgb = np.asarray(to_rgb(reread))
+    assert (rgb[:, :10] == 255).all() and (np.abs(rgb[:, 10:].astype(int) - round(20000 / 257)) <= 1).all()
 
 
 def test_a_16_bit_png_trains(tmp_path):
