@@ -82,6 +82,13 @@ def test_detector_is_right_on_rendered_pictures():
         assert detect(image) == (shape, colour)
         assert detect(torch.from_numpy(image).permute(2, 0, 1) / 255.0) == (shape, colour)  # a tensor in [0, 1]
     assert detect(np.full((SIZE, SIZE, 3), 255, np.uint8)) == (None, None)
+    image = render("square", "red", rng=rng)
+    image[1, 1] = 128  # one stray grey pixel would widen the box to a corner: a "triangle"
+    image[SIZE - 3:, SIZE - 3:] = COLOURS["blue"]  # and a speck of another colour
+    assert detect(image) == ("square", "red")
+    speck = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    speck[5:8, 5:8] = COLOURS["green"]
+    assert detect(speck) == (None, None)
 
 
 # ---- scenes: sizes, two objects, relations ------------------------------------------------------------

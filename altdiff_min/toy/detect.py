@@ -55,10 +55,12 @@ def detect(image) -> tuple[str | None, str | None]:
     """(shape, colour) of the single shape in `image`, or (None, None) for a blank one.
 
     colour: the palette colour nearest to the mean of the ink pixels. shape: from the fill ratio of
-    the ink's bounding box. Two measurements, nothing trained.
+    the ink's bounding box. Two measurements, nothing trained. Specks (pieces of ink under SPECK
+    pixels) are left out, as detect_objects leaves them out: one stray pixel would widen the box.
     """
     image = as_uint8(image).astype(np.float32)
     ink = (255 - image).max(axis=-1) > INK
+    ink = np.logical_or.reduce([piece for piece in label(ink) if piece.sum() >= SPECK] or [np.zeros_like(ink)])
     if not ink.any():
         return None, None
     return shape_of(ink)[0], list(COLOURS)[int(nearest_colour(image[ink].mean(axis=0)))]
