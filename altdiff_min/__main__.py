@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .toy.train import add_arguments
 
-    add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~25 min)"))
+    add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~50 min)"))
 
     args = parser.parse_args(argv)
     from .errors import AltDiffError

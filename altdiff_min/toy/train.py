@@ -13,7 +13,7 @@ data.SceneWorld (one or two objects, size words, relations). This file holds onl
 configs, the two stages' settings, the order.
 
 The modules are altdiff-min's own, in small configurations (`toy_configs`); everything else about
-the real model (tokenizer ids, 77 tokens, schedule, 8× VAE, guidance) is unchanged. About 25 minutes
+the real model (tokenizer ids, 77 tokens, schedule, 8× VAE, guidance) is unchanged. About 50 minutes
 on two CPU cores; fixed seeds make a run repeatable.
 """
 from __future__ import annotations
