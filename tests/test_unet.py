@@ -90,6 +90,9 @@ def test_m9_config():
     ({"down_block_types": [CA, CA, "SimpleCrossAttnDownBlock2D", D]}, "down_block_types"),
     ({"up_block_types": [CU, CU, CU, U]}, "up_block_types"),  # not the mirror of the down path
     ({"attention_head_dim": [5, 10, 20, 20]}, "attention_head_dim"),  # heads per level
+    ({"attention_head_dim": [8, 8]}, re.escape("attention_head_dim=[8, 8]: 2 values for 4 levels")),  # diffusers refuses it
+    ({"layers_per_block": [2]}, re.escape("layers_per_block=[2]: 1 values for 4 levels")),
+    ({"transformer_layers_per_block": [[1], [1], [1], [1]]}, "a different value per block"),
 ])
 def test_config_rejects_what_is_not_implemented(change, named):
     with pytest.raises(ValueError, match=named):

@@ -79,9 +79,14 @@ def reject_other_values(hf: Mapping, only: Mapping, what: str) -> None:
 
 
 def same_at_every_level(hf: Mapping, key: str):
-    """diffusers allows a list (one per level) for some options; we implement one value for all levels."""
-    value = hf[key]
+    """diffusers allows a list (one per level) for some options; we implement one value for all levels.
+    A list must name each level once, as diffusers requires."""
+    value, levels = hf[key], len(hf["block_out_channels"])
     if isinstance(value, (list, tuple)):
+        if len(value) != levels:
+            raise ValueError(f"unet config has {key}={list(value)}: {len(value)} values for {levels} levels")
+        if any(isinstance(v, (list, tuple, dict)) for v in value):
+            raise ValueError(f"unet config has {key}={list(value)}: a different value per block is not implemented")
         if len(set(value)) != 1:
             raise ValueError(f"unet config has {key}={value}: a different value per level is not implemented")
         value = value[0]
