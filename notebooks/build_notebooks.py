@@ -582,7 +582,7 @@ show([Image.open(f"{folder}/steps/contact_sheet.png")], size=12)""",
 DPM-Solver++ (2M, over Karras' levels) all 12. At 12 steps none gets past 7 of 12: DDIM's shapes
 are right (92%) but a third of its colours are not (green and purple circles for "a red circle"),
 and DPM-Solver++ loses objects to fragments and specks. Below 12 steps every sampler fails most
-of the time. PLMS gets at most 2 of 12 at guidance 7.5, for the reason lesson 02 gives. On this
+of the time. PLMS gets at most 3 of 12 at guidance 7.5, for the reason lesson 02 gives. On this
 toy the step count matters more than which of the first three samplers is used. Four prompts
 and three seeds a cell is a small sample: a cell can move by a picture or two with other seeds,
 so add seeds before reading anything into 11 against 12.""",
