@@ -268,6 +268,11 @@ def check_folder_values(config: dict[str, Any]) -> None:
         check_int("tokenizer.max_length", config["tokenizer"]["max_length"], 2, text.max_length)
     if "unet" in config:
         check_int("image_size", config.get("image_size", 512), *IMAGE_SIZE)
+    if "unet" in config and "vae" in config:  # else sampling runs to the end and only decoding fails
+        unet, latent = config["unet"], config["vae"].latent_channels
+        if (unet.in_channels, unet.out_channels) != (latent, latent):
+            raise BadValue(f"the UNet takes {unet.in_channels} and predicts {unet.out_channels} latent channels, but "
+                           f"the VAE's latents have {latent}: the pipeline needs the two to agree")
     if "default_dtype" in config and config["default_dtype"] not in ("float32", "float16", "bfloat16"):
         raise BadValue(f"default_dtype must be float32, float16 or bfloat16, got {config['default_dtype']!r}")
 

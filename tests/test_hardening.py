@@ -210,6 +210,15 @@ def test_huge_tokenizer_length_is_refused(model, monkeypatch):
         load(model)
 
 
+def test_a_unet_that_does_not_take_the_vaes_latents_is_refused_at_load(model, monkeypatch):
+    """An inpainting UNet (9 input channels) beside a 4-channel VAE would sample to the end and fail
+    only at decoding."""
+    no_weights_read(monkeypatch)
+    edit_json(model / "config.json", unet__in_channels=9)
+    with pytest.raises(BadFile, match="the UNet takes 9 and predicts 4 latent channels, but the VAE's latents have 4"):
+        load(model)
+
+
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo", "folder"])
 def test_config_that_is_not_a_regular_file(src, model, kind):
     for path in (model / "config.json", src / "unet" / "config.json"):
