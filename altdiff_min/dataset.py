@@ -101,10 +101,20 @@ class CaptionedFolder:
         self.skipped.setdefault(reason, []).append(file)
 
     def walk(self) -> tuple[list[str], list[str]]:
-        """The images and the .txt files under the folder (relative paths, sorted; hidden ones skipped)."""
-        images, texts = [], []
-        for root, dirs, files in os.walk(self.path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        """The images and the .txt files under the folder (relative paths, sorted; hidden ones skipped).
+        Linked sub-folders are read (data often links to shared storage), each real folder once: a
+        second way into one (a link loop) is skipped and reported, as is a folder that cannot be read."""
+        images, texts, seen = [], [], {os.path.realpath(self.path)}
+        unreadable = lambda e: self.skip("folder that cannot be read", os.path.relpath(e.filename, self.path))
+        for root, dirs, files in os.walk(self.path, followlinks=True, onerror=unreadable):
+            kept = []
+            for d in sorted(d for d in dirs if not d.startswith(".")):
+                if (real := os.path.realpath(os.path.join(root, d))) in seen:
+                    self.skip("folder reached a second time (a link)", os.path.relpath(os.path.join(root, d), self.path))
+                else:
+                    seen.add(real)
+                    kept.append(d)
+            dirs[:] = kept
             for f in files:
                 if not f.startswith("."):
                     rel = os.path.relpath(os.path.join(root, f), self.path)

@@ -89,6 +89,18 @@ def test_empty_captions_shared_caption_files_and_big_pictures_are_skipped_with_t
     assert data.skipped == {"empty caption": ["blank.png"]} and data.texts(data.files.index("half.png")) == ("un chien",)
 
 
+def test_linked_sub_folders_are_read_once_and_loops_reported(tmp_path):
+    data, shared = tmp_path / "data", tmp_path / "shared"
+    write_pictures(data, 1, "txt")
+    write_pictures(shared, 2, "txt")
+    (data / "linked").symlink_to(shared)  # data on shared storage, linked in
+    (data / "again").symlink_to(shared)  # a second way into it
+    (shared / "loop").symlink_to(shared)  # and a loop
+    folder = CaptionedFolder(str(data), 64)
+    assert folder.files == ["000.png", os.path.join("again", "000.png"), os.path.join("again", "001.png")]
+    assert folder.skipped == {"folder reached a second time (a link)": ["linked", os.path.join("again", "loop")]}
+
+
 def test_a_folder_named_toy_is_not_taken_for_the_toy_world(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_pictures(tmp_path / "toy", 2, "txt")
