@@ -330,7 +330,10 @@ def read_picture(path: str, flag: str, mask: bool = False):
     try:
         with Image.open(path) as image:
             return eight_bit(ImageOps.exif_transpose(image)) if mask else to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise BadFile(f"{flag} {path} has more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = "
+                      f"{Image.MAX_IMAGE_PIXELS}, its guard against decompression bombs)") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise BadFile(f"{flag} {path} is not a picture PIL can read ({type(e).__name__})") from None
 
 

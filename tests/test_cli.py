@@ -251,6 +251,7 @@ def test_image_to_image_and_inpainting_from_the_command_line(model_dir, tmp_path
     (["--init-img", "TINY"], "rounding down leaves nothing"),
     (["--init-img", "WIDE"], "--W must be in [1, 4096], --init-img "),  # the side came from the picture
     (["--init-img", "WIDE", "--H", "64"], "--W must be in [1, 4096], --init-img "),
+    (["--init-img", "BOMB"], "has more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = 300000"),
     (["--strength", "0.5"], "--strength needs --init-img"),
     (["--mask", "SMALL"], "--mask needs --init-img"),
     (["--init-img", "INIT", "--paste-unmasked"], "give --mask"),
@@ -260,7 +261,8 @@ def test_bad_picture_arguments_are_refused_before_the_model_loads(model_dir, tmp
 
     import altdiff_min.pipeline
 
-    files = {"INIT": (100, 70), "SMALL": (30, 20), "TINY": (20, 90), "WIDE": (4200, 70)}
+    files = {"INIT": (100, 70), "SMALL": (30, 20), "TINY": (20, 90), "WIDE": (4200, 70), "BOMB": (1000, 1000)}
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300_000)  # BOMB is over twice that: PIL refuses to open it
     for name, size in files.items():
         picture("RGB", *size).save(tmp_path / f"{name}.png")
     (tmp_path / "NOT_A_PICTURE.png").write_text("hello")
