@@ -211,6 +211,13 @@ def fingerprint(path: str | os.PathLike) -> dict[str, str]:
         raise Missing(f"model folder not found (or its {CONFIG} unreadable): {path} ({e.strerror})") from None
 
 
+def replacement_under_way(path: str) -> bool:
+    """`path` is absent and the previous model lies beside it (`.NAME.old-*`): a --force replacement
+    between its two renames, or one killed there."""
+    parent = os.path.dirname(os.path.abspath(path))
+    return not os.path.lexists(path) and os.path.isdir(parent) and bool(leftovers(os.path.abspath(path), "old"))
+
+
 def read_config(path: str | os.PathLike, require: tuple[str, ...] = DIFFUSION) -> dict[str, Any]:
     """The config.json of a model folder, after checking the folder really is one and holds the
     modules `require` names, each config checked (altdiff_min/checks.py); the modules it holds are
@@ -223,8 +230,7 @@ def read_config(path: str | os.PathLike, require: tuple[str, ...] = DIFFUSION) -
         hint = ""
         if os.path.isdir(os.path.join(path, "unet")) or os.path.isfile(os.path.join(path, "model_index.json")):
             hint = f"; it looks like a diffusers folder: convert it first, `altdiff-min convert {path} OUT_DIR`"
-        if not os.path.lexists(path) and os.path.isdir(os.path.dirname(os.path.abspath(path))) and \
-                leftovers(os.path.abspath(path), "old"):
+        if replacement_under_way(path):
             hint = "; an interrupted --force replacement left the previous model beside it: run the conversion again"
         raise Missing(f"model folder not found: {path}{hint}")
     missing = [f for f in (CONFIG, WEIGHTS, TOKENIZER) if not os.path.isfile(os.path.join(path, f))]
@@ -387,9 +393,7 @@ def read_folder(path: str, require: tuple[str, ...], device: torch.device, dtype
             want = getattr(torch, config["default_dtype"]) if dtype is None and "default_dtype" in config else dtype
             modules = read_modules(path, config, device, want, names)
         except (AltDiffError, RuntimeError):  # RuntimeError: safetensors' map of a file renamed away meanwhile
-            replacing = identity(path) != before or (
-                before is None and os.path.isdir(os.path.dirname(os.path.abspath(path))) and leftovers(os.path.abspath(path), "old"))
-            if attempt + 1 == REREADS or not replacing:
+            if attempt + 1 == REREADS or (identity(path) == before and not replacement_under_way(path)):
                 raise
         else:
             if identity(path) == before:
