@@ -256,10 +256,8 @@ from .files import MANIFEST  # noqa: E402 (a constant; files imports no torch)
 def replay(args) -> int | None:
     """--replay MANIFEST:LINE: the arguments become those the line records; returns which picture of
     that line's batch to keep (a seed's noise is drawn for the whole batch at once)."""
-    import json
-
     from .errors import BadFile, BadValue
-    from .files import read_text
+    from .files import parse_json, read_text
     from .folder import fingerprint
 
     if args.prompt is not None or args.from_file:
@@ -271,7 +269,9 @@ def replay(args) -> int | None:
     if int(line) > len(lines):
         raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
     try:
-        row = json.loads(lines[int(line) - 1])
+        row = parse_json(lines[int(line) - 1], f"{file} line {line}")
+        if not isinstance(row, dict):
+            raise TypeError("not an object")
         args.prompt, args.from_file, args.negative_prompt = row["prompt"], None, row["negative_prompt"]
         args.seed, args.sampler, args.plms, args.steps = row["seed"], row["sampler"], False, row["steps"]
         args.scale, args.eta, args.H, args.W = row["scale"], row["eta"], row["height"], row["width"]
@@ -477,17 +477,10 @@ def generate(args) -> int:
 
 def job_rows(manifest: str, job: str) -> list[dict]:
     """The manifest lines of one generate command (all its processes), in prompt order then sample order.
-    Other lines are not read: one a user edited, or one a killed write cut short, is not this job's."""
-    import json
+    Lines that cannot be read (one a user edited, or one a killed write cut short) are not this job's."""
+    from .files import read_log
 
-    def parsed(line: str):
-        try:
-            return json.loads(line)
-        except ValueError:
-            return None
-
-    with open(manifest, encoding="utf-8", errors="replace") as f:
-        rows = [row for row in map(parsed, f) if isinstance(row, dict) and row.get("job") == job]
+    rows = [row for _, row in read_log(manifest, "manifest")[0] if isinstance(row, dict) and row.get("job") == job]
     return sorted(rows, key=lambda r: (r["index"], r["sample"]))
 
 

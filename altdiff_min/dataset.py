@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .errors import BadFile, BadValue, Missing
-from .files import read_text
+from .files import parse_json, read_text
 from .tokenizer import check_prompt
 from .vision import eight_bit, rgb_over_white
 
@@ -131,10 +131,7 @@ class CaptionedFolder:
             if not line.strip():
                 continue
             where = f"{file} line {n}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadFile(f"{where} is not valid JSON ({e.msg})") from None
+            entry = parse_json(line, where)
             if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or "text" not in entry:
                 raise BadFile(f"{where}: expected an object with \"file_name\" (a string) and \"text\", got {line.strip()[:80]}")
             texts = entry["text"] if isinstance(entry["text"], list) else [entry["text"]]

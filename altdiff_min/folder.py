@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .altclip import AltCLIP, AltCLIPConfig
 from .checks import IMAGE_SIZE, check_int
 from .errors import AltDiffError, BadFile, BadType, BadValue, Busy, Exists, Missing, io_error
-from .files import fsync_path, leftovers, locked, make_folder, read_json, sibling
+from .files import fsync_path, leftovers, locked, make_folder, parse_json, read_json, sibling
 from .safety import SafetyChecker
 from .schedule import ScheduleConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
@@ -314,7 +314,7 @@ def read_tensors(file: str, device: torch.device, dtype: torch.dtype | None, wan
     out, page = {}, mmap.PAGESIZE
     with open(file, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
+        header = parse_json(f.read(header_size), f"{file}'s header")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:  # private: writable, never written
             for key in keys:
                 begin, end = (8 + header_size + offset for offset in header[key]["data_offsets"])

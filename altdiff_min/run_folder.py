@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import AltDiffError, BadFile, Exists, Missing
-from .files import atomic_file, fsync_path, make_folder, read_json, sibling
+from .files import atomic_file, fsync_path, make_folder, open_append, partial_files, read_json, read_log, sibling
 
 FORMAT = "altdiff-min-train"
 RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL = "run.json", "checkpoint.pt", "loss.jsonl", "loss.png", "samples", "model"
@@ -63,14 +63,6 @@ def prepare(path: str, force: bool, resume: bool) -> dict | None:
         shutil.rmtree(old)
     make_folder(path, "OUT_DIR")
     return None
-
-
-def partial_files(folder: str) -> list[str]:
-    """The temporary files (files.sibling's `.NAME.partial-*`) that interrupted writes left in `folder`."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, e) for e in os.listdir(folder) if e.startswith(".") and ".partial-" in e
-                  and os.path.isfile(os.path.join(folder, e)))
 
 
 def write_json(path: str, value: Any) -> None:
@@ -112,17 +104,17 @@ def load_checkpoint(path: str, device: torch.device) -> dict | None:
 
 class LossLog:
     """loss.jsonl, appended one line per step and flushed; on resume cut back to the checkpoint's step,
-    so the log of a resumed run is the log of an uninterrupted one."""
+    so the log of a resumed run is the log of an uninterrupted one. A line that cannot be read (the torn
+    last line of a write cut short by a full disk or a power cut) is dropped, as it is past the
+    checkpoint's step anyway."""
 
     def __init__(self, path: str, upto: int):
         self.file = os.path.join(path, LOSSES)
-        self.rows = []
-        if os.path.exists(self.file):
-            with open(self.file) as f:
-                self.rows = [row for row in map(json.loads, filter(str.strip, f)) if row["step"] <= upto]
+        rows, _ = read_log(self.file, LOSSES)
+        self.rows = [row for _, row in rows if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= upto]
         with atomic_file(self.file) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.rows)
-        self.handle = open(self.file, "a")
+        self.handle = os.fdopen(open_append(self.file, LOSSES), "a")
 
     def append(self, row: dict) -> None:
         self.rows.append(row)

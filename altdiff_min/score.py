@@ -19,7 +19,6 @@ so are the images a captioned folder cannot use (without a caption, corrupt): bo
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ import torch
 from .altclip import AltCLIP, clip_score
 from .checks import check_int
 from .errors import BadFile, BadValue, Exists, Missing
-from .files import atomic_file, locked, make_folder, read_text
+from .files import atomic_file, locked, make_folder, read_log, read_text
 from .tokenizer import Tokenizer, check_prompt
 
 REQUIRE = ("altclip",)  # what read_config must find in the folder given as the CLIP model
@@ -112,8 +111,8 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype
 def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(picture path, prompt) of every picture under PATH: a generate --outdir, its manifest.jsonl,
     or a captioned folder (see the module's docstring). Picture paths are absolute. A manifest line
-    that is not generate's, or that names a missing picture, is an error naming the line; so is
-    finding no pair at all."""
+    that is not generate's (torn by a killed write, edited) is skipped and reported; one that names a
+    missing picture is an error naming the line; so is finding no pair at all."""
     from .files import MANIFEST
 
     path = os.fspath(path)
@@ -123,17 +122,16 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
         return captioned_pairs(path)
     manifest = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
     folder, pairs, flagged = os.path.dirname(os.path.abspath(manifest)), [], 0
-    for n, line in enumerate(read_text(manifest, "manifest").splitlines(), 1):
-        if not line.strip():
-            continue
+    rows, unread = read_log(manifest, "manifest")
+    for n, row in rows:
         try:
-            row = json.loads(line)
             file, prompt = row["file"], row["prompt"]
             if not isinstance(file, str) or not isinstance(prompt, str):
                 raise TypeError("'file' and 'prompt' must be strings")
             check_prompt(prompt)
-        except (ValueError, KeyError, TypeError) as e:
-            raise BadFile(f"{manifest} line {n} is not a manifest line of altdiff-min generate ({e})") from None
+        except (ValueError, KeyError, TypeError):
+            unread.append(n)
+            continue
         if row.get("flagged"):
             flagged += 1
             continue
@@ -142,6 +140,10 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
             raise Missing(f"{manifest} line {n}: picture not found: {picture}")
         check_picture_file(picture, f"{manifest} line {n}: ")
         pairs.append((picture, prompt))
+    if unread:
+        print(f"{manifest}: skipped {len(unread)} line(s) that are not generate's manifest lines (a write cut "
+              f"short, or an edit): line {', '.join(map(str, sorted(unread)[:5]))}{' …' if len(unread) > 5 else ''}",
+              file=sys.stderr)
     if flagged:
         print(f"{manifest}: left out {flagged} picture(s) the safety checker replaced by a placeholder", file=sys.stderr)
     if not pairs:
