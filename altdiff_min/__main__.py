@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
                      help="check every picture with the model's safety checker and replace flagged ones by a "
                      "placeholder (default: when the model folder holds one; --no-safety-checker: never)")
-    gen.add_argument("--replay", metavar="MANIFEST:LINE",
-                     help="make the picture of line LINE (1-based) of an --outdir's manifest.jsonl again, into --outdir")
+    gen.add_argument("--replay", metavar="MANIFEST:LINE|PICTURE",
+                     help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
+                     "manifest.jsonl, or a PNG generate made (it carries its settings)")
 
     add_train_arguments(commands.add_parser(
         "train", help="fine-tune a model folder on captioned pictures (one process, or many under torchrun)",
@@ -250,26 +251,32 @@ def grid(images: list, columns: int):
     return canvas
 
 
-from .files import MANIFEST  # noqa: E402 (a constant; files imports no torch)
-
-
 def replay(args) -> int | None:
-    """--replay MANIFEST:LINE: the arguments become those the line records; returns which picture of
-    that line's batch to keep (a seed's noise is drawn for the whole batch at once)."""
+    """--replay MANIFEST:LINE or --replay PICTURE.png: the arguments become those the line (or the record
+    the picture carries) holds; returns which picture of that batch to keep (a seed's noise is drawn
+    for the whole batch at once)."""
     from .errors import BadFile, BadValue
     from .files import parse_json, read_text
     from .folder import fingerprint
+    from .provenance import environment, record_of_png
 
     if args.prompt is not None or args.from_file:
         raise BadValue("--replay takes the prompt from the manifest line; give no prompt or --from-file")
-    file, _, line = args.replay.rpartition(":")
-    if not file or not line.isdigit() or int(line) < 1:
-        raise BadValue(f"--replay takes MANIFEST:LINE (e.g. out/manifest.jsonl:3), got {args.replay!r}")
-    lines = read_text(file, "manifest").splitlines()
-    if int(line) > len(lines):
-        raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
+    if is_png(args.replay):
+        source = args.replay
+        row = record_of_png(source, "--replay")
+        if row is None:
+            raise BadFile(f"--replay: {source} carries no altdiff-min record (it was not made by altdiff-min generate)")
+    else:
+        file, _, line = args.replay.rpartition(":")
+        if not file or not line.isdigit() or int(line) < 1:
+            raise BadValue(f"--replay takes MANIFEST:LINE (e.g. out/manifest.jsonl:3) or a picture generate made, "
+                           f"got {args.replay!r}")
+        lines = read_text(file, "manifest").splitlines()
+        if int(line) > len(lines):
+            raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
+        source, row = f"{file} line {line}", parse_json(lines[int(line) - 1], f"{file} line {line}")
     try:
-        row = parse_json(lines[int(line) - 1], f"{file} line {line}")
         if not isinstance(row, dict):
             raise TypeError("not an object")
         args.prompt, args.from_file, args.negative_prompt = row["prompt"], None, row["negative_prompt"]
@@ -283,21 +290,40 @@ def replay(args) -> int | None:
         for name, recorded in (("init_img", picture), ("mask", row.get("mask"))):
             if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
-        keep, args.replayed = row["sample"], row
+        keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
         kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
                  "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int}
         if wrong := [k for k, kind in kinds.items() if isinstance(row[k], bool) or not isinstance(row[k], kind)]:
             raise TypeError(f"{', '.join(wrong)} of the wrong type")
         if row["dtype"] not in ("fp32", "fp16", "bf16") or not 0 <= row["sample"] < row["n_samples"]:
             raise ValueError(f"dtype {row['dtype']!r} or sample {row['sample']} out of range")
-        if not isinstance(row["model"]["path"], str) or not isinstance(row["model"]["config_sha256"], str):
+        model = row["model"]
+        if not isinstance(model["path"], str) or not all(isinstance(model[k], str) for k in model if k.endswith("sha256")):
             raise TypeError("model is not a recorded model folder")
+        recorded_environment = row.get("environment") or {}
+        if not isinstance(recorded_environment, dict):
+            raise TypeError("environment is not an object")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BadFile(f"{file} line {line} is not a manifest line of altdiff-min generate ({e})") from None
-    if fingerprint(args.model)["config_sha256"] != row["model"]["config_sha256"]:
-        raise BadValue(f"--replay: the config.json of {args.model} has changed since the picture was made")
+        raise BadFile(f"{source} is not a manifest line of altdiff-min generate ({e})") from None
+    now = fingerprint(args.model)
+    if changed := [k.removesuffix("_sha256") for k in model if k.endswith("sha256") and now.get(k) != model[k]]:
+        raise BadValue(f"--replay: the {' and '.join(changed)} of {args.model} changed since the picture was made")
+    here = environment(args.device, row["dtype"])
+    if differ := [k for k in ("altdiff_min", "git_commit", "torch", "device", "device_name", "threads")
+                  if k in recorded_environment and recorded_environment[k] != here[k]]:
+        print(f"--replay: note: {', '.join(f'{k} {recorded_environment[k]} → {here[k]}' for k in differ)}; "
+              f"the picture may differ in its last bits", file=sys.stderr)
     args.skip_grid = True
     return keep
+
+
+def is_png(path: str) -> bool:
+    """`path` is a file that starts with the PNG signature."""
+    try:
+        with open(path, "rb") as f:
+            return os.path.isfile(path) and f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def file_digest(path: str, what: str) -> str:
@@ -371,20 +397,23 @@ def generate(args) -> int:
     """`altdiff-min generate`: samples to OUTDIR/samples/NNNNN.png (continuing the count), one grid per call.
     Each PNG is written under a temporary name and linked to the first free number (never replacing a
     file, so concurrent runs into one folder keep every picture), and gets a line in
-    OUTDIR/manifest.jsonl that records how to make it again (--replay)."""
+    OUTDIR/manifest.jsonl that records how to make it again (--replay); the PNG carries the same
+    record (provenance.png_bytes). Under torchrun the processes share the prompts and rank 0 writes
+    every picture, numbered in (prompt, sample) order as one process numbers them."""
     import datetime
-    import json
     import time
     import uuid
 
     import torch
     from PIL import Image
 
-    from .distributed import barrier, join_world, leave_world, on_rank0
+    from .distributed import barrier, gather, join_world, leave_world, on_rank0
     from .errors import BadValue
-    from .files import append_line, make_folder, save_numbered
+    from .files import make_folder, refuse_link, save_numbered
     from .folder import fingerprint, read_config
+    from .manifest import job_rows, paths, recover, save_picture
     from .pipeline import NO_LIMITS, Limits, check_device, check_size, load
+    from .provenance import environment, png_bytes
     from .samplers import check_eta
     from .schedule import timesteps
 
@@ -423,65 +452,65 @@ def generate(args) -> int:
     checked = "safety_checker" in config["modules"] and args.safety_checker is not False
     if args.C != config["unet"].in_channels:
         raise BadValue(f"--C {args.C}: this model's latents have {config['unet'].in_channels} channels")
-    samples, manifest = os.path.join(args.outdir, "samples"), os.path.join(args.outdir, MANIFEST)
+    samples, manifest = paths(args.outdir)
     make_folder(samples, "--outdir")
     for folder in (samples, args.outdir):  # the pictures; the manifest and the grid
         if not os.access(folder, os.W_OK | os.X_OK):
             raise BadValue(f"--outdir: cannot write into {folder} (permission denied)")
+    refuse_link(manifest, "manifest")
     if os.path.lexists(manifest) and not (os.path.isfile(manifest) and os.access(manifest, os.R_OK | os.W_OK)):
         raise BadValue(f"--outdir: {manifest} is not a file this run can read and append to")
-    # 2. The model, on every process torchrun started; each makes the prompts p with p % processes == rank.
+    if picture and (width, height) != picture["kwargs"]["image"].size:
+        print(f"--init-img {args.init_img} ({'×'.join(map(str, picture['kwargs']['image'].size))}) is resized to "
+              f"{width}×{height}", file=sys.stderr)
+    # 2. The model, on every process torchrun started; each makes the prompts p with p % processes == rank,
+    # and rank 0 writes them all, a round of one prompt per process at a time.
     world = join_world(device)
     try:
         job = on_rank0(world, lambda: uuid.uuid4().hex[:12])  # one id for the pictures of this command, all ranks
+        if world.rank == 0:
+            _, orphans = recover(args.outdir)  # a killed run's partial files go; its unrecorded pictures get a line
+            for file in orphans:
+                print(f"{os.path.join(args.outdir, file)}: recorded in the manifest as incomplete (its run was "
+                      f"stopped before recording it)", file=sys.stderr)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=limits,
                      safety_checker=checked)
+        # What makes the picture: the PNG carries it, so a replay on the same machine writes the same bytes.
         record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
                   "sampler": sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta, "height": height,
                   "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "safety_checker": checked,
-                  **(picture["record"] if picture else {}), "job": job}
-        start = time.perf_counter()
-        for index, prompt in enumerate(prompts):
-            if index % world.size != world.rank:
-                continue
-            images, flags = model.generate(prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples,
-                                           steps=args.steps, sampler=sampler, scale=args.scale, eta=args.eta,
-                                           height=height, width=width, seed=args.seed, progress=world.rank == 0,
-                                           safety_checker=checked, return_flags=True,
-                                           **(picture["kwargs"] if picture else {}))
-            for k, image in enumerate(images):
-                if keep is not None and k != keep:
-                    continue
-                path = save_numbered(samples, "{:05}.png", lambda tmp: image.save(tmp, format="PNG"))
-                row = {"file": os.path.relpath(path, args.outdir), "prompt": prompt, "index": index, "sample": k,
-                       **record, "flagged": flags[k] if flags else None,
-                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-                if keep is not None:
-                    row["replay_of"] = args.replayed["file"]
-                append_line(manifest, json.dumps(row, ensure_ascii=False))
-                print(f"{path} (flagged by the safety checker: replaced by a placeholder)" if row["flagged"] else path)
+                  **(picture["record"] if picture else {}), "environment": environment(world.device, dtype)}
+        start, written = time.perf_counter(), 0
+        for first in range(0, len(prompts), world.size):
+            made, index = [], first + world.rank
+            if index < len(prompts):
+                images, flags = model.generate(prompts[index], negative_prompt=args.negative_prompt,
+                                               n_samples=args.n_samples, steps=args.steps, sampler=sampler,
+                                               scale=args.scale, eta=args.eta, height=height, width=width,
+                                               seed=args.seed, progress=world.rank == 0, safety_checker=checked,
+                                               return_flags=True, **(picture["kwargs"] if picture else {}))
+                made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if flags else None)
+                        for k, image in enumerate(images) if keep is None or k == keep]
+            for index, k, png, flagged in sorted(p for part in gather(world, made) or [] for p in part):
+                row = {"prompt": prompts[index], "index": index, "sample": k, **record, "job": job, "flagged": flagged,
+                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       **({"replay_of": args.replayed["file"]} if keep is not None else {})}
+                path = save_picture(args.outdir, png, row)
+                written += 1
+                print(f"{path} (flagged by the safety checker: replaced by a placeholder)" if flagged else path)
         barrier(world)
         if world.rank == 0:
-            rows = job_rows(manifest, job)
+            rows = job_rows(args.outdir, job)
             if not args.skip_grid:
                 images = [Image.open(os.path.join(args.outdir, r["file"])).convert("RGB") for r in rows]
                 print(save_numbered(args.outdir, "grid-{:04}.png", lambda tmp: grid(images, args.n_samples).save(tmp, format="PNG")))
-            if world.size > 1:
-                print(f"{len(rows)} pictures of {len(prompts)} prompt(s) by {world.size} processes in "
-                      f"{time.perf_counter() - start:.1f} s; manifest: {manifest} (job {job})")
+            by = f" by {world.size} processes" if world.size > 1 else ""
+            print(f"{written} picture(s) of {len(prompts)} prompt(s){by} in {time.perf_counter() - start:.1f} s; "
+                  f"manifest: {manifest} (job {job})")
     finally:
         leave_world(world)
     return 0
-
-
-def job_rows(manifest: str, job: str) -> list[dict]:
-    """The manifest lines of one generate command (all its processes), in prompt order then sample order.
-    Lines that cannot be read (one a user edited, or one a killed write cut short) are not this job's."""
-    from .files import read_log
-
-    rows = [row for _, row in read_log(manifest, "manifest")[0] if isinstance(row, dict) and row.get("job") == job]
-    return sorted(rows, key=lambda r: (r["index"], r["sample"]))
 
 
 if __name__ == "__main__":

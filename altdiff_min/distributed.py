@@ -4,6 +4,7 @@
                                   under torchrun it joins the process group: gloo on CPU, nccl on CUDA,
                                   each process on the GPU of its LOCAL_RANK
     on_rank0(world, fn)           fn() on rank 0, its result or its refusal passed to every rank
+    gather(world, obj)            every rank's obj, in rank order, on rank 0 (None elsewhere)
     leave_world(world)            leave the process group at the end
 
 `altdiff-min train` and `altdiff-min generate` use it; torchrun's multi-node arguments need nothing more.
@@ -62,6 +63,15 @@ def on_rank0(world: World, fn: Callable):
     if error is not None:
         raise error
     return result
+
+
+def gather(world: World, obj) -> list | None:
+    """Every rank's `obj` (picklable), as a list in rank order, on rank 0; None on the others."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size if world.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def leave_world(world: World) -> None:

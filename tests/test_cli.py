@@ -132,6 +132,121 @@ def test_a_broken_manifest_line_is_left_alone_and_the_next_one_starts_fresh(mode
     assert (out / "grid-0000.png").is_file()
 
 
+def test_a_deeply_nested_manifest_line_breaks_neither_later_runs_nor_replay(model_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text("[" * 100_000 + "\n")
+    args = ["generate", "a dog", "--model", model_dir, "--steps", "1", "--n-samples", "1", "--outdir", str(out),
+            "--H", "64", "--W", "64", "--device", "cpu"]
+    assert main(args) == 0 and main(args) == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["file"] for line in lines[1:]] == [os.path.join("samples", f"0000{i}.png") for i in (0, 1)]
+    capsys.readouterr()
+    assert main(["generate", "--replay", f"{out / 'manifest.jsonl'}:1", "--outdir", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "line 1 nests JSON deeper than 64 levels" in err and err.count("\n") == 1
+
+
+def test_a_linked_manifest_is_refused_and_its_target_untouched(model_dir, tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    os.symlink(target, out / "manifest.jsonl")
+    assert main(["generate", "a dog", "--model", model_dir, "--steps", "1", "--n-samples", "1", "--outdir", str(out),
+                 "--H", "64", "--W", "64", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.jsonl is a symbolic link; altdiff-min does not write manifests through links" in err
+    assert err.count("\n") == 1 and target.read_text() == "keep\n" and not os.listdir(out / "samples")
+
+
+KILLED_AFTER_LINKING = """
+import os, signal, sys
+from altdiff_min import manifest
+def kill(path):
+    os.kill(os.getpid(), signal.SIGKILL)
+manifest.append_line = lambda *a: kill(None)  # killed between linking the picture and appending its line
+sys.argv = ["altdiff-min", "generate", "a dog", "--model", sys.argv[1], "--steps", "1", "--n-samples", "2",
+            "--H", "64", "--W", "64", "--outdir", sys.argv[2], "--device", "cpu"]
+from altdiff_min.__main__ import main
+main(sys.argv[1:])
+"""
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+from altdiff_min import manifest
+manifest.save_numbered.__globals__["fsync_path"] = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+sys.argv = ["altdiff-min", "generate", "a dog", "--model", sys.argv[1], "--steps", "1", "--n-samples", "1",
+            "--H", "64", "--W", "64", "--outdir", sys.argv[2], "--device", "cpu"]
+from altdiff_min.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_runs_leftovers_are_cleaned_and_its_pictures_recorded(model_dir, tmp_path, capsys):
+    """A kill inside the PNG save leaves a partial file; a kill between linking a picture and appending its
+    line leaves a picture without a line. The next run removes the first and records the second as
+    incomplete, from the settings the picture carries."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    left = []
+    for script in (KILLED_WHILE_SAVING, KILLED_AFTER_LINKING):  # the second run cleans the first's partial file
+        done = subprocess.run([sys.executable, "-c", script, model_dir, str(out)], env=env, capture_output=True)
+        assert done.returncode == -9, done.stderr.decode()[-2000:]
+        left.append(sorted(os.listdir(out / "samples")))
+    assert len(left[0]) == 1 and left[0][0].startswith(".new.png.partial-") and left[1] == ["00000.png"], left
+    assert not (out / "manifest.jsonl").exists()
+    assert main(["generate", "a cat", "--model", model_dir, "--steps", "1", "--n-samples", "1", "--H", "64", "--W", "64",
+                 "--outdir", str(out), "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"], r.get("incomplete", False)) for r in rows] == [
+        (os.path.join("samples", "00000.png"), "a dog", True), (os.path.join("samples", "00001.png"), "a cat", False)]
+    assert rows[0]["sample"] == 0 and rows[0]["seed"] == rows[1]["seed"] and "job" not in rows[0]
+    assert "00000.png: recorded in the manifest as incomplete" in capsys.readouterr().err
+
+
+def test_records_say_what_made_the_picture_and_a_png_replays_byte_identically(model_dir, tmp_path, capsys):
+    import json
+
+    import torch
+
+    out = tmp_path / "o"
+    assert main(["generate", "un chien rouge", "--negative-prompt", "flou", "--model", model_dir, "--n-samples", "2",
+                 "--steps", "2", "--H", "64", "--W", "96", "--sampler", "dpm++2m", "--seed", "7", "--outdir", str(out),
+                 "--device", "cpu"]) == 0
+    assert "2 picture(s) of 1 prompt(s) in " in capsys.readouterr().out  # one process prints its summary too
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[1])
+    environment = row["environment"]
+    assert environment["torch"] == torch.__version__ and environment["threads"] == torch.get_num_threads()
+    assert environment["device"] == "cpu" and environment["device_name"] and environment["dtype"] == "fp32"
+    assert environment["altdiff_min"] and "git_commit" in environment
+    assert set(row["model"]) >= {"path", "config_sha256"}
+    picture = Image.open(out / row["file"])
+    carried = json.loads(picture.info["altdiff-min"])
+    assert carried == {k: v for k, v in row.items() if k not in ("file", "index", "job", "flagged", "time")}
+    parameters = picture.info["parameters"].splitlines()
+    assert parameters[:2] == ["un chien rouge", "Negative prompt: flou"]
+    assert "Steps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 7, Size: 96x64" in parameters[2]
+    assert "Batch size: 2, Batch pos: 1" in parameters[2]
+    assert main(["generate", "--replay", str(out / row["file"]), "--outdir", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "manifest.jsonl").read_text())
+    assert again["replay_of"] == str(out / row["file"]) and again["sample"] == 1
+    assert (tmp_path / "again" / "samples" / "00000.png").read_bytes() == (out / row["file"]).read_bytes()
+
+
+def test_replay_refuses_a_picture_without_a_record(model_dir, tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "p.png")
+    assert main(["generate", "--replay", str(tmp_path / "p.png"), "--outdir", str(tmp_path / "o")]) == 2
+    assert "carries no altdiff-min record" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("how", ["manifest is a folder", "negative prompt not text"])
 def test_outdir_and_negative_prompt_are_checked_before_loading(model_dir, tmp_path, capsys, monkeypatch, how):
     import altdiff_min.pipeline as pipeline
@@ -144,7 +259,7 @@ def test_outdir_and_negative_prompt_are_checked_before_loading(model_dir, tmp_pa
         extra = ["--negative-prompt", "blurry\udc80"]
     assert main(["generate", "a dog", "--model", model_dir, "--outdir", str(out), *extra]) == 2
     err = capsys.readouterr().err
-    assert ("is not a file this run can read and append to" if how == "manifest is a folder" else
+    assert ("manifest.jsonl is not a regular file (a folder, device or pipe)" if how == "manifest is a folder" else
             "--negative-prompt: prompt 'blurry\\udc80' has a lone surrogate") in err and err.count("\n") == 1
 
 
@@ -198,8 +313,9 @@ def test_torchrun_makes_the_same_pictures_as_one_process(model_dir, tmp_path):
     pictures = {}
     for name in ("one", "two"):
         rows = [json.loads(line) for line in (tmp_path / name / "manifest.jsonl").read_text().splitlines()]
-        pictures[name] = {(r["index"], r["sample"]): (tmp_path / name / r["file"]).read_bytes() for r in rows}
+        pictures[name] = {(r["index"], r["sample"]): (r["file"], (tmp_path / name / r["file"]).read_bytes()) for r in rows}
         assert len({r["job"] for r in rows}) == 1
+    # numbered by (prompt, sample) as one process numbers them, and the same bytes
     assert len(pictures["one"]) == 6 and pictures["one"] == pictures["two"]
     assert (tmp_path / "one" / "grid-0000.png").read_bytes() == (tmp_path / "two" / "grid-0000.png").read_bytes()
     assert not (tmp_path / "two" / "grid-0001.png").exists()  # rank 0 alone wrote the grid
