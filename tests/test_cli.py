@@ -263,7 +263,7 @@ def test_outdir_and_negative_prompt_are_checked_before_loading(model_dir, tmp_pa
             "--negative-prompt: prompt 'blurry\\udc80' has a lone surrogate") in err and err.count("\n") == 1
 
 
-def test_a_small_init_img_with_a_size_given_is_resized_as_generate_does(model_dir, tmp_path):
+def test_a_small_init_img_with_a_size_given_is_resized_as_generate_does(model_dir, tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (20, 20), "red").save(tmp_path / "tiny.png")
@@ -271,6 +271,11 @@ def test_a_small_init_img_with_a_size_given_is_resized_as_generate_does(model_di
     assert main(["generate", "a dog", "--model", model_dir, "--init-img", str(tmp_path / "tiny.png"), "--H", "64", "--W",
                  "96", "--steps", "2", "--n-samples", "1", "--outdir", str(out), "--device", "cpu"]) == 0
     assert Image.open(out / "samples" / "00000.png").size == (96, 64)
+    assert f"--init-img {tmp_path / 'tiny.png'} (20×20) is resized to 96×64" in capsys.readouterr().err
+    Image.new("RGB", (64, 96), "red").save(tmp_path / "fits.png")  # a side not given is the picture's own: no notice
+    assert main(["generate", "a dog", "--model", model_dir, "--init-img", str(tmp_path / "fits.png"), "--steps", "2",
+                 "--n-samples", "1", "--outdir", str(out), "--device", "cpu"]) == 0
+    assert "resized" not in capsys.readouterr().err
 
 
 def test_concurrent_runs_into_one_folder_keep_every_picture(model_dir, tmp_path):
