@@ -2,9 +2,9 @@
 
 Two paths compute the same thing (Vaswani et al. 2017, eq. 1):
   - "sdpa" (default): torch's fused scaled_dot_product_attention (flash / memory-efficient kernels);
-  - "explicit": softmax(QKᵀ/√d)·V written out, for reading, for hooking the probabilities, and
-    for ablations that change the attention itself. Select it with `attention_backend("explicit")`.
-This function is the single seam for attention ablations: change it here and every model sees it.
+  - "explicit": softmax(QKᵀ/√d)·V written out (`attention_probs`, then ·V), for reading and for
+    ablations that change the attention itself. Select it with `attention_backend("explicit")`.
+Attention controllers (altdiff_min.interventions) reach the probabilities through `attention_probs`.
 """
 from __future__ import annotations
 
@@ -34,37 +34,37 @@ def attention_backend(name: str):
         _backend.reset(token)
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(QKᵀ/√d)·V on (B, H, L, D) tensors → (output, probabilities (B, H, Lq, Lk)).
-    mask is boolean, True where a key may be attended."""
+def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None):
+    """(B, L, C) tensors → (B, heads, L, C/heads); a (B, Lk) mask → (B, 1, 1, Lk) booleans."""
+    q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
+    return q, k, v, (mask.bool()[:, None, None, :] if mask is not None else None)  # the same for every head and query
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities softmax(QKᵀ/√d) (B, heads, Lq, Lk) of (B, L, C) inputs, and the values split
+    into heads (B, heads, Lk, C/heads): what an attention controller changes before `probs @ v`."""
+    q, k, v, mask = split_heads(q, k, v, heads, mask)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    # Softmax in fp32: in fp16 the exponentials of large scores overflow.
-    probs = scores.float().softmax(dim=-1)
+    probs = scores.float().softmax(dim=-1)  # in fp32: in fp16 the exponentials of large scores overflow
     if mask is not None:  # a query with no key to attend gets no attention (0/0 above), as in torch's SDPA
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    probs = probs.to(v.dtype)
-    return probs @ v, probs
+    return probs.to(v.dtype), v
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
-              capture: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention of (B, Lq, C) queries over (B, Lk, C) keys/values → (B, Lq, C).
 
     mask: optional boolean (B, Lk), True for the keys that may be attended (padding is False).
-    capture: called with the (B, heads, Lq, Lk) probabilities; takes the explicit path, which has them.
     """
-    q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
-    if mask is not None:
-        mask = mask.bool()[:, None, None, :]  # (B, 1, 1, Lk): the same for every head and query
     # A compiled model (torch.compile) always takes the fused path: the choice is read per call, which
-    # a compiled graph cannot do (and "explicit" is for reading and hooking, not for speed).
-    if capture is None and (torch.compiler.is_compiling() or _backend.get() == "sdpa"):
+    # a compiled graph cannot do (and "explicit" is for reading and changing, not for speed).
+    if torch.compiler.is_compiling() or _backend.get() == "sdpa":
+        q, k, v, mask = split_heads(q, k, v, heads, mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        out, probs = explicit_attention(q, k, v, mask)
-        if capture is not None:
-            capture(probs)
+        probs, v = attention_probs(q, k, v, heads, mask)
+        out = probs @ v
     return rearrange(out, "b h l d -> b l (h d)")

@@ -4,40 +4,31 @@
         images = pipe.generate("un cercle rouge", seed=0)
     heat = maps.heatmap(token=3, size=(64, 64))        # (pictures, 64, 64) in [0, 1]: the prompts' rows
 
-While capturing, every cross-attention layer takes the explicit softmax path (the fused SDPA kernel
-never materialises the probabilities) and hands its probabilities (B, heads, h·w, tokens) over.
-With guidance the UNet's batch holds the negative prompt's rows too, first; pipeline.guided_eps runs
-its batched call inside `guided_batch()`, so the maps know which rows are which. (The shapes cannot
-tell: one prompt guided and two prompts unguided are both 2 rows.)
+The maps are an attention controller (altdiff_min.interventions) that reads the probabilities and
+changes nothing: while capturing, every cross-attention layer takes the explicit softmax path (the
+fused SDPA kernel never materialises the probabilities) and hands them over, (B, heads, h·w, tokens).
+With guidance the UNet's batch holds the negative prompt's rows too, first; the moment each layer
+is told (`when.guided`) says so, so the maps know which rows are which. (The shapes cannot tell: one
+prompt guided and two prompts unguided are both 2 rows.) The capture is this thread's only: a
+request served meanwhile in another thread on the same model is not recorded.
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .errors import BadValue
+from .interventions import Controller, intervene
 
 BRANCHES = ("conditional", "unconditional", "both")
-_guided: ContextVar[bool] = ContextVar("guided_batch", default=False)
 
 
-@contextmanager
-def guided_batch():
-    """The UNet calls inside, in this thread, are guidance batches: the unconditional rows first."""
-    token = _guided.set(True)
-    try:
-        yield
-    finally:
-        _guided.reset(token)
-
-
-@dataclass
-class AttentionMaps:
+@dataclass(eq=False)
+class AttentionMaps(Controller):
     """Cross-attention probabilities per layer name, summed over the UNet calls made while capturing
     (`sums`, with `calls` the count), and, with per_step=True, each call's own (`steps`): every row
     of the UNet's batch. `guided`: whether those calls were guidance batches, whose first half is
@@ -47,12 +38,19 @@ class AttentionMaps:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     steps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    names: dict = field(default_factory=dict)  # Site → the layer's module name in the UNet
 
-    def record(self, name: str, probs: torch.Tensor) -> None:
-        if self.guided is not None and self.guided != _guided.get():
+    def probs(self, site, when, probs):
+        if site.kind == "cross":
+            self.record(self.names.get(site, site.name), probs, when.guided)
+        return None  # read, not changed
+
+    def record(self, name: str, probs: torch.Tensor, guided: bool) -> None:
+        if self.guided is not None and self.guided != guided:
             raise BadValue("one capture holds guided or unguided UNet calls, not both (scale 1 has no "
-                           "unconditional rows): capture each generate call on its own")
-        self.guided = _guided.get()
+                           "unconditional rows, nor do the steps a guidance interval leaves out): capture "
+                           "each generate call on its own")
+        self.guided = guided
         probs = probs.detach().float().cpu()
         self.sums[name] = self.sums[name] + probs if name in self.sums else probs
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -110,18 +108,14 @@ class AttentionMaps:
 
 @contextmanager
 def capture_attention(unet: torch.nn.Module, per_step: bool = False):
-    """Record the cross-attention probabilities of every transformer block of `unet`."""
+    """Record the cross-attention probabilities of every transformer block of `unet` during the
+    generate calls inside (in this thread): the maps are a controller, active for the enclosed block."""
     from .speed import CompiledUNet
 
     if isinstance(unet, CompiledUNet):  # one fused graph: no Python hook runs inside it
         raise BadValue("capture_attention needs the UNet as written, and this one is compiled "
                        "(load(..., compile=True)): load the model without compile to read its attention")
-    maps = AttentionMaps(per_step=per_step)
-    layers = {name: m for name, m in unet.named_modules() if name.endswith("cross_attn")}
-    for name, module in layers.items():
-        module.capture = lambda probs, name=name: maps.record(name, probs)
-    try:
+    maps = AttentionMaps(per_step=per_step, names={m.site: name for name, m in unet.named_modules()
+                                                    if name.endswith("cross_attn") and m.site is not None})
+    with intervene([maps]):
         yield maps
-    finally:
-        for module in layers.values():
-            module.capture = None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
+from .interventions import active
 
 
 def checkpointed(enabled: bool, block: nn.Module, *args) -> torch.Tensor:
@@ -89,9 +90,10 @@ class Attention(nn.Module):
 
     Keys and values come from `context` (cross-attention, width context_dim) or from x itself; `mask`
     (B, Lk), True for the keys that may be attended, hides padding (the text encoder's).
-    `capture`, when set to a callable, is handed this layer's attention probabilities
-    (altdiff_min.instruments.capture_attention sets it). The UNet's, the VAE's and the text encoder's
-    attention are all this class: one seam for attention ablations and hooks.
+    `site` (interventions.Site, set by the UNet when it is built) names where the layer is; while a
+    sampling run has attention controllers, a layer with a site lets them change its q/k/v,
+    probabilities and output (interventions.Run.attend). The UNet's, the VAE's and the text
+    encoder's attention are all this class.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False):
@@ -102,12 +104,15 @@ class Attention(nn.Module):
         self.k = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
-        self.capture = None
+        self.site = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.out(attention(self.q(x), self.k(context), self.v(context), self.heads, mask, self.capture))
+        q, k, v = self.q(x), self.k(context), self.v(context)
+        if self.site is not None and (run := active()) is not None:
+            return run.attend(self.site, q, k, v, self.heads, mask, self.out)
+        return self.out(attention(q, k, v, self.heads, mask))
 
 
 class Level(nn.Module):

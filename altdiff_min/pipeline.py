@@ -25,7 +25,8 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 from . import img2img, speed
 from .errors import BadType, BadValue, NotFinite
 from .folder import DIFFUSION, read_folder, resolve, write_folder
-from .instruments import guided_batch
+from .guidance import Rule, Scale, guidance_rule, guided_eps
+from .interventions import Controller, CrossAttentionSwitch, check_controllers, intervene
 from .safety import SafetyChecker, replace_flagged
 from .samplers import check_eta, draw_noise, get_sampler
 from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, timesteps
@@ -33,9 +34,6 @@ from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer, check_prompt
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
-
-Scale = float | Callable[[int], float]  # a guidance scale, or one per timestep t
-
 
 @dataclass
 class AltDiffusion:
@@ -105,12 +103,12 @@ class AltDiffusion:
 
     def sample(self, x: torch.Tensor, context: torch.Tensor | None, sampler: str, ts: Timesteps, scale: Scale = 7.5,
                eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
-               progress: bool = True, cross_attention: bool | Collection[str] = True,
+               progress: bool = True, controllers: tuple[Controller, ...] = (), guidance: Rule | None = None,
                blend: img2img.Blend | None = None) -> torch.Tensor:
-        """3. Run `sampler` over the timesteps `ts` with the guided UNet (guided_eps): x_T → clean latents.
-        cross_attention: which parts of the UNet read the context (UNet.text_parts). blend:
-        inpainting's, applied after every step before `callback` sees the latents (and to PLMS's
-        warm-up estimate)."""
+        """3. Run `sampler` over the timesteps `ts` with the guided UNet (guidance.guided_eps, combining
+        by `guidance`, CFG by default): x_T → clean latents. controllers: attention controllers for
+        this run (altdiff_min.interventions). blend: inpainting's, applied after every step before
+        `callback` sees the latents (and to PLMS's warm-up estimate)."""
         with tqdm(total=len(ts), desc=sampler, disable=not progress, leave=False) as bar:
             def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
@@ -118,10 +116,11 @@ class AltDiffusion:
                 out = callback(i, t, x, x0) if callback is not None else None
                 return x if out is None else out
 
-            eps = guided_eps(self.unet, context, scale, cross_attention)
+            eps = guided_eps(self.unet, context, scale, guidance)
             extra = {"warmup": blend.warmup} if blend is not None and sampler == "plms" else {}
-            return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
-                                        generator=generator, callback=on_step, **extra)
+            with intervene(controllers):
+                return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
+                                            generator=generator, callback=on_step, **extra)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """4. Clean latents (in the sampler's scaled space) → images (n, 3, H, W), float32 in [0, 1]."""
@@ -145,7 +144,7 @@ class AltDiffusion:
                  progress: bool = True, *, prompt_embeds: torch.Tensor | None = None, text_layer: int | None = None,
                  cross_attention: bool | Collection[str] = True, return_trajectory: bool = False,
                  safety_checker: bool | None = None, return_flags: bool = False, image=None, strength: float | None = None, mask=None,
-                 paste_unmasked: bool = False):
+                 paste_unmasked: bool = False, controllers: list[Controller] | None = None, guidance: Rule | str | None = None):
         """Text to image: n_samples images per prompt, height × width pixels (default: image_size);
         with `image`, image to image; with `mask` too, inpainting (altdiff_min/img2img.py).
 
@@ -163,7 +162,11 @@ class AltDiffusion:
           scale: a callable t → scale gives a guidance schedule; cross_attention=False: the UNet
               never reads the text (self-attention only); a part or a list of parts, e.g. ["down",
               "up.2"]: only those read it (names: UNet.text_parts; [] = False, every part = True);
-              return_trajectory: also return a list of {"t", "latents", "x0"} per step, on the CPU.
+              return_trajectory: also return a list of {"t", "latents", "x0"} per step, on the CPU;
+          controllers: attention controllers that change what the UNet's attention computes, this call
+              only (altdiff_min.interventions; cross_attention is one, CrossAttentionSwitch);
+          guidance: how ε(x, ∅) and ε(x, c) combine: a guidance.Rule or its text, "cfg" (default),
+              "rescale:0.7" (CFG rescale), "interval:LOW,HIGH" (guidance on an interval of timesteps).
 
         safety_checker: None (default) checks the pictures when the model holds a checker, False
         never, True insists (an error if there is none). Flagged pictures are replaced by a
@@ -184,7 +187,13 @@ class AltDiffusion:
             height, width = self.check_picture_arguments(image, strength, mask, paste_unmasked, latents, height, width)
         prompts, ts, shape = self.check_arguments(prompt, negative_prompt, n_samples, steps, sampler, scale, eta,
                                                   height, width, seed, latents, output, prompt_embeds)
-        reads_text = bool(self.unet.text_parts(cross_attention))  # [] or False: the text is never encoded
+        reads = self.unet.text_parts(cross_attention)
+        reads_text = bool(reads)  # [] or False: the text is never encoded
+        controllers = check_controllers(controllers, compiled=isinstance(self.unet, speed.CompiledUNet))
+        if reads_text and reads != self.unet.text_parts(True):  # some parts do not read the text
+            controllers = check_controllers([CrossAttentionSwitch(reads), *controllers],
+                                            compiled=isinstance(self.unet, speed.CompiledUNet))
+        guidance = guidance_rule(guidance)
         if callback is not None and not callable(callback):
             raise BadType(f"callback must be a function (i, t, latents, x0) -> latents or None, got {callback!r}")
         self.check_text_layer(text_layer)
@@ -219,7 +228,7 @@ class AltDiffusion:
             return x if out is None else out
 
         x = self.sample(x, context if reads_text else None, sampler, ts, scale if guided else 1.0, eta,
-                        generator, on_step, progress, cross_attention, blend)
+                        generator, on_step, progress, controllers, guidance, blend)
         images = self.decode_latents(x)
         if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
             raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
@@ -354,33 +363,6 @@ def check_size(height: int, width: int, vae: VAEConfig, unet: UNetConfig) -> int
         raise BadValue(f"height and width must be positive multiples of {multiple} for this model "
                          f"(the VAE downsamples {down}×, the UNet halves {unet.size_multiple}× more); got {height}×{width}")
     return down
-
-
-def guided_eps(unet: UNet, context: torch.Tensor | None, scale: Scale,
-               cross_attention: bool | Collection[str] = True) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """ε for the sampler, with classifier-free guidance (Ho & Salimans 2022, eq. 6):
-        ε = ε(x, ∅) + scale · (ε(x, c) − ε(x, ∅)),   ∅ = the negative prompt ("" by default).
-    context holds the unconditional rows first, then the conditional ones; both halves go through
-    the UNet in one batch, marked as such for instruments.capture_attention. With scale 1, context
-    is only the conditional rows and ε = ε(x, c). Any other scale is taken as written, as FlagAI's
-    (ldm's) samplers take it: 0 is the negative prompt alone, between 0 and 1 a mix, below 0 away
-    from the prompt; diffusers instead skips guidance for every scale ≤ 1 (ε(x, c)), so only scales
-    > 1 and exactly 1 give its pictures. cross_attention: which UNet parts read the context.
-    The timestep reaches the UNet as a float32 tensor, so a compiled UNet sees a new value, not a new
-    constant, at every step, and one dtype for every sampler: one compilation (the embedding computes
-    in float32 either way, and integer timesteps < 2²⁴ are exact in it)."""
-    def call(x: torch.Tensor, t) -> torch.Tensor:
-        return unet(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), context, cross_attention)
-
-    if not callable(scale) and scale == 1:
-        return call
-
-    def eps(x: torch.Tensor, t: float) -> torch.Tensor:
-        with guided_batch():
-            e_uncond, e_cond = call(torch.cat([x, x]), t).chunk(2)
-        return e_uncond + (scale(t) if callable(scale) else scale) * (e_cond - e_uncond)
-
-    return eps
 
 
 def to_pil(images: torch.Tensor) -> list:

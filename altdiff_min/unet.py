@@ -23,6 +23,7 @@ from einops import rearrange
 
 from .checks import check_config
 from .errors import BadType, BadValue
+from .interventions import label_sites
 from .layers import Attention, Downsample, Level, ResBlock, Upsample, checkpointed
 
 
@@ -147,6 +148,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, ch[0], cfg.eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
+        label_sites(self)  # where each attention is, for attention controllers (altdiff_min.interventions)
 
     def check_inputs(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """Raise a ValueError for inputs the UNet cannot take; return the timesteps as a (B,) tensor."""
@@ -185,40 +187,34 @@ class UNet(nn.Module):
             raise BadValue(f"cross_attention: {bad[0]!r} is not a part of this UNet; its parts are {', '.join(parts)}")
         return frozenset(level for n in names for level in parts[n])
 
-    def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None,
-                cross_attention: bool | str | Collection[str] = True) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """ε (B, out_channels, h, w) for (B, in_channels, h, w) latents at `timesteps` (a number, or one per
-        latent), given the (B, L, context_dim) text context. Ablations: context None skips every
-        cross-attention; cross_attention names the parts that still read the text (see text_parts),
-        the others skip theirs."""
+        latent), given the (B, L, context_dim) text context. context None skips every cross-attention
+        (the text is never read); to switch single parts off, see interventions.CrossAttentionSwitch."""
         t = self.check_inputs(latents, timesteps, context)
-        reads = self.text_parts(cross_attention) if context is not None else frozenset()
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]).to(latents.dtype))
 
         x = self.conv_in(latents)
         ckpt = self.gradient_checkpointing
         skips = [x]
-        for k, level in enumerate(self.down):
-            text = context if f"down.{k}" in reads else None
+        for level in self.down:
             for i, res in enumerate(level.res):
                 x = checkpointed(ckpt, res, x, emb)
                 if level.attn:
-                    x = checkpointed(ckpt, level.attn[i], x, text)
+                    x = checkpointed(ckpt, level.attn[i], x, context)
                 skips.append(x)
             if level.downsample is not None:
                 x = level.downsample(x)
                 skips.append(x)
 
         x = checkpointed(ckpt, self.mid_res1, x, emb)
-        text = context if "mid" in reads else None
-        x = checkpointed(ckpt, self.mid_res2, checkpointed(ckpt, self.mid_attn, x, text), emb)
+        x = checkpointed(ckpt, self.mid_res2, checkpointed(ckpt, self.mid_attn, x, context), emb)
 
-        for k, level in enumerate(self.up):
-            text = context if f"up.{k}" in reads else None
+        for level in self.up:
             for i, res in enumerate(level.res):
                 x = checkpointed(ckpt, res, torch.cat([x, skips.pop()], dim=1), emb)
                 if level.attn:
-                    x = checkpointed(ckpt, level.attn[i], x, text)
+                    x = checkpointed(ckpt, level.attn[i], x, context)
             if level.upsample is not None:
                 x = level.upsample(x)
         return self.conv_out(F.silu(self.norm_out(x)))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import BF16_TOL, SCHEDULER, SCHEDULERS, diffusers_pipeline, rel_err
+from helpers import BF16_TOL, SCHEDULER, SCHEDULERS, diffusers_pipeline, rel_diff, rel_err
 
 from altdiff_min.pipeline import load
 from weights_convert.schedule import config_from_hf
@@ -32,17 +32,17 @@ def resaved_config(tmp_path_factory) -> str:
     return str(folder)
 
 
-def diffusers_images(pipe, steps, eta=0.0, scale=7.5) -> torch.Tensor:
+def diffusers_images(pipe, steps, eta=0.0, scale=7.5, **extra) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=steps,
                     guidance_scale=scale, eta=eta, height=HEIGHT, width=WIDTH, output_type="pt",
-                    generator=torch.Generator("cpu").manual_seed(42)).images
+                    generator=torch.Generator("cpu").manual_seed(42), **extra).images
 
 
-def our_images(ours, sampler, steps, eta=0.0, scale=7.5) -> torch.Tensor:
+def our_images(ours, sampler, steps, eta=0.0, scale=7.5, **extra) -> torch.Tensor:
     got = ours.generate(PROMPT, negative_prompt=NEGATIVE, n_samples=2, steps=steps, sampler=sampler, scale=scale,
-                        eta=eta, height=HEIGHT, width=WIDTH, seed=42, output="tensor", progress=False)
+                        eta=eta, height=HEIGHT, width=WIDTH, seed=42, output="tensor", progress=False, **extra)
     assert got.shape == (2, 3, HEIGHT, WIDTH) and 0 <= got.min() and got.max() <= 1
     assert (got[0] - got[1]).abs().mean() > 1e-2  # two different samples, not one repeated
     return got
@@ -60,6 +60,14 @@ def same_seed_same_images(ours, pipe, sampler, steps, eta=0.0, scale=7.5):
 def test_same_seed_same_images_as_diffusers(ours, hub_layout, reference, sampler, steps, eta, scale):
     """The scheduler config as m9's hub has it: no timestep_spacing, each sampler spaces by its own default."""
     same_seed_same_images(ours, diffusers_pipeline(hub_layout, reference, sampler), sampler, steps, eta, scale)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_cfg_rescale_same_images_as_diffusers_guidance_rescale(ours, hub_layout, reference, sampler):
+    """guidance="rescale:0.7" (guidance.CFGRescale) against diffusers' pipeline with guidance_rescale=0.7."""
+    expected = diffusers_images(diffusers_pipeline(hub_layout, reference, sampler), 6, guidance_rescale=0.7)
+    got = our_images(ours, sampler, 6, guidance="rescale:0.7")
+    assert rel_err(got, expected) < 1e-4 and rel_diff(our_images(ours, sampler, 6), expected) > 1e-3
 
 
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
