@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--plms", action="store_true", help="same as --sampler plms (FlagAI's flag)")
     gen.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    gen.add_argument("--guidance", default="cfg", metavar="RULE",
+                     help="how the unconditional and conditional predictions combine: cfg (classifier-free "
+                     "guidance), rescale[:PHI] (CFG rescale, φ 0.7 by default), interval:LOW,HIGH (guidance only "
+                     "for timesteps in [LOW, HIGH]) (default: cfg)")
     gen.add_argument("--H", type=int, default=None, help="image height (default: the model's image size)")
     gen.add_argument("--W", type=int, default=None, help="image width (default: the model's image size)")
     gen.add_argument("--C", type=int, default=4, help="latent channels (must be the model's)")
@@ -282,6 +286,7 @@ def replay(args) -> int | None:
         args.prompt, args.from_file, args.negative_prompt = row["prompt"], None, row["negative_prompt"]
         args.seed, args.sampler, args.plms, args.steps = row["seed"], row["sampler"], False, row["steps"]
         args.scale, args.eta, args.H, args.W = row["scale"], row["eta"], row["height"], row["width"]
+        args.guidance = row.get("guidance", "cfg")  # lines written before guidance rules were plain CFG
         args.n_samples, args.dtype, args.model = row["n_samples"], row["dtype"], row["model"]["path"]
         args.safety_checker = row.get("safety_checker", False)  # whether it ran: it runs again, or not
         picture = row.get("init_img")
@@ -292,7 +297,9 @@ def replay(args) -> int | None:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
         keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
         kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
-                 "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int}
+                 "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int,
+                 "guidance": str}
+        kinds = {k: kind for k, kind in kinds.items() if k != "guidance" or k in row}
         if wrong := [k for k, kind in kinds.items() if isinstance(row[k], bool) or not isinstance(row[k], kind)]:
             raise TypeError(f"{', '.join(wrong)} of the wrong type")
         if row["dtype"] not in ("fp32", "fp16", "bf16") or not 0 <= row["sample"] < row["n_samples"]:
@@ -414,6 +421,7 @@ def generate(args) -> int:
     from .manifest import job_rows, paths, recover, save_picture
     from .pipeline import NO_LIMITS, Limits, check_device, check_size, load
     from .provenance import environment, png_bytes
+    from .guidance import guidance_rule
     from .samplers import check_eta
     from .schedule import timesteps
 
@@ -427,6 +435,7 @@ def generate(args) -> int:
     if not 1 <= args.n_samples <= limits.max_batch:
         raise BadValue(f"--n-samples must be in [1, {limits.max_batch}], got {args.n_samples} (--no-limits lifts the limit)")
     check_eta(sampler, args.eta)
+    guidance = guidance_rule(args.guidance, "--guidance")
     if not math.isfinite(args.scale):
         raise BadValue(f"--scale must be finite, got {args.scale}")
     if not 0 <= args.seed < 2**64:
@@ -478,7 +487,7 @@ def generate(args) -> int:
                      safety_checker=checked)
         # What makes the picture: the PNG carries it, so a replay on the same machine writes the same bytes.
         record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
-                  "sampler": sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta, "height": height,
+                  "sampler": sampler, "steps": args.steps, "scale": args.scale, "guidance": str(guidance), "eta": args.eta, "height": height,
                   "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "safety_checker": checked,
                   **(picture["record"] if picture else {}), "environment": environment(world.device, dtype)}
         start, written = time.perf_counter(), 0
@@ -487,7 +496,7 @@ def generate(args) -> int:
             if index < len(prompts):
                 images, flags = model.generate(prompts[index], negative_prompt=args.negative_prompt,
                                                n_samples=args.n_samples, steps=args.steps, sampler=sampler,
-                                               scale=args.scale, eta=args.eta, height=height, width=width,
+                                               scale=args.scale, guidance=guidance, eta=args.eta, height=height, width=width,
                                                seed=args.seed, progress=world.rank == 0, safety_checker=checked,
                                                return_flags=True, **(picture["kwargs"] if picture else {}))
                 made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if flags else None)

@@ -100,6 +100,8 @@ def parameters(record: dict) -> str:
               "CFG scale": record["scale"], "Seed": record["seed"], "Size": f"{record['width']}x{record['height']}"}
     if record["sampler"] == "ddim" and record.get("eta"):
         fields["Eta"] = record["eta"]
+    if record.get("guidance", "cfg") != "cfg":  # a value holding a comma is quoted, as the web UIs quote theirs
+        fields["Guidance"] = json.dumps(record["guidance"]) if "," in record["guidance"] else record["guidance"]
     model = record.get("model") or {}
     if model.get("weights_sha256"):
         fields["Model hash"] = model["weights_sha256"][:10]

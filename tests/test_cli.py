@@ -49,6 +49,9 @@ def test_prompts_from_file_share_the_seed(model_dir, tmp_path):
     (["--from-file", "/nonexistent/prompts.txt"], "prompt file not found"),
     (["--from-file", "EMPTY"], "has no prompts"),
     (["--model", "NOT_A_MODEL"], "not an altdiff-min model folder"),
+    (["--guidance", "nope"], "--guidance 'nope': unknown rule 'nope'"),
+    (["--guidance", "rescale:2"], "φ must be a number in [0, 1]"),
+    (["--guidance", "interval:800,200"], "0 ≤ low ≤ high"),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(model_dir, tmp_path, monkeypatch, capsys, extra, message):
     import altdiff_min.pipeline as pipeline
@@ -239,6 +242,28 @@ def test_records_say_what_made_the_picture_and_a_png_replays_byte_identically(mo
     again = json.loads((tmp_path / "again" / "manifest.jsonl").read_text())
     assert again["replay_of"] == str(out / row["file"]) and again["sample"] == 1
     assert (tmp_path / "again" / "samples" / "00000.png").read_bytes() == (out / row["file"]).read_bytes()
+
+
+def test_a_guidance_rule_is_used_recorded_and_replayed(model_dir, tmp_path):
+    import json
+
+    from altdiff_min.pipeline import load
+
+    out = tmp_path / "o"
+    args = ["generate", "un chien", "--model", model_dir, "--n-samples", "2", "--steps", "3", "--H", "64", "--W", "96",
+            "--seed", "3", "--device", "cpu", "--skip-grid"]
+    assert main(args + ["--outdir", str(out), "--guidance", "interval:300,700"]) == 0
+    assert main(args + ["--outdir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["guidance"] for r in rows] == ["interval:300,700"] * 2 + ["cfg"] * 2
+    picture = Image.open(out / rows[1]["file"])
+    assert 'Guidance: "interval:300,700"' in picture.info["parameters"]
+    expected = load(model_dir).generate("un chien", n_samples=2, steps=3, height=64, width=96, seed=3, progress=False,
+                                        guidance="interval:300,700")[1]
+    assert picture.tobytes() == expected.tobytes()
+    assert picture.tobytes() != Image.open(out / rows[3]["file"]).tobytes()  # the rule changed the picture
+    assert main(["generate", "--replay", str(out / rows[1]["file"]), "--outdir", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "samples" / "00000.png").read_bytes() == (out / rows[1]["file"]).read_bytes()
 
 
 def test_replay_refuses_a_picture_without_a_record(model_dir, tmp_path, capsys):
