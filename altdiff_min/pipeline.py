@@ -104,15 +104,19 @@ class AltDiffusion:
     def sample(self, x: torch.Tensor, context: torch.Tensor | None, sampler: str, ts: Timesteps, scale: Scale = 7.5,
                eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
                progress: bool = True, controllers: tuple[Controller, ...] = (), guidance: Rule | None = None,
-               blend: img2img.Blend | None = None) -> torch.Tensor:
+               blend: img2img.Blend | None = None, trajectory: list | None = None) -> torch.Tensor:
         """3. Run `sampler` over the timesteps `ts` with the guided UNet (guidance.guided_eps, combining
         by `guidance`, CFG by default): x_T → clean latents. controllers: attention controllers for
-        this run (altdiff_min.interventions). blend: inpainting's, applied after every step before
-        `callback` sees the latents (and to PLMS's warm-up estimate)."""
+        this run (altdiff_min.interventions). After every step, in this order: `blend` (inpainting's,
+        also applied to PLMS's warm-up estimate), `trajectory` (a list: {"t", "latents", "x0"} appended,
+        on the CPU), then `callback(i, t, x, x0)`, which may return the latents to go on from (the
+        latent hook)."""
         with tqdm(total=len(ts), desc=sampler, disable=not progress, leave=False) as bar:
             def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
                 x = blend(i, t, x, x0) if blend is not None else x
+                if trajectory is not None:
+                    trajectory.append({"t": t, "latents": x.float().cpu(), "x0": x0.float().cpu()})
                 out = callback(i, t, x, x0) if callback is not None else None
                 return x if out is None else out
 
@@ -219,16 +223,9 @@ class AltDiffusion:
         if mask is not None:  # Parity: diffusers' inpainting pipeline then encodes the masked picture (for
             draw_noise(z0, generator)  # 9-channel UNets), a posterior draw; skipped alike, so η > 0 and Euler-a match
         blend = img2img.Blend(sampler, z0, noise, repaint, ts, self.schedule) if mask is not None else None
-        trajectory = []
-
-        def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-            if return_trajectory:
-                trajectory.append({"t": t, "latents": x.float().cpu(), "x0": x0.float().cpu()})
-            out = callback(i, t, x, x0) if callback is not None else None
-            return x if out is None else out
-
+        trajectory = [] if return_trajectory else None
         x = self.sample(x, context if reads_text else None, sampler, ts, scale if guided else 1.0, eta,
-                        generator, on_step, progress, controllers, guidance, blend)
+                        generator, callback, progress, controllers, guidance, blend, trajectory)
         images = self.decode_latents(x)
         if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
             raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
