@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BadType, BadValue, NotFinite
-from .schedule import ScheduleConfig, Timesteps, add_noise, noise_to
+from .schedule import ScheduleConfig, Timesteps, add_noise, noise_to, route
 from .vision import eight_bit, rgb_over_white
 
 
@@ -57,7 +57,7 @@ def cut(ts: Timesteps, steps: int, strength: float, sampler: str = "ddim") -> Ti
     on T(k), and the next step is told T(k+1): the latents skip a level. The same route here:
     P[k], then P[k+2:], with the warm-up at P[k+1]."""
     k = steps - check_strength(strength, steps)
-    if sampler != "plms" or k == 0:
+    if not route(sampler).warmup or k == 0:
         return ts[k:]
     t, sigmas = ts.t[:2] + ts.t[1:], ts.sigmas[:2] + ts.sigmas[1:]  # PNDM's list, and its levels
     return Timesteps((t[k],) + t[k + 2:], (sigmas[k],) + sigmas[k + 2:], ts.stride, warmup=t[k + 1])

@@ -29,7 +29,7 @@ from .guidance import Rule, Scale, guidance_rule, guided_eps
 from .interventions import Controller, CrossAttentionSwitch, check_controllers, intervene
 from .safety import SafetyChecker, replace_flagged
 from .samplers import check_eta, draw_noise, get_sampler
-from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, timesteps
+from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, route, timesteps
 from .text_encoder import TextEncoder
 from .tokenizer import Tokenizer, check_prompt
 from .unet import UNet, UNetConfig
@@ -121,7 +121,7 @@ class AltDiffusion:
                 return x if out is None else out
 
             eps = guided_eps(self.unet, context, scale, guidance)
-            extra = {"warmup": blend.warmup} if blend is not None and sampler == "plms" else {}
+            extra = {"warmup": blend.warmup} if blend is not None and route(sampler).warmup else {}
             with intervene(controllers):
                 return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
                                             generator=generator, callback=on_step, **extra)

@@ -98,7 +98,7 @@ def parameters(record: dict) -> str:
     SHA-256 cut to 10 hex digits as their AutoV2 hash, …)."""
     fields = {"Steps": record["steps"], "Sampler": UI_SAMPLER_NAMES.get(record["sampler"], record["sampler"]),
               "CFG scale": record["scale"], "Seed": record["seed"], "Size": f"{record['width']}x{record['height']}"}
-    if record["sampler"] == "ddim" and record.get("eta"):
+    if record.get("eta"):  # only DDIM takes η (schedule.ROUTES), so it is 0 elsewhere
         fields["Eta"] = record["eta"]
     if record.get("guidance", "cfg") != "cfg":  # a value holding a comma is quoted, as the web UIs quote theirs
         fields["Guidance"] = json.dumps(record["guidance"]) if "," in record["guidance"] else record["guidance"]

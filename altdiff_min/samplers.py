@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import BadType, BadValue
-from .schedule import ScheduleConfig, Timesteps, alphas_cumprod, as_timesteps, check_sampler_name, final_alpha
+from .schedule import ScheduleConfig, Timesteps, alphas_cumprod, as_timesteps, final_alpha, route
 
 Eps = Callable[[torch.Tensor, float], torch.Tensor]
 Callback = Callable[[int, float, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -57,8 +57,8 @@ def check_eta(name: str, eta: float) -> None:
         raise BadType(f"eta must be a number, got {eta!r}")
     if not 0 <= eta <= 1:  # also NaN; above 1 the direction term's √(1 − ᾱ_prev − σ²) turns imaginary
         raise BadValue(f"eta must be in [0, 1] (DDIM's η: 0 deterministic, 1 DDPM-like), got {eta}")
-    if eta != 0 and name != "ddim":
-        what = "draws its own noise at every step" if name == "euler_a" else "is deterministic"
+    if eta != 0 and not route(name).eta:
+        what = "draws its own noise at every step" if route(name).stochastic else "is deterministic"
         raise BadValue(f"{name} {what}: eta must be 0 (got {eta}); eta is DDIM's, use 'ddim' for eta > 0")
 
 
@@ -234,6 +234,8 @@ def euler_ancestral(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[float], 
     return x
 
 
+# The samplers' functions; what each is (spacing, timesteps, state, landing, warm-up, η) is its row of
+# schedule.ROUTES, under the same name.
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": ddim, "plms": plms, "dpm++2m": dpm_solver_pp_2m, "dpm++2m-karras": dpm_solver_pp_2m_karras,
     "euler": euler, "euler_a": euler_ancestral}
@@ -241,5 +243,5 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """SAMPLERS[name], with a clear error for an unknown name. All share ddim's signature (PLMS adds `warmup`)."""
-    check_sampler_name(name)
+    route(name)
     return SAMPLERS[name]

@@ -33,29 +33,61 @@ class ScheduleConfig:
     # diffusers' defaults, DDIM 1 and PNDM ᾱ_0.
     set_alpha_to_one: bool | None = False
     # How S steps are spread over the T training timesteps (Lin et al. 2023, table 2). None: each
-    # sampler's own diffusers default (DEFAULT_SPACING), as m9's scheduler_config.json states none.
+    # sampler's own diffusers default (ROUTES' spacing), as m9's scheduler_config.json states none.
     timestep_spacing: Spacing | None = None
 
     def __post_init__(self):
         check_config(self)  # types, ranges and limits: altdiff_min/checks.py
 
 
-# Parity: diffusers' `Scheduler.from_config(cfg)` keeps a spacing the config states and otherwise
-# uses the new class's default, so m9's DDIM config gives DPM-Solver "linspace" (its own default).
-DEFAULT_SPACING = {"ddim": "leading", "plms": "leading", "dpm++2m": "linspace", "dpm++2m-karras": "linspace",
-                   "euler": "linspace", "euler_a": "linspace"}
-DEFAULT_ALPHA_TO_ONE = {"ddim": True, "plms": False}
+@dataclass(frozen=True)
+class Route:
+    """How one sampler walks the schedule, as diffusers' scheduler of that kind does. The one table of
+    samplers' properties (ROUTES); their functions are samplers.SAMPLERS, under the same names.
+
+    spacing: the timestep spacing when the config states none. Parity: diffusers' `from_config(cfg)`
+        keeps a spacing the config states and otherwise uses the class's default, so m9's DDIM config
+        gives DPM-Solver "linspace" (its own default).
+    told: the timesteps the UNet is told: "integer" (rounded), "float" (linspace's fractions, Euler),
+        "karras" (Karras' σ, each told its interpolated timestep, rounded).
+    state: "vp", variance preserving, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, or "ve", variance exploding,
+        x_σ = x0 + σ·ε (initial noise times init_noise_sigma).
+    stride: each step lands on t − T // S (DDIM, PNDM), ending on ᾱ = 1 or ᾱ_0 by `alpha_to_one`
+        (the default when the config says None); otherwise on the next listed level, ending at σ = 0.
+    dpm_spacing: spaces S + 1 points and drops the last (t = 0), as DPM-Solver does.
+    warmup: PLMS's warm-up step: img2img cuts PNDM's list, whose second entry repeats (img2img.cut).
+    eta: takes DDIM's η; stochastic: draws its own noise at every step (η must then be 0)."""
+    spacing: Spacing
+    told: Literal["integer", "float", "karras"] = "integer"
+    state: Literal["vp", "ve"] = "vp"
+    stride: bool = False
+    alpha_to_one: bool | None = None
+    dpm_spacing: bool = False
+    warmup: bool = False
+    eta: bool = False
+    stochastic: bool = False
 
 
-def check_sampler_name(name: str) -> None:
-    """Raise unless `name` is one of the samplers (samplers.SAMPLERS: the keys of DEFAULT_SPACING)."""
-    if not isinstance(name, str) or name not in DEFAULT_SPACING:
-        raise BadValue(f"unknown sampler {name!r}; choose one of {sorted(DEFAULT_SPACING)}")
+ROUTES = {
+    "ddim": Route("leading", stride=True, alpha_to_one=True, eta=True),
+    "plms": Route("leading", stride=True, alpha_to_one=False, warmup=True),
+    "dpm++2m": Route("linspace", dpm_spacing=True),
+    "dpm++2m-karras": Route("linspace", told="karras"),
+    "euler": Route("linspace", told="float", state="ve"),
+    "euler_a": Route("linspace", told="float", state="ve", stochastic=True),
+}
+
+
+def route(name: str) -> Route:
+    """ROUTES[name]; an unknown name is one line naming the samplers."""
+    if not isinstance(name, str) or name not in ROUTES:
+        raise BadValue(f"unknown sampler {name!r}; choose one of {sorted(ROUTES)}")
+    return ROUTES[name]
 
 
 def final_alpha(name: str, cfg: ScheduleConfig) -> float:
     """ᾱ where the last DDIM/PLMS step lands: 1, or ᾱ_0 (set_alpha_to_one)."""
-    one = DEFAULT_ALPHA_TO_ONE[name] if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one
+    one = route(name).alpha_to_one if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one
     return 1.0 if one else alphas_cumprod(cfg)[0].item()
 
 
@@ -93,10 +125,10 @@ def noise_to(name: str, x0: torch.Tensor, noise: torch.Tensor, sigma: float, t: 
     as diffusers' scheduler of that kind `add_noise`s: DDIM and PNDM at ᾱ_t (add_noise above); the
     DPM-Solvers at the level itself, α = 1/√(σ² + 1) (with Karras' σ this is not ᾱ of the rounded
     timestep); Euler and Euler-a variance exploding, x0 + σ·noise."""
-    check_sampler_name(name)
-    if name in ("ddim", "plms"):
+    kind = route(name)
+    if kind.stride:
         return add_noise(x0, noise, int(t), cfg)
-    if name in ("euler", "euler_a"):
+    if kind.state == "ve":
         return x0 + sigma * noise
     alpha = 1 / math.sqrt(sigma * sigma + 1)
     return alpha * x0 + sigma * alpha * noise
@@ -168,36 +200,36 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 def timesteps(name: str, steps: int, cfg: ScheduleConfig = ScheduleConfig()) -> Timesteps:
     """The route sampler `name` takes in `steps` steps, noisiest first, as diffusers' scheduler of that
     kind built with `from_config` of this schedule; also checks `name` and `steps`."""
-    check_sampler_name(name)
+    kind = route(name)
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise BadType(f"steps must be an int, got {type(steps).__name__}")
     T = cfg.num_train_timesteps
     if not 1 <= steps <= T:
         raise BadValue(f"steps must be in [1, {T}] for a {T}-step schedule, got {steps}")
-    spacing = cfg.timestep_spacing or DEFAULT_SPACING[name]
+    spacing = cfg.timestep_spacing or kind.spacing
     sigmas = train_sigmas(cfg)
     stride = None
-    if name == "dpm++2m-karras":
+    if kind.told == "karras":
         # Karras' σ from σ_max to σ_min (the spacing is unused); the UNet is told each σ's timestep,
         # interpolated in log σ and rounded, while the update uses the σ itself.
         levels = karras_sigmas(float(sigmas[0]), float(sigmas[-1]), steps)
         ts = sigma_to_t(levels, np.log(sigmas)).round()
     else:
-        ts = spaced(spacing, steps, T, cfg.steps_offset, dpm=name == "dpm++2m")
+        ts = spaced(spacing, steps, T, cfg.steps_offset, dpm=kind.dpm_spacing)
         # Integer timesteps; Euler keeps linspace's fractions, in float32 (Parity: σ is interpolated
         # at the float32 t, as diffusers does, which matters at hundreds of steps).
-        ts = ts.round().astype(np.int64) if name in ("ddim", "plms", "dpm++2m") else ts.astype(np.float32)
-        if name in ("ddim", "plms"):
+        ts = ts.round().astype(np.int64) if kind.told == "integer" else ts.astype(np.float32)
+        if kind.stride:
             stride = T // steps
         levels = np.interp(ts, np.arange(T), sigmas)
-    check_route(ts, steps, T, f"{name} with {spacing!r} spacing" if name != "dpm++2m-karras" else name,
-                strict=name != "dpm++2m-karras")
-    if name in ("ddim", "plms"):
+    check_route(ts, steps, T, f"{name} with {spacing!r} spacing" if kind.told != "karras" else name,
+                strict=kind.told != "karras")
+    if kind.stride:
         final = math.sqrt((1 - final_alpha(name, cfg)) / final_alpha(name, cfg))
     else:
         final = 0.0  # diffusers' final_sigmas_type "zero": the last step returns x0
     levels = np.concatenate([levels, [final]]).astype(np.float32)
-    ts = ts.astype(np.float32) if name in ("euler", "euler_a") else ts.astype(np.int64)
+    ts = ts.astype(np.float32) if kind.told == "float" else ts.astype(np.int64)
     return Timesteps(tuple(ts.tolist()), tuple(levels.tolist()), stride)
 
 
@@ -231,7 +263,8 @@ def as_timesteps(ts: Timesteps | Sequence[float], cfg: ScheduleConfig) -> Timest
 def init_noise_sigma(name: str, ts: Timesteps, cfg: ScheduleConfig = ScheduleConfig()) -> float:
     """The factor on N(0, I) for the initial latents. 1 for the variance-preserving samplers; for
     Euler and Euler-a σ_max, or √(σ_max² + 1) with "leading" spacing (Parity: diffusers' rule)."""
-    if name not in ("euler", "euler_a"):
+    kind = route(name)
+    if kind.state != "ve":
         return 1.0
     sigma_max = max(ts.sigmas)
-    return sigma_max if (cfg.timestep_spacing or DEFAULT_SPACING[name]) != "leading" else math.sqrt(sigma_max**2 + 1)
+    return sigma_max if (cfg.timestep_spacing or kind.spacing) != "leading" else math.sqrt(sigma_max**2 + 1)

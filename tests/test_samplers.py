@@ -199,8 +199,11 @@ def test_model_calls(name, calls):
     assert len(seen) == calls and all(isinstance(t, (int, float)) for t in seen)
 
 
-def test_the_command_line_offers_every_sampler():
-    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+def test_one_table_names_every_sampler():
+    """The command line, the functions and the routes' table (schedule.ROUTES) name the same samplers."""
+    from altdiff_min.schedule import ROUTES
+
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS) == sorted(ROUTES)
 
 
 def never_called(x, t):
