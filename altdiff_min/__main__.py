@@ -342,25 +342,14 @@ def file_digest(path: str, what: str) -> str:
 
 
 def read_picture(path: str, flag: str, mask: bool = False):
-    """A picture file as 8-bit RGB (dataset.to_rgb: EXIF orientation, 16-bit, transparency), or with
-    mask=True in its own mode, 8-bit (EXIF orientation; img2img.prepare_mask reads its grey levels as
-    diffusers does, alpha ignored); or a clear error naming the flag."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from .dataset import to_rgb
-    from .errors import BadFile, Missing
-    from .vision import eight_bit
+    """A picture file given to `flag`, read by dataset.read_picture (its bound on pixels before
+    decoding; 8-bit RGB, or with mask=True its own mode, 8-bit), or a clear error naming the flag."""
+    from .dataset import read_picture as read
+    from .errors import Missing
 
     if not os.path.isfile(path):
         raise Missing(f"{flag} {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            return eight_bit(ImageOps.exif_transpose(image)) if mask else to_rgb(image)
-    except Image.DecompressionBombError:
-        raise BadFile(f"{flag} {path} has more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = "
-                      f"{Image.MAX_IMAGE_PIXELS}, its guard against decompression bombs)") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadFile(f"{flag} {path} is not a picture PIL can read ({type(e).__name__})") from None
+    return read(path, "mask" if mask else "rgb", where=f"{flag} ")
 
 
 def picture_arguments(args, config: dict) -> dict | None:

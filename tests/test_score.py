@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_before_the_model_loads(generated, altclip_dir, sm
         picture = tmp_path / json.loads(lines[1])["file"]
         picture.write_bytes(b"not a png" if case == "unreadable picture" else picture.read_bytes()[:200])
         manifest.write_text("\n".join(lines))
-        path, message = str(manifest), f"line 2: {picture} is not a readable picture"
+        path, message = str(manifest), f"line 2: {picture} is not a picture PIL can read"
     elif case in ("missing picture", "bad line", "empty manifest"):
         shutil.copytree(os.path.join(generated, "samples"), tmp_path / "samples")
         os.unlink(tmp_path / json.loads(lines[1])["file"])
