@@ -198,3 +198,12 @@ def test_bad_input_is_one_line_before_the_model_loads(generated, altclip_dir, sm
     assert message in err and err.count("\n") == (2 if case == "bad line" else 1), err
     if case == "out exists":
         assert (tmp_path / "s.csv").read_text() == "keep"
+
+
+def test_load_clip_is_exported_by_the_package_as_the_readme_shows():
+    import altdiff_min
+    from altdiff_min import load_clip as exported
+
+    assert exported is load_clip and "load_clip" in altdiff_min.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        altdiff_min.nothing
