@@ -479,7 +479,7 @@ def generate(args) -> int:
                                                scale=args.scale, eta=args.eta, height=height, width=width,
                                                seed=args.seed, progress=world.rank == 0, safety_checker=checked,
                                                return_flags=True, **(picture["kwargs"] if picture else {}))
-                made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if flags else None)
+                made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if checked else None)
                         for k, image in enumerate(images) if keep is None or k == keep]
             for index, k, png, flagged in sorted(p for part in gather(world, made) or [] for p in part):
                 row = {"prompt": prompts[index], "index": index, "sample": k, **record, "job": job, "flagged": flagged,
