@@ -11,6 +11,8 @@ SAMPLER_NAMES = ["ddim", "plms", "dpm++2m", "dpm++2m-karras", "euler", "euler_a"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checks import STRENGTH_RANGE
+
     parser = argparse.ArgumentParser(prog="altdiff-min", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--init-img", help="image to image: start from this picture (its size rounded down to a multiple "
                      "the model takes, unless --H/--W are given)")
     gen.add_argument("--strength", type=float, default=None, help="with --init-img: how much of the route runs, "
-                     "(0, 1]; 1 starts from (almost) pure noise, with --mask from pure noise (default 0.8, with --mask 1.0, as diffusers)")
+                     f"{STRENGTH_RANGE}; 1 starts from (almost) pure noise, with --mask from pure noise (default 0.8, with --mask 1.0, as diffusers)")
     gen.add_argument("--mask", help="with --init-img: inpainting; white is repainted, black kept (same size as the picture)")
     gen.add_argument("--paste-unmasked", action="store_true", help="with --mask: paste the kept pixels back exactly")
     gen.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
