@@ -61,7 +61,7 @@ class Scorer:
         if len(images) != len(prompts):
             raise BadValue(f"the CLIP score scores pairs: got {len(images)} pictures and {len(prompts)} prompts")
         scores = []
-        with tqdm(total=len(prompts), desc="CLIP score", unit="picture", disable=not progress, leave=False) as bar:
+        with tqdm(total=len(prompts), desc="CLIP score", unit="pair", disable=not progress, leave=False) as bar:
             for start in range(0, len(prompts), batch_size):
                 batch = images[start:start + batch_size]
                 if not isinstance(batch, torch.Tensor):
@@ -192,12 +192,15 @@ def score_pictures(path: str | os.PathLike, clip: Scorer | str | os.PathLike, ou
 
 
 def summary(rows: list[dict]) -> str:
-    """'N pictures: mean CLIP score X.XX (std Y.YY)': the standard deviation of the scores themselves
-    (ddof 0, numpy's default), not the standard error of the mean."""
+    """'N pictures: mean CLIP score X.XX (std Y.YY)', or where a picture has several captions 'N pairs of
+    M pictures: …' (each (picture, prompt) pair is scored): the standard deviation of the scores
+    themselves (ddof 0, numpy's default), not the standard error of the mean."""
     scores = [r["clip_score"] for r in rows]
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return f"{len(scores)} pictures: mean CLIP score {mean:.2f} (std {std:.2f})"
+    pictures = len({r["file"] for r in rows})
+    counted = f"{pictures} pictures" if pictures == len(rows) else f"{len(rows)} pairs of {pictures} pictures"
+    return f"{counted}: mean CLIP score {mean:.2f} (std {std:.2f})"
 
 
 def run(args) -> int:
