@@ -40,7 +40,7 @@ def test_sweep_table_sheet_and_metric(tmp_path, capsys):
         shape, colour = detect(Image.open(out / r["file"]).convert("RGB"))
         assert float(r["colour"]) == (colour == asked[r["prompt"]][1]) and float(r["shape"]) == (shape == asked[r["prompt"]][0])
     sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.size == (220 + 4 * 66, 20 + 4 * 66)  # a row per setting, a column per prompt × seed
+    assert sheet.size == (220 + 4 * 66, 30 + 4 * 66)  # a row per setting, a column per prompt × seed
     printed = capsys.readouterr().out
     assert "scale=7.5, sampler=euler" in printed and "colour" in printed
 
@@ -192,10 +192,32 @@ def test_a_sweep_resumed_with_another_model_is_refused(tmp_path, capsys):
     assert "the model folder, or its config.json, is not the one the sweep began with" in capsys.readouterr().err
 
 
+def test_contact_sheet_heads_columns_with_the_prompts_shortened_to_fit(tmp_path, monkeypatch):
+    """Each column is headed by its prompt (cut with "…" to the picture's width) over its seed, not 'p0 s0'."""
+    from PIL import ImageDraw
+
+    from altdiff_min.sweep import Spec, contact_sheet
+
+    drawn = []
+    real = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, **k: drawn.append((xy, text, self.textlength(text)))
+                        or real(self, xy, text, **k))
+    prompts = ["a red circle", "un grand carré bleu à gauche d'un petit cercle vert"]
+    spec = Spec("toy", prompts, [0, 3], {}, {"scale": [7.5]}, [])
+    contact_sheet(str(tmp_path), spec, [Image.new("RGB", (128, 64))] * 4)
+    heads = [(text, length) for (x, y), text, length in drawn if x >= 220]
+    assert len(heads) == 8, heads  # two lines a column
+    assert [t for t, _ in heads] == ["a red circle", "seed 0", "a red circle", "seed 3",
+                                     heads[4][0], "seed 0", heads[4][0], "seed 3"]
+    assert heads[4][0].endswith("…") and prompts[1].startswith(heads[4][0][:-1]) and len(heads[4][0]) > 10
+    assert all(length <= 128 - 4 for _, length in heads)  # within its column
+    assert (tmp_path / "contact_sheet.png").exists()
+
+
 def test_contact_sheet_fits_an_axis_of_sizes(tmp_path):
     spec = {**SPEC, "prompts": ["a red circle"], "seeds": [0], "axes": {"width": [64, 128]}}
     assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
-    assert Image.open(tmp_path / "spec" / "contact_sheet.png").size == (220 + 130, 20 + 2 * 66)
+    assert Image.open(tmp_path / "spec" / "contact_sheet.png").size == (220 + 130, 30 + 2 * 66)
 
 
 def test_outdir_that_is_a_file_or_someone_elses_folder(tmp_path, capsys):
