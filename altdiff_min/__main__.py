@@ -11,6 +11,8 @@ SAMPLER_NAMES = ["ddim", "plms", "dpm++2m", "dpm++2m-karras", "euler", "euler_a"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checks import STRENGTH_RANGE
+
     parser = argparse.ArgumentParser(prog="altdiff-min", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--init-img", help="image to image: start from this picture (its size rounded down to a multiple "
                      "the model takes, unless --H/--W are given)")
     gen.add_argument("--strength", type=float, default=None, help="with --init-img: how much of the route runs, "
-                     "(0, 1]; 1 starts from (almost) pure noise, with --mask from pure noise (default 0.8, with --mask 1.0, as diffusers)")
+                     f"{STRENGTH_RANGE}; 1 starts from (almost) pure noise, with --mask from pure noise (default 0.8, with --mask 1.0, as diffusers)")
     gen.add_argument("--mask", help="with --init-img: inpainting; white is repainted, black kept (same size as the picture)")
     gen.add_argument("--paste-unmasked", action="store_true", help="with --mask: paste the kept pixels back exactly")
     gen.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
@@ -349,25 +351,14 @@ def file_digest(path: str, what: str) -> str:
 
 
 def read_picture(path: str, flag: str, mask: bool = False):
-    """A picture file as 8-bit RGB (dataset.to_rgb: EXIF orientation, 16-bit, transparency), or with
-    mask=True in its own mode, 8-bit (EXIF orientation; img2img.prepare_mask reads its grey levels as
-    diffusers does, alpha ignored); or a clear error naming the flag."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from .dataset import to_rgb
-    from .errors import BadFile, Missing
-    from .vision import eight_bit
+    """A picture file given to `flag`, read by dataset.read_picture (its bound on pixels before
+    decoding; 8-bit RGB, or with mask=True its own mode, 8-bit), or a clear error naming the flag."""
+    from .dataset import read_picture as read
+    from .errors import Missing
 
     if not os.path.isfile(path):
         raise Missing(f"{flag} {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            return eight_bit(ImageOps.exif_transpose(image)) if mask else to_rgb(image)
-    except Image.DecompressionBombError:
-        raise BadFile(f"{flag} {path} has more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = "
-                      f"{Image.MAX_IMAGE_PIXELS}, its guard against decompression bombs)") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadFile(f"{flag} {path} is not a picture PIL can read ({type(e).__name__})") from None
+    return read(path, "mask" if mask else "rgb", where=f"{flag} ")
 
 
 def picture_arguments(args, config: dict) -> dict | None:
@@ -499,7 +490,7 @@ def generate(args) -> int:
                                                scale=args.scale, guidance=guidance, eta=args.eta, height=height, width=width,
                                                seed=args.seed, progress=world.rank == 0, safety_checker=checked,
                                                return_flags=True, **(picture["kwargs"] if picture else {}))
-                made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if flags else None)
+                made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if checked else None)
                         for k, image in enumerate(images) if keep is None or k == keep]
             for index, k, png, flagged in sorted(p for part in gather(world, made) or [] for p in part):
                 row = {"prompt": prompts[index], "index": index, "sample": k, **record, "job": job, "flagged": flagged,

@@ -86,6 +86,15 @@ def check_value(where: str, value, hint, field: str) -> None:
             raise BadValue(f"{where} must be in {bracket}{low:g}, {high:g}), got {value:g}")
 
 
+# Image to image's strength, the fraction of the route that runs: 0 would run no step and change nothing.
+# img2img.check_strength enforces it; generate's --help and every error say it.
+STRENGTH_RANGE = "(0, 1]"
+
+
+def in_strength_range(strength: float) -> bool:
+    return 0 < strength <= 1  # False for NaN too
+
+
 IMAGE_SIZE = (8, 16384)  # a model folder's image_size (a VAE config's sample_size): m9's is 512
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .errors import BadFile, BadValue, Missing
+from .errors import BadFile, BadValue, Missing, TooManyPixels
 from .files import parse_json, read_text
 from .tokenizer import check_prompt
 from .vision import eight_bit, rgb_over_white
@@ -42,6 +43,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     down (not clipped), then transparency composited over white (vision.rgb_over_white: a transparent
     background is usually meant to be blank, not black)."""
     return rgb_over_white(eight_bit(ImageOps.exif_transpose(image)))
+
+
+def pixel_limit_reason() -> str:
+    return f"more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
+
+
+def open_picture(path: str | os.PathLike, where: str = "") -> Image.Image:
+    """A user's picture file opened lazily: only its header is read. One with more pixels than
+    Image.MAX_IMAGE_PIXELS (PIL's guard against decompression bombs; None: no bound) is refused here,
+    before decoding: PIL itself only warns up to twice the bound and decodes (a 195 KB 1-bit PNG of
+    12000 × 12000 is 1.1 GB decoded). `where` prefixes each error (a flag, a manifest line)."""
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():  # PIL's warning of a picture under twice its bound: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except FileNotFoundError:
+        raise Missing(f"{where}picture not found: {path}") from None
+    except Image.DecompressionBombError:
+        raise TooManyPixels(f"{where}{path} has {pixel_limit_reason()[:-1]}, its guard against decompression bombs); "
+                            f"not decoded") from None
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise BadFile(f"{where}{path} is not a picture PIL can read ({type(e).__name__})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = image.size
+    if limit is not None and w * h > limit:
+        image.close()
+        raise TooManyPixels(f"{where}{path} has {pixel_limit_reason()[:-1]}, its guard against decompression bombs): "
+                            f"{w} × {h} = {w * h} pixels; not decoded")
+    return image
+
+
+def read_picture(path: str | os.PathLike, convert: str = "rgb", where: str = "") -> Image.Image:
+    """Every picture a user hands in (training data, generate's --init-img and --mask, score's
+    pictures, the UI's) is read here: open_picture's bound on its pixels before anything is decoded,
+    then decoded in full and converted. convert "rgb": 8-bit RGB (to_rgb); "mask": its own mode, 8-bit,
+    EXIF orientation applied (img2img.prepare_mask reads its grey levels). A file that does not decode
+    is one line naming it, prefixed with `where`."""
+    if convert not in ("rgb", "mask"):
+        raise BadValue(f"convert must be 'rgb' or 'mask', got {convert!r}")
+    with open_picture(path, where) as image:
+        try:
+            image.load()
+            return to_rgb(image) if convert == "rgb" else eight_bit(ImageOps.exif_transpose(image))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadFile(f"{where}{os.fspath(path)} is not a picture PIL can read ({type(e).__name__})") from None
 
 
 def center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -175,12 +222,10 @@ class CaptionedFolder:
     def check_image(self, file: str) -> str | None:
         """Why this image cannot be used, or None: it must decode in full and be at least R on its shorter side."""
         try:
-            with Image.open(os.path.join(self.path, file)) as image:
-                image.load()
-                w, h = ImageOps.exif_transpose(image).size
-        except Image.DecompressionBombError:
-            return f"more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
-        except (OSError, SyntaxError, ValueError):
+            w, h = read_picture(os.path.join(self.path, file)).size
+        except TooManyPixels:
+            return pixel_limit_reason()
+        except (BadFile, Missing):
             return "corrupt, truncated or not an image"
         if min(w, h) < self.resolution:
             return f"smaller than the resolution ({self.resolution} px)"
@@ -192,9 +237,8 @@ class CaptionedFolder:
     def pixels(self, i: int) -> torch.Tensor:
         file = os.path.join(self.path, self.files[i])
         try:
-            with Image.open(file) as image:
-                return center_crop(to_rgb(image), self.resolution)
-        except OSError as e:  # it decoded when the run started: it was changed or removed since
+            return center_crop(read_picture(file), self.resolution)
+        except (BadFile, Missing) as e:  # it decoded when the run started: it was changed or removed since
             raise BadFile(f"{file} could not be read any more ({e})") from None
 
     def texts(self, i: int) -> tuple[str, ...]:

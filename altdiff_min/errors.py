@@ -25,6 +25,11 @@ class BadFile(AltDiffError, ValueError):
     """A file that is missing, unreadable, corrupt, or not what it should be; the message names it."""
 
 
+class TooManyPixels(BadFile):
+    """A picture whose header promises more pixels than PIL's guard against decompression bombs
+    (Image.MAX_IMAGE_PIXELS) allows: refused before a byte of it is decoded."""
+
+
 class Missing(AltDiffError, FileNotFoundError):
     """A path that does not exist."""
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checks import STRENGTH_RANGE, in_strength_range
 from .errors import BadType, BadValue, NotFinite
 from .schedule import ScheduleConfig, Timesteps, add_noise, noise_to, route
 from .vision import eight_bit, rgb_over_white
@@ -38,9 +39,9 @@ def default_strength(mask) -> float:
 def check_strength(strength, steps: int) -> int:
     """The number of steps strength s runs out of `steps`: int(steps · s), as diffusers counts them."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise BadType(f"strength must be a number in (0, 1], got {strength!r}")
-    if not 0 <= strength <= 1:  # also NaN
-        raise BadValue(f"strength must be in [0, 1], got {strength}")
+        raise BadType(f"strength must be a number in {STRENGTH_RANGE}, got {strength!r}")
+    if not in_strength_range(strength):
+        raise BadValue(f"strength must be in {STRENGTH_RANGE} (0 would run no step), got {strength}")
     run = min(int(steps * strength), steps)
     if run < 1:
         raise BadValue(f"strength {strength} of {steps} steps runs int({steps}·{strength}) = 0 steps: "

@@ -174,8 +174,8 @@ class AltDiffusion:
 
         safety_checker: None (default) checks the pictures when the model holds a checker, False
         never, True insists (an error if there is none). Flagged pictures are replaced by a
-        placeholder saying so; return_flags: also return one bool per picture (True: flagged and
-        replaced), or None when no checker ran. With both: (images, trajectory, flags).
+        placeholder saying so; return_flags: also return a list of one bool per picture (True:
+        flagged and replaced; all False when no checker ran). With both: (images, trajectory, flags).
 
         Image to image (SDEdit; diffusers' AltDiffusionImg2ImgPipeline, same seed, same picture):
           image: a PIL picture or a float tensor (1, 3, H, W) in [0, 1]; its size rounded down to a
@@ -233,7 +233,7 @@ class AltDiffusion:
         if paste_unmasked:
             keep = 1 - repaint.to(images)
             images = images * (1 - keep) + (pixels.to(images) + 1) / 2 * keep
-        flags = None
+        flags = [False] * len(images)  # no checker ran: none flagged
         if check:
             images, flags = self.check_safety(images)
         images = images if output == "tensor" else to_pil(images)

@@ -240,7 +240,11 @@ def check_route(ts: np.ndarray, steps: int, T: int, what: str, strict: bool = Tr
         bad = f"the spacing gives {len(ts)} timesteps"
     elif ts.min() < 0 or ts.max() > T - 1:
         bad = f"timestep {ts.max() if ts.max() > T - 1 else ts.min():g} is outside the schedule's [0, {T - 1}]"
-    elif np.any(np.diff(ts) >= 0) if strict else np.any(np.diff(ts) > 0):
+    elif np.any(np.diff(ts) > 0):
+        i = int(np.argmax(np.diff(ts) > 0))
+        bad = (f"the timesteps go up ({ts[i]:g} then {ts[i + 1]:g}); they must descend, from the noisiest "
+               f"(highest) to the cleanest")
+    elif strict and np.any(np.diff(ts) == 0):
         bad = "two steps land on the same timestep"
     if bad:
         raise BadValue(f"steps={steps} is not possible for {what} on a {T}-step schedule: {bad}")

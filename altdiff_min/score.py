@@ -30,6 +30,7 @@ import torch
 
 from .altclip import AltCLIP, clip_score
 from .checks import check_int
+from .dataset import open_picture, read_picture
 from .errors import BadFile, BadValue, Exists, Missing
 from .files import atomic_file, locked, make_folder, read_log, read_text
 from .tokenizer import Tokenizer, check_prompt
@@ -60,39 +61,26 @@ class Scorer:
         if len(images) != len(prompts):
             raise BadValue(f"the CLIP score scores pairs: got {len(images)} pictures and {len(prompts)} prompts")
         scores = []
-        with tqdm(total=len(prompts), desc="CLIP score", unit="picture", disable=not progress, leave=False) as bar:
+        with tqdm(total=len(prompts), desc="CLIP score", unit="pair", disable=not progress, leave=False) as bar:
             for start in range(0, len(prompts), batch_size):
                 batch = images[start:start + batch_size]
                 if not isinstance(batch, torch.Tensor):
-                    batch = [open_picture(im) if isinstance(im, (str, os.PathLike)) else im for im in batch]
+                    batch = [read_picture(im) if isinstance(im, (str, os.PathLike)) else im for im in batch]
                 scores.append(clip_score(self.model, self.tokenizer, batch, list(prompts[start:start + batch_size])).cpu())
                 bar.update(len(batch))
         return torch.cat(scores) if scores else torch.zeros(0)
 
 
-def open_picture(path: str | os.PathLike):
-    from PIL import Image
-
-    from .dataset import to_rgb
-
-    try:
-        with Image.open(path) as image:
-            return to_rgb(image)
-    except FileNotFoundError:
-        raise Missing(f"picture not found: {os.fspath(path)}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadFile(f"{os.fspath(path)} is not a readable picture ({e})") from None
-
-
 def check_picture_file(path: str, where: str = "") -> None:
-    """A picture file that decodes (PIL's verify: its structure and checksums), checked before any model loads."""
+    """A picture file that decodes (PIL's verify: its structure and checksums) and is within
+    dataset.open_picture's bound on pixels, checked before any model loads."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
+    with open_picture(path, where) as image:
+        try:
             image.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadFile(f"{where}{path} is not a readable picture ({e})") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadFile(f"{where}{path} is not a picture PIL can read ({e})") from None
 
 
 def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Scorer:
@@ -204,12 +192,15 @@ def score_pictures(path: str | os.PathLike, clip: Scorer | str | os.PathLike, ou
 
 
 def summary(rows: list[dict]) -> str:
-    """'N pictures: mean CLIP score X.XX (std Y.YY)': the standard deviation of the scores themselves
-    (ddof 0, numpy's default), not the standard error of the mean."""
+    """'N pictures: mean CLIP score X.XX (std Y.YY)', or where a picture has several captions 'N pairs of
+    M pictures: …' (each (picture, prompt) pair is scored): the standard deviation of the scores
+    themselves (ddof 0, numpy's default), not the standard error of the mean."""
     scores = [r["clip_score"] for r in rows]
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return f"{len(scores)} pictures: mean CLIP score {mean:.2f} (std {std:.2f})"
+    pictures = len({r["file"] for r in rows})
+    counted = f"{pictures} pictures" if pictures == len(rows) else f"{len(rows)} pairs of {pictures} pictures"
+    return f"{counted}: mean CLIP score {mean:.2f} (std {std:.2f})"
 
 
 def run(args) -> int:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import AltDiffError, BadFile, BadType, BadValue, Exists
-from .files import atomic_file, locked, make_folder, read_json, read_text
+from .files import atomic_file, clean_partials, locked, make_folder, read_json, read_text, refuse_link
 from .folder import fingerprint
 from .tokenizer import check_prompt
 
@@ -232,15 +232,23 @@ def picture_name(cell: tuple[int, int, int], spec: Spec) -> str:
 SWEEP_FILES = ("spec.json", "pictures", "results.csv", "contact_sheet.png")  # what a sweep writes into OUT
 
 
-def recorded_spec(spec: Spec) -> dict:
-    """spec.json: the spec, and the model folder's fingerprint (a changed model is another sweep)."""
-    return {**spec.as_dict(), "model_folder": fingerprint(spec.model)}
+NOT_THE_SPEC = ("model_folder", "environment", "environments")  # spec.json's records besides the spec itself
 
 
-def claim_folder(out: str, spec: Spec, force: bool, write: bool = True) -> None:
+def recorded_spec(spec: Spec, environment: dict | None = None) -> dict:
+    """spec.json: the spec, the model folder's whole fingerprint (folder.fingerprint: its path and every
+    *_sha256; a changed model is another sweep), and the environments its pictures were made in
+    (provenance.environment: the software, device, dtype and threads; a resumed sweep adds its own)."""
+    return {**spec.as_dict(), "model_folder": fingerprint(spec.model),
+            **({"environments": [environment]} if environment is not None else {})}
+
+
+def claim_folder(out: str, spec: Spec, force: bool, write: bool = True, environment: dict | None = None) -> None:
     """OUT is new, holds this very sweep (resumed), or (force) holds another sweep, whose files are
-    replaced (only when OUT holds nothing else). write=False: only check, before any model work."""
+    replaced (only when OUT holds nothing else). write=False: only check, before any model work.
+    Writing, the leftovers of killed writes (files.clean_partials) are removed from OUT and its pictures."""
     file = os.path.join(out, "spec.json")
+    now = recorded_spec(spec, environment)
     if os.path.lexists(out):
         if not os.path.isdir(out):
             raise Exists(f"{out} exists and is not a folder")
@@ -248,7 +256,11 @@ def claim_folder(out: str, spec: Spec, force: bool, write: bool = True) -> None:
         if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
             if os.listdir(out):
                 raise Exists(f"{out} holds files that are not a sweep's; choose another --outdir")
-        elif (why := differs(recorded, recorded_spec(spec))) is not None:
+        elif (why := differs(recorded, now)) is None:  # resumed: the environments it was made in so far, and this one
+            made_in = recorded.get("environments", [])
+            if isinstance(made_in, list) and environment is not None:
+                now["environments"] = made_in + ([environment] if environment not in made_in else [])
+        else:
             if not force:
                 raise Exists(f"{out} holds a sweep of another spec{why}; --force replaces it, or choose another --outdir")
             if others := sorted(set(os.listdir(out)) - set(SWEEP_FILES)):
@@ -263,23 +275,34 @@ def claim_folder(out: str, spec: Spec, force: bool, write: bool = True) -> None:
                         shutil.rmtree(path)
                     elif os.path.lexists(path):
                         os.unlink(path)
+    for name in ("spec.json", "results.csv", "contact_sheet.png"):  # a planted link: refused before any model work
+        refuse_link(os.path.join(out, name), f"sweep's {name}")
     where = out if os.path.isdir(out) else os.path.dirname(out)
     if not os.access(where, os.W_OK | os.X_OK):
         raise BadValue(f"--outdir: cannot write into {where} (permission denied)")
     if not write:
         return
     make_folder(os.path.join(out, "pictures"), "--outdir")
+    for folder in (out, os.path.join(out, "pictures")):
+        clean_partials(folder)
     with atomic_file(file) as tmp, open(tmp, "w") as f:
-        json.dump(recorded_spec(spec), f, indent=2, ensure_ascii=False)
+        json.dump(now, f, indent=2, ensure_ascii=False)
 
 
 def differs(recorded: dict, now: dict) -> str | None:
-    """None when `recorded` (spec.json) is this sweep; else why not, for the message. Sweeps recorded
-    before the model's fingerprint was kept compare their specs only."""
-    if "model_folder" in recorded and recorded["model_folder"] != now["model_folder"]:
-        return " (the model folder, or its config.json, is not the one the sweep began with)"
-    recorded = {k: v for k, v in recorded.items() if k != "model_folder"}
-    return None if recorded == json.loads(json.dumps({k: v for k, v in now.items() if k != "model_folder"})) else ""
+    """None when `recorded` (spec.json) is this sweep; else why not, for the message. The model
+    folder's whole fingerprint is compared (its path and every *_sha256 it records: config, weights);
+    sweeps recorded before the fingerprint was kept compare their specs only. The environments are a
+    record, not the sweep: a sweep may be resumed on another machine."""
+    if "model_folder" in recorded:
+        was, model = recorded["model_folder"], now["model_folder"]
+        if not isinstance(was, dict):
+            return " (its spec.json's model_folder is not a fingerprint)"
+        if changed := sorted(k for k in {*was, *model} if was.get(k) != model.get(k)):
+            named = [f"its {k.removesuffix('_sha256')} ({k})" if k.endswith("_sha256") else k for k in changed]
+            return f" (the model folder is not the one the sweep began with: {', '.join(named)} changed)"
+    recorded = {k: v for k, v in recorded.items() if k not in NOT_THE_SPEC}
+    return None if recorded == json.loads(json.dumps({k: v for k, v in now.items() if k not in NOT_THE_SPEC})) else ""
 
 
 def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force: bool = False,
@@ -290,6 +313,7 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
     from .distributed import barrier, join_world, leave_world, on_rank0
     from .folder import read_config
     from .pipeline import check_device, load
+    from .provenance import environment
 
     spec = read_spec(spec_path)
     out = os.path.abspath(out or os.path.splitext(spec_path)[0])
@@ -313,7 +337,7 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
             def claim() -> None:
                 make_folder(os.path.dirname(out), "--outdir")
                 stack.enter_context(locked(out))  # one sweep at a time writes OUT (rank 0 holds it)
-                claim_folder(out, spec, force)
+                claim_folder(out, spec, force, environment=environment(world.device, model.unet.conv_in.weight.dtype))
 
             on_rank0(world, claim)
             make_pictures(spec, out, world, model, progress)
@@ -329,12 +353,19 @@ def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
     from tqdm import tqdm
 
     settings, mine = spec.settings, [c for i, c in enumerate(spec.cells()) if i % world.size == world.rank]
-    todo = [c for c in mine if not os.path.exists(os.path.join(out, picture_name(c, spec)))]
+    # Made: a regular file. A link planted at a picture's name is not taken as the picture: atomic_file refuses it.
+    todo = [c for c in mine if not is_file(os.path.join(out, picture_name(c, spec)))]
+    for cell in todo:  # before the first picture is made
+        refuse_link(os.path.join(out, picture_name(cell, spec)), "picture")
     for cell in tqdm(todo, desc="sweep", disable=not (progress and world.rank == 0)):
         s, p, k = cell
         image = model.generate(spec.prompts[p], seed=spec.seeds[k], progress=False, **{**spec.fixed, **settings[s]})[0]
         with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp:
             image.save(tmp, format="PNG")
+
+
+def is_file(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
 
 
 def write_results(out: str, spec: Spec, functions: dict[str, Metric]) -> list[dict]:
@@ -373,19 +404,33 @@ def label(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(fixed)"
 
 
+def shortened(draw, text: str, width: float) -> str:
+    """`text` cut (with "…") to fit `width` pixels in draw's font."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
+SHEET_LEFT, SHEET_TOP, SHEET_GAP = 220, 30, 2  # the settings' labels, the columns' two-line heads, between pictures
+
+
 def contact_sheet(out: str, spec: Spec, pictures: list) -> None:
-    """One row per setting, labelled; one column per prompt × seed, headed by the prompt's number and
-    the seed. pictures: the cells' pictures, in spec.cells() order."""
+    """One row per setting, labelled; one column per prompt × seed, headed by the prompt (shortened to
+    the column's width) over the seed. pictures: the cells' pictures, in spec.cells() order."""
     from PIL import Image, ImageDraw
 
     w, h = max(p.size[0] for p in pictures), max(p.size[1] for p in pictures)  # an axis may change the size
     columns = len(spec.prompts) * len(spec.seeds)
-    left, top, gap = 220, 20, 2
+    left, top, gap = SHEET_LEFT, SHEET_TOP, SHEET_GAP
     sheet = Image.new("RGB", (left + columns * (w + gap), top + len(spec.settings) * (h + gap)), "white")
     draw = ImageDraw.Draw(sheet)
     for c in range(columns):
         p, k = divmod(c, len(spec.seeds))
-        draw.text((left + c * (w + gap) + 2, 4), f"p{p} s{spec.seeds[k]}", fill="black")
+        x = left + c * (w + gap) + 2
+        draw.text((x, 2), shortened(draw, spec.prompts[p], w - 4), fill="black")
+        draw.text((x, 15), shortened(draw, f"seed {spec.seeds[k]}", w - 4), fill="black")
     for i, picture in enumerate(pictures):
         s, c = divmod(i, columns)
         sheet.paste(picture, (left + c * (w + gap), top + s * (h + gap)))

@@ -266,3 +266,22 @@ def small_altclip(vocab_size: int, seed: int = 0):
         # cosine is positive and every score differs from the next.
         model.visual_projection.weight.neg_()
     return model.eval()
+
+
+def bomb_png(path, side: int = 12000) -> int:
+    """A 1-bit black PNG of side × side pixels written by hand (no picture is made in memory): a few
+    tens of KB that PIL would decode to side² bytes (1.1 GB at 12000). Returns the file's size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte 0, then the packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)

@@ -391,7 +391,8 @@ def test_image_to_image_and_inpainting_from_the_command_line(model_dir, tmp_path
 @pytest.mark.parametrize("extra,message", [
     (["--init-img", "nowhere.png"], "--init-img nowhere.png: no such file"),
     (["--init-img", "NOT_A_PICTURE"], "is not a picture PIL can read"),
-    (["--init-img", "INIT", "--strength", "1.5"], "strength must be in [0, 1]"),
+    (["--init-img", "INIT", "--strength", "1.5"], "strength must be in (0, 1]"),
+    (["--init-img", "INIT", "--strength", "0"], "strength must be in (0, 1] (0 would run no step), got 0.0"),
     (["--init-img", "INIT", "--strength", "0.1", "--steps", "5"], "runs int(5·0.1) = 0 steps"),
     (["--init-img", "INIT", "--mask", "SMALL"], "the mask is 30×20 pixels but the picture is 100×70"),
     (["--init-img", "TINY"], "rounding down leaves nothing"),

@@ -243,8 +243,13 @@ def test_hub_id_not_cached_offline_says_how_to_get_it(tmp_path):
     out = run_cli("convert", "BAAI/AltDiffusion-m9", str(tmp_path / "m9"),
                   env_extra={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
-    assert "not in the Hugging Face cache" in out.stderr and "huggingface-cli download BAAI/AltDiffusion-m9" in out.stderr
+    assert "not in the Hugging Face cache" in out.stderr and "hf download BAAI/AltDiffusion-m9 --include" in out.stderr
+    assert "hf download BAAI/AltCLIP-m9" in out.stderr  # the AltCLIP's own repo, not the diffusion one again
+    assert "huggingface-cli" not in out.stderr  # huggingface_hub ≥ 1.0 no longer ships it
     assert not (tmp_path / "m9").exists()
+    out = run_cli("convert", "BAAI/AltCLIP-m9", str(tmp_path / "clip"),
+                  env_extra={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "\n  hf download BAAI/AltCLIP-m9\n" in out.stderr and "AltDiffusion" not in out.stderr
 
 
 def test_online_fetch_asks_only_for_what_it_needs(hub_layout, monkeypatch, tmp_path):

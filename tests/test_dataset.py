@@ -263,3 +263,51 @@ def test_a_byte_order_mark_is_not_part_of_the_first_caption(tmp_path):
     (tmp_path / "b" / "000.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "b" / "000.txt").read_bytes())
     a, b = CaptionedFolder(str(tmp_path / "a"), 64), CaptionedFolder(str(tmp_path / "b"), 64)
     assert a.texts(0) == b.texts(0) == ("un cercle rouge 0",)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_anything_decodes(tmp_path, monkeypatch, capsys):
+    """A 12000² 1-bit PNG is ~20 KB on disk and 144 M pixels: over PIL's 89 M bound but under twice it,
+    where PIL only warns and decodes (1.1 GB). Every reader of a user's picture refuses it unread."""
+    from helpers import bomb_png
+    from PIL import ImageFile
+
+    import altdiff_min.__main__ as cli
+    from altdiff_min.dataset import read_picture
+    from altdiff_min.errors import TooManyPixels
+    from altdiff_min.score import Scorer, check_picture_file
+
+    bomb = tmp_path / "data" / "bomb.png"
+    bomb.parent.mkdir()
+    assert bomb_png(bomb) < 200_000
+    with Image.open(bomb) as image:  # the header alone
+        assert image.size == (12000, 12000) and Image.MAX_IMAGE_PIXELS < 12000 ** 2 < 2 * Image.MAX_IMAGE_PIXELS
+    write_pictures(tmp_path / "data", 1, "txt")
+    (tmp_path / "data" / "bomb.txt").write_text("a bomb")
+
+    def decoded(*a, **k):
+        pytest.fail("the picture was decoded")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    monkeypatch.setattr(Image.Image, "load", decoded)
+    monkeypatch.setattr(Image.Image, "verify", decoded)
+    for convert in ("rgb", "mask"):
+        with pytest.raises(TooManyPixels, match=r"^x: .*bomb.png has more pixels than PIL opens \(Image.MAX_IMAGE_PIXELS = "
+                                                 r"89478485, .*\): 12000 × 12000 = 144000000 pixels; not decoded$"):
+            read_picture(bomb, convert, where="x: ")
+    with pytest.raises(TooManyPixels, match="^--mask .*bomb.png has more pixels"):
+        cli.read_picture(str(bomb), "--mask", mask=True)
+    with pytest.raises(TooManyPixels, match="^line 2: .*bomb.png has more pixels"):
+        check_picture_file(str(bomb), "line 2: ")
+    with pytest.raises(TooManyPixels, match="bomb.png has more pixels"):
+        Scorer(None, None, "").score([str(bomb)], ["a bomb"])
+    monkeypatch.undo()  # the good picture decodes; the bomb is skipped with its reason
+    monkeypatch.setattr(Image, "open", lambda *a, _open=Image.open, **k: _checked(_open(*a, **k), decoded))
+    data = CaptionedFolder(str(tmp_path / "data"), 64)
+    assert data.files == ["000.png"]
+    assert data.skipped == {"more pixels than PIL opens (Image.MAX_IMAGE_PIXELS = 89478485)": ["bomb.png"]}
+
+
+def _checked(image, fail):
+    """`image`, failing the test if it is a 12000² picture and gets decoded."""
+    if image.size == (12000, 12000):
+        image.load = fail
+    return image

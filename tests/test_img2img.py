@@ -76,8 +76,8 @@ def test_strength_edge_cases_are_clear_errors(ours, hub_layout, reference):
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(Exception):
         pipe("x", image=INIT, strength=0.0, num_inference_steps=4, output_type="pt")
-    for strength, steps in ((0.0, 10), (0.09, 10)):
-        with pytest.raises(BadValue, match="runs int") as e:
+    for strength, steps, match in ((0.0, 10, r"must be in \(0, 1\]"), (0.09, 10, "runs int")):
+        with pytest.raises(BadValue, match=match) as e:
             ours.generate("x", image=INIT, strength=strength, steps=steps, progress=False)
         assert "\n" not in str(e.value)
 
@@ -220,7 +220,8 @@ def test_a_side_not_given_is_the_pictures_rounded_down(ours, given, size):
     (dict(image="photo.png"), BadType, "image must be a PIL image or a float tensor"),
     (dict(image=torch.zeros(1, 4, 64, 64)), BadValue, "image tensor must be floats"),
     (dict(image=INIT, mask=Image.new("L", (64, 64))), BadValue, "the mask is 64×64 pixels but the picture is 100×70"),
-    (dict(image=INIT, strength=1.5), BadValue, "strength must be in \\[0, 1\\]"),
+    (dict(image=INIT, strength=1.5), BadValue, "strength must be in \\(0, 1\\]"),
+    (dict(image=INIT, strength=0), BadValue, "strength must be in \\(0, 1\\] \\(0 would run no step\\), got 0"),
     (dict(image=INIT, strength="0.5"), BadType, "strength must be a number"),
     (dict(image=Image.new("RGB", (20, 90))), BadValue, "rounding down leaves nothing"),
     (dict(image=INIT, height=50), BadValue, "multiples of 32"),
@@ -235,3 +236,19 @@ def test_bad_picture_arguments_fail_before_any_model_work(ours, monkeypatch, kwa
     with pytest.raises(error, match=match) as e:
         ours.generate("a dog", steps=4, progress=False, **kwargs)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("strength", [0, 0.0, -0.1, 1.01, float("nan")])
+def test_strength_help_and_errors_say_one_range_and_the_check_keeps_it(strength, capsys):
+    """(0, 1]: strength 0 runs no step. --help, the type error and the value error all say so."""
+    from altdiff_min.__main__ import main
+    from altdiff_min.img2img import check_strength
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "how much of the route runs, (0, 1];" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(BadValue, match=r"^strength must be in \(0, 1\] "):
+        check_strength(strength, 1000)
+    with pytest.raises(BadType, match=r"^strength must be a number in \(0, 1\], "):
+        check_strength("1", 1000)
+    assert check_strength(1, 1000) == 1000 and check_strength(0.001, 1000) == 1

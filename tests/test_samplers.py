@@ -252,7 +252,8 @@ def test_bad_generator(generator):
 
 
 @pytest.mark.parametrize("ts,error,match", [
-    ([500, 700], ValueError, "two steps land on the same timestep"),
+    ([500, 700], ValueError, r"the timesteps go up \(500 then 700\); they must descend, from the noisiest"),
+    ([999, 500, 500, 700], ValueError, r"the timesteps go up \(500 then 700\)"),  # the order is named first
     ([999, 999], ValueError, "two steps land on the same timestep"),
     ([1200, 3], ValueError, r"outside the schedule's \[0, 999\]"),
     ([], ValueError, "non-empty"),

@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_before_the_model_loads(generated, altclip_dir, sm
         picture = tmp_path / json.loads(lines[1])["file"]
         picture.write_bytes(b"not a png" if case == "unreadable picture" else picture.read_bytes()[:200])
         manifest.write_text("\n".join(lines))
-        path, message = str(manifest), f"line 2: {picture} is not a readable picture"
+        path, message = str(manifest), f"line 2: {picture} is not a picture PIL can read"
     elif case in ("missing picture", "bad line", "empty manifest"):
         shutil.copytree(os.path.join(generated, "samples"), tmp_path / "samples")
         os.unlink(tmp_path / json.loads(lines[1])["file"])
@@ -198,3 +198,38 @@ def test_bad_input_is_one_line_before_the_model_loads(generated, altclip_dir, sm
     assert message in err and err.count("\n") == (2 if case == "bad line" else 1), err
     if case == "out exists":
         assert (tmp_path / "s.csv").read_text() == "keep"
+
+
+def test_load_clip_is_exported_by_the_package_as_the_readme_shows():
+    import altdiff_min
+    from altdiff_min import load_clip as exported
+
+    assert exported is load_clip and "load_clip" in altdiff_min.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        altdiff_min.nothing
+
+
+def test_pictures_with_several_captions_are_counted_as_pairs_of_pictures(tmp_path, monkeypatch):
+    """31 pictures, one of them with 31 captions: 61 pairs are scored, of 31 pictures, and the progress
+    bar counts pairs."""
+    import altdiff_min.score as score
+    from altdiff_min.score import Scorer, summary
+
+    folder = tmp_path / "data"
+    write_pictures(folder, 30, "jsonl", sizes=((16, 16),))
+    picture("RGB", 16, 16).save(folder / "many.png")
+    with open(folder / "metadata.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"file_name": "many.png", "text": [f"caption {i}" for i in range(31)]}) + "\n")
+    pairs = read_pairs(str(folder))
+    assert len(pairs) == 61 and len({p for p, _ in pairs}) == 31
+    monkeypatch.setattr(score, "clip_score", lambda model, tok, batch, prompts: torch.full((len(batch),), 20.0))
+    bars = []
+    import tqdm
+
+    real = tqdm.tqdm
+    monkeypatch.setattr(tqdm, "tqdm", lambda **k: bars.append(k) or real(**{**k, "disable": True}))
+    scores = Scorer(None, None, "").score([p for p, _ in pairs], [t for _, t in pairs], batch_size=16)
+    assert bars[0]["unit"] == "pair" and bars[0]["total"] == 61
+    rows = [{"file": p, "prompt": t, "clip_score": s} for (p, t), s in zip(pairs, scores.tolist())]
+    assert summary(rows) == "61 pairs of 31 pictures: mean CLIP score 20.00 (std 0.00)"
+    assert summary(rows[:30]) == "30 pictures: mean CLIP score 20.00 (std 0.00)"  # one caption each: pictures

@@ -40,7 +40,7 @@ def test_sweep_table_sheet_and_metric(tmp_path, capsys):
         shape, colour = detect(Image.open(out / r["file"]).convert("RGB"))
         assert float(r["colour"]) == (colour == asked[r["prompt"]][1]) and float(r["shape"]) == (shape == asked[r["prompt"]][0])
     sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.size == (220 + 4 * 66, 20 + 4 * 66)  # a row per setting, a column per prompt × seed
+    assert sheet.size == (220 + 4 * 66, 30 + 4 * 66)  # a row per setting, a column per prompt × seed
     printed = capsys.readouterr().out
     assert "scale=7.5, sampler=euler" in printed and "colour" in printed
 
@@ -189,13 +189,35 @@ def test_a_sweep_resumed_with_another_model_is_refused(tmp_path, capsys):
     config["schedule"]["beta_end"] = 0.02
     (model / "config.json").write_text(json.dumps(config))
     assert main(["sweep", spec, "--device", "cpu"]) == 2
-    assert "the model folder, or its config.json, is not the one the sweep began with" in capsys.readouterr().err
+    assert "the model folder is not the one the sweep began with: its config (config_sha256) changed" in capsys.readouterr().err
+
+
+def test_contact_sheet_heads_columns_with_the_prompts_shortened_to_fit(tmp_path, monkeypatch):
+    """Each column is headed by its prompt (cut with "…" to the picture's width) over its seed, not 'p0 s0'."""
+    from PIL import ImageDraw
+
+    from altdiff_min.sweep import Spec, contact_sheet
+
+    drawn = []
+    real = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, **k: drawn.append((xy, text, self.textlength(text)))
+                        or real(self, xy, text, **k))
+    prompts = ["a red circle", "un grand carré bleu à gauche d'un petit cercle vert"]
+    spec = Spec("toy", prompts, [0, 3], {}, {"scale": [7.5]}, [])
+    contact_sheet(str(tmp_path), spec, [Image.new("RGB", (128, 64))] * 4)
+    heads = [(text, length) for (x, y), text, length in drawn if x >= 220]
+    assert len(heads) == 8, heads  # two lines a column
+    assert [t for t, _ in heads] == ["a red circle", "seed 0", "a red circle", "seed 3",
+                                     heads[4][0], "seed 0", heads[4][0], "seed 3"]
+    assert heads[4][0].endswith("…") and prompts[1].startswith(heads[4][0][:-1]) and len(heads[4][0]) > 10
+    assert all(length <= 128 - 4 for _, length in heads)  # within its column
+    assert (tmp_path / "contact_sheet.png").exists()
 
 
 def test_contact_sheet_fits_an_axis_of_sizes(tmp_path):
     spec = {**SPEC, "prompts": ["a red circle"], "seeds": [0], "axes": {"width": [64, 128]}}
     assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
-    assert Image.open(tmp_path / "spec" / "contact_sheet.png").size == (220 + 130, 20 + 2 * 66)
+    assert Image.open(tmp_path / "spec" / "contact_sheet.png").size == (220 + 130, 30 + 2 * 66)
 
 
 def test_outdir_that_is_a_file_or_someone_elses_folder(tmp_path, capsys):
@@ -238,3 +260,63 @@ def test_a_read_only_outdir_is_one_line_before_any_picture(tmp_path, capsys, mon
     assert main(["sweep", spec, "--outdir", str(tmp_path / "ro" / "out"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "Read-only file system" in err and err.count("\n") == 1
+
+
+SMALL = {**SPEC, "seeds": [0], "axes": {"scale": [7.5]}}  # two cells
+
+
+def test_spec_json_records_the_environments_and_the_whole_fingerprint_and_resuming_compares_it(tmp_path, capsys,
+                                                                                               monkeypatch):
+    import altdiff_min.provenance as provenance
+    import altdiff_min.sweep as sweep
+    from altdiff_min.folder import fingerprint
+
+    spec, out = write_spec(tmp_path, SMALL), tmp_path / "spec"
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    recorded = json.loads((out / "spec.json").read_text())
+    first = provenance.environment("cpu", "fp32")  # the toy computes in fp32
+    assert recorded["model_folder"] == fingerprint("toy") and recorded["environments"] == [first]
+    assert {"altdiff_min", "git_commit", "torch", "device", "dtype", "threads"} <= set(first)
+    # Resumed elsewhere (another thread count): allowed, and recorded beside the first
+    real = provenance.environment
+    monkeypatch.setattr(provenance, "environment", lambda *a: {**real(*a), "threads": 99})
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    assert json.loads((out / "spec.json").read_text())["environments"] == [first, {**first, "threads": 99}]
+    # Every *_sha256 of the fingerprint is compared: weights changed under the same config are another sweep
+    monkeypatch.setattr(sweep, "fingerprint", lambda path: {**fingerprint(path), "weights_sha256": "0" * 64})
+    capsys.readouterr()
+    assert main(["sweep", spec, "--device", "cpu"]) == 2
+    assert ("the model folder is not the one the sweep began with: its weights (weights_sha256) changed"
+            in capsys.readouterr().err)
+
+
+def test_a_resumed_sweep_removes_the_leftovers_of_killed_writes(tmp_path):
+    spec, out = write_spec(tmp_path, SMALL), tmp_path / "spec"
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    dead = [out / "pictures" / ".s000-p000-seed0.png.partial-0123456789ab", out / ".results.csv.partial-0123456789ab"]
+    for file in dead:  # a killed write's: nobody holds its lock
+        file.write_bytes(b"half a file")
+    os.unlink(out / "pictures" / "s000-p001-seed0.png")  # a cell left to make
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    assert not any(file.exists() for file in dead)
+    assert sorted(os.listdir(out / "pictures")) == ["s000-p000-seed0.png", "s000-p001-seed0.png"]
+
+
+@pytest.mark.parametrize("name", ["results.csv", "contact_sheet.png", "spec.json", "pictures/s000-p001-seed0.png",
+                                  "../.spec.lock"])
+def test_a_sweep_never_writes_through_a_planted_link(tmp_path, capsys, name):
+    spec, out = write_spec(tmp_path, SMALL), tmp_path / "spec"
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    victim = tmp_path / "victim"
+    victim.write_bytes((out / "spec.json").read_bytes() if name == "spec.json" else
+                       (out / "pictures" / "s000-p000-seed0.png").read_bytes())  # a file a reader could take for ours
+    before = victim.read_bytes()
+    link = out / name
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink(victim, link)
+    capsys.readouterr()
+    assert main(["sweep", spec, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is a symbolic link; altdiff-min does not write" in err.strip().splitlines()[-1]  # one line (after tqdm's)
+    assert victim.read_bytes() == before and os.path.islink(link)

@@ -439,3 +439,24 @@ def test_train_toy_command_line_help():
                              "p = argparse.ArgumentParser(); add_arguments(p); p.parse_args(['--help'])"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "--unet-steps" in result.stdout and "--force" in result.stdout
+
+
+@pytest.mark.parametrize("seeds", [0, [0, 1, 2]])
+def test_evaluate_counts_then_divides_so_all_right_is_exactly_one(monkeypatch, seeds):
+    """Every picture detected right: 1.0, not a sum of 1/18's (1.0000000000000002, 0.9999999999999989)."""
+    detect_module = sys.modules[evaluate.__module__]  # the package's `detect` is the function
+    asked = []
+
+    def draw(model, prompts, seeds, *a):
+        asked.extend(prompts * (1 if isinstance(seeds, int) else len(seeds)))
+        return list(range(len(asked)))  # the picture is its prompt's index
+
+    answers = [(s, c) for lang in LANGUAGES for c in COLOURS for s in SHAPES]
+    monkeypatch.setattr(detect_module, "draw", draw)
+    monkeypatch.setattr(detect_module, "detect", lambda i: answers[i % len(answers)])
+    table = evaluate(None, seeds=seeds)
+    assert table == {lang: {"colour": 1.0, "shape": 1.0} for lang in LANGUAGES}
+    answers = [(s, c if c != next(iter(COLOURS)) else None) for lang in LANGUAGES for c in COLOURS for s in SHAPES]
+    asked.clear()
+    table = evaluate(None, seeds=seeds)  # one colour in six never right: 5/6 of every language's pictures
+    assert table == {lang: {"colour": 5 / 6, "shape": 1.0} for lang in LANGUAGES}

@@ -175,11 +175,15 @@ def hub_folder(repo_id: str, revision: str | None, fp16: bool, safety_checker: b
                                  allow_patterns=["model_index.json", "config.json"])
     except LocalEntryNotFoundError:
         checker = " 'safety_checker/*' 'feature_extractor/*'" if safety_checker else ""
+        # huggingface_hub ≥ 1.0 ships the `hf` command; `huggingface-cli` is gone.
+        if "altclip" in repo_id.lower():  # a transformers repo: taken whole
+            how = f"  hf download {repo_id}\n"
+        else:
+            altclip = repo_id.replace("AltDiffusion", "AltCLIP") if "AltDiffusion" in repo_id else "BAAI/AltCLIP-m9"
+            how = (f"  hf download {repo_id} --include '*.json' 'tokenizer/*' 'text_encoder/*' 'unet/*' 'vae/*'{checker}\n"
+                   f"(its AltCLIP, for `altdiff-min score`, is a repo of its own: hf download {altclip})\n")
         raise ConversionError(
             f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached "
-            f"(offline mode or no network). Download it once where the hub is reachable, e.g.\n"
-            f"  huggingface-cli download {repo_id} --include '*.json' 'tokenizer/*' "
-            f"'text_encoder/*' 'unet/*' 'vae/*'{checker}\n"
-            f"(for an AltCLIP repo: huggingface-cli download {repo_id})\n"
+            f"(offline mode or no network). Download it once where the hub is reachable, e.g.\n{how}"
             f"then copy the cache (or the downloaded folder) here and run the conversion again, "
             f"or pass a local folder in the diffusers or transformers layout as SRC.") from None

@@ -222,13 +222,13 @@ def evaluate(model, scale: float = 7.5, steps: int = 25, seeds: int | Sequence[i
     prompts = [(lang, shape, colour) for lang in languages for colour in COLOURS for shape in SHAPES]
     images = draw(model, [caption(s, c, lang, phrasing) for lang, s, c in prompts], seeds, sampler, scale, steps,
                   batch_size)
-    table = {lang: {"colour": 0.0, "shape": 0.0} for lang in languages}
-    per_language = len(images) // len(languages)
+    right = {lang: {"colour": 0, "shape": 0} for lang in languages}  # counted, then divided once: a sum of
+    per_language = len(images) // len(languages)                     # 1/n's comes out 1.0000000000000002
     for (lang, shape, colour), image in zip(prompts * (len(images) // len(prompts)), images):
         seen_shape, seen_colour = detect(image)
-        table[lang]["colour"] += (seen_colour == colour) / per_language
-        table[lang]["shape"] += (seen_shape == shape) / per_language
-    return table
+        right[lang]["colour"] += seen_colour == colour
+        right[lang]["shape"] += seen_shape == shape
+    return {lang: {k: n / per_language for k, n in counts.items()} for lang, counts in right.items()}
 
 
 def compositions(singles: int = 18, pairs: int = 36, seed: int = 0) -> list[Scene]:
