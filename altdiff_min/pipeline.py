@@ -371,7 +371,8 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         compile: bool = False, limits: Limits = Limits(), safety_checker: bool = True, fast: bool = True) -> AltDiffusion:
+         compile: bool = False, limits: Limits = Limits(), safety_checker: bool = True, fast: bool = True,
+         check_finite: bool = True) -> AltDiffusion:
     """Build tokenizer, text encoder, UNet and VAE from a model folder, and its safety checker if it
     holds one (safety_checker=False: not even loaded); no network, no random init.
 
@@ -380,17 +381,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     with the package (altdiff_min/toy/model). fast: the speed paths of altdiff_min/speed.py (same
     sums, faster; False: the modules exactly as the model files write them). compile: torch.compile
     the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
-    and pixels per call `generate` accepts (see Limits).
+    and pixels per call `generate` accepts (see Limits). check_finite: a weight holding NaN or infinity
+    is refused (errors.NotFinite, naming the tensor) instead of sampling to the end into a NaN picture;
+    one pass over the weights (aminmax per tensor); False skips it.
     """
     device, dtype = check_device(device), check_dtype(dtype)
-    for name, flag in (("compile", compile), ("safety_checker", safety_checker), ("fast", fast)):
+    for name, flag in (("compile", compile), ("safety_checker", safety_checker), ("fast", fast), ("check_finite", check_finite)):
         if not isinstance(flag, bool):
             raise BadType(f"{name} must be True or False, got {flag!r}")
     if not isinstance(limits, Limits):
         raise BadType(f"limits must be a Limits, got {limits!r}")
     path = resolve(path)
     config, tokenizer, modules = read_folder(path, DIFFUSION, device, dtype,
-                                             names=DIFFUSION + (("safety_checker",) if safety_checker else ()))
+                                             names=DIFFUSION + (("safety_checker",) if safety_checker else ()),
+                                             check_finite=check_finite)
     if fast:
         modules = {name: speed.apply(module) for name, module in modules.items()}
     if compile:

@@ -83,16 +83,22 @@ def check_picture_file(path: str, where: str = "") -> None:
             raise BadFile(f"{where}{path} is not a picture PIL can read ({e})") from None
 
 
-def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Scorer:
+def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+              check_finite: bool = True) -> Scorer:
     """The AltCLIP model of a model folder and its tokenizer; no network, no random init. dtype None:
     the folder's default_dtype if its config names one, else the dtype it was written in. An
-    AltDiffusion folder (or anything else without the module altclip) is refused before any weight is read."""
+    AltDiffusion folder (or anything else without the module altclip) is refused before any weight is read.
+    check_finite: a weight holding NaN or infinity is refused (errors.NotFinite, naming the tensor)."""
     from .folder import read_folder, resolve
     from .pipeline import check_device, check_dtype
 
     device, dtype = check_device(device), check_dtype(dtype)
     path = resolve(path)
-    _, tokenizer, modules = read_folder(path, REQUIRE, device, dtype, names=REQUIRE)
+    if not isinstance(check_finite, bool):
+        from .errors import BadType
+
+        raise BadType(f"check_finite must be True or False, got {check_finite!r}")
+    _, tokenizer, modules = read_folder(path, REQUIRE, device, dtype, names=REQUIRE, check_finite=check_finite)
     return Scorer(modules["altclip"], tokenizer, os.fspath(path))
 
 

@@ -35,7 +35,8 @@ def assert_modules_match(model, reference, tol=1e-5):
 
 def test_hub_layout_converts_and_matches(hub_layout, reference, tmp_path):
     reports = convert(hub_layout, tmp_path / "m9")
-    assert sorted(os.listdir(tmp_path / "m9")) == ["config.json", "model.safetensors", "sentencepiece.bpe.model"]
+    assert sorted(os.listdir(tmp_path / "m9")) == ["checksums.json", "config.json", "model.safetensors",
+                                                   "sentencepiece.bpe.model"]
     assert "pooler" in str(reports["text_encoder"])  # dropped, and said so
     config = json.loads((tmp_path / "m9" / "config.json").read_text())
     assert config["tokenizer"]["max_length"] == 77  # not the hub tokenizer config's 512

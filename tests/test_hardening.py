@@ -356,8 +356,11 @@ def test_nan_weights(src, model, tmp_path):
     tensors = load_file(model / "model.safetensors")
     tensors["unet.conv_in.weight"][0, 0, 0, 0] = math.nan
     save_file(tensors, model / "model.safetensors")
+    with pytest.raises(NotFinite, match=r"tensor 'unet.conv_in.weight' has 1 NaN/inf value"):
+        load(model)  # refused at load (issue 30), not after sampling to the end
+    # Read anyway (check_finite=False): the picture is refused, not saved black.
     with pytest.raises(NotFinite, match=r"picture\(s\) \[0\] of 1 came out NaN"):
-        load(model).generate("a dog", **HW)
+        load(model, check_finite=False).generate("a dog", **HW)
 
 
 def test_a_flipped_byte_in_a_pickled_checkpoint(src, tmp_path):
@@ -657,3 +660,134 @@ def test_every_runtime_import_is_declared():
     third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("altdiff_min", "weights_convert")}
     optional = {"nbformat", "nbclient", "matplotlib", "IPython"}  # the notebooks' (through jupyter), where they are used
     assert {names.get(m, m).lower() for m in third_party - optional} <= declared | extras
+
+
+# ---- issue 30: weights checked at load, fingerprinted, and a full disk at conversion -----------------------
+
+def put_in(model, name: str, change) -> None:
+    """Rewrite model.safetensors with `change(tensor)` applied in place to the tensor `name`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    change(tensors[name])
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])  # memory-mapped as stored; cast tensor by tensor
+def test_nan_weights_are_refused_at_load_naming_the_tensor(model, dtype, capsys):
+    name = "unet.down.0.attn.0.block.cross_attn.q.weight"
+    put_in(model, name, lambda t: t.view(-1).index_copy_(0, torch.tensor([0, 5, 9]), torch.tensor([math.nan, math.inf, -math.inf])))
+    with pytest.raises(NotFinite) as e:
+        load(model, dtype=dtype)
+    assert str(e.value).startswith(f"{model / 'model.safetensors'}: tensor '{name}' has 3 NaN/inf value(s)")
+    assert "\n" not in str(e.value)
+    assert main(["generate", "a dog", "--model", str(model), "--outdir", str(model.parent / "o"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert name in err and len(err.strip().splitlines()) == 1 and not list((model.parent / "o").rglob("*.png"))
+    loaded = load(model, dtype=dtype, check_finite=False)  # skipped on request
+    assert torch.isnan(loaded.unet.state_dict()["down.0.attn.0.block.cross_attn.q.weight"].view(-1)[0])
+
+
+def test_weights_that_overflow_the_dtype_they_are_read_in_are_named(model):
+    put_in(model, "vae.decoder.conv_out.bias", lambda t: t.fill_(1e6))  # finite in float32, not in float16
+    load(model)
+    with pytest.raises(NotFinite, match=r"tensor 'vae.decoder.conv_out.bias' has 3 NaN/inf value\(s\) when read as float16"):
+        load(model, dtype=torch.float16)
+    with pytest.raises(BadType, match="check_finite must be True or False"):
+        load(model, check_finite="no")
+
+
+def sha256_of(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_the_fingerprint_sees_the_weights(model):
+    record = json.loads((model / "checksums.json").read_text())["files"]["model.safetensors"]
+    first = folder.fingerprint(model)
+    assert first["weights_sha256"] == record["sha256"] == sha256_of(model / "model.safetensors")
+    assert first["config_sha256"] == sha256_of(model / "config.json") and first["path"] == str(model)
+    put_in(model, "unet.conv_out.bias", lambda t: t.add_(1e-3))  # one bias changed: same size, new mtime
+    changed = folder.fingerprint(model)
+    assert changed["weights_sha256"] == sha256_of(model / "model.safetensors") != first["weights_sha256"]
+    assert changed["config_sha256"] == first["config_sha256"]
+
+
+def test_the_cheap_fingerprint_trusts_size_and_mtime_and_full_hashes_again(model):
+    """A change that keeps the size and puts the mtime back is not seen by the cheap check (it reads
+    checksums.json while size and mtime match, by design); full=True hashes the file and sees it."""
+    weights = model / "model.safetensors"
+    recorded, info = folder.fingerprint(model)["weights_sha256"], os.stat(weights)
+    put_in(model, "unet.conv_out.bias", lambda t: t.add_(1e-3))
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert os.stat(weights).st_size == info.st_size
+    assert folder.fingerprint(model)["weights_sha256"] == recorded  # trusted record
+    assert folder.fingerprint(model, full=True)["weights_sha256"] == sha256_of(weights) != recorded
+
+
+@pytest.mark.parametrize("record", ["absent", "not JSON", "wrong shape"])
+def test_a_folder_without_a_checksum_record_is_hashed_on_demand(model, record):
+    if record == "absent":
+        os.unlink(model / "checksums.json")
+    else:
+        (model / "checksums.json").write_text("{" if record == "not JSON" else '{"files": {"model.safetensors": 5}}')
+    assert folder.fingerprint(model)["weights_sha256"] == sha256_of(model / "model.safetensors")
+    put_in(model, "unet.conv_out.bias", lambda t: t.add_(1e-3))
+    assert folder.fingerprint(model)["weights_sha256"] == sha256_of(model / "model.safetensors")
+    load(model)  # the record is no part of loading
+
+
+def test_replay_refuses_changed_weights(model, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "a dog", "--model", str(model), "--steps", "1", "--n-samples", "1", "--H", "64", "--W", "64",
+                 "--outdir", str(out), "--device", "cpu"]) == 0
+    put_in(model, "unet.conv_out.bias", lambda t: t.add_(1e-3))
+    assert main(["generate", "--replay", f"{out / 'manifest.jsonl'}:1", "--outdir", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights of {model} changed since the picture was made" in err
+
+
+def test_every_writer_records_the_weights_checksum(src, tmp_path):
+    out = tmp_path / "m"
+    convert(src, out)
+    load(out).save(str(tmp_path / "saved"))
+    for written in (out, tmp_path / "saved"):
+        entry = json.loads((written / "checksums.json").read_text())["files"]["model.safetensors"]
+        info = os.stat(written / "model.safetensors")
+        assert (entry["sha256"], entry["size"], entry["mtime_ns"]) == (sha256_of(written / "model.safetensors"),
+                                                                      info.st_size, info.st_mtime_ns)
+    convert(src, out, force=True)  # a folder holding the record is still one --force replaces
+
+
+def test_the_shipped_toy_has_its_checksum_record():
+    toy = folder.resolve("toy")
+    entry = json.loads(open(os.path.join(toy, "checksums.json")).read())["files"]["model.safetensors"]
+    assert entry["sha256"] == sha256_of(os.path.join(toy, "model.safetensors")) == folder.fingerprint("toy", full=True)["weights_sha256"]
+    assert entry["size"] == os.path.getsize(os.path.join(toy, "model.safetensors"))
+
+
+def test_a_full_disk_at_conversion_is_one_line_and_keeps_the_old_folder(src, tmp_path):
+    """RLIMIT_FSIZE makes every write past its size fail with EFBIG (SIGXFSZ ignored), as a full disk
+    does with ENOSPC: safetensors' writer raised SafetensorError, a traceback."""
+    out = tmp_path / "m9"
+    convert(src, out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert os.path.getsize(out / "model.safetensors") > 200_000
+
+    def small_files():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    run = subprocess.run([sys.executable, "-m", "altdiff_min", "convert", str(src), str(out), "--force"],
+                         capture_output=True, text=True, preexec_fn=small_files, timeout=600,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    lines = [line for line in run.stderr.splitlines() if line.strip() and "%|" not in line]  # not the progress bar
+    assert run.returncode == 2, run.stderr
+    assert lines == [f"altdiff-min convert: error: cannot write {out}: File too large"], run.stderr
+    assert "Traceback" not in run.stderr and "SafetensorError" not in run.stderr
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # the old folder, whole
+    assert sorted(os.listdir(tmp_path)) == ["m9", "src"]  # no partial folder left

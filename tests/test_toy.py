@@ -391,7 +391,7 @@ def test_the_first_worlds_tokenizer_is_trained_again_bit_for_bit(tmp_path):
 # ---- the shipped model --------------------------------------------------------------------------------
 def test_shipped_model_is_a_small_loadable_folder():
     sizes = {f: os.path.getsize(os.path.join(TOY_MODEL, f)) for f in os.listdir(TOY_MODEL)}
-    assert set(sizes) == {"config.json", "model.safetensors", "sentencepiece.bpe.model"}
+    assert set(sizes) == {"checksums.json", "config.json", "model.safetensors", "sentencepiece.bpe.model"}
     assert sum(sizes.values()) < 10 * 2**20, f"the shipped toy is {sum(sizes.values()) / 2**20:.1f} MB"
     model = load("toy")  # stored in fp16 to stay small; computes in fp32 unless asked otherwise
     assert model.image_size == 64 and model.path == TOY_MODEL
