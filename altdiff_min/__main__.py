@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune MODEL on DATA into the run folder OUT_DIR (run.json, checkpoint.pt, loss.jsonl, "
                     "loss.png, samples/, and the result in OUT_DIR/model). Under `torchrun --nproc_per_node N` the same "
                     "command trains with DistributedDataParallel; the sums do not depend on N.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+        usage="%(prog)s [options] MODEL DATA OUT_DIR, or %(prog)s OUT_DIR --resume [options]"))
 
     sweep = commands.add_parser("sweep", help="an ablation grid: every setting × prompt × seed, a table and a contact sheet")
     sweep.add_argument("spec", help="the sweep spec, JSON or TOML: model, prompts, seeds, fixed, axes, metrics "
@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(commands.add_parser("train-toy", help="train the small toy model from scratch (2-core CPU: ~50 min)"))
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # MODEL DATA OUT_DIR may be split by flags: `train MODEL DATA --lr 1e-4 OUT_DIR`
+        args.paths += [x for x in extra if not x.startswith("-")]
+        extra = [x for x in extra if x.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .errors import AltDiffError
 
     try:
@@ -120,39 +125,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="the model folder to start from: 'toy', or one `altdiff-min convert` wrote")
-    p.add_argument("data", help="a folder of images captioned in metadata.jsonl ({\"file_name\": …, \"text\": …} "
-                   "per line) or in NAME.txt beside each image; or 'toy' (the toy world's pictures)")
-    p.add_argument("out_dir", help="the run folder to write; OUT_DIR/model is the result, for load() and --model")
-    p.add_argument("--train", choices=["unet", "text_encoder", "both"], default="unet", help="what trains; the VAE stays frozen")
-    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (the cosine schedule ends at the last)")
-    p.add_argument("--batch-size", type=int, default=1, help="examples per process per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step; the global batch is "
-                   "batch-size × processes × grad-accum")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW's peak learning rate; times the linear warm-up "
-                   "and a cosine to 0 over the whole run (a long warm-up peaks below it)")
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
-                   help="autocast the forward pass; weights and optimizer stay fp32 (fp16 adds a grad scaler)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, ~1/3 more time")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (e.g. 0.9999; diffusers' warm-up: "
-                   "min(DECAY, (1+k)/(10+k)) at step k) and save it as the model; the samples use it too")
-    p.add_argument("--uncond-prob", type=float, default=0.1, help="captions replaced by '' (for classifier-free guidance)")
-    p.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA", help="weight each example's loss by "
-                   "min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; 5 is usual); 0: unweighted")
-    p.add_argument("--seed", type=int, default=0, help="the data order and every random draw of the run")
+    from .train import add_config_arguments
+
+    p.add_argument("paths", nargs="+", metavar="MODEL DATA OUT_DIR",
+                   help="MODEL: the model folder to start from, 'toy' or one `altdiff-min convert` wrote; DATA: a "
+                   "folder of images captioned in metadata.jsonl ({\"file_name\": …, \"text\": …} per line) or in "
+                   "NAME.txt beside each image, or 'toy' (the toy world's pictures); OUT_DIR: the run folder to write, "
+                   "OUT_DIR/model is the result, for load() and --model. With --resume, OUT_DIR alone: the run's "
+                   "model, data and settings come from OUT_DIR/run.json")
+    add_config_arguments(p)  # one flag per TrainConfig setting, its default written there
     p.add_argument("--resolution", type=int, default=None, help="pictures are resized and centre-cropped to this "
                    "(default: the model's image size; the toy world's is 64)")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--sample-every", type=int, default=0, help="steps between sample pictures in OUT_DIR/samples (0: none)")
-    p.add_argument("--sample-prompt", action="append", default=[], help="a prompt to sample (repeat the flag for more); "
-                   "picture K uses seed K")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample pictures")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its checkpoint, with the "
+                   "settings in its run.json; give only what changes (--max-steps N extends a finished run, "
+                   "--batch-size/--grad-accum with the same product, --save-every, --sample-*, --device)")
     p.add_argument("--force", action="store_true", help="start again, replacing OUT_DIR if it is a run folder altdiff-min wrote")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one); under torchrun each "
                    "process takes the GPU of its LOCAL_RANK")
@@ -160,15 +146,37 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train(args) -> int:
-    """`altdiff-min train`: the settings are checked (TrainConfig) before anything is read."""
-    from .train import TrainConfig, fine_tune
+    """`altdiff-min train MODEL DATA OUT_DIR`, or `train OUT_DIR --resume`: the settings are checked
+    (TrainConfig) before anything is read; on --resume they are run.json's, with the flags given now."""
+    from .errors import BadValue
+    from .files import read_json
+    from .run_folder import RUN, check_links
+    from .train import config_from_flags, fine_tune
 
-    cfg = TrainConfig(train=args.train, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                      mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                      ema=args.ema, uncond_prob=args.uncond_prob, snr_gamma=args.snr_gamma, seed=args.seed, save_every=args.save_every,
-                      sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps)
-    result = fine_tune(args.model, args.data, args.out_dir, cfg, args.resolution, args.device or ("cuda" if torch_cuda() else "cpu"),
+    if len(args.paths) not in ((1, 3) if args.resume else (3,)):
+        raise BadValue(f"give MODEL DATA OUT_DIR{', or OUT_DIR alone with --resume' if args.resume else ''}; got "
+                       f"{len(args.paths)} path(s): {' '.join(args.paths)}")
+    *sources, out_dir = args.paths
+    recorded = None
+    if args.resume and os.path.isdir(out_dir) and not os.path.islink(out_dir):
+        check_links(out_dir)  # run.json read through a link would be another run's settings
+    if args.resume and os.path.isfile(os.path.join(out_dir, RUN)) and not os.path.islink(os.path.join(out_dir, RUN)):
+        recorded = read_json(os.path.join(out_dir, RUN), RUN)  # fine_tune reads it again under the folder's lock
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+            recorded = None  # fine_tune says what is wrong with the folder
+    if args.resume and not sources:
+        if recorded is None:
+            raise BadValue(f"--resume with OUT_DIR alone needs {os.path.join(out_dir, RUN)} (a run altdiff-min "
+                           f"started); give MODEL DATA OUT_DIR")
+        data = recorded.get("data") or {}
+        sources = [(recorded.get("model") or {}).get("path"), "toy" if data.get("kind") == "toy" else data.get("path")]
+        if not all(isinstance(x, str) for x in sources):
+            raise BadValue(f"{os.path.join(out_dir, RUN)} does not name the run's model and data; give MODEL DATA OUT_DIR")
+    resolution = args.resolution
+    if resolution is None and recorded is not None:
+        resolution = (recorded.get("data") or {}).get("resolution")
+    cfg = config_from_flags(args, recorded["config"] if recorded is not None else None)
+    result = fine_tune(*sources, out_dir, cfg, resolution, args.device or ("cuda" if torch_cuda() else "cpu"),
                        resume=args.resume, force=args.force, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {result}")

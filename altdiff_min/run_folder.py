@@ -14,6 +14,7 @@ altdiff-min wrote; `--resume` continues the run the folder holds.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AltDiffError, BadFile, Exists, Missing
-from .files import atomic_file, fsync_path, make_folder, open_append, partial_files, read_json, read_log, sibling
+from .errors import AltDiffError, BadFile, Exists, Missing, io_error
+from .files import (atomic_file, fsync_path, make_folder, open_append, partial_files, read_json, read_log, refuse_link,
+                    sibling)
 
 FORMAT = "altdiff-min-train"
 RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL = "run.json", "checkpoint.pt", "loss.jsonl", "loss.png", "samples", "model"
@@ -45,6 +47,8 @@ def prepare(path: str, force: bool, resume: bool) -> dict | None:
     if resume:
         if not os.path.isdir(path):
             raise Missing(f"--resume: {path} does not exist; start the run without --resume")
+        if not os.path.islink(path):
+            check_links(path)
         if not is_run_folder(path):
             raise BadFile(f"--resume: {path} is not a training run folder (no {RUN} that altdiff-min wrote)")
         for folder in (path, os.path.join(path, SAMPLES)):  # writes a kill interrupted (checkpoint, log, curve,
@@ -70,9 +74,37 @@ def write_json(path: str, value: Any) -> None:
         json.dump(value, f, indent=2, ensure_ascii=False, allow_nan=False)
 
 
+def write_failed(path: str, e: Exception) -> BadFile:
+    """What torch.save and safetensors raise when a write fails (a full disk, a file size limit) — a
+    RuntimeError "… unexpected pos …" or a SafetensorError "… I/O error: …", not an OSError — as
+    one line naming the file that was being written; io_error's line for an OSError."""
+    if isinstance(e, OSError):
+        return io_error(path, e)
+    return BadFile(f"cannot write {path}: {type(e).__name__}: {str(e).strip()[:200]} (is the disk full?)")
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    with atomic_file(os.path.join(path, CHECKPOINT)) as tmp:
-        torch.save(state, tmp)
+    """checkpoint.pt, replaced atomically: a failed write (a full disk) is one line and leaves the
+    previous checkpoint as it was."""
+    file = os.path.join(path, CHECKPOINT)
+    with atomic_file(file) as tmp:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # PytorchStreamWriter's "unexpected pos" / "file write failed"
+            raise write_failed(file, e) from None
+
+
+def check_links(path: str) -> None:
+    """Raise (one line naming it) if what a run writes in OUT_DIR (run.json, checkpoint.pt, loss.jsonl,
+    loss.png, samples/ and its pictures, model/) is a symbolic link: nothing is written through one,
+    and this says so before a resumed run trains rather than at its first write."""
+    names = [os.path.join(path, name) for name in (RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL)]
+    samples = os.path.join(path, SAMPLES)
+    if os.path.isdir(samples) and not os.path.islink(samples):
+        names += [os.path.join(samples, name) for name in sorted(os.listdir(samples))]
+    for name in names:
+        if os.path.islink(name):
+            raise BadFile(f"{name} is a symbolic link; altdiff-min does not write a run's files through links (remove it)")
 
 
 def rng_states() -> dict:
@@ -103,26 +135,35 @@ def load_checkpoint(path: str, device: torch.device) -> dict | None:
 
 
 class LossLog:
-    """loss.jsonl, appended one line per step and flushed; on resume cut back to the checkpoint's step,
-    so the log of a resumed run is the log of an uninterrupted one. A line that cannot be read (the torn
-    last line of a write cut short by a full disk or a power cut) is dropped, as it is past the
-    checkpoint's step anyway."""
+    """loss.jsonl, appended one line per step (one write of the whole line); on resume cut back to the
+    checkpoint's step, so the log of a resumed run is the log of an uninterrupted one. A line that
+    cannot be read (the torn last line of a write cut short by a full disk or a power cut) is dropped,
+    as it is past the checkpoint's step anyway. `seconds`: the last kept row's training time, from
+    which a resumed run counts on. Written only through open_append (never through a symbolic link)."""
 
     def __init__(self, path: str, upto: int):
         self.file = os.path.join(path, LOSSES)
+        refuse_link(self.file, "log")
         rows, _ = read_log(self.file, LOSSES)
-        self.rows = [row for _, row in rows if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= upto]
+        self.rows = [row for _, row in rows if isinstance(row, dict) and isinstance(row.get("step"), int)
+                     and row["step"] <= upto and isinstance(row.get("loss"), (int, float))]
+        seconds = [row.get("seconds") for row in self.rows]
+        self.seconds = float(seconds[-1]) if seconds and isinstance(seconds[-1], (int, float)) else 0.0
         with atomic_file(self.file) as tmp, open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.rows)
-        self.handle = os.fdopen(open_append(self.file, LOSSES), "a")
+            f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in self.rows)
+        self.fd = open_append(self.file, "log")
 
     def append(self, row: dict) -> None:
+        data = (json.dumps(row, allow_nan=False) + "\n").encode("utf-8")
+        try:
+            if (written := os.write(self.fd, data)) != len(data):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written (is the disk full?)")
+        except OSError as e:
+            raise io_error(self.file, e, "append to") from None
         self.rows.append(row)
-        self.handle.write(json.dumps(row) + "\n")
-        self.handle.flush()
 
     def close(self) -> None:
-        self.handle.close()
+        os.close(self.fd)
 
 
 def draw_curve(losses: list[float], file: str, title: str = "training loss") -> None:
@@ -157,6 +198,8 @@ def draw_curve(losses: list[float], file: str, title: str = "training loss") -> 
 
 def save_samples(path: str, step: int, images: list) -> None:
     folder = os.path.join(path, SAMPLES)
+    if os.path.islink(folder):  # make_folder would take the folder it points to
+        raise BadFile(f"{folder} is a symbolic link; altdiff-min does not write a run's files through links (remove it)")
     make_folder(folder, "samples")
     for k, image in enumerate(images):
         with atomic_file(os.path.join(folder, f"step-{step:07d}-{k}.png")) as tmp:

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -117,27 +117,41 @@ TRAIN = ("unet", "text_encoder", "both", "vae")  # what trains; "vae" is the toy
 PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def setting(default, help: str, **cli):
+    """A TrainConfig field and its `altdiff-min train` flag: the help text, and argparse's choices,
+    metavar, flag (another name) or cli=False (no flag). The default is written once, here."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    train: str = "unet"
-    max_steps: int = 1000  # optimizer steps; the cosine decay reaches 0 at the last
-    batch_size: int = 1  # examples per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 1e-5
-    warmup: int = 0  # steps of linear warm-up
-    weight_decay: float = 1e-2  # AdamW's (decoupled)
-    max_grad_norm: float = 1.0  # clip the gradient's global norm to this; 0: no clipping
-    mixed_precision: str = "no"  # "bf16" | "fp16": autocast; the weights and the optimizer stay fp32
-    gradient_checkpointing: bool = False
-    ema: float = 0.0  # decay of an exponential moving average of the weights, saved as the model; 0: none
-    uncond_prob: float = 0.1  # captions replaced by "" (classifier-free guidance)
-    snr_gamma: float = 0.0  # Min-SNR-γ loss weights (Hang et al. 2023; 5 is theirs and diffusers'); 0: unweighted
-    kl_weight: float = 1e-3  # train="vae" only
-    seed: int = 0
-    save_every: int = 500  # steps between checkpoints (and at the end)
-    sample_every: int = 0  # steps between sample pictures; 0: none
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 25
+    train: str = setting("unet", "what trains; the VAE stays frozen", choices=TRAIN[:3])
+    max_steps: int = setting(1000, "optimizer steps (the cosine schedule ends at the last); with --resume, a larger "
+                             "number extends the run (the schedule is recomputed: see train.train)")
+    batch_size: int = setting(1, "examples per process per micro-step")
+    grad_accum: int = setting(1, "micro-steps per optimizer step; the global batch is batch-size × processes × grad-accum")
+    lr: float = setting(1e-5, "AdamW's peak learning rate; times the linear warm-up and a cosine to 0 over the whole "
+                        "run (a long warm-up peaks below it)")
+    warmup: int = setting(0, "steps of linear learning-rate warm-up")
+    weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay")
+    max_grad_norm: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping); loss.jsonl "
+                                   "records the norm before clipping")
+    mixed_precision: str = setting("no", "autocast the forward pass; weights and optimizer stay fp32 (fp16 adds a "
+                                   "grad scaler)", choices=tuple(PRECISION))
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, ~1/3 more time")
+    ema: float = setting(0.0, "keep an exponential moving average of the weights (e.g. 0.9999; diffusers' warm-up: "
+                         "min(DECAY, (1+k)/(10+k)) at step k) and save it as the model; the samples use it too; "
+                         "0: none", metavar="DECAY")
+    uncond_prob: float = setting(0.1, "captions replaced by '' (for classifier-free guidance)")
+    snr_gamma: float = setting(0.0, "weight each example's loss by min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; "
+                               "5 is theirs and diffusers'); 0: unweighted", metavar="GAMMA")
+    kl_weight: float = setting(1e-3, "train='vae' only: the KL term's weight", cli=False)
+    seed: int = setting(0, "the data order and every random draw of the run")
+    save_every: int = setting(500, "steps between checkpoints (and one at the end)")
+    sample_every: int = setting(0, "steps between sample pictures in OUT_DIR/samples (0: none)")
+    sample_prompts: tuple[str, ...] = setting((), "a prompt to sample (repeat the flag for more); picture K uses seed K",
+                                              flag="--sample-prompt", metavar="PROMPT")
+    sample_steps: int = setting(25, "DDIM steps of the sample pictures")
 
     def __post_init__(self):
         if self.train not in TRAIN:
@@ -174,9 +188,60 @@ class TrainConfig:
         return self.batch_size * processes * self.grad_accum
 
 
-# Settings that change the sums: a resumed run must have the same ones (with the same global batch).
-SAME_ON_RESUME = ("train", "max_steps", "lr", "warmup", "weight_decay", "max_grad_norm", "mixed_precision", "ema",
-                  "uncond_prob", "snr_gamma", "kl_weight", "seed")
+# What a resumed run may change: how the global batch is split (not its size), memory, what is saved
+# and sampled, and max_steps (extends the run; train() says how the schedule follows). The other
+# settings change the sums: a resumed run has the same ones.
+MAY_CHANGE_ON_RESUME = ("max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "save_every", "sample_every",
+                        "sample_prompts", "sample_steps")
+SAME_ON_RESUME = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in MAY_CHANGE_ON_RESUME)
+
+
+def flag(name: str) -> str:
+    """The `altdiff-min train` flag of a TrainConfig field."""
+    return next(f.metadata.get("flag") for f in dataclasses.fields(TrainConfig) if f.name == name) \
+        or "--" + name.replace("_", "-")
+
+
+def add_config_arguments(p) -> None:
+    """One `altdiff-min train` flag per TrainConfig field (except cli=False ones), its help and default
+    taken from the field. Every flag's argparse default is None, so that `config_from_flags` knows
+    which were given (on --resume only those override run.json)."""
+    import argparse
+
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        if not meta.pop("cli", True):
+            continue
+        help, name = meta.pop("help"), meta.pop("flag", None) or flag(f.name)
+        shown = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
+        options = dict(dest=f.name, default=None, help=f"{help} (default: {shown if shown != '' else 'none'})", **meta)
+        if isinstance(f.default, bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, **options)
+        elif isinstance(f.default, tuple):
+            p.add_argument(name, action="append", **options)
+        else:
+            p.add_argument(name, type=type(f.default), **options)
+
+
+def config_from_flags(args, recorded: dict | None = None) -> TrainConfig:
+    """The TrainConfig of `altdiff-min train`'s flags (None: not given): a new run takes the fields'
+    defaults for the others, a resumed one run.json's `recorded` settings; a flag given on --resume for
+    a setting that may not change (SAME_ON_RESUME) with another value than run.json's is an error naming it."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if "sample_prompts" in given:
+        given["sample_prompts"] = tuple(given["sample_prompts"])
+    if recorded is None:
+        return TrainConfig(**given)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    old = {k: tuple(v) if k == "sample_prompts" and isinstance(v, list) else v for k, v in recorded.items() if k in names}
+    if changed := [f"{flag(n)} {old.get(n, getattr(TrainConfig, n))} → {given[n]}" for n in SAME_ON_RESUME
+                   if n in given and given[n] != old.get(n, getattr(TrainConfig, n))]:
+        raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); those cannot change "
+                       f"on resume: drop the flag(s), or start a new run")
+    try:
+        return TrainConfig(**{**old, **given})
+    except TypeError as e:  # a run.json edited by hand
+        raise BadValue(f"--resume: run.json's settings do not make a TrainConfig ({e})") from None
 
 
 # ---- the random draws: functions of (seed, step, place) only -------------------------------------------
@@ -295,7 +360,7 @@ def describe_batch(cfg: TrainConfig, processes: int) -> str:
 def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> None:
     """A resumed run must do the same sums: same base model and data, the same settings, the same global batch."""
     old = {n: recorded["config"].get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # one added since: its default
-    if changed := [f"--{n.replace('_', '-')} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
+    if changed := [f"{flag(n)} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
                        f"same ones, or start a new run")
 
@@ -311,7 +376,7 @@ def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> N
                 but_content(now) else ""
             raise BadValue(f"--resume: the run's {key} was {was}, now {now}{why}; a resumed run must read the same")
     if recorded["global_batch"] != cfg.global_batch(world.size):
-        raise BadValue(f"--resume: the run's global batch is {recorded['global_batch']} ({recorded['batch']}), this one "
+        raise BadValue(f"--resume: the run's global batch is {recorded.get('batch', recorded['global_batch'])}, this one "
                        f"would be {describe_batch(cfg, world.size)}: with {world.size} process(es) choose --batch-size "
                        f"and --grad-accum whose product is {recorded['global_batch'] / world.size:g}, or the sums change")
 
@@ -325,7 +390,18 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     dataset.ToyWorld: pixels(i), texts(i), resolution); returns the loss of every step. out_dir: a run
     folder that `fine_tune` has prepared (rank 0 writes its log, checkpoints and samples; resume: go on
     from its checkpoint); None keeps nothing (the toy recipe). The model leaves in eval mode, frozen,
-    with the EMA weights if cfg.ema."""
+    with the EMA weights if cfg.ema.
+
+    Resuming with another cfg.max_steps (`train OUT_DIR --resume --max-steps N`, to extend a finished
+    run or shorten one under way) recomputes the learning-rate schedule as if the run had been started
+    with N steps: from the checkpoint's step s on, the rate is lr · warmup_cosine(warmup, N)(s), so the
+    cosine ends at 0 at step N (after a finished run the rate rises again from ~0 to where the longer
+    cosine is at s); the steps already taken keep the rates they had, which loss.jsonl records. With
+    N unchanged this is bit for bit the schedule the checkpoint holds. N below s is an error.
+
+    loss.jsonl's rows: step, loss, lr, grad_norm (the gradient's global norm before clipping, after
+    fp16 unscaling; null where not finite: a step the grad scaler skipped), seconds (training time
+    since the run began, counted on across --resume)."""
     objective = Objective(model, cfg)
     trained = [getattr(model, name) for name in cfg.modules]
     trainable(*trained)
@@ -342,10 +418,17 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     start, checkpoint = 0, run_folder.load_checkpoint(out_dir, world.device) if resume else None
     if checkpoint is not None:
         start = checkpoint["step"]
+        if start > cfg.max_steps:
+            raise BadValue(f"--max-steps {cfg.max_steps}: the run in {out_dir} is already at step {start}; give at "
+                           f"least {start}")
         for name in cfg.modules:
             getattr(model, name).load_state_dict(checkpoint["modules"][name])
         opt.load_state_dict(checkpoint["optimizer"])
         sched.load_state_dict(checkpoint["lr_schedule"])
+        factor = warmup_cosine(cfg.warmup, cfg.max_steps)  # max_steps may have changed: this run's schedule
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * factor(sched.last_epoch)  # what LambdaLR.get_lr computes
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
         if scaler is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
@@ -389,7 +472,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
             sample(0)
         precision = PRECISION[cfg.mixed_precision]
         autocast = torch.autocast(world.device.type, precision) if precision else nullcontext()
-        began = time.perf_counter()
+        began = time.perf_counter() - (log.seconds if log else 0.0)  # the time of the steps before a resume counts
         bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"train {cfg.train}",
                    disable=not (progress and world.rank == 0))
         for step in bar:
@@ -406,7 +489,10 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
             if scaler:
                 scaler.unscale_(opt)
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = float(norm)
             lr = sched.get_last_lr()[0]
             stepped = True
             if scaler:
@@ -432,7 +518,8 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", **({"skipped": skipped} if scaler else {}))
             done = step + 1
             if main:
-                log.append({"step": done, "loss": value, "lr": lr, "seconds": round(time.perf_counter() - began, 3)})
+                log.append({"step": done, "loss": value, "lr": lr, "grad_norm": norm if math.isfinite(norm) else None,
+                            "seconds": round(time.perf_counter() - began, 3)})
                 if done % cfg.save_every == 0 or done == cfg.max_steps:
                     save(done)
                 if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
@@ -462,6 +549,8 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
     from .dataset import open_data
     from .folder import fingerprint, read_config
     from .pipeline import check_device, check_size, load
+    from .provenance import environment
+    from safetensors import SafetensorError
     from .toy.data import SIZE as TOY_SIZE
 
     world = join_world(check_device(device))
@@ -469,7 +558,10 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
         with ExitStack() as stack:
             config = read_config(model_path)
             resolution = (TOY_SIZE if data == "toy" else config.get("image_size", 512)) if resolution is None else resolution
-            check_size(resolution, resolution, config["vae"], config["unet"])
+            try:
+                check_size(resolution, resolution, config["vae"], config["unet"])
+            except BadValue as e:
+                raise BadValue(f"--resolution {resolution} does not fit {model_path}: {e}") from None
             out_dir = os.path.abspath(out_dir)
 
             def claim() -> dict | None:
@@ -485,9 +577,17 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                    "config": dataclasses.asdict(cfg), "world_size": world.size,
                    "global_batch": cfg.global_batch(world.size), "batch": describe_batch(cfg, world.size)}
 
+            # What made the run: altdiff-min's version and git commit, torch's, the device and its name,
+            # the dtype the forward pass computes in (the weights and the optimizer are fp32), the threads.
+            env = environment(world.device, PRECISION[cfg.mixed_precision] or torch.float32)
+            run["environment"] = env
+
             def record() -> None:
                 if recorded:
                     check_resume(recorded, cfg, world, run)
+                    # the start's environment stays; each resume adds the one it runs in
+                    run["environment"] = recorded.get("environment") or env
+                    run["resumed"] = [*recorded.get("resumed", []), {"environment": env}]
                 run_folder.write_json(os.path.join(out_dir, run_folder.RUN), run)
                 if getattr(dataset, "skipped", None):  # (record runs on rank 0)
                     print(f"data: {len(dataset)} examples; skipped {dataset.report()}")
@@ -497,10 +597,14 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
             losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
             result = os.path.join(out_dir, run_folder.MODEL)
             if world.rank == 0:
-                model.save(result, force=True, train={"base": model_record, "data": run["data"], "config": run["config"],
-                                                      "global_batch": run["global_batch"], "steps": cfg.max_steps,
-                                                      "weights": "ema" if cfg.ema else "last",
-                                                      "final_loss": losses[-1] if losses else None})
+                try:  # a failed write (a full disk) leaves the previous OUT_DIR/model as it was (folder.write_folder)
+                    model.save(result, force=True, train={"base": model_record, "data": run["data"], "config": run["config"],
+                                                          "global_batch": run["global_batch"], "steps": cfg.max_steps,
+                                                          "weights": "ema" if cfg.ema else "last",
+                                                          "final_loss": losses[-1] if losses else None,
+                                                          "environment": env})
+                except (RuntimeError, SafetensorError) as e:  # safetensors' and torch's write errors are not OSErrors
+                    raise run_folder.write_failed(os.path.join(result, "model.safetensors"), e) from None
             return result
     finally:
         leave_world(world)

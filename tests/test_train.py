@@ -259,6 +259,7 @@ def test_run_folder_holds_log_curve_samples_and_a_loadable_model(small_model_dir
     recorded = json.loads((out / "model" / "config.json").read_text())["train"]
     assert recorded["weights"] == "ema" and recorded["global_batch"] == 2 and recorded["data"]["examples"] == 12
     assert recorded["config"]["mixed_precision"] == "bf16" and recorded["base"]["path"] == small_model_dir
+    assert json.loads((out / "run.json").read_text())["environment"]["dtype"] == "bf16"  # what the forward pass computes in
 
 
 def test_gradient_checkpointing_and_frozen_modules(small_model_dir, pictures, tmp_path):
@@ -293,6 +294,7 @@ def test_training_settings_are_checked(small_model_dir, pictures, tmp_path, caps
                          (["--ema", "1.5"], "ema and uncond_prob must be in [0, 1)"),
                          (["--sample-every", "5"], "needs at least one --sample-prompt"),
                          (["--resolution", "40"], "multiples of 32"),
+                         (["--resolution", "100"], "--resolution 100 does not fit"),
                          (["--force", "--resume"], "not both")]:
         assert main(["train", small_model_dir, pictures, str(tmp_path / "out"), *bad]) == 2
         assert message in capsys.readouterr().err
@@ -346,6 +348,8 @@ def test_fp16_steps_the_scaler_skips_do_not_move_the_schedule(small_model_dir, p
     rows = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     skipped = int(capsys.readouterr().err.split("skipped ")[1].split(" of 30")[0])
     assert 0 < skipped < 30
+    assert all(r["grad_norm"] is None for r in rows[:skipped])  # inf: overflowed, recorded as null
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows[skipped:])
     factor = warmup_cosine(cfg.warmup, cfg.max_steps)
     assert [r["lr"] for r in rows[:skipped + 1]] == [cfg.lr * factor(0)] * (skipped + 1)  # still the first lr
     assert rows[skipped + 1]["lr"] == cfg.lr * factor(1)
@@ -414,3 +418,187 @@ def test_train_help_explains_every_flag(capsys):
                  "--sample-every", "--sample-prompt", "--resume", "--force", "--train", "--mixed-precision",
                  "--gradient-checkpointing", "--ema", "metadata.jsonl", "torchrun"):
         assert flag in text
+    # every default said once, by the setting's own help (--resolution and --device say theirs in words)
+    options = text.split(" options: ")[1].split(" --")[1:]
+    assert all(option.count("(default:") <= 1 for option in options), [o for o in options if o.count("(default:") > 1]
+    assert "(default: None)" not in text and "(default: 1000)" in text and "(default: 1e-05)" in text
+
+
+def test_train_flags_are_trainconfigs_fields():
+    """The flags are made from TrainConfig's fields: each default is written once, in train.py."""
+    import argparse
+    import dataclasses
+
+    from altdiff_min.train import TrainConfig, add_config_arguments, config_from_flags
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    assert config_from_flags(p.parse_args([])) == TrainConfig()
+    args = p.parse_args(["--lr", "3e-4", "--sample-every", "2", "--sample-prompt", "a", "--sample-prompt", "b",
+                         "--gradient-checkpointing", "--mixed-precision", "bf16"])
+    assert config_from_flags(args) == TrainConfig(lr=3e-4, sample_every=2, sample_prompts=("a", "b"),
+                                                  gradient_checkpointing=True, mixed_precision="bf16")
+    flags = {a.dest for a in p._actions}
+    assert flags == {f.name for f in dataclasses.fields(TrainConfig)} - {"kl_weight"} | {"help"}
+
+
+# ---- a finished run, resumed: records, the log, links, a full disk (issue 30) --------------------------------
+
+FINISHED = ["--max-steps", "2", "--lr", "1e-4", "--warmup", "1", "--batch-size", "2", "--train", "text_encoder",
+            "--sample-every", "2", "--sample-steps", "1", "--sample-prompt", "un cercle rouge", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_model_dir, pictures, tmp_path_factory) -> str:
+    """A run of 2 steps that has ended (checkpoint, log, curve, samples, model); tests resume copies of it."""
+    from altdiff_min.__main__ import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", small_model_dir, pictures, str(out), *FINISHED]) == 0
+    return str(out)
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> str:
+    import shutil
+
+    shutil.copytree(finished_run, tmp_path / "run", symlinks=True)
+    return str(tmp_path / "run")
+
+
+def rows_of(run) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run, "loss.jsonl"), encoding="utf-8").read().splitlines()]
+
+
+def test_run_json_records_software_machine_and_the_models_whole_fingerprint(finished_run, small_model_dir):
+    from altdiff_min.folder import fingerprint
+    from altdiff_min.provenance import environment
+
+    run = json.loads(open(os.path.join(finished_run, "run.json"), encoding="utf-8").read())
+    assert run["model"] == fingerprint(small_model_dir)  # all of it, whatever it holds
+    assert run["environment"] == environment("cpu", torch.float32)  # version, git commit, torch, device + name, threads
+    assert run["environment"]["torch"] == torch.__version__ and run["environment"]["dtype"] == "fp32"
+    recorded = json.loads(open(os.path.join(finished_run, "model", "config.json"), encoding="utf-8").read())["train"]
+    assert recorded["environment"] == run["environment"]
+    rows = rows_of(finished_run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(isinstance(r["grad_norm"], float) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+
+
+def test_resume_with_out_dir_alone_extends_a_finished_run_past_a_torn_log_line(run_copy, capsys):
+    """`train OUT_DIR --resume --max-steps 4`: model, data and settings from run.json; the torn last
+    line a full disk left in loss.jsonl is dropped and the log goes on whole; `seconds` counts on from
+    the time before the resume; the learning rate from step 3 on is the 4-step schedule's."""
+    from altdiff_min.__main__ import main
+    from altdiff_min.train import warmup_cosine
+
+    log = os.path.join(run_copy, "loss.jsonl")
+    before = rows_of(run_copy)
+    before[-1]["seconds"] = 1000.0  # as if the first steps had taken that long
+    with open(log, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in before)
+        f.write('{"step": 3, "loss": 0.12')  # torn: no end, no newline
+    model_before = weights(run_copy)
+    assert main(["train", run_copy, "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    rows = rows_of(run_copy)  # every line whole JSON
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == before
+    assert all(r["seconds"] >= 1000.0 for r in rows[2:]) and rows[3]["seconds"] >= rows[2]["seconds"]
+    assert [r["lr"] for r in rows[2:]] == [1e-4 * warmup_cosine(1, 4)(i) for i in (2, 3)]
+    assert all(r["grad_norm"] > 0 for r in rows[2:])
+    assert not all(torch.equal(v, model_before[k]) for k, v in weights(run_copy).items())  # the model moved on
+    run = json.loads(open(os.path.join(run_copy, "run.json"), encoding="utf-8").read())
+    assert run["config"]["max_steps"] == 4 and run["config"]["lr"] == 1e-4 and run["config"]["train"] == "text_encoder"
+    assert len(run["resumed"]) == 1 and run["resumed"][0]["environment"]["torch"] == torch.__version__
+    assert torch.load(os.path.join(run_copy, "checkpoint.pt"), weights_only=True)["step"] == 4
+    capsys.readouterr()
+    assert main(["train", run_copy, "--resume", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-steps 3: the run in" in err and "is already at step 4" in err
+
+
+def test_resume_refuses_flags_that_change_the_sums_in_one_line(run_copy, small_model_dir, pictures, capsys):
+    from altdiff_min.__main__ import main
+
+    for flags, message in [(["--lr", "1e-3"], "--lr 0.0001 → 0.001"),
+                           (["--train", "both"], "--train text_encoder → both"),
+                           (["--seed", "3", "--warmup", "2"], "--warmup 1 → 2; --seed 0 → 3"),
+                           (["--batch-size", "1"], "the run's global batch is 2 (batch 2 × 1 process(es) × 1 accumulation), "
+                                                   "this one would be 1 (batch 1"),
+                           (["--max-steps", "1"], "--max-steps 1: the run in")]:
+        assert main(["train", run_copy, "--resume", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert "(2 (" not in err
+    assert main(["train", small_model_dir, run_copy, "--resume"]) == 2  # two paths: neither form
+    assert "give MODEL DATA OUT_DIR, or OUT_DIR alone with --resume" in capsys.readouterr().err
+    assert main(["train", small_model_dir, pictures, run_copy, "--resume", "--max-steps", "2", "--no-progress"]) == 0
+
+
+def test_resume_writes_nothing_through_a_planted_symbolic_link(run_copy, tmp_path, capsys):
+    """Each file or folder a run writes in OUT_DIR (and its lock beside it), made a link to something
+    outside: the resume stops in one line naming it, before training, and what the link points to is untouched."""
+    import shutil
+
+    from altdiff_min.__main__ import main
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    names = ["loss.jsonl", "run.json", "checkpoint.pt", "loss.png", "samples", "model",
+             os.path.join("samples", "step-0000002-0.png"), os.path.join("..", ".run.lock")]
+    for name in names:
+        path = os.path.normpath(os.path.join(run_copy, name))
+        aside = str(tmp_path / "aside")
+        if os.path.lexists(path):
+            os.replace(path, aside)
+        os.symlink(victim if name in ("samples", "model") else victim / "precious.txt", path)
+        assert main(["train", run_copy, "--resume", "--max-steps", "3", "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{path} is a symbolic link" in err, err
+        assert os.listdir(victim) == ["precious.txt"] and (victim / "precious.txt").read_text() == "keep me"
+        os.unlink(path)
+        if os.path.lexists(aside):
+            os.replace(aside, path)
+    assert torch.load(os.path.join(run_copy, "checkpoint.pt"), weights_only=True)["step"] == 2  # nothing trained
+    assert [r["step"] for r in rows_of(run_copy)] == [1, 2]
+    shutil.rmtree(victim)
+
+
+FULL_DISK = """
+import resource, sys
+from altdiff_min.__main__ import main
+limit = int(sys.argv[1])  # no file may grow past this: writes beyond it fail with EFBIG (Python ignores SIGXFSZ)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint_and_model(run_copy):
+    """torch.save and safetensors' save_file fail on a full disk with a RuntimeError ("unexpected pos")
+    and a SafetensorError, not an OSError: each is one line naming the file, and the checkpoint and
+    model before it stay whole. The failure is real: the process may write no file past a size limit."""
+    import hashlib
+
+    def digest(*parts):
+        return hashlib.sha256(open(os.path.join(run_copy, *parts), "rb").read()).hexdigest()
+
+    def resume(limit: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", FULL_DISK, str(limit), run_copy, "--resume", "--max-steps", "3",
+                               "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
+
+    checkpoint, model = digest("checkpoint.pt"), digest("model", "model.safetensors")
+    size = os.path.getsize(os.path.join(run_copy, "checkpoint.pt"))
+    assert size < 2**21 < os.path.getsize(os.path.join(run_copy, "model", "model.safetensors"))
+    failed = resume(size // 2)  # the log, curve and samples fit; the checkpoint does not
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert failed.stderr.count("\n") == 1 and f"cannot write {os.path.join(run_copy, 'checkpoint.pt')}" in failed.stderr
+    assert digest("checkpoint.pt") == checkpoint and digest("model", "model.safetensors") == model
+    assert torch.load(os.path.join(run_copy, "checkpoint.pt"), weights_only=True)["step"] == 2
+    failed = resume(2**21)  # the checkpoint fits; the model's weights do not
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert failed.stderr.count("\n") == 1, failed.stderr
+    assert f"cannot write {os.path.join(run_copy, 'model', 'model.safetensors')}" in failed.stderr
+    assert digest("model", "model.safetensors") == model and load(os.path.join(run_copy, "model")) is not None
+    assert torch.load(os.path.join(run_copy, "checkpoint.pt"), weights_only=True)["step"] == 3
+    assert not [f for f in os.listdir(run_copy) if f.startswith(".")]  # no partial files left
+    assert [r["step"] for r in rows_of(run_copy)] == [1, 2, 3]
