@@ -289,8 +289,8 @@ class AltDiffusion:
             raise BadType(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
         if not isinstance(negative_prompt, str):
             raise BadType(f"negative_prompt must be a str, got {negative_prompt!r}")
-        for text in [*prompts, negative_prompt]:
-            check_prompt(text)
+        for text, name in [*((p, "prompt") for p in prompts), (negative_prompt, "negative_prompt")]:
+            check_prompt(text, name, self.tokenizer.max_length)
         positive_int("n_samples", n_samples)
         get_sampler(sampler), check_eta(sampler, eta)
         ts = timesteps(sampler, steps, self.schedule)

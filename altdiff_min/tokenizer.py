@@ -42,13 +42,24 @@ FAIRSEQ_OFFSET = 1  # fairseq id = sentencepiece id + 1 (ids 0..2 of sentencepie
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 
 
-def check_prompt(prompt: str) -> None:
-    """Raise BadValue for a str that is not text: a lone surrogate (U+D800–U+DFFF outside a pair, e.g.
-    from a badly decoded file) cannot be encoded as UTF-8, so no tokenizer can read it."""
+MAX_LENGTH = 77  # tokens of a prompt AltDiffusion reads (FlagAI, the model card): the rest is cut
+# Characters a prompt may have: far more than 77 tokens ever take, and a bound on the work and memory
+# one prompt can cost before the tokenizer cuts it (a 60 MB prompt took a server to 12 GB).
+MAX_PROMPT_CHARS = 10_000
+
+
+def check_prompt(prompt: str, name: str = "prompt", max_length: int = MAX_LENGTH) -> None:
+    """Raise BadValue for a str that is not a prompt: longer than MAX_PROMPT_CHARS (checked first, before
+    any work on the text), or holding a lone surrogate (U+D800–U+DFFF outside a pair, e.g. from a badly
+    decoded file), which cannot be encoded as UTF-8, so no tokenizer can read it. `name` starts the
+    message; max_length is the tokens kept, which the message says."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadValue(f"{name} is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
+                       f"(only the first {max_length} tokens are used)")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise BadValue(f"prompt {prompt[:40]!r} has a lone surrogate U+{ord(prompt[e.start]):04X} at position "
+        raise BadValue(f"{name} {prompt[:40]!r} has a lone surrogate U+{ord(prompt[e.start]):04X} at position "
                        f"{e.start}, which is not text; fix the prompt's encoding") from None
 
 
@@ -123,7 +134,7 @@ class Tokenizer:
     tokenizer_config.json says (m9's says 512).
     """
 
-    def __init__(self, model_file: str | os.PathLike, max_length: int = 77):
+    def __init__(self, model_file: str | os.PathLike, max_length: int = MAX_LENGTH):
         model_file = os.fspath(model_file)
         if not os.path.isfile(model_file):
             raise Missing(f"tokenizer model not found: {model_file}")
@@ -146,7 +157,7 @@ class Tokenizer:
         """Token ids of one prompt, `<s>` and `</s>` included, truncated but not padded."""
         if not isinstance(prompt, str):
             raise BadType(f"a prompt must be a str, got {type(prompt).__name__}: {prompt!r}")
-        check_prompt(prompt)
+        check_prompt(prompt, max_length=self.max_length)
         pieces = self.engine.encode(mask_swallows_left(prompt, self.nfkc), add_special_tokens=False).ids
         return [BOS] + pieces[: self.max_length - 2] + [EOS]
 

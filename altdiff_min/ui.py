@@ -25,11 +25,18 @@ from .folder import read_config
 from .pipeline import AltDiffusion, check_device, load
 from .samplers import SAMPLERS
 from .schedule import timesteps
+from .tokenizer import check_prompt
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Two model runs at once: a request is not held up by a long one in another tab, and since each run
 # already uses every core, more would only share them thinner. Further requests wait in the queue.
 CONCURRENCY = 2
+# What one request may hold up: requests waiting for a model run (more are refused at once, "queue is
+# full", rather than held in memory), and the size of an uploaded file (a picture; larger ones are
+# refused before they are written). A prompt's length is bounded where every prompt is checked
+# (tokenizer.check_prompt, MAX_PROMPT_CHARS).
+QUEUE_SIZE = 16
+MAX_FILE_SIZE = 20 * 1024 * 1024
 SEED_RANGE = 2**32  # random seeds stay within what the page's number field holds exactly (2**53)
 TITLE = "altdiff-min: multilingual Stable Diffusion (AltDiffusion-m9)"
 
@@ -62,8 +69,13 @@ def request(prompt, negative_prompt, sampler, steps, scale, seed, width, height,
     checks the rest: sizes, limits, sampler). A seed of -1 (or none) draws a random one, kept in the
     result so that the pictures can be made again. picture_size (image to image): a width or height
     of 0 (or none) is the init picture's, which generate takes from the picture (None)."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
         raise BadValue("give a prompt (not empty or blank)")
+    check_prompt(prompt)  # its length first: before any work on the text
+    if not prompt.strip():
+        raise BadValue("give a prompt (not empty or blank)")
+    if isinstance(negative_prompt, str):  # anything else: generate says what it should be
+        check_prompt(negative_prompt, "negative prompt")
     seed = whole("seed", seed, -1)
     if seed == -1:
         seed = secrets.randbelow(SEED_RANGE)
@@ -168,7 +180,8 @@ def build_app(model: AltDiffusion):
         blank = "0: the init picture's, rounded down to a multiple of " + str(multiple) if image_tab else None
         prompt = gr.Textbox(label="prompt", lines=2, elem_id=f"prompt-{tab}",
                             placeholder="any of nine languages: a red circle · un cercle rouge · 一个蓝色的正方形")
-        negative = gr.Textbox(label="negative prompt", lines=1, elem_id=f"negative-{tab}")
+        # value "": the API's negative prompt may be left out (every field but the prompt has a default).
+        negative = gr.Textbox("", label="negative prompt", lines=1, elem_id=f"negative-{tab}")
         with gr.Row():
             sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler", elem_id=f"sampler-{tab}")
             steps = gr.Slider(1, 150, value=25, step=1, precision=0, label="steps", elem_id=f"steps-{tab}")
@@ -237,9 +250,9 @@ def launch(app, host: str, port: int, block: bool = True):
     # The theme's fonts are the system's: the default theme fetches one from Google Fonts, which a
     # machine without internet (or a user who wants no third-party requests) waits on.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block, theme=theme,
-                              css=".recipe textarea {font-family: ui-monospace, monospace}", ssr_mode=False,
-                              quiet=not block)
+    return app.queue(max_size=QUEUE_SIZE).launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, theme=theme, max_file_size=MAX_FILE_SIZE,
+        css=".recipe textarea {font-family: ui-monospace, monospace}", ssr_mode=False, quiet=not block)
 
 
 def check_port(host: str, port: int) -> None:

@@ -602,6 +602,8 @@ def test_model_paths_that_are_not_model_folders(hub_layout, tmp_path, capsys):
     (dict(n_samples=True), BadType, "n_samples must be an int"),
     (dict(seed=-1), BadValue, "seed must be an int"),
     (dict(prompt="a \ud800 dog"), BadValue, r"lone surrogate U\+D800 at position 2"),
+    (dict(negative_prompt="a" * 10_001), BadValue,
+     r"^negative_prompt is 10,001 characters; at most 10,000 are accepted \(only the first 77 tokens are used\)$"),
 ])
 def test_generate_argument_gaps(small_model_dir, monkeypatch, kwargs, error, match):
     pipe = load(small_model_dir)
@@ -623,6 +625,7 @@ def test_heatmap_with_nothing_captured():
     ([""], "give a prompt (not empty or blank)"),
     (["a dog", "--from-file", "PROMPTS"], "give a prompt or --from-file, not both"),
     (["a \udcff dog"], "lone surrogate"),
+    (["a" * 10_001], "error: prompt is 10,001 characters; at most 10,000 are accepted (only the first 77 tokens are used)\n"),
 ])
 def test_command_line_prompt_gaps(small_model_dir, tmp_path, capsys, args, message):
     (tmp_path / "PROMPTS").write_text("a cat\n")

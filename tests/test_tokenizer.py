@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prompts import ALL_PROMPTS, EDGE_PROMPTS, PROMPTS
 
-from altdiff_min.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from altdiff_min.errors import BadValue
+from altdiff_min.tokenizer import BOS, EOS, MAX_PROMPT_CHARS, PAD, UNK, Tokenizer
 
 SPECIAL = re.compile(r"<s>|</s>|<pad>|<unk>|<mask>")
 # Characters Unicode calls whitespace (transformers 5 splits on them) that the model's normaliser keeps.
@@ -149,6 +150,20 @@ def test_decode_round_trip(pair):
     ours, _ = pair
     ids, _ = ours(PROMPTS["en"][0])
     assert ours.decode(ids[0]) == PROMPTS["en"][0]
+
+
+def test_a_prompt_is_bounded_in_characters_before_it_is_tokenised(pair, spm_dir, monkeypatch):
+    """MAX_PROMPT_CHARS is accepted (and cut to max_length tokens); one more is refused before any work
+    on the text, the message saying how many tokens are used."""
+    ours, _ = pair
+    ids, _ = ours("a " * (MAX_PROMPT_CHARS // 2))
+    assert ids.shape == (1, 77) and ids[0, -1] == EOS
+    short = Tokenizer(os.path.join(spm_dir, "sentencepiece.bpe.model"), max_length=16)
+    monkeypatch.setattr(short, "engine", None)  # refused before the tokenizer's engine sees it
+    with pytest.raises(BadValue) as e:
+        short("a" * 60_000_000)
+    assert str(e.value) == ("prompt is 60,000,000 characters; at most 10,000 are accepted "
+                            "(only the first 16 tokens are used)")
 
 
 @pytest.mark.parametrize("bad", [3, None, ["fine", 7], [], b"bytes"])

@@ -26,6 +26,7 @@ from altdiff_min.__main__ import main
 from altdiff_min.errors import AltDiffError
 from altdiff_min.samplers import SAMPLERS
 from altdiff_min.schedule import timesteps
+from altdiff_min.tokenizer import MAX_PROMPT_CHARS
 from altdiff_min.toy import caption, render
 
 # The handlers' positional order: prompt, negative prompt, sampler, steps, scale, seed, width, height, n.
@@ -182,6 +183,54 @@ def test_bad_input_is_the_one_line_error(client, model, bad):
     with pytest.raises(AppError) as e:
         ask(client, asked)
     assert str(e.value) == message and "\n" not in message
+
+
+# Bounds: what one request may cost the server.
+
+@pytest.mark.parametrize("field, name", [("prompt", "prompt"), ("negative_prompt", "negative prompt")])
+def test_a_huge_prompt_is_refused_in_one_line_and_the_server_answers_the_next_request(client, model, field, name):
+    from gradio_client.exceptions import AppError
+
+    huge = "a red circle " * 250_000  # 3.25 MB: enough to show the bound, small enough to post quickly
+    with pytest.raises(AppError) as e:
+        ask(client, settings(**{field: huge}))
+    assert str(e.value) == (f"{name} is {len(huge):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
+                            "(only the first 77 tokens are used)")
+    asked = settings(n_samples=1)
+    gallery, _, _ = ask(client, asked)
+    assert_same_pictures([item["image"] for item in gallery], direct(model, asked))
+
+
+def test_every_field_but_the_prompt_has_a_default(client, model):
+    """The API can be called with the prompt alone: the page's defaults fill in the rest."""
+    gallery, _, shown = client.predict(prompt="un cercle rouge", api_name="/txt2img")
+    defaults = {"negative_prompt": "", "sampler": "ddim", "steps": 25, "scale": 7.5, "width": model.image_size,
+                "height": model.image_size, "n_samples": 1}
+    assert {k: shown[k] for k in defaults} == defaults
+    assert_same_pictures([item["image"] for item in gallery],
+                         direct(model, {"prompt": "un cercle rouge", **defaults, "seed": shown["seed"]}))
+
+
+def upload(server: str, size: int) -> int:
+    """POST a file of `size` bytes to the page's upload route, as the page uploads a picture: the status."""
+    boundary = "altdiff-min-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + b"\0" * size + f"\r\n--{boundary}--\r\n".encode()
+    sent = urllib.request.Request(f"{server.rstrip('/')}/gradio_api/upload", data=body, method="POST",
+                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(sent, timeout=120) as answer:
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_an_upload_over_the_limit_is_refused(server, client, model):
+    assert upload(server, ui.MAX_FILE_SIZE) == 200
+    assert upload(server, ui.MAX_FILE_SIZE + 1) == 413  # Request Entity Too Large
+    asked = settings(n_samples=1)
+    gallery, _, _ = ask(client, asked)
+    assert_same_pictures([item["image"] for item in gallery], direct(model, asked))
 
 
 # Image to image.
