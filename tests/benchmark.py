@@ -5,6 +5,11 @@ Each measurement alternates the two (A B A B …) after one warm-up each, and re
   text encoder forward (batch 2) · one guided UNet step (batch 2) · VAE decode (batch 1) ·
   a whole image at --steps (DPM-Solver++, guidance 7.5) · peak memory of that image, load included ·
   load time of a model folder (ours) vs from_pretrained (diffusers, safetensors).
+Attention controllers (altdiff_min.interventions), eager only: one interleaved round of five UNet steps,
+  ours as before the door (no attention labelled: no ContextVar read, fused SDPA), ours with no
+  controller, with a controller overriding no hook, with one whose probs hook returns None (the
+  explicit softmax path), and diffusers; each row is ours vs that round's diffusers, and a line
+  states each way's ratio to "before" (no controller ≈ 1: the door is free when unused).
 Training rows (UNet only: forward + backward + AdamW(lr=1e-5) step, batch 2, latents (--size / 8)²,
 fp32 master weights, autocast to --dtype unless fp32; ours `train.diffusion_loss`, diffusers the same
 loss by hand on its UNet2DConditionModel):
@@ -155,6 +160,63 @@ def conversion_ways(folder: str, device: str, dtype: torch.dtype, x, t, context,
         inside.unet.to(dtype)
     outside.unet.to(dtype)
     return interleaved(lambda: inside.unet(x, t, context), lambda: outside.unet(x, t, context), runs, device)
+
+
+def interleaved_many(fns: dict, runs: int, device: str) -> dict[str, list[float]]:
+    """Each fn's seconds over `runs` rounds (fns in turn within a round), after one warm-up round."""
+    times = {name: [] for name in fns}
+    for r in range(runs + 1):
+        for name, fn in fns.items():
+            elapsed = seconds(fn, device)
+            if r:
+                times[name].append(elapsed)
+    return times
+
+
+def controller_rows(ours, theirs, x, t, context, runs: int, device: str) -> dict:
+    """The UNet step with attention controllers that change nothing, against the code path before the
+    door and diffusers, timed in one interleaved round (see the module docstring)."""
+    from altdiff_min.interventions import Controller, intervene
+
+    class NoHook(Controller):
+        """Overrides nothing: every attention enters the run and takes the fused path."""
+
+    class ProbsNone(Controller):
+        def probs(self, site, when, probs):
+            return None  # has the hook, so every site computes explicit probabilities
+
+    labelled = [m for m in ours.unet.modules() if getattr(m, "site", None) is not None]
+    sites = [m.site for m in labelled]
+
+    def before():  # Attention.forward with site None: straight to attention(), as before the door
+        for m in labelled:
+            m.site = None
+        try:
+            ours.unet(x, t, context)
+        finally:
+            for m, s in zip(labelled, sites):
+                m.site = s
+
+    def under(controller):
+        def fn():
+            with intervene([controller]):
+                ours.unet(x, t, context)
+        return fn
+
+    fns = {"before": before, "none": lambda: ours.unet(x, t, context), "no hook": under(NoHook()),
+           "probs → None": under(ProbsNone()), "diffusers": lambda: theirs.unet(x, t, encoder_hidden_states=context)}
+    times = interleaved_many(fns, runs, device)
+    names = {"before": "UNet step, as before the door (s)", "none": "UNet step, no controller (s)",
+             "no hook": "UNet step, controller with no hook (s)", "probs → None": "UNet step, probs hook → None (s)"}
+    rows, median = {}, {name: statistics.median(ts) for name, ts in times.items()}
+    for way, row in names.items():
+        rows[row] = Timing((median[way], median["diffusers"]))
+        rows[row].pairs = list(zip(times[way], times["diffusers"]))
+    print("controllers, ratio to before (median; spread over rounds): " + " · ".join(
+        f"{way} {median[way] / median['before']:.3f} ({min(a / b for a, b in zip(times[way], times['before'])):.2f}–"
+        f"{max(a / b for a, b in zip(times[way], times['before'])):.2f})" for way in ("none", "no hook", "probs → None")),
+        flush=True)
+    return rows
 
 
 def image_fns(ours, theirs, args):
@@ -324,6 +386,8 @@ def inference(args) -> tuple[dict, dict]:
                                            lambda: theirs.text_encoder(input_ids=ids, attention_mask=mask), args.runs, device)
     rows["guided UNet step (s)"] = interleaved(lambda: ours.unet(x, t, context),
                                                lambda: theirs.unet(x, t, encoder_hidden_states=context), args.runs, device)
+    if not args.compile:  # a compiled UNet refuses controllers
+        rows.update(controller_rows(ours, theirs, x, t, context, args.runs, device))
     step = rows["guided UNet step (s)"][0]
     peak = matmul_gflops(device, dtype, args.runs)
     unet_speed = {"gflop": gflop, "gflops": gflop / step, "matmul_gflops": peak, "fraction": gflop / step / peak}
