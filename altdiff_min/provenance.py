@@ -13,7 +13,7 @@ record holds only what makes the picture (no time, no file name), so a replay on
 writes the same bytes.
 
 The thread count is there because it changes pixels: a CPU matmul sums in another order with another
-number of threads (the README's note on reproducibility), so a picture made with 16 threads can
+number of threads (docs/robustness.md, on reproducibility), so a picture made with 16 threads can
 differ in its last bits from one made with 2.
 """
 from __future__ import annotations

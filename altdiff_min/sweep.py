@@ -46,11 +46,12 @@ from typing import Callable
 from .errors import AltDiffError, BadFile, BadType, BadValue, Exists
 from .files import atomic_file, clean_partials, locked, make_folder, read_json, read_text, refuse_link
 from .folder import fingerprint
+from .guidance import guidance_rule
 from .tokenizer import check_prompt
 
 SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes"}
 NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
-             "return_trajectory", "return_flags",
+             "return_trajectory", "return_flags", "controllers",  # objects: a spec holds JSON
              # image to image needs a picture, which a spec cannot hold yet
              "image", "mask", "strength", "paste_unmasked"}  # generate arguments a cell sets itself, or that a spec cannot write
 FORMAT = "altdiff-min-sweep"
@@ -199,6 +200,10 @@ def read_spec(path: str) -> Spec:
     for name, values in axes.items():
         if not isinstance(values, list) or not values:
             raise BadValue(f"{path}: axis {name!r} is empty; give it a list of at least one value")
+    for rule in axes.get("guidance", []) + ([fixed["guidance"]] if "guidance" in fixed else []):
+        if not isinstance(rule, str):  # its text, which the table records; a Rule object is not JSON
+            raise BadType(f"{path}: guidance must be a rule's text such as 'rescale:0.7', got {rule!r}")
+        guidance_rule(rule, f"{path}: guidance")
     metrics = raw.get("metrics", [])
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise BadValue(f"{path}: 'metrics' must be a list of names")
@@ -291,14 +296,15 @@ def claim_folder(out: str, spec: Spec, force: bool, write: bool = True, environm
 
 def differs(recorded: dict, now: dict) -> str | None:
     """None when `recorded` (spec.json) is this sweep; else why not, for the message. The model
-    folder's whole fingerprint is compared (its path and every *_sha256 it records: config, weights);
-    sweeps recorded before the fingerprint was kept compare their specs only. The environments are a
+    folder's fingerprint is compared (its path and every *_sha256 it records: config, weights; a key
+    recorded before another was kept compares what it kept); sweeps recorded before the fingerprint
+    was kept compare their specs only. The environments are a
     record, not the sweep: a sweep may be resumed on another machine."""
     if "model_folder" in recorded:
         was, model = recorded["model_folder"], now["model_folder"]
         if not isinstance(was, dict):
             return " (its spec.json's model_folder is not a fingerprint)"
-        if changed := sorted(k for k in {*was, *model} if was.get(k) != model.get(k)):
+        if changed := sorted(k for k in was if was[k] != model.get(k)):  # keys kept since are not compared
             named = [f"its {k.removesuffix('_sha256')} ({k})" if k.endswith("_sha256") else k for k in changed]
             return f" (the model folder is not the one the sweep began with: {', '.join(named)} changed)"
     recorded = {k: v for k, v in recorded.items() if k not in NOT_THE_SPEC}

@@ -371,6 +371,8 @@ def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> N
         was, now = recorded[key], run[key]
         if key == "data" and "content" not in was:  # recorded before the content's hash was kept
             now = but_content(now)
+        if key == "model":  # a run recorded before a hash was kept (weights_sha256) compares what it kept
+            now = {k: now.get(k) for k in was}
         if was != now:
             why = " (the same folder, but other captions or files)" if key == "data" and but_content(was) == \
                 but_content(now) else ""

@@ -45,6 +45,20 @@ def test_sweep_table_sheet_and_metric(tmp_path, capsys):
     assert "scale=7.5, sampler=euler" in printed and "colour" in printed
 
 
+def test_a_guidance_rule_is_an_axis(tmp_path):
+    """guidance, given as a rule's text, is swept like any generate argument and recorded in the table."""
+    from altdiff_min import load
+
+    spec = {**SPEC, "prompts": ["a red circle"], "seeds": [0], "axes": {"guidance": ["cfg", "rescale:0.7"]}}
+    assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
+    rows = table(tmp_path / "spec")
+    assert [r["guidance"] for r in rows] == ["cfg", "rescale:0.7"]
+    model = load("toy")
+    for r in rows:  # each cell is generate with that rule
+        again = model.generate("a red circle", seed=0, steps=4, guidance=r["guidance"])[0]
+        assert Image.open(tmp_path / "spec" / r["file"]).tobytes() == again.tobytes()
+
+
 def test_the_toy_metric_reads_two_object_prompts_in_any_language():
     """Two objects: "objects" (both right) and "relation" (where the prompt puts them); one: colour, shape."""
     import numpy as np
@@ -123,7 +137,9 @@ def test_torchrun_sweep_makes_the_same_pictures(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"axes": {"guidance": [1, 2]}}, "'guidance' is not a generate argument"),
+    ({"axes": {"controllers": [1, 2]}}, "'controllers' is not a generate argument"),
+    ({"axes": {"guidance": ["cfg", "rescale:2,3"]}}, "guidance 'rescale:2,3': rescale takes φ"),
+    ({"fixed": {"guidance": 7}}, "guidance must be a rule's text"),
     ({"axes": {"scale": []}}, "axis 'scale' is empty"),
     ({"seeds": []}, "'seeds' must be a non-empty list"),
     ({"prompts": []}, "'prompts' must be a non-empty list"),
@@ -288,6 +304,22 @@ def test_spec_json_records_the_environments_and_the_whole_fingerprint_and_resumi
     assert main(["sweep", spec, "--device", "cpu"]) == 2
     assert ("the model folder is not the one the sweep began with: its weights (weights_sha256) changed"
             in capsys.readouterr().err)
+
+
+def test_a_sweep_recorded_before_the_weights_hash_was_kept_still_resumes(tmp_path, capsys):
+    spec, out = write_spec(tmp_path, SMALL), tmp_path / "spec"
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    recorded = json.loads((out / "spec.json").read_text())
+    del recorded["model_folder"]["weights_sha256"]  # as spec.json was written before it was kept
+    (out / "spec.json").write_text(json.dumps(recorded))
+    os.unlink(out / "pictures" / "s000-p001-seed0.png")
+    assert main(["sweep", spec, "--device", "cpu"]) == 0
+    assert (out / "pictures" / "s000-p001-seed0.png").is_file()
+    recorded["model_folder"]["config_sha256"] = "0" * 64  # what it kept is still compared
+    (out / "spec.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert main(["sweep", spec, "--device", "cpu"]) == 2
+    assert "its config (config_sha256) changed" in capsys.readouterr().err
 
 
 def test_a_resumed_sweep_removes_the_leftovers_of_killed_writes(tmp_path):

@@ -516,6 +516,25 @@ def test_resume_with_out_dir_alone_extends_a_finished_run_past_a_torn_log_line(r
     assert "--max-steps 3: the run in" in err and "is already at step 4" in err
 
 
+def test_a_run_recorded_before_the_weights_hash_was_kept_still_resumes(run_copy, capsys):
+    """run.json's model record from before weights_sha256 was kept: what it kept is compared, what it
+    did not keep is not a change; a kept hash that differs is still refused."""
+    from altdiff_min.__main__ import main
+
+    path = os.path.join(run_copy, "run.json")
+    run = json.loads(open(path, encoding="utf-8").read())
+    old = {k: v for k, v in run["model"].items() if k != "weights_sha256"}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**run, "model": old}, f)
+    assert main(["train", run_copy, "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    run = json.loads(open(path, encoding="utf-8").read())
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**run, "model": {**run["model"], "config_sha256": "0" * 64}}, f)
+    capsys.readouterr()
+    assert main(["train", run_copy, "--resume", "--max-steps", "4", "--no-progress"]) == 2
+    assert "--resume: the run's model was" in capsys.readouterr().err
+
+
 def test_resume_refuses_flags_that_change_the_sums_in_one_line(run_copy, small_model_dir, pictures, capsys):
     from altdiff_min.__main__ import main
 
