@@ -1,4 +1,4 @@
-"""The whole AltDiffusion: `load()` a model folder (altdiff_min.folder), then `generate()` images.
+"""The whole AltDiffusion: `load()` a model folder (altdiff_min.storage.folder), then `generate()` images.
 
     1. encode_prompt     prompt ─ tokenizer ─ text encoder ─ context
        encode_image      (image to image) picture ─ VAE encoder ─ z0, a sample of its posterior
@@ -22,18 +22,20 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
-from . import img2img, speed
 from .errors import BadType, BadValue, NotFinite
-from .folder import DIFFUSION, read_folder, resolve, write_folder
-from .guidance import Rule, Scale, guidance_rule, guided_eps
-from .interventions import Controller, CrossAttentionSwitch, check_controllers, intervene
-from .safety import SafetyChecker, replace_flagged
-from .samplers import check_eta, draw_noise, get_sampler
-from .schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, route, timesteps
-from .text_encoder import TextEncoder
-from .tokenizer import Tokenizer, check_prompt
-from .unet import UNet, UNetConfig
-from .vae import VAE, VAEConfig
+from .model import speed
+from .model.interventions import Controller, CrossAttentionSwitch, check_controllers, intervene
+from .model.text_encoder import TextEncoder
+from .model.tokenizer import Tokenizer, check_prompt
+from .model.unet import UNet, UNetConfig
+from .model.vae import VAE, VAEConfig
+from .sampling import img2img
+from .sampling.guidance import Rule, Scale, guidance_rule, guided_eps
+from .sampling.samplers import check_eta, draw_noise, get_sampler
+from .sampling.schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, route, timesteps
+from .storage import pictures
+from .storage.folder import DIFFUSION, read_folder, resolve, write_folder
+
 
 @dataclass
 class AltDiffusion:
@@ -45,7 +47,8 @@ class AltDiffusion:
     path: str = ""
     image_size: int = 512  # what the model was trained at: the default height and width of generate
     limits: Limits = field(default_factory=lambda: Limits())  # what one generate call may ask for
-    safety_checker: SafetyChecker | None = None  # the folder's, if it holds one (convert --with-safety-checker)
+    safety_checker: torch.nn.Module | None = None  # the folder's vision.safety.SafetyChecker, if it holds one
+    # (convert --with-safety-checker); the pipeline only calls its screen(images)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], layer: int | None = None) -> torch.Tensor:
@@ -71,7 +74,7 @@ class AltDiffusion:
         return torch.cat([encoded[:1].expand(len(cond), -1, -1), cond]) if guided else cond
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(Image to image.) Pixels (1, 3, H, W) in [−1, 1] (img2img.prepare_image) → z0: a sample of
+        """(Image to image.) Pixels (1, 3, H, W) in [−1, 1] (pictures.prepare_image) → z0: a sample of
         the VAE's posterior N(mean, exp(logvar)), drawn from `generator` as diffusers draws it, times
         scaling_factor (the sampler's space)."""
         p = self.vae.quant_conv.weight
@@ -107,7 +110,7 @@ class AltDiffusion:
                blend: img2img.Blend | None = None, trajectory: list | None = None) -> torch.Tensor:
         """3. Run `sampler` over the timesteps `ts` with the guided UNet (guidance.guided_eps, combining
         by `guidance`, CFG by default): x_T → clean latents. controllers: attention controllers for
-        this run (altdiff_min.interventions). After every step, in this order: `blend` (inpainting's,
+        this run (altdiff_min.model.interventions). After every step, in this order: `blend` (inpainting's,
         also applied to PLMS's warm-up estimate), `trajectory` (a list: {"t", "latents", "x0"} appended,
         on the CPU), then `callback(i, t, x, x0)`, which may return the latents to go on from (the
         latent hook)."""
@@ -132,13 +135,12 @@ class AltDiffusion:
 
     def check_safety(self, images: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
         """5. Each picture (n, 3, H, W) in [0, 1] through the safety checker (diffusers'
-        StableDiffusionSafetyChecker decision, altdiff_min/safety.py) → the pictures with every flagged
+        StableDiffusionSafetyChecker decision, altdiff_min/vision/safety.py) → the pictures with every flagged
         one replaced by a placeholder that says so (FlagAI's behaviour; diffusers blacks them out),
         and one flag per picture."""
         if self.safety_checker is None:
             raise BadValue("this model holds no safety checker (convert the diffusers folder with --with-safety-checker)")
-        flags, _ = self.safety_checker.check(images)
-        return replace_flagged(images, flags), flags
+        return self.safety_checker.screen(images)
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str = "", n_samples: int = 1,
@@ -150,7 +152,7 @@ class AltDiffusion:
                  safety_checker: bool | None = None, return_flags: bool = False, image=None, strength: float | None = None, mask=None,
                  paste_unmasked: bool = False, controllers: list[Controller] | None = None, guidance: Rule | str | None = None):
         """Text to image: n_samples images per prompt, height × width pixels (default: image_size);
-        with `image`, image to image; with `mask` too, inpainting (altdiff_min/img2img.py).
+        with `image`, image to image; with `mask` too, inpainting (altdiff_min/sampling/img2img.py).
 
         sampler: one of samplers.SAMPLERS, over `timesteps(sampler, steps, self.schedule)`.
         seed: the initial latents are torch.randn((n, 4, height//8, width//8)) from a CPU generator
@@ -168,7 +170,7 @@ class AltDiffusion:
               "up.2"]: only those read it (names: UNet.text_parts; [] = False, every part = True);
               return_trajectory: also return a list of {"t", "latents", "x0"} per step, on the CPU;
           controllers: attention controllers that change what the UNet's attention computes, this call
-              only (altdiff_min.interventions; cross_attention is one, CrossAttentionSwitch);
+              only (altdiff_min.model.interventions; cross_attention is one, CrossAttentionSwitch);
           guidance: how ε(x, ∅) and ε(x, c) combine: a guidance.Rule or its text, "cfg" (default),
               "rescale:0.7" (CFG rescale), "interval:LOW,HIGH" (guidance on an interval of timesteps).
 
@@ -205,9 +207,9 @@ class AltDiffusion:
         if image is not None:
             strength = img2img.default_strength(mask) if strength is None else strength
             ts = img2img.cut(ts, steps, strength, sampler)
-            pixels = img2img.prepare_image(image, (width, height))
+            pixels = pictures.prepare_image(image, (width, height))
         if mask is not None:
-            repaint = img2img.prepare_mask(mask, image, (width, height))
+            repaint = pictures.prepare_mask(mask, image, (width, height))
         if safety_checker is not None and not isinstance(safety_checker, bool):
             raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
         if safety_checker and self.safety_checker is None:
@@ -244,7 +246,7 @@ class AltDiffusion:
                                 width) -> tuple[int, int]:
         """Image to image's arguments, before any model work → the (height, width) to make: the
         picture's, rounded down to a multiple the model takes, unless given (check_arguments checks
-        them). strength against steps: img2img.cut; the mask's size: img2img.prepare_mask."""
+        them). strength against steps: img2img.cut; the mask's size: pictures.prepare_mask."""
         if image is None:
             what = "mask" if mask is not None else "strength" if strength is not None else "paste_unmasked"
             raise BadValue(f"{what} needs an image to start from (image=...)")
@@ -254,11 +256,11 @@ class AltDiffusion:
             raise BadType(f"paste_unmasked must be True or False, got {paste_unmasked!r}")
         if paste_unmasked and mask is None:
             raise BadValue("paste_unmasked pastes back the pixels outside the mask: give a mask")
-        img2img.check_picture(image)
+        pictures.check_picture(image)
         if height is not None and width is not None:
             return height, width
         # A side not given is the picture's, rounded down (diffusers' get_default_height_width, to 8)
-        rounded_width, rounded_height = img2img.rounded_size(image, self.vae.cfg.size_multiple * self.unet.cfg.size_multiple)
+        rounded_width, rounded_height = pictures.rounded_size(image, self.vae.cfg.size_multiple * self.unet.cfg.size_multiple)
         return (rounded_height if height is None else height, rounded_width if width is None else width)
 
     def check_text_layer(self, text_layer) -> None:
@@ -378,7 +380,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
     dtype None: the folder's `default_dtype` if its config names one (the toy is stored in fp16 to
     stay small and computes in fp32), else the dtype it was written in. path "toy" is the small model shipped
-    with the package (altdiff_min/toy/model). fast: the speed paths of altdiff_min/speed.py (same
+    with the package (altdiff_min/toy/model). fast: the speed paths of altdiff_min/model/speed.py (same
     sums, faster; False: the modules exactly as the model files write them). compile: torch.compile
     the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
     and pixels per call `generate` accepts (see Limits). check_finite: a weight holding NaN or infinity

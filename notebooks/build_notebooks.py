@@ -65,7 +65,7 @@ x̂₀ = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t (Song et al. 2021, eq. 12). H
 by the VAE, noised to four timesteps, and denoised in one UNet call: at small t the guess is nearly
 exact; at t = 999 almost nothing of the picture is left, and one call can only guess a blur: that
 is why sampling takes many small steps.""",
-    """from altdiff_min.schedule import add_noise, alphas_cumprod
+    """from altdiff_min.sampling.schedule import add_noise, alphas_cumprod
 a = alphas_cumprod(pipe.schedule)
 picture = torch.from_numpy(data.render("circle", "red", size=40, center=(32, 32))).permute(2, 0, 1)[None] / 127.5 - 1
 with torch.no_grad():
@@ -115,8 +115,8 @@ Each sampler runs over an explicit list of timesteps, `samplers.timesteps(name, 
 what diffusers' scheduler of that kind gives for the same config. The spacing comes from the
 model's scheduler config (`timestep_spacing`), or, as for m9 whose config names none, from each
 sampler's own default. `ts[k:]` starts part-way down (image-to-image does).""",
-    """from altdiff_min.samplers import SAMPLERS
-from altdiff_min.schedule import timesteps
+    """from altdiff_min.sampling.samplers import SAMPLERS
+from altdiff_min.sampling.schedule import timesteps
 print("schedule:", pipe.schedule)
 for name in SAMPLERS:
     ts = timesteps(name, 10, pipe.schedule)
@@ -149,7 +149,7 @@ for minutes on a tiny world, decides colour and shape within a few steps, so its
 Below: the largest step-to-step change of ε along DDIM's path, and, over 72 prompts (four
 languages × six colours × three shapes), how often each sampler's 25-step picture shows what was asked.""",
     """from altdiff_min.pipeline import guided_eps
-from altdiff_min.samplers import ddim
+from altdiff_min.sampling.samplers import ddim
 
 context = pipe.encode(["", prompt])
 for scale in (3.0, 7.5):
@@ -189,7 +189,7 @@ attention into a map over the image, one per picture (the prompt's rows of the b
 the batch also holds the unconditional branch, which `branch="unconditional"` or `"both"` gives).
 The same seed and the same sentence in four languages: one picture, and where does each word look?""",
     SETUP,
-    """from altdiff_min.instruments import capture_attention
+    """from altdiff_min.research.instruments import capture_attention
 
 def maps_for(lang, shape="circle", colour="green", seed=7):
     prompt = data.caption(shape, colour, lang)
@@ -237,7 +237,7 @@ show([image[0]] + [maps.heatmap(token, (64, 64), layers=[n])[0] for n in names],
      ["image"] + [n.replace(".block.cross_attn", "") for n in names], size=1.2, rows=2)""",
     """md:## Changing the attention: controllers
 `capture_attention` is a *controller* that reads and changes nothing. A controller of your own
-(`altdiff_min.interventions.Controller`) overrides any of three hooks, each returning a changed value
+(`altdiff_min.model.interventions.Controller`) overrides any of three hooks, each returning a changed value
 or None: `qkv(site, when, q, k, v)`, `probs(site, when, probs)` (the softmax, (B, heads, pixels,
 77)) and `output(site, when, out)`. `site` says where the attention is (`site.part` "down"/"mid"/"up",
 `site.level`, `site.block`, `site.kind` "self" or "cross", `site.scale`); `when` says which UNet
@@ -250,7 +250,7 @@ First, prompt-to-prompt's reweighting (Hertz et al. 2022): the column of one wor
 cross-attention probabilities times a factor c, in the prompts' rows, at every cross site. One
 batch holds the five factors (row i gets c[i]) from the same noise; each row is compared with the
 same row made without a controller.""",
-    """from altdiff_min.interventions import Controller
+    """from altdiff_min.model.interventions import Controller
 from lesson import word_tokens
 
 class Reweight(Controller):
@@ -447,7 +447,7 @@ contact sheet. Two guidance scales × cross-attention on and off, three prompts 
 two seeds:""",
     """import csv, json
 from PIL import Image
-from altdiff_min.sweep import run_sweep
+from altdiff_min.apps.sweep import run_sweep
 from lesson import scratch_folder
 
 folder = scratch_folder()   # removed when the kernel stops
@@ -497,7 +497,7 @@ at about its size (35 px, 37–41 edited). The same sentence in Chinese or in Ar
 the same picture: the same red circle, at (32, 43–44), 35 px. On this toy the place comes from the
 seed's noise and the words decide what is drawn there. No prompt-to-prompt machinery is needed for
 that: the edit keeps the noise.""",
-    """from altdiff_min.schedule import timesteps
+    """from altdiff_min.sampling.schedule import timesteps
 A, B = prompts["as asked"], data.caption("triangle", "green", "en")
 ts = timesteps("ddim", 25, pipe.schedule)
 start = torch.randn(1, pipe.unet.cfg.in_channels, 8, 8, generator=torch.Generator().manual_seed(SEED))
@@ -518,7 +518,7 @@ shape has settled into A's circle but B's last 4 steps (from t = 121) still make
 all 25 steps of A give the red circle. Meanwhile the object barely moves: its centre stays within
 (28–32, 34–43) whatever k is. On this toy, the early steps settle *where*; the shape is settled
 between steps 18 and 21, and under guidance 7.5 the last four steps can still recolour it.""",
-    """from altdiff_min.instruments import capture_attention
+    """from altdiff_min.research.instruments import capture_attention
 from lesson import word_tokens, word_map
 with capture_attention(pipe.unet, per_step=True) as maps:   # per_step: keep each UNet call's maps
     image = pipe.generate(A, steps=25, seed=SEED, output="tensor", progress=False)
@@ -584,7 +584,7 @@ draws through its VAE, so the first question is whether the VAE can draw pink at
 import numpy as np
 from PIL import Image
 from altdiff_min.toy.data import COLOURS, LANGUAGES, SHAPES, mask as shape_mask
-from altdiff_min.train import TrainConfig, fine_tune
+from altdiff_min.training.train import TrainConfig, fine_tune
 from lesson import scratch_folder
 PINK = (250, 120, 190)   # not one of data.COLOURS
 folder, runs = scratch_folder(), scratch_folder()   # the pictures; the runs (kept out of the pictures' folder)
@@ -683,7 +683,7 @@ table: four samplers × four step counts at guidance 7.5, four prompts in four l
     SETUP,
     """import json
 from PIL import Image
-from altdiff_min.sweep import run_sweep
+from altdiff_min.apps.sweep import run_sweep
 from lesson import scratch_folder
 folder = scratch_folder()   # removed when the kernel stops
 spec = {"model": "toy", "seeds": [0, 1, 2], "metrics": ["toy"], "fixed": {"scale": 7.5},

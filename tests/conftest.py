@@ -11,7 +11,7 @@ from helpers import (MEASURED, MODEL_INDEX, SCHEDULER, TEXT, UNET, VAE, legacy_a
                      train_sentencepiece, write_json)
 from prompts import ALL_PROMPTS
 
-from altdiff_min.tokenizer import Tokenizer
+from altdiff_min.model.tokenizer import Tokenizer
 
 
 # `make test-fast` (pytest -m core): the core's parity tests on small configs, in fp32 on the CPU, chosen

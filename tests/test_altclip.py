@@ -13,12 +13,12 @@ import torch
 from helpers import M9_ALTCLIP, PRECISIONS, VISION, edit_json, picture, randomize_, rel_diff, rel_err, small_altclip
 from prompts import PROMPTS
 
-from altdiff_min.altclip import AltCLIPConfig, clip_score
-from altdiff_min.attention import attention_backend
+from altdiff_min.vision.altclip import AltCLIPConfig, clip_score
+from altdiff_min.model.attention import attention_backend
 from altdiff_min.errors import BadType, BadValue
-from altdiff_min.text_encoder import TextEncoderConfig
-from altdiff_min.tokenizer import Tokenizer
-from altdiff_min.vision import preprocess
+from altdiff_min.model.text_encoder import TextEncoderConfig
+from altdiff_min.model.tokenizer import Tokenizer
+from altdiff_min.vision.tower import preprocess
 from weights_convert.rules import rename
 from weights_convert.vision import ALTCLIP_DROPS as DROPS
 from weights_convert.vision import ALTCLIP_RULES as RULES
@@ -236,7 +236,7 @@ def test_full_altclip_m9_matches_reference():
 # ---- AltCLIP-m9 as a model folder: `altdiff-min convert` from the transformers layout ------------------
 
 def read_altclip(path):
-    from altdiff_min.folder import read_config, read_modules
+    from altdiff_min.storage.folder import read_config, read_modules
 
     return read_modules(str(path), read_config(path, require=("altclip",)))["altclip"]
 
@@ -244,7 +244,7 @@ def read_altclip(path):
 def test_converted_folder_matches_reference(altclip_dir, altclip_reference, tokenizer):
     """The hub layout (4.x names, pooler, pickled) → a model folder holding `altclip` and the
     tokenizer → the reference's embeddings and logits."""
-    from altdiff_min.folder import read_config
+    from altdiff_min.storage.folder import read_config
 
     config = read_config(altclip_dir, require=("altclip",))
     assert config["modules"] == ["altclip"] and config["tokenizer"]["max_length"] == 77
@@ -284,7 +284,7 @@ def test_folder_saved_by_the_installed_transformers_converts(altclip_layout, alt
 
 def test_altclip_and_altdiffusion_folders_are_not_confused(altclip_dir, small_model_dir, altclip_layout, tmp_path):
     from altdiff_min.errors import BadFile
-    from altdiff_min.folder import read_config
+    from altdiff_min.storage.folder import read_config
     from altdiff_min.pipeline import load as load_diffusion
     from weights_convert.convert import convert
 

@@ -4,7 +4,7 @@ import os
 import pytest
 from PIL import Image
 
-from altdiff_min.__main__ import main
+from altdiff_min.apps.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -167,23 +167,23 @@ def test_a_linked_manifest_is_refused_and_its_target_untouched(model_dir, tmp_pa
 
 KILLED_AFTER_LINKING = """
 import os, signal, sys
-from altdiff_min import manifest
+from altdiff_min.storage import manifest
 def kill(path):
     os.kill(os.getpid(), signal.SIGKILL)
 manifest.append_line = lambda *a: kill(None)  # killed between linking the picture and appending its line
 sys.argv = ["altdiff-min", "generate", "a dog", "--model", sys.argv[1], "--steps", "1", "--n-samples", "2",
             "--H", "64", "--W", "64", "--outdir", sys.argv[2], "--device", "cpu"]
-from altdiff_min.__main__ import main
+from altdiff_min.apps.cli import main
 main(sys.argv[1:])
 """
 
 KILLED_WHILE_SAVING = """
 import os, signal, sys
-from altdiff_min import manifest
+from altdiff_min.storage import manifest
 manifest.save_numbered.__globals__["fsync_path"] = lambda path: os.kill(os.getpid(), signal.SIGKILL)
 sys.argv = ["altdiff-min", "generate", "a dog", "--model", sys.argv[1], "--steps", "1", "--n-samples", "1",
             "--H", "64", "--W", "64", "--outdir", sys.argv[2], "--device", "cpu"]
-from altdiff_min.__main__ import main
+from altdiff_min.apps.cli import main
 main(sys.argv[1:])
 """
 

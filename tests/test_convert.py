@@ -405,7 +405,7 @@ def test_existing_out_dir_needs_force_and_failures_keep_it(hub_layout, tmp_path,
     before = (out / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="--force"):
         convert(hub_layout, out)
-    import altdiff_min.folder as module
+    import altdiff_min.storage.folder as module
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -490,8 +490,8 @@ def test_full_m9_key_sets_and_shapes_on_meta():
         RobertaSeriesConfig, RobertaSeriesModelWithTransformation)
 
     from altdiff_min import TextEncoderConfig
-    from altdiff_min.unet import UNetConfig
-    from altdiff_min.vae import VAEConfig
+    from altdiff_min.model.unet import UNetConfig
+    from altdiff_min.model.vae import VAEConfig
     from weights_convert import ldm, text_encoder, unet, vae
 
     with torch.device("meta"):
@@ -523,7 +523,7 @@ def test_full_m9_key_sets_and_shapes_on_meta():
 def test_empty_modules_builds_skeletons_and_leaves_torch_nn_alone():
     """Loading builds modules on the meta device; torch.nn itself is not touched, so a module built
     meanwhile elsewhere (another thread) is initialised as usual."""
-    from altdiff_min.folder import empty_modules
+    from altdiff_min.storage.folder import empty_modules
 
     before = {cls: cls.__dict__.get("reset_parameters") for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm)}
     with empty_modules():

@@ -1,4 +1,4 @@
-"""Training data (altdiff_min/dataset.py): captioned folders in both conventions, every kind of bad
+"""Training data (altdiff_min/training/dataset.py): captioned folders in both conventions, every kind of bad
 picture or caption found before the first step (an error naming it, or a skip counted and reported),
 and the conversion of any image mode to the RGB the VAE reads."""
 import io
@@ -11,7 +11,8 @@ import torch
 from helpers import write_pictures
 from PIL import Image
 
-from altdiff_min.dataset import CaptionedFolder, ToyWorld, center_crop, open_data, to_rgb
+from altdiff_min.storage.pictures import to_rgb
+from altdiff_min.training.dataset import CaptionedFolder, ToyWorld, center_crop, open_data
 from altdiff_min.errors import BadFile, BadValue, Missing
 
 
@@ -110,7 +111,7 @@ def test_a_folder_named_toy_is_not_taken_for_the_toy_world(tmp_path, monkeypatch
 
 
 def test_the_command_reports_the_skips_before_training(small_model_dir, tmp_path, capsys):
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     assert main(["train", small_model_dir, bad_folder(tmp_path / "data"), str(tmp_path / "out"), "--max-steps", "1",
                  "--no-progress"]) == 0
@@ -218,7 +219,7 @@ def test_toy_world_is_fixed_by_seed_and_index():
 def test_bad_data_stops_the_command_before_the_model_loads(small_model_dir, tmp_path, capsys, monkeypatch, make, args,
                                                            message):
     import altdiff_min.pipeline
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     monkeypatch.setattr(altdiff_min.pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     data = tmp_path / "data"
@@ -233,7 +234,7 @@ def test_bad_data_stops_the_command_before_the_model_loads(small_model_dir, tmp_
 
 
 def test_an_existing_out_dir_is_kept_without_force(small_model_dir, tmp_path, capsys):
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     data = tmp_path / "data"
     write_pictures(data, 2)
@@ -271,10 +272,10 @@ def test_a_decompression_bomb_is_refused_from_its_header_before_anything_decodes
     from helpers import bomb_png
     from PIL import ImageFile
 
-    import altdiff_min.__main__ as cli
-    from altdiff_min.dataset import read_picture
+    import altdiff_min.apps.cli as cli
+    from altdiff_min.storage.pictures import read_picture
     from altdiff_min.errors import TooManyPixels
-    from altdiff_min.score import Scorer, check_picture_file
+    from altdiff_min.vision.score import Scorer, check_picture_file
 
     bomb = tmp_path / "data" / "bomb.png"
     bomb.parent.mkdir()
@@ -294,7 +295,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_before_anything_decodes
                                                  r"89478485, .*\): 12000 × 12000 = 144000000 pixels; not decoded$"):
             read_picture(bomb, convert, where="x: ")
     with pytest.raises(TooManyPixels, match="^--mask .*bomb.png has more pixels"):
-        cli.read_picture(str(bomb), "--mask", mask=True)
+        pictures.read_picture_argument(str(bomb), "--mask", mask=True)
     with pytest.raises(TooManyPixels, match="^line 2: .*bomb.png has more pixels"):
         check_picture_file(str(bomb), "line 2: ")
     with pytest.raises(TooManyPixels, match="bomb.png has more pixels"):

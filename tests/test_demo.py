@@ -1,7 +1,7 @@
 """`make demo` runs text-to-image end to end with the shipped toy model and writes the pictures it names."""
 from PIL import Image
 
-from altdiff_min.demo import run
+from altdiff_min.apps.demo import run
 from altdiff_min.toy import detect
 
 
@@ -20,7 +20,7 @@ def test_demo_draws_what_each_language_asks_for(tmp_path, capsys):
 def test_demo_refuses_bad_arguments_before_loading(tmp_path, monkeypatch):
     import pytest
 
-    import altdiff_min.demo as demo
+    import altdiff_min.apps.demo as demo
 
     monkeypatch.setattr(demo, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "file").write_text("x")

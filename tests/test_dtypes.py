@@ -20,7 +20,7 @@ import torch
 from helpers import M9_TEXT, M9_UNET, M9_VAE, randomize_, rel_diff, rel_err
 from prompts import EDGE_PROMPTS, PROMPTS
 
-from altdiff_min.tokenizer import Tokenizer
+from altdiff_min.model.tokenizer import Tokenizer
 from weights_convert import text_encoder, unet, vae
 
 pytestmark = pytest.mark.slow  # full m9-size models; `make test` runs them

@@ -1,4 +1,4 @@
-"""altdiff_min.files: the one JSON reader, append-only logs with torn lines, writes that never follow a
+"""altdiff_min.storage.files: the one JSON reader, append-only logs with torn lines, writes that never follow a
 final symbolic link, and temporary files told apart from a killed write's leftovers."""
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from altdiff_min import files
+from altdiff_min.storage import files
 from altdiff_min.errors import BadFile
 
 DEEP = "[" * 100_000
@@ -89,7 +89,7 @@ def test_lock_file_is_not_followed(tmp_path):
 
 KILLED_WRITER = """
 import os, sys, signal
-from altdiff_min import files
+from altdiff_min.storage import files
 def write(tmp):
     open(tmp, "w").write("half")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from helpers import edit_json, small_configs, write_json
 
-import altdiff_min.folder as folder
-from altdiff_min.__main__ import main
+import altdiff_min.storage.folder as folder
+from altdiff_min.apps.cli import main
 from altdiff_min.errors import AltDiffError, BadFile, BadType, BadValue, Busy, NotFinite
-from altdiff_min.files import locked
+from altdiff_min.storage.files import locked
 from altdiff_min.pipeline import Limits, load
 from weights_convert.convert import convert
 from weights_convert.rules import ConversionError
@@ -171,7 +171,7 @@ def test_leftovers_of_interrupted_writes_are_removed(src, tmp_path):
 
 
 def test_files_and_folders_are_fsynced(src, tmp_path, monkeypatch):
-    import altdiff_min.files as files
+    import altdiff_min.storage.files as files
 
     synced = []
     real = files.fsync_path
@@ -290,7 +290,7 @@ def test_wrong_arguments_to_generate_fail_before_the_model_runs(small_model_dir,
     (lambda x: x.double(), "as it got them, torch.float32 on cpu, got torch.float64 on cpu"),
 ])
 def test_what_a_callback_returns_is_checked(returned, match):
-    from altdiff_min.samplers import after_step
+    from altdiff_min.sampling.samplers import after_step
 
     x = torch.randn(1, 4, 2, 3)
     assert after_step(lambda i, t, x, x0: None, 0, 999.0, x, x) is x
@@ -474,7 +474,7 @@ def test_output_folder_is_checked_before_the_model_loads(small_model_dir, tmp_pa
 def test_a_full_disk_leaves_no_truncated_picture(small_model_dir, tmp_path, monkeypatch, capsys):
     import errno
 
-    import altdiff_min.files as files
+    import altdiff_min.storage.files as files
 
     out = tmp_path / "o"
     args = ["generate", "a dog", "--model", small_model_dir, "--outdir", str(out), "--H", "64", "--W", "64",
@@ -511,7 +511,7 @@ def test_a_read_only_folder_is_one_line(small_model_dir, tmp_path, monkeypatch, 
 
 
 def test_numbered_pictures_never_overwrite(tmp_path):
-    from altdiff_min.files import save_numbered
+    from altdiff_min.storage.files import save_numbered
 
     (tmp_path / "00001.png").write_bytes(b"keep")  # a gap: one file, numbered 1
     written = [save_numbered(str(tmp_path), "{:05}.png", lambda p: open(p, "wb").write(b"new")) for _ in range(2)]
@@ -614,7 +614,7 @@ def test_generate_argument_gaps(small_model_dir, monkeypatch, kwargs, error, mat
 
 
 def test_heatmap_with_nothing_captured():
-    from altdiff_min.instruments import AttentionMaps
+    from altdiff_min.research.instruments import AttentionMaps
 
     with pytest.raises(BadValue, match="no attention maps were captured"):
         AttentionMaps().heatmap(token=1, size=(64, 64))

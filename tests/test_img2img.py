@@ -93,7 +93,7 @@ def test_inpainting_repaints_the_mask_and_keeps_the_rest():
     repainted: the kept latents end exactly at the picture's; the kept pixels away from the
     boundary (the decoder mixes neighbours) stay within the VAE's round-trip error; the repainted
     ones change; with paste_unmasked the kept pixels are the picture's exactly."""
-    from altdiff_min import img2img
+    from altdiff_min.sampling import img2img
 
     toy = load("toy")
     init = toy.generate("un cercle rouge", steps=10, seed=3, width=128, height=96, progress=False)[0]
@@ -101,7 +101,7 @@ def test_inpainting_repaints_the_mask_and_keeps_the_rest():
     with torch.no_grad():
         mean, _ = toy.vae.encode(pixels * 2 - 1)
         round_trip = (toy.vae.decode(mean).clamp(-1, 1) + 1) / 2
-        z0 = toy.encode_image(img2img.prepare_image(init, (128, 96)), torch.Generator().manual_seed(0))
+        z0 = toy.encode_image(pictures.prepare_image(init, (128, 96)), torch.Generator().manual_seed(0))
     columns = {"repainted": slice(0, 32), "kept": slice(32, 128), "far": slice(64, 128)}
 
     def error(images, part, reference=pixels):
@@ -167,7 +167,7 @@ def test_masks_of_every_mode_read_as_diffusers_reads_them(mode):
     transparent background is kept, not repainted."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from altdiff_min.img2img import prepare_mask
+    from altdiff_min.storage.pictures import prepare_mask
 
     mask = masks_in_every_mode()[mode]
     processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
@@ -179,7 +179,7 @@ def test_masks_of_every_mode_read_as_diffusers_reads_them(mode):
 def test_sixteen_bit_pictures_and_masks_are_scaled_not_clipped():
     """PIL's convert clips 16-bit levels at 255 (a picture all white, a dark mask all "repaint"):
     they are scaled to 8 bits, as the command line's reader does."""
-    from altdiff_min.img2img import prepare_image, prepare_mask
+    from altdiff_min.storage.pictures import prepare_image, prepare_mask
 
     grey = INIT.convert("L")
     deep = Image.fromarray(np.asarray(grey, dtype=np.uint16) * 257)  # the same levels in 16 bits
@@ -192,8 +192,8 @@ def test_sixteen_bit_pictures_and_masks_are_scaled_not_clipped():
 
 
 def test_the_command_lines_mask_reader_is_generates(tmp_path):
-    from altdiff_min.__main__ import read_picture
-    from altdiff_min.img2img import prepare_mask
+    from altdiff_min.storage.pictures import read_picture_argument as read_picture
+    from altdiff_min.storage.pictures import prepare_mask
 
     for mode, mask in masks_in_every_mode().items():
         mask.save(tmp_path / f"{mode}.png")
@@ -241,8 +241,8 @@ def test_bad_picture_arguments_fail_before_any_model_work(ours, monkeypatch, kwa
 @pytest.mark.parametrize("strength", [0, 0.0, -0.1, 1.01, float("nan")])
 def test_strength_help_and_errors_say_one_range_and_the_check_keeps_it(strength, capsys):
     """(0, 1]: strength 0 runs no step. --help, the type error and the value error all say so."""
-    from altdiff_min.__main__ import main
-    from altdiff_min.img2img import check_strength
+    from altdiff_min.apps.cli import main
+    from altdiff_min.sampling.img2img import check_strength
 
     with pytest.raises(SystemExit):
         main(["generate", "--help"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import rel_diff, rel_err
 
-from altdiff_min import interventions
-from altdiff_min.instruments import capture_attention
+from altdiff_min.model import interventions
+from altdiff_min.research.instruments import capture_attention
 from altdiff_min.pipeline import load
 
 RUN = dict(steps=3, height=64, width=96, seed=3, output="tensor", progress=False)
@@ -191,7 +191,7 @@ def test_attention_path_is_per_thread():
     import importlib
     import threading
 
-    module = importlib.import_module("altdiff_min.attention")  # the package's `attention` is the function
+    module = importlib.import_module("altdiff_min.model.attention")  # the package's `attention` is the function
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 5, 8, generator=g) for _ in range(3))

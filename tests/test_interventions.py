@@ -1,5 +1,5 @@
-"""The door (altdiff_min.interventions): attention controllers change exactly what they say, per call,
-on both attention backends; guidance rules (altdiff_min.guidance) against diffusers and the papers."""
+"""The door (altdiff_min.model.interventions): attention controllers change exactly what they say, per call,
+on both attention backends; guidance rules (altdiff_min.sampling.guidance) against diffusers and the papers."""
 import importlib
 import re
 import threading
@@ -8,12 +8,12 @@ import pytest
 import torch
 from helpers import rel_diff, rel_err
 
-from altdiff_min import interventions
-from altdiff_min.attention import attention, attention_backend
+from altdiff_min.model import interventions
+from altdiff_min.model.attention import attention, attention_backend
 from altdiff_min.errors import BadType, BadValue
-from altdiff_min.guidance import CFG, CFGRescale, GuidanceInterval, guidance_rule
-from altdiff_min.interventions import Controller, Site, intervene
-from altdiff_min.layers import Attention
+from altdiff_min.sampling.guidance import CFG, CFGRescale, GuidanceInterval, guidance_rule
+from altdiff_min.model.interventions import Controller, Site, intervene
+from altdiff_min.model.layers import Attention
 from altdiff_min.pipeline import load
 
 RUN = dict(steps=3, height=64, width=96, seed=3, output="tensor", progress=False)
@@ -186,7 +186,7 @@ def test_two_threads_use_their_own_controllers(pipe):
 
 def test_no_controller_takes_the_fused_path(pipe, monkeypatch):
     """Free when unused: without controllers no attention computes explicit probabilities."""
-    attention_module = importlib.import_module("altdiff_min.attention")  # the package exports a function of that name
+    attention_module = importlib.import_module("altdiff_min.model.attention")  # the package exports a function of that name
     for module in (attention_module, interventions):
         monkeypatch.setattr(module, "attention_probs", lambda *a: pytest.fail("explicit path taken"))
     monkeypatch.setattr(interventions.Run, "attend", lambda *a, **k: pytest.fail("a run was entered"))

@@ -11,8 +11,8 @@ from helpers import CHECKER, M9_VISION, PRECISIONS, edit_json, picture, rel_err,
 from PIL import Image
 
 from altdiff_min.errors import BadType, BadValue
-from altdiff_min.safety import CONCEPTS, PLACEHOLDER_GREY, SPECIAL_CONCEPTS, SafetyChecker, placeholder, replace_flagged
-from altdiff_min.vision import VisionConfig, preprocess
+from altdiff_min.vision.safety import CONCEPTS, PLACEHOLDER_GREY, SPECIAL_CONCEPTS, SafetyChecker, placeholder, replace_flagged
+from altdiff_min.vision.tower import VisionConfig, preprocess
 from weights_convert.rules import rename
 from weights_convert.vision import DROPS as VISION_DROPS
 from weights_convert.vision import SAFETY_RULES as RULES
@@ -313,7 +313,7 @@ def test_checker_is_optional_and_insisting_on_one_is_an_error(small_model_dir, c
 def test_cli_records_flags_and_turns_the_checker_off(checker_model_dir, small_model_dir, tmp_path, capsys):
     import json
 
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     common = ["generate", "un cercle rouge", "--model", checker_model_dir, "--steps", "2", "--n-samples", "2", "--skip-grid"]
     assert main([*common, "--outdir", str(tmp_path / "on")]) == 0
@@ -330,8 +330,8 @@ def test_cli_records_flags_and_turns_the_checker_off(checker_model_dir, small_mo
 
 
 def test_conversion_without_the_flag_ignores_the_checker(checker_layout, tmp_path, capsys):
-    from altdiff_min.__main__ import main
-    from altdiff_min.folder import read_config
+    from altdiff_min.apps.cli import main
+    from altdiff_min.storage.folder import read_config
 
     assert main(["convert", checker_layout, str(tmp_path / "m")]) == 0
     assert "not converted: " in (out := capsys.readouterr().out) and "(pass --with-safety-checker)" in out

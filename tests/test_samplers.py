@@ -13,9 +13,9 @@ from helpers import SCHEDULER, rel_err
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, PNDMScheduler)
 
-from altdiff_min.__main__ import SAMPLER_NAMES
-from altdiff_min.samplers import SAMPLERS, get_sampler
-from altdiff_min.schedule import ScheduleConfig, Timesteps, add_noise, alphas_cumprod, init_noise_sigma, timesteps
+from altdiff_min.apps.cli import SAMPLER_NAMES
+from altdiff_min.sampling.samplers import SAMPLERS, get_sampler
+from altdiff_min.sampling.schedule import ScheduleConfig, Timesteps, add_noise, alphas_cumprod, init_noise_sigma, timesteps
 
 TOL = 1e-5
 M9 = {k: v for k, v in SCHEDULER.items() if k != "_class_name"}  # m9's scheduler_config.json: no timestep_spacing
@@ -201,7 +201,7 @@ def test_model_calls(name, calls):
 
 def test_one_table_names_every_sampler():
     """The command line, the functions and the routes' table (schedule.ROUTES) name the same samplers."""
-    from altdiff_min.schedule import ROUTES
+    from altdiff_min.sampling.schedule import ROUTES
 
     assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS) == sorted(ROUTES)
 

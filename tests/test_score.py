@@ -13,11 +13,11 @@ from helpers import picture, rel_diff, rel_err, write_pictures
 from PIL import Image
 from prompts import PROMPTS
 
-from altdiff_min.__main__ import main
+from altdiff_min.apps.cli import main
 from altdiff_min.errors import BadFile, Exists
-from altdiff_min.score import load_clip, read_pairs, score_pictures
-from altdiff_min.tokenizer import Tokenizer
-from altdiff_min.vision import preprocess
+from altdiff_min.vision.score import load_clip, read_pairs, score_pictures
+from altdiff_min.model.tokenizer import Tokenizer
+from altdiff_min.vision.tower import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +159,9 @@ def test_the_command_line_end_to_end(generated, altclip_dir, tmp_path, capsys):
 ])
 def test_bad_input_is_one_line_before_the_model_loads(generated, altclip_dir, small_model_dir, tmp_path, monkeypatch,
                                                       capsys, case, message):
-    import altdiff_min.folder
+    import altdiff_min.storage.folder
 
-    monkeypatch.setattr(altdiff_min.folder, "read_modules", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(altdiff_min.storage.folder, "read_modules", lambda *a, **k: pytest.fail("the model was loaded"))
     path, clip, extra = generated, altclip_dir, []
     lines = open(os.path.join(generated, "manifest.jsonl"), encoding="utf-8").read().splitlines()
     manifest = tmp_path / "manifest.jsonl"
@@ -212,8 +212,8 @@ def test_load_clip_is_exported_by_the_package_as_the_readme_shows():
 def test_pictures_with_several_captions_are_counted_as_pairs_of_pictures(tmp_path, monkeypatch):
     """31 pictures, one of them with 31 captions: 61 pairs are scored, of 31 pictures, and the progress
     bar counts pairs."""
-    import altdiff_min.score as score
-    from altdiff_min.score import Scorer, summary
+    import altdiff_min.vision.score as score
+    from altdiff_min.vision.score import Scorer, summary
 
     folder = tmp_path / "data"
     write_pictures(folder, 30, "jsonl", sizes=((16, 16),))

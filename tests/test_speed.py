@@ -1,4 +1,4 @@
-"""altdiff_min/speed.py: the speed paths compute what the model files write, are applied per model
+"""altdiff_min/model/speed.py: the speed paths compute what the model files write, are applied per model
 (never process-wide), show in repr, and can be left off; a compiled UNet samples with every sampler
 after one compilation."""
 import os
@@ -7,17 +7,17 @@ import pytest
 import torch
 from helpers import M9_UNET, rel_diff, rel_err
 
-from altdiff_min import speed
-from altdiff_min.folder import WEIGHTS
-from altdiff_min.layers import Conv3x3
+from altdiff_min.model import speed
+from altdiff_min.storage.folder import WEIGHTS
+from altdiff_min.model.layers import Conv3x3
 from altdiff_min.pipeline import load
-from altdiff_min.samplers import SAMPLERS
+from altdiff_min.sampling.samplers import SAMPLERS
 
 
 def test_fast_m9_unet_equals_the_unet_as_written():
     """m9's UNet (random weights) on 16×24 latents reaches its 4×6 and 2×3 levels at 1280 channels,
     where FastConv3x3 takes the matrix-product path: the same ε, the same state dict."""
-    from altdiff_min.unet import UNet
+    from altdiff_min.model.unet import UNet
     from weights_convert.unet import config_from_hf
 
     torch.manual_seed(0)

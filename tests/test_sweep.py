@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from altdiff_min.__main__ import main
+from altdiff_min.apps.cli import main
 from altdiff_min.toy import detect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,7 @@ def test_the_toy_metric_reads_two_object_prompts_in_any_language():
     """Two objects: "objects" (both right) and "relation" (where the prompt puts them); one: colour, shape."""
     import numpy as np
 
-    from altdiff_min.sweep import toy_metric
+    from altdiff_min.apps.sweep import toy_metric
     from altdiff_min.toy import Obj, Scene, caption_scene, render_scene
     from altdiff_min.toy.data import INVERSE
 
@@ -86,7 +86,7 @@ def test_the_toy_metric_reads_two_object_prompts_in_any_language():
 
 def test_the_clip_metric_is_the_clip_score_of_each_saved_picture(altclip_dir, tmp_path, monkeypatch):
     """One model load for the sweep; each row's clip_score is Scorer.score of its picture and prompt."""
-    import altdiff_min.score as score
+    import altdiff_min.vision.score as score
 
     clip_model = altclip_dir
     loads, load_clip = [], score.load_clip
@@ -195,7 +195,7 @@ def test_force_replaces_only_what_a_sweep_wrote(tmp_path, capsys):
 def test_a_sweep_resumed_with_another_model_is_refused(tmp_path, capsys):
     import shutil
 
-    from altdiff_min.folder import resolve
+    from altdiff_min.storage.folder import resolve
 
     model = tmp_path / "model"
     shutil.copytree(resolve("toy"), model)
@@ -212,7 +212,7 @@ def test_contact_sheet_heads_columns_with_the_prompts_shortened_to_fit(tmp_path,
     """Each column is headed by its prompt (cut with "…" to the picture's width) over its seed, not 'p0 s0'."""
     from PIL import ImageDraw
 
-    from altdiff_min.sweep import Spec, contact_sheet
+    from altdiff_min.apps.sweep import Spec, contact_sheet
 
     drawn = []
     real = ImageDraw.ImageDraw.text
@@ -283,9 +283,9 @@ SMALL = {**SPEC, "seeds": [0], "axes": {"scale": [7.5]}}  # two cells
 
 def test_spec_json_records_the_environments_and_the_whole_fingerprint_and_resuming_compares_it(tmp_path, capsys,
                                                                                                monkeypatch):
-    import altdiff_min.provenance as provenance
-    import altdiff_min.sweep as sweep
-    from altdiff_min.folder import fingerprint
+    import altdiff_min.storage.provenance as provenance
+    import altdiff_min.apps.sweep as sweep
+    from altdiff_min.storage.folder import fingerprint
 
     spec, out = write_spec(tmp_path, SMALL), tmp_path / "spec"
     assert main(["sweep", spec, "--device", "cpu"]) == 0

@@ -7,9 +7,9 @@ import torch
 from helpers import M9_TEXT, SMALL_PRECISIONS, randomize_, rel_err
 from prompts import EDGE_PROMPTS, PROMPTS
 
-from altdiff_min.attention import attention_backend
-from altdiff_min.text_encoder import TextEncoder, TextEncoderConfig
-from altdiff_min.tokenizer import Tokenizer
+from altdiff_min.model.attention import attention_backend
+from altdiff_min.model.text_encoder import TextEncoder, TextEncoderConfig
+from altdiff_min.model.tokenizer import Tokenizer
 from weights_convert import text_encoder as convert
 from weights_convert.rules import ConversionError
 

@@ -1,7 +1,7 @@
 """Tokenizer parity on a unigram model trained in the test.
 
 We follow the tokenizer FlagAI ran (transformers 4.x's XLMRobertaTokenizerFast: see the top of
-altdiff_min/tokenizer.py). The reference installed here is transformers 5's XLMRobertaTokenizer, which
+altdiff_min/model/tokenizer.py). The reference installed here is transformers 5's XLMRobertaTokenizer, which
 splits on all Unicode whitespace before the unigram model; it and FlagAI's differ in one documented
 category, WHITESPACE_AT_A_SEGMENT_END below, asserted as such: where the ids differ, the prompt has that
 feature, and removing it makes the two equal."""
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prompts import ALL_PROMPTS, EDGE_PROMPTS, PROMPTS
 
 from altdiff_min.errors import BadValue
-from altdiff_min.tokenizer import BOS, EOS, MAX_PROMPT_CHARS, PAD, UNK, Tokenizer
+from altdiff_min.model.tokenizer import BOS, EOS, MAX_PROMPT_CHARS, PAD, UNK, Tokenizer
 
 SPECIAL = re.compile(r"<s>|</s>|<pad>|<unk>|<mask>")
 # Characters Unicode calls whitespace (transformers 5 splits on them) that the model's normaliser keeps.

@@ -299,7 +299,7 @@ def test_training_refuses_bad_recipes_before_any_work(tmp_path, bad, match):
 
 def test_training_refuses_an_existing_folder_before_any_training(tmp_path, capsys, monkeypatch):
     import altdiff_min.toy.train as training
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started"))
     out = tmp_path / "model"

@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from altdiff_min.pipeline import load
-from altdiff_min.schedule import add_noise
-from altdiff_min.train import caption_tokens, diffusion_loss, trainable, vae_loss
+from altdiff_min.sampling.schedule import add_noise
+from altdiff_min.training.train import caption_tokens, diffusion_loss, trainable, vae_loss
 from weights_convert import text_encoder as text_rules
 from weights_convert import unet as unet_rules
 from weights_convert.rules import rename
@@ -191,8 +191,8 @@ def test_two_processes_and_accumulation_do_the_sums_of_one_batch(small_model_dir
 KILLER = """
 import os, signal, sys
 import torch
-from altdiff_min import run_folder
-from altdiff_min.__main__ import main
+from altdiff_min.training import run_folder
+from altdiff_min.apps.cli import main
 mode, at = sys.argv[1], int(sys.argv[2])
 if mode == "after-step":  # SIGKILL once step `at` is logged: past the checkpoint before it
     append = run_folder.LossLog.append
@@ -276,8 +276,8 @@ def test_gradient_checkpointing_and_frozen_modules(small_model_dir, pictures, tm
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
 def test_mixed_precision_trains_in_autocast_with_fp32_weights(small_model_dir, pictures, tmp_path, mode):
-    from altdiff_min.dataset import open_data
-    from altdiff_min.train import TrainConfig, train
+    from altdiff_min.training.dataset import open_data
+    from altdiff_min.training.train import TrainConfig, train
 
     model = load(small_model_dir)
     losses = train(model, open_data(pictures, 32), TrainConfig(max_steps=3, batch_size=2, lr=1e-3, mixed_precision=mode),
@@ -287,7 +287,7 @@ def test_mixed_precision_trains_in_autocast_with_fp32_weights(small_model_dir, p
 
 
 def test_training_settings_are_checked(small_model_dir, pictures, tmp_path, capsys):
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     for bad, message in [(["--max-steps", "0"], "max_steps must be an int >= 1"),
                          (["--lr", "nan"], "lr must be a finite number"),
@@ -304,7 +304,7 @@ def test_training_settings_are_checked(small_model_dir, pictures, tmp_path, caps
 def test_bad_data_touches_no_run_folder(small_model_dir, pictures, tmp_path, capsys):
     """DATA is read before OUT_DIR is claimed: --force with a mistyped DATA keeps the old run, and a
     new OUT_DIR is not left behind empty. An empty folder is taken as a new OUT_DIR."""
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     run = tmp_path / "run"
     assert main(["train", small_model_dir, pictures, str(run), "--max-steps", "1", "--no-progress"]) == 0
@@ -324,7 +324,7 @@ def test_ema_decay_is_diffusers_ema_models():
     min(decay, (1 + k)/(10 + k)); ours at 0-based step k is its get_decay at optimization step k + 1."""
     from diffusers.training_utils import EMAModel
 
-    from altdiff_min.train import ema_decay
+    from altdiff_min.training.train import ema_decay
 
     for decay in (0.9999, 0.99, 0.5):
         ref = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay)
@@ -334,8 +334,8 @@ def test_ema_decay_is_diffusers_ema_models():
 def test_fp16_steps_the_scaler_skips_do_not_move_the_schedule(small_model_dir, pictures, tmp_path, monkeypatch, capsys):
     """As accelerate's scheduler wrapper (diffusers' scripts): an overflowed step leaves the learning-rate
     schedule where it was, and the run says how many steps were skipped."""
-    from altdiff_min.dataset import open_data
-    from altdiff_min.train import TrainConfig, train, warmup_cosine
+    from altdiff_min.training.dataset import open_data
+    from altdiff_min.training.train import TrainConfig, train, warmup_cosine
 
     class HugeScale(torch.amp.GradScaler):  # the first steps overflow until the scale has halved enough
         def __init__(self, *a, **k):
@@ -356,8 +356,8 @@ def test_fp16_steps_the_scaler_skips_do_not_move_the_schedule(small_model_dir, p
 
 
 def test_samples_of_an_ema_run_are_drawn_by_the_ema_weights(small_model_dir, pictures, tmp_path):
-    from altdiff_min.dataset import open_data
-    from altdiff_min.train import TrainConfig, train
+    from altdiff_min.training.dataset import open_data
+    from altdiff_min.training.train import TrainConfig, train
 
     cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-3, ema=0.9, save_every=100, sample_every=3,
                       sample_prompts=("a red circle",), sample_steps=2)
@@ -371,7 +371,7 @@ def test_samples_of_an_ema_run_are_drawn_by_the_ema_weights(small_model_dir, pic
 
 def test_batch_larger_than_the_data_is_refused_before_loading(small_model_dir, pictures, tmp_path, capsys, monkeypatch):
     import altdiff_min.pipeline as pipeline
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     for args in (["--batch-size", "13"], ["--batch-size", "7", "--grad-accum", "2"]):
@@ -381,7 +381,7 @@ def test_batch_larger_than_the_data_is_refused_before_loading(small_model_dir, p
 
 
 def test_resume_refuses_rewritten_captions(small_model_dir, tmp_path, capsys):
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     data = tmp_path / "data"
     write_pictures(data, 4)
@@ -394,7 +394,7 @@ def test_resume_refuses_rewritten_captions(small_model_dir, tmp_path, capsys):
 
 
 def test_resume_clears_every_interrupted_write(tmp_path):
-    from altdiff_min import run_folder
+    from altdiff_min.training import run_folder
 
     run = tmp_path / "run"
     run_folder.prepare(str(run), force=False, resume=False)
@@ -409,7 +409,7 @@ def test_resume_clears_every_interrupted_write(tmp_path):
 
 
 def test_train_help_explains_every_flag(capsys):
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -429,7 +429,7 @@ def test_train_flags_are_trainconfigs_fields():
     import argparse
     import dataclasses
 
-    from altdiff_min.train import TrainConfig, add_config_arguments, config_from_flags
+    from altdiff_min.training.train import TrainConfig, add_config_arguments, config_from_flags
 
     p = argparse.ArgumentParser()
     add_config_arguments(p)
@@ -451,7 +451,7 @@ FINISHED = ["--max-steps", "2", "--lr", "1e-4", "--warmup", "1", "--batch-size",
 @pytest.fixture(scope="module")
 def finished_run(small_model_dir, pictures, tmp_path_factory) -> str:
     """A run of 2 steps that has ended (checkpoint, log, curve, samples, model); tests resume copies of it."""
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     out = tmp_path_factory.mktemp("finished") / "run"
     assert main(["train", small_model_dir, pictures, str(out), *FINISHED]) == 0
@@ -471,8 +471,8 @@ def rows_of(run) -> list[dict]:
 
 
 def test_run_json_records_software_machine_and_the_models_whole_fingerprint(finished_run, small_model_dir):
-    from altdiff_min.folder import fingerprint
-    from altdiff_min.provenance import environment
+    from altdiff_min.storage.folder import fingerprint
+    from altdiff_min.storage.provenance import environment
 
     run = json.loads(open(os.path.join(finished_run, "run.json"), encoding="utf-8").read())
     assert run["model"] == fingerprint(small_model_dir)  # all of it, whatever it holds
@@ -489,8 +489,8 @@ def test_resume_with_out_dir_alone_extends_a_finished_run_past_a_torn_log_line(r
     """`train OUT_DIR --resume --max-steps 4`: model, data and settings from run.json; the torn last
     line a full disk left in loss.jsonl is dropped and the log goes on whole; `seconds` counts on from
     the time before the resume; the learning rate from step 3 on is the 4-step schedule's."""
-    from altdiff_min.__main__ import main
-    from altdiff_min.train import warmup_cosine
+    from altdiff_min.apps.cli import main
+    from altdiff_min.training.train import warmup_cosine
 
     log = os.path.join(run_copy, "loss.jsonl")
     before = rows_of(run_copy)
@@ -519,7 +519,7 @@ def test_resume_with_out_dir_alone_extends_a_finished_run_past_a_torn_log_line(r
 def test_a_run_recorded_before_the_weights_hash_was_kept_still_resumes(run_copy, capsys):
     """run.json's model record from before weights_sha256 was kept: what it kept is compared, what it
     did not keep is not a change; a kept hash that differs is still refused."""
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     path = os.path.join(run_copy, "run.json")
     run = json.loads(open(path, encoding="utf-8").read())
@@ -536,7 +536,7 @@ def test_a_run_recorded_before_the_weights_hash_was_kept_still_resumes(run_copy,
 
 
 def test_resume_refuses_flags_that_change_the_sums_in_one_line(run_copy, small_model_dir, pictures, capsys):
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     for flags, message in [(["--lr", "1e-3"], "--lr 0.0001 → 0.001"),
                            (["--train", "both"], "--train text_encoder → both"),
@@ -558,7 +558,7 @@ def test_resume_writes_nothing_through_a_planted_symbolic_link(run_copy, tmp_pat
     outside: the resume stops in one line naming it, before training, and what the link points to is untouched."""
     import shutil
 
-    from altdiff_min.__main__ import main
+    from altdiff_min.apps.cli import main
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -585,7 +585,7 @@ def test_resume_writes_nothing_through_a_planted_symbolic_link(run_copy, tmp_pat
 
 FULL_DISK = """
 import resource, sys
-from altdiff_min.__main__ import main
+from altdiff_min.apps.cli import main
 limit = int(sys.argv[1])  # no file may grow past this: writes beyond it fail with EFBIG (Python ignores SIGXFSZ)
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 sys.exit(main(["train", *sys.argv[2:]]))

@@ -1,4 +1,4 @@
-"""`altdiff-min ui` (altdiff_min/ui.py): the Gradio app served in-process on 127.0.0.1, asked through
+"""`altdiff-min ui` (altdiff_min/apps/ui.py): the Gradio app served in-process on 127.0.0.1, asked through
 gradio_client and through a real headless Chromium (Selenium); every picture compared pixel for pixel
 with what `model.generate` makes from the same arguments, and with what the command line shown makes."""
 from __future__ import annotations
@@ -21,12 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from altdiff_min import load, ui
-from altdiff_min.__main__ import main
+from altdiff_min import load
+
+from altdiff_min.apps import ui
+from altdiff_min.apps.cli import main
 from altdiff_min.errors import AltDiffError
-from altdiff_min.samplers import SAMPLERS
-from altdiff_min.schedule import timesteps
-from altdiff_min.tokenizer import MAX_PROMPT_CHARS
+from altdiff_min.sampling.samplers import SAMPLERS
+from altdiff_min.sampling.schedule import timesteps
+from altdiff_min.model.tokenizer import MAX_PROMPT_CHARS
 from altdiff_min.toy import caption, render
 
 # The handlers' positional order: prompt, negative prompt, sampler, steps, scale, seed, width, height, n.
@@ -303,11 +305,11 @@ def test_gradio_is_imported_by_the_ui_alone_and_its_absence_is_one_line():
 import importlib, pkgutil, sys
 import altdiff_min
 for m in pkgutil.walk_packages(altdiff_min.__path__, "altdiff_min."):
-    if m.name != "altdiff_min.ui":
+    if m.name != "altdiff_min.apps.ui":
         importlib.import_module(m.name)
 assert "gradio" not in sys.modules, "imported gradio"
 sys.modules["gradio"] = None
-from altdiff_min.__main__ import main
+from altdiff_min.apps.cli import main
 sys.exit(main(["ui"]))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

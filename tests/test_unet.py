@@ -10,8 +10,8 @@ import torch
 from helpers import M9_UNET, PRECISIONS, SMALL_PRECISIONS, randomize_, rel_err
 from diffusers import UNet2DConditionModel
 
-from altdiff_min.attention import attention_backend
-from altdiff_min.unet import UNet, UNetConfig
+from altdiff_min.model.attention import attention_backend
+from altdiff_min.model.unet import UNet, UNetConfig
 from weights_convert.rules import ConversionError
 from weights_convert.unet import config_from_hf, load
 
@@ -151,8 +151,8 @@ def test_compiles_as_one_graph():
 def test_fast_conv3x3_equals_the_direct_convolution(in_ch, out_ch, h, w):
     """speed.FastConv3x3's CPU shortcut (a matrix product over unfolded patches) computes the same
     convolution; with gradients recorded it is the direct kernel itself."""
-    from altdiff_min.layers import Conv3x3
-    from altdiff_min.speed import FastConv3x3, apply, as_written
+    from altdiff_min.model.layers import Conv3x3
+    from altdiff_min.model.speed import FastConv3x3, apply, as_written
 
     torch.manual_seed(0)
     conv = apply(torch.nn.Sequential(Conv3x3(in_ch, out_ch)).eval())[0]

@@ -10,8 +10,8 @@ import torch
 from helpers import M9_VAE, PRECISIONS, SMALL_PRECISIONS, legacy_attention_name, randomize_, rel_err
 from diffusers import AutoencoderKL
 
-from altdiff_min.attention import attention_backend
-from altdiff_min.vae import VAE, VAEConfig
+from altdiff_min.model.attention import attention_backend
+from altdiff_min.model.vae import VAE, VAEConfig
 from weights_convert.rules import ConversionError
 from weights_convert.vae import config_from_hf, load
 

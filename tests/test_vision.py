@@ -8,14 +8,14 @@ import torch
 from helpers import M9_VISION, SMALL_PRECISIONS, VISION, picture, randomize_, rel_err
 from PIL import Image
 
-from altdiff_min.attention import attention_backend
+from altdiff_min.model.attention import attention_backend
 from altdiff_min.errors import BadType, BadValue, NotFinite
 from altdiff_min.pipeline import to_pil
-from altdiff_min.vision import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer, preprocess
+from altdiff_min.vision.tower import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer, preprocess
 from weights_convert.rules import load_model, rename
 from weights_convert.vision import DROPS, RULES, config_from_hf
 
-# transformers' CLIPVisionModel layout → altdiff_min.vision.VisionTransformer (the tower alone: the
+# transformers' CLIPVisionModel layout → altdiff_min.vision.tower.VisionTransformer (the tower alone: the
 # converter reads it inside AltCLIP and the safety checker).
 def load(state_dict, cfg: VisionConfig):
     return load_model(lambda: VisionTransformer(cfg), state_dict, RULES, DROPS, "vision tower state dict")

@@ -5,7 +5,7 @@ its safety checker too with --with-safety-checker) or an AltCLIP in the transfor
 (BAAI/AltCLIP-m9); or a single ldm/FlagAI checkpoint (.ckpt / .safetensors, with --tokenizer). The steps:
   1. check the arguments and the destination, before reading gigabytes;
   2. read each module's config and weights and rename them strictly (weights_convert.rules);
-  3. write the model folder atomically (altdiff_min.folder.write_folder): a failed or interrupted
+  3. write the model folder atomically (altdiff_min.storage.folder.write_folder): a failed or interrupted
      conversion leaves nothing that `altdiff_min.load` would accept, and replaces nothing.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 
 from altdiff_min.checks import IMAGE_SIZE, check_int
 from altdiff_min.errors import AltDiffError, BadType, BadValue, Missing
-from altdiff_min.files import read_json
-from altdiff_min.folder import destination, write_locked
-from altdiff_min.schedule import ScheduleConfig
-from altdiff_min.tokenizer import Tokenizer
+from altdiff_min.model.tokenizer import Tokenizer
+from altdiff_min.sampling.schedule import ScheduleConfig
+from altdiff_min.storage.files import read_json
+from altdiff_min.storage.folder import destination, write_locked
 
 from . import ldm, schedule, text_encoder, unet, vae, vision
 from .rules import ConversionError, Report

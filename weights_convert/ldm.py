@@ -13,12 +13,12 @@ from typing import Mapping
 
 import torch
 
-from altdiff_min.schedule import ScheduleConfig, alphas_cumprod, betas
-from altdiff_min.text_encoder import TextEncoder, TextEncoderConfig
-from altdiff_min.unet import UNet, UNetConfig
-from altdiff_min.vae import VAE, VAEConfig
+from altdiff_min.model.text_encoder import TextEncoder, TextEncoderConfig
+from altdiff_min.model.unet import UNet, UNetConfig
+from altdiff_min.model.vae import VAE, VAEConfig
+from altdiff_min.sampling.schedule import ScheduleConfig, alphas_cumprod, betas
 
-from . import text_encoder, unet, vae
+from . import text_encoder, unet
 from .rules import ConversionError, Drop, Report, Rule, load_model
 
 PREFIXES = {"text_encoder": "cond_stage_model.", "unet": "model.diffusion_model.", "vae": "first_stage_model."}

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 
 from altdiff_min.errors import BadFile
-from altdiff_min.folder import empty_modules
+from altdiff_min.storage.folder import empty_modules
 
 Rule = tuple[str, str | Callable[[re.Match], str]]  # (regex searched in the name, its replacement), in order
 Drop = tuple[str, str]  # (regex searched in a source name, why the tensor is not needed)

@@ -1,4 +1,4 @@
-"""Noise schedule: diffusers' `scheduler/scheduler_config.json` → altdiff_min.samplers.ScheduleConfig.
+"""Noise schedule: diffusers' `scheduler/scheduler_config.json` → altdiff_min.sampling.samplers.ScheduleConfig.
 
 Every option the file states is either carried, checked to be what altdiff-min implements, or
 named in IGNORED with the reason; anything else is refused, so no checkpoint is ever sampled with
@@ -13,13 +13,13 @@ import math
 from typing import Mapping
 
 from altdiff_min.errors import AltDiffError
-from altdiff_min.schedule import SPACINGS, ScheduleConfig
+from altdiff_min.sampling.schedule import SPACINGS, ScheduleConfig
 
 from .rules import ConversionError
 
 CARRIED = ("num_train_timesteps", "beta_start", "beta_end", "steps_offset", "set_alpha_to_one", "timestep_spacing")
 # diffusers' defaults shared by the scheduler classes below, for options a file leaves out.
-# set_alpha_to_one None and timestep_spacing None: each sampler's own (see altdiff_min.samplers).
+# set_alpha_to_one None and timestep_spacing None: each sampler's own (see altdiff_min.sampling.samplers).
 ABSENT = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
           "steps_offset": 0, "set_alpha_to_one": None, "timestep_spacing": None}
 # Where a class's own defaults differ from ABSENT or from what altdiff-min implements (diffusers 0.42's

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from altdiff_min.files import read_json
+from altdiff_min.storage.files import read_json
 
 from .rules import ConversionError
 

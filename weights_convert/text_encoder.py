@@ -5,7 +5,7 @@ from typing import Mapping
 
 import torch
 
-from altdiff_min.text_encoder import TextEncoder, TextEncoderConfig
+from altdiff_min.model.text_encoder import TextEncoder, TextEncoderConfig
 
 from .rules import Drop, Report, Rule, load_model
 

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from altdiff_min.unet import UNet, UNetConfig
+from altdiff_min.model.unet import UNet, UNetConfig
 
 from .rules import Drop, Report, Rule, load_model
 

@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from altdiff_min.vae import VAE, VAEConfig
+from altdiff_min.model.vae import VAE, VAEConfig
 
 from .rules import Drop, Report, Rule, load_model
 from .unet import ATTENTION_INSIDE, reject_other_values

@@ -10,9 +10,9 @@ from typing import Mapping
 
 import torch
 
-from altdiff_min.altclip import AltCLIP, AltCLIPConfig
-from altdiff_min.safety import SafetyChecker
-from altdiff_min.vision import CLIP_MEAN, CLIP_STD, VisionConfig
+from altdiff_min.vision.altclip import AltCLIP, AltCLIPConfig
+from altdiff_min.vision.safety import SafetyChecker
+from altdiff_min.vision.tower import CLIP_MEAN, CLIP_STD, VisionConfig
 
 from . import text_encoder
 from .rules import Drop, Report, Rule, load_model, rename
@@ -22,7 +22,7 @@ from .rules import Drop, Report, Rule, load_model, rename
 CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
-# ---- CLIP's vision tower → altdiff_min.vision.VisionTransformer -------------------------------------------
+# ---- CLIP's vision tower → altdiff_min.vision.tower.VisionTransformer -------------------------------------------
 RULES: list[Rule] = [
     # transformers 4.x and the hub's files say vision_model.embeddings…; 5.x's CLIPVisionModel strips
     # the prefix when it loads them (its state dict starts at embeddings…): accept both.
@@ -64,7 +64,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
 
 
 # ---- AltCLIP ------------------------------------------------------------------------------------------------
-# transformers' AltCLIPModel layout → altdiff_min.altclip.AltCLIP. Each tower's names go through that
+# transformers' AltCLIPModel layout → altdiff_min.vision.altclip.AltCLIP. Each tower's names go through that
 # tower's own rules.
 ALTCLIP_TEXT_RULES: list[Rule] = [
     # transformers 5 names XLM-R's layers encoder.layers.N (and renames the hub's encoder.layer.N when it
@@ -111,7 +111,7 @@ def load_altclip(state_dict: Mapping[str, torch.Tensor], cfg: AltCLIPConfig) -> 
 
 
 # ---- the safety checker -----------------------------------------------------------------------------------
-# diffusers' StableDiffusionSafetyChecker → altdiff_min.safety.SafetyChecker. The hub's files say
+# diffusers' StableDiffusionSafetyChecker → altdiff_min.vision.safety.SafetyChecker. The hub's files say
 # vision_model.vision_model.…; transformers 5 loads them as vision_model.… : the vision RULES take
 # both once the outer vision_model. is ours (vision.). The other five names are the same here.
 SAFETY_RULES: list[Rule] = [
@@ -133,7 +133,7 @@ def load_safety_checker(state_dict: Mapping[str, torch.Tensor], cfg: VisionConfi
 
 # ---- CLIPImageProcessor's config ---------------------------------------------------------------------------
 def check_preprocessor(hf: dict, cfg: VisionConfig) -> None:
-    """Refuse a preprocessor_config.json that asks for other preprocessing than altdiff_min.vision.
+    """Refuse a preprocessor_config.json that asks for other preprocessing than altdiff_min.vision.tower.
     preprocess does (CLIPImageProcessor's defaults at the tower's image size): the old
     CLIPFeatureExtractor form (size: 224) and the current one (size: {"shortest_edge": 224}) both."""
     s = cfg.image_size

@@ -13,17 +13,21 @@ object a picture), so everything in altdiff-min can be run and looked into witho
     detect(image)                                            # ("triangle", "blue")
 
 data.py     the pictures (`render`, `render_scene`) and captions (`caption`, `caption_scene`); SHAPES,
-            COLOURS, LANGUAGES, RELATIONS; `SceneWorld`, the scenes as training data
+            COLOURS, LANGUAGES, RELATIONS
+world.py    the worlds as training data: `ToyWorld` (DATA "toy" of `altdiff-min train`), `SceneWorld`
 detect.py   what a picture shows (`detect`, `detect_scene`), and a model's accuracy per language
             (`evaluate`; `evaluate_scenes` for compositions)
 train.py    `train_toy` / `altdiff-min train-toy OUT_DIR`: how the shipped model was made
 """
 import os
 
+from ..storage.folder import register_folder
 from .data import COLOURS, LANGUAGES, RELATIONS, SHAPES, Obj, Scene, caption, caption_scene, render, render_scene
 from .detect import detect, detect_scene, evaluate, evaluate_scenes, format_table
+from .world import SceneWorld, ToyWorld
 
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+register_folder("toy", TOY_MODEL)  # load("toy"), --model toy
 
 __all__ = ["TOY_MODEL", "SHAPES", "COLOURS", "LANGUAGES", "RELATIONS", "Obj", "Scene", "render", "render_scene",
-           "caption", "caption_scene", "detect", "detect_scene", "evaluate", "evaluate_scenes", "format_table"]
+           "caption", "caption_scene", "detect", "detect_scene", "evaluate", "evaluate_scenes", "format_table", "ToyWorld", "SceneWorld"]

@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..errors import BadValue
 
@@ -410,41 +409,4 @@ def vocabulary(world: str = "shapes") -> list[str]:
                       for w in re.sub(r"\{\w+\}", " ", phrase).split()]
     return found + (list(RU_INSTRUMENTAL.values()) if scenes else [])
 
-
-class SceneWorld:
-    """Training data of scenes, with dataset.ToyWorld's interface (len, pixels(i), texts(i), resolution,
-    describe). Example i is one object when i % 3 == 0, two otherwise: a scene and its picture drawn
-    from (seed, i), with every caption of it in the nine languages and their phrasings."""
-
-    def __init__(self, n: int = 5400, seed: int = 0):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 3:
-            raise BadValue(f"the scene world needs at least 3 pictures, got {n!r}")
-        self.n, self.seed, self.resolution = n, seed, SIZE
-        self.captions: dict[Scene, tuple[str, ...]] = {}  # made once per scene
-
-    def __len__(self) -> int:
-        return self.n
-
-    def draw(self, i: int) -> tuple[Scene, np.random.Generator]:
-        rng = np.random.default_rng([self.seed, int(i)])
-        return random_scene(rng, 1 if i % 3 == 0 else 2), rng
-
-    def scene(self, i: int) -> Scene:
-        return self.draw(i)[0]
-
-    def pixels(self, i: int) -> torch.Tensor:
-        pixels = render_scene(*self.draw(i))
-        return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
-
-    def texts(self, i: int) -> tuple[str, ...]:
-        scene = self.scene(i)
-        if scene not in self.captions:
-            self.captions[scene] = scene_captions(scene)
-        return self.captions[scene]
-
-    def __getitem__(self, i: int):
-        return self.pixels(i), self.texts(i)
-
-    def describe(self) -> dict:
-        return {"kind": "toy scenes", "examples": self.n, "seed": self.seed, "resolution": self.resolution}
 

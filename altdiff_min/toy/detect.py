@@ -15,8 +15,20 @@ import numpy as np
 import torch
 
 from ..errors import BadType, BadValue
-from .data import (COLOURS, INVERSE, LANGUAGES, RELATIONS, SHAPES, SIDES, SIZE_CHOICES, Obj, Scene, caption,
-                   caption_scene, random_scene)
+from .data import (
+    COLOURS,
+    INVERSE,
+    LANGUAGES,
+    RELATIONS,
+    SHAPES,
+    SIDES,
+    SIZE_CHOICES,
+    Obj,
+    Scene,
+    caption,
+    caption_scene,
+    random_scene,
+)
 
 INK = 96  # a pixel is "ink" when some channel is this far below white: about half-way to every palette colour
 # Fill ratio of the ink's bounding box: square 1, circle π/4 ≈ 0.79, triangle 1/2; split half-way.
@@ -162,7 +174,7 @@ def judge_pair(seen: Scene | None, asked: Scene) -> tuple[bool, bool | None]:
 @torch.no_grad()
 def vae_readback(vae, world, n: int = 240) -> dict[str, float]:
     """How much of a scene survives the VAE: the fraction of the world's first n pictures (a
-    data.SceneWorld's) that `detect_scene` still reads right after encode and decode (posterior
+    world.SceneWorld's) that `detect_scene` still reads right after encode and decode (posterior
     means), for lone objects, pairs, and scenes holding a small object (the hardest: 12 px is 1.5
     latent cells)."""
     right: dict[str, list[bool]] = {"lone": [], "pairs": [], "small": []}

@@ -7,9 +7,9 @@
                   unconditional model to steer away from (Ho & Salimans 2022)
              → AltDiffusion(...).save(OUT_DIR): a model folder like the converter's, for `load`
 
-Both stages are runs of the shared training loop (altdiff_min/train.py, `train`) over the toy world:
-dataset.ToyWorld (one object a picture, the shipped model's) or, with world="scenes" (--world scenes),
-data.SceneWorld (one or two objects, size words, relations). This file holds only the recipe: the
+Both stages are runs of the shared training loop (altdiff_min/training/train.py, `train`) over the toy world:
+world.ToyWorld (one object a picture, the shipped model's) or, with world="scenes" (--world scenes),
+world.SceneWorld (one or two objects, size words, relations). This file holds only the recipe: the
 configs, the two stages' settings, the order.
 
 The modules are altdiff-min's own, in small configurations (`toy_configs`); everything else about
@@ -33,23 +33,24 @@ import sentencepiece as spm
 import torch
 
 from ..errors import BadType, BadValue
-from ..folder import destination
+from ..model.text_encoder import TextEncoder, TextEncoderConfig
+from ..model.tokenizer import Tokenizer
+from ..model.unet import UNet, UNetConfig
+from ..model.vae import VAE, VAEConfig
 from ..pipeline import AltDiffusion
-from ..schedule import ScheduleConfig
-from ..dataset import ToyWorld
-from ..distributed import World, barrier, join_world, leave_world, on_rank0
-from ..train import TrainConfig, train
-from ..text_encoder import TextEncoder, TextEncoderConfig
-from ..tokenizer import Tokenizer
-from ..unet import UNet, UNetConfig
-from ..vae import VAE, VAEConfig
-from .detect import evaluate as measure_accuracy, evaluate_scenes, format_table, vae_readback
-from .data import COLOURS, SHAPES, SIZE, SceneWorld, all_captions, scene_corpus, vocabulary
+from ..sampling.schedule import ScheduleConfig
+from ..storage.folder import destination
+from ..training.distributed import World, barrier, join_world, leave_world, on_rank0
+from ..training.train import TrainConfig, train
+from .data import COLOURS, SHAPES, SIZE, all_captions, scene_corpus, vocabulary
+from .detect import evaluate as measure_accuracy
+from .detect import evaluate_scenes, format_table, vae_readback
+from .world import SceneWorld, ToyWorld
 
 EVAL_SCALE, EVAL_STEPS = 7.5, 25  # guidance and DDIM steps of the accuracy measured after training
-# The worlds a recipe trains on. "shapes": one unsized object a picture (dataset.ToyWorld), the shipped
+# The worlds a recipe trains on. "shapes": one unsized object a picture (world.ToyWorld), the shipped
 # model's. "scenes": a third lone objects (a size word two times in three), two thirds pairs with their
-# relation (data.SceneWorld): pairs are the harder half (two bindings and a relation to learn), lone
+# relation (world.SceneWorld): pairs are the harder half (two bindings and a relation to learn), lone
 # objects keep the first world's captions true. Its tokenizer sees the size and relation words too.
 WORLDS = ("shapes", "scenes")
 VOCAB = {"shapes": 250, "scenes": 400}  # the tokenizer's target vocabulary (a bound: hard_vocab_limit is off)

@@ -1,0 +1,446 @@
+"""Ablation sweeps: `altdiff-min sweep SPEC` runs a grid of `generate` settings over prompts and seeds
+and writes a table. An ablation is a table: settings down the side, prompts and seeds across, a
+measure in every cell.
+
+A SPEC (JSON, or TOML on Python ≥ 3.11):
+
+    model = "toy"                                  # a model folder, or "toy"
+    prompts = ["un cercle rouge", "一个蓝色的正方形"]   # or prompts_file = "prompts.txt" (one per line)
+    seeds = [0, 1, 2]
+    metrics = ["toy", "clip"]                      # built in: "toy", "clip"; or "package.module:function"
+    clip_model = "altclip-m9"                      # the AltCLIP folder of "clip" (only with it)
+    [fixed]                                        # generate arguments every cell shares
+    steps = 25
+    [axes]                                         # generate arguments to vary: every combination is a setting
+    scale = [1.0, 3.0, 7.5]
+    sampler = ["ddim", "dpm++2m"]
+    cross_attention = [true, ["down", "up"], "mid"]  # everywhere; all but the middle; the middle only
+
+Every cell (setting × prompt × seed) is one picture, `generate(prompt, seed=seed, **fixed, **setting)`,
+written atomically to OUT/pictures/sSSS-pPPP-seedN.png; a sweep that was interrupted resumes by
+skipping the cells whose picture exists. Under torchrun cell c is made by rank c % processes, and each
+picture depends only on its cell, so any number of processes makes the same pictures. At the end
+(rank 0): results.csv (one row per picture: its setting, prompt, seed, file and every metric),
+contact_sheet.png (one labelled row per setting, one column per prompt × seed), and the mean of every
+metric per setting, printed.
+
+A metric is a function (picture: PIL.Image, prompt: str) → {name: number or None}, computed from the
+saved picture. "toy" is the toy detector's accuracy: colour and shape for one object, both objects
+and their relation for two (None for a prompt that is not a toy caption); "clip" is the multilingual
+CLIP score (altdiff_min.vision.score: AltCLIP-m9, 100 · max(cos, 0)), `clip_score`, by the AltCLIP folder
+`clip_model` (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one), loaded once per sweep on the
+sweep's device.
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import itertools
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import AltDiffError, BadFile, BadType, BadValue, Exists
+from ..model.tokenizer import check_prompt
+from ..sampling.guidance import guidance_rule
+from ..storage.files import atomic_file, clean_partials, locked, make_folder, read_json, read_text, refuse_link
+from ..storage.folder import fingerprint
+
+SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes"}
+NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
+             "return_trajectory", "return_flags", "controllers",  # objects: a spec holds JSON
+             # image to image needs a picture, which a spec cannot hold yet
+             "image", "mask", "strength", "paste_unmasked"}  # generate arguments a cell sets itself, or that a spec cannot write
+FORMAT = "altdiff-min-sweep"
+Metric = Callable[..., dict]
+
+
+def generate_arguments() -> set[str]:
+    from ..pipeline import AltDiffusion
+
+    return set(inspect.signature(AltDiffusion.generate).parameters) - {"self"} - NOT_SWEPT
+
+
+def toy_metric(picture, prompt: str) -> dict:
+    """The toy detector on the picture against what the prompt asks (any language, any phrasing:
+    data.read_caption). One object: "colour" and "shape", each 1 when right. Two: "objects", 1 when
+    exactly the two asked for are drawn (colour and shape), and "relation", 1 when they are also where
+    the prompt puts them (None when the objects are not right). None where a value does not apply,
+    and everywhere for a prompt that is not a toy caption."""
+    from ..toy.data import read_caption
+    from ..toy.detect import detect, detect_scene, judge_pair
+
+    values = dict.fromkeys(("colour", "shape", "objects", "relation"))
+    asked = read_caption(prompt)
+    if asked is None:
+        return values
+    if asked.second is None:
+        shape, colour = detect(picture)
+        return values | {"colour": float(colour == asked.first.colour), "shape": float(shape == asked.first.shape)}
+    objects, where = judge_pair(detect_scene(picture), asked)
+    return values | {"objects": float(objects), "relation": None if where is None else float(where)}
+
+
+def clip_metric(path: str | None, device="cpu") -> Metric:
+    """The metric "clip": the multilingual CLIP score of the picture and its prompt, by the AltCLIP
+    folder `path`. The model is loaded at the first picture: once per sweep, only by the process that
+    writes the table, and not when read_spec merely checks the name."""
+    scorer = None
+
+    def clip(picture, prompt: str) -> dict:
+        from ..vision.score import load_clip
+
+        nonlocal scorer
+        if scorer is None:
+            scorer = load_clip(path, device)
+        return {"clip_score": scorer.score([picture], [prompt]).item()}
+
+    return clip
+
+
+BUILT_IN_METRICS = ("toy", "clip")
+
+
+def find_metric(name: str, clip_model: str | None = None, device="cpu") -> Metric:
+    """A built-in metric, or the function 'package.module:function' names. "clip" is made for one
+    sweep: its AltCLIP folder (the spec's clip_model), on the sweep's device."""
+    if name == "toy":
+        return toy_metric
+    if name == "clip":
+        return clip_metric(clip_model, device)
+    module, _, function = name.partition(":")
+    if not function:
+        raise BadValue(f"metric {name!r}: not a built-in ({', '.join(BUILT_IN_METRICS)}) nor 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise BadValue(f"metric {name!r} cannot be imported ({e})") from None
+
+
+@dataclass
+class Spec:
+    model: str
+    prompts: list[str]
+    seeds: list[int]
+    fixed: dict
+    axes: dict[str, list]
+    metrics: list[str]
+    clip_model: str | None = None  # the AltCLIP folder of the metric "clip"
+
+    @property
+    def settings(self) -> list[dict]:
+        """Every combination of the axes' values, the first axis varying slowest."""
+        return [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+
+    def cells(self) -> list[tuple[int, int, int]]:
+        """(setting, prompt, seed) indices, in table order."""
+        return list(itertools.product(range(len(self.settings)), range(len(self.prompts)), range(len(self.seeds))))
+
+    def as_dict(self) -> dict:
+        # clip_model only when given: the sweeps recorded before it existed still resume
+        return {"format": FORMAT, "model": self.model, "prompts": self.prompts, "seeds": self.seeds,
+                "fixed": self.fixed, "axes": self.axes, "metrics": self.metrics,
+                **({"clip_model": self.clip_model} if self.clip_model is not None else {})}
+
+
+def read_spec(path: str) -> Spec:
+    """A SPEC file, every entry checked (names, types, non-empty axes) before any model work."""
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise BadValue(f"{path}: reading TOML needs Python 3.11 or later; write the spec as JSON") from None
+        try:
+            raw = tomllib.loads(read_text(path, "sweep spec"))
+        except tomllib.TOMLDecodeError as e:
+            raise BadFile(f"{path} is not valid TOML ({e})") from None
+    else:
+        raw = read_json(path, "sweep spec")
+    if not isinstance(raw, dict):
+        raise BadFile(f"{path}: a sweep spec is a table of settings, got {type(raw).__name__}")
+    if unknown := set(raw) - SPEC_KEYS:
+        raise BadValue(f"{path}: unknown entries {sorted(unknown)}; a spec has {sorted(SPEC_KEYS)}")
+    if not isinstance(raw.get("model"), str):
+        raise BadValue(f"{path}: 'model' must name a model folder (or \"toy\")")
+    prompts = raw.get("prompts")
+    if "prompts_file" in raw:
+        if prompts is not None:
+            raise BadValue(f"{path}: give 'prompts' or 'prompts_file', not both")
+        if not isinstance(raw["prompts_file"], str):
+            raise BadValue(f"{path}: 'prompts_file' must name a text file (one prompt per line), beside the spec")
+        file = os.path.join(os.path.dirname(os.path.abspath(path)), raw["prompts_file"])
+        prompts = [line.strip() for line in read_text(file, "prompt file").splitlines() if line.strip()]
+        if not prompts:
+            raise BadValue(f"{file} has no prompts (one per line expected)")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise BadValue(f"{path}: 'prompts' must be a non-empty list of strings (or give 'prompts_file')")
+    for prompt in prompts:
+        try:
+            check_prompt(prompt)
+        except AltDiffError as e:
+            raise type(e)(f"{path}: {e}") from None
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**64
+                                                          for s in seeds):
+        raise BadValue(f"{path}: 'seeds' must be a non-empty list of ints in [0, 2**64)")
+    if len(set(seeds)) < len(seeds):
+        raise BadValue(f"{path}: 'seeds' repeats a seed ({seeds}): each would be the same picture")
+    fixed, axes = raw.get("fixed", {}), raw.get("axes", {})
+    if not isinstance(fixed, dict) or not isinstance(axes, dict):
+        raise BadType(f"{path}: 'fixed' and 'axes' must be tables of generate arguments")
+    allowed = generate_arguments()
+    for name in [*fixed, *axes]:
+        if name not in allowed:
+            raise BadValue(f"{path}: {name!r} is not a generate argument a sweep can set; choose from {sorted(allowed)}")
+    if both := set(fixed) & set(axes):
+        raise BadValue(f"{path}: {sorted(both)} is both fixed and an axis")
+    for name, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise BadValue(f"{path}: axis {name!r} is empty; give it a list of at least one value")
+    for rule in axes.get("guidance", []) + ([fixed["guidance"]] if "guidance" in fixed else []):
+        if not isinstance(rule, str):  # its text, which the table records; a Rule object is not JSON
+            raise BadType(f"{path}: guidance must be a rule's text such as 'rescale:0.7', got {rule!r}")
+        guidance_rule(rule, f"{path}: guidance")
+    metrics = raw.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise BadValue(f"{path}: 'metrics' must be a list of names")
+    for name in metrics:
+        find_metric(name)
+    clip_model = raw.get("clip_model")
+    if "clip" in metrics and not isinstance(clip_model, str):
+        raise BadValue(f"{path}: the metric \"clip\" needs 'clip_model', an AltCLIP folder "
+                       f"(`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one)")
+    if "clip" not in metrics and clip_model is not None:
+        raise BadValue(f"{path}: 'clip_model' is read by the metric \"clip\" only; add \"clip\" to 'metrics' or remove it")
+    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics, clip_model)
+
+
+def check_cells(spec: Spec, model) -> None:
+    """Every setting's arguments, checked by generate's own checks before any picture is made."""
+    for setting in spec.settings:
+        arguments = {**spec.fixed, **setting}
+        model.unet.text_parts(arguments.get("cross_attention", True))  # true, false or a list of UNet parts
+        model.check_text_layer(arguments.get("text_layer"))
+        model.check_arguments(spec.prompts[0], arguments.get("negative_prompt", ""), 1, arguments.get("steps", 50),
+                              arguments.get("sampler", "ddim"), arguments.get("scale", 7.5), arguments.get("eta", 0.0),
+                              arguments.get("height"), arguments.get("width"), spec.seeds[0], None, "pil", None)
+
+
+def picture_name(cell: tuple[int, int, int], spec: Spec) -> str:
+    s, p, k = cell
+    return os.path.join("pictures", f"s{s:03}-p{p:03}-seed{spec.seeds[k]}.png")
+
+
+SWEEP_FILES = ("spec.json", "pictures", "results.csv", "contact_sheet.png")  # what a sweep writes into OUT
+
+
+NOT_THE_SPEC = ("model_folder", "environment", "environments")  # spec.json's records besides the spec itself
+
+
+def recorded_spec(spec: Spec, environment: dict | None = None) -> dict:
+    """spec.json: the spec, the model folder's whole fingerprint (folder.fingerprint: its path and every
+    *_sha256; a changed model is another sweep), and the environments its pictures were made in
+    (provenance.environment: the software, device, dtype and threads; a resumed sweep adds its own)."""
+    return {**spec.as_dict(), "model_folder": fingerprint(spec.model),
+            **({"environments": [environment]} if environment is not None else {})}
+
+
+def claim_folder(out: str, spec: Spec, force: bool, write: bool = True, environment: dict | None = None) -> None:
+    """OUT is new, holds this very sweep (resumed), or (force) holds another sweep, whose files are
+    replaced (only when OUT holds nothing else). write=False: only check, before any model work.
+    Writing, the leftovers of killed writes (files.clean_partials) are removed from OUT and its pictures."""
+    file = os.path.join(out, "spec.json")
+    now = recorded_spec(spec, environment)
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise Exists(f"{out} exists and is not a folder")
+        recorded = read_json(file, "sweep spec") if os.path.exists(file) else None
+        if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
+            if os.listdir(out):
+                raise Exists(f"{out} holds files that are not a sweep's; choose another --outdir")
+        elif (why := differs(recorded, now)) is None:  # resumed: the environments it was made in so far, and this one
+            made_in = recorded.get("environments", [])
+            if isinstance(made_in, list) and environment is not None:
+                now["environments"] = made_in + ([environment] if environment not in made_in else [])
+        else:
+            if not force:
+                raise Exists(f"{out} holds a sweep of another spec{why}; --force replaces it, or choose another --outdir")
+            if others := sorted(set(os.listdir(out)) - set(SWEEP_FILES)):
+                raise Exists(f"{out} also holds {others[:3]}, which no sweep wrote; --force replaces only a sweep's "
+                             f"files: move them, or choose another --outdir")
+            if write:
+                import shutil
+
+                for name in SWEEP_FILES:
+                    path = os.path.join(out, name)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    elif os.path.lexists(path):
+                        os.unlink(path)
+    for name in ("spec.json", "results.csv", "contact_sheet.png"):  # a planted link: refused before any model work
+        refuse_link(os.path.join(out, name), f"sweep's {name}")
+    where = out if os.path.isdir(out) else os.path.dirname(out)
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise BadValue(f"--outdir: cannot write into {where} (permission denied)")
+    if not write:
+        return
+    make_folder(os.path.join(out, "pictures"), "--outdir")
+    for folder in (out, os.path.join(out, "pictures")):
+        clean_partials(folder)
+    with atomic_file(file) as tmp, open(tmp, "w") as f:
+        json.dump(now, f, indent=2, ensure_ascii=False)
+
+
+def differs(recorded: dict, now: dict) -> str | None:
+    """None when `recorded` (spec.json) is this sweep; else why not, for the message. The model
+    folder's fingerprint is compared (its path and every *_sha256 it records: config, weights; a key
+    recorded before another was kept compares what it kept); sweeps recorded before the fingerprint
+    was kept compare their specs only. The environments are a
+    record, not the sweep: a sweep may be resumed on another machine."""
+    if "model_folder" in recorded:
+        was, model = recorded["model_folder"], now["model_folder"]
+        if not isinstance(was, dict):
+            return " (its spec.json's model_folder is not a fingerprint)"
+        if changed := sorted(k for k in was if was[k] != model.get(k)):  # keys kept since are not compared
+            named = [f"its {k.removesuffix('_sha256')} ({k})" if k.endswith("_sha256") else k for k in changed]
+            return f" (the model folder is not the one the sweep began with: {', '.join(named)} changed)"
+    recorded = {k: v for k, v in recorded.items() if k not in NOT_THE_SPEC}
+    return None if recorded == json.loads(json.dumps({k: v for k, v in now.items() if k not in NOT_THE_SPEC})) else ""
+
+
+def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force: bool = False,
+              metrics: dict[str, Metric] | None = None, progress: bool = True) -> list[dict]:
+    """`altdiff-min sweep SPEC`: make every missing cell's picture, then (rank 0) the table and the
+    contact sheet. out: default SPEC's name without its extension, beside it. metrics: more metric
+    functions by name, besides the spec's. Returns the table's rows."""
+    from ..pipeline import check_device, load
+    from ..storage.folder import read_config
+    from ..storage.provenance import environment
+    from ..training.distributed import barrier, join_world, leave_world, on_rank0
+
+    spec = read_spec(spec_path)
+    out = os.path.abspath(out or os.path.splitext(spec_path)[0])
+    read_config(spec.model)  # a missing or broken model folder is refused here
+    if spec.clip_model is not None:
+        try:
+            read_config(spec.clip_model, require=("altclip",))
+        except AltDiffError as e:
+            raise type(e)(f"{spec_path}: clip_model: {e}") from None
+    make_folder(os.path.dirname(out), "--outdir")  # OUT's place and state, before the model loads
+    claim_folder(out, spec, force, write=False)
+    world = join_world(check_device(device))
+    try:
+        functions = {name: find_metric(name, spec.clip_model, world.device) for name in spec.metrics} | (metrics or {})
+        model = load(spec.model, device=world.device)
+        try:
+            check_cells(spec, model)
+        except AltDiffError as e:
+            raise type(e)(f"{spec_path}: {e}") from None
+        with ExitStack() as stack:
+            def claim() -> None:
+                make_folder(os.path.dirname(out), "--outdir")
+                stack.enter_context(locked(out))  # one sweep at a time writes OUT (rank 0 holds it)
+                claim_folder(out, spec, force, environment=environment(world.device, model.unet.conv_in.weight.dtype))
+
+            on_rank0(world, claim)
+            make_pictures(spec, out, world, model, progress)
+        del model  # the metrics may load a model of their own ("clip": AltCLIP-m9) onto the same device
+        barrier(world)
+        return on_rank0(world, lambda: write_results(out, spec, functions))
+    finally:
+        leave_world(world)
+
+
+def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
+    """This rank's missing pictures, by `model` (loaded, its cells checked)."""
+    from tqdm import tqdm
+
+    settings, mine = spec.settings, [c for i, c in enumerate(spec.cells()) if i % world.size == world.rank]
+    # Made: a regular file. A link planted at a picture's name is not taken as the picture: atomic_file refuses it.
+    todo = [c for c in mine if not is_file(os.path.join(out, picture_name(c, spec)))]
+    for cell in todo:  # before the first picture is made
+        refuse_link(os.path.join(out, picture_name(cell, spec)), "picture")
+    for cell in tqdm(todo, desc="sweep", disable=not (progress and world.rank == 0)):
+        s, p, k = cell
+        image = model.generate(spec.prompts[p], seed=spec.seeds[k], progress=False, **{**spec.fixed, **settings[s]})[0]
+        with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp:
+            image.save(tmp, format="PNG")
+
+
+def is_file(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
+
+
+def write_results(out: str, spec: Spec, functions: dict[str, Metric]) -> list[dict]:
+    """results.csv and contact_sheet.png from the saved pictures; prints each setting's mean per metric."""
+    from PIL import Image
+
+    rows, pictures = [], []
+    for cell in spec.cells():
+        s, p, k = cell
+        file = picture_name(cell, spec)
+        with Image.open(os.path.join(out, file)) as image:
+            picture = image.convert("RGB")
+        pictures.append(picture)
+        values = {}
+        for name, fn in functions.items():
+            values |= {(key if len(functions) == 1 else f"{name}.{key}"): value for key, value in fn(picture, spec.prompts[p]).items()}
+        rows.append({"setting": s, **{axis: json.dumps(v) if not isinstance(v, (int, float, str)) else v
+                                      for axis, v in spec.settings[s].items()},
+                     "prompt": spec.prompts[p], "seed": spec.seeds[k], "file": file, **values})
+    with atomic_file(os.path.join(out, "results.csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    contact_sheet(out, spec, pictures)
+    measured = [key for key in rows[0] if key not in ("setting", "prompt", "seed", "file", *spec.axes)]
+    for s, setting in enumerate(spec.settings):
+        means = []
+        for key in measured:
+            values = [r[key] for r in rows if r["setting"] == s and r[key] is not None]
+            means.append(f"{key} {sum(values) / len(values):.2f}" if values else f"{key} –")
+        print(f"{label(setting):40} {'  '.join(means)}")
+    return rows
+
+
+def label(setting: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(fixed)"
+
+
+def shortened(draw, text: str, width: float) -> str:
+    """`text` cut (with "…") to fit `width` pixels in draw's font."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
+SHEET_LEFT, SHEET_TOP, SHEET_GAP = 220, 30, 2  # the settings' labels, the columns' two-line heads, between pictures
+
+
+def contact_sheet(out: str, spec: Spec, pictures: list) -> None:
+    """One row per setting, labelled; one column per prompt × seed, headed by the prompt (shortened to
+    the column's width) over the seed. pictures: the cells' pictures, in spec.cells() order."""
+    from PIL import Image, ImageDraw
+
+    w, h = max(p.size[0] for p in pictures), max(p.size[1] for p in pictures)  # an axis may change the size
+    columns = len(spec.prompts) * len(spec.seeds)
+    left, top, gap = SHEET_LEFT, SHEET_TOP, SHEET_GAP
+    sheet = Image.new("RGB", (left + columns * (w + gap), top + len(spec.settings) * (h + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c in range(columns):
+        p, k = divmod(c, len(spec.seeds))
+        x = left + c * (w + gap) + 2
+        draw.text((x, 2), shortened(draw, spec.prompts[p], w - 4), fill="black")
+        draw.text((x, 15), shortened(draw, f"seed {spec.seeds[k]}", w - 4), fill="black")
+    for i, picture in enumerate(pictures):
+        s, c = divmod(i, columns)
+        sheet.paste(picture, (left + c * (w + gap), top + s * (h + gap)))
+        if c == 0:
+            draw.text((4, top + s * (h + gap) + h // 2 - 6), label(spec.settings[s])[:34], fill="black")
+    with atomic_file(os.path.join(out, "contact_sheet.png")) as tmp:
+        sheet.save(tmp, format="PNG")

@@ -1,0 +1,285 @@
+"""`altdiff-min ui`: a web page (Gradio) for text-to-image and image-to-image with one loaded model.
+
+    altdiff-min ui [--model toy] [--host 127.0.0.1] [--port 7860] [--device cpu] [--dtype fp32]
+
+The model is loaded once; every request passes its own settings to `model.generate`, which reads no
+global state, so two requests can run at once (CONCURRENCY) without affecting each other. With each
+picture the page shows its seed, and for the batch the settings and the `altdiff-min generate`
+command line that makes the same pictures again.
+
+Gradio is an optional dependency (`pip install -e .[ui]`): it is imported here only, inside the
+functions, so that the rest of the package never needs it and a missing gradio is one clear line.
+"""
+from __future__ import annotations
+
+import errno
+import secrets
+import shlex
+import socket
+from typing import Any, Callable
+
+import torch
+
+from ..errors import AltDiffError, BadValue
+from ..model.tokenizer import check_prompt
+from ..pipeline import AltDiffusion, check_device, load
+from ..sampling.samplers import SAMPLERS
+from ..sampling.schedule import timesteps
+from ..storage.folder import read_config
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Two model runs at once: a request is not held up by a long one in another tab, and since each run
+# already uses every core, more would only share them thinner. Further requests wait in the queue.
+CONCURRENCY = 2
+# What one request may hold up: requests waiting for a model run (more are refused at once, "queue is
+# full", rather than held in memory), and the size of an uploaded file (a picture; larger ones are
+# refused before they are written). A prompt's length is bounded where every prompt is checked
+# (tokenizer.check_prompt, MAX_PROMPT_CHARS).
+QUEUE_SIZE = 16
+MAX_FILE_SIZE = 20 * 1024 * 1024
+SEED_RANGE = 2**32  # random seeds stay within what the page's number field holds exactly (2**53)
+TITLE = "altdiff-min: multilingual Stable Diffusion (AltDiffusion-m9)"
+
+
+def require_gradio():
+    """The gradio module, or one line saying how to install it."""
+    try:
+        import gradio
+    except ImportError as e:
+        raise AltDiffError(f"the web UI needs gradio ({e.name or e} is missing): pip install -e .[ui]") from None
+    return gradio
+
+
+# Turning what the page sends into generate's arguments, and the arguments into a recipe: no gradio here.
+
+def whole(name: str, value, blank: Any = ...) -> int | None:
+    """A number field's value as an int: the page's fields send floats (7.0) or None when emptied."""
+    if value is None or value == "":
+        if blank is ...:
+            raise BadValue(f"{name}: give a whole number")
+        return blank
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise BadValue(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def request(prompt, negative_prompt, sampler, steps, scale, seed, width, height, n_samples,
+            picture_size: bool = False) -> dict[str, Any]:
+    """generate's keyword arguments for one request, checked as far as the page's fields go (generate
+    checks the rest: sizes, limits, sampler). A seed of -1 (or none) draws a random one, kept in the
+    result so that the pictures can be made again. picture_size (image to image): a width or height
+    of 0 (or none) is the init picture's, which generate takes from the picture (None)."""
+    if not isinstance(prompt, str):
+        raise BadValue("give a prompt (not empty or blank)")
+    check_prompt(prompt)  # its length first: before any work on the text
+    if not prompt.strip():
+        raise BadValue("give a prompt (not empty or blank)")
+    if isinstance(negative_prompt, str):  # anything else: generate says what it should be
+        check_prompt(negative_prompt, "negative prompt")
+    seed = whole("seed", seed, -1)
+    if seed == -1:
+        seed = secrets.randbelow(SEED_RANGE)
+    return {"prompt": prompt, "negative_prompt": negative_prompt or "", "sampler": sampler,
+            "steps": whole("steps", steps), "scale": scale, "seed": seed,
+            "height": None if picture_size and not height else whole("height", height),
+            "width": None if picture_size and not width else whole("width", width),
+            "n_samples": whole("number of pictures", n_samples)}
+
+
+def precision(model: AltDiffusion) -> tuple[str, str]:
+    """The model's device and dtype as the command line spells them."""
+    weight = model.unet.conv_in.weight
+    return str(weight.device), next(name for name, dtype in DTYPES.items() if dtype == weight.dtype)
+
+
+def command_line(model: AltDiffusion, kwargs: dict[str, Any]) -> str:
+    """The `altdiff-min generate` command that makes the same pictures (samples/NNNNN.png, in order);
+    with an init picture, it names the uploaded files where the server keeps them."""
+    device, dtype = precision(model)
+    prompt, negative = kwargs["prompt"], kwargs["negative_prompt"]
+    # "--flag=value" and "-- prompt": a prompt or negative prompt starting with "-" would read as an option.
+    flags = [f"--negative-prompt={negative}"] if negative else []
+    flags += ["--sampler", kwargs["sampler"], "--steps", kwargs["steps"], "--scale", kwargs["scale"], "--seed", kwargs["seed"]]
+    for flag, name in (("--H", "height"), ("--W", "width")):
+        if kwargs[name] is not None:  # None (image to image): the init picture's size, the command's default too
+            flags += [flag, kwargs[name]]
+    flags += ["--n-samples", kwargs["n_samples"], "--model", model.path, "--device", device, "--dtype", dtype]
+    if "image" in kwargs:
+        flags += [f"--init-img={kwargs['image']}", "--strength", kwargs["strength"]]
+        if kwargs["mask"] is not None:
+            flags += [f"--mask={kwargs['mask']}"] + ["--paste-unmasked"] * kwargs["paste_unmasked"]
+    words = ["altdiff-min", "generate", *flags, "--", prompt] if prompt.startswith("-") else \
+        ["altdiff-min", "generate", prompt, *flags]
+    return shlex.join(str(w) for w in words)
+
+
+def settings_record(model: AltDiffusion, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows as JSON: every argument (pictures by their path), the model and precision."""
+    device, dtype = precision(model)
+    return {**kwargs, "model": model.path, "device": device, "dtype": dtype}
+
+
+def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, int | None], None]):
+    """Run generate for one request: (pictures with their captions, the recipe, the settings)."""
+    # The steps strength leaves of the route are generate's business: image to image counts without a total.
+    total = None if "image" in kwargs else len(timesteps(kwargs["sampler"], kwargs["steps"], model.schedule))
+
+    def callback(i: int, t, x, x0) -> None:  # returns None: a callback's return value would replace the latents
+        on_step(i + 1, total)
+
+    pictures = {}
+    if "image" in kwargs:
+        # Read as `generate --init-img/--mask` reads them (EXIF orientation, transparency over white),
+        # so that the command line shown makes the same pictures.
+        from ..storage.pictures import read_picture_argument as read_picture
+
+        pictures["image"] = read_picture(kwargs["image"], "init picture")
+        pictures["mask"] = read_picture(kwargs["mask"], "mask") if kwargs["mask"] is not None else None
+    images = model.generate(**{**kwargs, **pictures}, progress=False, callback=callback)
+    n = len(images)
+    gallery = [(image, f"seed {kwargs['seed']} · picture {k + 1} of {n}") for k, image in enumerate(images)]
+    return gallery, command_line(model, kwargs), settings_record(model, kwargs)
+
+
+# The page.
+
+def build_app(model: AltDiffusion):
+    """The Gradio app for `model` (not launched): a text-to-image tab and an image-to-image tab."""
+    gr = require_gradio()
+
+    def run_request(kwargs_of: Callable[[], dict[str, Any]], progress) -> tuple:
+        try:
+            kwargs = kwargs_of()
+            return make(model, kwargs, lambda i, total: progress((i, total), desc=kwargs["sampler"], unit="steps"))
+        except AltDiffError as e:  # an expected failure: its one line on the page, no traceback in the log
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def txt2img(prompt, negative_prompt, sampler, steps, scale, seed, width, height, n_samples,
+                progress=gr.Progress()):
+        return run_request(lambda: request(prompt, negative_prompt, sampler, steps, scale, seed, width, height,
+                                           n_samples), progress)
+
+    def img2img(prompt, negative_prompt, sampler, steps, scale, seed, width, height, n_samples, image, strength,
+                mask, paste_unmasked, progress=gr.Progress()):
+        def kwargs():
+            if image is None:
+                raise BadValue("image to image: upload an init picture")
+            return {**request(prompt, negative_prompt, sampler, steps, scale, seed, width, height, n_samples,
+                              picture_size=True),
+                    "image": image, "strength": strength, "mask": mask, "paste_unmasked": bool(paste_unmasked)}
+
+        return run_request(kwargs, progress)
+
+    size = model.image_size
+    multiple = check_multiple(model)
+
+    def settings(tab: str) -> list:
+        """The fields both tabs share, in the order the handlers take them; element ids end in the tab's name."""
+        image_tab = tab == "img2img"
+        # The page's number fields cannot be left blank (they send 0): 0 stands for the picture's size.
+        blank = "0: the init picture's, rounded down to a multiple of " + str(multiple) if image_tab else None
+        prompt = gr.Textbox(label="prompt", lines=2, elem_id=f"prompt-{tab}",
+                            placeholder="any of nine languages: a red circle · un cercle rouge · 一个蓝色的正方形")
+        # value "": the API's negative prompt may be left out (every field but the prompt has a default).
+        negative = gr.Textbox("", label="negative prompt", lines=1, elem_id=f"negative-{tab}")
+        with gr.Row():
+            sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler", elem_id=f"sampler-{tab}")
+            steps = gr.Slider(1, 150, value=25, step=1, precision=0, label="steps", elem_id=f"steps-{tab}")
+            scale = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance scale", elem_id=f"scale-{tab}")
+        with gr.Row():
+            seed = gr.Number(-1, precision=0, label="seed", info="-1: a random one (shown with each picture)",
+                             elem_id=f"seed-{tab}")
+            width = gr.Number(0 if image_tab else size, precision=0, step=multiple, label="width", info=blank,
+                              elem_id=f"width-{tab}")
+            height = gr.Number(0 if image_tab else size, precision=0, step=multiple, label="height", info=blank,
+                               elem_id=f"height-{tab}")
+            n_samples = gr.Slider(1, 8, value=1, step=1, precision=0, label="number of pictures",
+                                  elem_id=f"n-samples-{tab}")
+        return [prompt, negative, sampler, steps, scale, seed, width, height, n_samples]
+
+    def results(name: str) -> tuple:
+        # PNG, not Gradio's default WebP: the pictures come back lossless, pixel for pixel what generate made.
+        gallery = gr.Gallery(label="pictures", format="png", columns=4, fit_columns=False, height="auto", object_fit="contain",
+                             elem_id=f"gallery-{name}")
+        recipe = gr.Textbox(label="make them again", lines=1, max_lines=12, interactive=False, buttons=["copy"],
+                            elem_id=f"recipe-{name}", elem_classes=["recipe"])
+        with gr.Accordion("settings", open=False):
+            record = gr.JSON(label="settings", elem_id=f"settings-{name}")
+        return gallery, recipe, record
+
+    # The pictures reach the page as files in Gradio's cache: every hour those older than a day are
+    # deleted, so a server left running does not fill the disk. No analytics: nothing leaves the machine.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
+        gr.Markdown(f"## {TITLE}\nModel: `{model.path}` ({', '.join(precision(model))}); "
+                    f"trained at {size}×{size}, sizes in multiples of {multiple}.")
+        with gr.Tab("Text to image"):
+            inputs = settings("txt2img")
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+            outputs = results("txt2img")
+        button.click(txt2img, inputs, outputs, api_name="txt2img", concurrency_limit=CONCURRENCY,
+                     concurrency_id="model")
+        with gr.Tab("Image to image"):
+            inputs = settings("img2img")
+            with gr.Row():
+                # The files as uploaded (filepath, image_mode None: Gradio hands them over untouched), for
+                # make() to read as the command line does.
+                image = gr.Image(type="filepath", image_mode=None, label="init picture", height=256, elem_id="init-img2img")
+                mask = gr.Image(type="filepath", image_mode=None, label="mask (optional; white: repaint)", height=256,
+                                elem_id="mask-img2img")
+            with gr.Row():
+                strength = gr.Slider(0.05, 1, value=0.8, step=0.05, label="strength",
+                                     info="small: close to the picture; 1: from the picture drowned in noise "
+                                          "(with a mask: the masked part from pure noise)")
+                paste = gr.Checkbox(False, label="keep the unmasked pixels exactly (paste them back)")
+            button = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
+            outputs = results("img2img")
+        # One concurrency_id: both tabs share the CONCURRENCY model runs.
+        button.click(img2img, [*inputs, image, strength, mask, paste], outputs, api_name="img2img",
+                     concurrency_limit=CONCURRENCY, concurrency_id="model")
+    return app
+
+
+def check_multiple(model: AltDiffusion) -> int:
+    """The pixels a width or height must be a multiple of (the VAE's downsampling × the UNet's)."""
+    return 2 ** (len(model.vae.cfg.channels) - 1) * model.unet.cfg.size_multiple
+
+
+def launch(app, host: str, port: int, block: bool = True):
+    """Serve `app` on host:port; block=False returns at once (the server runs in a thread: app.close())."""
+    gr = require_gradio()
+    # The theme's fonts are the system's: the default theme fetches one from Google Fonts, which a
+    # machine without internet (or a user who wants no third-party requests) waits on.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    return app.queue(max_size=QUEUE_SIZE).launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, theme=theme, max_file_size=MAX_FILE_SIZE,
+        css=".recipe textarea {font-family: ui-monospace, monospace}", ssr_mode=False, quiet=not block)
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise BadValue unless host:port can be listened on now (before the model is loaded)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise BadValue(f"--port must be in [1, 65535], got {port!r}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise BadValue(f"--host {host!r} is not an address of this machine ({e})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's socket: a closed one's TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = "in use (another server?)" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+            raise BadValue(f"cannot listen on {host}:{port}: {why}") from None
+
+
+def run(args) -> int:
+    """`altdiff-min ui`: every argument is checked before the model loads; then it serves until Ctrl-C."""
+    require_gradio()
+    check_port(args.host, args.port)
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    read_config(args.model)
+    model = load(args.model, device=device, dtype=DTYPES[args.dtype])
+    print(f"altdiff-min ui: {model.path} on {device}, http://{args.host}:{args.port}", flush=True)
+    launch(build_app(model), args.host, args.port)
+    return 0
+

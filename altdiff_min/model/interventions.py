@@ -1,0 +1,199 @@
+"""The door into the model: change what the UNet's attention computes, per call.
+
+    class Swap(Controller):                                   a controller overrides any of three hooks,
+        def probs(self, site, when, probs): …                 each returning a changed value or None
+    images = pipe.generate("…", controllers=[Swap()])         only this call is changed
+
+Every attention of the UNet's transformer blocks is a `Site` (part "down"/"mid"/"up", level, block,
+kind "self" or "cross"), labelled when the UNet is built. While a sampling run has controllers, each
+such attention asks them, in order, at three places (Vaswani et al. 2017, eq. 1):
+
+    qkv(site, when, q, k, v)   the projected queries, keys and values (B, L, C) → (q, k, v) or None
+    probs(site, when, p)       softmax(QKᵀ/√d), (B, heads, Lq, Lk) → changed probabilities or None;
+                               a controller that has this hook makes that site take the explicit path
+    output(site, when, out)    the layer's output after its out-projection (B, Lq, C) → changed or None
+
+`when` is a `Moment`: which UNet evaluation of the run (call, from 0: the step for DDIM, DPM-Solver
+and Euler), its timestep t, whether the batch is a guidance batch (unconditional rows first, then
+the conditional ones), and the latents' (height, width), from which a site's grid is
+(height // site.scale, width // site.scale).
+
+Free when unused: with no controller an attention reads one ContextVar and takes the fused SDPA path,
+as before. Per call, never process-wide: the state lives in a ContextVar (this thread, this call), so
+two web requests on one model may use different controllers. A compiled UNet has no Python in its
+graph: `check_controllers` refuses controllers for it in one line.
+
+Latent hooks: generate's `callback(i, t, x, x0)` may return changed latents; the sampler continues
+from them. Guidance rules (how ε(x, ∅) and ε(x, c) combine) are altdiff_min.sampling.guidance's.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BadType, BadValue
+from .attention import attention, attention_probs
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an attention is: part "down", "mid" or "up", its level (0 is the finest on the way down,
+    the coarsest on the way up; 0 for mid), the transformer's index in the level, "self" or "cross",
+    and `scale`, how many times smaller its pixel grid is than the latents'."""
+    part: str
+    level: int
+    block: int
+    kind: str
+    scale: int
+
+    @property
+    def name(self) -> str:
+        """"down.1.0.cross" style: the module path's words."""
+        return f"{self.part}.{self.level}.{self.block}.{self.kind}" if self.part != "mid" else f"mid.{self.kind}"
+
+    @property
+    def layer(self) -> str:
+        """The level as UNet.text_parts names it: "down.1", "mid", "up.2"."""
+        return "mid" if self.part == "mid" else f"{self.part}.{self.level}"
+
+
+@dataclass(frozen=True)
+class Moment:
+    """When an attention runs: the UNet evaluation of this run (from 0), its timestep, whether the
+    batch is a guidance batch (unconditional rows first), and the latents' (height, width)."""
+    call: int
+    t: float
+    guided: bool
+    size: tuple[int, int]
+
+
+class Controller:
+    """Base of attention controllers: override any of the hooks; None leaves the value as it is."""
+
+    def qkv(self, site: Site, when: Moment, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return None
+
+    def probs(self, site: Site, when: Moment, probs: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def output(self, site: Site, when: Moment, out: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+def overrides(controller: Controller, hook: str) -> bool:
+    return getattr(type(controller), hook) is not getattr(Controller, hook)
+
+
+class Run:
+    """The controllers of one sampling run and where it is (`when`), set by the guided ε before each
+    UNet evaluation (`at`)."""
+
+    def __init__(self, controllers: Sequence[Controller]):
+        self.controllers = tuple(controllers)
+        self.hooks = {h: [c for c in self.controllers if overrides(c, h)] for h in ("qkv", "probs", "output")}
+        self.calls, self.when = 0, Moment(0, 0.0, False, (0, 0))
+
+    @contextmanager
+    def at(self, t: float, guided: bool, size: tuple[int, int]):
+        self.when = Moment(self.calls, float(t), guided, tuple(size))
+        try:
+            yield
+        finally:
+            self.calls += 1
+
+    def attend(self, site: Site, q, k, v, heads: int, mask, out_proj) -> torch.Tensor:
+        when = self.when
+        for c in self.hooks["qkv"]:
+            if (changed := c.qkv(site, when, q, k, v)) is not None:
+                q, k, v = changed
+        if self.hooks["probs"]:
+            probs, v_heads = attention_probs(q, k, v, heads, mask)
+            for c in self.hooks["probs"]:
+                if (changed := c.probs(site, when, probs)) is not None:
+                    probs = changed.to(v_heads.dtype)
+            b, h, lq, _ = probs.shape
+            out = (probs @ v_heads).transpose(1, 2).reshape(b, lq, -1)
+        else:
+            out = attention(q, k, v, heads, mask)
+        out = out_proj(out)
+        for c in self.hooks["output"]:
+            if (changed := c.output(site, when, out)) is not None:
+                out = changed
+        return out
+
+
+_run: ContextVar[Run | None] = ContextVar("interventions", default=None)
+
+
+def active() -> Run | None:
+    """The controllers of the sampling run under way in this thread, or None (the common case)."""
+    return None if torch.compiler.is_compiling() else _run.get()
+
+
+@contextmanager
+def intervene(controllers: Sequence[Controller] | None):
+    """Run the enclosed sampling with `controllers` (None or empty: nothing changes, nothing is set),
+    after those of an enclosing `intervene` (instruments.capture_attention is one). Yields the Run
+    (None without controllers); the guided ε moves it from call to call."""
+    outer = _run.get()
+    if not controllers:
+        yield outer
+        return
+    token = _run.set(Run((*(outer.controllers if outer else ()), *controllers)))
+    try:
+        yield _run.get()
+    finally:
+        _run.reset(token)
+
+
+@contextmanager
+def evaluation(t: float, guided: bool, size: tuple[int, int]):
+    """Around one UNet evaluation: the active run (if any) learns its moment."""
+    run = _run.get()
+    if run is None:
+        yield
+        return
+    with run.at(t, guided, size):
+        yield
+
+
+def check_controllers(controllers, compiled: bool = False) -> tuple[Controller, ...]:
+    """A list of Controller instances (None: none); refused for a compiled UNet, whose graph runs no hook."""
+    if controllers is None:
+        return ()
+    if isinstance(controllers, Controller):
+        controllers = [controllers]
+    if not isinstance(controllers, (list, tuple)) or not all(isinstance(c, Controller) for c in controllers):
+        raise BadType(f"controllers must be a list of interventions.Controller, got {controllers!r}")
+    if controllers and compiled:
+        raise BadValue("attention controllers need the UNet as written, and this one is compiled "
+                       "(load(..., compile=True)): load the model without compile to change its attention")
+    return tuple(controllers)
+
+
+def label_sites(unet: torch.nn.Module) -> None:
+    """Give every self- and cross-attention of `unet`'s transformer blocks its Site (at build time)."""
+    levels = len(unet.down)
+    for part, blocks in (("down", unet.down), ("up", unet.up)):
+        for i, level in enumerate(blocks):
+            scale = 2 ** (i if part == "down" else levels - 1 - i)
+            for j, transformer in enumerate(level.attn):
+                for kind in ("self", "cross"):
+                    getattr(transformer.block, f"{kind}_attn").site = Site(part, i, j, kind, scale)
+    for kind in ("self", "cross"):
+        getattr(unet.mid_attn.block, f"{kind}_attn").site = Site("mid", 0, 0, kind, 2 ** (levels - 1))
+
+
+class CrossAttentionSwitch(Controller):
+    """The cross-attention ablation: the levels not in `reads` (UNet.text_parts names) add nothing
+    from the text, as if the transformer skipped its cross-attention (x + 0 is x, bit for bit)."""
+
+    def __init__(self, reads: Collection[str]):
+        self.reads = frozenset(reads)
+
+    def output(self, site, when, out):
+        return torch.zeros_like(out) if site.kind == "cross" and site.layer not in self.reads else None

@@ -1,0 +1,145 @@
+"""What a record must say so that a result can be made again: the software, the machine and the
+precision that made it. Every manifest line, run.json and sweep spec.json carries `environment(…)`
+beside the model folder's fingerprint (folder.fingerprint: config and weights).
+
+    environment(device, dtype) → {"altdiff_min": "0.1.0", "git_commit": "…" | None, "git_dirty": bool | None,
+                                  "torch": "2.13.0+cpu", "device": "cpu", "device_name": "…",
+                                  "dtype": "fp32", "threads": 2}
+
+Every picture carries its record inside the PNG too (`png_bytes`): as JSON in an "altdiff-min" text
+chunk, which `generate --replay PICTURE.png` reads back (`record_of_png`), and as the "parameters" text
+the Stable Diffusion web UIs write (`parameters`), so the tools that read theirs show ours. The
+record holds only what makes the picture (no time, no file name), so a replay on the same machine
+writes the same bytes.
+
+The thread count is there because it changes pixels: a CPU matmul sums in another order with another
+number of threads (docs/robustness.md, on reproducibility), so a picture made with 16 threads can
+differ in its last bits from one made with 2.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import subprocess
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..errors import BadFile
+from .files import parse_json
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@functools.lru_cache(maxsize=1)
+def software() -> dict:
+    """altdiff-min's version, and its git commit when it runs from a checkout (None otherwise; dirty:
+    whether the checkout has changes the commit does not hold), and torch's version. Read once."""
+    try:
+        version = importlib.metadata.version("altdiff-min")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = dirty = None
+    if os.path.exists(os.path.join(top, ".git")):
+        try:
+            git = ["git", "-C", top]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                    check=True).stdout.strip() or None
+            changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "altdiff_min",
+                                      "weights_convert"], capture_output=True, text=True, timeout=10, check=True)
+            dirty = bool(changes.stdout.strip())
+        except (OSError, subprocess.SubprocessError):  # no git, or not a repository git can read
+            commit = dirty = None
+    return {"altdiff_min": version, "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def environment(device: str | torch.device, dtype: torch.dtype | str | None) -> dict:
+    """The record of the software, device, dtype and thread count a result is made with."""
+    device = torch.device(device)
+    if isinstance(dtype, torch.dtype) or dtype is None:
+        dtype = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")) if dtype is not None else None
+    return {**software(), "device": str(device), "device_name": device_name(device), "dtype": dtype,
+            "threads": torch.get_num_threads()}
+
+
+RECORD_CHUNK = "altdiff-min"  # the PNG text chunk holding a picture's record, as JSON
+# The web UIs' sampler names, for their "parameters" text (AUTOMATIC1111's spelling).
+UI_SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm++2m": "DPM++ 2M", "dpm++2m-karras": "DPM++ 2M Karras",
+                    "euler": "Euler", "euler_a": "Euler a"}
+
+
+def parameters(record: dict) -> str:
+    """A picture's settings as the web UIs' "parameters" text: the prompt, "Negative prompt: …", then
+    "Key: value" pairs (Steps, Sampler, CFG scale, Seed, Size as WxH, Model hash = the weights'
+    SHA-256 cut to 10 hex digits as their AutoV2 hash, …)."""
+    fields = {"Steps": record["steps"], "Sampler": UI_SAMPLER_NAMES.get(record["sampler"], record["sampler"]),
+              "CFG scale": record["scale"], "Seed": record["seed"], "Size": f"{record['width']}x{record['height']}"}
+    if record.get("eta"):  # only DDIM takes η (schedule.ROUTES), so it is 0 elsewhere
+        fields["Eta"] = record["eta"]
+    if record.get("guidance", "cfg") != "cfg":  # a value holding a comma is quoted, as the web UIs quote theirs
+        fields["Guidance"] = json.dumps(record["guidance"]) if "," in record["guidance"] else record["guidance"]
+    model = record.get("model") or {}
+    if model.get("weights_sha256"):
+        fields["Model hash"] = model["weights_sha256"][:10]
+    if model.get("path"):
+        fields["Model"] = os.path.basename(model["path"].rstrip("/\\"))
+    if record.get("init_img"):
+        fields["Denoising strength"] = record["strength"]
+    fields.update({"Batch size": record["n_samples"], "Batch pos": record["sample"], "Precision": record["dtype"],
+                   "Version": f"altdiff-min {(record.get('environment') or {}).get('altdiff_min')}"})
+    lines = [record["prompt"]] + ([f"Negative prompt: {record['negative_prompt']}"] if record.get("negative_prompt") else [])
+    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items())])
+
+
+def png_bytes(image: Image.Image, record: dict) -> bytes:
+    """The picture as PNG bytes carrying `record` (RECORD_CHUNK, JSON) and its web-UI "parameters"."""
+    info = PngInfo()
+    info.add_text("parameters", parameters(record))  # Pillow writes iTXt where the text is not Latin-1
+    info.add_text(RECORD_CHUNK, json.dumps(record, ensure_ascii=False, allow_nan=False))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def record_of_png(path: str, what: str = "picture") -> dict | None:
+    """The record a picture carries (png_bytes), or None for a PNG without one; only the header and the
+    text chunks before the pixels are read (no decoding). A file that is not a PNG is one line."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise BadFile(f"{what} {path} is a {image.format} file, not a PNG that altdiff-min wrote")
+            text = image.info.get(RECORD_CHUNK)
+    except FileNotFoundError:
+        raise BadFile(f"{what} {path} is not there") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadFile(f"{what} {path} is not a picture PIL can read ({type(e).__name__})") from None
+    if text is None:
+        return None
+    record = parse_json(text, f"{what} {path}'s {RECORD_CHUNK} record")
+    if not isinstance(record, dict):
+        raise BadFile(f"{what} {path}'s {RECORD_CHUNK} record is not an object")
+    return record
