@@ -24,7 +24,7 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 
 from .errors import BadType, BadValue, NotFinite
 from .model import speed
-from .model.interventions import Controller, CrossAttentionSwitch, check_controllers, intervene
+from .model.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene
 from .model.text_encoder import TextEncoder
 from .model.tokenizer import Tokenizer, check_prompt
 from .model.unet import UNet, UNetConfig
@@ -123,11 +123,20 @@ class AltDiffusion:
                 out = callback(i, t, x, x0) if callback is not None else None
                 return x if out is None else out
 
-            eps = guided_eps(self.unet, context, scale, guidance)
+            eps = guided_eps(self.denoise, context, scale, guidance)
             extra = {"warmup": blend.warmup} if blend is not None and route(sampler).warmup else {}
             with intervene(controllers):
                 return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
                                             generator=generator, callback=on_step, **extra)
+
+    def denoise(self, x: torch.Tensor, t: float, context: torch.Tensor | None, guided: bool = False) -> torch.Tensor:
+        """One UNet evaluation ε(x, t, context), marked for attention controllers (interventions.evaluation:
+        its timestep, and whether the batch is the guidance pair [∅; c]). The timestep reaches the UNet
+        as a float32 tensor, so a compiled UNet sees a new value, not a new constant, at every step, and
+        one dtype for every sampler: one compilation (the embedding computes in float32 either way, and
+        integer timesteps < 2²⁴ are exact)."""
+        with evaluation(t, guided, tuple(x.shape[-2:])):
+            return self.unet(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), context)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """4. Clean latents (in the sampler's scaled space) → images (n, 3, H, W), float32 in [0, 1]."""

@@ -154,7 +154,7 @@ from altdiff_min.sampling.samplers import ddim
 context = pipe.encode(["", prompt])
 for scale in (3.0, 7.5):
     seen = []
-    eps = guided_eps(pipe.unet, context, scale)
+    eps = guided_eps(pipe.denoise, context, scale)
     start = torch.randn(1, pipe.unet.cfg.in_channels, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ddim(lambda x, t: seen.append(eps(x, t)) or seen[-1], start, timesteps("ddim", 25, pipe.schedule), pipe.schedule)

@@ -12,7 +12,8 @@ from helpers import write_pictures
 from PIL import Image
 
 from altdiff_min.storage.pictures import to_rgb
-from altdiff_min.training.dataset import CaptionedFolder, ToyWorld, center_crop, open_data
+from altdiff_min.toy.world import ToyWorld
+from altdiff_min.training.dataset import CaptionedFolder, center_crop, open_data
 from altdiff_min.errors import BadFile, BadValue, Missing
 
 
@@ -272,7 +273,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_before_anything_decodes
     from helpers import bomb_png
     from PIL import ImageFile
 
-    import altdiff_min.apps.cli as cli
+    import altdiff_min.storage.pictures as pictures
     from altdiff_min.storage.pictures import read_picture
     from altdiff_min.errors import TooManyPixels
     from altdiff_min.vision.score import Scorer, check_picture_file

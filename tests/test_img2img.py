@@ -93,7 +93,7 @@ def test_inpainting_repaints_the_mask_and_keeps_the_rest():
     repainted: the kept latents end exactly at the picture's; the kept pixels away from the
     boundary (the decoder mixes neighbours) stay within the VAE's round-trip error; the repainted
     ones change; with paste_unmasked the kept pixels are the picture's exactly."""
-    from altdiff_min.sampling import img2img
+    from altdiff_min.storage import pictures
 
     toy = load("toy")
     init = toy.generate("un cercle rouge", steps=10, seed=3, width=128, height=96, progress=False)[0]

@@ -69,7 +69,7 @@ def as_written(module: nn.Module) -> nn.Module:
 class CompiledUNet(UNet):
     """A UNet whose calls run one torch.compile graph (fullgraph=True: its forward has no graph break).
     It is compiled in place (nn.Module.compile): the same modules, parameters and state dict; only
-    the call changes. The pipeline passes every timestep as a float32 tensor (guidance.guided_eps), so
+    the call changes. The pipeline passes every timestep as a float32 tensor (AltDiffusion.denoise), so
     sampling compiles once per shape of batch and latents, not once per step, whatever the sampler.
     The attention inside takes the fused path (attention.py).
 

@@ -1,6 +1,6 @@
 """Guidance: how the sampler's ε is made from the UNet's ε(x, ∅) and ε(x, c). The one place it lives.
 
-    guided_eps(unet, context, scale, rule)   the ε callable every sampler takes
+    guided_eps(denoise, context, scale, rule) the ε callable every sampler takes
     rule: CFG() (default)                    ε = ε∅ + s·(εc − ε∅)         Ho & Salimans 2022, eq. 6
           CFGRescale(phi=0.7)                the CFG result rescaled to εc's standard deviation, mixed by φ
                                              (Lin et al. 2024, §3.4, eqs. 15–16; diffusers' rescale_noise_cfg)
@@ -21,9 +21,11 @@ from typing import Callable
 import torch
 
 from ..errors import BadType, BadValue
-from ..model.interventions import evaluation
 
 Scale = float | Callable[[float], float]  # a guidance scale, or one per timestep t
+# One UNet evaluation (x, t, context, guided) → ε; guided: the batch is the guidance pair [∅; c]
+# (AltDiffusion.denoise, which tells attention controllers so).
+Denoiser = Callable[[torch.Tensor, float, "torch.Tensor | None", bool], torch.Tensor]
 
 
 class Rule:
@@ -120,30 +122,22 @@ def guidance_rule(spec: str | Rule | None, where: str = "guidance") -> Rule:
     return RULES[name](*numbers)
 
 
-def guided_eps(unet: torch.nn.Module, context: torch.Tensor | None, scale: Scale, rule: Rule | None = None
+def guided_eps(denoise: Denoiser, context: torch.Tensor | None, scale: Scale, rule: Rule | None = None
                ) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """ε for the sampler. context holds the unconditional rows first, then the conditional ones; both
-    halves go through the UNet in one batch, marked as such for attention controllers and
-    instruments (interventions.evaluation: `when.guided`). With scale 1, context is only the
-    conditional rows and ε = ε(x, c). Any other scale is taken as written, as FlagAI's (ldm's)
+    halves go through the UNet in one batch (`denoise(..., guided=True)`). With scale 1, context is
+    only the conditional rows and ε = ε(x, c). Any other scale is taken as written, as FlagAI's (ldm's)
     samplers take it: 0 is the negative prompt alone, between 0 and 1 a mix, below 0 away from the
     prompt; diffusers instead skips guidance for every scale ≤ 1 (ε(x, c)), so only scales > 1 and
-    exactly 1 give its pictures. The timestep reaches the UNet as a float32 tensor, so a compiled UNet
-    sees a new value, not a new constant, at every step, and one dtype for every sampler: one
-    compilation (the embedding computes in float32 either way, and integer timesteps < 2²⁴ are exact)."""
+    exactly 1 give its pictures."""
     rule = rule or CFG()
-
-    def call(x: torch.Tensor, t, ctx: torch.Tensor | None, guided: bool) -> torch.Tensor:
-        with evaluation(t, guided, tuple(x.shape[-2:])):
-            return unet(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), ctx)
-
     if not callable(scale) and scale == 1:
-        return lambda x, t: call(x, t, context, False)
+        return lambda x, t: denoise(x, t, context, False)
 
     def eps(x: torch.Tensor, t: float) -> torch.Tensor:
         if not rule.guides(float(t)):
-            return call(x, t, context[len(x):], False)  # the conditional rows only
-        e_uncond, e_cond = call(torch.cat([x, x]), t, context, True).chunk(2)
+            return denoise(x, t, context[len(x):], False)  # the conditional rows only
+        e_uncond, e_cond = denoise(torch.cat([x, x]), t, context, True).chunk(2)
         return rule.combine(e_uncond, e_cond, scale(t) if callable(scale) else scale, float(t))
 
     return eps
