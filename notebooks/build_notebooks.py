@@ -584,7 +584,8 @@ draws through its VAE, so the first question is whether the VAE can draw pink at
 import numpy as np
 from PIL import Image
 from altdiff_min.toy.data import COLOURS, LANGUAGES, SHAPES, mask as shape_mask
-from altdiff_min.training.train import TrainConfig, fine_tune
+from altdiff_min.training.config import TrainConfig
+from altdiff_min.training.fine_tune import fine_tune
 from lesson import scratch_folder
 PINK = (250, 120, 190)   # not one of data.COLOURS
 folder, runs = scratch_folder(), scratch_folder()   # the pictures; the runs (kept out of the pictures' folder)

@@ -11,10 +11,10 @@ import torch
 from helpers import write_pictures
 from PIL import Image
 
+from altdiff_min.errors import BadFile, BadValue, Missing
 from altdiff_min.storage.pictures import to_rgb
 from altdiff_min.toy.world import ToyWorld
 from altdiff_min.training.dataset import CaptionedFolder, center_crop, open_data
-from altdiff_min.errors import BadFile, BadValue, Missing
 
 
 def test_both_caption_conventions_read_the_same_examples(tmp_path):
@@ -274,8 +274,8 @@ def test_a_decompression_bomb_is_refused_from_its_header_before_anything_decodes
     from PIL import ImageFile
 
     import altdiff_min.storage.pictures as pictures
-    from altdiff_min.storage.pictures import read_picture
     from altdiff_min.errors import TooManyPixels
+    from altdiff_min.storage.pictures import read_picture
     from altdiff_min.vision.score import Scorer, check_picture_file
 
     bomb = tmp_path / "data" / "bomb.png"

@@ -192,8 +192,8 @@ def test_sixteen_bit_pictures_and_masks_are_scaled_not_clipped():
 
 
 def test_the_command_lines_mask_reader_is_generates(tmp_path):
-    from altdiff_min.storage.pictures import read_picture_argument as read_picture
     from altdiff_min.storage.pictures import prepare_mask
+    from altdiff_min.storage.pictures import read_picture_argument as read_picture
 
     for mode, mask in masks_in_every_mode().items():
         mask.save(tmp_path / f"{mode}.png")

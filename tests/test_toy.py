@@ -11,14 +11,47 @@ import pytest
 import torch
 
 from altdiff_min import load
-from altdiff_min.toy import (COLOURS, LANGUAGES, SHAPES, TOY_MODEL, Obj, Scene, caption, caption_scene, detect,
-                             detect_scene, evaluate, evaluate_scenes, format_table, render, render_scene)
-from altdiff_min.toy.data import (BESIDE, COLOUR_WORDS, GAP, MAX_SIZE, MIN_SIZE, PHRASINGS, RELATIONS, RU_INSTRUMENTAL,
-                                  SCENE_PHRASINGS, SHAPE_WORDS, SIDES, SIZE, SIZE_WORDS, WHERE, place_pair,
-                                  random_scene, read_caption, scene_captions, scene_corpus)
-from altdiff_min.toy.world import SceneWorld
+from altdiff_min.toy import (
+    COLOURS,
+    LANGUAGES,
+    SHAPES,
+    TOY_MODEL,
+    Obj,
+    Scene,
+    caption,
+    caption_scene,
+    detect,
+    detect_scene,
+    evaluate,
+    evaluate_scenes,
+    format_table,
+    render,
+    render_scene,
+)
+from altdiff_min.toy.data import (
+    BESIDE,
+    COLOUR_WORDS,
+    GAP,
+    MAX_SIZE,
+    MIN_SIZE,
+    PHRASINGS,
+    RELATIONS,
+    RU_INSTRUMENTAL,
+    SCENE_PHRASINGS,
+    SHAPE_WORDS,
+    SIDES,
+    SIZE,
+    SIZE_WORDS,
+    WHERE,
+    place_pair,
+    random_scene,
+    read_caption,
+    scene_captions,
+    scene_corpus,
+)
 from altdiff_min.toy.detect import SPECK, compositions, detect_objects, same_scene
 from altdiff_min.toy.train import Recipe, train_tokenizer, train_toy
+from altdiff_min.toy.world import SceneWorld
 
 # What the shipped model must reach in every language separately, and how it is sampled for that.
 MIN_COLOUR, MIN_SHAPE = 0.90, 0.85

@@ -54,8 +54,8 @@ def test_captions_keep_the_tokenizers_mask_and_dropped_ones_the_empty_prompts(sm
 
 
 def test_loss_and_every_gradient_equal_diffusers(small_model_dir, reference):
-    from helpers import SCHEDULER
     from diffusers import DDPMScheduler
+    from helpers import SCHEDULER
 
     ours = load(small_model_dir)
     trainable(ours.unet, ours.text_encoder)
@@ -87,9 +87,9 @@ def test_loss_and_every_gradient_equal_diffusers(small_model_dir, reference):
 def test_min_snr_weighted_loss_equals_diffusers_training_script(small_model_dir):
     """--snr-gamma: diffusers' train_text_to_image weights each example's mean squared error by
     min(SNR_t, γ)/SNR_t (training_utils.compute_snr); ours gives the same loss for the same draws."""
-    from helpers import SCHEDULER
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
+    from helpers import SCHEDULER
 
     ours = load(small_model_dir)
     ids, mask, latents, noise, t = batch(ours)
@@ -276,8 +276,9 @@ def test_gradient_checkpointing_and_frozen_modules(small_model_dir, pictures, tm
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
 def test_mixed_precision_trains_in_autocast_with_fp32_weights(small_model_dir, pictures, tmp_path, mode):
+    from altdiff_min.training.config import TrainConfig
     from altdiff_min.training.dataset import open_data
-    from altdiff_min.training.train import TrainConfig, train
+    from altdiff_min.training.train import train
 
     model = load(small_model_dir)
     losses = train(model, open_data(pictures, 32), TrainConfig(max_steps=3, batch_size=2, lr=1e-3, mixed_precision=mode),
@@ -334,8 +335,9 @@ def test_ema_decay_is_diffusers_ema_models():
 def test_fp16_steps_the_scaler_skips_do_not_move_the_schedule(small_model_dir, pictures, tmp_path, monkeypatch, capsys):
     """As accelerate's scheduler wrapper (diffusers' scripts): an overflowed step leaves the learning-rate
     schedule where it was, and the run says how many steps were skipped."""
+    from altdiff_min.training.config import TrainConfig
     from altdiff_min.training.dataset import open_data
-    from altdiff_min.training.train import TrainConfig, train, warmup_cosine
+    from altdiff_min.training.train import train, warmup_cosine
 
     class HugeScale(torch.amp.GradScaler):  # the first steps overflow until the scale has halved enough
         def __init__(self, *a, **k):
@@ -356,8 +358,9 @@ def test_fp16_steps_the_scaler_skips_do_not_move_the_schedule(small_model_dir, p
 
 
 def test_samples_of_an_ema_run_are_drawn_by_the_ema_weights(small_model_dir, pictures, tmp_path):
+    from altdiff_min.training.config import TrainConfig
     from altdiff_min.training.dataset import open_data
-    from altdiff_min.training.train import TrainConfig, train
+    from altdiff_min.training.train import train
 
     cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-3, ema=0.9, save_every=100, sample_every=3,
                       sample_prompts=("a red circle",), sample_steps=2)
@@ -429,7 +432,7 @@ def test_train_flags_are_trainconfigs_fields():
     import argparse
     import dataclasses
 
-    from altdiff_min.training.train import TrainConfig, add_config_arguments, config_from_flags
+    from altdiff_min.training.config import TrainConfig, add_config_arguments, config_from_flags
 
     p = argparse.ArgumentParser()
     add_config_arguments(p)

@@ -369,3 +369,14 @@ def append_line(path: str, line: str) -> None:
         raise io_error(path, e, "append to") from None
     finally:
         os.close(fd)  # releases the lock
+
+
+def safetensors_os_error(e: Exception) -> OSError:
+    """safetensors' write error as the OSError it wraps (its message names the errno), so that it is
+    one line naming the folder as every other failed write is (errors.io_error)."""
+    import errno
+    import re
+
+    code = re.search(r"\bcode: (\d+)|\(os error (\d+)\)", str(e))
+    number = int(code.group(1) or code.group(2)) if code else errno.EIO
+    return OSError(number, os.strerror(number) if code else f"safetensors could not write the weights ({e})")

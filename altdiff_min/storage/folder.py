@@ -34,11 +34,11 @@ from ..model.tokenizer import Tokenizer
 from ..model.unet import UNet, UNetConfig
 from ..model.vae import VAE, VAEConfig
 from ..sampling.schedule import ScheduleConfig
-from .files import fsync_path, leftovers, locked, make_folder, parse_json, read_json, sibling
+from .checksums import CHECKSUMS, sha256_of, write_checksums
+from .files import fsync_path, leftovers, locked, make_folder, parse_json, read_json, safetensors_os_error, sibling
 
 FORMAT, VERSION = "altdiff-min", 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "sentencepiece.bpe.model"
-CHECKSUMS = "checksums.json"  # {"format", "files": {WEIGHTS: {"sha256", "size", "mtime_ns"}}}, written with the weights
 # Every module a folder may hold: its name (the key of its config in config.json and the prefix of its
 # tensors) → (module class, config class). The diffusion modules are written here; the others register
 # themselves from their own files (vision/safety.py: safety_checker, vision/altclip.py: altclip), which
@@ -176,7 +176,7 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
             save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         except SafetensorError as e:  # safetensors' write errors (a full disk: "I/O error: No space left on device (os error 28)")
             raise safetensors_os_error(e) from None
-        write_checksums(tmp)
+        write_checksums(tmp, WEIGHTS)
         shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER))
         config = {"format": FORMAT, "version": VERSION, **{name: config_to_dict(c) for name, c in configs.items()},
                   **({"schedule": config_to_dict(schedule)} if schedule is not None else {}),
@@ -205,80 +205,6 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def safetensors_os_error(e: SafetensorError) -> OSError:
-    """safetensors' write error as the OSError it wraps (its message names the errno), so that it is
-    one line naming the folder as every other failed write is (errors.io_error)."""
-    import errno
-    import re
-
-    code = re.search(r"\bcode: (\d+)|\(os error (\d+)\)", str(e))
-    number = int(code.group(1) or code.group(2)) if code else errno.EIO
-    return OSError(number, os.strerror(number) if code else f"safetensors could not write the weights ({e})")
-
-
-def file_sha256(file: str) -> str:
-    """The SHA-256 of a file, read in 1 MiB pieces (a model is gigabytes; it is never held whole)."""
-    import hashlib
-
-    digest, buffer = hashlib.sha256(), bytearray(2**20)
-    view = memoryview(buffer)
-    with open(file, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
-def write_checksums(folder: str) -> None:
-    """checksums.json: the SHA-256 of `folder`'s weights as written, with the size and mtime that say
-    the file is still the one hashed (`weights_sha256`). Call once the weights are written and closed."""
-    file = os.path.join(folder, WEIGHTS)
-    info = os.stat(file)
-    record = {"format": FORMAT + "-checksums", "files": {WEIGHTS: {
-        "sha256": file_sha256(file), "size": info.st_size, "mtime_ns": info.st_mtime_ns}}}
-    with open(os.path.join(folder, CHECKSUMS), "w") as f:
-        json.dump(record, f, indent=2)
-
-
-def recorded_checksum(folder: str, name: str = WEIGHTS) -> dict | None:
-    """checksums.json's entry for `name` ({"sha256", "size", "mtime_ns"}), or None: no record (a folder
-    written before it was kept), or one that is not readable or not well-formed (it only spares a
-    hash; the weights are hashed again)."""
-    try:
-        record = read_json(os.path.join(folder, CHECKSUMS), "checksum record")
-        entry = record["files"][name]
-    except (AltDiffError, KeyError, TypeError):
-        return None
-    if (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
-            and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) for k in ("size", "mtime_ns"))):
-        return entry
-    return None
-
-
-HASHED: dict[tuple, str] = {}  # (file, device, inode, size, mtime, ctime) → SHA-256: folders without a record, hashed once a process
-
-
-def weights_sha256(folder: str, full: bool = False) -> str:
-    """The SHA-256 of a model folder's model.safetensors. Cheap: checksums.json's, while the file's size
-    and mtime are the recorded ones; otherwise (the file was changed, copied, or written before the
-    record was kept) the file is hashed. full=True hashes it whatever the record says: a change that
-    kept the size and put the mtime back (`touch -d`) is caught only so."""
-    file = os.path.join(folder, WEIGHTS)
-    try:
-        info = os.stat(file)
-        if not full:
-            entry = recorded_checksum(folder)
-            if entry is not None and (entry["size"], entry["mtime_ns"]) == (info.st_size, info.st_mtime_ns):
-                return entry["sha256"]
-        key = (file, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        if full or key not in HASHED:
-            HASHED[key] = file_sha256(file)
-        return HASHED[key]
-    except FileNotFoundError:
-        raise Missing(f"{folder} has no {WEIGHTS}: it is not a model folder") from None
-    except OSError as e:
-        raise io_error(file, e, "read") from None
-
-
 def resolve(path: str | os.PathLike) -> str:
     """A model folder's path; a registered name ("toy": the small model shipped with the package) is its folder."""
     return NAMED.get(path, os.fspath(path)) if isinstance(path, str) else os.fspath(path)
@@ -287,7 +213,7 @@ def resolve(path: str | os.PathLike) -> str:
 def fingerprint(path: str | os.PathLike, full: bool = False) -> dict[str, str]:
     """What a run or a picture records about the model folder it used: its absolute path, the SHA-256
     of its config.json (which names every module's shape and the schedule) and of its weights
-    (weights_sha256: from checksums.json while the file's size and mtime match it; full=True hashes
+    (checksums.sha256_of: from checksums.json while the file's size and mtime match it; full=True hashes
     the weights again in any case)."""
     import hashlib
 
@@ -297,7 +223,7 @@ def fingerprint(path: str | os.PathLike, full: bool = False) -> dict[str, str]:
             config = hashlib.sha256(f.read()).hexdigest()
     except OSError as e:
         raise Missing(f"model folder not found (or its {CONFIG} unreadable): {path} ({e.strerror})") from None
-    return {"path": path, "config_sha256": config, "weights_sha256": weights_sha256(path, full)}
+    return {"path": path, "config_sha256": config, "weights_sha256": sha256_of(path, WEIGHTS, full)}
 
 
 def replacement_under_way(path: str) -> bool:

@@ -40,8 +40,9 @@ from ..model.vae import VAE, VAEConfig
 from ..pipeline import AltDiffusion
 from ..sampling.schedule import ScheduleConfig
 from ..storage.folder import destination
+from ..training.config import TrainConfig
 from ..training.distributed import World, barrier, join_world, leave_world, on_rank0
-from ..training.train import TrainConfig, train
+from ..training.train import train
 from .data import COLOURS, SHAPES, SIZE, all_captions, scene_corpus, vocabulary
 from .detect import evaluate as measure_accuracy
 from .detect import evaluate_scenes, format_table, vae_readback

@@ -19,13 +19,13 @@ from .data import COLOURS, LANGUAGES, PHRASINGS, SHAPES, SIZE, Scene, caption, r
 class ToyWorld:
     """The toy's pictures (64 px): example i is a (shape, colour) taken in turn, drawn at a size and
     place fixed by (seed, i), with every caption of it in the nine languages and their phrasings."""
+    resolution = SIZE  # its pictures' side in pixels (a class attribute: read before a world is made)
     n: int = 5400
     seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < len(SHAPES) * len(COLOURS):
             raise BadValue(f"the toy world needs at least {len(SHAPES) * len(COLOURS)} pictures, one per shape and colour")
-        self.resolution = SIZE
         self.labels = [(shape, colour) for colour in COLOURS for shape in SHAPES]
         self.captions = {label: tuple(caption(*label, lang, p) for lang in LANGUAGES for p in range(len(PHRASINGS[lang])))
                       for label in self.labels}

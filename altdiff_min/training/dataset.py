@@ -219,7 +219,8 @@ NAMED: dict[str, Callable[[], Any]] = {}  # data known by a name: "toy", the toy
 
 
 def register_data(name: str, make: Callable[[], Any]) -> None:
-    """Data that DATA `name` of `altdiff-min train` means: make() gives it (len, pixels, texts, resolution, describe)."""
+    """Data that DATA `name` of `altdiff-min train` means: make() gives it (len, pixels, texts, resolution,
+    describe); make.resolution is its pictures' side, read before the data is made."""
     NAMED[name] = make
 
 

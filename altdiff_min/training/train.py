@@ -30,13 +30,11 @@ processes share it: one process with batch 2B and two with batch B do the same s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
@@ -46,13 +44,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..errors import BadValue, NotFinite
-from ..model.tokenizer import check_prompt
 from ..model.unet import UNet
 from ..model.vae import VAE
 from ..sampling.schedule import ScheduleConfig, add_noise, alphas_cumprod
-from ..storage.files import locked, make_folder
 from . import run_folder
-from .distributed import World, join_world, leave_world, on_rank0
+from .config import PRECISION, TrainConfig
+from .distributed import World
 
 # ---- the maths ------------------------------------------------------------------------------------------
 
@@ -112,136 +109,6 @@ def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
 
 
 # ---- what a run is --------------------------------------------------------------------------------------
-
-TRAIN = ("unet", "text_encoder", "both", "vae")  # what trains; "vae" is the toy's first stage
-PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def setting(default, help: str, **cli):
-    """A TrainConfig field and its `altdiff-min train` flag: the help text, and argparse's choices,
-    metavar, flag (another name) or cli=False (no flag). The default is written once, here."""
-    return field(default=default, metadata={"help": help, **cli})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    train: str = setting("unet", "what trains; the VAE stays frozen", choices=TRAIN[:3])
-    max_steps: int = setting(1000, "optimizer steps (the cosine schedule ends at the last); with --resume, a larger "
-                             "number extends the run (the schedule is recomputed: see train.train)")
-    batch_size: int = setting(1, "examples per process per micro-step")
-    grad_accum: int = setting(1, "micro-steps per optimizer step; the global batch is batch-size × processes × grad-accum")
-    lr: float = setting(1e-5, "AdamW's peak learning rate; times the linear warm-up and a cosine to 0 over the whole "
-                        "run (a long warm-up peaks below it)")
-    warmup: int = setting(0, "steps of linear learning-rate warm-up")
-    weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay")
-    max_grad_norm: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping); loss.jsonl "
-                                   "records the norm before clipping")
-    mixed_precision: str = setting("no", "autocast the forward pass; weights and optimizer stay fp32 (fp16 adds a "
-                                   "grad scaler)", choices=tuple(PRECISION))
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, ~1/3 more time")
-    ema: float = setting(0.0, "keep an exponential moving average of the weights (e.g. 0.9999; diffusers' warm-up: "
-                         "min(DECAY, (1+k)/(10+k)) at step k) and save it as the model; the samples use it too; "
-                         "0: none", metavar="DECAY")
-    uncond_prob: float = setting(0.1, "captions replaced by '' (for classifier-free guidance)")
-    snr_gamma: float = setting(0.0, "weight each example's loss by min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; "
-                               "5 is theirs and diffusers'); 0: unweighted", metavar="GAMMA")
-    kl_weight: float = setting(1e-3, "train='vae' only: the KL term's weight", cli=False)
-    seed: int = setting(0, "the data order and every random draw of the run")
-    save_every: int = setting(500, "steps between checkpoints (and one at the end)")
-    sample_every: int = setting(0, "steps between sample pictures in OUT_DIR/samples (0: none)")
-    sample_prompts: tuple[str, ...] = setting((), "a prompt to sample (repeat the flag for more); picture K uses seed K",
-                                              flag="--sample-prompt", metavar="PROMPT")
-    sample_steps: int = setting(25, "DDIM steps of the sample pictures")
-
-    def __post_init__(self):
-        if self.train not in TRAIN:
-            raise BadValue(f"--train must be one of {', '.join(TRAIN[:3])}, got {self.train!r}")
-        if self.mixed_precision not in PRECISION:
-            raise BadValue(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadValue(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup", "sample_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise BadValue(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise BadValue(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
-        if not 0 <= self.ema < 1 or not 0 <= self.uncond_prob < 1:
-            raise BadValue(f"ema and uncond_prob must be in [0, 1), got {self.ema} and {self.uncond_prob}")
-        if self.sample_every and not self.sample_prompts:
-            raise BadValue("--sample-every needs at least one --sample-prompt")
-        for prompt in self.sample_prompts:
-            if not isinstance(prompt, str):
-                raise BadValue(f"sample_prompts must be strings, got {prompt!r}")
-            check_prompt(prompt)
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return {"both": ("text_encoder", "unet")}.get(self.train, (self.train,))
-
-    def global_batch(self, processes: int) -> int:
-        """Examples per optimizer step: batch_size × processes × grad_accum."""
-        return self.batch_size * processes * self.grad_accum
-
-
-# What a resumed run may change: how the global batch is split (not its size), memory, what is saved
-# and sampled, and max_steps (extends the run; train() says how the schedule follows). The other
-# settings change the sums: a resumed run has the same ones.
-MAY_CHANGE_ON_RESUME = ("max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "save_every", "sample_every",
-                        "sample_prompts", "sample_steps")
-SAME_ON_RESUME = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in MAY_CHANGE_ON_RESUME)
-
-
-def flag(name: str) -> str:
-    """The `altdiff-min train` flag of a TrainConfig field."""
-    return next(f.metadata.get("flag") for f in dataclasses.fields(TrainConfig) if f.name == name) \
-        or "--" + name.replace("_", "-")
-
-
-def add_config_arguments(p) -> None:
-    """One `altdiff-min train` flag per TrainConfig field (except cli=False ones), its help and default
-    taken from the field. Every flag's argparse default is None, so that `config_from_flags` knows
-    which were given (on --resume only those override run.json)."""
-    import argparse
-
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        if not meta.pop("cli", True):
-            continue
-        help, name = meta.pop("help"), meta.pop("flag", None) or flag(f.name)
-        shown = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
-        options = dict(dest=f.name, default=None, help=f"{help} (default: {shown if shown != '' else 'none'})", **meta)
-        if isinstance(f.default, bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, **options)
-        elif isinstance(f.default, tuple):
-            p.add_argument(name, action="append", **options)
-        else:
-            p.add_argument(name, type=type(f.default), **options)
-
-
-def config_from_flags(args, recorded: dict | None = None) -> TrainConfig:
-    """The TrainConfig of `altdiff-min train`'s flags (None: not given): a new run takes the fields'
-    defaults for the others, a resumed one run.json's `recorded` settings; a flag given on --resume for
-    a setting that may not change (SAME_ON_RESUME) with another value than run.json's is an error naming it."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    if "sample_prompts" in given:
-        given["sample_prompts"] = tuple(given["sample_prompts"])
-    if recorded is None:
-        return TrainConfig(**given)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    old = {k: tuple(v) if k == "sample_prompts" and isinstance(v, list) else v for k, v in recorded.items() if k in names}
-    if changed := [f"{flag(n)} {old.get(n, getattr(TrainConfig, n))} → {given[n]}" for n in SAME_ON_RESUME
-                   if n in given and given[n] != old.get(n, getattr(TrainConfig, n))]:
-        raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); those cannot change "
-                       f"on resume: drop the flag(s), or start a new run")
-    try:
-        return TrainConfig(**{**old, **given})
-    except TypeError as e:  # a run.json edited by hand
-        raise BadValue(f"--resume: run.json's settings do not make a TrainConfig ({e})") from None
 
 
 # ---- the random draws: functions of (seed, step, place) only -------------------------------------------
@@ -342,45 +209,6 @@ class Batches:
 
 
 # ---- resuming: the same sums or a reason -------------------------------------------------------------------
-
-
-def check_batch(cfg: TrainConfig, processes: int, examples: int) -> None:
-    """`altdiff-min train`: a global batch holds each example at most once, no larger than the data
-    (the loop itself reads the data stream epoch after epoch; the toy recipe's small worlds rely on it)."""
-    if cfg.global_batch(processes) > examples:
-        raise BadValue(f"the global batch {describe_batch(cfg, processes)} is larger than the data's {examples} "
-                       f"example(s): lower --batch-size or --grad-accum")
-
-
-def describe_batch(cfg: TrainConfig, processes: int) -> str:
-    return (f"{cfg.global_batch(processes)} (batch {cfg.batch_size} × {processes} process(es) "
-            f"× {cfg.grad_accum} accumulation)")
-
-
-def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> None:
-    """A resumed run must do the same sums: same base model and data, the same settings, the same global batch."""
-    old = {n: recorded["config"].get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # one added since: its default
-    if changed := [f"{flag(n)} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
-        raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
-                       f"same ones, or start a new run")
-
-    def but_content(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k != "content"}
-
-    for key in ("model", "data"):
-        was, now = recorded[key], run[key]
-        if key == "data" and "content" not in was:  # recorded before the content's hash was kept
-            now = but_content(now)
-        if key == "model":  # a run recorded before a hash was kept (weights_sha256) compares what it kept
-            now = {k: now.get(k) for k in was}
-        if was != now:
-            why = " (the same folder, but other captions or files)" if key == "data" and but_content(was) == \
-                but_content(now) else ""
-            raise BadValue(f"--resume: the run's {key} was {was}, now {now}{why}; a resumed run must read the same")
-    if recorded["global_batch"] != cfg.global_batch(world.size):
-        raise BadValue(f"--resume: the run's global batch is {recorded.get('batch', recorded['global_batch'])}, this one "
-                       f"would be {describe_batch(cfg, world.size)}: with {world.size} process(es) choose --batch-size "
-                       f"and --grad-accum whose product is {recorded['global_batch'] / world.size:g}, or the sums change")
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -541,73 +369,3 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     return losses
 
 
-def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolution: int | None = None,
-              device: str | torch.device = "cpu", resume: bool = False, force: bool = False,
-              progress: bool = True) -> str:
-    """`altdiff-min train MODEL DATA OUT_DIR`: fine-tune a model folder ("toy" or a converted m9) on
-    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the
-    result. Under torchrun every process calls this; rank 0 checks and writes, the others follow.
-    Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
-    from safetensors import SafetensorError
-
-    from ..pipeline import check_device, check_size, load
-    from ..storage.folder import fingerprint, read_config
-    from ..storage.provenance import environment
-    from ..toy.data import SIZE as TOY_SIZE
-    from .dataset import open_data
-
-    world = join_world(check_device(device))
-    try:
-        with ExitStack() as stack:
-            config = read_config(model_path)
-            resolution = (TOY_SIZE if data == "toy" else config.get("image_size", 512)) if resolution is None else resolution
-            try:
-                check_size(resolution, resolution, config["vae"], config["unet"])
-            except BadValue as e:
-                raise BadValue(f"--resolution {resolution} does not fit {model_path}: {e}") from None
-            out_dir = os.path.abspath(out_dir)
-
-            def claim() -> dict | None:
-                make_folder(os.path.dirname(out_dir), "OUT_DIR")
-                stack.enter_context(locked(out_dir))  # held until the run ends
-                return run_folder.prepare(out_dir, force, resume)
-
-            dataset = on_rank0(world, lambda: open_data(data, resolution, progress))  # before OUT_DIR is touched
-            check_batch(cfg, world.size, len(dataset))
-            recorded = on_rank0(world, claim)
-            model_record = fingerprint(model_path)
-            run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
-                   "config": dataclasses.asdict(cfg), "world_size": world.size,
-                   "global_batch": cfg.global_batch(world.size), "batch": describe_batch(cfg, world.size)}
-
-            # What made the run: altdiff-min's version and git commit, torch's, the device and its name,
-            # the dtype the forward pass computes in (the weights and the optimizer are fp32), the threads.
-            env = environment(world.device, PRECISION[cfg.mixed_precision] or torch.float32)
-            run["environment"] = env
-
-            def record() -> None:
-                if recorded:
-                    check_resume(recorded, cfg, world, run)
-                    # the start's environment stays; each resume adds the one it runs in
-                    run["environment"] = recorded.get("environment") or env
-                    run["resumed"] = [*recorded.get("resumed", []), {"environment": env}]
-                run_folder.write_json(os.path.join(out_dir, run_folder.RUN), run)
-                if getattr(dataset, "skipped", None):  # (record runs on rank 0)
-                    print(f"data: {len(dataset)} examples; skipped {dataset.report()}")
-
-            on_rank0(world, record)
-            model = load(model_path, device=world.device, dtype=torch.float32)
-            losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
-            result = os.path.join(out_dir, run_folder.MODEL)
-            if world.rank == 0:
-                try:  # a failed write (a full disk) leaves the previous OUT_DIR/model as it was (folder.write_folder)
-                    model.save(result, force=True, train={"base": model_record, "data": run["data"], "config": run["config"],
-                                                          "global_batch": run["global_batch"], "steps": cfg.max_steps,
-                                                          "weights": "ema" if cfg.ema else "last",
-                                                          "final_loss": losses[-1] if losses else None,
-                                                          "environment": env})
-                except (RuntimeError, SafetensorError) as e:  # safetensors' and torch's write errors are not OSErrors
-                    raise run_folder.write_failed(os.path.join(result, "model.safetensors"), e) from None
-            return result
-    finally:
-        leave_world(world)

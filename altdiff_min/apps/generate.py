@@ -1,0 +1,292 @@
+"""`altdiff-min generate`: prompts (or --replay of a manifest line or a picture) → pictures, each with its
+record (the manifest line, and the same record in the PNG), under OUTDIR; torchrun splits the pictures.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+
+def read_prompts(args) -> list[str]:
+    from ..errors import AltDiffError, BadValue
+    from ..model.tokenizer import check_prompt
+    from ..storage.files import read_text
+
+    if args.from_file:
+        if args.prompt is not None:
+            raise BadValue("give a prompt or --from-file, not both")
+        text = read_text(args.from_file, "prompt file")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise BadValue(f"{args.from_file} has no prompts (one per line expected)")
+    elif args.prompt is None or not args.prompt.strip():
+        raise BadValue("give a prompt (not empty or blank), or --from-file with one prompt per line")
+    else:
+        prompts = [args.prompt]
+    for prompt in prompts:
+        check_prompt(prompt)
+    try:
+        check_prompt(args.negative_prompt)
+    except AltDiffError as e:
+        raise type(e)(f"--negative-prompt: {e}") from None
+    return prompts
+
+
+def grid(images: list, columns: int):
+    """One picture of all images, `columns` per row (FlagAI: n_rows = n_samples), 2 px apart."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    canvas = Image.new("RGB", (columns * (w + 2) + 2, rows * (h + 2) + 2))
+    for i, im in enumerate(images):
+        canvas.paste(im, (2 + (i % columns) * (w + 2), 2 + (i // columns) * (h + 2)))
+    return canvas
+
+
+def replay(args) -> int | None:
+    """--replay MANIFEST:LINE or --replay PICTURE.png: the arguments become those the line (or the record
+    the picture carries) holds; returns which picture of that batch to keep (a seed's noise is drawn
+    for the whole batch at once)."""
+    from ..errors import BadFile, BadValue
+    from ..storage.files import parse_json, read_text
+    from ..storage.folder import fingerprint
+    from ..storage.provenance import environment, record_of_png
+
+    if args.prompt is not None or args.from_file:
+        raise BadValue("--replay takes the prompt from the manifest line; give no prompt or --from-file")
+    if is_png(args.replay):
+        source = args.replay
+        row = record_of_png(source, "--replay")
+        if row is None:
+            raise BadFile(f"--replay: {source} carries no altdiff-min record (it was not made by altdiff-min generate)")
+    else:
+        file, _, line = args.replay.rpartition(":")
+        if not file or not line.isdigit() or int(line) < 1:
+            raise BadValue(f"--replay takes MANIFEST:LINE (e.g. out/manifest.jsonl:3) or a picture generate made, "
+                           f"got {args.replay!r}")
+        lines = read_text(file, "manifest").splitlines()
+        if int(line) > len(lines):
+            raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
+        source, row = f"{file} line {line}", parse_json(lines[int(line) - 1], f"{file} line {line}")
+    try:
+        if not isinstance(row, dict):
+            raise TypeError("not an object")
+        args.prompt, args.from_file, args.negative_prompt = row["prompt"], None, row["negative_prompt"]
+        args.seed, args.sampler, args.plms, args.steps = row["seed"], row["sampler"], False, row["steps"]
+        args.scale, args.eta, args.H, args.W = row["scale"], row["eta"], row["height"], row["width"]
+        args.guidance = row.get("guidance", "cfg")  # lines written before guidance rules were plain CFG
+        args.n_samples, args.dtype, args.model = row["n_samples"], row["dtype"], row["model"]["path"]
+        args.safety_checker = row.get("safety_checker", False)  # whether it ran: it runs again, or not
+        picture = row.get("init_img")
+        args.init_img, args.strength = (picture["path"], row["strength"]) if picture else (None, None)
+        args.mask, args.paste_unmasked = (row["mask"]["path"], row["paste_unmasked"]) if row.get("mask") else (None, False)
+        for name, recorded in (("init_img", picture), ("mask", row.get("mask"))):
+            if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
+                raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
+        keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
+        kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
+                 "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int,
+                 "guidance": str}
+        kinds = {k: kind for k, kind in kinds.items() if k != "guidance" or k in row}
+        if wrong := [k for k, kind in kinds.items() if isinstance(row[k], bool) or not isinstance(row[k], kind)]:
+            raise TypeError(f"{', '.join(wrong)} of the wrong type")
+        if row["dtype"] not in ("fp32", "fp16", "bf16") or not 0 <= row["sample"] < row["n_samples"]:
+            raise ValueError(f"dtype {row['dtype']!r} or sample {row['sample']} out of range")
+        model = row["model"]
+        if not isinstance(model["path"], str) or not all(isinstance(model[k], str) for k in model if k.endswith("sha256")):
+            raise TypeError("model is not a recorded model folder")
+        recorded_environment = row.get("environment") or {}
+        if not isinstance(recorded_environment, dict):
+            raise TypeError("environment is not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BadFile(f"{source} is not a manifest line of altdiff-min generate ({e})") from None
+    now = fingerprint(args.model)
+    if changed := [k.removesuffix("_sha256") for k in model if k.endswith("sha256") and now.get(k) != model[k]]:
+        raise BadValue(f"--replay: the {' and '.join(changed)} of {args.model} changed since the picture was made")
+    here = environment(args.device, row["dtype"])
+    if differ := [k for k in ("altdiff_min", "git_commit", "torch", "device", "device_name", "threads")
+                  if k in recorded_environment and recorded_environment[k] != here[k]]:
+        print(f"--replay: note: {', '.join(f'{k} {recorded_environment[k]} → {here[k]}' for k in differ)}; "
+              f"the picture may differ in its last bits", file=sys.stderr)
+    args.skip_grid = True
+    return keep
+
+
+def is_png(path: str) -> bool:
+    """`path` is a file that starts with the PNG signature."""
+    try:
+        with open(path, "rb") as f:
+            return os.path.isfile(path) and f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def file_digest(path: str, what: str) -> str:
+    """SHA-256 of a file (a picture the manifest names), or a clear error when it cannot be read."""
+    import hashlib
+
+    from ..errors import Missing, io_error
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        raise Missing(f"{what} {path} is not there") from None
+    except OSError as e:
+        raise io_error(path, e) from None
+
+
+def picture_arguments(args, config: dict) -> dict | None:
+    """--init-img, --strength, --mask, --paste-unmasked: read and checked before the model loads →
+    what generate takes, and what the manifest records (each file's path and SHA-256)."""
+    from ..errors import BadValue
+    from ..sampling import img2img
+    from ..storage import pictures
+    from ..storage.pictures import read_picture_argument as read_picture
+
+    if args.init_img is None:
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask), ("--paste-unmasked", args.paste_unmasked)):
+            if value not in (None, False):
+                raise BadValue(f"{flag} needs --init-img, the picture to start from")
+        return None
+    if args.paste_unmasked and args.mask is None:
+        raise BadValue("--paste-unmasked pastes back the pixels outside the mask: give --mask")
+    strength = img2img.default_strength(args.mask) if args.strength is None else args.strength
+    img2img.check_strength(strength, args.steps)
+    image = read_picture(args.init_img, "--init-img")
+    mask = read_picture(args.mask, "--mask", mask=True) if args.mask else None
+    # A side not given is the picture's own, rounded down to a multiple the model takes (as generate does)
+    width, height = args.W, args.H
+    if args.H is None or args.W is None:
+        width, height = pictures.rounded_size(image, config["vae"].size_multiple * config["unet"].size_multiple)
+    if mask is not None:
+        pictures.prepare_mask(mask, image, pictures.size_of(image))  # the same size as the picture, readable
+    record = {"init_img": {"path": os.path.abspath(args.init_img), "sha256": file_digest(args.init_img, "--init-img")},
+              "strength": strength, "paste_unmasked": args.paste_unmasked,
+              "mask": {"path": os.path.abspath(args.mask), "sha256": file_digest(args.mask, "--mask")} if mask else None}
+    return {"kwargs": {"image": image, "strength": strength, "mask": mask, "paste_unmasked": args.paste_unmasked},
+            "record": record, "height": height, "width": width}
+
+
+def generate(args) -> int:
+    """`altdiff-min generate`: samples to OUTDIR/samples/NNNNN.png (continuing the count), one grid per call.
+    Each PNG is written under a temporary name and linked to the first free number (never replacing a
+    file, so concurrent runs into one folder keep every picture), and gets a line in
+    OUTDIR/manifest.jsonl that records how to make it again (--replay); the PNG carries the same
+    record (provenance.png_bytes). Under torchrun the processes share the prompts and rank 0 writes
+    every picture, numbered in (prompt, sample) order as one process numbers them."""
+    import datetime
+    import time
+    import uuid
+
+    import torch
+    from PIL import Image
+
+    from ..errors import BadValue
+    from ..pipeline import NO_LIMITS, Limits, check_device, check_size, load
+    from ..sampling.guidance import guidance_rule
+    from ..sampling.samplers import check_eta
+    from ..sampling.schedule import timesteps
+    from ..storage.files import make_folder, refuse_link, save_numbered
+    from ..storage.folder import fingerprint, read_config
+    from ..storage.manifest import job_rows, paths, recover, save_picture
+    from ..storage.provenance import environment, png_bytes
+    from ..training.distributed import barrier, gather, join_world, leave_world, on_rank0
+
+    # 1. Everything that can be checked from the arguments, config.json and the output folder, before loading weights.
+    keep = replay(args) if args.replay else None
+    prompts = read_prompts(args)
+    if args.plms and args.sampler not in ("ddim", "plms"):
+        raise BadValue(f"--plms conflicts with --sampler {args.sampler}")
+    sampler = "plms" if args.plms else args.sampler
+    limits = NO_LIMITS if args.no_limits else Limits()
+    if not 1 <= args.n_samples <= limits.max_batch:
+        raise BadValue(f"--n-samples must be in [1, {limits.max_batch}], got {args.n_samples} (--no-limits lifts the limit)")
+    check_eta(sampler, args.eta)
+    guidance = guidance_rule(args.guidance, "--guidance")
+    if not math.isfinite(args.scale):
+        raise BadValue(f"--scale must be finite, got {args.scale}")
+    if not 0 <= args.seed < 2**64:
+        raise BadValue(f"--seed must be in [0, 2**64), got {args.seed}")
+    device = check_device(args.device)
+    config = read_config(args.model)
+    timesteps(sampler, args.steps, config["schedule"])
+    picture = picture_arguments(args, config)
+    size = config.get("image_size", 512)
+    default_h, default_w = (picture["height"], picture["width"]) if picture else (size, size)
+    height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
+    for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):
+        if not 1 <= value <= limits.max_side:
+            source = f"got {value}" if given is not None else f"--init-img {args.init_img} gives {value} (rounded down)"
+            raise BadValue(f"{flag} must be in [1, {limits.max_side}], {source} (--no-limits lifts the limit)")
+    if args.n_samples * height * width > limits.max_pixels:
+        raise BadValue(f"--n-samples × --H × --W = {args.n_samples * height * width} pixels is over the limit of "
+                       f"{limits.max_pixels} per call (--no-limits lifts it)")
+    check_size(height, width, config["vae"], config["unet"])
+    if args.safety_checker and "safety_checker" not in config["modules"]:
+        raise BadValue(f"--safety-checker: {args.model} holds no safety checker (convert the diffusers folder "
+                       f"with --with-safety-checker)")
+    checked = "safety_checker" in config["modules"] and args.safety_checker is not False
+    if args.C != config["unet"].in_channels:
+        raise BadValue(f"--C {args.C}: this model's latents have {config['unet'].in_channels} channels")
+    samples, manifest = paths(args.outdir)
+    make_folder(samples, "--outdir")
+    for folder in (samples, args.outdir):  # the pictures; the manifest and the grid
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BadValue(f"--outdir: cannot write into {folder} (permission denied)")
+    refuse_link(manifest, "manifest")
+    if os.path.lexists(manifest) and not (os.path.isfile(manifest) and os.access(manifest, os.R_OK | os.W_OK)):
+        raise BadValue(f"--outdir: {manifest} is not a file this run can read and append to")
+    if picture and (width, height) != picture["kwargs"]["image"].size:
+        print(f"--init-img {args.init_img} ({'×'.join(map(str, picture['kwargs']['image'].size))}) is resized to "
+              f"{width}×{height}", file=sys.stderr)
+    # 2. The model, on every process torchrun started; each makes the prompts p with p % processes == rank,
+    # and rank 0 writes them all, a round of one prompt per process at a time.
+    world = join_world(device)
+    try:
+        job = on_rank0(world, lambda: uuid.uuid4().hex[:12])  # one id for the pictures of this command, all ranks
+        if world.rank == 0:
+            _, orphans = recover(args.outdir)  # a killed run's partial files go; its unrecorded pictures get a line
+            for file in orphans:
+                print(f"{os.path.join(args.outdir, file)}: recorded in the manifest as incomplete (its run was "
+                      f"stopped before recording it)", file=sys.stderr)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=limits,
+                     safety_checker=checked)
+        # What makes the picture: the PNG carries it, so a replay on the same machine writes the same bytes.
+        record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
+                  "sampler": sampler, "steps": args.steps, "scale": args.scale, "guidance": str(guidance), "eta": args.eta, "height": height,
+                  "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "safety_checker": checked,
+                  **(picture["record"] if picture else {}), "environment": environment(world.device, dtype)}
+        start, written = time.perf_counter(), 0
+        for first in range(0, len(prompts), world.size):
+            made, index = [], first + world.rank
+            if index < len(prompts):
+                images, flags = model.generate(prompts[index], negative_prompt=args.negative_prompt,
+                                               n_samples=args.n_samples, steps=args.steps, sampler=sampler,
+                                               scale=args.scale, guidance=guidance, eta=args.eta, height=height, width=width,
+                                               seed=args.seed, progress=world.rank == 0, safety_checker=checked,
+                                               return_flags=True, **(picture["kwargs"] if picture else {}))
+                made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if checked else None)
+                        for k, image in enumerate(images) if keep is None or k == keep]
+            for index, k, png, flagged in sorted(p for part in gather(world, made) or [] for p in part):
+                row = {"prompt": prompts[index], "index": index, "sample": k, **record, "job": job, "flagged": flagged,
+                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       **({"replay_of": args.replayed["file"]} if keep is not None else {})}
+                path = save_picture(args.outdir, png, row)
+                written += 1
+                print(f"{path} (flagged by the safety checker: replaced by a placeholder)" if flagged else path)
+        barrier(world)
+        if world.rank == 0:
+            rows = job_rows(args.outdir, job)
+            if not args.skip_grid:
+                images = [Image.open(os.path.join(args.outdir, r["file"])).convert("RGB") for r in rows]
+                print(save_numbered(args.outdir, "grid-{:04}.png", lambda tmp: grid(images, args.n_samples).save(tmp, format="PNG")))
+            by = f" by {world.size} processes" if world.size > 1 else ""
+            print(f"{written} picture(s) of {len(prompts)} prompt(s){by} in {time.perf_counter() - start:.1f} s; "
+                  f"manifest: {manifest} (job {job})")
+    finally:
+        leave_world(world)
+    return 0

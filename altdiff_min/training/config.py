@@ -1,0 +1,147 @@
+"""What a training run is: `TrainConfig` (every setting, its default and its help, from which
+`altdiff-min train`'s flags are made), and which settings may change on --resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BadValue
+from ..model.tokenizer import check_prompt
+
+TRAIN = ("unet", "text_encoder", "both", "vae")  # what trains; "vae" is the toy's first stage
+
+
+PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def setting(default, help: str, **cli):
+    """A TrainConfig field and its `altdiff-min train` flag: the help text, and argparse's choices,
+    metavar, flag (another name) or cli=False (no flag). The default is written once, here."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    train: str = setting("unet", "what trains; the VAE stays frozen", choices=TRAIN[:3])
+    max_steps: int = setting(1000, "optimizer steps (the cosine schedule ends at the last); with --resume, a larger "
+                             "number extends the run (the schedule is recomputed: see train.train)")
+    batch_size: int = setting(1, "examples per process per micro-step")
+    grad_accum: int = setting(1, "micro-steps per optimizer step; the global batch is batch-size × processes × grad-accum")
+    lr: float = setting(1e-5, "AdamW's peak learning rate; times the linear warm-up and a cosine to 0 over the whole "
+                        "run (a long warm-up peaks below it)")
+    warmup: int = setting(0, "steps of linear learning-rate warm-up")
+    weight_decay: float = setting(1e-2, "AdamW's decoupled weight decay")
+    max_grad_norm: float = setting(1.0, "clip the gradient's global norm to this (0: no clipping); loss.jsonl "
+                                   "records the norm before clipping")
+    mixed_precision: str = setting("no", "autocast the forward pass; weights and optimizer stay fp32 (fp16 adds a "
+                                   "grad scaler)", choices=tuple(PRECISION))
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, ~1/3 more time")
+    ema: float = setting(0.0, "keep an exponential moving average of the weights (e.g. 0.9999; diffusers' warm-up: "
+                         "min(DECAY, (1+k)/(10+k)) at step k) and save it as the model; the samples use it too; "
+                         "0: none", metavar="DECAY")
+    uncond_prob: float = setting(0.1, "captions replaced by '' (for classifier-free guidance)")
+    snr_gamma: float = setting(0.0, "weight each example's loss by min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; "
+                               "5 is theirs and diffusers'); 0: unweighted", metavar="GAMMA")
+    kl_weight: float = setting(1e-3, "train='vae' only: the KL term's weight", cli=False)
+    seed: int = setting(0, "the data order and every random draw of the run")
+    save_every: int = setting(500, "steps between checkpoints (and one at the end)")
+    sample_every: int = setting(0, "steps between sample pictures in OUT_DIR/samples (0: none)")
+    sample_prompts: tuple[str, ...] = setting((), "a prompt to sample (repeat the flag for more); picture K uses seed K",
+                                              flag="--sample-prompt", metavar="PROMPT")
+    sample_steps: int = setting(25, "DDIM steps of the sample pictures")
+
+    def __post_init__(self):
+        if self.train not in TRAIN:
+            raise BadValue(f"--train must be one of {', '.join(TRAIN[:3])}, got {self.train!r}")
+        if self.mixed_precision not in PRECISION:
+            raise BadValue(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadValue(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup", "sample_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadValue(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise BadValue(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if not 0 <= self.ema < 1 or not 0 <= self.uncond_prob < 1:
+            raise BadValue(f"ema and uncond_prob must be in [0, 1), got {self.ema} and {self.uncond_prob}")
+        if self.sample_every and not self.sample_prompts:
+            raise BadValue("--sample-every needs at least one --sample-prompt")
+        for prompt in self.sample_prompts:
+            if not isinstance(prompt, str):
+                raise BadValue(f"sample_prompts must be strings, got {prompt!r}")
+            check_prompt(prompt)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return {"both": ("text_encoder", "unet")}.get(self.train, (self.train,))
+
+    def global_batch(self, processes: int) -> int:
+        """Examples per optimizer step: batch_size × processes × grad_accum."""
+        return self.batch_size * processes * self.grad_accum
+
+
+# What a resumed run may change: how the global batch is split (not its size), memory, what is saved
+# and sampled, and max_steps (extends the run; train() says how the schedule follows). The other
+# settings change the sums: a resumed run has the same ones.
+MAY_CHANGE_ON_RESUME = ("max_steps", "batch_size", "grad_accum", "gradient_checkpointing", "save_every", "sample_every",
+                        "sample_prompts", "sample_steps")
+
+
+SAME_ON_RESUME = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in MAY_CHANGE_ON_RESUME)
+
+
+def flag(name: str) -> str:
+    """The `altdiff-min train` flag of a TrainConfig field."""
+    return next(f.metadata.get("flag") for f in dataclasses.fields(TrainConfig) if f.name == name) \
+        or "--" + name.replace("_", "-")
+
+
+def add_config_arguments(p) -> None:
+    """One `altdiff-min train` flag per TrainConfig field (except cli=False ones), its help and default
+    taken from the field. Every flag's argparse default is None, so that `config_from_flags` knows
+    which were given (on --resume only those override run.json)."""
+    import argparse
+
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        if not meta.pop("cli", True):
+            continue
+        help, name = meta.pop("help"), meta.pop("flag", None) or flag(f.name)
+        shown = ", ".join(f.default) if isinstance(f.default, tuple) else f.default
+        options = dict(dest=f.name, default=None, help=f"{help} (default: {shown if shown != '' else 'none'})", **meta)
+        if isinstance(f.default, bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, **options)
+        elif isinstance(f.default, tuple):
+            p.add_argument(name, action="append", **options)
+        else:
+            p.add_argument(name, type=type(f.default), **options)
+
+
+def config_from_flags(args, recorded: dict | None = None) -> TrainConfig:
+    """The TrainConfig of `altdiff-min train`'s flags (None: not given): a new run takes the fields'
+    defaults for the others, a resumed one run.json's `recorded` settings; a flag given on --resume for
+    a setting that may not change (SAME_ON_RESUME) with another value than run.json's is an error naming it."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if "sample_prompts" in given:
+        given["sample_prompts"] = tuple(given["sample_prompts"])
+    if recorded is None:
+        return TrainConfig(**given)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    old = {k: tuple(v) if k == "sample_prompts" and isinstance(v, list) else v for k, v in recorded.items() if k in names}
+    if changed := [f"{flag(n)} {old.get(n, getattr(TrainConfig, n))} → {given[n]}" for n in SAME_ON_RESUME
+                   if n in given and given[n] != old.get(n, getattr(TrainConfig, n))]:
+        raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); those cannot change "
+                       f"on resume: drop the flag(s), or start a new run")
+    try:
+        return TrainConfig(**{**old, **given})
+    except TypeError as e:  # a run.json edited by hand
+        raise BadValue(f"--resume: run.json's settings do not make a TrainConfig ({e})") from None
