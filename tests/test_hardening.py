@@ -790,7 +790,7 @@ def test_a_full_disk_at_conversion_is_one_line_and_keeps_the_old_folder(src, tmp
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     lines = [line for line in run.stderr.splitlines() if line.strip() and "%|" not in line]  # not the progress bar
     assert run.returncode == 2, run.stderr
-    assert lines == [f"altdiff-min convert: error: cannot write {out}: File too large"], run.stderr
+    assert lines == [f"altdiff-min convert: error: cannot write {os.path.join(out, 'model.safetensors')}: File too large"], run.stderr
     assert "Traceback" not in run.stderr and "SafetensorError" not in run.stderr
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # the old folder, whole
     assert sorted(os.listdir(tmp_path)) == ["m9", "src"]  # no partial folder left

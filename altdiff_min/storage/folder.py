@@ -175,7 +175,7 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
         try:
             save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         except SafetensorError as e:  # safetensors' write errors (a full disk: "I/O error: No space left on device (os error 28)")
-            raise safetensors_os_error(e) from None
+            raise io_error(os.path.join(path, WEIGHTS), safetensors_os_error(e)) from None  # named where it goes
         write_checksums(tmp, WEIGHTS)
         shutil.copyfile(tokenizer_file, os.path.join(tmp, TOKENIZER))
         config = {"format": FORMAT, "version": VERSION, **{name: config_to_dict(c) for name, c in configs.items()},
