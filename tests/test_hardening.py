@@ -20,7 +20,8 @@ import altdiff_min.storage.folder as folder
 from altdiff_min.apps.cli import main
 from altdiff_min.errors import AltDiffError, BadFile, BadType, BadValue, Busy, NotFinite
 from altdiff_min.storage.files import locked
-from altdiff_min.pipeline import Limits, load
+from altdiff_min.pipeline import load
+from altdiff_min.arguments import Limits
 from weights_convert.convert import convert
 from weights_convert.rules import ConversionError
 
@@ -236,9 +237,9 @@ def test_config_that_is_not_a_regular_file(src, model, kind):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--H", "100000", "--W", "100000"], "--H must be in [1, 4096]"),
-    (["--n-samples", "100000"], "--n-samples must be in [1, 256]"),
-    (["--n-samples", "200", "--H", "1024", "--W", "2048"], "pixels is over the limit"),
+    (["--H", "100000", "--W", "100000"], "--H = 100000 is over the limit of 4096"),
+    (["--n-samples", "100000"], "--n-samples = 100000 is over the limit of 256"),
+    (["--n-samples", "200", "--H", "1024", "--W", "2048"], "--n-samples × --H × --W pixels = 419430400 is over the limit"),
 ])
 def test_huge_requests_on_the_command_line(small_model_dir, tmp_path, monkeypatch, capsys, args, message):
     import altdiff_min.pipeline as pipeline

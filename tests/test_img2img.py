@@ -6,6 +6,7 @@ import torch
 from helpers import diffusers_pipeline, picture, rel_diff, rel_err
 from PIL import Image
 
+from altdiff_min.arguments import check_picture_arguments
 from altdiff_min.errors import BadType, BadValue
 from altdiff_min.pipeline import load
 
@@ -213,7 +214,7 @@ def test_inpainting_defaults_to_strength_one_as_diffusers(ours):
                                         (dict(height=128, width=32), (128, 32)), ({}, (64, 96))])
 def test_a_side_not_given_is_the_pictures_rounded_down(ours, given, size):
     """100×70 with only one side given: the other is 96 or 64, as diffusers rounds it (to 8)."""
-    assert ours.check_picture_arguments(INIT, None, None, False, None, given.get("height"), given.get("width")) == size
+    assert check_picture_arguments(ours.shape, INIT, None, None, False, None, given.get("height"), given.get("width")) == size
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -3,7 +3,6 @@ record (the manifest line, and the same record in the PNG), under OUTDIR; torchr
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -170,6 +169,11 @@ def picture_arguments(args, config: dict) -> dict | None:
             "record": record, "height": height, "width": width}
 
 
+# generate's arguments as the command line names them, for arguments.check_arguments' messages
+FLAGS = {"n_samples": "--n-samples", "batch": "--n-samples", "height": "--H", "width": "--W", "scale": "--scale",
+         "seed": "--seed", "guidance": "--guidance", "pixels": "--n-samples × --H × --W pixels"}
+
+
 def generate(args) -> int:
     """`altdiff-min generate`: samples to OUTDIR/samples/NNNNN.png (continuing the count), one grid per call.
     Each PNG is written under a temporary name and linked to the first free number (never replacing a
@@ -184,11 +188,10 @@ def generate(args) -> int:
     import torch
     from PIL import Image
 
+    from ..arguments import NO_LIMITS, Limits, Shape, check_arguments, check_device
     from ..errors import BadValue
-    from ..pipeline import NO_LIMITS, Limits, check_device, check_size, load
+    from ..pipeline import load
     from ..sampling.guidance import guidance_rule
-    from ..sampling.samplers import check_eta
-    from ..sampling.schedule import timesteps
     from ..storage.files import make_folder, refuse_link, save_numbered
     from ..storage.folder import fingerprint, read_config
     from ..storage.manifest import job_rows, paths, recover, save_picture
@@ -201,30 +204,20 @@ def generate(args) -> int:
     if args.plms and args.sampler not in ("ddim", "plms"):
         raise BadValue(f"--plms conflicts with --sampler {args.sampler}")
     sampler = "plms" if args.plms else args.sampler
-    limits = NO_LIMITS if args.no_limits else Limits()
-    if not 1 <= args.n_samples <= limits.max_batch:
-        raise BadValue(f"--n-samples must be in [1, {limits.max_batch}], got {args.n_samples} (--no-limits lifts the limit)")
-    check_eta(sampler, args.eta)
-    guidance = guidance_rule(args.guidance, "--guidance")
-    if not math.isfinite(args.scale):
-        raise BadValue(f"--scale must be finite, got {args.scale}")
-    if not 0 <= args.seed < 2**64:
-        raise BadValue(f"--seed must be in [0, 2**64), got {args.seed}")
     device = check_device(args.device)
     config = read_config(args.model)
-    timesteps(sampler, args.steps, config["schedule"])
+    shape = Shape.of_config(config, NO_LIMITS if args.no_limits else Limits())
     picture = picture_arguments(args, config)
-    size = config.get("image_size", 512)
-    default_h, default_w = (picture["height"], picture["width"]) if picture else (size, size)
+    default_h, default_w = (picture["height"], picture["width"]) if picture else (shape.image_size, shape.image_size)
     height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
-    for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):
-        if not 1 <= value <= limits.max_side:
-            source = f"got {value}" if given is not None else f"--init-img {args.init_img} gives {value} (rounded down)"
-            raise BadValue(f"{flag} must be in [1, {limits.max_side}], {source} (--no-limits lifts the limit)")
-    if args.n_samples * height * width > limits.max_pixels:
-        raise BadValue(f"--n-samples × --H × --W = {args.n_samples * height * width} pixels is over the limit of "
-                       f"{limits.max_pixels} per call (--no-limits lifts it)")
-    check_size(height, width, config["vae"], config["unet"])
+    for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):  # a side the picture gave: say so
+        if given is None and picture and not 1 <= value <= shape.limits.max_side:
+            raise BadValue(f"{flag} must be in [1, {shape.limits.max_side}], --init-img {args.init_img} gives {value} "
+                           f"(rounded down; --no-limits lifts the limit)")
+    guidance = guidance_rule(args.guidance, "--guidance")
+    for prompt in prompts:  # generate's own checks, on the folder's config (arguments.py): one prompt a call
+        check_arguments(shape, prompt, args.negative_prompt, args.n_samples, args.steps, sampler, args.scale, args.eta,
+                        height, width, args.seed, guidance=guidance, names=FLAGS)
     if args.safety_checker and "safety_checker" not in config["modules"]:
         raise BadValue(f"--safety-checker: {args.model} holds no safety checker (convert the diffusers folder "
                        f"with --with-safety-checker)")
@@ -253,7 +246,7 @@ def generate(args) -> int:
                 print(f"{os.path.join(args.outdir, file)}: recorded in the manifest as incomplete (its run was "
                       f"stopped before recording it)", file=sys.stderr)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=limits,
+        model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=shape.limits,
                      safety_checker=checked)
         # What makes the picture: the PNG carries it, so a replay on the same machine writes the same bytes.
         record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,

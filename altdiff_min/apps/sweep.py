@@ -219,14 +219,16 @@ def read_spec(path: str) -> Spec:
 
 
 def check_cells(spec: Spec, model) -> None:
-    """Every setting's arguments, checked by generate's own checks before any picture is made."""
+    """Every setting's arguments, checked by generate's own checks (arguments.py) before any picture is made."""
+    from ..arguments import check_arguments, check_text_layer
+
     for setting in spec.settings:
         arguments = {**spec.fixed, **setting}
         model.unet.text_parts(arguments.get("cross_attention", True))  # true, false or a list of UNet parts
-        model.check_text_layer(arguments.get("text_layer"))
-        model.check_arguments(spec.prompts[0], arguments.get("negative_prompt", ""), 1, arguments.get("steps", 50),
-                              arguments.get("sampler", "ddim"), arguments.get("scale", 7.5), arguments.get("eta", 0.0),
-                              arguments.get("height"), arguments.get("width"), spec.seeds[0], None, "pil", None)
+        check_text_layer(model.shape, arguments.get("text_layer"))
+        check_arguments(model.shape, spec.prompts[0], arguments.get("negative_prompt", ""), 1, arguments.get("steps", 50),
+                        arguments.get("sampler", "ddim"), arguments.get("scale", 7.5), arguments.get("eta", 0.0),
+                        arguments.get("height"), arguments.get("width"), spec.seeds[0], guidance=arguments.get("guidance"))
 
 
 def picture_name(cell: tuple[int, int, int], spec: Spec) -> str:
@@ -316,7 +318,8 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
     """`altdiff-min sweep SPEC`: make every missing cell's picture, then (rank 0) the table and the
     contact sheet. out: default SPEC's name without its extension, beside it. metrics: more metric
     functions by name, besides the spec's. Returns the table's rows."""
-    from ..pipeline import check_device, load
+    from ..arguments import check_device
+    from ..pipeline import load
     from ..storage.folder import read_config
     from ..storage.provenance import environment
     from ..training.distributed import barrier, join_world, leave_world, on_rank0

@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..arguments import check_device
 from ..errors import AltDiffError, BadValue
 from ..model.tokenizer import check_prompt
-from ..pipeline import AltDiffusion, check_device, load
+from ..pipeline import AltDiffusion, load
 from ..sampling.samplers import SAMPLERS
 from ..sampling.schedule import timesteps
 from ..storage.folder import read_config

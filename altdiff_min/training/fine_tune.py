@@ -65,7 +65,8 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
     Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
     from safetensors import SafetensorError
 
-    from ..pipeline import check_device, check_size, load
+    from ..arguments import check_device, check_size
+    from ..pipeline import load
     from ..storage.folder import fingerprint, read_config
     from ..storage.provenance import environment
     from .dataset import NAMED, open_data

@@ -89,7 +89,7 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu", dtype
     the folder's default_dtype if its config names one, else the dtype it was written in. An
     AltDiffusion folder (or anything else without the module altclip) is refused before any weight is read.
     check_finite: a weight holding NaN or infinity is refused (errors.NotFinite, naming the tensor)."""
-    from ..pipeline import check_device, check_dtype
+    from ..arguments import check_device, check_dtype
     from ..storage.folder import read_folder, resolve
 
     device, dtype = check_device(device), check_dtype(dtype)
@@ -211,7 +211,7 @@ def summary(rows: list[dict]) -> str:
 
 def run(args) -> int:
     """`altdiff-min score`: every argument is checked before the model loads."""
-    from ..pipeline import check_device
+    from ..arguments import check_device
 
     check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
