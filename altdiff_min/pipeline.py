@@ -23,12 +23,12 @@ from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidge
 
 from .arguments import Limits, Shape, check_arguments, check_device, check_dtype, check_picture_arguments, check_text_layer
 from .errors import BadType, BadValue, NotFinite
-from .model import speed
-from .model.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene
 from .model.text_encoder import TextEncoder
 from .model.tokenizer import Tokenizer
 from .model.unet import UNet
 from .model.vae import VAE
+from .research import speed
+from .research.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene
 from .sampling import img2img
 from .sampling.guidance import Rule, Scale, guidance_rule, guided_eps
 from .sampling.samplers import draw_noise, get_sampler
@@ -110,7 +110,7 @@ class AltDiffusion:
                blend: img2img.Blend | None = None, trajectory: list | None = None) -> torch.Tensor:
         """3. Run `sampler` over the timesteps `ts` with the guided UNet (guidance.guided_eps, combining
         by `guidance`, CFG by default): x_T → clean latents. controllers: attention controllers for
-        this run (altdiff_min.model.interventions). After every step, in this order: `blend` (inpainting's,
+        this run (altdiff_min.research.interventions). After every step, in this order: `blend` (inpainting's,
         also applied to PLMS's warm-up estimate), `trajectory` (a list: {"t", "latents", "x0"} appended,
         on the CPU), then `callback(i, t, x, x0)`, which may return the latents to go on from (the
         latent hook)."""
@@ -179,7 +179,7 @@ class AltDiffusion:
               "up.2"]: only those read it (names: UNet.text_parts; [] = False, every part = True);
               return_trajectory: also return a list of {"t", "latents", "x0"} per step, on the CPU;
           controllers: attention controllers that change what the UNet's attention computes, this call
-              only (altdiff_min.model.interventions; cross_attention is one, CrossAttentionSwitch);
+              only (altdiff_min.research.interventions; cross_attention is one, CrossAttentionSwitch);
           guidance: how ε(x, ∅) and ε(x, c) combine: a guidance.Rule or its text, "cfg" (default),
               "rescale:0.7" (CFG rescale), "interval:LOW,HIGH" (guidance on an interval of timesteps).
 
@@ -281,7 +281,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
     dtype None: the folder's `default_dtype` if its config names one (the toy is stored in fp16 to
     stay small and computes in fp32), else the dtype it was written in. path "toy" is the small model shipped
-    with the package (altdiff_min/toy/model). fast: the speed paths of altdiff_min/model/speed.py (same
+    with the package (altdiff_min/toy/model). fast: the speed paths of altdiff_min/research/speed.py (same
     sums, faster; False: the modules exactly as the model files write them). compile: torch.compile
     the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
     and pixels per call `generate` accepts (see Limits). check_finite: a weight holding NaN or infinity

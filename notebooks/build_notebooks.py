@@ -237,7 +237,7 @@ show([image[0]] + [maps.heatmap(token, (64, 64), layers=[n])[0] for n in names],
      ["image"] + [n.replace(".block.cross_attn", "") for n in names], size=1.2, rows=2)""",
     """md:## Changing the attention: controllers
 `capture_attention` is a *controller* that reads and changes nothing. A controller of your own
-(`altdiff_min.model.interventions.Controller`) overrides any of three hooks, each returning a changed value
+(`altdiff_min.research.interventions.Controller`) overrides any of three hooks, each returning a changed value
 or None: `qkv(site, when, q, k, v)`, `probs(site, when, probs)` (the softmax, (B, heads, pixels,
 77)) and `output(site, when, out)`. `site` says where the attention is (`site.part` "down"/"mid"/"up",
 `site.level`, `site.block`, `site.kind` "self" or "cross", `site.scale`); `when` says which UNet
@@ -250,7 +250,7 @@ First, prompt-to-prompt's reweighting (Hertz et al. 2022): the column of one wor
 cross-attention probabilities times a factor c, in the prompts' rows, at every cross site. One
 batch holds the five factors (row i gets c[i]) from the same noise; each row is compared with the
 same row made without a controller.""",
-    """from altdiff_min.model.interventions import Controller
+    """from altdiff_min.research.interventions import Controller
 from lesson import word_tokens
 
 class Reweight(Controller):

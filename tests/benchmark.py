@@ -5,7 +5,7 @@ Each measurement alternates the two (A B A B …) after one warm-up each, and re
   text encoder forward (batch 2) · one guided UNet step (batch 2) · VAE decode (batch 1) ·
   a whole image at --steps (DPM-Solver++, guidance 7.5) · peak memory of that image, load included ·
   load time of a model folder (ours) vs from_pretrained (diffusers, safetensors).
-Attention controllers (altdiff_min.model.interventions), eager only: one interleaved round of five UNet steps,
+Attention controllers (altdiff_min.research.interventions), eager only: one interleaved round of five UNet steps,
   ours as before the door (no attention labelled: no ContextVar read, fused SDPA), ours with no
   controller, with a controller overriding no hook, with one whose probs hook returns None (the
   explicit softmax path), and diffusers; each row is ours vs that round's diffusers, and a line
@@ -176,7 +176,7 @@ def interleaved_many(fns: dict, runs: int, device: str) -> dict[str, list[float]
 def controller_rows(ours, theirs, x, t, context, runs: int, device: str) -> dict:
     """The UNet step with attention controllers that change nothing, against the code path before the
     door and diffusers, timed in one interleaved round (see the module docstring)."""
-    from altdiff_min.model.interventions import Controller, intervene
+    from altdiff_min.research.interventions import Controller, intervene
 
     class NoHook(Controller):
         """Overrides nothing: every attention enters the run and takes the fused path."""
@@ -373,7 +373,7 @@ def inference(args) -> tuple[dict, dict]:
     t = torch.tensor(500.0, device=device)  # float32, as the pipeline passes it (one compiled graph for both rows)
     gflop = unet_gflop(ours.unet, x, t, context)
     if args.compile:
-        from altdiff_min.model.speed import compile_unet
+        from altdiff_min.research.speed import compile_unet
 
         ours.unet = compile_unet(ours.unet)  # what load(..., compile=True) does
         theirs.unet = torch.compile(theirs.unet)  # what diffusers' users do first

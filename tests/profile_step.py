@@ -64,7 +64,7 @@ def variant(spec: str, ours, theirs, device: str, dtype: torch.dtype):
     """(callable of (x, t, context), compile mode) for one SIDE:COMPILE:LAYOUT; each variant its own copy."""
     import copy
 
-    from altdiff_min.model import speed
+    from altdiff_min.research import speed
 
     side, mode, layout = spec.split(":")
     model = copy.deepcopy(theirs if side == "diffusers" else ours)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import rel_diff, rel_err
 
-from altdiff_min.model import interventions
+from altdiff_min.research import interventions
 from altdiff_min.research.instruments import capture_attention
 from altdiff_min.pipeline import load
 

@@ -1,4 +1,4 @@
-"""The door (altdiff_min.model.interventions): attention controllers change exactly what they say, per call,
+"""The door (altdiff_min.research.interventions): attention controllers change exactly what they say, per call,
 on both attention backends; guidance rules (altdiff_min.sampling.guidance) against diffusers and the papers."""
 import importlib
 import re
@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import rel_diff, rel_err
 
-from altdiff_min.model import interventions
+from altdiff_min.research import interventions
 from altdiff_min.model.attention import attention, attention_backend
 from altdiff_min.errors import BadType, BadValue
 from altdiff_min.sampling.guidance import CFG, CFGRescale, GuidanceInterval, guidance_rule
-from altdiff_min.model.interventions import Controller, Site, intervene
+from altdiff_min.research.interventions import Controller, Site, intervene
 from altdiff_min.model.layers import Attention
 from altdiff_min.pipeline import load
 

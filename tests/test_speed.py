@@ -1,4 +1,4 @@
-"""altdiff_min/model/speed.py: the speed paths compute what the model files write, are applied per model
+"""altdiff_min/research/speed.py: the speed paths compute what the model files write, are applied per model
 (never process-wide), show in repr, and can be left off; a compiled UNet samples with every sampler
 after one compilation."""
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import M9_UNET, rel_diff, rel_err
 
-from altdiff_min.model import speed
+from altdiff_min.research import speed
 from altdiff_min.storage.folder import WEIGHTS
 from altdiff_min.model.layers import Conv3x3
 from altdiff_min.pipeline import load

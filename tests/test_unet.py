@@ -152,7 +152,7 @@ def test_fast_conv3x3_equals_the_direct_convolution(in_ch, out_ch, h, w):
     """speed.FastConv3x3's CPU shortcut (a matrix product over unfolded patches) computes the same
     convolution; with gradients recorded it is the direct kernel itself."""
     from altdiff_min.model.layers import Conv3x3
-    from altdiff_min.model.speed import FastConv3x3, apply, as_written
+    from altdiff_min.research.speed import FastConv3x3, apply, as_written
 
     torch.manual_seed(0)
     conv = apply(torch.nn.Sequential(Conv3x3(in_ch, out_ch)).eval())[0]

@@ -4,7 +4,7 @@ Two paths compute the same thing (Vaswani et al. 2017, eq. 1):
   - "sdpa" (default): torch's fused scaled_dot_product_attention (flash / memory-efficient kernels);
   - "explicit": softmax(QKᵀ/√d)·V written out (`attention_probs`, then ·V), for reading and for
     ablations that change the attention itself. Select it with `attention_backend("explicit")`.
-Attention controllers (altdiff_min.model.interventions) reach the probabilities through `attention_probs`.
+Attention controllers (altdiff_min.research.interventions) reach the probabilities through `attention_probs`.
 """
 from __future__ import annotations
 

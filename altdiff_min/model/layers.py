@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
-from .interventions import active
+from .door import active
 
 
 def checkpointed(enabled: bool, block: nn.Module, *args) -> torch.Tensor:
@@ -90,7 +90,7 @@ class Attention(nn.Module):
 
     Keys and values come from `context` (cross-attention, width context_dim) or from x itself; `mask`
     (B, Lk), True for the keys that may be attended, hides padding (the text encoder's).
-    `site` (interventions.Site, set by the UNet when it is built) names where the layer is; while a
+    `site` (door.Site, set by the UNet when it is built) names where the layer is; while a
     sampling run has attention controllers, a layer with a site lets them change its q/k/v,
     probabilities and output (interventions.Run.attend). The UNet's, the VAE's and the text
     encoder's attention are all this class.

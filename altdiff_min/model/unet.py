@@ -23,7 +23,7 @@ from einops import rearrange
 
 from ..checks import check_config
 from ..errors import BadType, BadValue
-from .interventions import label_sites
+from .door import label_sites
 from .layers import Attention, Downsample, Level, ResBlock, Upsample, checkpointed
 
 
@@ -148,7 +148,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, ch[0], cfg.eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
-        label_sites(self)  # where each attention is, for attention controllers (altdiff_min.model.interventions)
+        label_sites(self)  # where each attention is, for attention controllers (model/door.py)
 
     def check_inputs(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """Raise a ValueError for inputs the UNet cannot take; return the timesteps as a (B,) tensor."""

@@ -4,7 +4,7 @@
         images = pipe.generate("un cercle rouge", seed=0)
     heat = maps.heatmap(token=3, size=(64, 64))        # (pictures, 64, 64) in [0, 1]: the prompts' rows
 
-The maps are an attention controller (altdiff_min.model.interventions) that reads the probabilities and
+The maps are an attention controller (altdiff_min.research.interventions) that reads the probabilities and
 changes nothing: while capturing, every cross-attention layer takes the explicit softmax path (the
 fused SDPA kernel never materialises the probabilities) and hands them over, (B, heads, h·w, tokens).
 With guidance the UNet's batch holds the negative prompt's rows too, first; the moment each layer
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadValue
-from ..model.interventions import Controller, intervene
+from .interventions import Controller, intervene
 
 BRANCHES = ("conditional", "unconditional", "both")
 
@@ -110,7 +110,7 @@ class AttentionMaps(Controller):
 def capture_attention(unet: torch.nn.Module, per_step: bool = False):
     """Record the cross-attention probabilities of every transformer block of `unet` during the
     generate calls inside (in this thread): the maps are a controller, active for the enclosed block."""
-    from ..model.speed import CompiledUNet
+    from .speed import CompiledUNet
 
     if isinstance(unet, CompiledUNet):  # one fused graph: no Python hook runs inside it
         raise BadValue("capture_attention needs the UNet as written, and this one is compiled "

@@ -30,35 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import BadType, BadValue
-from .attention import attention, attention_probs
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where an attention is: part "down", "mid" or "up", its level (0 is the finest on the way down,
-    the coarsest on the way up; 0 for mid), the transformer's index in the level, "self" or "cross",
-    and `scale`, how many times smaller its pixel grid is than the latents'."""
-    part: str
-    level: int
-    block: int
-    kind: str
-    scale: int
-
-    @property
-    def name(self) -> str:
-        """"down.1.0.cross" style: the module path's words."""
-        return f"{self.part}.{self.level}.{self.block}.{self.kind}" if self.part != "mid" else f"mid.{self.kind}"
-
-    @property
-    def layer(self) -> str:
-        """The level as UNet.text_parts names it: "down.1", "mid", "up.2"."""
-        return "mid" if self.part == "mid" else f"{self.part}.{self.level}"
+from ..model.attention import attention, attention_probs
+from ..model.door import RUN, Site, active  # noqa: F401  (Site and active: the door's, read here too)
 
 
 @dataclass(frozen=True)
@@ -126,34 +104,26 @@ class Run:
         return out
 
 
-_run: ContextVar[Run | None] = ContextVar("interventions", default=None)
-
-
-def active() -> Run | None:
-    """The controllers of the sampling run under way in this thread, or None (the common case)."""
-    return None if torch.compiler.is_compiling() else _run.get()
-
-
 @contextmanager
 def intervene(controllers: Sequence[Controller] | None):
     """Run the enclosed sampling with `controllers` (None or empty: nothing changes, nothing is set),
     after those of an enclosing `intervene` (instruments.capture_attention is one). Yields the Run
     (None without controllers); the guided ε moves it from call to call."""
-    outer = _run.get()
+    outer = RUN.get()
     if not controllers:
         yield outer
         return
-    token = _run.set(Run((*(outer.controllers if outer else ()), *controllers)))
+    token = RUN.set(Run((*(outer.controllers if outer else ()), *controllers)))
     try:
-        yield _run.get()
+        yield RUN.get()
     finally:
-        _run.reset(token)
+        RUN.reset(token)
 
 
 @contextmanager
 def evaluation(t: float, guided: bool, size: tuple[int, int]):
     """Around one UNet evaluation: the active run (if any) learns its moment."""
-    run = _run.get()
+    run = RUN.get()
     if run is None:
         yield
         return
@@ -173,19 +143,6 @@ def check_controllers(controllers, compiled: bool = False) -> tuple[Controller, 
         raise BadValue("attention controllers need the UNet as written, and this one is compiled "
                        "(load(..., compile=True)): load the model without compile to change its attention")
     return tuple(controllers)
-
-
-def label_sites(unet: torch.nn.Module) -> None:
-    """Give every self- and cross-attention of `unet`'s transformer blocks its Site (at build time)."""
-    levels = len(unet.down)
-    for part, blocks in (("down", unet.down), ("up", unet.up)):
-        for i, level in enumerate(blocks):
-            scale = 2 ** (i if part == "down" else levels - 1 - i)
-            for j, transformer in enumerate(level.attn):
-                for kind in ("self", "cross"):
-                    getattr(transformer.block, f"{kind}_attn").site = Site(part, i, j, kind, scale)
-    for kind in ("self", "cross"):
-        getattr(unet.mid_attn.block, f"{kind}_attn").site = Site("mid", 0, 0, kind, 2 ** (levels - 1))
 
 
 class CrossAttentionSwitch(Controller):

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Conv3x3
-from .unet import UNet
+from ..model.layers import Conv3x3
+from ..model.unet import UNet
 
 
 class FastConv3x3(Conv3x3):
