@@ -10,7 +10,9 @@ Every picture carries its record inside the PNG too (`png_bytes`): as JSON in an
 chunk, which `generate --replay PICTURE.png` reads back (`record_of_png`), and as the "parameters" text
 the Stable Diffusion web UIs write (`parameters`), so the tools that read theirs show ours. The
 record holds only what makes the picture (no time, no file name), so a replay on the same machine
-writes the same bytes.
+writes the same bytes. `generate` builds its record itself; a sweep's pictures, a training run's
+samples and the web page's pictures take theirs from `picture_record` (the same entries, in the
+same order).
 
 The thread count is there because it changes pixels: a CPU matmul sums in another order with another
 number of threads (docs/robustness.md, on reproducibility), so a picture made with 16 threads can

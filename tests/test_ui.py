@@ -269,6 +269,61 @@ def test_an_image_request_returns_the_pictures_generate_and_the_command_make(cli
     assert_same_pictures([item["image"] for item in gallery], remake(recipe, tmp_path))
 
 
+def sha256(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def replayed(picture: str, outdir) -> str:
+    """The picture `altdiff-min generate --replay PICTURE` makes from the record a picture carries."""
+    assert main(["generate", "--replay", picture, "--outdir", str(outdir)]) == 0
+    return str(outdir / "samples" / "00000.png")
+
+
+def test_the_pictures_the_page_serves_carry_their_record_and_replay(client, model, tmp_path):
+    """The PNG files the page serves carry the web UIs' "parameters" text and the altdiff-min record
+    (Gradio writes a returned picture's .info text into its PNG); `generate --replay` of a downloaded
+    picture makes it again, with the same record."""
+    from altdiff_min.folder import fingerprint
+    from altdiff_min.provenance import environment, record_of_png
+
+    asked = settings(prompt="un carré bleu", negative_prompt="flou", sampler="euler", seed=9, n_samples=2)
+    gallery, _, _ = ask(client, asked)
+    for k, item in enumerate(gallery):
+        picture = item["image"]
+        assert record_of_png(picture) == {
+            "prompt": "un carré bleu", "sample": k, "negative_prompt": "flou", "seed": 9, "n_samples": 2,
+            "sampler": "euler", "steps": 3, "scale": 7.5, "guidance": "cfg", "eta": 0.0, "height": 64, "width": 64,
+            "dtype": "fp32", "model": fingerprint(model.path), "safety_checker": False,
+            "environment": environment("cpu", "fp32")}
+        lines = Image.open(picture).info["parameters"].splitlines()
+        assert lines[:2] == ["un carré bleu", "Negative prompt: flou"]
+        assert lines[2].startswith("Steps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 9, Size: 64x64, Model hash: ")
+        assert f"Batch size: 2, Batch pos: {k}, Precision: fp32" in lines[2]
+        again = replayed(picture, tmp_path / str(k))
+        assert_same_pictures([again], [picture])
+        assert record_of_png(again) == record_of_png(picture)
+
+
+def test_a_picture_made_from_a_picture_records_the_uploads_and_replays(client, uploads, tmp_path):
+    from gradio_client import handle_file
+
+    from altdiff_min.provenance import record_of_png
+
+    asked = settings(sampler="ddim", seed=3, steps=4, n_samples=1, width=0, height=0)
+    gallery, _, shown = ask(client, asked, "/img2img", handle_file(str(uploads / "init.png")), 0.6,
+                            handle_file(str(uploads / "mask.png")), True)
+    picture = gallery[0]["image"]
+    carried = record_of_png(picture)
+    assert carried["init_img"] == {"path": os.path.abspath(shown["image"]), "sha256": sha256(uploads / "init.png")}
+    assert carried["mask"] == {"path": os.path.abspath(shown["mask"]), "sha256": sha256(uploads / "mask.png")}
+    assert (carried["strength"], carried["paste_unmasked"], carried["width"], carried["height"]) == (0.6, True, 64, 64)
+    assert "Denoising strength: 0.6" in Image.open(picture).info["parameters"]
+    assert_same_pictures([replayed(picture, tmp_path)], [picture])
+
+
 def test_an_image_request_without_a_picture_is_an_error(client):
     from gradio_client.exceptions import AppError
 
