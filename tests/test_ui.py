@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import select
 import shlex
@@ -199,6 +200,62 @@ def test_a_huge_prompt_is_refused_in_one_line_and_the_server_answers_the_next_re
     asked = settings(n_samples=1)
     gallery, _, _ = ask(client, asked)
     assert_same_pictures([item["image"] for item in gallery], direct(model, asked))
+
+
+def call(server: str, data: list | None = None, event: str | None = None) -> tuple[int, str]:
+    """Gradio's REST API: POST /call/txt2img with `data` (→ {"event_id"} once the request is in the
+    queue, or an error status), or GET /call/txt2img/EVENT (→ its event stream, to the end): status, body."""
+    url = f"{server.rstrip('/')}/gradio_api/call/txt2img" + (f"/{event}" if event else "")
+    sent = urllib.request.Request(url, method="GET") if event else \
+        urllib.request.Request(url, data=json.dumps({"data": data}).encode(), method="POST",
+                               headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(sent, timeout=300) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_queue_takes_queue_size_requests_and_refuses_the_next_at_once():
+    """Both model runs (CONCURRENCY) are held in the UNet until released, so the requests posted
+    next wait in the queue: QUEUE_SIZE of them are taken, the next is refused at once with Gradio's
+    "queue is full" (HTTP 503). Released, every request taken completes, and the next is taken. No
+    timing: the runs are known to be held when the hook has counted them, and a POST is answered
+    once its request is in the queue."""
+    model = load("toy")  # its own model and server: the hook must not hold the other tests' requests
+    app = ui.build_app(model)
+    _, server, _ = ui.launch(app, "127.0.0.1", free_port(), block=False)
+    release, arrived, held = threading.Event(), threading.Condition(), []
+
+    def hold(module, args):
+        with arrived:
+            held.append(threading.get_ident())
+            arrived.notify_all()
+        release.wait(300)  # a deadlock guard only: the test releases it
+
+    request = ["un cercle rouge", "", "ddim", 1, 7.5, 0, 64, 64, 1]
+    hook = model.unet.register_forward_pre_hook(hold)
+    try:
+        running = [call(server, request) for _ in range(ui.CONCURRENCY)]
+        with arrived:
+            assert arrived.wait_for(lambda: len(held) == ui.CONCURRENCY, timeout=300), "the runs did not start"
+        waiting = [call(server, request) for _ in range(ui.QUEUE_SIZE)]
+        assert [status for status, _ in running + waiting] == [200] * (ui.CONCURRENCY + ui.QUEUE_SIZE)
+        assert len(held) == ui.CONCURRENCY  # the queued requests wait: no third run began
+        status, body = call(server, request)
+        assert status == 503
+        assert json.loads(body)["detail"] == f"Queue is full. Max size is {ui.QUEUE_SIZE} and size is {ui.QUEUE_SIZE}."
+    finally:
+        release.set()
+        hook.remove()
+    try:
+        for _, body in running + waiting:
+            status, stream = call(server, event=json.loads(body)["event_id"])
+            assert status == 200 and "event: complete" in stream, stream[-500:]
+        status, body = call(server, request)  # the queue is empty again
+        assert status == 200 and "event: complete" in call(server, event=json.loads(body)["event_id"])[1]
+    finally:
+        app.close()
 
 
 def test_every_field_but_the_prompt_has_a_default(client, model):
