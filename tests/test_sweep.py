@@ -352,3 +352,50 @@ def test_a_sweep_never_writes_through_a_planted_link(tmp_path, capsys, name):
     err = capsys.readouterr().err
     assert "is a symbolic link; altdiff-min does not write" in err.strip().splitlines()[-1]  # one line (after tqdm's)
     assert victim.read_bytes() == before and os.path.islink(link)
+
+
+def test_each_picture_carries_its_record_and_generate_replays_it_to_the_same_bytes(tmp_path, capsys):
+    """A cell's PNG carries what `altdiff-min generate` writes into its own (provenance.picture_record):
+    the cell's arguments, prompt, seed, spec.json's model_folder and environment; `generate --replay`
+    of the picture writes the very same bytes."""
+    from altdiff_min.provenance import record_of_png
+
+    spec = {"model": "toy", "prompts": ["un cercle rouge"], "seeds": [5], "fixed": {"steps": 3, "negative_prompt": "flou"},
+            "axes": {"sampler": ["ddim", "dpm++2m"], "guidance": ["rescale:0.7"]}}
+    out = tmp_path / "spec"
+    assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
+    recorded = json.loads((out / "spec.json").read_text())
+    for row, sampler in zip(table(out), ("ddim", "dpm++2m")):
+        picture = out / row["file"]
+        carried = record_of_png(str(picture))
+        assert carried == {"prompt": "un cercle rouge", "sample": 0, "negative_prompt": "flou", "seed": 5, "n_samples": 1,
+                           "sampler": sampler, "steps": 3, "scale": 7.5, "guidance": "rescale:0.7", "eta": 0.0,
+                           "height": 64, "width": 64, "dtype": "fp32", "model": recorded["model_folder"],
+                           "safety_checker": False, "environment": recorded["environments"][0]}
+        lines = Image.open(picture).info["parameters"].splitlines()
+        assert lines[:2] == ["un cercle rouge", "Negative prompt: flou"]
+        assert lines[2].startswith(f"Steps: 3, Sampler: {'DDIM' if sampler == 'ddim' else 'DPM++ 2M'}, CFG scale: 7.5, "
+                                   f"Seed: 5, Size: 64x64, Guidance: rescale:0.7, Model hash: ")
+        again = tmp_path / f"again-{sampler}"
+        assert main(["generate", "--replay", str(picture), "--outdir", str(again)]) == 0
+        assert (again / "samples" / "00000.png").read_bytes() == picture.read_bytes()
+
+
+def test_a_cell_of_a_setting_generate_cannot_take_records_it_and_replay_says_so(tmp_path, capsys):
+    from altdiff_min.provenance import record_of_png
+
+    spec = {"model": "toy", "prompts": ["a red circle"], "seeds": [0], "fixed": {"steps": 2},
+            "axes": {"cross_attention": [["down", "up"]], "text_layer": [1]}}
+    out = tmp_path / "spec"
+    assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
+    picture = out / table(out)[0]["file"]
+    carried = record_of_png(str(picture))
+    assert carried["cross_attention"] == ["down", "up"] and carried["text_layer"] == 1
+    assert 'Text layer: 1, Cross attention: "down, up"' in Image.open(picture).info["parameters"]
+    capsys.readouterr()
+    assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"altdiff-min generate: error: --replay: {picture} was made with text_layer=1, cross_attention=['down', "
+                   f"'up'] (a sweep's setting), which generate cannot set; make it again with model.generate(…, "
+                   f"text_layer=1, cross_attention=['down', 'up'])\n")
+    assert not (tmp_path / "again").exists()

@@ -372,6 +372,43 @@ def test_samples_of_an_ema_run_are_drawn_by_the_ema_weights(small_model_dir, pic
     assert torch.equal(torch.from_numpy(np.asarray(sample)), torch.from_numpy(np.asarray(again)))
 
 
+def test_sample_pictures_carry_their_record_and_replay_says_why_it_cannot_make_them(small_model_dir, pictures,
+                                                                                    tmp_path, capsys):
+    """Each sample PNG carries the web UIs' "parameters" text and the altdiff-min record: its prompt,
+    seed, sampler, steps, the step of training it was drawn at and the run folder (no model folder
+    holds those weights: `generate --replay` says so in one line)."""
+    from altdiff_min.__main__ import main
+    from altdiff_min.dataset import open_data
+    from altdiff_min.provenance import environment, record_of_png
+    from altdiff_min.train import TrainConfig, train
+
+    prompts = ("a red circle", "一只狗")
+    cfg = TrainConfig(max_steps=2, batch_size=2, lr=1e-3, ema=0.9, save_every=100, sample_every=2,
+                      sample_prompts=prompts, sample_steps=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    model = load(small_model_dir)
+    train(model, open_data(pictures, 64), cfg, str(run), progress=False)
+    size = model.image_size
+    for step in (0, 2):
+        for k, prompt in enumerate(prompts):
+            picture = run / "samples" / f"step-{step:07d}-{k}.png"
+            assert record_of_png(str(picture)) == {
+                "prompt": prompt, "sample": 0, "negative_prompt": "", "seed": k, "n_samples": 1, "sampler": "ddim",
+                "steps": 2, "scale": 7.5, "guidance": "cfg", "eta": 0.0, "height": size, "width": size, "dtype": "fp32",
+                "model": None, "safety_checker": False, "training": {"run": str(run), "step": step, "ema": step > 0},
+                "environment": environment("cpu", "fp32")}
+            lines = Image.open(picture).info["parameters"].splitlines()
+            assert lines == [prompt, f"Steps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: {k}, Size: {size}x{size}, "
+                                     f"Training step: {step}, Training run: run, Batch size: 1, Batch pos: 0, "
+                                     f"Precision: fp32, Version: altdiff-min {environment('cpu', 'fp32')['altdiff_min']}"]
+    picture = run / "samples" / "step-0000002-1.png"
+    assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err == (f"altdiff-min generate: error: --replay: {picture} is a sample of the training "
+                                       f"run {run} at step 2: those weights are in no model folder, so it cannot be "
+                                       f"made again\n")
+
+
 def test_batch_larger_than_the_data_is_refused_before_loading(small_model_dir, pictures, tmp_path, capsys, monkeypatch):
     import altdiff_min.pipeline as pipeline
     from altdiff_min.apps.cli import main

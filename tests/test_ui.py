@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import select
 import shlex
@@ -203,6 +204,62 @@ def test_a_huge_prompt_is_refused_in_one_line_and_the_server_answers_the_next_re
     assert_same_pictures([item["image"] for item in gallery], direct(model, asked))
 
 
+def call(server: str, data: list | None = None, event: str | None = None) -> tuple[int, str]:
+    """Gradio's REST API: POST /call/txt2img with `data` (→ {"event_id"} once the request is in the
+    queue, or an error status), or GET /call/txt2img/EVENT (→ its event stream, to the end): status, body."""
+    url = f"{server.rstrip('/')}/gradio_api/call/txt2img" + (f"/{event}" if event else "")
+    sent = urllib.request.Request(url, method="GET") if event else \
+        urllib.request.Request(url, data=json.dumps({"data": data}).encode(), method="POST",
+                               headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(sent, timeout=300) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_queue_takes_queue_size_requests_and_refuses_the_next_at_once():
+    """Both model runs (CONCURRENCY) are held in the UNet until released, so the requests posted
+    next wait in the queue: QUEUE_SIZE of them are taken, the next is refused at once with Gradio's
+    "queue is full" (HTTP 503). Released, every request taken completes, and the next is taken. No
+    timing: the runs are known to be held when the hook has counted them, and a POST is answered
+    once its request is in the queue."""
+    model = load("toy")  # its own model and server: the hook must not hold the other tests' requests
+    app = ui.build_app(model)
+    _, server, _ = ui.launch(app, "127.0.0.1", free_port(), block=False)
+    release, arrived, held = threading.Event(), threading.Condition(), []
+
+    def hold(module, args):
+        with arrived:
+            held.append(threading.get_ident())
+            arrived.notify_all()
+        release.wait(300)  # a deadlock guard only: the test releases it
+
+    request = ["un cercle rouge", "", "ddim", 1, 7.5, 0, 64, 64, 1]
+    hook = model.unet.register_forward_pre_hook(hold)
+    try:
+        running = [call(server, request) for _ in range(ui.CONCURRENCY)]
+        with arrived:
+            assert arrived.wait_for(lambda: len(held) == ui.CONCURRENCY, timeout=300), "the runs did not start"
+        waiting = [call(server, request) for _ in range(ui.QUEUE_SIZE)]
+        assert [status for status, _ in running + waiting] == [200] * (ui.CONCURRENCY + ui.QUEUE_SIZE)
+        assert len(held) == ui.CONCURRENCY  # the queued requests wait: no third run began
+        status, body = call(server, request)
+        assert status == 503
+        assert json.loads(body)["detail"] == f"Queue is full. Max size is {ui.QUEUE_SIZE} and size is {ui.QUEUE_SIZE}."
+    finally:
+        release.set()
+        hook.remove()
+    try:
+        for _, body in running + waiting:
+            status, stream = call(server, event=json.loads(body)["event_id"])
+            assert status == 200 and "event: complete" in stream, stream[-500:]
+        status, body = call(server, request)  # the queue is empty again
+        assert status == 200 and "event: complete" in call(server, event=json.loads(body)["event_id"])[1]
+    finally:
+        app.close()
+
+
 def test_every_field_but_the_prompt_has_a_default(client, model):
     """The API can be called with the prompt alone: the page's defaults fill in the rest."""
     gallery, _, shown = client.predict(prompt="un cercle rouge", api_name="/txt2img")
@@ -269,6 +326,61 @@ def test_an_image_request_returns_the_pictures_generate_and_the_command_make(cli
     assert os.path.basename(shown["image"]) == "init.png" and (shown["mask"] is not None) is masked
     # The command line names the uploads where the server keeps them, and makes the same pictures from them.
     assert_same_pictures([item["image"] for item in gallery], remake(recipe, tmp_path))
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def replayed(picture: str, outdir) -> str:
+    """The picture `altdiff-min generate --replay PICTURE` makes from the record a picture carries."""
+    assert main(["generate", "--replay", picture, "--outdir", str(outdir)]) == 0
+    return str(outdir / "samples" / "00000.png")
+
+
+def test_the_pictures_the_page_serves_carry_their_record_and_replay(client, model, tmp_path):
+    """The PNG files the page serves carry the web UIs' "parameters" text and the altdiff-min record
+    (Gradio writes a returned picture's .info text into its PNG); `generate --replay` of a downloaded
+    picture makes it again, with the same record."""
+    from altdiff_min.folder import fingerprint
+    from altdiff_min.provenance import environment, record_of_png
+
+    asked = settings(prompt="un carré bleu", negative_prompt="flou", sampler="euler", seed=9, n_samples=2)
+    gallery, _, _ = ask(client, asked)
+    for k, item in enumerate(gallery):
+        picture = item["image"]
+        assert record_of_png(picture) == {
+            "prompt": "un carré bleu", "sample": k, "negative_prompt": "flou", "seed": 9, "n_samples": 2,
+            "sampler": "euler", "steps": 3, "scale": 7.5, "guidance": "cfg", "eta": 0.0, "height": 64, "width": 64,
+            "dtype": "fp32", "model": fingerprint(model.path), "safety_checker": False,
+            "environment": environment("cpu", "fp32")}
+        lines = Image.open(picture).info["parameters"].splitlines()
+        assert lines[:2] == ["un carré bleu", "Negative prompt: flou"]
+        assert lines[2].startswith("Steps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 9, Size: 64x64, Model hash: ")
+        assert f"Batch size: 2, Batch pos: {k}, Precision: fp32" in lines[2]
+        again = replayed(picture, tmp_path / str(k))
+        assert_same_pictures([again], [picture])
+        assert record_of_png(again) == record_of_png(picture)
+
+
+def test_a_picture_made_from_a_picture_records_the_uploads_and_replays(client, uploads, tmp_path):
+    from gradio_client import handle_file
+
+    from altdiff_min.provenance import record_of_png
+
+    asked = settings(sampler="ddim", seed=3, steps=4, n_samples=1, width=0, height=0)
+    gallery, _, shown = ask(client, asked, "/img2img", handle_file(str(uploads / "init.png")), 0.6,
+                            handle_file(str(uploads / "mask.png")), True)
+    picture = gallery[0]["image"]
+    carried = record_of_png(picture)
+    assert carried["init_img"] == {"path": os.path.abspath(shown["image"]), "sha256": sha256(uploads / "init.png")}
+    assert carried["mask"] == {"path": os.path.abspath(shown["mask"]), "sha256": sha256(uploads / "mask.png")}
+    assert (carried["strength"], carried["paste_unmasked"], carried["width"], carried["height"]) == (0.6, True, 64, 64)
+    assert "Denoising strength: 0.6" in Image.open(picture).info["parameters"]
+    assert_same_pictures([replayed(picture, tmp_path)], [picture])
 
 
 def test_an_image_request_without_a_picture_is_an_error(client):

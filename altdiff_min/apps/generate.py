@@ -69,6 +69,13 @@ def replay(args) -> int | None:
         if int(line) > len(lines):
             raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
         source, row = f"{file} line {line}", parse_json(lines[int(line) - 1], f"{file} line {line}")
+    if isinstance(row, dict) and isinstance(training := row.get("training"), dict):  # provenance.picture_record's
+        raise BadValue(f"--replay: {source} is a sample of the training run {training.get('run')} at step "
+                       f"{training.get('step')}: those weights are in no model folder, so it cannot be made again")
+    if isinstance(row, dict) and (unset := [k for k in ("text_layer", "cross_attention") if k in row]):
+        made = ", ".join(f"{k}={row[k]!r}" for k in unset)
+        raise BadValue(f"--replay: {source} was made with {made} (a sweep's setting), which generate cannot set; "
+                       f"make it again with model.generate(…, {made})")
     try:
         if not isinstance(row, dict):
             raise TypeError("not an object")

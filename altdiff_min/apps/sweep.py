@@ -358,19 +358,28 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
 
 
 def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
-    """This rank's missing pictures, by `model` (loaded, its cells checked)."""
+    """This rank's missing pictures, by `model` (loaded, its cells checked). Each carries its record
+    (provenance.picture_record: the cell's generate arguments, the prompt, the seed, the model
+    folder's fingerprint as spec.json's model_folder, the environment), as `altdiff-min generate`'s
+    pictures do, so `generate --replay PICTURE` makes it again."""
     from tqdm import tqdm
+
+    from .provenance import environment, picture_record, png_bytes
 
     settings, mine = spec.settings, [c for i, c in enumerate(spec.cells()) if i % world.size == world.rank]
     # Made: a regular file. A link planted at a picture's name is not taken as the picture: atomic_file refuses it.
     todo = [c for c in mine if not is_file(os.path.join(out, picture_name(c, spec)))]
     for cell in todo:  # before the first picture is made
         refuse_link(os.path.join(out, picture_name(cell, spec)), "picture")
+    model_folder = fingerprint(spec.model) if todo else None
+    made_in = environment(world.device, model.unet.conv_in.weight.dtype)
     for cell in tqdm(todo, desc="sweep", disable=not (progress and world.rank == 0)):
         s, p, k = cell
-        image = model.generate(spec.prompts[p], seed=spec.seeds[k], progress=False, **{**spec.fixed, **settings[s]})[0]
-        with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp:
-            image.save(tmp, format="PNG")
+        arguments = {**spec.fixed, **settings[s], "seed": spec.seeds[k]}
+        image = model.generate(spec.prompts[p], progress=False, **arguments)[0]
+        record = picture_record(model, spec.prompts[p], 0, arguments, image.size, model_folder, made_in)
+        with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp, open(tmp, "wb") as f:
+            f.write(png_bytes(image, record))
 
 
 def is_file(path: str) -> bool:

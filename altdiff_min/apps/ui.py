@@ -5,7 +5,8 @@
 The model is loaded once; every request passes its own settings to `model.generate`, which reads no
 global state, so two requests can run at once (CONCURRENCY) without affecting each other. With each
 picture the page shows its seed, and for the batch the settings and the `altdiff-min generate`
-command line that makes the same pictures again.
+command line that makes the same pictures again. The pictures it serves are PNG files carrying their
+record (provenance.picture_record), as generate's do: `altdiff-min generate --replay PICTURE`.
 
 Gradio is an optional dependency (`pip install -e .[ui]`): it is imported here only, inside the
 functions, so that the rest of the package never needs it and a missing gradio is one clear line.
@@ -13,6 +14,7 @@ functions, so that the rest of the package never needs it and a missing gradio i
 from __future__ import annotations
 
 import errno
+import os
 import secrets
 import shlex
 import socket
@@ -26,7 +28,7 @@ from ..model.tokenizer import check_prompt
 from ..pipeline import AltDiffusion, load
 from ..sampling.samplers import SAMPLERS
 from ..sampling.schedule import timesteps
-from ..storage.folder import read_config
+from ..storage.folder import fingerprint, read_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Two model runs at once: a request is not held up by a long one in another tab, and since each run
@@ -120,8 +122,16 @@ def settings_record(model: AltDiffusion, kwargs: dict[str, Any]) -> dict[str, An
     return {**kwargs, "model": model.path, "device": device, "dtype": dtype}
 
 
-def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, int | None], None]):
-    """Run generate for one request: (pictures with their captions, the recipe, the settings)."""
+def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, int | None], None],
+         model_folder: dict | None = None):
+    """Run generate for one request: (pictures with their captions, the recipe, the settings). Each
+    picture carries its record (provenance.picture_record) in its .info, as the PNG text chunks of
+    provenance.text_chunks, which the page's PNG files keep (Gradio copies .info's text into them), so
+    `altdiff-min generate --replay PICTURE` makes it again. model_folder: the model folder's
+    fingerprint (folder.fingerprint; None: taken now)."""
+    from .generate import file_digest
+    from .provenance import environment, picture_record, text_chunks
+
     # The steps strength leaves of the route are generate's business: image to image counts without a total.
     total = None if "image" in kwargs else len(timesteps(kwargs["sampler"], kwargs["steps"], model.schedule))
 
@@ -138,6 +148,17 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
         pictures["mask"] = read_picture(kwargs["mask"], "mask") if kwargs["mask"] is not None else None
     images = model.generate(**{**kwargs, **pictures}, progress=False, callback=callback)
     n = len(images)
+    arguments = {k: v for k, v in kwargs.items() if k not in ("prompt", "image", "strength", "mask", "paste_unmasked")}
+    picture = {} if "image" not in kwargs else {  # as `generate --init-img` records it
+        "init_img": {"path": os.path.abspath(kwargs["image"]), "sha256": file_digest(kwargs["image"], "init picture")},
+        "strength": kwargs["strength"], "paste_unmasked": kwargs["paste_unmasked"],
+        "mask": {"path": os.path.abspath(kwargs["mask"]), "sha256": file_digest(kwargs["mask"], "mask")}
+        if kwargs["mask"] is not None else None}
+    model_folder = fingerprint(model.path) if model_folder is None else model_folder
+    made_in = environment(*precision(model))
+    for k, image in enumerate(images):
+        image.info.update(text_chunks(picture_record(model, kwargs["prompt"], k, arguments, image.size, model_folder,
+                                                     made_in, **picture)))
     gallery = [(image, f"seed {kwargs['seed']} · picture {k + 1} of {n}") for k, image in enumerate(images)]
     return gallery, command_line(model, kwargs), settings_record(model, kwargs)
 
@@ -147,11 +168,13 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
 def build_app(model: AltDiffusion):
     """The Gradio app for `model` (not launched): a text-to-image tab and an image-to-image tab."""
     gr = require_gradio()
+    model_folder = fingerprint(model.path)  # the folder as it was loaded: every picture's record names it
 
     def run_request(kwargs_of: Callable[[], dict[str, Any]], progress) -> tuple:
         try:
             kwargs = kwargs_of()
-            return make(model, kwargs, lambda i, total: progress((i, total), desc=kwargs["sampler"], unit="steps"))
+            return make(model, kwargs, lambda i, total: progress((i, total), desc=kwargs["sampler"], unit="steps"),
+                        model_folder)
         except AltDiffError as e:  # an expected failure: its one line on the page, no traceback in the log
             raise gr.Error(str(e), print_exception=False) from None
 

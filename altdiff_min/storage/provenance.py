@@ -10,7 +10,9 @@ Every picture carries its record inside the PNG too (`png_bytes`): as JSON in an
 chunk, which `generate --replay PICTURE.png` reads back (`record_of_png`), and as the "parameters" text
 the Stable Diffusion web UIs write (`parameters`), so the tools that read theirs show ours. The
 record holds only what makes the picture (no time, no file name), so a replay on the same machine
-writes the same bytes.
+writes the same bytes. `generate` builds its record itself; a sweep's pictures, a training run's
+samples and the web page's pictures take theirs from `picture_record` (the same entries, in the
+same order).
 
 The thread count is there because it changes pixels: a CPU matmul sums in another order with another
 number of threads (docs/robustness.md, on reproducibility), so a picture made with 16 threads can
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import io
 import json
 import os
@@ -86,6 +89,32 @@ def environment(device: str | torch.device, dtype: torch.dtype | str | None) -> 
             "threads": torch.get_num_threads()}
 
 
+def picture_record(model, prompt: str, sample: int, arguments: dict, size: tuple[int, int], model_folder: dict | None,
+                   environment: dict, **more) -> dict:
+    """The record of picture `sample` (0-based) of `model.generate(prompt, **arguments)`, `size` = (width,
+    height) pixels: the entries `altdiff-min generate` records, in its order (so `generate --replay` of
+    the picture writes the same bytes), generate's defaults filled in from its signature. model_folder:
+    folder.fingerprint of the folder the weights came from (None: weights no folder holds, a training
+    run's); environment: environment(…) of the run. text_layer and cross_attention are recorded only
+    where they are not generate's defaults (generate --replay cannot set them: it refuses such a
+    record); more: further entries (an init picture's, a training sample's), before the environment."""
+    from ..sampling.guidance import guidance_rule
+
+    given = {name: p.default for name, p in inspect.signature(model.generate).parameters.items()} | arguments
+    width, height = size
+    weight = model.unet.conv_in.weight
+    record = {"prompt": prompt, "sample": sample, "negative_prompt": given["negative_prompt"], "seed": given["seed"],
+              "n_samples": given["n_samples"], "sampler": given["sampler"], "steps": given["steps"], "scale": given["scale"],
+              "guidance": str(guidance_rule(given["guidance"])), "eta": given["eta"], "height": height, "width": width,
+              "dtype": DTYPE_NAMES.get(weight.dtype, str(weight.dtype).removeprefix("torch.")), "model": model_folder,
+              "safety_checker": model.safety_checker is not None and given["safety_checker"] is not False}
+    if given["text_layer"] is not None:
+        record["text_layer"] = given["text_layer"]
+    if given["cross_attention"] is not True:
+        record["cross_attention"] = given["cross_attention"]
+    return {**record, **more, "environment": environment}
+
+
 RECORD_CHUNK = "altdiff-min"  # the PNG text chunk holding a picture's record, as JSON
 # The web UIs' sampler names, for their "parameters" text (AUTOMATIC1111's spelling).
 UI_SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm++2m": "DPM++ 2M", "dpm++2m-karras": "DPM++ 2M Karras",
@@ -100,8 +129,8 @@ def parameters(record: dict) -> str:
               "CFG scale": record["scale"], "Seed": record["seed"], "Size": f"{record['width']}x{record['height']}"}
     if record.get("eta"):  # only DDIM takes η (schedule.ROUTES), so it is 0 elsewhere
         fields["Eta"] = record["eta"]
-    if record.get("guidance", "cfg") != "cfg":  # a value holding a comma is quoted, as the web UIs quote theirs
-        fields["Guidance"] = json.dumps(record["guidance"]) if "," in record["guidance"] else record["guidance"]
+    if record.get("guidance", "cfg") != "cfg":
+        fields["Guidance"] = quoted(record["guidance"])
     model = record.get("model") or {}
     if model.get("weights_sha256"):
         fields["Model hash"] = model["weights_sha256"][:10]
@@ -109,17 +138,38 @@ def parameters(record: dict) -> str:
         fields["Model"] = os.path.basename(model["path"].rstrip("/\\"))
     if record.get("init_img"):
         fields["Denoising strength"] = record["strength"]
+    if record.get("text_layer") is not None:  # a sweep's ablations (picture_record): only when not generate's default
+        fields["Text layer"] = record["text_layer"]
+    if "cross_attention" in record:  # the UNet parts that read the text: "none" (False), a part, or a list
+        parts = record["cross_attention"]
+        fields["Cross attention"] = quoted(", ".join(map(str, parts)) if isinstance(parts, list) and parts
+                                           else "none" if parts in (False, []) else str(parts))
+    if training := record.get("training"):  # a training run's sample: the run's weights at that step
+        fields["Training step"] = training["step"]
+        fields["Training run"] = os.path.basename(training["run"].rstrip("/\\"))
     fields.update({"Batch size": record["n_samples"], "Batch pos": record["sample"], "Precision": record["dtype"],
                    "Version": f"altdiff-min {(record.get('environment') or {}).get('altdiff_min')}"})
     lines = [record["prompt"]] + ([f"Negative prompt: {record['negative_prompt']}"] if record.get("negative_prompt") else [])
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items())])
 
 
+def quoted(value: str) -> str:
+    """A "parameters" value holding a comma, quoted as the web UIs quote theirs."""
+    return json.dumps(value, ensure_ascii=False) if "," in value else value
+
+
+def text_chunks(record: dict) -> dict[str, str]:
+    """The PNG text chunks that carry `record`, in the order they are written: the web UIs'
+    "parameters" and RECORD_CHUNK (JSON). A PIL image whose .info holds them keeps them where the
+    writer copies .info's text into the PNG (Gradio's PNG output does)."""
+    return {"parameters": parameters(record), RECORD_CHUNK: json.dumps(record, ensure_ascii=False, allow_nan=False)}
+
+
 def png_bytes(image: Image.Image, record: dict) -> bytes:
     """The picture as PNG bytes carrying `record` (RECORD_CHUNK, JSON) and its web-UI "parameters"."""
     info = PngInfo()
-    info.add_text("parameters", parameters(record))  # Pillow writes iTXt where the text is not Latin-1
-    info.add_text(RECORD_CHUNK, json.dumps(record, ensure_ascii=False, allow_nan=False))
+    for key, text in text_chunks(record).items():
+        info.add_text(key, text)  # Pillow writes iTXt where the text is not Latin-1
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -4,7 +4,8 @@
     checkpoint.pt   everything a restart needs (weights, optimizer, LR schedule, EMA, grad scaler,
                     rng_states(), step: written by train.train), replaced atomically
     loss.jsonl      one {"step", "loss", "lr", "seconds"} per optimizer step; loss.png draws it
-    samples/        step-NNNNNNN-K.png: the --sample-prompt pictures, every --sample-every steps
+    samples/        step-NNNNNNN-K.png: the --sample-prompt pictures, every --sample-every steps, each
+                    carrying its record (prompt, seed, sampler, steps, the training step, the run folder)
     model/          the result, a model folder `altdiff_min.load` reads (written at the end)
 
 Only rank 0 writes, holding a lock on the folder for the whole run, so two runs never write one
@@ -205,12 +206,16 @@ def draw_curve(losses: list[float], file: str, title: str = "training loss") -> 
         image.save(tmp, format="PNG")
 
 
-def save_samples(path: str, step: int, images: list) -> None:
+def save_samples(path: str, step: int, images: list, records: list[dict]) -> None:
+    """samples/step-NNNNNNN-K.png: picture K, carrying records[K] (provenance.png_bytes: its "parameters"
+    text and the altdiff-min record), written atomically."""
+    from .provenance import png_bytes
+
     folder = os.path.join(path, SAMPLES)
     if os.path.islink(folder):  # make_folder would take the folder it points to
         raise BadFile(f"{folder} is a symbolic link; altdiff-min does not write a run's files through links (remove it)")
     make_folder(folder, "samples")
-    for k, image in enumerate(images):
-        with atomic_file(os.path.join(folder, f"step-{step:07d}-{k}.png")) as tmp:
-            image.save(tmp, format="PNG")
+    for k, (image, record) in enumerate(zip(images, records, strict=True)):
+        with atomic_file(os.path.join(folder, f"step-{step:07d}-{k}.png")) as tmp, open(tmp, "wb") as f:
+            f.write(png_bytes(image, record))
     fsync_path(folder)

@@ -281,20 +281,29 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
         run_folder.draw_curve(losses, os.path.join(out_dir, run_folder.CURVE))
 
     def sample(step: int) -> None:
-        """Sample pictures by the weights the run would save now: the EMA's, when there is one."""
+        """Sample pictures by the weights the run would save now: the EMA's, when there is one. Each
+        carries its record (provenance.picture_record): its generate arguments, and as "training"
+        the run folder, the step and whether the weights were the EMA's (no model folder holds them)."""
+        from .provenance import environment, picture_record
+
         for module in trained:
             module.eval()
         with torch.no_grad():
             raw = [p.detach().clone() for p in params] if ema is not None and step > 0 else None
             if raw is not None:
                 torch._foreach_copy_(params, ema)
-            images = [model.generate(prompt, steps=cfg.sample_steps, seed=k, progress=False)[0]
-                      for k, prompt in enumerate(cfg.sample_prompts)]
+            arguments = [{"steps": cfg.sample_steps, "seed": k} for k in range(len(cfg.sample_prompts))]
+            images = [model.generate(prompt, progress=False, **asked)[0]
+                      for prompt, asked in zip(cfg.sample_prompts, arguments)]
             if raw is not None:
                 torch._foreach_copy_(params, raw)
         for module in trained:
             module.train()
-        run_folder.save_samples(out_dir, step, images)
+        made_in = environment(world.device, model.unet.conv_in.weight.dtype)
+        training = {"run": os.path.abspath(out_dir), "step": step, "ema": raw is not None}
+        run_folder.save_samples(out_dir, step, images, [
+            picture_record(model, prompt, 0, asked, image.size, None, made_in, training=training)
+            for prompt, asked, image in zip(cfg.sample_prompts, arguments, images)])
 
     skipped = 0  # steps the fp16 grad scaler skipped (overflowed gradients)
     try:
