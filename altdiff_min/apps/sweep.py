@@ -364,7 +364,7 @@ def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
     pictures do, so `generate --replay PICTURE` makes it again."""
     from tqdm import tqdm
 
-    from .provenance import environment, picture_record, png_bytes
+    from ..storage.provenance import environment, picture_record, png_bytes
 
     settings, mine = spec.settings, [c for i, c in enumerate(spec.cells()) if i % world.size == world.rank]
     # Made: a regular file. A link planted at a picture's name is not taken as the picture: atomic_file refuses it.

@@ -130,7 +130,7 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
     `altdiff-min generate --replay PICTURE` makes it again. model_folder: the model folder's
     fingerprint (folder.fingerprint; None: taken now)."""
     from .generate import file_digest
-    from .provenance import environment, picture_record, text_chunks
+    from ..storage.provenance import environment, picture_record, text_chunks
 
     # The steps strength leaves of the route are generate's business: image to image counts without a total.
     total = None if "image" in kwargs else len(timesteps(kwargs["sampler"], kwargs["steps"], model.schedule))

@@ -209,7 +209,7 @@ def draw_curve(losses: list[float], file: str, title: str = "training loss") -> 
 def save_samples(path: str, step: int, images: list, records: list[dict]) -> None:
     """samples/step-NNNNNNN-K.png: picture K, carrying records[K] (provenance.png_bytes: its "parameters"
     text and the altdiff-min record), written atomically."""
-    from .provenance import png_bytes
+    from ..storage.provenance import png_bytes
 
     folder = os.path.join(path, SAMPLES)
     if os.path.islink(folder):  # make_folder would take the folder it points to

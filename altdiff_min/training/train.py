@@ -284,7 +284,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
         """Sample pictures by the weights the run would save now: the EMA's, when there is one. Each
         carries its record (provenance.picture_record): its generate arguments, and as "training"
         the run folder, the step and whether the weights were the EMA's (no model folder holds them)."""
-        from .provenance import environment, picture_record
+        from ..storage.provenance import environment, picture_record
 
         for module in trained:
             module.eval()
