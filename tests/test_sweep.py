@@ -283,8 +283,8 @@ SMALL = {**SPEC, "seeds": [0], "axes": {"scale": [7.5]}}  # two cells
 
 def test_spec_json_records_the_environments_and_the_whole_fingerprint_and_resuming_compares_it(tmp_path, capsys,
                                                                                                monkeypatch):
-    import altdiff_min.storage.provenance as provenance
     import altdiff_min.apps.sweep as sweep
+    import altdiff_min.storage.provenance as provenance
     from altdiff_min.storage.folder import fingerprint
 
     spec, out = write_spec(tmp_path, SMALL), tmp_path / "spec"
@@ -358,7 +358,7 @@ def test_each_picture_carries_its_record_and_generate_replays_it_to_the_same_byt
     """A cell's PNG carries what `altdiff-min generate` writes into its own (provenance.picture_record):
     the cell's arguments, prompt, seed, spec.json's model_folder and environment; `generate --replay`
     of the picture writes the very same bytes."""
-    from altdiff_min.provenance import record_of_png
+    from altdiff_min.storage.provenance import record_of_png
 
     spec = {"model": "toy", "prompts": ["un cercle rouge"], "seeds": [5], "fixed": {"steps": 3, "negative_prompt": "flou"},
             "axes": {"sampler": ["ddim", "dpm++2m"], "guidance": ["rescale:0.7"]}}
@@ -382,7 +382,7 @@ def test_each_picture_carries_its_record_and_generate_replays_it_to_the_same_byt
 
 
 def test_a_cell_of_a_setting_generate_cannot_take_records_it_and_replay_says_so(tmp_path, capsys):
-    from altdiff_min.provenance import record_of_png
+    from altdiff_min.storage.provenance import record_of_png
 
     spec = {"model": "toy", "prompts": ["a red circle"], "seeds": [0], "fixed": {"steps": 2},
             "axes": {"cross_attention": [["down", "up"]], "text_layer": [1]}}

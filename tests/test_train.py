@@ -377,10 +377,11 @@ def test_sample_pictures_carry_their_record_and_replay_says_why_it_cannot_make_t
     """Each sample PNG carries the web UIs' "parameters" text and the altdiff-min record: its prompt,
     seed, sampler, steps, the step of training it was drawn at and the run folder (no model folder
     holds those weights: `generate --replay` says so in one line)."""
-    from altdiff_min.__main__ import main
-    from altdiff_min.dataset import open_data
-    from altdiff_min.provenance import environment, record_of_png
-    from altdiff_min.train import TrainConfig, train
+    from altdiff_min.apps.cli import main
+    from altdiff_min.storage.provenance import environment, record_of_png
+    from altdiff_min.training.config import TrainConfig
+    from altdiff_min.training.dataset import open_data
+    from altdiff_min.training.train import train
 
     prompts = ("a red circle", "一只狗")
     cfg = TrainConfig(max_steps=2, batch_size=2, lr=1e-3, ema=0.9, save_every=100, sample_every=2,

@@ -23,13 +23,12 @@ import pytest
 from PIL import Image
 
 from altdiff_min import load
-
 from altdiff_min.apps import ui
 from altdiff_min.apps.cli import main
 from altdiff_min.errors import AltDiffError
+from altdiff_min.model.tokenizer import MAX_PROMPT_CHARS
 from altdiff_min.sampling.samplers import SAMPLERS
 from altdiff_min.sampling.schedule import timesteps
-from altdiff_min.model.tokenizer import MAX_PROMPT_CHARS
 from altdiff_min.toy import caption, render
 
 # The handlers' positional order: prompt, negative prompt, sampler, steps, scale, seed, width, height, n.
@@ -345,8 +344,8 @@ def test_the_pictures_the_page_serves_carry_their_record_and_replay(client, mode
     """The PNG files the page serves carry the web UIs' "parameters" text and the altdiff-min record
     (Gradio writes a returned picture's .info text into its PNG); `generate --replay` of a downloaded
     picture makes it again, with the same record."""
-    from altdiff_min.folder import fingerprint
-    from altdiff_min.provenance import environment, record_of_png
+    from altdiff_min.storage.folder import fingerprint
+    from altdiff_min.storage.provenance import environment, record_of_png
 
     asked = settings(prompt="un carré bleu", negative_prompt="flou", sampler="euler", seed=9, n_samples=2)
     gallery, _, _ = ask(client, asked)
@@ -369,7 +368,7 @@ def test_the_pictures_the_page_serves_carry_their_record_and_replay(client, mode
 def test_a_picture_made_from_a_picture_records_the_uploads_and_replays(client, uploads, tmp_path):
     from gradio_client import handle_file
 
-    from altdiff_min.provenance import record_of_png
+    from altdiff_min.storage.provenance import record_of_png
 
     asked = settings(sampler="ddim", seed=3, steps=4, n_samples=1, width=0, height=0)
     gallery, _, shown = ask(client, asked, "/img2img", handle_file(str(uploads / "init.png")), 0.6,
