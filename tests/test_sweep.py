@@ -63,7 +63,7 @@ def test_the_toy_metric_reads_two_object_prompts_in_any_language():
     """Two objects: "objects" (both right) and "relation" (where the prompt puts them); one: colour, shape."""
     import numpy as np
 
-    from altdiff_min.apps.sweep import toy_metric
+    from altdiff_min.apps.metrics import toy_metric
     from altdiff_min.toy import Obj, Scene, caption_scene, render_scene
     from altdiff_min.toy.data import INVERSE
 

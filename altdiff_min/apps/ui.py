@@ -129,8 +129,8 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
     provenance.text_chunks, which the page's PNG files keep (Gradio copies .info's text into them), so
     `altdiff-min generate --replay PICTURE` makes it again. model_folder: the model folder's
     fingerprint (folder.fingerprint; None: taken now)."""
-    from .generate import file_digest
     from ..storage.provenance import environment, picture_record, text_chunks
+    from .generate import file_digest
 
     # The steps strength leaves of the route are generate's business: image to image counts without a total.
     total = None if "image" in kwargs else len(timesteps(kwargs["sampler"], kwargs["steps"], model.schedule))
