@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -131,6 +132,22 @@ def small_model_dir(hub_layout, tmp_path_factory) -> str:
     return converted(hub_layout, tmp_path_factory, "small")
 
 
+@pytest.fixture
+def src(hub_layout, tmp_path):
+    """A private copy of the small model in the hub layout, to break."""
+    root = tmp_path / "src"
+    shutil.copytree(hub_layout, root)
+    return root
+
+
+@pytest.fixture
+def model(small_model_dir, tmp_path):
+    """A private copy of the small converted model folder, to break."""
+    root = tmp_path / "model"
+    shutil.copytree(small_model_dir, root)
+    return root
+
+
 # The vision side: AltCLIP in the transformers layout, and the small AltDiffusion with a safety checker.
 CLIP_FEATURE_EXTRACTOR = {  # m9's feature_extractor/preprocessor_config.json, at the small tower's 64 px
     "crop_size": 64, "do_center_crop": True, "do_normalize": True, "do_resize": True,
@@ -185,8 +202,6 @@ def checker_reference():
 def checker_layout(hub_layout, checker_reference, tmp_path_factory) -> str:
     """The small AltDiffusion in the hub layout with a real safety checker: the hub's names
     (vision_model.vision_model.…), pickled, and the CLIPFeatureExtractor config beside it."""
-    import shutil
-
     root = tmp_path_factory.mktemp("hub") / "AltDiffusion-m9-checker"
     shutil.copytree(hub_layout, root)
     ref = checker_reference

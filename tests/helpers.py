@@ -164,6 +164,27 @@ def write_json(path, obj):
         json.dump(obj, f)
 
 
+def put_in(model, name: str, change) -> None:
+    """Rewrite model.safetensors with `change(tensor)` applied in place to the tensor `name`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    change(tensors[name])
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def no_weights_read(monkeypatch):
+    """Fail the test if conversion or loading reads a tensor: for refusals that must come first."""
+    import altdiff_min.storage.folder as folder
+    import weights_convert.convert as conversion
+
+    monkeypatch.setattr(conversion, "read_component", lambda *a: pytest.fail("weights were read"))
+    monkeypatch.setattr(folder, "load_file", lambda *a, **k: pytest.fail("weights were read"))
+
+
+HW = dict(height=64, width=96, steps=2, progress=False)  # a small, non-square generate call on the small model
+
+
 # The full m9 configs as published (BAAI/AltDiffusion-m9's text_encoder/, unet/ and vae/config.json),
 # for the full-size parity tests and the benchmark. The UNet's sample_size 32 is m9's known mistake.
 M9_TEXT = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

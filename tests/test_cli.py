@@ -2,6 +2,8 @@
 import os
 
 import pytest
+import torch
+from helpers import put_in
 from PIL import Image
 
 from altdiff_min.apps.cli import main
@@ -71,6 +73,64 @@ def test_missing_prompt(model_dir, capsys):
     assert "give a prompt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["   "], "give a prompt (not empty or blank)"),
+    ([""], "give a prompt (not empty or blank)"),
+    (["a dog", "--from-file", "PROMPTS"], "give a prompt or --from-file, not both"),
+    (["a \udcff dog"], "lone surrogate"),
+    (["a" * 10_001], "error: prompt is 10,001 characters; at most 10,000 are accepted (only the first 77 tokens are used)\n"),
+])
+def test_command_line_prompt_gaps(small_model_dir, tmp_path, capsys, args, message):
+    (tmp_path / "PROMPTS").write_text("a cat\n")
+    args = [str(tmp_path / a) if a == "PROMPTS" else a for a in args]
+    assert main(["generate", *args, "--model", small_model_dir, "--outdir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--H", "100000", "--W", "100000"], "--H = 100000 is over the limit of 4096"),
+    (["--n-samples", "100000"], "--n-samples = 100000 is over the limit of 256"),
+    (["--n-samples", "200", "--H", "1024", "--W", "2048"], "--n-samples × --H × --W pixels = 419430400 is over the limit"),
+])
+def test_huge_requests_on_the_command_line(small_model_dir, tmp_path, monkeypatch, capsys, args, message):
+    import altdiff_min.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--no-limits" in err
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("outdir-is-a-file", "exists and is not a folder"),
+    ("samples-is-a-file", "samples exists and is not a folder"),
+])
+def test_output_folder_is_checked_before_the_model_loads(small_model_dir, tmp_path, monkeypatch, capsys, setup, message):
+    import altdiff_min.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "o"
+    if setup == "outdir-is-a-file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        (out / "samples").write_text("x")
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,message", [
+    pytest.param("cuda", "this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
+    ("tpu", "device 'tpu'"),
+    ("cpu:banana", "is not a torch device"),
+])
+def test_devices_that_cannot_be_used(small_model_dir, tmp_path, capsys, device, message):
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(tmp_path / "o"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
 def test_manifest_records_every_picture_and_replay_makes_it_again(model_dir, tmp_path):
     import json
 
@@ -120,6 +180,16 @@ def test_replay_refuses_a_recorded_line_it_cannot_honour(model_dir, tmp_path, ca
     assert main(["generate", "--replay", f"{tmp_path / 'M'}:1", "--outdir", str(tmp_path / "again")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_replay_refuses_changed_weights(model, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "a dog", "--model", str(model), "--steps", "1", "--n-samples", "1", "--H", "64", "--W", "64",
+                 "--outdir", str(out), "--device", "cpu"]) == 0
+    put_in(model, "unet.conv_out.bias", lambda t: t.add_(1e-3))
+    assert main(["generate", "--replay", f"{out / 'manifest.jsonl'}:1", "--outdir", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights of {model} changed since the picture was made" in err
 
 
 def test_a_broken_manifest_line_is_left_alone_and_the_next_one_starts_fresh(model_dir, tmp_path):
@@ -213,6 +283,45 @@ def test_a_killed_runs_leftovers_are_cleaned_and_its_pictures_recorded(model_dir
         (os.path.join("samples", "00000.png"), "a dog", True), (os.path.join("samples", "00001.png"), "a cat", False)]
     assert rows[0]["sample"] == 0 and rows[0]["seed"] == rows[1]["seed"] and "job" not in rows[0]
     assert "00000.png: recorded in the manifest as incomplete" in capsys.readouterr().err
+
+
+def test_a_full_disk_leaves_no_truncated_picture(small_model_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import altdiff_min.storage.files as files
+
+    out = tmp_path / "o"
+    args = ["generate", "a dog", "--model", small_model_dir, "--outdir", str(out), "--H", "64", "--W", "64",
+            "--steps", "1", "--n-samples", "1", "--device", "cpu", "--skip-grid"]
+    assert main(args) == 0
+    real = files.fsync_path
+
+    def disk_full(path):  # the bytes went to the page cache; the file system refuses them on sync
+        if ".partial-" in os.path.basename(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path)
+
+    monkeypatch.setattr(files, "fsync_path", disk_full)
+    assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "samples")) == ["00000.png"]  # nothing half-written, nothing counted
+    monkeypatch.setattr(files, "fsync_path", real)
+    assert main(args) == 0 and sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"]
+
+
+def test_a_read_only_folder_is_one_line(small_model_dir, tmp_path, monkeypatch, capsys):
+    """As root, permissions do not stop writes here; the file system's refusal is simulated."""
+    import errno
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "link", read_only)
+    out = tmp_path / "o"
+    assert main(["generate", "a dog", "--model", small_model_dir, "--outdir", str(out), "--H", "64", "--W", "64",
+                 "--steps", "1", "--n-samples", "1", "--device", "cpu", "--skip-grid"]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and str(out / "samples") in err and os.listdir(out / "samples") == []
 
 
 def test_records_say_what_made_the_picture_and_a_png_replays_byte_identically(model_dir, tmp_path, capsys):

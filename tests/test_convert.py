@@ -1,16 +1,22 @@
 """weights_convert end to end: the hub's diffusers layout and single ldm/FlagAI files → a model folder
 → altdiff_min.load, each module compared with the diffusers/transformers reference it came from."""
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
-from helpers import M9_TEXT, M9_UNET, M9_VAE, SCHEDULER, SCHEDULERS, rel_err, small_configs, write_json
+from helpers import (HW, M9_TEXT, M9_UNET, M9_VAE, SCHEDULER, SCHEDULERS, edit_json, no_weights_read, rel_err,
+                     small_configs, write_json)
 from safetensors.torch import save_file
 
+from altdiff_min.apps.cli import main
+from altdiff_min.errors import NotFinite
 from altdiff_min.pipeline import load
 from weights_convert.convert import convert
 from weights_convert.rules import ConversionError
@@ -477,6 +483,115 @@ def test_weights_beyond_fp16_are_refused_not_written_as_infinities(hub_layout, t
     assert sorted(os.listdir(tmp_path)) == ["src"]
     convert(root, tmp_path / "full")  # float32 holds it
     assert load(tmp_path / "full").unet.conv_in.weight[0, 0, 0, 0] == 1e5
+
+
+def test_bad_numbers_at_conversion(src, monkeypatch):
+    no_weights_read(monkeypatch)
+    edit_json(src / "vae" / "config.json", sample_size=-64)
+    with pytest.raises(ConversionError, match=r"vae/config.json: sample_size must be an integer in \[8, 16384\]"):
+        convert(src, src.parent / "out")
+    edit_json(src / "vae" / "config.json", sample_size=64)
+    write_json(src / "scheduler" / "scheduler_config.json", {**json.loads((src / "scheduler" / "scheduler_config.json").read_text()),
+                                                            "beta_start": math.nan})
+    with pytest.raises(ConversionError, match="beta_start must be a finite number"):
+        convert(src, src.parent / "out")
+
+
+def test_nan_weights(src, model, tmp_path):
+    path = src / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    state["conv_in.weight"][0, 0, 0, 0] = math.nan
+    torch.save(state, path)
+    with pytest.raises(ConversionError, match=r"hold NaN or infinite values, e.g. unet.conv_in.weight"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # A model folder with NaN weights (written by other means): the picture is refused, not saved black.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    tensors["unet.conv_in.weight"][0, 0, 0, 0] = math.nan
+    save_file(tensors, model / "model.safetensors")
+    with pytest.raises(NotFinite, match=r"tensor 'unet.conv_in.weight' has 1 NaN/inf value"):
+        load(model)  # refused at load, not after sampling to the end
+    # Read anyway (check_finite=False): the picture is refused, not saved black.
+    with pytest.raises(NotFinite, match=r"picture\(s\) \[0\] of 1 came out NaN"):
+        load(model, check_finite=False).generate("a dog", **HW)
+
+
+def test_a_flipped_byte_in_a_pickled_checkpoint(src, tmp_path):
+    path = src / "unet" / "diffusion_pytorch_model.bin"
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor's storage
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="fails its CRC check"):
+        convert(src, tmp_path / "out")
+
+
+class RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/altdiff-min-pwned",))
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("os.system", "never executes code"),
+    ("not-json", "unet/config.json is not valid JSON"),
+    ("a-list", "unet/config.json: a config must be a JSON object"),
+    ("string-channels", "UNetConfig.channels[0] must be an integer, got '32'"),
+    ("heads-0", "UNetConfig.heads must be in [1, 256], got 0"),
+    ("missing-key", "text_encoder/config.json has no 'project_dim' entry"),
+    ("symlinked-component", None),
+])
+def test_conversion_errors_name_the_file(src, tmp_path, capsys, breakage, message):
+    unet = src / "unet"
+    if breakage == "os.system":
+        torch.save({"conv_in.weight": RunsACommand()}, unet / "diffusion_pytorch_model.bin")
+    elif breakage == "not-json":
+        (unet / "config.json").write_text("{'in_channels': 4,")
+    elif breakage == "a-list":
+        (unet / "config.json").write_text("[1, 2]")
+    elif breakage == "string-channels":
+        edit_json(unet / "config.json", block_out_channels=["32", "64", "64"])
+    elif breakage == "heads-0":
+        edit_json(unet / "config.json", attention_head_dim=0)
+    elif breakage == "missing-key":
+        edit_json(src / "text_encoder" / "config.json", project_dim=KeyError)
+    else:
+        shutil.move(unet, tmp_path / "elsewhere")
+        unet.symlink_to(tmp_path / "elsewhere")
+    code = main(["convert", str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0, err
+        return
+    last = err.strip().splitlines()[-1]  # after the progress bar, if conversion had started
+    assert code == 2 and last.startswith("altdiff-min convert: error: ") and message in last
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert not os.path.exists("/tmp/altdiff-min-pwned")
+
+
+def test_conversion_gaps(src, spm_dir, reference, tmp_path, monkeypatch, capsys):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("this is not a checkpoint\n" * 10)
+    with pytest.raises(ConversionError, match="not a readable PyTorch checkpoint"):
+        convert(junk, tmp_path / "a", tokenizer=os.path.join(spm_dir, "sentencepiece.bpe.model"),
+                configs=small_configs(reference))
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "./nosuch", "out"]) == 2
+    assert "neither a file, a folder, nor a hub repo id" in capsys.readouterr().err
+    # transformers 5 saves tokenizer.json only: say that --tokenizer solves it
+    (src / "tokenizer" / "sentencepiece.bpe.model").unlink()
+    assert main(["convert", str(src), str(tmp_path / "b")]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    # a wrong --tokenizer is refused before any module is converted
+    no_weights_read(monkeypatch)
+    other = tmp_path / "other.model"
+    from helpers import train_sentencepiece
+
+    train_sentencepiece(str(other), ["a small other vocabulary", "nothing like the model's"] * 20, vocab_size=40)
+    assert main(["convert", str(src), str(tmp_path / "b"), "--tokenizer", str(other)]) == 2
+    assert "do not belong together" in capsys.readouterr().err
 
 
 # ---- the full m9 architecture: every key and shape of both layouts, on the meta device ---------------

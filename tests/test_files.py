@@ -122,6 +122,15 @@ def test_save_numbered_runs_then_while_the_picture_is_locked(tmp_path):
     assert not locked_elsewhere(str(tmp_path / "00000.png"))
 
 
+def test_numbered_pictures_never_overwrite(tmp_path):
+    from altdiff_min.storage.files import save_numbered
+
+    (tmp_path / "00001.png").write_bytes(b"keep")  # a gap: one file, numbered 1
+    written = [save_numbered(str(tmp_path), "{:05}.png", lambda p: open(p, "wb").write(b"new")) for _ in range(2)]
+    assert [os.path.basename(p) for p in written] == ["00002.png", "00003.png"]
+    assert (tmp_path / "00001.png").read_bytes() == b"keep"
+
+
 def locked_elsewhere(path: str) -> bool:
     """Whether a flock on `path` is held by another open file (another writer, or a killed one's)."""
     import fcntl

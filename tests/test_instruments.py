@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import rel_diff, rel_err
 
+from altdiff_min.errors import BadValue
 from altdiff_min.research import interventions
 from altdiff_min.research.instruments import capture_attention
 from altdiff_min.pipeline import load
@@ -88,6 +89,13 @@ def test_heatmap_rejects_a_size_the_layers_do_not_fit(pipe):
         pipe.generate("a", **(RUN | dict(steps=1)))
     with pytest.raises(ValueError, match="positions"):
         maps.heatmap(token=1, size=(64, 64))
+
+
+def test_heatmap_with_nothing_captured():
+    from altdiff_min.research.instruments import AttentionMaps
+
+    with pytest.raises(BadValue, match="no attention maps were captured"):
+        AttentionMaps().heatmap(token=1, size=(64, 64))
 
 
 def test_pieces_name_each_position(pipe):

@@ -1,11 +1,13 @@
 """The house's rules, read from the code: which folder may import which (arrows only run down), no
-import circle between files, a small prompt-to-pixels core, and no file a reader cannot hold.
+import circle between files, a small prompt-to-pixels core, no file a reader cannot hold, and every
+third-party module the package imports declared in pyproject.toml.
 
 Every import is read, at module level or inside a function, relative or absolute: a function-level
 import is still an arrow (the circle __main__ ↔ ui ran through one)."""
 import ast
 import io
 import os
+import sys
 import tokenize
 
 import pytest
@@ -161,3 +163,34 @@ def test_optional_modules_and_named_things_are_registered_not_imported():
     assert {"safety_checker", "altclip"} <= set(MODULES) and "toy" in NAMED and "toy" in DATA
     for name in ("altdiff_min.storage.folder", "altdiff_min.training.dataset", "altdiff_min.pipeline"):
         assert not {m for m in GRAPH[name] if room(m) in ("vision", "toy", "apps")}
+
+
+def test_every_runtime_import_is_declared():
+    """tqdm came only through huggingface-hub; every third-party module the package imports must be declared."""
+    import ast
+    import tomllib
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    def name(requirement: str) -> str:
+        return requirement.split(">")[0].split("=")[0].split("[")[0].split("<")[0].strip().lower().replace("-", "_")
+
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    declared = {name(d) for d in project["dependencies"]}
+    # the optional extras (the web UI's gradio, the notebooks'), imported only by the modules that need them
+    extras = {name(d) for extra, deps in project["optional-dependencies"].items() if extra != "test" for d in deps}
+    names = {"PIL": "pillow", "safetensors": "safetensors", "huggingface_hub": "huggingface_hub"}
+    imported = set()
+    for package in ("altdiff_min", "weights_convert"):
+        for dirpath, _, files in os.walk(os.path.join(root, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    tree = ast.parse(open(os.path.join(dirpath, name), encoding="utf-8").read())
+                    for node in ast.walk(tree):
+                        if isinstance(node, ast.Import):
+                            imported |= {a.name.split(".")[0] for a in node.names}
+                        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                            imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("altdiff_min", "weights_convert")}
+    optional = {"nbformat", "nbclient", "matplotlib", "IPython"}  # the notebooks' (through jupyter), where they are used
+    assert {names.get(m, m).lower() for m in third_party - optional} <= declared | extras

@@ -14,6 +14,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, PNDMScheduler)
 
 from altdiff_min.apps.cli import SAMPLER_NAMES
+from altdiff_min.errors import BadValue
 from altdiff_min.sampling.samplers import SAMPLERS, get_sampler
 from altdiff_min.sampling.schedule import ScheduleConfig, Timesteps, add_noise, alphas_cumprod, init_noise_sigma, timesteps
 
@@ -277,3 +278,18 @@ def test_unknown_sampler(lookup):
     with pytest.raises(ValueError, match=r"unknown sampler 'heun'; choose one of \['ddim', 'dpm\+\+2m', "
                                          r"'dpm\+\+2m-karras', 'euler', 'euler_a', 'plms'\]"):
         lookup("heun")
+
+
+@pytest.mark.parametrize("returned,match", [
+    (lambda x: x[..., :2], r"latents of shape \(1, 4, 2, 3\), got \(1, 4, 2, 2\)"),
+    (lambda x: "x", "got str"),
+    (lambda x: x.double(), "as it got them, torch.float32 on cpu, got torch.float64 on cpu"),
+])
+def test_what_a_callback_returns_is_checked(returned, match):
+    from altdiff_min.sampling.samplers import after_step
+
+    x = torch.randn(1, 4, 2, 3)
+    assert after_step(lambda i, t, x, x0: None, 0, 999.0, x, x) is x
+    with pytest.raises(BadValue, match=match) as e:
+        after_step(lambda i, t, x, x0: returned(x), 0, 999.0, x, x)
+    assert "\n" not in str(e.value)
