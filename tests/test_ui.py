@@ -193,7 +193,9 @@ def test_bad_input_is_the_one_line_error(client, model, bad):
 def test_a_huge_prompt_is_refused_in_one_line_and_the_server_answers_the_next_request(client, model, field, name):
     from gradio_client.exceptions import AppError
 
-    huge = "a red circle " * 250_000  # 3.25 MB: enough to show the bound, small enough to post quickly
+    # Over MAX_PROMPT_CHARS, within MAX_BODY_SIZE: a larger body is refused before it is read (below).
+    huge = "a red circle " * (MAX_PROMPT_CHARS // 10)
+    assert MAX_PROMPT_CHARS < len(huge) < ui.MAX_BODY_SIZE // 12
     with pytest.raises(AppError) as e:
         ask(client, settings(**{field: huge}))
     assert str(e.value) == (f"{name} is {len(huge):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
@@ -289,6 +291,70 @@ def test_an_upload_over_the_limit_is_refused(server, client, model):
     asked = settings(n_samples=1)
     gallery, _, _ = ask(client, asked)
     assert_same_pictures([item["image"] for item in gallery], direct(model, asked))
+
+
+def post_body(server: str, body, **headers) -> tuple[int, str]:
+    """POST `body` to /call/txt2img as it is: bytes (sent with their Content-Length) or an iterator of
+    bytes (sent chunked, without one). The status and the answer's text."""
+    import httpx
+
+    with httpx.Client(timeout=120) as http:
+        answer = http.post(f"{server.rstrip('/')}/gradio_api/call/txt2img", content=body,
+                           headers={"Content-Type": "application/json", **headers})
+        assert ("content-length" in answer.request.headers) == isinstance(body, bytes)  # chunked otherwise
+        return answer.status_code, answer.text
+
+
+REQUEST = ["un cercle rouge", "", "ddim", 1, 7.5, 0, 64, 64, 1]  # prompt, negative prompt, sampler, ... (FIELDS)
+
+
+def json_of_size(size: int) -> bytes:
+    """A txt2img request of exactly `size` bytes: its prompt "aaa…" fills it."""
+    start, end = json.dumps({"data": ["", *REQUEST[1:]]}).encode().split(b'""', 1)
+    return start + b'"' + b"a" * (size - len(start) - len(end) - 2) + b'"' + end
+
+
+def assert_answers_a_request(server: str) -> None:
+    status, body = call(server, REQUEST)
+    assert status == 200, body
+    assert "event: complete" in call(server, event=json.loads(body)["event_id"])[1]
+
+
+TOO_LARGE = (f"request body too large: at most {ui.MAX_BODY_SIZE:,} bytes are accepted "
+             f"(files go to {ui.UPLOAD_ROUTE})")
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    """Its Content-Length says so: 413 and one line naming the limit. One byte less is read (and its
+    prompt then refused by the prompt check, in the event stream); the server answers the next request."""
+    status, body = post_body(server, json_of_size(ui.MAX_BODY_SIZE + 1))
+    assert (status, json.loads(body)) == (413, {"detail": TOO_LARGE}) and "\n" not in body
+    assert_answers_a_request(server)
+    body = json_of_size(ui.MAX_BODY_SIZE)
+    assert len(body) == ui.MAX_BODY_SIZE and json.loads(body)["data"][1:] == REQUEST[1:]
+    status, answer = post_body(server, body)
+    assert status == 200, answer[:500]
+    stream = call(server, event=json.loads(answer)["event_id"])[1]
+    assert "event: error" in stream and f"at most {MAX_PROMPT_CHARS:,} are accepted" in stream, stream[-500:]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(server):
+    """No Content-Length: the bytes are counted as they come, and the chunk that passes the limit is refused."""
+    body, chunk = json_of_size(ui.MAX_BODY_SIZE + 1), 64 * 1024
+    status, answer = post_body(server, (body[i:i + chunk] for i in range(0, len(body), chunk)))
+    assert (status, json.loads(answer)) == (413, {"detail": TOO_LARGE})
+    assert_answers_a_request(server)
+
+
+def test_the_longest_prompts_in_escaped_json_are_not_refused_by_the_body_limit(server):
+    """MAX_PROMPT_CHARS characters in each prompt, every one \\u-escaped (6 bytes; 12 for one beyond U+FFFF):
+    within MAX_BODY_SIZE, the request reaches the page and makes its picture."""
+    request = ["狗" * MAX_PROMPT_CHARS, "🐶" * MAX_PROMPT_CHARS, *REQUEST[2:]]
+    body = json.dumps({"data": request}, ensure_ascii=True).encode()
+    assert len(body) > 18 * MAX_PROMPT_CHARS
+    status, answer = post_body(server, body)
+    assert status == 200, answer
+    assert "event: complete" in call(server, event=json.loads(answer)["event_id"])[1]
 
 
 # Image to image.

@@ -14,6 +14,7 @@ functions, so that the rest of the package never needs it and a missing gradio i
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import shlex
@@ -40,6 +41,16 @@ CONCURRENCY = 2
 # (tokenizer.check_prompt, MAX_PROMPT_CHARS).
 QUEUE_SIZE = 16
 MAX_FILE_SIZE = 20 * 1024 * 1024
+# The body of every other HTTP request (an API call's JSON, the page's queue/join) is bounded before it
+# is read (BodyLimit), or a 60 MB prompt would be read and parsed whole before check_prompt sees it. The
+# largest legitimate body is an image-to-image call: prompt and negative prompt of MAX_PROMPT_CHARS
+# (10,000) characters each, as JSON with \u escapes, at most 12 bytes a character (a surrogate pair,
+# \ud83d\udc36, for one character beyond U+FFFF), so 240,000 bytes; then the numbers, and two file
+# references (path, URL and name: a few kB even escaped) and Gradio's own fields. 1 MiB holds four times
+# that and still costs the server little to parse. Files themselves go to Gradio's upload route,
+# bounded by MAX_FILE_SIZE instead (gradio.route_utils.API_PREFIX + routes.py's "/upload").
+MAX_BODY_SIZE = 1024 * 1024
+UPLOAD_ROUTE = "/gradio_api/upload"
 SEED_RANGE = 2**32  # random seeds stay within what the page's number field holds exactly (2**53)
 TITLE = "altdiff-min: multilingual Stable Diffusion (AltDiffusion-m9)"
 
@@ -268,15 +279,78 @@ def check_multiple(model: AltDiffusion) -> int:
     return 2 ** (len(model.vae.cfg.channels) - 1) * model.unet.cfg.size_multiple
 
 
+class BodyLimit:
+    """A pure ASGI middleware: an HTTP request whose body is over `limit` bytes, but for those to the paths
+    in `exempt`, is answered 413 with one line of JSON, {"detail": ...}, naming the limit. A Content-Length
+    over it is refused before the body is read; a body without one (chunked) is counted as it arrives and
+    refused at the chunk that passes the limit, so no more than `limit` bytes reach the app. The app is
+    then told the client left (http.disconnect) and what it answers is dropped: the 413 is the answer.
+    Nothing is buffered here; the server (uvicorn) discards the rest of a refused body as it comes."""
+
+    def __init__(self, app, limit: int = MAX_BODY_SIZE, exempt: tuple[str, ...] = (UPLOAD_ROUTE,)):
+        self.app, self.limit, self.exempt = app, limit, frozenset(exempt)
+
+    def message(self) -> str:
+        return f"request body too large: at most {self.limit:,} bytes are accepted (files go to {UPLOAD_ROUTE})"
+
+    async def refuse(self, send) -> None:
+        body = json.dumps({"detail": self.message()}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # the server's scope path includes its root_path
+            path = path[len(root):]
+        if scope["type"] != "http" or path in self.exempt:
+            return await self.app(scope, receive, send)
+        lengths = [value for name, value in scope["headers"] if name.lower() == b"content-length"]
+        if lengths and lengths[0].strip().isdigit() and int(lengths[0]) > self.limit:
+            return await self.refuse(send)
+        received, started, answered = 0, False, False
+
+        async def counted():
+            nonlocal received, answered
+            if received > self.limit:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    if not started:  # else too late for a 413: the app sees the client leave
+                        answered = True
+                        await self.refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def watched(message) -> None:
+            nonlocal started
+            if answered:  # the app's answer to a body cut short: the 413 was the answer
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except Exception:
+            if not answered:  # after a 413, whatever the cut body made the app raise is answered already
+                raise
+
+
 def launch(app, host: str, port: int, block: bool = True):
     """Serve `app` on host:port; block=False returns at once (the server runs in a thread: app.close())."""
     gr = require_gradio()
     # The theme's fonts are the system's: the default theme fetches one from Google Fonts, which a
     # machine without internet (or a user who wants no third-party requests) waits on.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    # app_kwargs go to Gradio's App, a FastAPI: its `middleware` list wraps this server's app only.
+    from starlette.middleware import Middleware
+
     return app.queue(max_size=QUEUE_SIZE).launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, theme=theme, max_file_size=MAX_FILE_SIZE,
-        css=".recipe textarea {font-family: ui-monospace, monospace}", ssr_mode=False, quiet=not block)
+        css=".recipe textarea {font-family: ui-monospace, monospace}", ssr_mode=False, quiet=not block,
+        app_kwargs={"middleware": [Middleware(BodyLimit)]})
 
 
 def check_port(host: str, port: int) -> None:
