@@ -8,6 +8,8 @@ from PIL import Image
 
 from altdiff_min.apps.cli import main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module")
 def model_dir(small_model_dir):
@@ -326,8 +328,11 @@ def test_a_read_only_folder_is_one_line(small_model_dir, tmp_path, monkeypatch, 
 
 def test_records_say_what_made_the_picture_and_a_png_replays_byte_identically(model_dir, tmp_path, capsys):
     import json
+    import subprocess
 
     import torch
+
+    from altdiff_min.storage.folder import fingerprint
 
     out = tmp_path / "o"
     assert main(["generate", "un chien rouge", "--negative-prompt", "flou", "--model", model_dir, "--n-samples", "2",
@@ -339,7 +344,10 @@ def test_records_say_what_made_the_picture_and_a_png_replays_byte_identically(mo
     assert environment["torch"] == torch.__version__ and environment["threads"] == torch.get_num_threads()
     assert environment["device"] == "cpu" and environment["device_name"] and environment["dtype"] == "fp32"
     assert environment["altdiff_min"] and "git_commit" in environment
-    assert set(row["model"]) >= {"path", "config_sha256"}
+    assert row["model"] == fingerprint(model_dir)  # its path, config and weights (weights_sha256)
+    if os.path.exists(os.path.join(REPO, ".git")):  # run from a checkout: the commit it runs
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        assert environment["git_commit"] == head and isinstance(environment["git_dirty"], bool)
     picture = Image.open(out / row["file"])
     carried = json.loads(picture.info["altdiff-min"])
     assert carried == {k: v for k, v in row.items() if k not in ("file", "index", "job", "flagged", "time")}

@@ -538,6 +538,7 @@ class RunsACommand:
     ("os.system", "never executes code"),
     ("not-json", "unet/config.json is not valid JSON"),
     ("a-list", "unet/config.json: a config must be a JSON object"),
+    ("deep", "unet/config.json nests JSON deeper than 64 levels"),
     ("string-channels", "UNetConfig.channels[0] must be an integer, got '32'"),
     ("heads-0", "UNetConfig.heads must be in [1, 256], got 0"),
     ("missing-key", "text_encoder/config.json has no 'project_dim' entry"),
@@ -551,6 +552,8 @@ def test_conversion_errors_name_the_file(src, tmp_path, capsys, breakage, messag
         (unet / "config.json").write_text("{'in_channels': 4,")
     elif breakage == "a-list":
         (unet / "config.json").write_text("[1, 2]")
+    elif breakage == "deep":  # a RecursionError traceback before the one JSON reader
+        (unet / "config.json").write_text("[" * 100000)
     elif breakage == "string-channels":
         edit_json(unet / "config.json", block_out_channels=["32", "64", "64"])
     elif breakage == "heads-0":

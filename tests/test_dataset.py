@@ -180,6 +180,7 @@ def test_center_crop_takes_the_middle():
     ('{"file_name": "001.png", "text": 5}', "must be a string or a non-empty list"),
     ('{"file_name": "../outside.png", "text": "x"}', "outside the data folder"),
     ('{"file_name": "000.png", "text": "again"}', "listed twice"),
+    ("[" * 100000, "line 2 nests JSON deeper than 64 levels"),  # not a RecursionError
 ])
 def test_a_malformed_metadata_line_is_an_error_naming_it(tmp_path, line, message):
     write_pictures(tmp_path, 2, "jsonl")

@@ -574,6 +574,10 @@ def test_a_run_recorded_before_the_weights_hash_was_kept_still_resumes(run_copy,
     capsys.readouterr()
     assert main(["train", run_copy, "--resume", "--max-steps", "4", "--no-progress"]) == 2
     assert "--resume: the run's model was" in capsys.readouterr().err
+    with open(path, "w", encoding="utf-8") as f:  # the same config, other weights: another model
+        json.dump({**run, "model": {**run["model"], "weights_sha256": "0" * 64}}, f)
+    assert main(["train", run_copy, "--resume", "--max-steps", "4", "--no-progress"]) == 2
+    assert "--resume: the run's model was" in capsys.readouterr().err
 
 
 def test_resume_refuses_flags_that_change_the_sums_in_one_line(run_copy, small_model_dir, pictures, capsys):

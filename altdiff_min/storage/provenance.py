@@ -47,7 +47,8 @@ def software() -> dict:
         version = importlib.metadata.version("altdiff-min")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # altdiff_min/ (this is storage/provenance.py)
+    top = os.path.dirname(package)
     commit = dirty = None
     if os.path.exists(os.path.join(top, ".git")):
         try:
