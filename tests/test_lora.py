@@ -120,10 +120,36 @@ def test_diffusers_file_same_output_as_diffusers(base, peft_file, inputs):
         assert rel_err(ours(x, t, context), base(x, t, encoder_hidden_states=context).sample) <= TOL
 
 
+# Layers kohya's LoCon adapts beside the attention: (diffusers path, down shape, up shape) at r 4.
+LOCON = [("down_blocks.0.attentions.0.proj_in", (4, 32, 1, 1), (32, 4, 1, 1)),
+         ("down_blocks.0.resnets.0.conv1", (4, 32, 3, 3), (32, 4, 1, 1)),
+         ("down_blocks.0.downsamplers.0.conv", (4, 32, 3, 3), (32, 4, 1, 1)),
+         ("up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2", (4, 256), (64, 4)),
+         ("mid_block.resnets.1.time_emb_proj", (4, 128), (64, 4))]
+
+
+def test_training_script_file_same_output_as_diffusers(base, peft_file, inputs, tmp_path):
+    """diffusers' train_text_to_image_lora.py saves convert_state_dict_to_diffusers(peft's state dict):
+    the older `.lora.down` / `.lora.up` keys and no metadata, so alpha is the rank."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    tensors = {k.removeprefix("unet."): v for k, v in load_file(peft_file).items()}
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(tensors))
+    path = str(tmp_path / lora_files.FILE)
+    assert all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in load_file(path))
+    ref, ours = diffusers_with(base, path), ours_with(base, path)
+    assert {layer.alpha for layer in lora_layers(ours).values()} == {4.0}
+    assert rel_err(*outputs(base, ours, ref, inputs)) <= TOL
+
+
 def kohya_file(peft_file, folder, alpha=2.0) -> str:
-    """The same weights under kohya's names, with a per-layer alpha ≠ r."""
+    """The same weights under kohya's names, with a per-layer alpha ≠ r, and LoCon layers (1×1 and 3×3
+    convolutions, a feed-forward and a time projection)."""
     out = {}
-    for key, tensor in load_file(peft_file).items():
+    g = torch.Generator().manual_seed(5)
+    locon = {f"unet.{path}.lora_{p}.weight": torch.randn(shape, generator=g) * 0.1
+             for path, down, up in LOCON for p, shape in (("A", down), ("B", up))}
+    for key, tensor in {**load_file(peft_file), **locon}.items():
         path, part = key.removeprefix("unet.").rsplit(".lora_", 1)
         kohya = "lora_unet_" + path.replace(".", "_")
         out[f"{kohya}.lora_{'down' if part == 'A.weight' else 'up'}.weight"] = tensor
@@ -137,6 +163,7 @@ def test_kohya_file_same_output_as_diffusers_conversion(base, peft_file, inputs,
     path = kohya_file(peft_file, tmp_path)
     ref, ours = diffusers_with(base, path), ours_with(base, path)
     assert {(layer.r, layer.alpha) for layer in lora_layers(ours).values()} == {(4, 2.0)}
+    assert len(lora_layers(ours)) == 4 * 2 * 11 + len(LOCON)  # 11 transformer blocks in the small UNet
     assert rel_err(*outputs(base, ours, ref, inputs)) <= TOL
 
 
@@ -206,6 +233,8 @@ def test_add_lora_refusals():
         add_lora(model, 2, targets=["nothing"])
     with pytest.raises(BadValue, match="positive int"):
         add_lora(model, 0, targets=["0"])
+    with pytest.raises(BadValue, match="finite"):
+        add_lora(model, 1, targets=["0"], scale=float("nan"))
     add_lora(model, 1, targets=["0"])
     with pytest.raises(BadValue, match="already has LoRA"):
         add_lora(model, 1, targets=["0"])

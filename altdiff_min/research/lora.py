@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
+from numbers import Real
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,12 @@ from ..errors import BadType, BadValue
 # Regexes matched against the tail of a module's dotted name (after a dot, or the whole name), as
 # peft matches its target_modules.
 DEFAULT_TARGETS = (r"(self|cross)_attn\.(q|k|v|out)",)
+
+
+def finite(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise BadValue(f"LoRA {what} must be a finite number, not {value!r}")
+    return float(value)
 
 
 class LoRA(nn.Module):
@@ -56,7 +63,8 @@ class LoRA(nn.Module):
             raise BadType(f"LoRA wraps an nn.Linear or an ungrouped nn.Conv2d, not {type(base).__name__}")
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's init_lora_weights=True
         nn.init.zeros_(self.lora_B.weight)
-        self.r, self.alpha, self.scale, self.merged = r, float(r if alpha is None else alpha), float(scale), False
+        self.r, self.alpha, self.scale, self.merged = r, float(r if alpha is None else alpha), finite(scale, "scale"), False
+        finite(self.alpha, "alpha")
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
@@ -94,7 +102,7 @@ class LoRA(nn.Module):
         """A merged LoRA is unmerged, rescaled and merged again."""
         merged = self.merged
         self.unmerge()
-        self.scale = float(scale)
+        self.scale = finite(scale, "scale")
         if merged:
             self.merge()
 
@@ -132,12 +140,14 @@ def add_lora(model: nn.Module, r: int, alpha: float | None = None, targets: Iter
 def attach(model: nn.Module, layers: Mapping[str, tuple[int, float | None]], scale: float = 1.0) -> dict[str, LoRA]:
     """Wrap the named layers, each with its own (r, alpha): a file's layers, as weights_convert/lora.py
     reads them (then `load_lora_weights` fills them)."""
-    for name, (r, _) in layers.items():  # every check before the first change
-        base = dict(model.named_modules()).get(name)
+    modules = dict(model.named_modules())
+    for name, (r, alpha) in layers.items():  # every check before the first change
+        base = modules.get(name)
         if not isinstance(base, (nn.Linear, nn.Conv2d)) or isinstance(base, nn.Conv2d) and base.groups != 1:
             raise BadValue(f"the model has no nn.Linear or ungrouped nn.Conv2d {name} for a LoRA")
         if type(r) is not int or r < 1:
             raise BadValue(f"LoRA rank r must be a positive int, not {r!r} ({name})")
+        finite(scale, "scale"), finite(r if alpha is None else alpha, "alpha")
     added = {name: LoRA(model.get_submodule(name), r, alpha, scale) for name, (r, alpha) in layers.items()}
     for name, layer in added.items():
         _replace(model, name, layer)
