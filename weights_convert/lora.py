@@ -1,0 +1,204 @@
+"""LoRA files for the UNet: diffusers/peft's `pytorch_lora_weights.safetensors` (read and written) and
+kohya's / the web UIs' (read). The maths is altdiff_min/research/lora.py; this file only names.
+
+A LoRA key is a module path and a part. The module path names a diffusers UNet module, so it is
+renamed with the UNet converter's own rules (weights_convert/unet.py: RULES to ours, TO_DIFFUSERS
+back; the same regexes that convert the weights, applied to `path + "."`):
+
+  diffusers/peft  unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight  (lora_B;
+                  diffusers' older `.lora.down.weight` / `.lora.up.weight` too). alpha: the file's
+                  `lora_adapter_metadata` (peft's LoraConfig: unet.lora_alpha, unet.alpha_pattern),
+                  else the rank, as diffusers reads it.
+  kohya           lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
+                  (lora_up, and a scalar `.alpha`; absent → the rank). Underscores are ambiguous, so
+                  the path is looked up among the model's own layers, renamed to diffusers' names.
+
+Strict both ways, as conversion is: every key is used or the file is refused with one line naming
+it; `lora_te_` and `text_encoder.` keys adapt CLIP's text tower, which m9 does not have (its text
+encoder is XLM-R), and are refused with that reason.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from altdiff_min.errors import BadFile
+from altdiff_min.research.lora import LoRA, attach, load_lora_weights, lora_layers, targets_of
+from altdiff_min.storage.files import atomic_file, safetensors_os_error
+
+from .rules import rename
+from .unet import RULES, TO_DIFFUSERS
+
+FILE = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora.down.weight": "A", "lora.up.weight": "B",
+         "lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+TEXT_TOWER = "adapts CLIP's text tower, which m9 does not have (its text encoder is XLM-R); only UNet LoRAs load"
+
+
+def to_ours(diffusers: str) -> str:
+    return rename(diffusers + ".", RULES)[:-1]
+
+
+def to_diffusers(ours: str) -> str:
+    """Our module path in diffusers' names; checked to come back through the converter's rules."""
+    name = rename(ours + ".", TO_DIFFUSERS)[:-1]
+    if to_ours(name) != ours:
+        raise BadFile(f"no diffusers name for the layer {ours} (TO_DIFFUSERS gives {name}, which converts to "
+                      f"{to_ours(name)})")
+    return name
+
+
+def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a .safetensors LoRA file."""
+    if not os.path.isfile(path):
+        raise BadFile(f"LoRA file not found: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadFile(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+def split(key: str, what: str) -> tuple[str, str, str]:
+    """(format, module path, part) of a file's key: format 'kohya' or 'diffusers'."""
+    if key.startswith(("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")):
+        raise BadFile(f"{what}: {key} {TEXT_TOWER}")
+    part = next((p for p in PARTS if key.endswith("." + p)), None)
+    if part is None:
+        raise BadFile(f"{what}: {key} is not a LoRA weight (expected …lora_A/lora_B.weight, …lora_down/"
+                      f"lora_up.weight or …alpha)")
+    path = key[: -len(part) - 1]
+    if path.startswith("lora_unet_"):
+        return "kohya", path.removeprefix("lora_unet_"), PARTS[part]
+    if PARTS[part] == "alpha":
+        raise BadFile(f"{what}: {key}: a per-layer alpha in a diffusers-named file is not a format altdiff-min reads")
+    return "diffusers", path.removeprefix("unet."), PARTS[part]
+
+
+def alphas_from_metadata(metadata: dict[str, str], what: str) -> tuple[float | None, dict[str, float]]:
+    """peft's lora_alpha and alpha_pattern as diffusers saved them (unet.-prefixed), if the file has them."""
+    if METADATA_KEY not in metadata:
+        return None, {}
+    try:
+        config = json.loads(metadata[METADATA_KEY])
+        alpha, pattern = config.get("unet.lora_alpha"), config.get("unet.alpha_pattern") or {}
+        if alpha is not None:
+            alpha = float(alpha)
+        return alpha, {str(k): float(v) for k, v in pattern.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise BadFile(f"{what}: its {METADATA_KEY} is not peft's LoraConfig as JSON ({e})") from None
+
+
+def read_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], model: nn.Module,
+              what: str) -> tuple[dict[str, tuple[int, float]], dict[str, torch.Tensor]]:
+    """{our layer: (r, alpha)} and {our `layer.lora_A.weight`/`lora_B.weight`: tensor} from a file's
+    tensors, checked against `model`'s plain layers (shapes, ranks, finite values)."""
+    layers = {name: model.get_submodule(name) for name in targets_of(model, [".*"])}
+    kohya = {"lora_unet_" + to_diffusers(name).replace(".", "_"): name for name in layers}
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    first: dict[str, str] = {}  # a layer → its first key, for messages
+    for key, tensor in tensors.items():
+        kind, path, part = split(key, what)
+        ours = kohya.get("lora_unet_" + path) if kind == "kohya" else to_ours(path)
+        if ours not in layers:
+            raise BadFile(f"{what}: {key} names no layer of this UNet")
+        if part in found.setdefault(ours, {}):
+            raise BadFile(f"{what}: {key} repeats a weight of the layer {path}")
+        if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
+            raise BadFile(f"{what}: {key} holds {'NaN or infinite values' if tensor.is_floating_point() else tensor.dtype}")
+        found[ours][part] = tensor
+        first.setdefault(ours, key)
+    if not found:
+        raise BadFile(f"{what} holds no LoRA weights")
+    default_alpha, pattern = alphas_from_metadata(metadata, what)
+    ranks = {name: parts["A"].shape[0] for name, parts in found.items() if "A" in parts}
+    common_rank = Counter(ranks.values()).most_common(1)[0][0] if ranks else None
+    shapes, out = {}, {}
+    for name, parts in found.items():
+        key = first[name]
+        if set(parts) - {"alpha"} != {"A", "B"}:
+            raise BadFile(f"{what}: the layer {to_diffusers(name)} has {' and '.join(sorted(parts))} but not both "
+                          f"down (A) and up (B) weights")
+        a, b, layer = parts["A"], parts["B"], layers[name]
+        r = a.shape[0]
+        if isinstance(layer, nn.Linear):
+            want_a, want_b = (r, layer.in_features), (layer.out_features, r)
+        else:
+            want_a, want_b = (r, layer.in_channels, *layer.kernel_size), (layer.out_channels, r, 1, 1)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise BadFile(f"{what}: {key}: the LoRA of {to_diffusers(name)} is {tuple(a.shape)} down, "
+                          f"{tuple(b.shape)} up; this UNet's layer needs {want_a} and {want_b} "
+                          f"(a LoRA for another architecture, or a rank mismatch?)")
+        if "alpha" in parts:  # kohya: per layer
+            alpha = parts["alpha"].float().reshape(-1)
+            if alpha.numel() != 1:
+                raise BadFile(f"{what}: the alpha of {to_diffusers(name)} is not one number")
+            alpha = alpha.item()
+        else:  # diffusers: peft's alpha_pattern (regex as peft matches it), lora_alpha, else the common rank
+            d = to_diffusers(name)
+            alpha = next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", d)), default_alpha)
+            alpha = float(common_rank if alpha is None else alpha)
+        shapes[name] = (r, alpha)
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
+    return shapes, out
+
+
+def load_lora(model: nn.Module, path: str, scale: float = 1.0) -> dict[str, LoRA]:
+    """Attach the LoRA of a diffusers/peft or kohya .safetensors file to our UNet `model` (in place,
+    at `scale`); returns {layer: LoRA}. Nothing changes when the file is refused."""
+    if lora_layers(model):
+        raise BadFile(f"cannot load {path}: the model already has LoRA layers (merge or remove them first)")
+    tensors, metadata = read_file(path)
+    shapes, weights = read_lora(tensors, metadata, model, f"LoRA file {path}")
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    added = attach(model, shapes, scale)
+    load_lora_weights(model, {k: v.to(device, dtype) for k, v in weights.items()})
+    return added
+
+
+def diffusers_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model's LoRA as diffusers' file holds it: {unet.<diffusers path>.lora_A/B.weight: tensor},
+    and peft's LoraConfig for the metadata (r and lora_alpha the most common, patterns for the rest)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise BadFile("the model has no LoRA layers to save")
+    tensors, ranks, alphas = {}, {}, {}
+    for name, layer in layers.items():
+        d = to_diffusers(name)
+        tensors[f"unet.{d}.lora_A.weight"] = layer.lora_A.weight.detach()
+        tensors[f"unet.{d}.lora_B.weight"] = layer.lora_B.weight.detach()
+        ranks[d], alphas[d] = layer.r, layer.alpha
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {"r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+              "target_modules": sorted(ranks), "peft_type": "LORA", "bias": "none", "lora_dropout": 0.0,
+              "init_lora_weights": True, "use_dora": False, "use_rslora": False,
+              "rank_pattern": {re.escape(d): v for d, v in ranks.items() if v != r},
+              "alpha_pattern": {re.escape(d): v for d, v in alphas.items() if v != alpha}}
+    return tensors, {f"unet.{k}": v for k, v in config.items()}
+
+
+def save_lora(model: nn.Module, folder: str, name: str = FILE) -> str:
+    """Write the model's LoRA into folder/name (atomically) in diffusers' format, loadable with
+    diffusers' `load_lora_weights`; returns the file's path."""
+    tensors, config = diffusers_state_dict(model)
+    if not all(math.isfinite(t.float().abs().max().item()) for t in tensors.values()):
+        raise BadFile("the model's LoRA weights hold NaN or infinite values; nothing written")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with atomic_file(path) as tmp:
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
+                      metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)})
+        except (SafetensorError, OSError) as e:
+            raise safetensors_os_error(e) from None
+    return path
