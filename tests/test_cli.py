@@ -535,3 +535,97 @@ def test_bad_picture_arguments_are_refused_before_the_model_loads(model_dir, tmp
     assert main(["generate", "x", "--model", model_dir, "--outdir", str(tmp_path / "o"), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def lora_file(model_dir, tmp_path_factory):
+    """A diffusers-format LoRA of the small model's attention (r 2, random non-zero B), as save_lora writes it."""
+    from altdiff_min.pipeline import load
+    from altdiff_min.research.lora import add_lora
+    from weights_convert.lora import save_lora
+
+    model = load(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    for layer in add_lora(model.unet, 2).values():
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3
+    return save_lora(model.unet, str(tmp_path_factory.mktemp("lora")), "style.safetensors")
+
+
+def test_generate_with_a_lora_is_the_python_picture_recorded_and_replayed(model_dir, lora_file, tmp_path, capsys):
+    """--lora FILE:SCALE gives the picture of load_lora + model.generate (same seed); scale 0 the picture
+    without it; the manifest and the PNG record the file (path, SHA-256) and the scale, the parameters
+    text shows A1111's <lora:NAME:SCALE>; --replay PICTURE.png makes the same bytes, and refuses once the
+    file changed."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from altdiff_min.pipeline import load
+    from altdiff_min.storage.provenance import record_of_png
+    from weights_convert.lora import load_lora
+
+    lora = tmp_path / "style.safetensors"
+    shutil.copy(lora_file, lora)
+    common = ["un chien", "--model", model_dir, "--n-samples", "1", "--steps", "3", "--H", "64", "--W", "64",
+              "--seed", "5", "--skip-grid", "--device", "cpu"]
+    pixels = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", f"{lora}:0.7"]), ("zero", ["--lora", f"{lora}:0"])):
+        assert main(["generate", *common, "--outdir", str(tmp_path / name), *extra]) == 0
+        row = json.loads((tmp_path / name / "manifest.jsonl").read_text())
+        pixels[name] = np.asarray(Image.open(tmp_path / name / row["file"]))
+    model = load(model_dir)
+    load_lora(model.unet, str(lora), 0.7)
+    expected = np.asarray(model.generate("un chien", n_samples=1, steps=3, height=64, width=64, seed=5, progress=False)[0])
+    assert np.array_equal(pixels["lora"], expected)
+    assert not np.array_equal(pixels["lora"], pixels["plain"])  # the LoRA changes the picture
+    assert np.array_equal(pixels["zero"], pixels["plain"])
+    row = json.loads((tmp_path / "lora" / "manifest.jsonl").read_text())
+    picture = tmp_path / "lora" / row["file"]
+    from altdiff_min.apps.generate import file_digest
+
+    assert row["lora"] == {"path": str(lora), "sha256": file_digest(str(lora), "LoRA"), "scale": 0.7}
+    assert record_of_png(str(picture))["lora"] == row["lora"]
+    assert Image.open(picture).info["parameters"].splitlines()[0] == "un chien <lora:style:0.7>"
+    assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "again"), "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "again" / "manifest.jsonl").read_text())
+    assert again["lora"] == row["lora"]
+    assert (tmp_path / "again" / again["file"]).read_bytes() == picture.read_bytes()
+    with open(lora, "ab") as f:  # the file changes: the picture cannot be made again from it
+        f.write(b" ")
+    capsys.readouterr()
+    assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--replay: {lora} has changed since the picture was made" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lora", "nowhere.safetensors"], "--lora: LoRA file not found: nowhere.safetensors"),
+    (["--lora", "TEXT"], "is not a readable safetensors file"),
+    (["--lora", "WEIGHTS"], "is not a LoRA weight"),
+    (["--lora", "TEXT_TOWER"], "adapts CLIP's text tower, which m9 does not have"),
+    (["--lora", "HALF"], "but not both down (A) and up (B) weights"),
+    (["--lora", "LORA:abc"], "SCALE must be a finite number, not 'abc'"),
+    (["--lora", "LORA:nan"], "SCALE must be a finite number, not 'nan'"),
+    (["--lora", "LORA", "--lora", "LORA:0.5"], "--lora given 2 times: stacking LoRAs is not supported yet"),
+])
+def test_bad_lora_arguments_are_refused_before_the_model_loads(model_dir, lora_file, tmp_path, monkeypatch, capsys,
+                                                                extra, message):
+    from safetensors.torch import save_file
+
+    import altdiff_min.pipeline
+
+    (tmp_path / "TEXT").write_text("hello")
+    save_file({"conv_in.weight": torch.ones(2, 2)}, str(tmp_path / "WEIGHTS"))
+    save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 8),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(8, 2)},
+              str(tmp_path / "TEXT_TOWER"))
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 8)},
+              str(tmp_path / "HALF"))
+    names = {"TEXT", "WEIGHTS", "TEXT_TOWER", "HALF"}
+    extra = [str(tmp_path / e) if e in names else e.replace("LORA", lora_file) for e in extra]
+    monkeypatch.setattr(altdiff_min.pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", "x", "--model", model_dir, "--outdir", str(tmp_path / "o"), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--lora" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

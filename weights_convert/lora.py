@@ -152,6 +152,29 @@ def read_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], model:
     return shapes, out
 
 
+def check_file(path: str) -> int:
+    """Check a LoRA file without a model (before one loads): a readable .safetensors file whose every key
+    is a UNet LoRA weight (diffusers/peft or kohya; no text-tower keys), each layer with both its down
+    and up weights, all finite. Returns the number of layers; shapes are checked against the UNet when
+    it loads (read_lora)."""
+    what = f"LoRA file {path}"
+    tensors, metadata = read_file(path)
+    alphas_from_metadata(metadata, what)
+    layers: dict[str, set[str]] = {}
+    for key, tensor in tensors.items():
+        kind, module, part = split(key, what)
+        if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
+            raise BadFile(f"{what}: {key} holds {'NaN or infinite values' if tensor.is_floating_point() else tensor.dtype}")
+        layers.setdefault(f"{kind}:{module}", set()).add(part)
+    if not layers:
+        raise BadFile(f"{what} holds no LoRA weights")
+    for module, parts in layers.items():
+        if not {"A", "B"} <= parts:
+            raise BadFile(f"{what}: the layer {module.partition(':')[2]} has {' and '.join(sorted(parts))} but not "
+                          f"both down (A) and up (B) weights")
+    return len(layers)
+
+
 def load_lora(model: nn.Module, path: str, scale: float = 1.0) -> dict[str, LoRA]:
     """Attach the LoRA of a diffusers/peft or kohya .safetensors file to our UNet `model` (in place,
     at `scale`); returns {layer: LoRA}. Nothing changes when the file is refused."""

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
                      help="check every picture with the model's safety checker and replace flagged ones by a "
                      "placeholder (default: when the model folder holds one; --no-safety-checker: never)")
+    gen.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                     help="apply a UNet LoRA (.safetensors, diffusers/peft or kohya/web-UI format) at SCALE (default "
+                     "1.0; 0: none); checked before the model loads, recorded (path, SHA-256, scale) and replayed. "
+                     "One file: stacking several is not supported yet")
     gen.add_argument("--replay", metavar="MANIFEST:LINE|PICTURE",
                      help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
                      "manifest.jsonl, or a PNG generate made (it carries its settings)")

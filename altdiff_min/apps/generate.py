@@ -88,7 +88,9 @@ def replay(args) -> int | None:
         picture = row.get("init_img")
         args.init_img, args.strength = (picture["path"], row["strength"]) if picture else (None, None)
         args.mask, args.paste_unmasked = (row["mask"]["path"], row["paste_unmasked"]) if row.get("mask") else (None, False)
-        for name, recorded in (("init_img", picture), ("mask", row.get("mask"))):
+        recorded_lora = row.get("lora")  # the same LoRA file (its SHA-256 checked below) at the same scale
+        args.lora = [f"{recorded_lora['path']}:{float(recorded_lora['scale'])!r}"] if recorded_lora else None
+        for name, recorded in (("init_img", picture), ("mask", row.get("mask")), ("LoRA file", recorded_lora)):
             if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
         keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
@@ -176,6 +178,49 @@ def picture_arguments(args, config: dict) -> dict | None:
             "record": record, "height": height, "width": width}
 
 
+def lora_argument(args) -> dict | None:
+    """--lora FILE[:SCALE] (SCALE 1.0 unless given): parsed, and the file checked as a LoRA file, before
+    the model loads → what the manifest records: {"path", "sha256", "scale"}. One file for now."""
+    import math
+
+    from weights_convert.lora import check_file
+
+    from ..errors import AltDiffError, BadValue
+
+    if not args.lora:
+        return None
+    if len(args.lora) > 1:
+        raise BadValue(f"--lora given {len(args.lora)} times: stacking LoRAs is not supported yet; give one --lora FILE[:SCALE]")
+    given, path, scale = args.lora[0], args.lora[0], 1.0
+    if not os.path.isfile(given) and ":" in given:  # FILE:SCALE (a file whose own name holds ':' is taken whole)
+        path, _, text = given.rpartition(":")
+        try:
+            scale = float(text)
+        except ValueError:
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise BadValue(f"--lora {given}: SCALE must be a finite number, not {text!r} (FILE[:SCALE], e.g. style.safetensors:0.8)")
+    try:
+        check_file(path)
+    except AltDiffError as e:
+        raise type(e)(f"--lora: {e}") from None
+    return {"path": os.path.abspath(path), "sha256": file_digest(path, "--lora"), "scale": scale}
+
+
+def apply_lora(model, lora: dict | None) -> None:
+    """The checked --lora file onto the loaded model's UNet (weights_convert/lora.py load_lora: its
+    shapes are checked against this UNet there)."""
+    from weights_convert.lora import load_lora
+
+    from ..errors import AltDiffError
+
+    if lora:
+        try:
+            load_lora(model.unet, lora["path"], lora["scale"])
+        except AltDiffError as e:
+            raise type(e)(f"--lora: {e}") from None
+
+
 # generate's arguments as the command line names them, for arguments.check_arguments' messages
 FLAGS = {"n_samples": "--n-samples", "batch": "--n-samples", "height": "--H", "width": "--W", "scale": "--scale",
          "seed": "--seed", "guidance": "--guidance", "pixels": "--n-samples × --H × --W pixels"}
@@ -215,6 +260,7 @@ def generate(args) -> int:
     config = read_config(args.model)
     shape = Shape.of_config(config, NO_LIMITS if args.no_limits else Limits())
     picture = picture_arguments(args, config)
+    lora = lora_argument(args)
     default_h, default_w = (picture["height"], picture["width"]) if picture else (shape.image_size, shape.image_size)
     height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
     for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):  # a side the picture gave: say so
@@ -255,11 +301,12 @@ def generate(args) -> int:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=shape.limits,
                      safety_checker=checked)
+        apply_lora(model, lora)
         # What makes the picture: the PNG carries it, so a replay on the same machine writes the same bytes.
         record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
                   "sampler": sampler, "steps": args.steps, "scale": args.scale, "guidance": str(guidance), "eta": args.eta, "height": height,
                   "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "safety_checker": checked,
-                  **(picture["record"] if picture else {}), "environment": environment(world.device, dtype)}
+                  **(picture["record"] if picture else {}), **({"lora": lora} if lora else {}), "environment": environment(world.device, dtype)}
         start, written = time.perf_counter(), 0
         for first in range(0, len(prompts), world.size):
             made, index = [], first + world.rank

@@ -150,7 +150,10 @@ def parameters(record: dict) -> str:
         fields["Training run"] = os.path.basename(training["run"].rstrip("/\\"))
     fields.update({"Batch size": record["n_samples"], "Batch pos": record["sample"], "Precision": record["dtype"],
                    "Version": f"altdiff-min {(record.get('environment') or {}).get('altdiff_min')}"})
-    lines = [record["prompt"]] + ([f"Negative prompt: {record['negative_prompt']}"] if record.get("negative_prompt") else [])
+    prompt = record["prompt"]
+    if lora := record.get("lora"):  # A1111's prompt tag: it carries the scale, and pasted into a web UI it applies the LoRA
+        prompt += f" <lora:{os.path.splitext(os.path.basename(lora['path']))[0]}:{lora['scale']:g}>"
+    lines = [prompt] + ([f"Negative prompt: {record['negative_prompt']}"] if record.get("negative_prompt") else [])
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items())])
 
 
