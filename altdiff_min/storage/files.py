@@ -151,19 +151,24 @@ def refuse_link(path: str, what: str = "file") -> None:
         raise BadFile(f"{path} is not a regular file (a folder, device or pipe), so it cannot be written as a {what}")
 
 
-def open_append(path: str, what: str = "file") -> int:
-    """A descriptor appending to `path` (created if missing), opened without following a final symbolic
-    link (O_NOFOLLOW) and refused unless it is a regular file; the caller closes it."""
+def open_regular(path: str, flags: int, what: str, mode: int = 0o666, doing: str = "open") -> int:
+    """A descriptor of `path` (created if missing) opened with `flags`, without following a final
+    symbolic link (O_NOFOLLOW) and refused unless it is a regular file; the caller closes it."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o666)
+        fd = os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), mode)
     except OSError as e:
         if os.path.islink(path):
             raise BadFile(f"{path} is a symbolic link; altdiff-min does not write {what}s through links (remove it)") from None
-        raise io_error(path, e, "open") from None
+        raise io_error(path, e, doing) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise BadFile(f"{path} is not a regular file (a folder, device or pipe), so it cannot be written as a {what}")
     return fd
+
+
+def open_append(path: str, what: str = "file") -> int:
+    """A descriptor appending to `path` (open_regular: created if missing, no link followed)."""
+    return open_regular(path, os.O_RDWR | os.O_APPEND, what)
 
 
 def fsync_path(path: str) -> None:
@@ -282,15 +287,7 @@ def locked(path: str) -> Iterator[None]:
         return
     lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
-        except OSError as e:
-            if os.path.islink(lock):
-                raise BadFile(f"{lock} is a symbolic link; altdiff-min does not write lock files through links (remove it)") from None
-            raise io_error(lock, e, "create") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise BadFile(f"{lock} is not a regular file, so it cannot be {path}'s lock file (remove it)")
+        fd = open_regular(lock, os.O_RDWR, "lock file", 0o644, "create")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
