@@ -247,7 +247,7 @@ def generate(args) -> int:
     from ..storage.files import make_folder, refuse_link, save_numbered
     from ..storage.folder import fingerprint, read_config
     from ..storage.manifest import job_rows, paths, recover, save_picture
-    from ..storage.provenance import environment, png_bytes
+    from ..storage.provenance import environment, picture_record, png_bytes
     from ..training.distributed import barrier, gather, join_world, leave_world, on_rank0
 
     # 1. Everything that can be checked from the arguments, config.json and the output folder, before loading weights.
@@ -302,11 +302,16 @@ def generate(args) -> int:
         model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=shape.limits,
                      safety_checker=checked)
         apply_lora(model, lora)
-        # What makes the picture: the PNG carries it, so a replay on the same machine writes the same bytes.
-        record = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
-                  "sampler": sampler, "steps": args.steps, "scale": args.scale, "guidance": str(guidance), "eta": args.eta, "height": height,
-                  "width": width, "dtype": args.dtype, "model": fingerprint(args.model), "safety_checker": checked,
-                  **(picture["record"] if picture else {}), **({"lora": lora} if lora else {}), "environment": environment(world.device, dtype)}
+        # What makes the picture (provenance.picture_record): the PNG carries it, so a replay on the same
+        # machine writes the same bytes.
+        arguments = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
+                     "sampler": sampler, "steps": args.steps, "scale": args.scale, "guidance": guidance, "eta": args.eta,
+                     "safety_checker": checked}
+        model_folder, made_in = fingerprint(args.model), environment(world.device, dtype)
+        more = {**(picture["record"] if picture else {}), **({"lora": lora} if lora else {})}
+
+        def record(prompt: str, k: int) -> dict:
+            return picture_record(model, prompt, k, arguments, (width, height), model_folder, made_in, **more)
         start, written = time.perf_counter(), 0
         for first in range(0, len(prompts), world.size):
             made, index = [], first + world.rank
@@ -316,10 +321,10 @@ def generate(args) -> int:
                                                scale=args.scale, guidance=guidance, eta=args.eta, height=height, width=width,
                                                seed=args.seed, progress=world.rank == 0, safety_checker=checked,
                                                return_flags=True, **(picture["kwargs"] if picture else {}))
-                made = [(index, k, png_bytes(image, {"prompt": prompts[index], "sample": k, **record}), flags[k] if checked else None)
+                made = [(index, k, png_bytes(image, record(prompts[index], k)), flags[k] if checked else None)
                         for k, image in enumerate(images) if keep is None or k == keep]
             for index, k, png, flagged in sorted(p for part in gather(world, made) or [] for p in part):
-                row = {"prompt": prompts[index], "index": index, "sample": k, **record, "job": job, "flagged": flagged,
+                row = {"prompt": prompts[index], "index": index, **record(prompts[index], k), "job": job, "flagged": flagged,
                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        **({"replay_of": args.replayed["file"]} if keep is not None else {})}
                 path = save_picture(args.outdir, png, row)
