@@ -145,14 +145,20 @@ def test_samples_are_drawn_with_the_lora(lora_run, small_model_dir):
     assert record["training"]["lora"] == {"r": 2, "alpha": 2.0, "targets": list(TrainConfig().lora_targets)}
 
 
-def test_the_file_gives_diffusers_and_ours_the_same_unet_output(lora_run, small_model_dir, reference):
-    """The trained file, loaded by diffusers' load_lora_weights (peft) into the reference UNet and by
-    weights_convert.lora.load_lora into ours: the same output (fp32, 1e-5)."""
-    from diffusers import StableDiffusionPipeline
+def test_the_file_gives_diffusers_and_ours_the_same_unet_output(lora_run, small_model_dir, reference, hub_layout):
+    """The trained file, loaded by diffusers' AltDiffusionPipeline.load_lora_weights (peft) onto the
+    reference UNet and by weights_convert.lora.load_lora onto ours: the same output (fp32, 1e-5)."""
+    from diffusers import DDIMScheduler
+    from diffusers.pipelines.deprecated.alt_diffusion import AltDiffusionPipeline
+    from helpers import SCHEDULER
+    from transformers import XLMRobertaTokenizer
 
-    ref = copy.deepcopy(reference["unet"])
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(lora_file(lora_run), return_lora_metadata=True)
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=ref, metadata=metadata)
+    pipe = AltDiffusionPipeline(vae=reference["vae"], text_encoder=reference["text_encoder"],
+                                tokenizer=XLMRobertaTokenizer.from_pretrained(os.path.join(hub_layout, "tokenizer")),
+                                unet=copy.deepcopy(reference["unet"]), scheduler=DDIMScheduler.from_config(SCHEDULER),
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(os.path.join(lora_run, "lora"), weight_name=lora_files.FILE)
+    ref = pipe.unet
     ours = load(small_model_dir).unet
     lora_files.load_lora(ours, lora_file(lora_run))
     g = torch.Generator().manual_seed(1)
