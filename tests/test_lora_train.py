@@ -256,3 +256,20 @@ def test_lora_flags_are_trainconfig_fields():
     assert config_from_flags(args) == TrainConfig(lora=4, lora_alpha=8.0, lora_targets=("attn[12]?\\.(q|v)", "proj_in"))
     recorded = json.loads(json.dumps({"lora": 4, "lora_targets": ["a", "b"]}))  # run.json keeps a tuple as a list
     assert config_from_flags(p.parse_args(["--lora-targets", "a", "b"]), recorded).lora_targets == ("a", "b")
+
+
+def test_gradient_checkpointing_changes_no_bit_of_the_lora(small_model_dir, pictures):
+    """Recomputing the activations in the backward pass (non-reentrant: the frozen blocks' inputs need no
+    grad for the LoRA inside them to get one) trains the same LoRA, bit for bit."""
+    from altdiff_min.research.lora import lora_state_dict
+    from altdiff_min.training.dataset import open_data
+    from altdiff_min.training.train import train
+
+    data, ends = open_data(pictures, 32), []
+    for checkpointing in (False, True):
+        model = load(small_model_dir)
+        train(model, data, TrainConfig(max_steps=2, batch_size=2, lr=1e-2, lora=2, gradient_checkpointing=checkpointing),
+              progress=False)
+        ends.append(lora_state_dict(model.unet))
+    assert all(ends[0][k].abs().sum() > 0 for k in ends[0] if "lora_B" in k)
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
