@@ -125,6 +125,8 @@ def test_a_lora_run_leaves_a_small_file_and_a_lora_only_checkpoint(lora_run, sma
         run = json.load(f)
     assert made["base"] == run["model"] and made["base"]["path"] == small_model_dir and made["weights"] == "ema"
     assert run["config"]["lora"] == 2 and run["config"]["lora_targets"] == list(TrainConfig().lora_targets)
+    mode = lambda name: os.stat(os.path.join(lora_run, name)).st_mode & 0o777
+    assert mode(os.path.join("lora", lora_files.FILE)) == mode("run.json")  # not safetensors' own 0600
 
 
 def test_samples_are_drawn_with_the_lora(lora_run, small_model_dir):

@@ -221,10 +221,12 @@ def save_lora(model: nn.Module, folder: str, name: str = FILE, record: dict | No
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
     with atomic_file(path) as tmp:
+        mode = os.stat(tmp).st_mode & 0o666  # as the umask makes files (safetensors writes 0600), as folder.py does
         try:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
                       metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True),
                                 **({RECORD_KEY: json.dumps(record, ensure_ascii=False)} if record else {})})
         except (SafetensorError, OSError) as e:
             raise safetensors_os_error(e) from None
+        os.chmod(tmp, mode)
     return path
