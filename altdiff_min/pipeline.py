@@ -21,8 +21,19 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
-from .arguments import Limits, Shape, check_arguments, check_device, check_dtype, check_picture_arguments, check_text_layer
-from .errors import BadType, BadValue, NotFinite
+from .arguments import (
+    Limits,
+    Shape,
+    check_arguments,
+    check_device,
+    check_dtype,
+    check_load_flags,
+    check_picture_arguments,
+    check_pictures_finite,
+    check_safety_request,
+    check_text_layer,
+)
+from .errors import BadType, BadValue
 from .model.text_encoder import TextEncoder
 from .model.tokenizer import Tokenizer
 from .model.unet import UNet
@@ -82,8 +93,7 @@ class AltDiffusion:
         return (mean + (0.5 * logvar).exp() * draw_noise(mean, generator)) * self.vae.cfg.scaling_factor
 
     def initial_latents(self, shape: tuple[int, ...], sampler: str, ts: Timesteps, generator: torch.Generator | None = None,
-                        latents: torch.Tensor | None = None,
-                        image_latents: torch.Tensor | None = None,
+                        latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                         pure_noise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """2. The latents the route starts from, and the N(0, I) draw they came from.
 
@@ -126,8 +136,7 @@ class AltDiffusion:
             eps = guided_eps(self.denoise, context, scale, guidance)
             extra = {"warmup": blend.warmup} if blend is not None and route(sampler).warmup else {}
             with intervene(controllers):
-                return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
-                                            generator=generator, callback=on_step, **extra)
+                return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta, generator=generator, callback=on_step, **extra)
 
     def denoise(self, x: torch.Tensor, t: float, context: torch.Tensor | None, guided: bool = False) -> torch.Tensor:
         """One UNet evaluation ε(x, t, context), marked for attention controllers (interventions.evaluation:
@@ -219,12 +228,7 @@ class AltDiffusion:
             pixels = pictures.prepare_image(image, (width, height))
         if mask is not None:
             repaint = pictures.prepare_mask(mask, image, (width, height))
-        if safety_checker is not None and not isinstance(safety_checker, bool):
-            raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
-        if safety_checker and self.safety_checker is None:
-            raise BadValue("safety_checker=True, but this model holds no safety checker (convert the diffusers "
-                           "folder with --with-safety-checker)")
-        check = self.safety_checker is not None and safety_checker is not False
+        check = check_safety_request(safety_checker, self.safety_checker is not None)
         guided = reads_text and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
@@ -238,9 +242,7 @@ class AltDiffusion:
         x = self.sample(x, context if reads_text else None, sampler, ts, scale if guided else 1.0, eta,
                         generator, callback, progress, controllers, guidance, blend, trajectory)
         images = self.decode_latents(x)
-        if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
-            raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
-                            f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
+        check_pictures_finite(images)
         if paste_unmasked:
             keep = 1 - repaint.to(images)
             images = images * (1 - keep) + (pixels.to(images) + 1) / 2 * keep
@@ -289,11 +291,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     one pass over the weights (aminmax per tensor); False skips it.
     """
     device, dtype = check_device(device), check_dtype(dtype)
-    for name, flag in (("compile", compile), ("safety_checker", safety_checker), ("fast", fast), ("check_finite", check_finite)):
-        if not isinstance(flag, bool):
-            raise BadType(f"{name} must be True or False, got {flag!r}")
-    if not isinstance(limits, Limits):
-        raise BadType(f"limits must be a Limits, got {limits!r}")
+    check_load_flags(limits, compile=compile, safety_checker=safety_checker, fast=fast, check_finite=check_finite)
     path = resolve(path)
     config, tokenizer, modules = read_folder(path, DIFFUSION, device, dtype,
                                              names=DIFFUSION + (("safety_checker",) if safety_checker else ()),
