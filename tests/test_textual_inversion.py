@@ -1,0 +1,154 @@
+"""Textual inversion: added tokens and rows (altdiff_min/research/textual_inversion.py) and their files
+(weights_convert/embeddings.py) against diffusers' load_textual_inversion on its AltDiffusionPipeline
+(transformers 5's XLMRobertaTokenizer): the same ids, the same text-encoder output, the same picture."""
+import copy
+import os
+
+import pytest
+import torch
+from helpers import diffusers_pipeline, rel_err
+from safetensors.torch import load_file, save_file
+
+from altdiff_min.errors import BadFile, BadValue, NotFinite
+from altdiff_min.pipeline import load
+from altdiff_min.research.textual_inversion import AddedRows, WordTokenizer, add_words, init_rows, learned
+from weights_convert.embeddings import read_embeddings, write_embeddings
+
+# The token in several places and languages, beside punctuation, inside words, twice, at the ends;
+# "<ring>_1" and "<star>" are the second vector and the second file.
+PROMPTS = ["a photo of <ring> on a table", "<ring>", "un <ring>, rouge<ring>rouge", "一个<ring>在桌子上",
+           "красный <ring>  и <star>", "赤い<ring>と<star>、写真", " <ring> <ring> ", "<star>\t<ring>\nb",
+           "una acuarela de <ring> al atardecer", "no token at all"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, reference):
+    """Two diffusers-form files: <ring> with 3 vectors ((n, D), as diffusers' script saves them) and
+    <star> with one (D,)."""
+    width = reference["text_encoder"].config.hidden_size
+    g = torch.Generator().manual_seed(5)
+    folder = tmp_path_factory.mktemp("embeds")
+    save_file({"<ring>": torch.randn(3, width, generator=g)}, folder / "ring.safetensors", metadata={"format": "pt"})
+    save_file({"<star>": torch.randn(width, generator=g)}, folder / "star.safetensors", metadata={"format": "pt"})
+    return str(folder / "ring.safetensors"), str(folder / "star.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pipes(small_model_dir, hub_layout, reference, files):
+    """diffusers' pipeline (its own copy of the text encoder: loading resizes the table) and ours, each
+    with both files loaded."""
+    pipe = diffusers_pipeline(hub_layout, {**reference, "text_encoder": copy.deepcopy(reference["text_encoder"])}, "ddim")
+    ours = load(small_model_dir)
+    for path in files:
+        pipe.load_textual_inversion(path)
+        add_words(ours, read_embeddings(path))
+    return pipe, ours
+
+
+def test_same_ids_as_diffusers(pipes):
+    pipe, ours = pipes
+    assert ours.tokenizer.added == {t: pipe.tokenizer.convert_tokens_to_ids(t) for t in ("<ring>", "<ring>_1", "<ring>_2", "<star>")}
+    assert min(ours.tokenizer.added.values()) == ours.tokenizer.vocab_size == len(pipe.tokenizer) - 4  # V + k
+    for prompt in PROMPTS:
+        converted = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+        expected = pipe.tokenizer(converted, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids, mask = ours.tokenizer(prompt)
+        assert ids.tolist() == expected.input_ids.tolist(), prompt
+        assert mask.tolist() == expected.attention_mask.tolist(), prompt
+    ids = ours.tokenizer("a photo of <ring>")[0][0].tolist()
+    assert [ours.tokenizer.added[t] for t in ("<ring>", "<ring>_1", "<ring>_2")] == ids[ids.index(ours.tokenizer.added["<ring>"]):][:3]
+
+
+def test_same_text_encoder_output_and_rows_as_diffusers(pipes):
+    pipe, ours = pipes
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(ours.text_encoder.token_embedding.weight, table)  # the rows, appended in the same order
+    prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in PROMPTS[:6]]
+    batch = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = pipe.text_encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
+    assert rel_err(ours.encode(PROMPTS[:6]), expected) < 1e-5
+
+
+def test_same_picture_as_diffusers(pipes):
+    pipe, ours = pipes
+    pipe.set_progress_bar_config(disable=True)
+    prompt, negative = "un <ring> sobre <star>", "<star>, 模糊"
+    with torch.no_grad():
+        expected = pipe(prompt, negative_prompt=negative, num_images_per_prompt=2, num_inference_steps=4, height=64,
+                        width=96, output_type="pt", generator=torch.Generator("cpu").manual_seed(7)).images
+    got = ours.generate(prompt, negative_prompt=negative, n_samples=2, steps=4, height=64, width=96, seed=7,
+                        output="tensor", progress=False)
+    assert rel_err(got, expected) < 1e-4
+    plain = ours.generate("un sobre", negative_prompt=negative, n_samples=2, steps=4, height=64, width=96, seed=7,
+                          output="tensor", progress=False)
+    assert (got - plain).abs().mean() > 1e-3  # the new words change the picture
+
+
+def test_adding_leaves_the_table_and_the_old_tokenizer_alone(small_model_dir, files):
+    model = load(small_model_dir)
+    before, tokenizer = model.text_encoder.token_embedding.weight.clone(), model.tokenizer
+    add_words(model, read_embeddings(files[1]))
+    assert isinstance(model.tokenizer, WordTokenizer) and isinstance(model.text_encoder.token_embedding, AddedRows)
+    assert torch.equal(model.text_encoder.token_embedding.table.weight, before)
+    assert tokenizer.engine.token_to_id("<star>") is None  # the model's tokenizer was copied, not changed
+    assert model.tokenizer("a cat")[0].tolist() == tokenizer("a cat")[0].tolist()
+
+
+@pytest.mark.parametrize("words,error,match", [
+    ({"a": torch.ones(32)}, BadValue, "already exists"),  # a piece of the vocabulary
+    ({"<s>": torch.ones(32)}, BadValue, "already exists"),
+    ({"<star>": torch.ones(32)}, BadValue, "already exists"),  # added before
+    ({"<new>": torch.ones(2, 32), "<new>_1": torch.ones(32)}, BadValue, "given twice"),
+    ({"  ": torch.ones(32)}, BadValue, "non-blank"),
+    ({"": torch.ones(32)}, BadValue, "non-blank"),
+    ({"＜new＞": torch.ones(32)}, BadValue, "normal form; write it '<new>'"),
+    ({"<new>": torch.ones(31)}, BadValue, "31 wide; this text encoder's tokens are 32"),
+    ({"<new>": torch.ones(2, 2, 32)}, BadValue, r"\(D,\) or \(n, D\)"),
+    ({"<new>": torch.full((32,), float("nan"))}, NotFinite, "NaN"),
+    ({"<ok>": torch.ones(32), "<bad>": torch.ones(16)}, BadValue, "16 wide"),  # nothing added, not even <ok>
+])
+def test_bad_words_refused_before_any_change(small_model_dir, files, words, error, match):
+    model = load(small_model_dir)
+    add_words(model, read_embeddings(files[1]))
+    tokenizer, rows = model.tokenizer, model.text_encoder.token_embedding.rows
+    with pytest.raises(error, match=match):
+        add_words(model, words)
+    assert model.tokenizer is tokenizer and model.text_encoder.token_embedding.rows is rows
+    assert model.tokenizer.engine.token_to_id("<ok>") is None
+
+
+def test_init_words(small_model_dir):
+    model = load(small_model_dir)
+    word = next(w for w in ("circle", "red", "a") if len(model.tokenizer.encode(w)) == 3)
+    rows = init_rows(model, ("<ring>", "<ball>"), (word,))
+    assert torch.equal(rows["<ring>"][0], model.text_encoder.token_embedding.weight[model.tokenizer.encode(word)[1]])
+    with pytest.raises(BadValue, match=r"the init word 'lighthouse' is \d+ tokens \(.*\), not one"):
+        init_rows(model, ("<ring>",), ("lighthouse",))
+    with pytest.raises(BadValue, match="one per --new-token"):
+        init_rows(model, ("<ring>", "<ball>", "<cube>"), (word, word))
+
+
+def test_files_round_trip_and_the_web_ui_forms(tmp_path, small_model_dir, files):
+    model = load(small_model_dir)
+    words = read_embeddings(files[0])
+    add_words(model, {**words, **read_embeddings(files[1])})
+    out = str(tmp_path / "learned_embeds.safetensors")
+    write_embeddings(out, learned(model, ("<ring>",)))
+    saved = load_file(out)
+    assert list(saved) == ["<ring>"] and torch.equal(saved["<ring>"], words["<ring>"])  # (n, D) as diffusers' script
+    row = torch.randn(2, 32)
+    save_file({"emb_params": row}, tmp_path / "pretty-style.safetensors")
+    torch.save({"string_to_param": {"*": row}, "name": "kitsch", "step": 3}, tmp_path / "web.pt")
+    torch.save(row, tmp_path / "bare.bin")
+    assert list(read_embeddings(str(tmp_path / "pretty-style.safetensors"))) == ["pretty-style"]
+    assert torch.equal(read_embeddings(str(tmp_path / "web.pt"))["kitsch"], row)
+    assert list(read_embeddings(str(tmp_path / "web.pt"), "<k>")) == ["<k>"]
+    assert torch.equal(read_embeddings(str(tmp_path / "bare.bin"), "<b>")["<b>"], row)
+    with pytest.raises(BadFile, match="bare tensor; name its token"):
+        read_embeddings(str(tmp_path / "bare.bin"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file of tensors")
+    with pytest.raises(BadFile, match="neither a safetensors nor"):
+        read_embeddings(str(tmp_path / "junk.safetensors"))
+    with pytest.raises(BadFile, match="not found"):
+        read_embeddings(str(tmp_path / "missing.safetensors"))
