@@ -152,3 +152,74 @@ def test_files_round_trip_and_the_web_ui_forms(tmp_path, small_model_dir, files)
         read_embeddings(str(tmp_path / "junk.safetensors"))
     with pytest.raises(BadFile, match="not found"):
         read_embeddings(str(tmp_path / "missing.safetensors"))
+
+
+# ---- generate --embedding ----------------------------------------------------------------------------------------
+
+def test_generate_with_embeddings_is_the_python_picture_recorded_and_replayed(small_model_dir, files, tmp_path, capsys):
+    """--embedding FILE (twice, one renamed with FILE:TOKEN) gives the picture of add_words + model.generate;
+    the manifest and the PNG record each file (path, SHA-256, token given, tokens added); --replay
+    PICTURE.png makes the same bytes, and refuses once a file changed."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from altdiff_min.apps.cli import main
+    from altdiff_min.apps.generate import file_digest
+    from altdiff_min.storage.provenance import record_of_png
+
+    ring, star = tmp_path / "ring.safetensors", tmp_path / "star.safetensors"
+    shutil.copy(files[0], ring), shutil.copy(files[1], star)
+    prompt = "un <ring> sobre <sun>"
+    common = [prompt, "--model", small_model_dir, "--n-samples", "1", "--steps", "3", "--H", "64", "--W", "64", "--seed", "5",
+              "--skip-grid", "--device", "cpu", "--embedding", str(ring), "--embedding", f"{star}:<sun>"]
+    assert main(["generate", *common, "--outdir", str(tmp_path / "a")]) == 0
+    row = json.loads((tmp_path / "a" / "manifest.jsonl").read_text())
+    picture = tmp_path / "a" / row["file"]
+    model = load(small_model_dir)
+    add_words(model, {**read_embeddings(str(ring)), **read_embeddings(str(star), "<sun>")})
+    expected = np.asarray(model.generate(prompt, n_samples=1, steps=3, height=64, width=64, seed=5, progress=False)[0])
+    assert np.array_equal(np.asarray(Image.open(picture)), expected)
+    assert row["embeddings"] == [
+        {"path": str(ring), "sha256": file_digest(str(ring), "x"), "token": None, "tokens": ["<ring>"]},
+        {"path": str(star), "sha256": file_digest(str(star), "x"), "token": "<sun>", "tokens": ["<sun>"]}]
+    assert record_of_png(str(picture))["embeddings"] == row["embeddings"]
+    assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "again"), "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "again" / "manifest.jsonl").read_text())
+    assert again["embeddings"] == row["embeddings"]
+    assert (tmp_path / "again" / again["file"]).read_bytes() == picture.read_bytes()
+    with open(star, "ab") as f:
+        f.write(b" ")
+    capsys.readouterr()
+    assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--replay: {star} has changed since the picture was made" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra,message,loads", [
+    (["--embedding", "nowhere.safetensors"], "--embedding: embedding file not found: nowhere.safetensors", False),
+    (["--embedding", "JUNK"], "neither a safetensors nor", False),
+    (["--embedding", "WIDE"], "this model's tokens are 32 wide", False),
+    (["--embedding", "NAN"], "holds NaN or infinity", False),
+    (["--embedding", "RING", "--embedding", "RING"], "the token '<ring>' is in both", False),
+    (["--embedding", "RING:a"], "--embedding: the token 'a' already exists", True),  # the tokenizer says so
+])
+def test_bad_embeddings_are_refused_before_generating(small_model_dir, files, tmp_path, monkeypatch, capsys, extra,
+                                                      message, loads):
+    import altdiff_min.pipeline
+    from altdiff_min.apps.cli import main
+    from altdiff_min.pipeline import AltDiffusion
+
+    (tmp_path / "JUNK").write_text("hello")
+    save_file({"<w>": torch.ones(2, 31)}, str(tmp_path / "WIDE"))
+    save_file({"<n>": torch.full((32,), float("nan"))}, str(tmp_path / "NAN"))
+    extra = [str(tmp_path / e) if e in ("JUNK", "WIDE", "NAN") else e.replace("RING", files[0]) for e in extra]
+    if not loads:
+        monkeypatch.setattr(altdiff_min.pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(AltDiffusion, "generate", lambda *a, **k: pytest.fail("a picture was made"))
+    assert main(["generate", "x", "--model", small_model_dir, "--outdir", str(tmp_path / "o"), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "o" / "manifest.jsonl")
