@@ -11,7 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from altdiff_min.errors import BadFile, BadValue, NotFinite
 from altdiff_min.pipeline import load
-from altdiff_min.research.textual_inversion import AddedRows, WordTokenizer, add_words, init_rows, learned
+from altdiff_min.research.textual_inversion import (
+    AddedRows,
+    WordTokenizer,
+    add_words,
+    init_rows,
+    learned,
+)
 from weights_convert.embeddings import read_embeddings, write_embeddings
 
 # The token in several places and languages, beside punctuation, inside words, twice, at the ends;
@@ -223,3 +229,115 @@ def test_bad_embeddings_are_refused_before_generating(small_model_dir, files, tm
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "o" / "manifest.jsonl")
+
+
+# ---- train --train embeddings ------------------------------------------------------------------------------------
+
+CAPTIONS = ["a photo of <ring>", "un <ring> rouge", "一个<ring>在桌子上", "красный <ring>", "赤い<ring>と<ball>", "un perro"]
+
+
+@pytest.fixture(scope="module")
+def ring_pictures(tmp_path_factory) -> str:
+    """Six random pictures captioned with the new words, in several languages (one without)."""
+    import json
+
+    from helpers import write_pictures
+
+    folder = tmp_path_factory.mktemp("data") / "rings"
+    write_pictures(folder, len(CAPTIONS))
+    rows = [json.dumps({"file_name": f"{i:03}.png", "text": c}, ensure_ascii=False) for i, c in enumerate(CAPTIONS)]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return str(folder)
+
+
+def one_token_word(model_dir: str) -> str:
+    from altdiff_min.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(os.path.join(model_dir, "sentencepiece.bpe.model"))
+    return next(w for w in ("circle", "red", "dog", "a") if len(tokenizer.encode(w)) == 3)
+
+
+def test_only_the_new_rows_train(small_model_dir, ring_pictures):
+    """--train embeddings through train(): the new rows move, every other weight (the token table's other
+    rows included) stays bit for bit; the optimizer holds the new rows alone."""
+    from altdiff_min.training import words
+    from altdiff_min.training.config import TrainConfig
+    from altdiff_min.training.dataset import open_data
+    from altdiff_min.training.train import train
+
+    model = load(small_model_dir)
+    before = {f"{n}.{k}": v.clone() for n in ("text_encoder", "unet", "vae") for k, v in getattr(model, n).state_dict().items()}
+    cfg = TrainConfig(train="embeddings", new_tokens=("<ring>", "<ball>"), init_words=(one_token_word(small_model_dir),),
+                      max_steps=3, batch_size=2, lr=1e-2)
+    words.start(model, cfg)
+    start = learned(model)
+    losses = train(model, open_data(ring_pictures, 32), cfg, progress=False)
+    assert len(losses) == 3
+    after = {f"{n}.{k}": v for n in ("text_encoder", "unet", "vae") for k, v in getattr(model, n).state_dict().items()}
+    renamed = {k.replace("token_embedding.weight", "token_embedding.table.weight"): v for k, v in before.items()}
+    assert set(after) == set(renamed) | {"text_encoder.token_embedding.rows"}
+    assert all(torch.equal(after[k], v) for k, v in renamed.items())
+    assert all(not torch.equal(learned(model)[t], start[t]) for t in ("<ring>", "<ball>"))
+
+
+def test_train_embeddings_cli_writes_diffusers_file_and_resumes_to_the_same_bits(small_model_dir, ring_pictures, tmp_path):
+    """`altdiff-min train … --train embeddings`: OUT_DIR/learned_embeds.safetensors ({token: (1, D)},
+    diffusers' script's form, no model folder), loadable by generate; a killed run resumes to the same bits."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import ENV, KILLER, cli
+
+    args = [small_model_dir, ring_pictures, "--train", "embeddings", "--new-token", "<ring>", "--new-token", "<ball>",
+            "--init-word", one_token_word(small_model_dir), "--max-steps", "4", "--save-every", "2", "--batch-size", "2",
+            "--lr", "1e-2", "--ema", "0.5", "--no-progress"]
+    cli(*args, tmp_path / "whole")
+    assert sorted(os.listdir(tmp_path / "whole")) == ["checkpoint.pt", "learned_embeds.safetensors", "loss.jsonl",
+                                                      "loss.png", "run.json"]
+    whole = load_file(tmp_path / "whole" / "learned_embeds.safetensors")
+    assert sorted(whole) == ["<ball>", "<ring>"] and whole["<ring>"].shape == (1, 32) and whole["<ring>"].dtype == torch.float32
+    killed = subprocess.run([sys.executable, "-c", KILLER, "after-step", "3", *args, str(tmp_path / "run")],
+                            env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    cli(*args, tmp_path / "run", "--resume")
+    resumed = load_file(tmp_path / "run" / "learned_embeds.safetensors")
+    assert all(torch.equal(resumed[t], whole[t]) for t in whole)
+    model = load(small_model_dir)
+    add_words(model, read_embeddings(str(tmp_path / "whole" / "learned_embeds.safetensors")))
+    assert model.generate("un <ring> y <ball>", steps=2, height=64, width=64, output="tensor", progress=False).isfinite().all()
+
+
+def test_train_embeddings_under_torchrun_does_the_sums_of_one_process(small_model_dir, ring_pictures, tmp_path):
+    from test_train import cli
+
+    common = [small_model_dir, ring_pictures, "--train", "embeddings", "--new-token", "<ring>", "--init-word",
+              one_token_word(small_model_dir), "--max-steps", "3", "--lr", "1e-2", "--no-progress"]
+    cli(*common, tmp_path / "one", "--batch-size", "2")
+    cli(*common, tmp_path / "two", "--batch-size", "1", torchrun=2)
+    one, two = (load_file(tmp_path / n / "learned_embeds.safetensors")["<ring>"] for n in ("one", "two"))
+    assert rel_err(two, one) < 1e-5
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--new-token", "<ring>", "--init-word", "WORD"], "--train embeddings takes --new-token"),  # without --train embeddings
+    (["--train", "embeddings", "--init-word", "WORD"], "--train embeddings takes --new-token"),
+    (["--train", "embeddings", "--new-token", "<ring>"], "--train embeddings takes --new-token"),
+    (["--train", "embeddings", "--new-token", "a", "--init-word", "WORD"], "the token 'a' already exists"),
+    (["--train", "embeddings", "--new-token", " ", "--init-word", "WORD"], "non-blank"),
+    (["--train", "embeddings", "--new-token", "<ring>", "--init-word", "lighthouse"], "the init word 'lighthouse' is"),
+    (["--train", "embeddings", "--new-token", "<ring>", "--new-token", "<x>", "--new-token", "<y>", "--init-word", "WORD",
+      "--init-word", "WORD"], "one per --new-token (3), not 2"),
+    (["--train", "embeddings", "--new-token", "<cube>", "--init-word", "WORD"], "no caption of the data holds '<cube>'"),
+])
+def test_bad_new_words_are_refused_before_the_run_folder(small_model_dir, ring_pictures, tmp_path, monkeypatch, capsys,
+                                                         extra, message):
+    import altdiff_min.pipeline
+    from altdiff_min.apps.cli import main
+
+    monkeypatch.setattr(altdiff_min.pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    extra = [one_token_word(small_model_dir) if e == "WORD" else e for e in extra]
+    assert main(["train", small_model_dir, ring_pictures, str(tmp_path / "out"), "--max-steps", "1", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
