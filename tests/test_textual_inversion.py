@@ -341,3 +341,11 @@ def test_bad_new_words_are_refused_before_the_run_folder(small_model_dir, ring_p
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_added_words_is_not_saved_as_a_model_folder(small_model_dir, files, tmp_path):
+    model = load(small_model_dir)
+    add_words(model, read_embeddings(files[1]))
+    with pytest.raises(BadValue, match="holds added tokens"):
+        model.save(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
