@@ -61,8 +61,9 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
               device: str | torch.device = "cpu", resume: bool = False, force: bool = False,
               progress: bool = True) -> str:
     """`altdiff-min train MODEL DATA OUT_DIR`: fine-tune a model folder ("toy" or a converted m9) on
-    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the
-    result. Under torchrun every process calls this; rank 0 checks and writes, the others follow.
+    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the result
+    (--train embeddings: OUT_DIR/learned_embeds.safetensors, training/words.py). Under torchrun every
+    process calls this; rank 0 checks and writes, the others follow.
     Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
     from safetensors import SafetensorError
 
