@@ -13,12 +13,13 @@ width than the encoder's, or not finite. A token with n > 1 rows becomes n token
 
 Added tokens as transformers' are (`tokenizer.add_tokens`), with the whitespace beside them dropped
 (lstrip, rstrip): the ids are those diffusers' AltDiffusionPipeline gives after load_textual_inversion
-with transformers 5's XLMRobertaTokenizer, which splits words on whitespace before it tokenizes. FlagAI's
-4.x tokenizer would have kept a space before an added token as a "▁" piece of its own, as it does
-before "</s>" (model/tokenizer.py); no model was ever trained with that. Matching is on the prompt as
+with transformers 5's XLMRobertaTokenizer, which splits words on whitespace before it tokenizes. The
+4.x pipeline FlagAI ran (rebuilt with today's tokenizers library: "▁" prepended to every segment)
+keeps a space before an added token as a "▁" piece of its own, as it does before "</s>"
+(model/tokenizer.py); we follow transformers 5, and so diffusers today. Matching is on the prompt as
 written, where transformers matches on the normalised text; a token must therefore be in the
-normaliser's form (NFKC by the model's map), and the one difference left is a prompt that spells the
-token in another form (a fullwidth "＜ring＞" is not the token here).
+normaliser's form (NFKC by the model's map), and the one added-token difference left is a prompt that
+spells the token in another form (a fullwidth "＜ring＞" is not the token here).
 
 Training (`altdiff-min train … --train embeddings --new-token T --init-word W`): `AddedRows` keeps the
 new rows as a parameter of their own beside the frozen table, so only they train and the table stays
