@@ -261,6 +261,8 @@ class AltDiffusion:
 
     def save(self, path: str, force: bool = False, **extra: Any) -> None:
         """Write this model as a model folder (atomically; see folder.write_folder)."""
+        if not isinstance(self.text_encoder.token_embedding, torch.nn.Embedding):  # research/textual_inversion.py's rows
+            raise BadValue("this model holds added tokens, which a model folder cannot: write them with write_embeddings")
         modules = {name: getattr(self, name) for name in (*DIFFUSION, "safety_checker") if getattr(self, name) is not None}
         write_folder(path, {n: m.cfg for n, m in modules.items()}, {n: m.state_dict() for n, m in modules.items()},
                      self.schedule, self.tokenizer.model_file, self.tokenizer.max_length, force=force,

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="apply a UNet LoRA (.safetensors, diffusers/peft or kohya/web-UI format) at SCALE (default "
                      "1.0; 0: none); checked before the model loads, recorded (path, SHA-256, scale) and replayed. "
                      "One file: stacking several is not supported yet")
+    gen.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                     help="add the new word(s) of a textual-inversion file (diffusers' learned_embeds.safetensors, or "
+                     "the web UI's; TOKEN renames its one word) to the tokenizer; repeatable; recorded and replayed")
     gen.add_argument("--replay", metavar="MANIFEST:LINE|PICTURE",
                      help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
                      "manifest.jsonl, or a PNG generate made (it carries its settings)")

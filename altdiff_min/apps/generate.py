@@ -93,6 +93,7 @@ def replay(args) -> int | None:
         for name, recorded in (("init_img", picture), ("mask", row.get("mask")), ("LoRA file", recorded_lora)):
             if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
+        replay_embeddings(args, row)
         keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
         kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
                  "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int,
@@ -221,6 +222,60 @@ def apply_lora(model, lora: dict | None) -> None:
             raise type(e)(f"--lora: {e}") from None
 
 
+def embedding_arguments(args, config: dict) -> tuple[list[dict], dict]:
+    """--embedding FILE[:TOKEN] (repeatable): each textual-inversion file read and checked (its rows'
+    width against this model's, finite) before the model loads → the manifest's records [{"path",
+    "sha256", "token" (the one given, or null), "tokens" (the words it adds)}] and {token: rows}."""
+    from weights_convert.embeddings import check_width, read_embeddings
+
+    from ..errors import AltDiffError, BadValue
+
+    records, words, source = [], {}, {}
+    for given in args.embedding or []:
+        path, token = given, None
+        if not os.path.isfile(given) and ":" in given:  # FILE:TOKEN (a file whose own name holds ':' is taken whole)
+            path, _, token = given.rpartition(":")
+        try:
+            found = read_embeddings(path, token or None)
+            check_width(found, config["text_encoder"].hidden, path)
+        except AltDiffError as e:
+            raise type(e)(f"--embedding: {e}") from None
+        for t in found:
+            if t in words:
+                raise BadValue(f"--embedding: the token {t!r} is in both {source[t]} and {path}")
+            source[t] = path
+        words.update(found)
+        records.append({"path": os.path.abspath(path), "sha256": file_digest(path, "--embedding"), "token": token or None,
+                        "tokens": list(found)})
+    return records, words
+
+
+def apply_embeddings(model, words: dict) -> None:
+    """The --embedding words onto the loaded model (research/textual_inversion.py add_words: a token the
+    tokenizer has already is refused there, before anything changes)."""
+    from ..errors import AltDiffError
+    from ..research.textual_inversion import add_words
+
+    if words:
+        try:
+            add_words(model, words)
+        except AltDiffError as e:
+            raise type(e)(f"--embedding: {e}") from None
+
+
+def replay_embeddings(args, row: dict) -> None:
+    """--replay: the recorded --embedding files again, each unchanged since (its SHA-256)."""
+    from ..errors import BadValue
+
+    recorded = row.get("embeddings") or []
+    if not isinstance(recorded, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in recorded):
+        raise TypeError("embeddings is not a list of recorded files")
+    args.embedding = [f"{e['path']}:{e['token']}" if e.get("token") else e["path"] for e in recorded] or None
+    for e in recorded:
+        if file_digest(e["path"], "--replay: the embedding") != e.get("sha256"):
+            raise BadValue(f"--replay: {e['path']} has changed since the picture was made")
+
+
 # generate's arguments as the command line names them, for arguments.check_arguments' messages
 FLAGS = {"n_samples": "--n-samples", "batch": "--n-samples", "height": "--H", "width": "--W", "scale": "--scale",
          "seed": "--seed", "guidance": "--guidance", "pixels": "--n-samples × --H × --W pixels"}
@@ -261,6 +316,7 @@ def generate(args) -> int:
     shape = Shape.of_config(config, NO_LIMITS if args.no_limits else Limits())
     picture = picture_arguments(args, config)
     lora = lora_argument(args)
+    embeddings, words = embedding_arguments(args, config)
     default_h, default_w = (picture["height"], picture["width"]) if picture else (shape.image_size, shape.image_size)
     height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
     for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):  # a side the picture gave: say so
@@ -302,6 +358,7 @@ def generate(args) -> int:
         model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=shape.limits,
                      safety_checker=checked)
         apply_lora(model, lora)
+        apply_embeddings(model, words)
         # What makes the picture (provenance.picture_record): the PNG carries it, so a replay on the same
         # machine writes the same bytes.
         arguments = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
@@ -309,6 +366,7 @@ def generate(args) -> int:
                      "safety_checker": checked}
         model_folder, made_in = fingerprint(args.model), environment(world.device, dtype)
         more = {**(picture["record"] if picture else {}), **({"lora": lora} if lora else {})}
+        more |= {"embeddings": embeddings} if embeddings else {}
 
         def record(prompt: str, k: int) -> dict:
             return picture_record(model, prompt, k, arguments, (width, height), model_folder, made_in, **more)

@@ -12,7 +12,7 @@ import torch
 from ..errors import BadValue
 from ..model.tokenizer import check_prompt
 
-TRAIN = ("unet", "text_encoder", "both", "vae")  # what trains; "vae" is the toy's first stage
+TRAIN = ("unet", "text_encoder", "both", "embeddings", "vae")  # what trains; "vae" is the toy's first stage
 
 
 PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,7 +26,8 @@ def setting(default, help: str, **cli):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train: str = setting("unet", "what trains; the VAE stays frozen", choices=TRAIN[:3])
+    train: str = setting("unet", "what trains; the VAE stays frozen; embeddings: only the rows of the --new-token "
+                         "words (textual inversion)", choices=TRAIN[:4])
     max_steps: int = setting(1000, "optimizer steps (the cosine schedule ends at the last); with --resume, a larger "
                              "number extends the run (the schedule is recomputed: see train.train)")
     batch_size: int = setting(1, "examples per process per micro-step")
@@ -53,10 +54,14 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = setting((), "a prompt to sample (repeat the flag for more); picture K uses seed K",
                                               flag="--sample-prompt", metavar="PROMPT")
     sample_steps: int = setting(25, "DDIM steps of the sample pictures")
+    new_tokens: tuple[str, ...] = setting((), "--train embeddings: a new word to learn, e.g. '<ring>' (repeat the flag "
+                                          "for more); the captions must hold it", flag="--new-token", metavar="TOKEN")
+    init_words: tuple[str, ...] = setting((), "--train embeddings: the word (one token) whose row each new token starts "
+                                          "from: one for all, or one per --new-token", flag="--init-word", metavar="WORD")
 
     def __post_init__(self):
         if self.train not in TRAIN:
-            raise BadValue(f"--train must be one of {', '.join(TRAIN[:3])}, got {self.train!r}")
+            raise BadValue(f"--train must be one of {', '.join(TRAIN[:4])}, got {self.train!r}")
         if self.mixed_precision not in PRECISION:
             raise BadValue(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps"):
@@ -79,14 +84,24 @@ class TrainConfig:
             if not isinstance(prompt, str):
                 raise BadValue(f"sample_prompts must be strings, got {prompt!r}")
             check_prompt(prompt)
+        check_words_setting(self)
 
     @property
     def modules(self) -> tuple[str, ...]:
-        return {"both": ("text_encoder", "unet")}.get(self.train, (self.train,))
+        return {"both": ("text_encoder", "unet"), "embeddings": ("text_encoder",)}.get(self.train, (self.train,))
 
     def global_batch(self, processes: int) -> int:
         """Examples per optimizer step: batch_size × processes × grad_accum."""
         return self.batch_size * processes * self.grad_accum
+
+
+def check_words_setting(cfg: TrainConfig) -> None:
+    """--new-token and --init-word go with --train embeddings (the tokenizer checks the words themselves:
+    research/textual_inversion.py init_ids)."""
+    if (cfg.train == "embeddings") != bool(cfg.new_tokens) or (cfg.train == "embeddings") != bool(cfg.init_words):
+        raise BadValue("--train embeddings takes --new-token TOKEN and --init-word WORD, and they go with it only")
+    if not all(isinstance(w, str) for w in cfg.new_tokens + cfg.init_words):
+        raise BadValue(f"new_tokens and init_words must be strings, got {cfg.new_tokens!r} and {cfg.init_words!r}")
 
 
 # What a resumed run may change: how the global batch is split (not its size), memory, what is saved
@@ -131,12 +146,11 @@ def config_from_flags(args, recorded: dict | None = None) -> TrainConfig:
     defaults for the others, a resumed one run.json's `recorded` settings; a flag given on --resume for
     a setting that may not change (SAME_ON_RESUME) with another value than run.json's is an error naming it."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    if "sample_prompts" in given:
-        given["sample_prompts"] = tuple(given["sample_prompts"])
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}  # the repeated flags
     if recorded is None:
         return TrainConfig(**given)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    old = {k: tuple(v) if k == "sample_prompts" and isinstance(v, list) else v for k, v in recorded.items() if k in names}
+    old = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in names}  # JSON's lists
     if changed := [f"{flag(n)} {old.get(n, getattr(TrainConfig, n))} → {given[n]}" for n in SAME_ON_RESUME
                    if n in given and given[n] != old.get(n, getattr(TrainConfig, n))]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); those cannot change "

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import BadValue
 from ..storage.files import locked, make_folder
-from . import run_folder
+from . import run_folder, words
 from .config import PRECISION, SAME_ON_RESUME, TrainConfig, flag
 from .distributed import World, join_world, leave_world, on_rank0
 from .train import train
@@ -33,6 +33,7 @@ def describe_batch(cfg: TrainConfig, processes: int) -> str:
 def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> None:
     """A resumed run must do the same sums: same base model and data, the same settings, the same global batch."""
     old = {n: recorded["config"].get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # one added since: its default
+    old = {n: tuple(v) if isinstance(v, list) else v for n, v in old.items()}  # JSON's lists: the flags' tuples
     if changed := [f"{flag(n)} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
                        f"same ones, or start a new run")
@@ -60,8 +61,9 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
               device: str | torch.device = "cpu", resume: bool = False, force: bool = False,
               progress: bool = True) -> str:
     """`altdiff-min train MODEL DATA OUT_DIR`: fine-tune a model folder ("toy" or a converted m9) on
-    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the
-    result. Under torchrun every process calls this; rank 0 checks and writes, the others follow.
+    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the result
+    (--train embeddings: OUT_DIR/learned_embeds.safetensors, training/words.py). Under torchrun every
+    process calls this; rank 0 checks and writes, the others follow.
     Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
     from safetensors import SafetensorError
 
@@ -90,6 +92,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
 
             dataset = on_rank0(world, lambda: open_data(data, resolution, progress))  # before OUT_DIR is touched
             check_batch(cfg, world.size, len(dataset))
+            words.check(model_path, config, cfg, dataset)
             recorded = on_rank0(world, claim)
             model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
@@ -113,8 +116,11 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
 
             on_rank0(world, record)
             model = load(model_path, device=world.device, dtype=torch.float32)
+            words.start(model, cfg)
             losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
             result = os.path.join(out_dir, run_folder.MODEL)
+            if cfg.train == "embeddings":
+                return words.save(model, cfg, out_dir, world.rank)
             if world.rank == 0:
                 try:  # a failed write (a full disk) leaves the previous OUT_DIR/model as it was (folder.write_folder)
                     model.save(result, force=True, train={"base": model_record, "data": run["data"], "config": run["config"],

@@ -7,6 +7,7 @@
     samples/        step-NNNNNNN-K.png: the --sample-prompt pictures, every --sample-every steps, each
                     carrying its record (prompt, seed, sampler, steps, the training step, the run folder)
     model/          the result, a model folder `altdiff_min.load` reads (written at the end)
+    learned_embeds.safetensors   instead, with --train embeddings: the new words' rows (training/words.py)
 
 Only rank 0 writes, holding a lock on the folder for the whole run, so two runs never write one
 folder. Every file is written under a temporary name and renamed into place: a run killed at any

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from ..errors import BadValue, NotFinite
 from ..model.unet import UNet
 from ..model.vae import VAE
+from ..research import textual_inversion
 from ..sampling.schedule import ScheduleConfig, add_noise, alphas_cumprod
 from . import run_folder
 from .config import PRECISION, TrainConfig
@@ -238,6 +239,8 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     text = model.text_encoder
     if "text_encoder" in cfg.modules and text.cfg.pre_transformation:  # m18 never runs its last layer:
         text.layers[-1].requires_grad_(False), text.transformation.requires_grad_(False)  # no gradient for DDP to wait on
+    if cfg.train == "embeddings":  # textual inversion: the new words' rows alone
+        textual_inversion.train_only_new_rows(text)
     for module in trained:
         module.gradient_checkpointing = cfg.gradient_checkpointing and hasattr(module, "gradient_checkpointing")
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
