@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                      "placeholder (default: when the model folder holds one; --no-safety-checker: never)")
     gen.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                      help="apply a UNet LoRA (.safetensors, diffusers/peft or kohya/web-UI format) at SCALE (default "
-                     "1.0; 0: none); checked before the model loads, recorded (path, SHA-256, scale) and replayed. "
-                     "One file: stacking several is not supported yet")
+                     "1.0; 0: none); repeat for several (their updates add up, each at its scale); checked before "
+                     "the model loads, recorded (path, SHA-256, scale) and replayed")
     gen.add_argument("--replay", metavar="MANIFEST:LINE|PICTURE",
                      help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
                      "manifest.jsonl, or a PNG generate made (it carries its settings)")
