@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     ui.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ui.add_argument("--lora-dir", metavar="DIR", help="offer the UNet LoRA files in DIR (*.safetensors, read at start) "
+                    "on the page, each by name with a scale")
 
     from ..toy.train import add_arguments
 
