@@ -377,3 +377,18 @@ def test_lora_lists_are_checked_before_any_model(two_files, tmp_path, lora, word
     with pytest.raises((BadValue, BadFile, TypeError), match=words) as e:
         lora_files.read_lora_files(lora)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # torch.compile of the small UNet: minutes on a small CPU (as test_speed's compile test)
+def test_a_compiled_unet_runs_its_loras_in_the_graph(small_model_dir, two_files):
+    """load(…, lora=…, compile=True) attaches before compiling (fullgraph: the adapters' sum is in the
+    graph): the picture is the eager one's; per-call scales cannot reach a compiled graph and are refused."""
+    from altdiff_min.pipeline import load as load_model
+
+    lora = [(two_files[n], s) for n, s in WEIGHTS.items()]
+    compiled, eager = load_model(small_model_dir, lora=lora, compile=True), load_model(small_model_dir, lora=lora)
+    args = dict(n_samples=2, steps=3, height=64, width=96, seed=1, output="tensor", progress=False)
+    assert rel_err(compiled.generate("un chien", **args), eager.generate("un chien", **args)) <= 1e-4
+    with pytest.raises(BadValue, match="compiled UNet reads no per-call LoRA scales"):
+        with lora_scales(compiled.unet, {"style": 0.0}):
+            pass

@@ -136,7 +136,7 @@ class LoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        scales = SCALES.get()
+        scales = None if torch.compiler.is_compiling() else SCALES.get()  # a compiled graph: the adapters' own
         for name, a in self.adapters.items():
             scale = a.scale if scales is None else scales.get(name, a.scale)
             if not a.merged and scale != 0:
@@ -310,6 +310,8 @@ def lora_scales(model: nn.Module, scales: Mapping[str, float]):
     adapters are in the weights and cannot be reweighed: refused."""
     if not isinstance(scales, Mapping):
         raise BadType(f"LoRA scales are a mapping {{name: scale}}, not {scales!r}")
+    if scales and getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile's (load(compile=True))
+        raise BadValue("a compiled UNet reads no per-call LoRA scales (its graph holds no Python): use set_scale")
     scales = {check_names(model, n)[0]: finite(s, f"scale of {n!r}") for n, s in scales.items()}
     if merged := sorted({n for _, n, a in adapters(model) if n in scales and a.merged}):
         raise BadValue(f"the LoRA {merged[0]!r} is merged into the weights: unmerge it to change its scale per call")
