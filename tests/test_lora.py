@@ -358,6 +358,11 @@ def test_two_files_same_picture_as_diffusers_pipeline(hub_layout, reference, sma
     assert rel_err(got, expected) <= 1e-4
 
 
+def test_adapter_names_come_from_the_files():
+    assert [lora_files.default_name(p) for p in ("a/style.safetensors", "b/style.v2.safetensors", "c/train.safetensors",
+                                                 "d/keys.safetensors")] == ["style", "style_v2", "train_lora", "keys_lora"]
+
+
 @pytest.mark.parametrize("lora,words", [
     ("FILE", None), (["FILE", ("FILE", 0.5)], "is given twice"), ([("FILE", float("nan"))], "finite"),
     ([("FILE", 1, 2)], "FILE or \\(FILE, SCALE\\)"), (["FILE", "OTHER/style.safetensors"], "would both be the LoRA 'style'"),

@@ -187,8 +187,10 @@ def load_lora(model: nn.Module, path: str, scale: float = 1.0, name: str | None 
 
 
 def default_name(path: str) -> str:
-    """A file's adapter name: its stem, any '.' made '_' (a module name holds no dot)."""
-    return os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+    """A file's adapter name: its stem, any '.' made '_' (a module name holds no dot); a stem that torch's
+    module dictionary takes for itself (train, keys, …) gets "_lora" after it."""
+    name = os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+    return name if name and not hasattr(nn.ModuleDict(), name) else name + "_lora"
 
 
 LoRAFile = tuple[str, float, str, dict, dict]  # (path, scale, name, tensors, metadata)
