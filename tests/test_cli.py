@@ -1,5 +1,6 @@
 """`altdiff-min generate`: FlagAI's files and counters, and arguments refused before any model work."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -646,7 +647,7 @@ def test_bad_lora_arguments_are_refused_before_the_model_loads(model_dir, lora_f
               str(tmp_path / "HALF"))
     names = {"TEXT", "WEIGHTS", "TEXT_TOWER", "HALF"}
     (tmp_path / "OTHER").mkdir()
-    (tmp_path / "OTHER" / "style.safetensors").write_bytes(open(lora_file, "rb").read())
+    (tmp_path / "OTHER" / "style.safetensors").write_bytes(Path(lora_file).read_bytes())
     extra = [str(tmp_path / e) if e in names or e.startswith("OTHER") else e.replace("LORA", lora_file) for e in extra]
     message = message.replace("LORA", lora_file)
     monkeypatch.setattr(altdiff_min.pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))

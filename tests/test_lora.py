@@ -6,6 +6,7 @@ m9's parameter count, the names' round trip, and the one-line refusals of bad fi
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -261,7 +262,7 @@ def two_files(peft_file, tmp_path_factory) -> dict[str, str]:
     alpha 2, and LoCon layers besides), named as their adapters."""
     folder = tmp_path_factory.mktemp("two")
     style = folder / "style.safetensors"
-    style.write_bytes(open(peft_file, "rb").read())
+    shutil.copy(peft_file, style)
     return {"style": str(style), "kohya": kohya_file(peft_file, folder)}
 
 
@@ -291,8 +292,8 @@ def test_two_files_same_output_as_diffusers_adapters(base, two_files, inputs):
             assert rel_diff(expected, plain) > 1e-3
             assert rel_err(ours(x, t, context), expected) <= TOL, weights
         check(WEIGHTS)
-        for one in WEIGHTS:  # each alone differs from both: the sum is really taken
-            ref.set_adapters([one], [WEIGHTS[one]])
+        for one, weight in WEIGHTS.items():  # each alone differs from both: the sum is really taken
+            ref.set_adapters([one], [weight])
             assert rel_diff(ref(x, t, encoder_hidden_states=context).sample, ours(x, t, context)) > 1e-3
         reweighed = {"style": 0.7, "kohya": 1.3}
         ref.set_adapters(list(reweighed), list(reweighed.values()))
@@ -345,8 +346,8 @@ def test_two_files_same_picture_as_diffusers_pipeline(hub_layout, reference, sma
         pipe.load_lora_weights(path, adapter_name=name)
     pipe.set_adapters(list(WEIGHTS), adapter_weights=list(WEIGHTS.values()))
     pipe.set_progress_bar_config(disable=True)
-    arguments = dict(num_inference_steps=5, guidance_scale=7.5, height=64, width=96, output_type="pt",
-                     num_images_per_prompt=2)
+    arguments = {"num_inference_steps": 5, "guidance_scale": 7.5, "height": 64, "width": 96, "output_type": "pt",
+                 "num_images_per_prompt": 2}
     with torch.no_grad():
         expected = pipe("一只戴着帽子的小狗", generator=torch.Generator("cpu").manual_seed(42), **arguments).images
         pipe.disable_lora()
@@ -370,7 +371,7 @@ def test_adapter_names_come_from_the_files():
 ], ids=["one", "twice", "nan", "triple", "same-name", "type", "missing"])
 def test_lora_lists_are_checked_before_any_model(two_files, tmp_path, lora, words):
     other = tmp_path / "style.safetensors"
-    other.write_bytes(open(two_files["style"], "rb").read())
+    shutil.copy(two_files["style"], other)
 
     def real(x):
         return x.replace("OTHER/style.safetensors", str(other)).replace("FILE", two_files["style"]) if isinstance(x, str) else x
@@ -392,8 +393,8 @@ def test_a_compiled_unet_runs_its_loras_in_the_graph(small_model_dir, two_files)
 
     lora = [(two_files[n], s) for n, s in WEIGHTS.items()]
     compiled, eager = load_model(small_model_dir, lora=lora, compile=True), load_model(small_model_dir, lora=lora)
-    args = dict(n_samples=2, steps=3, height=64, width=96, seed=1, output="tensor", progress=False)
+    args = {"n_samples": 2, "steps": 3, "height": 64, "width": 96, "seed": 1, "output": "tensor", "progress": False}
     assert rel_err(compiled.generate("un chien", **args), eager.generate("un chien", **args)) <= 1e-4
-    with pytest.raises(BadValue, match="compiled UNet reads no per-call LoRA scales"):
-        with lora_scales(compiled.unet, {"style": 0.0}):
-            pass
+    with pytest.raises(BadValue, match="compiled UNet reads no per-call LoRA scales"), \
+            lora_scales(compiled.unet, {"style": 0.0}):
+        pass

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from helpers import lora_file
+from PIL import Image
 
 from altdiff_min.apps.cli import main
 from altdiff_min.toy import detect
