@@ -13,6 +13,10 @@ back; the same regexes that convert the weights, applied to `path + "."`):
                   (lora_up, and a scalar `.alpha`; absent → the rank). Underscores are ambiguous, so
                   the path is looked up among the model's own layers, renamed to diffusers' names.
 
+Each file becomes one named adapter of research/lora.py (default_name: the file's stem), so several
+stack; `read_lora_files` reads and checks a list of them before a model loads (load(..., lora=…)),
+`attach_lora_files` checks them all against the UNet, then attaches them.
+
 Strict both ways, as conversion is: every key is used or the file is refused with one line naming
 it; `lora_te_` and `text_encoder.` keys adapt CLIP's text tower, which m9 does not have (its text
 encoder is XLM-R), and are refused with that reason.
