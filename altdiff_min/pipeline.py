@@ -279,7 +279,7 @@ def to_pil(images: torch.Tensor) -> list:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          compile: bool = False, limits: Limits = Limits(), safety_checker: bool = True, fast: bool = True,
-         check_finite: bool = True) -> AltDiffusion:
+         check_finite: bool = True, lora=()) -> AltDiffusion:
     """Build tokenizer, text encoder, UNet and VAE from a model folder, and its safety checker if it
     holds one (safety_checker=False: not even loaded); no network, no random init.
 
@@ -290,16 +290,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
     and pixels per call `generate` accepts (see Limits). check_finite: a weight holding NaN or infinity
     is refused (errors.NotFinite, naming the tensor) instead of sampling to the end into a NaN picture;
-    one pass over the weights (aminmax per tensor); False skips it.
+    one pass over the weights (aminmax per tensor); False skips it. lora: UNet LoRA files, each FILE or
+    (FILE, SCALE) (scale 1.0 unless given), read and checked before the weights load, then attached as
+    adapters named after the files (weights_convert/lora.py; research/lora.py to reweigh, merge, remove).
     """
     device, dtype = check_device(device), check_dtype(dtype)
     check_load_flags(limits, compile=compile, safety_checker=safety_checker, fast=fast, check_finite=check_finite)
-    path = resolve(path)
+    from weights_convert.lora import attach_lora_files, read_lora_files  # the files' names: the converter's rules
+    loras, path = read_lora_files(lora), resolve(path)
     config, tokenizer, modules = read_folder(path, DIFFUSION, device, dtype,
                                              names=DIFFUSION + (("safety_checker",) if safety_checker else ()),
                                              check_finite=check_finite)
     if fast:
         modules = {name: speed.apply(module) for name, module in modules.items()}
+    attach_lora_files(modules["unet"], loras)  # before compiling: the LoRAs are in the graph
     if compile:
         modules["unet"] = speed.compile_unet(modules["unet"])
     return AltDiffusion(tokenizer=tokenizer, schedule=config["schedule"], path=path,

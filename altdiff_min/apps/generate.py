@@ -88,9 +88,9 @@ def replay(args) -> int | None:
         picture = row.get("init_img")
         args.init_img, args.strength = (picture["path"], row["strength"]) if picture else (None, None)
         args.mask, args.paste_unmasked = (row["mask"]["path"], row["paste_unmasked"]) if row.get("mask") else (None, False)
-        recorded_lora = row.get("lora")  # the same LoRA file (its SHA-256 checked below) at the same scale
-        args.lora = [f"{recorded_lora['path']}:{float(recorded_lora['scale'])!r}"] if recorded_lora else None
-        for name, recorded in (("init_img", picture), ("mask", row.get("mask")), ("LoRA file", recorded_lora)):
+        loras = recorded_loras(row)  # the same LoRA files (their SHA-256 checked below) at the same scales
+        args.lora = [f"{lora['path']}:{float(lora['scale'])!r}" for lora in loras] or None
+        for name, recorded in (("init_img", picture), ("mask", row.get("mask")), *(("LoRA file", lora) for lora in loras)):
             if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
         replay_embeddings(args, row)
@@ -179,47 +179,42 @@ def picture_arguments(args, config: dict) -> dict | None:
             "record": record, "height": height, "width": width}
 
 
-def lora_argument(args) -> dict | None:
-    """--lora FILE[:SCALE] (SCALE 1.0 unless given): parsed, and the file checked as a LoRA file, before
-    the model loads → what the manifest records: {"path", "sha256", "scale"}. One file for now."""
+def lora_argument(args) -> list[dict]:
+    """--lora FILE[:SCALE], repeatable (SCALE 1.0 unless given): parsed, and each file checked as a LoRA
+    file, before the model loads → what the manifest records: [{"path", "sha256", "scale"}]. A file
+    given twice, or two files that would be one adapter name, are refused (weights_convert/lora.py lora_list)."""
     import math
 
-    from weights_convert.lora import check_file
+    from weights_convert.lora import check_file, lora_list
 
     from ..errors import AltDiffError, BadValue
 
-    if not args.lora:
-        return None
-    if len(args.lora) > 1:
-        raise BadValue(f"--lora given {len(args.lora)} times: stacking LoRAs is not supported yet; give one --lora FILE[:SCALE]")
-    given, path, scale = args.lora[0], args.lora[0], 1.0
-    if not os.path.isfile(given) and ":" in given:  # FILE:SCALE (a file whose own name holds ':' is taken whole)
-        path, _, text = given.rpartition(":")
-        try:
-            scale = float(text)
-        except ValueError:
-            scale = math.nan
-        if not math.isfinite(scale):
-            raise BadValue(f"--lora {given}: SCALE must be a finite number, not {text!r} (FILE[:SCALE], e.g. style.safetensors:0.8)")
+    parsed = []
+    for given in args.lora or []:
+        path, scale = given, 1.0
+        if not os.path.isfile(given) and ":" in given:  # FILE:SCALE (a file whose own name holds ':' is taken whole)
+            path, _, text = given.rpartition(":")
+            try:
+                scale = float(text)
+            except ValueError:
+                scale = math.nan
+            if not math.isfinite(scale):
+                raise BadValue(f"--lora {given}: SCALE must be a finite number, not {text!r} (FILE[:SCALE], e.g. style.safetensors:0.8)")
+        parsed.append((path, scale))
     try:
-        check_file(path)
+        lora_list(parsed, "--lora")
+        for path, _ in parsed:
+            check_file(path)
     except AltDiffError as e:
-        raise type(e)(f"--lora: {e}") from None
-    return {"path": os.path.abspath(path), "sha256": file_digest(path, "--lora"), "scale": scale}
+        raise type(e)(f"--lora: {e}" if not str(e).startswith("--lora") else str(e)) from None
+    return [{"path": os.path.abspath(path), "sha256": file_digest(path, "--lora"), "scale": scale} for path, scale in parsed]
 
 
-def apply_lora(model, lora: dict | None) -> None:
-    """The checked --lora file onto the loaded model's UNet (weights_convert/lora.py load_lora: its
-    shapes are checked against this UNet there)."""
-    from weights_convert.lora import load_lora
-
-    from ..errors import AltDiffError
-
-    if lora:
-        try:
-            load_lora(model.unet, lora["path"], lora["scale"])
-        except AltDiffError as e:
-            raise type(e)(f"--lora: {e}") from None
+def recorded_loras(row: dict) -> list[dict]:
+    """A record's LoRA files: a list of {"path", "sha256", "scale"} (one dict in records written when
+    generate took one file; none: [])."""
+    lora = row.get("lora") or []
+    return [lora] if isinstance(lora, dict) else lora
 
 
 def embedding_arguments(args, config: dict) -> tuple[list[dict], dict]:
@@ -315,7 +310,7 @@ def generate(args) -> int:
     config = read_config(args.model)
     shape = Shape.of_config(config, NO_LIMITS if args.no_limits else Limits())
     picture = picture_arguments(args, config)
-    lora = lora_argument(args)
+    loras = lora_argument(args)
     embeddings, words = embedding_arguments(args, config)
     default_h, default_w = (picture["height"], picture["width"]) if picture else (shape.image_size, shape.image_size)
     height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
@@ -356,8 +351,7 @@ def generate(args) -> int:
                       f"stopped before recording it)", file=sys.stderr)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=shape.limits,
-                     safety_checker=checked)
-        apply_lora(model, lora)
+                     safety_checker=checked, lora=[(lora["path"], lora["scale"]) for lora in loras])
         apply_embeddings(model, words)
         # What makes the picture (provenance.picture_record): the PNG carries it, so a replay on the same
         # machine writes the same bytes.
@@ -365,7 +359,7 @@ def generate(args) -> int:
                      "sampler": sampler, "steps": args.steps, "scale": args.scale, "guidance": guidance, "eta": args.eta,
                      "safety_checker": checked}
         model_folder, made_in = fingerprint(args.model), environment(world.device, dtype)
-        more = {**(picture["record"] if picture else {}), **({"lora": lora} if lora else {})}
+        more = {**(picture["record"] if picture else {}), **({"lora": loras} if loras else {})}
         more |= {"embeddings": embeddings} if embeddings else {}
 
         def record(prompt: str, k: int) -> dict:
