@@ -31,7 +31,7 @@ from .research import speed
 from .research.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene
 from .sampling import img2img
 from .sampling.guidance import Rule, Scale, guidance_rule, guided_eps
-from .sampling.samplers import draw_noise, get_sampler
+from .sampling.samplers import draw_noise, get_sampler, model_eps
 from .sampling.schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, route
 from .storage import pictures
 from .storage.folder import DIFFUSION, read_folder, resolve, write_folder
@@ -123,7 +123,7 @@ class AltDiffusion:
                 out = callback(i, t, x, x0) if callback is not None else None
                 return x if out is None else out
 
-            eps = guided_eps(self.denoise, context, scale, guidance)
+            eps = model_eps(guided_eps(self.denoise, context, scale, guidance), ts, self.schedule)  # v → ε, once
             extra = {"warmup": blend.warmup} if blend is not None and route(sampler).warmup else {}
             with intervene(controllers):
                 return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
