@@ -18,7 +18,12 @@ from altdiff_min.training import mixing, objectives
 from altdiff_min.training.config import TrainConfig
 from altdiff_min.training.dataset import CaptionedFolder
 from altdiff_min.training.distributed import World
-from altdiff_min.training.train import Batches, caption_tokens, diffusion_loss, generator
+from altdiff_min.training.train import (
+    Batches,
+    caption_tokens,
+    diffusion_loss,
+    generator,
+)
 
 V = ScheduleConfig(prediction_type="v_prediction")
 HF = {k: v for k, v in SCHEDULER.items() if k != "_class_name"}
@@ -178,7 +183,8 @@ def dreambooth_run(small_model_dir, pictures, tmp_path_factory) -> str:
 
 
 def test_run_records_sources_class_pictures_and_the_prediction_type(dreambooth_run, pictures):
-    run = json.loads(open(os.path.join(dreambooth_run, "run.json")).read())
+    with open(os.path.join(dreambooth_run, "run.json")) as f:
+        run = json.load(f)
     data = run["data"]
     assert data["kind"] == "mixture" and [s["weight"] for s in data["sources"]] == [3.0, 1.0]
     assert [s["kind"] for s in data["sources"]] == ["folder", "toy"] and data["spec"] == f"{pictures}:3,toy:1"
@@ -187,7 +193,8 @@ def test_run_records_sources_class_pictures_and_the_prediction_type(dreambooth_r
     assert sorted(os.listdir(folder)) == ["00000.png", "00001.png", "00002.png", "metadata.jsonl"]
     record = record_of_png(os.path.join(folder, "00001.png"))
     assert record["prompt"] == "a red ring" and record["seed"] == 1 and record["steps"] == 2
-    assert [json.loads(line)["text"] for line in open(os.path.join(folder, "metadata.jsonl"))] == ["a red ring"] * 3
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        assert [json.loads(line)["text"] for line in f] == ["a red ring"] * 3
     assert load(os.path.join(dreambooth_run, "model")).schedule.prediction_type == "v_prediction"
 
 
