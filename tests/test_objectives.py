@@ -141,6 +141,8 @@ def test_mixing_draws_each_source_by_its_weight_from_the_seed_and_position_alone
     assert [again[p] for p in reversed(range(4000))] == picks[::-1]  # any order of asking: the same
     assert [mix.order(8)[p] for p in range(100)] != picks[:100]
     assert mix.describe()["sources"][1] == {"kind": "b", "examples": 40, "weight": 1.0}
+    odd = mixing.Mixture([Fake(5, "a"), Fake(4, "b")], [1 / 3, 2.0], ["a", "b"])
+    assert mixing.parse(odd.describe()["spec"]) == [("a", 1 / 3), ("b", 2.0)]  # what --resume reopens: exactly
 
 
 def test_data_lists_parse_and_bad_ones_are_one_line(tmp_path, monkeypatch):

@@ -55,6 +55,11 @@ def parse(data: str) -> list[tuple[str, float]]:
     return sources
 
 
+def number(w: float) -> str:
+    """A weight as text that reads back as exactly `w` ("3", "0.1", "0.3333333333333333")."""
+    return str(int(w)) if w == int(w) else repr(w)
+
+
 def native_resolution(sources: list[tuple[str, float]], named: dict, default: int) -> int:
     """The pictures' side a run trains at unless --resolution says: a named world's own (all named ones
     must agree), else the model's image size."""
@@ -119,7 +124,7 @@ class Mixture:
         """run.json's "data": every source's own record with its weight, and `spec`, DATA with absolute
         folder paths (what `train OUT_DIR --resume` reopens)."""
         records = [{**source.describe(), "weight": w} for source, w in zip(self.sources, self.weights)]
-        spec = SEPARATOR.join(f"{r.get('path', name)}{WEIGHT}{w:g}" for r, name, w in zip(records, self.names, self.weights))
+        spec = SEPARATOR.join(f"{r.get('path', name)}{WEIGHT}{number(w)}" for r, name, w in zip(records, self.names, self.weights))
         return {"kind": "mixture", "spec": spec, "sources": records, "examples": len(self), "resolution": self.resolution}
 
 

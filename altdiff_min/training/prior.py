@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import BadFile
-from ..storage.files import atomic_file, fsync_path, make_folder
+from ..storage.files import atomic_file, clean_partials, fsync_path, make_folder
 
 CLASS_IMAGES = "class_images"
 SCALE = 7.5  # generate's default guidance, as diffusers' pipeline default that train_dreambooth draws with
@@ -48,6 +48,7 @@ def draw_class_images(model, out_dir: str, cfg, resolution: int, model_folder: d
     if os.path.islink(folder):
         raise BadFile(f"{folder} is a symbolic link; altdiff-min does not write a run's files through links (remove it)")
     make_folder(folder, "class_images")
+    clean_partials(folder)  # a picture whose write a kill interrupted: drawn again below
     names = [f"{k:05d}.png" for k in range(cfg.class_images)]
     missing = [k for k, name in enumerate(names) if not os.path.isfile(os.path.join(folder, name))]
     made_in = environment(model.unet.conv_in.weight.device, model.unet.conv_in.weight.dtype)
@@ -93,11 +94,6 @@ class WithClasses:
 
     def describe(self) -> dict:
         return self.data.describe()
-
-    def __getattr__(self, name: str):  # skipped, report: the instance data's
-        if name in ("data", "classes"):
-            raise AttributeError(name)
-        return getattr(self.data, name)
 
 
 class _Shifted:
