@@ -21,18 +21,8 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
-from .arguments import (
-    Limits,
-    Shape,
-    check_arguments,
-    check_device,
-    check_dtype,
-    check_load_flags,
-    check_picture_arguments,
-    check_pictures_finite,
-    check_safety_request,
-    check_text_layer,
-)
+from .arguments import Limits, Shape, check_arguments, check_device, check_dtype, check_load_flags
+from .arguments import check_picture_arguments, check_pictures_finite, check_safety_request, check_text_layer
 from .errors import BadType, BadValue
 from .model.text_encoder import TextEncoder
 from .model.tokenizer import Tokenizer
@@ -42,7 +32,7 @@ from .research import speed
 from .research.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene
 from .sampling import img2img
 from .sampling.guidance import Rule, Scale, guidance_rule, guided_eps
-from .sampling.samplers import draw_noise, get_sampler
+from .sampling.samplers import draw_noise, get_sampler, model_eps
 from .sampling.schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, route
 from .storage import pictures
 from .storage.folder import DIFFUSION, read_folder, resolve, write_folder
@@ -133,7 +123,7 @@ class AltDiffusion:
                 out = callback(i, t, x, x0) if callback is not None else None
                 return x if out is None else out
 
-            eps = guided_eps(self.denoise, context, scale, guidance)
+            eps = model_eps(guided_eps(self.denoise, context, scale, guidance), ts, self.schedule)  # v → ε, once
             extra = {"warmup": blend.warmup} if blend is not None and route(sampler).warmup else {}
             with intervene(controllers):
                 return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta, generator=generator, callback=on_step, **extra)

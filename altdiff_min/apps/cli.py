@@ -138,7 +138,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="MODEL DATA OUT_DIR",
                    help="MODEL: the model folder to start from, 'toy' or one `altdiff-min convert` wrote; DATA: a "
                    "folder of images captioned in metadata.jsonl ({\"file_name\": …, \"text\": …} per line) or in "
-                   "NAME.txt beside each image, or 'toy' (the toy world's pictures); OUT_DIR: the run folder to write, "
+                   "NAME.txt beside each image, or 'toy' (the toy world's pictures), or several mixed by weight, "
+                   "SOURCE:WEIGHT,SOURCE:WEIGHT (e.g. new:3,toy:1; see docs/training.md); OUT_DIR: the run folder to write, "
                    "OUT_DIR/model is the result, for load() and --model. With --resume, OUT_DIR alone: the run's "
                    "model, data and settings come from OUT_DIR/run.json")
     add_config_arguments(p)  # one flag per TrainConfig setting, its default written there
@@ -178,7 +179,8 @@ def train(args) -> int:
             raise BadValue(f"--resume with OUT_DIR alone needs {os.path.join(out_dir, RUN)} (a run altdiff-min "
                            f"started); give MODEL DATA OUT_DIR")
         data = recorded.get("data") or {}
-        sources = [(recorded.get("model") or {}).get("path"), "toy" if data.get("kind") == "toy" else data.get("path")]
+        sources = [(recorded.get("model") or {}).get("path"),
+                   {"toy": "toy", "mixture": data.get("spec")}.get(data.get("kind"), data.get("path"))]
         if not all(isinstance(x, str) for x in sources):
             raise BadValue(f"{os.path.join(out_dir, RUN)} does not name the run's model and data; give MODEL DATA OUT_DIR")
     resolution = args.resolution

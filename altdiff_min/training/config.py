@@ -11,6 +11,7 @@ import torch
 
 from ..errors import BadValue
 from ..model.tokenizer import check_prompt
+from .objectives import PREDICTION
 
 TRAIN = ("unet", "text_encoder", "both", "embeddings", "vae")  # what trains; "vae" is the toy's first stage
 
@@ -47,6 +48,21 @@ class TrainConfig:
     uncond_prob: float = setting(0.1, "captions replaced by '' (for classifier-free guidance)")
     snr_gamma: float = setting(0.0, "weight each example's loss by min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; "
                                "5 is theirs and diffusers'); 0: unweighted", metavar="GAMMA")
+    prediction_type: str = setting("model", "what the UNet learns to predict: epsilon (the noise), v_prediction "
+                                   "(v = √ᾱ·ε − √(1−ᾱ)·x0, diffusers' get_velocity), or model: what the base model's "
+                                   "folder records (m9: epsilon); the result's folder records it and every sampler "
+                                   "reads it", choices=PREDICTION)
+    noise_offset: float = setting(0.0, "add X·n to each example's noise, n ~ N(0, 1) per channel and constant over "
+                                  "the picture (diffusers' --noise_offset, e.g. 0.1: darker darks, brighter lights); "
+                                  "0: none", metavar="X")
+    class_prompt: str = setting("", "DreamBooth prior preservation: the class's prompt (e.g. 'a ring'); with "
+                                "--class-images N, N pictures of it are drawn with the base model before training "
+                                "(OUT_DIR/class_images, kept for --resume) and every step adds their loss",
+                                metavar="TEXT")
+    class_images: int = setting(0, "how many class pictures (with --class-prompt); each step pairs every "
+                                "example with one", metavar="N")
+    class_steps: int = setting(50, "DDIM steps of each class picture (guidance 7.5, seed K for picture K)")
+    prior_weight: float = setting(1.0, "λ: loss = instance loss + λ · class-picture (prior) loss", metavar="LAMBDA")
     kl_weight: float = setting(1e-3, "train='vae' only: the KL term's weight", cli=False)
     seed: int = setting(0, "the data order and every random draw of the run")
     save_every: int = setting(500, "steps between checkpoints (and one at the end)")
@@ -64,20 +80,29 @@ class TrainConfig:
             raise BadValue(f"--train must be one of {', '.join(TRAIN[:4])}, got {self.train!r}")
         if self.mixed_precision not in PRECISION:
             raise BadValue(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps"):
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps", "class_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadValue(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup", "sample_every", "seed"):
+        for name in ("warmup", "sample_every", "seed", "class_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BadValue(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma", "noise_offset", "prior_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise BadValue(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
         if not 0 <= self.ema < 1 or not 0 <= self.uncond_prob < 1:
             raise BadValue(f"ema and uncond_prob must be in [0, 1), got {self.ema} and {self.uncond_prob}")
+        if self.prediction_type not in PREDICTION:
+            raise BadValue(f"--prediction-type must be one of {', '.join(PREDICTION)}, got {self.prediction_type!r}")
+        if not isinstance(self.class_prompt, str) or bool(self.class_prompt.strip()) != bool(self.class_images):
+            raise BadValue("DreamBooth's prior preservation needs both --class-prompt TEXT and --class-images N "
+                           f"(N >= 1), got {self.class_prompt!r} and {self.class_images!r}")
+        if self.class_images and self.train == "vae":
+            raise BadValue("--class-images: the prior loss is a diffusion loss; the VAE does not take it")
+        if self.class_prompt:
+            check_prompt(self.class_prompt)
         if self.sample_every and not self.sample_prompts:
             raise BadValue("--sample-every needs at least one --sample-prompt")
         for prompt in self.sample_prompts:
