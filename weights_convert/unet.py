@@ -37,9 +37,11 @@ TRANSFORMER_INSIDE: list[Rule] = [  # norm, proj_in, proj_out and the block's no
     (r"\.transformer_blocks\.0\.", ".block."),  # one transformer block per attention
     (r"\.block\.attn1\.", ".block.self_attn."),
     (r"\.block\.attn2\.", ".block.cross_attn."),
+    # before the feed-forward's rules: read backwards (export, rules.invert), `.out.` becomes the
+    # attention's to_out.0 only once the feed-forward's own `.ff.out.` has become ff.net.2
+    *ATTENTION_INSIDE,
     (r"\.ff\.net\.0\.proj\.", ".ff.proj."),
     (r"\.ff\.net\.2\.", ".ff.out."),
-    *ATTENTION_INSIDE,
 ]
 
 RULES: list[Rule] = PLACES + RES_INSIDE + TRANSFORMER_INSIDE
@@ -154,6 +156,19 @@ def config_from_hf(hf: Mapping) -> UNetConfig:
         eps=hf["norm_eps"],
         dropout=hf["dropout"],
     )
+
+
+def config_to_hf(cfg: UNetConfig, sample_size: int) -> dict:
+    """config_from_hf backwards: diffusers' unet/config.json for our config (sample_size: the latent
+    side, image size / 8; not m9's mistaken 32). The options left out take diffusers' defaults, SD v1's."""
+    attention = ["CrossAttn" if a else "" for a in cfg.attention]
+    return {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers,
+            "down_block_types": [f"{a}DownBlock2D" for a in attention],
+            "up_block_types": [f"{a}UpBlock2D" for a in reversed(attention)],
+            "attention_head_dim": cfg.heads,  # the number of heads: diffusers' naming mistake, see config_from_hf
+            "cross_attention_dim": cfg.context_dim, "norm_num_groups": cfg.groups, "norm_eps": cfg.eps,
+            "dropout": cfg.dropout, "sample_size": sample_size}
 
 
 def load(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> tuple[UNet, Report]:
