@@ -75,6 +75,20 @@ def config_from_hf(hf: Mapping) -> VAEConfig:
     )
 
 
+def config_to_hf(cfg: VAEConfig, sample_size: int) -> dict:
+    """config_from_hf backwards: diffusers' vae/config.json for our config (sample_size: the image size)."""
+    levels = len(cfg.channels)
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
+            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "scaling_factor": cfg.scaling_factor,
+            "act_fn": "silu", "sample_size": sample_size}
+
+
+# The current names only: LEGACY_ATTENTION reads diffusers < 0.14's, which export does not write.
+CURRENT_RULES: list[Rule] = [r for r in RULES if r not in LEGACY_ATTENTION]
+
+
 def load(state_dict: Mapping[str, torch.Tensor], cfg: VAEConfig) -> tuple[VAE, Report]:
     """A VAE holding the reference weights (loaded strictly), and the conversion report."""
     return load_model(lambda: VAE(cfg), state_dict, RULES, DROPS, "vae state dict")
