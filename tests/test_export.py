@@ -315,3 +315,17 @@ def test_weights_beyond_fp16_are_refused(model, tmp_path):
     with pytest.raises(BadValue, match="do not fit float16"):
         export(model, tmp_path / "half", dtype="fp16")
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_exports_follow_the_umask(small_model_dir, lora_file, tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = export(small_model_dir, tmp_path / "d")
+        files = [export(small_model_dir, tmp_path / "s.safetensors", to="single-file"),
+                 export(lora_file, tmp_path / "k.safetensors", to="kohya")]
+    finally:
+        os.umask(old)
+    for parent, dirs, names in os.walk(folder):
+        assert os.stat(parent).st_mode & 0o777 == 0o755
+        files += [os.path.join(parent, n) for n in names]
+    assert {os.stat(f).st_mode & 0o777 for f in files} == {0o644}

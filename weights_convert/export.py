@@ -40,6 +40,7 @@ from altdiff_min.storage.folder import (
     read_config,
     read_folder,
     recover,
+    resolve,
 )
 
 from . import ldm, schedule, text_encoder, unet, vae
@@ -77,7 +78,7 @@ def export(model: str, out: str, to: str = "diffusers", dtype: str = "fp32", for
         raise BadValue(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     if dtype not in DTYPES:
         raise BadValue(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out = os.path.abspath(os.fspath(out))
+    model, out = resolve(model), os.path.abspath(os.fspath(out))
     if to == "kohya":
         from .lora import save_kohya
 
@@ -182,11 +183,13 @@ def write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def write_weights(path: str, tensors: dict, metadata: dict) -> None:
+def write_weights(path: str, tensors: dict, metadata: dict, mode: int) -> None:
+    """safetensors' file, with the permissions the umask gives (`mode`; safetensors writes 0600)."""
     try:
         save_file(tensors, path, metadata={"format": "pt", **metadata})
     except SafetensorError as e:
         raise safetensors_os_error(e) from None
+    os.chmod(path, mode)
 
 
 def diffusers_configs(config: dict) -> dict[str, dict]:
@@ -203,12 +206,13 @@ def write_diffusers(out: str, config: dict, states: dict, tokenizer_file: str, m
     tmp = sibling(out, "partial")
     configs = diffusers_configs(config)
     try:
-        os.mkdir(tmp)
+        os.mkdir(tmp)  # 0777 less the umask, as any folder the user makes; its files as the umask makes them
+        mode = os.stat(tmp).st_mode & 0o666
         for name, (weights, rules) in DIFFUSERS.items():
             os.mkdir(os.path.join(tmp, name))
             names = rename_back(list(states[name]), rules, f"{name} state dict")
             write_json(os.path.join(tmp, name, "config.json"), configs[name])
-            write_weights(os.path.join(tmp, name, weights), {names[k]: v for k, v in states[name].items()}, {})
+            write_weights(os.path.join(tmp, name, weights), {names[k]: v for k, v in states[name].items()}, {}, mode)
         os.mkdir(os.path.join(tmp, "scheduler"))
         write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), configs["scheduler"])
         os.mkdir(os.path.join(tmp, "tokenizer"))
@@ -246,7 +250,8 @@ def single_file_tensors(config: dict, states: dict) -> dict[str, torch.Tensor]:
 def write_single_file(out: str, config: dict, states: dict, source: str) -> None:
     tensors = single_file_tensors(config, states)
     with atomic_file(out) as tmp:
-        write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, {MARK_METADATA: json.dumps({"source": source})})
+        write_weights(tmp, {k: v.contiguous() for k, v in tensors.items()}, {MARK_METADATA: json.dumps({"source": source})},
+                      os.stat(tmp).st_mode & 0o666)  # as atomic_file made it: the umask's
 
 
 def check_lora_destination(out: str, force: bool) -> None:

@@ -259,7 +259,7 @@ def save_kohya(path: str, out: str, force: bool = False) -> str:
     form (checked first, as generate --lora checks it: keys, both halves, finite values); returns out."""
     from altdiff_min.storage.files import locked
 
-    from .export import MARK_METADATA, check_lora_destination
+    from .export import MARK_METADATA, check_lora_destination, write_weights
 
     what = f"LoRA file {path}"
     out = os.path.abspath(out)
@@ -268,14 +268,11 @@ def save_kohya(path: str, out: str, force: bool = False) -> str:
     tensors = kohya_state_dict(*read_file(path), what)
     ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
     alphas = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
-    metadata = {"format": "pt", "ss_network_module": "networks.lora", MARK_METADATA: json.dumps({"source": os.path.abspath(path)}),
+    metadata = {"ss_network_module": "networks.lora", MARK_METADATA: json.dumps({"source": os.path.abspath(path)}),
                 **({"ss_network_dim": str(*ranks)} if len(ranks) == 1 else {}),
                 **({"ss_network_alpha": f"{next(iter(alphas)):g}"} if len(alphas) == 1 else {})}
     with locked(out):
         check_lora_destination(out, force)
         with atomic_file(out) as tmp:
-            try:
-                save_file(tensors, tmp, metadata=metadata)
-            except (SafetensorError, OSError) as e:
-                raise safetensors_os_error(e) from None
+            write_weights(tmp, tensors, metadata, os.stat(tmp).st_mode & 0o666)
     return out
