@@ -42,6 +42,27 @@ class Report:
         return "; ".join(lines)
 
 
+class Alias(tuple):
+    """A rule that reads another spelling only (an older diffusers', the prefix transformers 5 strips):
+    convert applies it like any rule, export (invert) never writes it."""
+
+
+class Nested:
+    """A replacement that renames the rest of the name by a module's own rules under `prefix`: one
+    module inside another (the safety checker's CLIP tower). Made by `nested`; invert reads it backwards."""
+
+    def __init__(self, prefix: str, rules: list[Rule]):
+        self.prefix, self.rules = prefix, rules
+
+    def __call__(self, m: re.Match) -> str:
+        return self.prefix + rename(m.group(1), self.rules)
+
+
+def nested(theirs: str, ours: str, rules: list[Rule]) -> Rule:
+    """Everything under the prefix `theirs`, renamed by `rules`, under the prefix `ours`."""
+    return (rf"^{re.escape(theirs)}(.*)$", Nested(ours, rules))
+
+
 def rename(name: str, rules: list[Rule]) -> str:
     for pattern, replacement in rules:
         name = re.sub(pattern, replacement, name, count=1)
@@ -136,8 +157,7 @@ def load_model(make: Callable[[], torch.nn.Module], source: Mapping[str, torch.T
 # literal text, `^`/`$` anchors and capture groups (each used once in the replacement) is a bijection
 # between what it matches and what it writes, so it inverts mechanically: the replacement becomes the
 # regex (its groups' sub-patterns put back), the regex the replacement; the list runs in reverse order.
-# Rules that read only old spellings (vae.LEGACY_ATTENTION) are left out: names are written as current
-# readers expect them.
+# Alias rules (other spellings read only) are left out: names are written as current readers expect them.
 _PIECE = re.compile(r"\\(.)|(\()|([A-Za-z0-9_\-]+)|(\^)|(\$)|(.)", re.DOTALL)
 
 
@@ -181,7 +201,13 @@ def invert(rules: list[Rule]) -> list[Rule]:
     """The rules backwards (ours → the reference's names), in reverse order; ValueError for a rule that is
     not plain text and groups (a callable replacement, a class outside a group, a group dropped)."""
     inverse: list[Rule] = []
-    for pattern, replacement in reversed(rules):
+    for pattern, replacement in (rule for rule in reversed(rules) if not isinstance(rule, Alias)):
+        if isinstance(replacement, Nested):
+            pieces, _, _ = _pattern_pieces(pattern)
+            if pieces[-1:] != [(".*",)] or not all(isinstance(p, str) for p in pieces[:-1]):
+                raise ValueError(f"rule {pattern!r}: a nested rule is `^prefix(.*)$`")
+            inverse.append(nested(replacement.prefix, "".join(pieces[:-1]), invert(replacement.rules)))
+            continue
         if callable(replacement):
             raise TypeError(f"rule {pattern!r} has a computed replacement: it does not invert mechanically")
         pieces, start, end = _pattern_pieces(pattern)
