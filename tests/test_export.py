@@ -91,6 +91,12 @@ def test_configs_come_back(small_model_dir):
     assert vae.config_from_hf(vae.config_to_hf(config["vae"], 64)) == config["vae"]
     for cfg in (config["schedule"], schedule.ScheduleConfig(set_alpha_to_one=None, timestep_spacing="trailing")):
         assert schedule.config_from_hf(schedule.config_to_hf(cfg)) == cfg
+    from altdiff_min.vision.tower import VisionConfig
+    from weights_convert import vision
+
+    for cfg in (VisionConfig(), VisionConfig(hidden=48, layers=2, heads=4, mlp=96, patch=8, image_size=64, project_dim=16)):
+        assert vision.safety_config_from_hf(vision.safety_config_to_hf(cfg)) == cfg
+        vision.check_preprocessor(vision.preprocessor_to_hf(cfg), cfg)  # raises if it asked for other preprocessing
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -290,7 +296,7 @@ def test_m9_names_backwards_are_diffusers_own():
         ours = {"unet": UNet(UNetConfig()).state_dict(), "vae": VAE(VAEConfig()).state_dict()}
         theirs = {"unet": UNet2DConditionModel.from_config(M9_UNET).state_dict(), "vae": AutoencoderKL.from_config(M9_VAE).state_dict()}
     for name, rules, ldm_rules in [("unet", unet.RULES, ldm.unet_rules(UNetConfig())),
-                                   ("vae", vae.CURRENT_RULES, ldm.vae_rules(VAEConfig()))]:
+                                   ("vae", vae.RULES, ldm.vae_rules(VAEConfig()))]:
         assert set(rename_back(list(ours[name]), rules, name).values()) == set(theirs[name])
         assert len(set(rename_back(list(ours[name]), ldm_rules, name).values())) == len(ours[name])
 
@@ -329,3 +335,19 @@ def test_exports_follow_the_umask(small_model_dir, lora_file, tmp_path):
         assert os.stat(parent).st_mode & 0o777 == 0o755
         files += [os.path.join(parent, n) for n in names]
     assert {os.stat(f).st_mode & 0o777 for f in files} == {0o644}
+
+
+def test_the_safety_checker_goes_along(checker_model_dir, checker_reference, tmp_path):
+    """A folder with a safety checker: safety_checker/ and feature_extractor/ as the hub has them, which
+    diffusers loads into the reference checker's tensors and convert --with-safety-checker reads back."""
+    out = export(checker_model_dir, tmp_path / "d")
+    assert {"safety_checker", "feature_extractor"} <= set(os.listdir(out))
+    pipe = from_pretrained(out)
+    got, want = pipe.safety_checker.state_dict(), checker_reference.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert pipe.feature_extractor.crop_size == {"height": 64, "width": 64}
+    convert(out, tmp_path / "back", safety_checker=True)
+    a, b = load_file(os.path.join(checker_model_dir, "model.safetensors")), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    single = load_file(export(checker_model_dir, tmp_path / "s.safetensors", to="single-file"))
+    assert not any("concept" in k or "visual_projection" in k for k in single)  # not part of an ldm file

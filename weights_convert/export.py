@@ -43,7 +43,7 @@ from altdiff_min.storage.folder import (
     resolve,
 )
 
-from . import ldm, schedule, text_encoder, unet, vae
+from . import ldm, schedule, text_encoder, unet, vae, vision
 from .rules import rename_back
 
 TARGETS = ("diffusers", "single-file", "kohya")
@@ -54,8 +54,11 @@ MARK_METADATA = "altdiff_min_export"  # the single file's metadata key
 DIFFUSERS = {
     "text_encoder": ("model.safetensors", text_encoder.RULES),
     "unet": ("diffusion_pytorch_model.safetensors", unet.RULES),
-    "vae": ("diffusion_pytorch_model.safetensors", vae.CURRENT_RULES),
+    "vae": ("diffusion_pytorch_model.safetensors", vae.RULES),
+    "safety_checker": ("model.safetensors", vision.SAFETY_RULES),  # where the folder has one
 }
+CHECKER = {"safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+           "feature_extractor": ["transformers", "CLIPImageProcessor"], "requires_safety_checker": True}
 # model_index.json: [library, class] per component. The text encoder's class is in no library diffusers
 # resolves since the pipeline moved to pipelines/deprecated/ (neither the hub's ["alt_diffusion", …] nor
 # what save_pretrained writes loads in diffusers 0.42): it is named under "deprecated", which diffusers
@@ -68,7 +71,7 @@ MODEL_INDEX = {"_class_name": "AltDiffusionPipeline", "_diffusers_version": "0.4
                "text_encoder": ["deprecated", "RobertaSeriesModelWithTransformation"],
                "tokenizer": ["transformers", "XLMRobertaTokenizer"],
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-WRITTEN = {"model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"}  # what OUT/ may hold
+WRITTEN = {"model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae", *CHECKER}  # what OUT/ may hold
 
 
 def export(model: str, out: str, to: str = "diffusers", dtype: str = "fp32", force: bool = False) -> str:
@@ -86,8 +89,6 @@ def export(model: str, out: str, to: str = "diffusers", dtype: str = "fp32", for
     if os.path.isfile(model) and model.endswith(".safetensors"):
         raise BadValue(f"{model} is a file: export takes a model folder (a LoRA file goes --to kohya)")
     config = read_config(model)  # a one-line BadFile/Missing for anything but an AltDiffusion model folder
-    if "safety_checker" in config["modules"]:
-        raise BadValue(f"{model} holds a safety checker, which export does not write yet: export a copy without it")
     if to == "single-file":
         check_single_file(config, out)
     make_folder(os.path.dirname(out), f"cannot write {out}")
@@ -97,7 +98,8 @@ def export(model: str, out: str, to: str = "diffusers", dtype: str = "fp32", for
         else:
             clean_partials(os.path.dirname(out))
         check_destination(out, to, force)
-        config, tokenizer, modules = read_folder(model, DIFFUSION, torch.device("cpu"), None, DIFFUSION)
+        names = tuple(config["modules"]) if to == "diffusers" else DIFFUSION  # an ldm file holds no safety checker
+        config, tokenizer, modules = read_folder(model, DIFFUSION, torch.device("cpu"), None, names)
         states = cast({name: m.state_dict() for name, m in modules.items()}, DTYPES[dtype])
         source = os.path.abspath(model)
         if to == "diffusers":
@@ -196,9 +198,13 @@ def diffusers_configs(config: dict) -> dict[str, dict]:
     """Each module's config.json (and the scheduler's) in diffusers' and transformers' terms."""
     image = config.get("image_size", 512)
     latent = image // 2 ** (len(config["vae"].channels) - 1)
-    return {"text_encoder": text_encoder.config_to_hf(config["text_encoder"]),
-            "unet": unet.config_to_hf(config["unet"], latent), "vae": vae.config_to_hf(config["vae"], image),
-            "scheduler": schedule.config_to_hf(config["schedule"], prediction_type(config))}
+    configs = {"text_encoder": text_encoder.config_to_hf(config["text_encoder"]),
+               "unet": unet.config_to_hf(config["unet"], latent), "vae": vae.config_to_hf(config["vae"], image),
+               "scheduler": schedule.config_to_hf(config["schedule"], prediction_type(config))}
+    if "safety_checker" in config["modules"]:
+        configs["safety_checker"] = vision.safety_config_to_hf(config["safety_checker"])
+        configs["feature_extractor"] = vision.preprocessor_to_hf(config["safety_checker"])
+    return configs
 
 
 def write_diffusers(out: str, config: dict, states: dict, tokenizer_file: str, max_length: int, source: str) -> None:
@@ -208,7 +214,7 @@ def write_diffusers(out: str, config: dict, states: dict, tokenizer_file: str, m
     try:
         os.mkdir(tmp)  # 0777 less the umask, as any folder the user makes; its files as the umask makes them
         mode = os.stat(tmp).st_mode & 0o666
-        for name, (weights, rules) in DIFFUSERS.items():
+        for name, (weights, rules) in ((n, d) for n, d in DIFFUSERS.items() if n in states):
             os.mkdir(os.path.join(tmp, name))
             names = rename_back(list(states[name]), rules, f"{name} state dict")
             write_json(os.path.join(tmp, name, "config.json"), configs[name])
@@ -223,7 +229,12 @@ def write_diffusers(out: str, config: dict, states: dict, tokenizer_file: str, m
         write_json(os.path.join(tmp, "tokenizer", "special_tokens_map.json"),
                    {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
                     "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"})
-        write_json(os.path.join(tmp, "model_index.json"), {**MODEL_INDEX, MARK: {"source": source}})
+        checker = "safety_checker" in states
+        if checker:
+            os.mkdir(os.path.join(tmp, "feature_extractor"))
+            write_json(os.path.join(tmp, "feature_extractor", "preprocessor_config.json"), configs["feature_extractor"])
+        write_json(os.path.join(tmp, "model_index.json"),
+                   {**MODEL_INDEX, **(CHECKER if checker else {}), MARK: {"source": source}})
         for parent, _, files in os.walk(tmp, topdown=False):
             for f in files:
                 fsync_path(os.path.join(parent, f))
