@@ -283,7 +283,7 @@ def test_kohya_export_refusals(lora_file, tmp_path):
 
 def test_m9_names_backwards_are_diffusers_own():
     """At m9's size (on the meta device): every UNet and VAE name export writes is one diffusers' own
-    modules have, and the ldm names are what diffusers' ldm conversion reads back into them."""
+    modules have, and diffusers' ldm conversion reads the ldm names export writes into all of them."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from helpers import M9_UNET, M9_VAE
 
@@ -295,10 +295,20 @@ def test_m9_names_backwards_are_diffusers_own():
     with torch.device("meta"):
         ours = {"unet": UNet(UNetConfig()).state_dict(), "vae": VAE(VAEConfig()).state_dict()}
         theirs = {"unet": UNet2DConditionModel.from_config(M9_UNET).state_dict(), "vae": AutoencoderKL.from_config(M9_VAE).state_dict()}
-    for name, rules, ldm_rules in [("unet", unet.RULES, ldm.unet_rules(UNetConfig())),
-                                   ("vae", vae.RULES, ldm.vae_rules(VAEConfig()))]:
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    configs = {"unet": M9_UNET, "vae": M9_VAE}
+    for name, rules, ldm_rules, recover in [
+            ("unet", unet.RULES, ldm.unet_rules(UNetConfig()), convert_ldm_unet_checkpoint),
+            ("vae", vae.RULES, ldm.vae_rules(VAEConfig()), convert_ldm_vae_checkpoint)]:
         assert set(rename_back(list(ours[name]), rules, name).values()) == set(theirs[name])
-        assert len(set(rename_back(list(ours[name]), ldm_rules, name).values())) == len(ours[name])
+        prefix = ldm.PREFIXES[name]
+        names = rename_back(list(ours[name]), ldm_rules, name)
+        single = {prefix + names[k]: ldm.as_conv(names[k], v) if name == "vae" else v for k, v in ours[name].items()}
+        assert set(recover(single, configs[name])) == set(theirs[name])
 
 
 @pytest.mark.parametrize("rule,error", [
