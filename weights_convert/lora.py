@@ -287,3 +287,54 @@ def save_lora(model: nn.Module, folder: str, name: str = FILE) -> str:
         except (SafetensorError, OSError) as e:
             raise safetensors_os_error(e) from None
     return path
+
+
+# ---- writing the kohya / web-UI form (export --to kohya) ----------------------------------------------------
+KOHYA_PARTS = {"A": "lora_down.weight", "B": "lora_up.weight"}
+
+
+def kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> dict[str, torch.Tensor]:
+    """A diffusers/peft LoRA file's tensors as kohya names them: the diffusers module path with `_` for
+    `.` after `lora_unet_`, lora_down/lora_up, and each layer's alpha as a scalar (the alpha
+    diffusers would use: peft's alpha_pattern, lora_alpha, else the most common rank)."""
+    default_alpha, pattern = alphas_from_metadata(metadata, what)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        kind, path, part = split(key, what)
+        if kind == "kohya":
+            raise BadFile(f"{what} is in the kohya form already ({key})")
+        layers.setdefault(path, {})[part] = tensor
+    ranks = Counter(parts["A"].shape[0] for parts in layers.values() if "A" in parts)
+    out = {}
+    for path, parts in layers.items():
+        if set(parts) != {"A", "B"}:
+            raise BadFile(f"{what}: the layer {path} has {' and '.join(sorted(parts))} but not both down (A) and up (B)")
+        alpha = next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", path)), default_alpha)
+        name = "lora_unet_" + path.replace(".", "_")
+        out.update({f"{name}.{KOHYA_PARTS[p]}": parts[p].contiguous() for p in "AB"})
+        out[f"{name}.alpha"] = torch.tensor(float(ranks.most_common(1)[0][0] if alpha is None else alpha))
+    return out
+
+
+def save_kohya(path: str, out: str, force: bool = False) -> str:
+    """`export LORA_FILE OUT --to kohya`: the diffusers/peft LoRA file `path` written to `out` in the kohya
+    form (checked first, as generate --lora checks it: keys, both halves, finite values); returns out."""
+    from altdiff_min.storage.files import locked
+
+    from .export import MARK_METADATA, check_lora_destination, write_weights
+
+    what = f"LoRA file {path}"
+    out = os.path.abspath(out)
+    check_lora_destination(out, force)
+    check_file(path)
+    tensors = kohya_state_dict(*read_file(path), what)
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    alphas = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
+    metadata = {"ss_network_module": "networks.lora", MARK_METADATA: json.dumps({"source": os.path.abspath(path)}),
+                **({"ss_network_dim": str(*ranks)} if len(ranks) == 1 else {}),
+                **({"ss_network_alpha": f"{next(iter(alphas)):g}"} if len(alphas) == 1 else {})}
+    with locked(out):
+        check_lora_destination(out, force)
+        with atomic_file(out) as tmp:
+            write_weights(tmp, tensors, metadata, os.stat(tmp).st_mode & 0o666)
+    return out

@@ -30,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--with-safety-checker", action="store_true", help="also convert the diffusers folder's "
                          "safety_checker/ (1.1 GB from the hub; generate then checks every picture by default)")
 
+    export = commands.add_parser("export", help="a model folder → the diffusers layout or a web-UI single file; a "
+                                 "LoRA file → the kohya form")
+    export.add_argument("model", help="a model folder (for --to kohya: a diffusers/peft LoRA .safetensors file)")
+    export.add_argument("out", help="the diffusers folder, or the .safetensors file, to write")
+    export.add_argument("--to", required=True, help="diffusers (AltDiffusionPipeline.from_pretrained), single-file (the "
+                        "ldm layout of the web UIs and FlagAI), or kohya (a LoRA file for the web UIs)")
+    export.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16 (default: fp32)")
+    export.add_argument("--force", action="store_true", help="replace OUT if altdiff-min export wrote it")
+
     gen = commands.add_parser("generate", help="text to image, as FlagAI's predict_generate_images")
     gen.add_argument("prompt", nargs="?", help="the prompt (or --from-file)")
     gen.add_argument("--negative-prompt", default="")
@@ -218,6 +227,11 @@ def run(args) -> int:
         from .generate import generate
 
         return generate(args)
+    if args.command == "export":
+        from weights_convert.export import export
+
+        print(f"wrote {export(args.model, args.out, to=args.to, dtype=args.dtype, force=args.force)}")
+        return 0
     if args.command == "demo":
         from .demo import run as run_demo
 
