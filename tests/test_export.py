@@ -153,6 +153,22 @@ def test_single_file_refuses_what_it_cannot_record(model, tmp_path):
     assert os.listdir(tmp_path) == ["model"]
 
 
+def test_a_v_prediction_model_exports_its_prediction_type(model, tmp_path):
+    """The diffusers scheduler config says v_prediction (diffusers' pipeline then reads the UNet as v);
+    a single file cannot say it, so it is refused rather than silently read as ε."""
+    config = json.loads((model / "config.json").read_text())
+    config["schedule"]["prediction_type"] = "v_prediction"
+    (model / "config.json").write_text(json.dumps(config))
+    out = export(model, tmp_path / "v", to="diffusers")
+    assert json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \
+        "v_prediction"
+    convert(str(out), str(tmp_path / "back"))
+    assert read_config(str(tmp_path / "back"))["schedule"].prediction_type == "v_prediction"
+    with pytest.raises(BadValue, match="v_prediction"):
+        export(model, tmp_path / "v.safetensors", to="single-file")
+    assert sorted(os.listdir(tmp_path)) == ["back", "model", "v"]
+
+
 # ---- refusals and --force --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,error,message", [

@@ -110,8 +110,8 @@ def export(model: str, out: str, to: str = "diffusers", dtype: str = "fp32", for
 
 
 def prediction_type(config: dict) -> str:
-    """What the UNet predicts, as the folder records it (epsilon where it says nothing)."""
-    return getattr(config["schedule"], "prediction_type", None) or config.get("prediction_type") or "epsilon"
+    """What the UNet predicts, as the folder's schedule records it (ScheduleConfig: epsilon where it says nothing)."""
+    return config["schedule"].prediction_type
 
 
 def check_single_file(config: dict, out: str) -> None:
@@ -200,7 +200,7 @@ def diffusers_configs(config: dict) -> dict[str, dict]:
     latent = image // 2 ** (len(config["vae"].channels) - 1)
     configs = {"text_encoder": text_encoder.config_to_hf(config["text_encoder"]),
                "unet": unet.config_to_hf(config["unet"], latent), "vae": vae.config_to_hf(config["vae"], image),
-               "scheduler": schedule.config_to_hf(config["schedule"], prediction_type(config))}
+               "scheduler": schedule.config_to_hf(config["schedule"])}
     if "safety_checker" in config["modules"]:
         configs["safety_checker"] = vision.safety_config_to_hf(config["safety_checker"])
         configs["feature_extractor"] = vision.preprocessor_to_hf(config["safety_checker"])

@@ -97,10 +97,10 @@ def config_from_hf(hf: Mapping, name: str = "scheduler_config.json") -> Schedule
         raise ConversionError(f"{name}: {e}") from None
 
 
-def config_to_hf(cfg: ScheduleConfig, prediction_type: str = "epsilon") -> dict:
+def config_to_hf(cfg: ScheduleConfig) -> dict:
     """config_from_hf backwards: scheduler/scheduler_config.json for our schedule, as m9's DDIMScheduler
     (the options AltDiffusion's samplers implement stated, so that from_config into another class keeps
     them; a None of ours is diffusers' per-class default, so it is left unstated)."""
     options = {k: getattr(cfg, k) for k in CARRIED if getattr(cfg, k) is not None}
     fixed = {k: IMPLEMENTED[k] for k in ("beta_schedule", "clip_sample", "trained_betas", "thresholding")}
-    return {"_class_name": "DDIMScheduler", **options, **fixed, "prediction_type": prediction_type}
+    return {"_class_name": "DDIMScheduler", **options, **fixed}  # prediction_type: CARRIED
