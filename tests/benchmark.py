@@ -16,13 +16,20 @@ loss by hand on its UNet2DConditionModel):
   train step (s) · train peak memory (MiB), load and two steps included;
   on cuda also: train step with gradient checkpointing (s) and its peak memory · largest train batch
   (doubled from 1 until torch.cuda.OutOfMemoryError; here a ratio > 1 means we fit more).
+LoRA rows (--lora R, default 4; diffusers' SD recipe: to_q/to_k/to_v/to_out.0 of every attention, alpha = R,
+the same batch, loss and AdamW(lr=1e-4) on the LoRA alone): ours (training/lora.attach, as `train --lora`)
+against diffusers' UNet2DConditionModel + peft (`add_adapter(LoraConfig)`, as its train_text_to_image_lora.py),
+and full fine-tuning of the same UNet on both sides: step time (`interleaved`, in this process) and the
+peak memory the training adds to the loaded UNet (a child per side; the peak is reset, /proc/self/clear_refs,
+once the UNet is built: imports and loading are not counted). --lora-unet mid (the default on the CPU: m9's architecture at channels 64/128/256/256) or m9.
 A training step holds ~15 GB on the CPU in fp32 (weights, grads, AdamW's two moments), so the two sides
 cannot share a 24 GB machine: the training rows run in child processes, ours, diffusers, ours, … (--runs
 each), each timing its own steps after a warm-up step (which allocates AdamW's state) and reporting its peak.
 On a 2-core CPU use a reduced --size (the default there is 256 px); the output states it.
 
     python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp32 bf16] [--compile [both]] [--json out.json]
-                              [--train-only | --no-train]     (on cuda, --dtype bf16 for the training rows)
+                              [--train-only | --no-train | --lora-only] [--lora R] [--lora-unet mid|m9]
+                              (on cuda, --dtype bf16 for the training rows)
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "黑暗精灵公主，非常详细，幻想，数字绘画，概念艺术"
 TIMED_TRAIN_STEPS = {"cpu": 1, "cuda": 10}  # per child, after its warm-up step: a GPU step is short and noisy
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' SD recipe (train_text_to_image_lora.py)
+MID_UNET = {"block_out_channels": [64, 128, 256, 256]}  # m9's architecture (helpers.M9_UNET), narrower
 
 
 def ratio(a: float, b: float) -> float:
@@ -273,6 +282,139 @@ def train_step_fn(which: str, folder: str, device: str, amp: torch.dtype, checkp
     return step
 
 
+def lora_unet_folder(folder: str, which_unet: str) -> str:
+    """The diffusers UNet folder the LoRA rows train: build()'s m9 UNet, or the mid-size one (built here)."""
+    if which_unet == "m9":
+        return os.path.join(folder, "diffusers", "unet")
+    path = os.path.join(folder, "mid-unet")
+    if not os.path.isdir(path):
+        from diffusers import UNet2DConditionModel
+        from helpers import M9_UNET
+
+        torch.manual_seed(0)
+        UNet2DConditionModel.from_config({**M9_UNET, **MID_UNET}).save_pretrained(path)
+    return path
+
+
+def lora_step_fn(which: str, path: str, device: str, amp: torch.dtype, r: int):
+    """step(context, latents, noise, t): one training step of one side's UNet (diffusers' folder `path`,
+    ours converted from it), of its LoRA of rank r (all weights where r is 0)."""
+    import torch.nn.functional as F
+
+    from altdiff_min.sampling.schedule import add_noise
+    from altdiff_min.training.train import diffusion_loss, generator, trainable
+
+    if which == "ours":
+        from safetensors.torch import load_file
+
+        from altdiff_min.training import lora
+        from altdiff_min.training.config import TrainConfig
+        from weights_convert import unet as unet_rules
+
+        with open(os.path.join(path, "config.json")) as f:
+            config = unet_rules.config_from_hf(json.load(f))
+        unet, _ = unet_rules.load(load_file(os.path.join(path, "diffusion_pytorch_model.safetensors")), config)
+        unet = unet.to(device)
+        if r:
+            params = lora.attach(unet, TrainConfig(lora=r), lambda k: generator(0, 2, k))  # as `train --lora r`
+        else:
+            trainable(unet)
+            params = list(unet.parameters())
+        loss_fn = lambda c, x0, eps, t: diffusion_loss(unet, c, x0, eps, t)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(path).to(device)
+        if r:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            unet.train()
+            params = [p for p in unet.parameters() if p.requires_grad]
+        else:
+            unet.train().requires_grad_(True)
+            params = list(unet.parameters())
+        loss_fn = lambda c, x0, eps, t: F.mse_loss(
+            unet(add_noise(x0, eps, t), t, encoder_hidden_states=c).sample.float(), eps.float())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)
+
+    def step(*batch) -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=amp, enabled=amp != torch.float32):
+            loss = loss_fn(*batch)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step, sum(p.numel() for p in params)
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def reset_peak(device: str) -> float:
+    """Start counting the peak afresh (CPU: clear_refs 5 resets VmHWM); returns the memory held now (MiB)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return resident_mib()
+
+
+def lora_probe(args) -> dict:
+    """Child process, modes lora / lora-full: one side's UNet, its LoRA (or every weight) trained for two
+    steps (AdamW allocates its state on the first); the memory that adds to the loaded UNet."""
+    device = args.device
+    with torch.enable_grad():
+        step, trained = lora_step_fn(args.probe, lora_unet_folder(args.folder, args.lora_unet), device,
+                                     DTYPES[args.dtype], args.lora if args.mode == "lora" else 0)
+        batch = train_inputs(2, args.size, device)
+        held = reset_peak(device)  # the UNet (and the imports) are held; what the training adds is measured
+        step(*batch)
+        step(*batch)
+    return {"added_mib": peak_mib(device) - held, "trained": trained}
+
+
+def lora_training(args) -> dict:
+    """The LoRA rows and full fine-tuning of the same UNet: the four step times (ours and diffusers', LoRA
+    and full) interleaved in this process, so that a busy machine slows them alike (the four UNets fit
+    beside each other), and the memory each adds, in its own child."""
+    label = {"mid": "mid UNet", "m9": "m9 UNet"}[args.lora_unet]
+    print(f"LoRA rows: r={args.lora} on the {label}, {args.size} px, ours / diffusers+peft / LoRA / full interleaved, "
+          f"{args.runs} rounds …", flush=True)
+    device, path = args.device, lora_unet_folder(args.folder, args.lora_unet)
+    modes = {"lora": (f"LoRA r={args.lora}", args.lora), "lora-full": ("full", 0)}
+    fns, trained = {}, {}
+    with torch.enable_grad():
+        batch = train_inputs(2, args.size, device)
+        for mode, (_, r) in modes.items():
+            for which in ("ours", "diffusers"):
+                step, trained[mode, which] = lora_step_fn(which, path, device, DTYPES[args.dtype], r)
+                fns[mode, which] = lambda step=step: step(*batch)
+            if trained[mode, "ours"] != trained[mode, "diffusers"]:  # the same targets: the same numbers trained
+                sys.exit(f"{mode}: ours trains {trained[mode, 'ours']:,} numbers, diffusers {trained[mode, 'diffusers']:,}")
+        times = interleaved_many(fns, args.runs, device)
+    rows, found = {}, {}
+    for mode, (name, _) in modes.items():
+        step = Timing((statistics.median(times[mode, "ours"]), statistics.median(times[mode, "diffusers"])))
+        step.pairs = list(zip(times[mode, "ours"], times[mode, "diffusers"]))
+        added = tuple(run_probe(args, w, mode)["added_mib"] for w in ("ours", "diffusers"))
+        found[mode] = {"step": step, "added": added}
+        rows[f"{name} train step, {label} (s)"] = step
+        rows[f"{name} train, memory added (MiB)"] = added
+    lora, full = found["lora"], found["lora-full"]
+    print(f"trained numbers: LoRA {trained['lora', 'ours']:,}, full {trained['lora-full', 'ours']:,}. LoRA / full: "
+          f"step time {lora['step'][0] / full['step'][0]:.2f} (ours), {lora['step'][1] / full['step'][1]:.2f} "
+          f"(diffusers); memory added {lora['added'][0] / full['added'][0]:.2f} (ours), "
+          f"{lora['added'][1] / full['added'][1]:.2f} (diffusers)", flush=True)
+    return rows
+
+
 def largest_batch(step, args, limit: int = 4096) -> int:
     """The largest batch, doubling from 1, whose training step fits in GPU memory (0: not even 1)."""
     fit, batch = 0, 1
@@ -311,6 +453,9 @@ def peak_mib(device: str) -> float:
 def probe(args) -> None:
     """Child process: load one implementation and make one image (mode image) or train its UNet
     (train_probe); print one JSON line with its peak memory in MiB and what the mode measured."""
+    if args.mode in ("lora", "lora-full"):
+        print(json.dumps(lora_probe(args)))
+        return
     if args.mode == "image":
         model = (load_ours if args.probe == "ours" else load_diffusers)(args.folder, args.device, DTYPES[args.dtype])
         with torch.no_grad():
@@ -323,7 +468,8 @@ def probe(args) -> None:
 
 def run_probe(args, which: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--probe", which, "--mode", mode, "--folder", args.folder, "--size", str(args.size),
-           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype, "--lora", str(args.lora),
+           "--lora-unet", args.lora_unet]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:  # -9: most likely the kernel's OOM killer
         sys.exit(f"probe {which} ({mode}) exited with {done.returncode}:\n{done.stderr[-3000:]}")
@@ -421,13 +567,19 @@ def main() -> None:
     p.add_argument("--json", default="benchmark.json")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--train-only", action="store_true", help="only the training rows")
-    which.add_argument("--no-train", action="store_true", help="skip the training rows")
+    which.add_argument("--no-train", action="store_true", help="skip the training rows (the LoRA rows too)")
+    which.add_argument("--lora-only", action="store_true", help="only the LoRA rows (no m9 built for --lora-unet mid)")
+    p.add_argument("--lora", type=int, default=4, help="the LoRA rows' rank (default 4)")
+    p.add_argument("--lora-unet", choices=["mid", "m9"], default=None,
+                   help="the UNet the LoRA rows train (default: mid on the CPU, m9 on cuda)")
     p.add_argument("--probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=["image", "train", "checkpointing", "batch"], default="image", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["image", "train", "checkpointing", "batch", "lora", "lora-full"], default="image",
+                   help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.size = args.size or (512 if args.device == "cuda" else 256)
     args.steps = args.steps or (25 if args.device == "cuda" else 4)
+    args.lora_unet = args.lora_unet or ("m9" if args.device == "cuda" else "mid")
     dtypes, args.dtype = args.dtype, args.dtype[0]
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     if args.probe:
@@ -435,16 +587,19 @@ def main() -> None:
     results, unet_speed = [], {}  # results: (row, dtype, compile, (ours, diffusers) or a Timing)
     with tempfile.TemporaryDirectory() as folder:
         args.folder = folder
-        print(f"building the random m9 in both layouts under {folder} …", flush=True)
-        build(folder)
-        for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not args.train_only else []:
+        if not (args.lora_only and args.lora_unet == "mid"):
+            print(f"building the random m9 in both layouts under {folder} …", flush=True)
+            build(folder)
+        for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not (args.train_only or args.lora_only) else []:
             print(f"inference rows: {dtype}, {'compiled' if compiled else 'eager'} …", flush=True)
             rows, unet_speed[f"{dtype} {'compiled' if compiled else 'eager'}"] = inference(
                 argparse.Namespace(**{**vars(args), "dtype": dtype, "compile": compiled}))
             results += [(name, dtype, "yes" if compiled else "no", row) for name, row in rows.items()]
             write_json(results, unet_speed, args)  # so far: what survives a run stopped at a time limit
-        if not args.no_train:
+        if not (args.no_train or args.lora_only):
             results += [(name, args.dtype, "-", row) for name, row in training(args).items()]
+        if not args.no_train:
+            results += [(name, args.dtype, "-", row) for name, row in lora_training(args).items()]
     report(results, unet_speed, args)
 
 

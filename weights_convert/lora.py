@@ -43,6 +43,7 @@ from .unet import RULES, TO_DIFFUSERS
 
 FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+RECORD_KEY = "altdiff_min"  # what made the file (save_lora's record), as JSON
 PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora.down.weight": "A", "lora.up.weight": "B",
          "lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
 TEXT_TOWER = "adapts CLIP's text tower, which m9 does not have (its text encoder is XLM-R); only UNet LoRAs load"
@@ -272,9 +273,10 @@ def diffusers_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, {f"unet.{k}": v for k, v in config.items()}
 
 
-def save_lora(model: nn.Module, folder: str, name: str = FILE) -> str:
+def save_lora(model: nn.Module, folder: str, name: str = FILE, record: dict | None = None) -> str:
     """Write the model's LoRA into folder/name (atomically) in diffusers' format, loadable with
-    diffusers' `load_lora_weights`; returns the file's path."""
+    diffusers' `load_lora_weights`; returns the file's path. record: what made it (a training run's
+    base model, data and settings), kept as JSON under the metadata key RECORD_KEY (readers ignore it)."""
     tensors, config = diffusers_state_dict(model)
     if not all(math.isfinite(t.float().abs().max().item()) for t in tensors.values()):
         raise BadFile("the model's LoRA weights hold NaN or infinite values; nothing written")
@@ -283,7 +285,8 @@ def save_lora(model: nn.Module, folder: str, name: str = FILE) -> str:
     with atomic_file(path) as tmp:
         try:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
-                      metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)})
+                      metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True),
+                                **({RECORD_KEY: json.dumps(record, ensure_ascii=False)} if record else {})})
         except (SafetensorError, OSError) as e:
             raise safetensors_os_error(e) from None
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from ..errors import BadValue
 from ..model.tokenizer import check_prompt
 from .objectives import PREDICTION
+from ..research.lora import DEFAULT_TARGETS
 
 TRAIN = ("unet", "text_encoder", "both", "embeddings", "vae")  # what trains; "vae" is the toy's first stage
 
@@ -74,6 +76,15 @@ class TrainConfig:
                                           "for more); the captions must hold it", flag="--new-token", metavar="TOKEN")
     init_words: tuple[str, ...] = setting((), "--train embeddings: the word (one token) whose row each new token starts "
                                           "from: one for all, or one per --new-token", flag="--init-word", metavar="WORD")
+    lora: int = setting(0, "train a LoRA of rank R on the UNet (Hu et al. 2021) instead of its weights: the base stays "
+                        "frozen, the optimizer holds only the LoRA, the result is OUT_DIR/lora/"
+                        "pytorch_lora_weights.safetensors (diffusers/peft format); 0: train every weight", metavar="R")
+    lora_alpha: float = setting(0.0, "the LoRA's alpha: its update is scaled by alpha/R (0: alpha = R, diffusers' "
+                                "default)", metavar="A")
+    lora_targets: tuple[str, ...] = setting(DEFAULT_TARGETS, "regexes matched against the tail of the UNet's layer "
+                                            "names (as peft's target_modules); the default: every attention's q, k, "
+                                            "v, out, diffusers' SD recipe (to_q/to_k/to_v/to_out.0)",
+                                            metavar="PATTERN", nargs="+")
 
     def __post_init__(self):
         if self.train not in TRAIN:
@@ -84,11 +95,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadValue(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup", "sample_every", "seed", "class_images"):
+        for name in ("warmup", "sample_every", "seed", "class_images", "lora"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BadValue(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma", "noise_offset", "prior_weight"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma", "noise_offset", "prior_weight",
+                     "lora_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise BadValue(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
@@ -110,10 +122,29 @@ class TrainConfig:
                 raise BadValue(f"sample_prompts must be strings, got {prompt!r}")
             check_prompt(prompt)
         check_words_setting(self)
+        self.check_lora()
+
+    def check_lora(self) -> None:
+        if not self.lora:
+            if self.lora_alpha or self.lora_targets != DEFAULT_TARGETS:
+                raise BadValue("--lora-alpha and --lora-targets shape a LoRA: give --lora R too")
+            return
+        if self.train not in ("unet", "embeddings"):
+            raise BadValue(f"--lora trains a LoRA on the UNet: with --train unet, or --train embeddings (new words "
+                           f"and a LoRA together), not {self.train} (the text encoder trains whole or not at all)")
+        if not self.lora_targets or not all(isinstance(p, str) and p for p in self.lora_targets):
+            raise BadValue(f"--lora-targets must be non-empty patterns, got {self.lora_targets!r}")
+        for pattern in self.lora_targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise BadValue(f"--lora-targets {pattern!r} is not a regular expression: {e}") from None
 
     @property
     def modules(self) -> tuple[str, ...]:
-        return {"both": ("text_encoder", "unet"), "embeddings": ("text_encoder",)}.get(self.train, (self.train,))
+        """The modules that train (in part: embeddings, the text encoder's new rows; with lora, the UNet's LoRA)."""
+        modules = {"both": ("text_encoder", "unet"), "embeddings": ("text_encoder",)}.get(self.train, (self.train,))
+        return modules + ("unet",) if self.lora and "unet" not in modules else modules
 
     def global_batch(self, processes: int) -> int:
         """Examples per optimizer step: batch_size × processes × grad_accum."""
@@ -160,10 +191,16 @@ def add_config_arguments(p) -> None:
         options = dict(dest=f.name, default=None, help=f"{help} (default: {shown if shown != '' else 'none'})", **meta)
         if isinstance(f.default, bool):
             p.add_argument(name, action=argparse.BooleanOptionalAction, **options)
-        elif isinstance(f.default, tuple):
-            p.add_argument(name, action="append", **options)
+        elif isinstance(f.default, tuple):  # --flag A --flag B, or (nargs) --flag A B
+            p.add_argument(name, action="extend" if "nargs" in meta else "append", **options)
         else:
             p.add_argument(name, type=type(f.default), **options)
+
+
+def recorded_settings(recorded: dict) -> dict:
+    """run.json's "config" as TrainConfig's values (JSON keeps a tuple as a list)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in names}
 
 
 def config_from_flags(args, recorded: dict | None = None) -> TrainConfig:
@@ -171,11 +208,10 @@ def config_from_flags(args, recorded: dict | None = None) -> TrainConfig:
     defaults for the others, a resumed one run.json's `recorded` settings; a flag given on --resume for
     a setting that may not change (SAME_ON_RESUME) with another value than run.json's is an error naming it."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}  # the repeated flags
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     if recorded is None:
         return TrainConfig(**given)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    old = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in names}  # JSON's lists
+    old = recorded_settings(recorded)
     if changed := [f"{flag(n)} {old.get(n, getattr(TrainConfig, n))} → {given[n]}" for n in SAME_ON_RESUME
                    if n in given and given[n] != old.get(n, getattr(TrainConfig, n))]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); those cannot change "

@@ -12,8 +12,9 @@ import torch
 from ..errors import BadValue
 from ..storage.files import locked, make_folder
 from . import run_folder, words
-from .config import PRECISION, SAME_ON_RESUME, TrainConfig, flag
+from .config import PRECISION, SAME_ON_RESUME, TrainConfig, flag, recorded_settings
 from .distributed import World, join_world, leave_world, on_rank0
+from .lora import check_targets
 from .train import train
 
 
@@ -32,8 +33,8 @@ def describe_batch(cfg: TrainConfig, processes: int) -> str:
 
 def check_resume(recorded: dict, cfg: TrainConfig, world: World, run: dict) -> None:
     """A resumed run must do the same sums: same base model and data, the same settings, the same global batch."""
-    old = {n: recorded["config"].get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # one added since: its default
-    old = {n: tuple(v) if isinstance(v, list) else v for n, v in old.items()}  # JSON's lists: the flags' tuples
+    settings = recorded_settings(recorded["config"])
+    old = {n: settings.get(n, getattr(TrainConfig, n)) for n in SAME_ON_RESUME}  # one added since: its default
     if changed := [f"{flag(n)} {old[n]} → {getattr(cfg, n)}" for n in SAME_ON_RESUME if old[n] != getattr(cfg, n)]:
         raise BadValue(f"--resume: the run was started with other settings ({'; '.join(changed)}); resume with the "
                        f"same ones, or start a new run")
@@ -61,9 +62,11 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
               device: str | torch.device = "cpu", resume: bool = False, force: bool = False,
               progress: bool = True) -> str:
     """`altdiff-min train MODEL DATA OUT_DIR`: fine-tune a model folder ("toy" or a converted m9) on
-    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the result
-    (--train embeddings: OUT_DIR/learned_embeds.safetensors, training/words.py). Under torchrun every
-    process calls this; rank 0 checks and writes, the others follow.
+    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the result;
+    with cfg.lora, OUT_DIR/lora/pytorch_lora_weights.safetensors instead (the LoRA alone, its metadata
+    naming the base model); with --train embeddings, OUT_DIR/learned_embeds.safetensors (training/words.py),
+    and the LoRA file beside it when cfg.lora too. Under torchrun every process calls this; rank 0
+    checks and writes, the others follow.
     Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
     from safetensors import SafetensorError
 
@@ -85,6 +88,8 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 check_size(resolution, resolution, config["vae"], config["unet"])
             except BadValue as e:
                 raise BadValue(f"--resolution {resolution} does not fit {model_path}: {e}") from None
+            if cfg.lora:
+                check_targets(config["unet"], cfg)
             out_dir = os.path.abspath(out_dir)
 
             def claim() -> dict | None:
@@ -126,15 +131,21 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
             words.start(model, cfg)
             losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
             result = os.path.join(out_dir, run_folder.MODEL)
+            made = {"base": model_record, "data": run["data"], "config": run["config"], "global_batch": run["global_batch"],
+                    "steps": cfg.max_steps, "weights": "ema" if cfg.ema else "last",
+                    "final_loss": losses[-1] if losses else None, "environment": env}
+            if cfg.lora:  # the LoRA alone, atomically (a failed write keeps the previous file)
+                from weights_convert.lora import FILE, save_lora
+
+                folder = os.path.join(out_dir, run_folder.LORA)
+                result = save_lora(model.unet, folder, record={"train": made}) if world.rank == 0 else os.path.join(folder, FILE)
             if cfg.train == "embeddings":
                 return words.save(model, cfg, out_dir, world.rank)
+            if cfg.lora:
+                return result
             if world.rank == 0:
                 try:  # a failed write (a full disk) leaves the previous OUT_DIR/model as it was (folder.write_folder)
-                    model.save(result, force=True, train={"base": model_record, "data": run["data"], "config": run["config"],
-                                                          "global_batch": run["global_batch"], "steps": cfg.max_steps,
-                                                          "weights": "ema" if cfg.ema else "last",
-                                                          "final_loss": losses[-1] if losses else None,
-                                                          "environment": env})
+                    model.save(result, force=True, train=made)
                 except (RuntimeError, SafetensorError) as e:  # safetensors' and torch's write errors are not OSErrors
                     raise run_folder.write_failed(os.path.join(result, "model.safetensors"), e) from None
             return result

@@ -8,6 +8,8 @@
                     carrying its record (prompt, seed, sampler, steps, the training step, the run folder)
     model/          the result, a model folder `altdiff_min.load` reads (written at the end)
     learned_embeds.safetensors   instead, with --train embeddings: the new words' rows (training/words.py)
+    lora/           a --lora run's result instead: pytorch_lora_weights.safetensors (diffusers/peft
+                    format; its metadata names the base model it belongs to), no model folder
 
 Only rank 0 writes, holding a lock on the folder for the whole run, so two runs never write one
 folder. Every file is written under a temporary name and renamed into place: a run killed at any
@@ -41,6 +43,7 @@ from ..storage.files import (
 
 FORMAT = "altdiff-min-train"
 RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL = "run.json", "checkpoint.pt", "loss.jsonl", "loss.png", "samples", "model"
+LORA = "lora"
 
 
 def is_run_folder(path: str) -> bool:
@@ -107,9 +110,9 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 def check_links(path: str) -> None:
     """Raise (one line naming it) if what a run writes in OUT_DIR (run.json, checkpoint.pt, loss.jsonl,
-    loss.png, samples/ and its pictures, model/) is a symbolic link: nothing is written through one,
+    loss.png, samples/ and its pictures, model/, lora/) is a symbolic link: nothing is written through one,
     and this says so before a resumed run trains rather than at its first write."""
-    names = [os.path.join(path, name) for name in (RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL)]
+    names = [os.path.join(path, name) for name in (RUN, CHECKPOINT, LOSSES, CURVE, SAMPLES, MODEL, LORA)]
     samples = os.path.join(path, SAMPLES)
     if os.path.isdir(samples) and not os.path.islink(samples):
         names += [os.path.join(samples, name) for name in sorted(os.listdir(samples))]

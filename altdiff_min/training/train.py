@@ -51,7 +51,7 @@ from ..model.unet import UNet
 from ..model.vae import VAE
 from ..research import textual_inversion
 from ..sampling.schedule import ScheduleConfig, add_noise
-from . import objectives, run_folder
+from . import lora, objectives, run_folder
 from .config import PRECISION, TrainConfig
 from .distributed import World
 
@@ -229,7 +229,8 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     toy.world.ToyWorld: pixels(i), texts(i), resolution); returns the loss of every step. out_dir: a run
     folder that `fine_tune` has prepared (rank 0 writes its log, checkpoints and samples; resume: go on
     from its checkpoint); None keeps nothing (the toy recipe). The model leaves in eval mode, frozen,
-    with the EMA weights if cfg.ema.
+    with the EMA weights if cfg.ema. With cfg.lora only a LoRA on the UNet trains (training/lora.py); the
+    UNet leaves with it attached, unmerged (research.lora: merge_lora, remove_lora; save_lora writes it).
 
     Resuming with another cfg.max_steps (`train OUT_DIR --resume --max-steps N`, to extend a finished
     run or shorten one under way) recomputes the learning-rate schedule as if the run had been started
@@ -244,15 +245,18 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     model.schedule = objectives.with_prediction(model.schedule, cfg.prediction_type)  # what it learns, saves, samples
     objective = Objective(model, cfg)
     trained = [getattr(model, name) for name in cfg.modules]
-    trainable(*trained)
+    whole = [getattr(model, name) for name in cfg.modules if not (cfg.lora and name == "unet")]  # weight by weight
+    trainable(*whole)
     text = model.text_encoder
     if "text_encoder" in cfg.modules and text.cfg.pre_transformation:  # m18 never runs its last layer:
         text.layers[-1].requires_grad_(False), text.transformation.requires_grad_(False)  # no gradient for DDP to wait on
     if cfg.train == "embeddings":  # textual inversion: the new words' rows alone
         textual_inversion.train_only_new_rows(text)
+    params = [p for module in whole for p in module.parameters() if p.requires_grad]
+    if cfg.lora:  # a LoRA on the UNet, its base frozen (training/lora.py); with embeddings, both train
+        params += lora.attach(model.unet, cfg, lambda k: generator(cfg.seed, 2, k))
     for module in trained:
         module.gradient_checkpointing = cfg.gradient_checkpointing and hasattr(module, "gradient_checkpointing")
-    params = [p for module in trained for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.max_steps))
     scaler = torch.amp.GradScaler(world.device.type) if cfg.mixed_precision == "fp16" else None
@@ -263,8 +267,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
         if start > cfg.max_steps:
             raise BadValue(f"--max-steps {cfg.max_steps}: the run in {out_dir} is already at step {start}; give at "
                            f"least {start}")
-        for name in cfg.modules:
-            getattr(model, name).load_state_dict(checkpoint["modules"][name])
+        lora.load_weights(model, cfg, checkpoint["modules"])
         opt.load_state_dict(checkpoint["optimizer"])
         sched.load_state_dict(checkpoint["lr_schedule"])
         factor = warmup_cosine(cfg.warmup, cfg.max_steps)  # max_steps may have changed: this run's schedule
@@ -284,7 +287,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     losses = [row["loss"] for row in log.rows] if log else []
 
     def save(step: int) -> None:
-        state = {"step": step, "modules": {n: getattr(model, n).state_dict() for n in cfg.modules},
+        state = {"step": step, "modules": lora.weights(model, cfg),
                  "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(),
                  "scaler": scaler.state_dict() if scaler else None, "ema": ema, "rng": run_folder.rng_states(),
                  "data_position": step * batches.global_batch, "global_batch": batches.global_batch,
@@ -295,7 +298,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     def sample(step: int) -> None:
         """Sample pictures by the weights the run would save now: the EMA's, when there is one. Each
         carries its record (provenance.picture_record): its generate arguments, and as "training"
-        the run folder, the step and whether the weights were the EMA's (no model folder holds them)."""
+        the run folder, the step, whether the weights were the EMA's (no model folder holds them), the LoRA's shape."""
         from ..storage.provenance import environment, picture_record
 
         for module in trained:
@@ -312,7 +315,8 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
         for module in trained:
             module.train()
         made_in = environment(world.device, model.unet.conv_in.weight.dtype)
-        training = {"run": os.path.abspath(out_dir), "step": step, "ema": raw is not None}
+        training = {"run": os.path.abspath(out_dir), "step": step, "ema": raw is not None,
+                    **({"lora": lora.record(cfg)} if cfg.lora else {})}
         run_folder.save_samples(out_dir, step, images, [
             picture_record(model, prompt, 0, asked, image.size, None, made_in, training=training)
             for prompt, asked, image in zip(cfg.sample_prompts, arguments, images)])
