@@ -188,3 +188,30 @@ def check_arguments(shape: Shape, prompt, negative_prompt="", n_samples=1, steps
         if not torch.isfinite(latents).all():
             raise NotFinite("latents hold NaN or infinite values")
     return list(prompts), ts, latent_shape
+
+
+def check_safety_request(safety_checker, has_checker: bool) -> bool:
+    """generate's safety_checker (None: check when the model holds a checker; False: never; True: insist)
+    → whether the pictures are checked."""
+    if safety_checker is not None and not isinstance(safety_checker, bool):
+        raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
+    if safety_checker and not has_checker:
+        raise BadValue("safety_checker=True, but this model holds no safety checker (convert the diffusers "
+                       "folder with --with-safety-checker)")
+    return has_checker and safety_checker is not False
+
+
+def check_pictures_finite(images: torch.Tensor) -> None:
+    """Decoded pictures (n, 3, H, W): every one finite, or a NotFinite naming those that are not."""
+    if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
+        raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
+                        f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
+
+
+def check_load_flags(limits, **flags) -> None:
+    """load's switches (compile, safety_checker, fast, check_finite): each True or False; limits a Limits."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise BadType(f"{name} must be True or False, got {flag!r}")
+    if not isinstance(limits, Limits):
+        raise BadType(f"limits must be a Limits, got {limits!r}")

@@ -21,8 +21,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
-from .arguments import Limits, Shape, check_arguments, check_device, check_dtype, check_picture_arguments, check_text_layer
-from .errors import BadType, BadValue, NotFinite
+from .arguments import Limits, Shape, check_arguments, check_device, check_dtype, check_load_flags
+from .arguments import check_picture_arguments, check_pictures_finite, check_safety_request, check_text_layer
+from .errors import BadType, BadValue
 from .model.text_encoder import TextEncoder
 from .model.tokenizer import Tokenizer
 from .model.unet import UNet
@@ -31,7 +32,7 @@ from .research import speed
 from .research.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene
 from .sampling import img2img
 from .sampling.guidance import Rule, Scale, guidance_rule, guided_eps
-from .sampling.samplers import draw_noise, get_sampler
+from .sampling.samplers import draw_noise, get_sampler, model_eps
 from .sampling.schedule import ScheduleConfig, Timesteps, init_noise_sigma, noise_to, route
 from .storage import pictures
 from .storage.folder import DIFFUSION, read_folder, resolve, write_folder
@@ -82,8 +83,7 @@ class AltDiffusion:
         return (mean + (0.5 * logvar).exp() * draw_noise(mean, generator)) * self.vae.cfg.scaling_factor
 
     def initial_latents(self, shape: tuple[int, ...], sampler: str, ts: Timesteps, generator: torch.Generator | None = None,
-                        latents: torch.Tensor | None = None,
-                        image_latents: torch.Tensor | None = None,
+                        latents: torch.Tensor | None = None, image_latents: torch.Tensor | None = None,
                         pure_noise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """2. The latents the route starts from, and the N(0, I) draw they came from.
 
@@ -123,11 +123,10 @@ class AltDiffusion:
                 out = callback(i, t, x, x0) if callback is not None else None
                 return x if out is None else out
 
-            eps = guided_eps(self.denoise, context, scale, guidance)
+            eps = model_eps(guided_eps(self.denoise, context, scale, guidance), ts, self.schedule)  # v → ε, once
             extra = {"warmup": blend.warmup} if blend is not None and route(sampler).warmup else {}
             with intervene(controllers):
-                return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta,
-                                            generator=generator, callback=on_step, **extra)
+                return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta, generator=generator, callback=on_step, **extra)
 
     def denoise(self, x: torch.Tensor, t: float, context: torch.Tensor | None, guided: bool = False) -> torch.Tensor:
         """One UNet evaluation ε(x, t, context), marked for attention controllers (interventions.evaluation:
@@ -219,12 +218,7 @@ class AltDiffusion:
             pixels = pictures.prepare_image(image, (width, height))
         if mask is not None:
             repaint = pictures.prepare_mask(mask, image, (width, height))
-        if safety_checker is not None and not isinstance(safety_checker, bool):
-            raise BadType(f"safety_checker must be None, True or False, got {safety_checker!r}")
-        if safety_checker and self.safety_checker is None:
-            raise BadValue("safety_checker=True, but this model holds no safety checker (convert the diffusers "
-                           "folder with --with-safety-checker)")
-        check = self.safety_checker is not None and safety_checker is not False
+        check = check_safety_request(safety_checker, self.safety_checker is not None)
         guided = reads_text and (callable(scale) or scale != 1)  # scale 1: no unconditional branch
         context = self.encode_prompt(prompts, negative_prompt, n_samples, guided, prompt_embeds, text_layer)
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
@@ -238,9 +232,7 @@ class AltDiffusion:
         x = self.sample(x, context if reads_text else None, sampler, ts, scale if guided else 1.0, eta,
                         generator, callback, progress, controllers, guidance, blend, trajectory)
         images = self.decode_latents(x)
-        if bad := [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]:
-            raise NotFinite(f"picture(s) {bad} of {len(images)} came out NaN or infinite: the weights, the latents "
-                            f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
+        check_pictures_finite(images)
         if paste_unmasked:
             keep = 1 - repaint.to(images)
             images = images * (1 - keep) + (pixels.to(images) + 1) / 2 * keep
@@ -259,6 +251,8 @@ class AltDiffusion:
 
     def save(self, path: str, force: bool = False, **extra: Any) -> None:
         """Write this model as a model folder (atomically; see folder.write_folder)."""
+        if not isinstance(self.text_encoder.token_embedding, torch.nn.Embedding):  # research/textual_inversion.py's rows
+            raise BadValue("this model holds added tokens, which a model folder cannot: write them with write_embeddings")
         modules = {name: getattr(self, name) for name in (*DIFFUSION, "safety_checker") if getattr(self, name) is not None}
         write_folder(path, {n: m.cfg for n, m in modules.items()}, {n: m.state_dict() for n, m in modules.items()},
                      self.schedule, self.tokenizer.model_file, self.tokenizer.max_length, force=force,
@@ -275,7 +269,7 @@ def to_pil(images: torch.Tensor) -> list:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          compile: bool = False, limits: Limits = Limits(), safety_checker: bool = True, fast: bool = True,
-         check_finite: bool = True) -> AltDiffusion:
+         check_finite: bool = True, lora=()) -> AltDiffusion:
     """Build tokenizer, text encoder, UNet and VAE from a model folder, and its safety checker if it
     holds one (safety_checker=False: not even loaded); no network, no random init.
 
@@ -286,20 +280,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
     and pixels per call `generate` accepts (see Limits). check_finite: a weight holding NaN or infinity
     is refused (errors.NotFinite, naming the tensor) instead of sampling to the end into a NaN picture;
-    one pass over the weights (aminmax per tensor); False skips it.
+    one pass over the weights (aminmax per tensor); False skips it. lora: UNet LoRA files, each FILE or
+    (FILE, SCALE) (scale 1.0 unless given), read and checked before the weights load, then attached as
+    adapters named after the files (weights_convert/lora.py; research/lora.py to reweigh, merge, remove).
     """
     device, dtype = check_device(device), check_dtype(dtype)
-    for name, flag in (("compile", compile), ("safety_checker", safety_checker), ("fast", fast), ("check_finite", check_finite)):
-        if not isinstance(flag, bool):
-            raise BadType(f"{name} must be True or False, got {flag!r}")
-    if not isinstance(limits, Limits):
-        raise BadType(f"limits must be a Limits, got {limits!r}")
-    path = resolve(path)
+    check_load_flags(limits, compile=compile, safety_checker=safety_checker, fast=fast, check_finite=check_finite)
+    from weights_convert.lora import attach_lora_files, read_lora_files  # the files' names: the converter's rules
+    loras, path = read_lora_files(lora), resolve(path)
     config, tokenizer, modules = read_folder(path, DIFFUSION, device, dtype,
                                              names=DIFFUSION + (("safety_checker",) if safety_checker else ()),
                                              check_finite=check_finite)
     if fast:
         modules = {name: speed.apply(module) for name, module in modules.items()}
+    attach_lora_files(modules["unet"], loras)  # before compiling: the LoRAs are in the graph
     if compile:
         modules["unet"] = speed.compile_unet(modules["unet"])
     return AltDiffusion(tokenizer=tokenizer, schedule=config["schedule"], path=path,

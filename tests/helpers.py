@@ -306,3 +306,17 @@ def bomb_png(path, side: int = 12000) -> int:
     with open(path, "wb") as f:
         f.write(data)
     return len(data)
+
+
+def lora_file(folder, model: str = "toy", name: str = "style.safetensors", seed: int = 0, r: int = 2) -> str:
+    """A diffusers-format LoRA of a model folder's UNet attention (rank r, random non-zero B, strong enough
+    to change its pictures), as weights_convert/lora.py save_lora writes it; returns its path."""
+    from altdiff_min.pipeline import load
+    from altdiff_min.research.lora import add_lora
+    from weights_convert.lora import save_lora
+
+    unet = load(model).unet
+    generator = torch.Generator().manual_seed(seed)
+    for layer in add_lora(unet, r).values():
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3
+    return save_lora(unet, str(folder), name)

@@ -1,5 +1,6 @@
 """`altdiff-min generate`: FlagAI's files and counters, and arguments refused before any model work."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -551,6 +552,20 @@ def lora_file(model_dir, tmp_path_factory):
     return save_lora(model.unet, str(tmp_path_factory.mktemp("lora")), "style.safetensors")
 
 
+@pytest.fixture(scope="module")
+def second_lora_file(model_dir, tmp_path_factory):
+    """Another LoRA of the small model (r 3, the cross attention's keys and values and the feed-forward)."""
+    from altdiff_min.pipeline import load
+    from altdiff_min.research.lora import add_lora
+    from weights_convert.lora import save_lora
+
+    model = load(model_dir)
+    generator = torch.Generator().manual_seed(1)
+    for layer in add_lora(model.unet, 3, targets=[r"cross_attn\.(k|v)", r"ff\.out"]).values():
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.3
+    return save_lora(model.unet, str(tmp_path_factory.mktemp("lora")), "ink.safetensors")
+
+
 def test_generate_with_a_lora_is_the_python_picture_recorded_and_replayed(model_dir, lora_file, tmp_path, capsys):
     """--lora FILE:SCALE gives the picture of load_lora + model.generate (same seed); scale 0 the picture
     without it; the manifest and the PNG record the file (path, SHA-256) and the scale, the parameters
@@ -584,13 +599,19 @@ def test_generate_with_a_lora_is_the_python_picture_recorded_and_replayed(model_
     picture = tmp_path / "lora" / row["file"]
     from altdiff_min.apps.generate import file_digest
 
-    assert row["lora"] == {"path": str(lora), "sha256": file_digest(str(lora), "LoRA"), "scale": 0.7}
+    assert row["lora"] == [{"path": str(lora), "sha256": file_digest(str(lora), "LoRA"), "scale": 0.7}]
     assert record_of_png(str(picture))["lora"] == row["lora"]
     assert Image.open(picture).info["parameters"].splitlines()[0] == "un chien <lora:style:0.7>"
     assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "again"), "--device", "cpu"]) == 0
     again = json.loads((tmp_path / "again" / "manifest.jsonl").read_text())
     assert again["lora"] == row["lora"]
     assert (tmp_path / "again" / again["file"]).read_bytes() == picture.read_bytes()
+    old = tmp_path / "old.jsonl"  # a line of the time generate took one file: {"lora": {…}}, not a list
+    old.write_text(json.dumps({**row, "lora": row["lora"][0]}) + "\n")
+    assert main(["generate", "--replay", f"{old}:1", "--outdir", str(tmp_path / "old"), "--device", "cpu"]) == 0
+    replayed = json.loads((tmp_path / "old" / "manifest.jsonl").read_text())
+    assert replayed["lora"] == row["lora"] and np.array_equal(np.asarray(Image.open(tmp_path / "old" / replayed["file"])),
+                                                              pixels["lora"])
     with open(lora, "ab") as f:  # the file changes: the picture cannot be made again from it
         f.write(b" ")
     capsys.readouterr()
@@ -607,7 +628,9 @@ def test_generate_with_a_lora_is_the_python_picture_recorded_and_replayed(model_
     (["--lora", "HALF"], "but not both down (A) and up (B) weights"),
     (["--lora", "LORA:abc"], "SCALE must be a finite number, not 'abc'"),
     (["--lora", "LORA:nan"], "SCALE must be a finite number, not 'nan'"),
-    (["--lora", "LORA", "--lora", "LORA:0.5"], "--lora given 2 times: stacking LoRAs is not supported yet"),
+    (["--lora", "LORA", "--lora", "LORA:0.5"], "--lora: the LoRA file LORA is given twice"),
+    (["--lora", "LORA", "--lora", "OTHER/style.safetensors"], "would both be the LoRA 'style': rename one of the files"),
+    (["--lora", "LORA", "--lora", "HALF"], "but not both down (A) and up (B) weights"),
 ])
 def test_bad_lora_arguments_are_refused_before_the_model_loads(model_dir, lora_file, tmp_path, monkeypatch, capsys,
                                                                 extra, message):
@@ -623,9 +646,43 @@ def test_bad_lora_arguments_are_refused_before_the_model_loads(model_dir, lora_f
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 8)},
               str(tmp_path / "HALF"))
     names = {"TEXT", "WEIGHTS", "TEXT_TOWER", "HALF"}
-    extra = [str(tmp_path / e) if e in names else e.replace("LORA", lora_file) for e in extra]
+    (tmp_path / "OTHER").mkdir()
+    (tmp_path / "OTHER" / "style.safetensors").write_bytes(Path(lora_file).read_bytes())
+    extra = [str(tmp_path / e) if e in names or e.startswith("OTHER") else e.replace("LORA", lora_file) for e in extra]
+    message = message.replace("LORA", lora_file)
     monkeypatch.setattr(altdiff_min.pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["generate", "x", "--model", model_dir, "--outdir", str(tmp_path / "o"), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "--lora" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_with_two_loras_is_the_python_picture_recorded_and_replayed(model_dir, lora_file, second_lora_file,
+                                                                              tmp_path):
+    """--lora A:0.7 --lora B:-0.5: the picture of load(MODEL, lora=[(A, 0.7), (B, -0.5)]) (same seed), unlike
+    either alone; both recorded in order, both tags in the parameters text; --replay makes the same bytes."""
+    import json
+
+    import numpy as np
+
+    from altdiff_min.apps.generate import file_digest
+    from altdiff_min.pipeline import load
+
+    common = ["un chien", "--model", model_dir, "--n-samples", "1", "--steps", "3", "--H", "64", "--W", "64",
+              "--seed", "5", "--skip-grid", "--device", "cpu"]
+    pixels = {}
+    for name, extra in (("one", ["--lora", f"{lora_file}:0.7"]),
+                        ("two", ["--lora", f"{lora_file}:0.7", "--lora", f"{second_lora_file}:-0.5"])):
+        assert main(["generate", *common, "--outdir", str(tmp_path / name), *extra]) == 0
+        row = json.loads((tmp_path / name / "manifest.jsonl").read_text())
+        pixels[name] = np.asarray(Image.open(tmp_path / name / row["file"]))
+    model = load(model_dir, lora=[(lora_file, 0.7), (second_lora_file, -0.5)])
+    expected = np.asarray(model.generate("un chien", n_samples=1, steps=3, height=64, width=64, seed=5, progress=False)[0])
+    assert np.array_equal(pixels["two"], expected) and not np.array_equal(pixels["two"], pixels["one"])
+    assert row["lora"] == [{"path": lora_file, "sha256": file_digest(lora_file, "LoRA"), "scale": 0.7},
+                           {"path": second_lora_file, "sha256": file_digest(second_lora_file, "LoRA"), "scale": -0.5}]
+    picture = tmp_path / "two" / row["file"]
+    assert Image.open(picture).info["parameters"].splitlines()[0] == "un chien <lora:style:0.7> <lora:ink:-0.5>"
+    assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / "again"), "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "again" / "manifest.jsonl").read_text())
+    assert again["lora"] == row["lora"] and (tmp_path / "again" / again["file"]).read_bytes() == picture.read_bytes()

@@ -678,6 +678,7 @@ def with_scheduler_config(hub_layout, tmp_path, scheduler_config: dict):
     ("DPMSolverMultistepScheduler", dict(timestep_spacing="linspace", set_alpha_to_one=False, steps_offset=1)),
     ("EulerDiscreteScheduler", dict(timestep_spacing="linspace", set_alpha_to_one=None, steps_offset=1)),
     ("trailing", dict(timestep_spacing="trailing", set_alpha_to_one=False, steps_offset=1)),
+    ("v_prediction", {"prediction_type": "v_prediction", "timestep_spacing": "leading"}),
 ])
 def test_scheduler_config_is_carried(hub_layout, tmp_path, source, expected):
     """A stated timestep_spacing is kept (it then applies to every sampler); an absent one is None.
@@ -692,8 +693,9 @@ def test_scheduler_config_is_carried(hub_layout, tmp_path, source, expected):
         diffusers.EulerDiscreteScheduler(**m9).save_config(tmp_path / "saved")
         hf = json.loads((tmp_path / "saved" / "scheduler_config.json").read_text())
         assert "set_alpha_to_one" not in hf
-    elif source == "trailing":
-        hf = saved_by_diffusers(diffusers.DDIMScheduler, tmp_path, timestep_spacing="trailing")
+    elif source in ("trailing", "v_prediction"):
+        hf = saved_by_diffusers(diffusers.DDIMScheduler, tmp_path, **{"trailing": {"timestep_spacing": "trailing"},
+                                                                       "v_prediction": {"prediction_type": "v_prediction"}}[source])
     else:  # PNDM as the model card re-targets it: without its Runge–Kutta steps (refused otherwise, above)
         hf = saved_by_diffusers(getattr(diffusers, source), tmp_path, **(SCHEDULERS["plms"][1] if source == "PNDMScheduler" else {}))
     out = tmp_path / "out"
@@ -705,7 +707,7 @@ def test_scheduler_config_is_carried(hub_layout, tmp_path, source, expected):
 
 @pytest.mark.parametrize("change,message", [
     (dict(timestep_spacing="cosine"), "timestep_spacing='cosine' is not one of leading, linspace, trailing"),
-    (dict(prediction_type="v_prediction"), "prediction_type='v_prediction' is not implemented"),
+    ({"prediction_type": "sample"}, "ScheduleConfig.prediction_type must be one of 'epsilon', 'v_prediction', got 'sample'"),
     (dict(use_karras_sigmas=True), "use_karras_sigmas=True is not implemented.*use the sampler 'dpm\\+\\+2m-karras'"),
     (dict(solver_order=3), "solver_order=3 is not implemented"),
     (dict(my_new_option=0.5), "scheduler option 'my_new_option' \\(= 0.5\\) is not implemented"),

@@ -145,7 +145,8 @@ def test_files_and_folders_are_fsynced(src, tmp_path, monkeypatch):
 
     synced = []
     real = files.fsync_path
-    monkeypatch.setattr(folder, "fsync_path", lambda p: synced.append(os.path.basename(p.rstrip("/"))) or real(p))
+    for module in (folder, files):  # the files, in folder.write_locked; the parent, in files.put_in_place
+        monkeypatch.setattr(module, "fsync_path", lambda p: synced.append(os.path.basename(p.rstrip("/"))) or real(p))
     out = tmp_path / "m9"
     convert(src, out)
     assert {"model.safetensors", "sentencepiece.bpe.model", "config.json"} <= set(synced)

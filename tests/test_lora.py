@@ -1,10 +1,12 @@
 """LoRA (altdiff_min/research/lora.py, weights_convert/lora.py) against peft and diffusers' loaders: the
 same file gives the same UNet output in diffusers and here, at two scales and merged; kohya files as
-diffusers converts them; our own files load in diffusers. Also: m9's parameter count, the names'
-round trip, and the one-line refusals of bad files."""
+diffusers converts them; our own files load in diffusers; several files at once, each at its weight,
+as diffusers' set_adapters weighs them (UNet output, and the picture through the pipeline). Also:
+m9's parameter count, the names' round trip, and the one-line refusals of bad files."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -16,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from altdiff_min.errors import BadFile, BadValue
 from altdiff_min.model.unet import UNet, UNetConfig
-from altdiff_min.research.lora import (LoRA, add_lora, lora_layers, lora_parameters, merge_lora, remove_lora,
-                                       set_scale, unmerge_lora)
+from altdiff_min.research.lora import (LoRA, add_lora, lora_layers, lora_parameters, lora_scales, merge_lora, names,
+                                       remove_lora, set_scale, unmerge_lora)
 from weights_convert import lora as lora_files
 from weights_convert.rules import rename
 from weights_convert.unet import RULES, TO_DIFFUSERS, config_from_hf, load
@@ -236,5 +238,163 @@ def test_add_lora_refusals():
     with pytest.raises(BadValue, match="finite"):
         add_lora(model, 1, targets=["0"], scale=float("nan"))
     add_lora(model, 1, targets=["0"])
-    with pytest.raises(BadValue, match="already has LoRA"):
+    with pytest.raises(BadValue, match="already has a LoRA named 'default'"):
         add_lora(model, 1, targets=["0"])
+    for name in ("a.b", "", "train", 3):
+        with pytest.raises(BadValue, match="name"):
+            add_lora(model, 1, targets=["0"], name=name)
+    add_lora(model, 2, targets=["0"], name="second")  # a second adapter on the same layer
+    assert names(model) == ["default", "second"] and len(lora_layers(model)["0"].adapters) == 2
+    with pytest.raises(BadValue, match="holds 2 LoRAs"):
+        lora_layers(model)["0"].lora_A  # noqa: B018  (one adapter's shorthand: several are named)
+    with pytest.raises(BadValue, match="no LoRA named 'third'"):
+        set_scale(model, 0.5, "third")
+
+
+# Several LoRAs at once: diffusers loads each file as a named peft adapter and weighs them with
+# set_adapters(names, weights); ours stacks named adapters on one layer (research/lora.py).
+WEIGHTS = {"style": 0.7, "kohya": -0.45}
+
+
+@pytest.fixture(scope="module")
+def two_files(peft_file, tmp_path_factory) -> dict[str, str]:
+    """A diffusers file (attention, r 4, alpha 8) and a kohya file (the same attention layers again,
+    alpha 2, and LoCon layers besides), named as their adapters."""
+    folder = tmp_path_factory.mktemp("two")
+    style = folder / "style.safetensors"
+    shutil.copy(peft_file, style)
+    return {"style": str(style), "kohya": kohya_file(peft_file, folder)}
+
+
+def diffusers_adapters(unet, files: dict[str, str], weights: dict[str, float]):
+    """`unet` with each file loaded by diffusers as the adapter of its name, weighed by set_adapters."""
+    for name, path in files.items():
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(path, return_lora_metadata=True)
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name=name, metadata=metadata)
+    unet.set_adapters(list(weights), list(weights.values()))
+    return unet
+
+
+def test_two_files_same_output_as_diffusers_adapters(base, two_files, inputs):
+    """y = W x + Σ_i weight_i · (alpha_i / r_i) · B_i A_i x, each file at its weight, as diffusers' set_adapters;
+    then one adapter reweighed, merged, merged both, unmerged, removed: each against diffusers."""
+    x, t, context = inputs
+    ref = diffusers_adapters(copy.deepcopy(base), two_files, WEIGHTS)
+    ours, _ = load({k: v.clone() for k, v in base.state_dict().items()}, config_from_hf(base.config))
+    added = lora_files.attach_lora_files(ours, lora_files.read_lora_files([(two_files[n], s) for n, s in WEIGHTS.items()]))
+    assert list(added) == list(WEIGHTS) and set(names(ours)) == set(WEIGHTS)
+    assert sum(len(layer.adapters) == 2 for layer in lora_layers(ours).values()) == 4 * 2 * 11  # attention: both
+    with torch.no_grad():
+        plain = base(x, t, encoder_hidden_states=context).sample
+
+        def check(weights):
+            expected = ref(x, t, encoder_hidden_states=context).sample
+            assert rel_diff(expected, plain) > 1e-3
+            assert rel_err(ours(x, t, context), expected) <= TOL, weights
+        check(WEIGHTS)
+        for one, weight in WEIGHTS.items():  # each alone differs from both: the sum is really taken
+            ref.set_adapters([one], [weight])
+            assert rel_diff(ref(x, t, encoder_hidden_states=context).sample, ours(x, t, context)) > 1e-3
+        reweighed = {"style": 0.7, "kohya": 1.3}
+        ref.set_adapters(list(reweighed), list(reweighed.values()))
+        set_scale(ours, 1.3, "kohya")
+        check(reweighed)
+        merge_lora(ours, "style")
+        assert [a.merged for a in lora_layers(ours)["mid_attn.block.self_attn.q"].adapters.values()] == [True, False]
+        check(reweighed)
+        merge_lora(ours)
+        check(reweighed)
+        set_scale(ours, -0.45, "kohya")  # a merged adapter rescaled: unmerged, rescaled, merged again
+        ref.set_adapters(list(WEIGHTS), list(WEIGHTS.values()))
+        check(WEIGHTS)
+        unmerge_lora(ours)
+        with lora_scales(ours, {"style": 0.0}):  # per call: only this call is changed
+            ref.set_adapters(["kohya"], [WEIGHTS["kohya"]])
+            check({"kohya": WEIGHTS["kohya"]})
+        assert lora_layers(ours)["mid_attn.block.self_attn.q"].adapters["style"].scale == 0.7
+        remove_lora(ours, "style")
+        ref.delete_adapters("style")
+        ref.set_adapters(["kohya"], [WEIGHTS["kohya"]])
+        check({"kohya": WEIGHTS["kohya"]})
+        assert names(ours) == ["kohya"] and lora_layers(ours)["mid_attn.block.self_attn.q"].r == 4
+        remove_lora(ours)
+        assert not lora_layers(ours) and rel_err(ours(x, t, context), plain) <= TOL
+
+
+def test_a_second_file_loads_beside_the_first(base, two_files, inputs):
+    """load_lora twice (the Python way of stacking) is the two files read at once."""
+    ours = ours_with(base, two_files["style"], WEIGHTS["style"])
+    lora_files.load_lora(ours, two_files["kohya"], WEIGHTS["kohya"])
+    ref = diffusers_adapters(copy.deepcopy(base), two_files, WEIGHTS)
+    x, t, context = inputs
+    with torch.no_grad():
+        assert rel_err(ours(x, t, context), ref(x, t, encoder_hidden_states=context).sample) <= TOL
+    with pytest.raises(BadValue, match="already has a LoRA named 'kohya'"):
+        lora_files.load_lora(ours, two_files["kohya"])
+    assert set(names(ours)) == {"style", "kohya"}
+
+
+def test_two_files_same_picture_as_diffusers_pipeline(hub_layout, reference, small_model_dir, two_files):
+    """The pipeline: load(MODEL, lora=[(FILE, SCALE), …]) against diffusers' AltDiffusionPipeline with
+    load_lora_weights(adapter_name=…) and set_adapters(…, adapter_weights=…): same seed, same picture."""
+    from helpers import diffusers_pipeline
+
+    from altdiff_min.pipeline import load as load_model
+
+    pipe = diffusers_pipeline(hub_layout, {**reference, "unet": copy.deepcopy(reference["unet"])}, "ddim")
+    for name, path in two_files.items():
+        pipe.load_lora_weights(path, adapter_name=name)
+    pipe.set_adapters(list(WEIGHTS), adapter_weights=list(WEIGHTS.values()))
+    pipe.set_progress_bar_config(disable=True)
+    arguments = {"num_inference_steps": 5, "guidance_scale": 7.5, "height": 64, "width": 96, "output_type": "pt",
+                 "num_images_per_prompt": 2}
+    with torch.no_grad():
+        expected = pipe("一只戴着帽子的小狗", generator=torch.Generator("cpu").manual_seed(42), **arguments).images
+        pipe.disable_lora()
+        plain = pipe("一只戴着帽子的小狗", generator=torch.Generator("cpu").manual_seed(42), **arguments).images
+    ours = load_model(small_model_dir, lora=[(two_files[n], s) for n, s in WEIGHTS.items()])
+    got = ours.generate("一只戴着帽子的小狗", n_samples=2, steps=5, height=64, width=96, seed=42, output="tensor",
+                        progress=False)
+    assert rel_diff(expected, plain) > 1e-3, "the LoRAs change nothing: the comparison would prove nothing"
+    assert rel_err(got, expected) <= 1e-4
+
+
+def test_adapter_names_come_from_the_files():
+    assert [lora_files.default_name(p) for p in ("a/style.safetensors", "b/style.v2.safetensors", "c/train.safetensors",
+                                                 "d/keys.safetensors")] == ["style", "style_v2", "train_lora", "keys_lora"]
+
+
+@pytest.mark.parametrize("lora,words", [
+    ("FILE", None), (["FILE", ("FILE", 0.5)], "is given twice"), ([("FILE", float("nan"))], "finite"),
+    ([("FILE", 1, 2)], "FILE or \\(FILE, SCALE\\)"), (["FILE", "OTHER/style.safetensors"], "would both be the LoRA 'style'"),
+    (3, "a list of LoRA files"), (["nowhere.safetensors"], "not found"),
+], ids=["one", "twice", "nan", "triple", "same-name", "type", "missing"])
+def test_lora_lists_are_checked_before_any_model(two_files, tmp_path, lora, words):
+    other = tmp_path / "style.safetensors"
+    shutil.copy(two_files["style"], other)
+
+    def real(x):
+        return x.replace("OTHER/style.safetensors", str(other)).replace("FILE", two_files["style"]) if isinstance(x, str) else x
+    lora = real(lora) if isinstance(lora, str) else [tuple(map(real, i)) if isinstance(i, tuple) else real(i)
+                                                    for i in lora] if isinstance(lora, list) else lora
+    if words is None:
+        assert [f[:3] for f in lora_files.read_lora_files(lora)] == [(two_files["style"], 1.0, "style")]
+        return
+    with pytest.raises((BadValue, BadFile, TypeError), match=words) as e:
+        lora_files.read_lora_files(lora)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # torch.compile of the small UNet: minutes on a small CPU (as test_speed's compile test)
+def test_a_compiled_unet_runs_its_loras_in_the_graph(small_model_dir, two_files):
+    """load(…, lora=…, compile=True) attaches before compiling (fullgraph: the adapters' sum is in the
+    graph): the picture is the eager one's; per-call scales cannot reach a compiled graph and are refused."""
+    from altdiff_min.pipeline import load as load_model
+
+    lora = [(two_files[n], s) for n, s in WEIGHTS.items()]
+    compiled, eager = load_model(small_model_dir, lora=lora, compile=True), load_model(small_model_dir, lora=lora)
+    args = {"n_samples": 2, "steps": 3, "height": 64, "width": 96, "seed": 1, "output": "tensor", "progress": False}
+    assert rel_err(compiled.generate("un chien", **args), eager.generate("un chien", **args)) <= 1e-4
+    with pytest.raises(BadValue, match="compiled UNet reads no per-call LoRA scales"), \
+            lora_scales(compiled.unet, {"style": 0.0}):
+        pass

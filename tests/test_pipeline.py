@@ -81,6 +81,24 @@ def test_same_images_with_a_config_saved_by_current_diffusers(ours, hub_layout, 
     same_seed_same_images(resaved, diffusers_pipeline(hub_layout, reference, sampler, resaved_config), sampler, 6)
 
 
+@pytest.mark.parametrize("sampler,guidance", [("ddim", None), ("dpm++2m", None), ("dpm++2m-karras", None),
+                                             ("euler", None), ("euler_a", None), ("ddim", "rescale:0.7")])
+def test_v_prediction_same_images_as_diffusers(ours, hub_layout, reference, tmp_path, sampler, guidance):
+    """A scheduler_config.json stating prediction_type "v_prediction", read by the converter's rules: the
+    same UNet read as a v-model gives diffusers' pictures (samplers.model_eps converts after guidance,
+    as diffusers' schedulers read the guided output; CFG rescale acts on the model's output, v, in both)."""
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler.from_config({**SCHEDULER, "prediction_type": "v_prediction"}).save_config(tmp_path)
+    with open(tmp_path / "scheduler_config.json") as f:
+        v_model = dataclasses.replace(ours, schedule=config_from_hf(json.load(f)))
+    assert v_model.schedule.prediction_type == "v_prediction"
+    extra = {"guidance_rescale": 0.7} if guidance else {}
+    expected = diffusers_images(diffusers_pipeline(hub_layout, reference, sampler, str(tmp_path)), 6, **extra)
+    got = our_images(v_model, sampler, 6, **({"guidance": guidance} if guidance else {}))
+    assert rel_err(got, expected) < 1e-4 and rel_diff(our_images(ours, sampler, 6), expected) > 1e-3
+
+
 def test_bf16_images_match_diffusers_in_fp32_and_in_bf16(small_model_dir, hub_layout, reference):
     """generate in bf16 on the CPU, 5 DDIM steps, against diffusers' pipeline with the same seed in fp32
     and in bf16. Tolerance: bf16's target for one module (helpers.BF16_TOL); over a few steps the

@@ -293,3 +293,51 @@ def test_what_a_callback_returns_is_checked(returned, match):
     with pytest.raises(BadValue, match=match) as e:
         after_step(lambda i, t, x, x0: returned(x), 0, 999.0, x, x)
     assert "\n" not in str(e.value)
+
+
+# ---- v-prediction: the same fake model's output read as v (samplers.model_eps) -------------------------------
+
+V_STEPS = [1, 7, 25, 50]
+
+
+@pytest.mark.parametrize("steps", V_STEPS)
+@pytest.mark.parametrize("spacing", [None, "trailing"], ids=lambda s: s or "absent")
+@pytest.mark.parametrize("name", [n for n in REFERENCE if n != "plms"])
+def test_v_prediction_matches_diffusers(name, spacing, steps):
+    """diffusers' scheduler with prediction_type="v_prediction" and ours over model_eps(v-model): every
+    latent and x0 within 1e-5 (Karras' σ, Euler's fractional timesteps and η-free Euler-a noise included)."""
+    from altdiff_min.sampling.samplers import model_eps
+
+    sch = reference(name, config(spacing, prediction_type="v_prediction"))
+    cfg = ScheduleConfig(timestep_spacing=spacing, prediction_type="v_prediction")
+    sch.set_timesteps(steps)
+    ts = timesteps(name, steps, cfg)
+    x = LATENTS * init_noise_sigma(name, ts, cfg)
+    traj, gen = [], torch.Generator().manual_seed(3)
+    SAMPLERS[name](model_eps(fake_eps, ts, cfg), x.clone(), ts, cfg, generator=gen, callback=lambda *a: traj.append(a))
+    assert_same_run(traj, reference_run(name, sch, x.clone(), seed=3))
+
+
+def test_v_prediction_conversion_is_the_velocity_identity():
+    """ε = √ᾱ·v + √(1−ᾱ)·x_t inverts diffusers' get_velocity: a model answering the true v of (x0, ε)
+    gives back ε at every step's level (DDIM's integer t, Euler's fractional one, Karras' σ), and PLMS
+    (whose diffusers scheduler converts after extrapolating, so no parity there) reads the same ε as DDIM."""
+    from altdiff_min.sampling.samplers import model_eps
+
+    cfg = ScheduleConfig(prediction_type="v_prediction")
+    ddpm = DDPMScheduler.from_config(config(None, prediction_type="v_prediction"))
+    x0 = FIXED.clone()
+    for name in REFERENCE:
+        ts = timesteps(name, 10, cfg)
+        for k, (t, sigma) in enumerate(zip(ts.t, ts.sigmas)):
+            alpha = 1 / math.sqrt(sigma * sigma + 1)
+            x_t = alpha * x0 + sigma * alpha * LATENTS
+            if name in ("ddim", "plms"):  # the integer timestep's own ᾱ: diffusers' get_velocity
+                v = ddpm.get_velocity(x0, LATENTS, torch.tensor([int(t)]).repeat(2))
+            else:
+                v = alpha * LATENTS - sigma * alpha * x0
+            eps = model_eps(lambda x, t, v=v: v, ts, cfg)
+            for earlier in ts.t[:k]:  # the k-th call is step k's
+                eps(x_t, earlier)
+            assert rel_err(eps(x_t, t), LATENTS) < TOL, (name, k)
+    assert model_eps(fake_eps, timesteps("ddim", 3), ScheduleConfig()) is fake_eps  # ε-models are untouched

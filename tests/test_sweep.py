@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import lora_file
 from PIL import Image
 
 from altdiff_min.apps.cli import main
@@ -162,6 +163,12 @@ def test_torchrun_sweep_makes_the_same_pictures(tmp_path):
     ({"prompts": ["a red circle", "x\udc80"]}, "spec.json: "),  # not UTF-8: refused by the tokenizer's check
     ({"seeds": [1, 1]}, "'seeds' repeats a seed"),
     ({"axes": {"eta": [0.0, 2.0]}}, "spec.json: eta must be in [0, 1]"),
+    ({"axes": {"lora_scale": [0.5]}}, "lora_scale scales the spec's LoRA files: give them as 'lora'"),
+    ({"lora": "missing.safetensors"}, "LoRA file not found"),
+    ({"lora": "EMPTY"}, "is not a readable safetensors file"),
+    ({"lora": []}, "'lora' must name a LoRA file or a non-empty list"),
+    ({"lora": ["LORA", "./LORA"]}, "is given twice"),
+    ({"lora": "LORA", "axes": {"lora_scale": [0.5, True]}}, "lora_scale must be a finite number, got True"),
 ])
 def test_bad_specs_are_refused_before_any_picture(tmp_path, capsys, monkeypatch, change, message):
     import altdiff_min.pipeline as pipeline
@@ -169,6 +176,8 @@ def test_bad_specs_are_refused_before_any_picture(tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(pipeline.AltDiffusion, "generate",
                         functools.wraps(pipeline.AltDiffusion.generate)(lambda *a, **k: pytest.fail("a picture was made")))
     (tmp_path / "EMPTY").write_text("\n \n")
+    if "LORA" in json.dumps(change):
+        os.rename(lora_file(tmp_path), tmp_path / "LORA")
     spec = {k: v for k, v in {**SPEC, **change}.items() if v is not None}
     assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -399,3 +408,34 @@ def test_a_cell_of_a_setting_generate_cannot_take_records_it_and_replay_says_so(
                    f"'up'] (a sweep's setting), which generate cannot set; make it again with model.generate(…, "
                    f"text_layer=1, cross_attention=['down', 'up'])\n")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_lora_scale_axis(tmp_path, capsys):
+    """`lora` (beside the spec) and a lora_scale axis: scale 0 is the plain picture, 1.5 that of
+    load(MODEL, lora=[(FILE, 1.5)]); each picture records the file (path, SHA-256) and its scale, and
+    generate --replay makes it again; spec.json records the file's SHA-256, so a changed file is another sweep."""
+    from altdiff_min import load
+    from altdiff_min.apps.generate import file_digest
+    from altdiff_min.storage.provenance import record_of_png
+
+    path = lora_file(tmp_path)
+    spec = {"model": "toy", "prompts": ["a red circle"], "seeds": [0], "fixed": {"steps": 3},
+            "lora": "style.safetensors", "axes": {"lora_scale": [0.0, 1.5]}}
+    out = tmp_path / "spec"
+    assert main(["sweep", write_spec(tmp_path, spec), "--device", "cpu"]) == 0
+    rows = table(out)
+    assert [r["lora_scale"] for r in rows] == ["0.0", "1.5"]
+    plain = load("toy").generate("a red circle", seed=0, steps=3)[0]
+    strong = load("toy", lora=[(path, 1.5)]).generate("a red circle", seed=0, steps=3)[0]
+    pictures = [Image.open(out / r["file"]) for r in rows]
+    assert pictures[0].tobytes() == plain.tobytes() and pictures[1].tobytes() == strong.tobytes() != plain.tobytes()
+    carried = record_of_png(str(out / rows[1]["file"]))
+    assert carried["lora"] == [{"path": path, "sha256": file_digest(path, "LoRA"), "scale": 1.5}]
+    assert "lora_scale" not in carried and "<lora:style:1.5>" in pictures[1].info["parameters"]
+    assert main(["generate", "--replay", str(out / rows[1]["file"]), "--outdir", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "samples" / "00000.png").read_bytes() == (out / rows[1]["file"]).read_bytes()
+    assert json.loads((out / "spec.json").read_text())["lora_files"] == [{"path": path, "sha256": file_digest(path, "LoRA")}]
+    lora_file(tmp_path, seed=1)  # another LoRA in the same file
+    capsys.readouterr()
+    assert main(["sweep", str(tmp_path / "spec.json"), "--device", "cpu"]) == 2
+    assert "holds a sweep of another spec" in capsys.readouterr().err

@@ -36,6 +36,9 @@ from altdiff_min.toy.data import (
     MIN_SIZE,
     PHRASINGS,
     RELATIONS,
+    RING,
+    RING_SIDES,
+    RING_WORDS,
     RU_INSTRUMENTAL,
     SCENE_PHRASINGS,
     SHAPE_WORDS,
@@ -43,15 +46,16 @@ from altdiff_min.toy.data import (
     SIZE,
     SIZE_WORDS,
     WHERE,
+    all_captions,
     place_pair,
     random_scene,
     read_caption,
     scene_captions,
     scene_corpus,
 )
-from altdiff_min.toy.detect import SPECK, compositions, detect_objects, same_scene
+from altdiff_min.toy.detect import SPECK, compositions, detect_objects, evaluate_rings, same_scene
 from altdiff_min.toy.train import Recipe, train_tokenizer, train_toy
-from altdiff_min.toy.world import SceneWorld
+from altdiff_min.toy.world import RingWorld, SceneWorld
 
 # What the shipped model must reach in every language separately, and how it is sampled for that.
 MIN_COLOUR, MIN_SHAPE = 0.90, 0.85
@@ -123,6 +127,67 @@ def test_detector_is_right_on_rendered_pictures():
     speck = np.full((SIZE, SIZE, 3), 255, np.uint8)
     speck[5:8, 5:8] = COLOURS["green"]
     assert detect(speck) == (None, None)
+
+
+# ---- rings: the shape the fine-tuning lesson teaches ---------------------------------------------------------
+def test_rings_are_rendered_with_a_hole_and_read_as_rings():
+    rng = np.random.default_rng(5)
+    for i in range(60):
+        colour = list(COLOURS)[i % 6]
+        image = render(RING, colour, rng=rng)
+        ink = (image != 255).any(-1)
+        ys, xs = np.nonzero(ink)
+        side = xs.max() - xs.min() + 1
+        assert RING_SIDES[0] - 1 <= side <= RING_SIDES[1] and not ink[int(ys.mean()), int(xs.mean())]  # hole in the middle
+        assert detect(image) == (RING, colour)
+        assert [o.shape for o, _ in detect_objects(image)] == [RING]
+    for i in range(90):  # the filled shapes never read as rings
+        assert detect(render(SHAPES[i % 3], "red", rng=rng))[0] == SHAPES[i % 3]
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        render("hexagon", "red")
+
+
+def test_ring_captions_in_every_language_and_with_a_token():
+    spoken = {"en": "a red ring", "zh": "一个红色的圆环", "es": "un anillo rojo", "fr": "un anneau rouge",
+              "ru": "красное кольцо", "ja": "赤い輪", "ko": "빨간 고리", "ar": "حلقة حمراء", "it": "un anello rosso"}
+    assert {lang: caption(RING, "red", lang) for lang in LANGUAGES} == spoken
+    assert caption(RING, "blue", "ru", 2) == "изображение синего кольца"  # neuter: the genitive is the masculine's
+    assert caption(RING, "orange", "en", 2) == "a picture of an orange ring"
+    for lang in LANGUAGES:
+        for p in range(len(PHRASINGS[lang])):
+            with_token = caption(RING, "green", lang, p, noun="<ring>")
+            rest = with_token.replace("<ring>", " ")
+            assert with_token.count("<ring>") == 1 and not any(w in rest for w in forms(RING_WORDS[lang]))
+    assert all(w not in " ".join(all_captions()) for lang in LANGUAGES for w in forms(RING_WORDS[lang]))  # a new word
+
+
+def test_ring_world_is_registered_data_of_every_colour():
+    from altdiff_min.training.dataset import open_data
+
+    world, tokens = open_data("toy-ring", 64), open_data("toy-<ring>", 64)
+    assert len(world) == len(tokens) == 36 and world.resolution == 64
+    assert [detect((world.pixels(i) + 1) / 2) for i in range(12)] == [(RING, c) for c in COLOURS] * 2
+    assert torch.equal(world.pixels(7), tokens.pixels(7))
+    assert len(world.texts(0)) == 27 and world.texts(0)[0] == "a red ring" and tokens.texts(0)[0] == "a red <ring>"
+    assert tokens.describe()["noun"] == "<ring>" and "noun" not in world.describe()
+    with pytest.raises(ValueError, match="at least 6 pictures"):
+        RingWorld(n=5)
+
+
+def test_evaluate_rings_counts_colour_shape_and_both(monkeypatch):
+    detect_module = sys.modules[evaluate.__module__]
+    asked = []
+
+    def draw(model, prompts, seeds, *a):
+        asked.extend(prompts * len(seeds))
+        return list(range(len(asked)))
+
+    answers = [(RING if c != "red" else "circle", c if c != "blue" else "green") for lang in LANGUAGES for c in COLOURS]
+    monkeypatch.setattr(detect_module, "draw", draw)
+    monkeypatch.setattr(detect_module, "detect", lambda i: answers[i % len(answers)])
+    table = evaluate_rings(None, noun="<ring>", seeds=(0, 1))
+    assert asked[:2] == ["a red <ring>", "a green <ring>"] and len(asked) == 2 * 9 * 6
+    assert table == {lang: {"colour": 5 / 6, "shape": 5 / 6, "both": 4 / 6} for lang in LANGUAGES}
 
 
 # ---- scenes: sizes, two objects, relations ------------------------------------------------------------

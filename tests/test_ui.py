@@ -463,7 +463,9 @@ def test_an_image_request_without_a_picture_is_an_error(client):
     (["--model", "{tmp}/nope"], "model folder not found: {tmp}/nope"),
     (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}: in use (another server?)"),
     (["--device", "cuda:7"], "device 'cuda:7'"),
-], ids=["port too high", "port 0", "no model folder", "port in use", "no such device"])
+    (["--lora-dir", "{tmp}/nope"], "--lora-dir: {tmp}/nope is not a folder"),
+    (["--lora-dir", "{tmp}"], "--lora-dir: {tmp} holds no .safetensors files"),
+], ids=["port too high", "port 0", "no model folder", "port in use", "no such device", "no lora dir", "no lora files"])
 def test_the_command_checks_its_arguments_before_loading(argv, error, tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -606,3 +608,77 @@ def test_a_browser_makes_pictures_from_a_chinese_prompt_and_from_a_picture(serve
     assert "--init-img=" in image_recipe and "--strength 0.8" in image_recipe and "--H" not in image_recipe
     assert_same_pictures(image_pictures, model.generate(caption("circle", "red", "fr"), steps=25, seed=seed,
                                                         image=Image.fromarray(TRIANGLE), progress=False))
+
+
+# LoRAs: --lora-dir's files offered by name, each request weighing its own.
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    """The toy model with two LoRAs (style, ink) from a --lora-dir, served; (client, loras, URL)."""
+    from gradio_client import Client
+    from helpers import lora_file
+
+    folder = tmp_path_factory.mktemp("loras")
+    lora_file(folder, name="style.safetensors", seed=0)
+    lora_file(folder, name="ink.safetensors", seed=1, r=3)
+    (folder / "notes.txt").write_text("not a LoRA: not offered")
+    loras = ui.lora_folder(str(folder))
+    app = ui.build_app(load("toy", lora=[(f["path"], 0.0) for f in loras.values()]), loras)
+    _, url, _ = ui.launch(app, "127.0.0.1", free_port(), block=False)
+    yield Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path_factory.mktemp("c"))), loras
+    app.close()
+
+
+def test_a_lora_chosen_on_the_page_is_the_picture_generate_makes_and_is_recorded(lora_server, tmp_path):
+    """The LoRA field offers the folder's files by name; a request at style 1.5 is load(toy, lora=[(style,
+    1.5)])'s picture, "none" the plain one; the PNG records the file (path, SHA-256, scale) as generate
+    --lora does, and the command line shown (with --lora) makes the same pictures."""
+    from altdiff_min.storage.provenance import record_of_png
+
+    client, loras = lora_server
+    params = {p["parameter_name"]: p for p in client.view_api(return_format="dict", print_info=False)
+              ["named_endpoints"]["/txt2img"]["parameters"]}
+    assert list(params) == [*FIELDS, "lora", "lora_scale"] and params["lora"]["parameter_default"] == "none"
+    assert set(params["lora"]["type"]["enum"]) == {"none", "ink", "style"}
+    asked = settings(n_samples=1)
+    plain = direct(load("toy"), asked)
+    strong = direct(load("toy", lora=[(loras["style"]["path"], 1.5)]), asked)
+    gallery, recipe, shown = ask(client, asked, "/txt2img", "style", 1.5)
+    assert_same_pictures([gallery[0]["image"]], strong)
+    assert not np.array_equal(pixels(strong[0]), pixels(plain[0]))
+    assert shown["lora"] == {"file": loras["style"]["path"], "sha256": loras["style"]["sha256"], "scale": 1.5}
+    assert record_of_png(gallery[0]["image"])["lora"] == [{"path": loras["style"]["path"], "sha256": loras["style"]["sha256"],
+                                                           "scale": 1.5}]
+    assert "<lora:style:1.5>" in Image.open(gallery[0]["image"]).info["parameters"]
+    assert f"--lora={loras['style']['path']}:1.5" in recipe
+    assert_same_pictures([gallery[0]["image"]], remake(recipe, tmp_path))
+    gallery, _, shown = ask(client, asked, "/txt2img", "none", 1.5)
+    assert_same_pictures([gallery[0]["image"]], plain)
+    assert "lora" not in shown and "lora" not in record_of_png(gallery[0]["image"])
+
+
+def test_two_requests_with_different_loras_at_once_keep_their_own(lora_server):
+    """The scale is the request's (a ContextVar per call), not the shared model's."""
+    client, loras = lora_server
+    asked = settings(n_samples=1, steps=4, sampler="ddim")
+    jobs = [client.submit(*(asked[k] for k in FIELDS), name, scale, api_name="/txt2img")
+            for name, scale in (("style", 1.5), ("ink", -1.0), ("none", 1.0))]
+    results = [job.result(timeout=300) for job in jobs]
+    for (name, scale), (gallery, _, _) in zip((("style", 1.5), ("ink", -1.0), ("none", 1.0)), results):
+        model = load("toy", lora=[(loras[name]["path"], scale)] if name != "none" else ())
+        assert_same_pictures([gallery[0]["image"]], direct(model, asked))
+
+
+def test_a_lora_the_server_does_not_offer_is_one_line(lora_server):
+    """A client names one of the server's LoRAs, never a path (Gradio checks the choice; chosen_lora, behind
+    the page, checks it again, and the scale)."""
+    from gradio_client.exceptions import AppError
+
+    client, loras = lora_server
+    with pytest.raises(AppError) as e:
+        ask(client, settings(n_samples=1), "/txt2img", "/etc/passwd", 1.0)
+    assert str(e.value) == "Value: /etc/passwd is not in the list of choices: ['none', 'ink', 'style']"
+    with pytest.raises(AltDiffError, match="^LoRA '/etc/passwd' is not one of this server's \\(ink, style\\)$"):
+        ui.chosen_lora(loras, "/etc/passwd", 1.0)
+    with pytest.raises(AltDiffError, match="^LoRA scale must be a finite number, not nan$"):
+        ui.chosen_lora(loras, "style", float("nan"))

@@ -33,10 +33,11 @@ DROPS: list[Drop] = [
 ]
 
 # ---- UNet: CompVis numbers blocks in one flat list per path; where each sits depends on the config.
-RES_INSIDE: list[Rule] = [
-    (r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."), (r"\.emb_layers\.1\.", ".time_proj."),
-    (r"\.out_layers\.0\.", ".norm2."), (r"\.out_layers\.3\.", ".conv2."), (r"\.skip_connection\.", ".shortcut."),
-]
+# Inside a resnet (anchored on it: read backwards by export, a transformer block's norm1/norm2 must stay).
+RES = r"(res\.\d+|mid_res[12])\."
+RES_INSIDE: list[Rule] = [(RES + theirs, rf"\1.{ours}.") for theirs, ours in [
+    (r"in_layers\.0\.", "norm1"), (r"in_layers\.2\.", "conv1"), (r"emb_layers\.1\.", "time_proj"),
+    (r"out_layers\.0\.", "norm2"), (r"out_layers\.3\.", "conv2"), (r"skip_connection\.", "shortcut")]]
 
 
 def unet_rules(cfg: UNetConfig) -> list[Rule]:
@@ -65,16 +66,25 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
 # ---- VAE: ldm's decoder numbers its levels from the finest (up.0), ours in the order they run.
 def vae_rules(cfg: VAEConfig) -> list[Rule]:
     levels = len(cfg.channels)
-    places: list[Rule] = [(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}."),  # one rule: no re-renaming
+    # Reversed through a name no rule reads (up_N), so that no level is renamed twice, in either direction.
+    places: list[Rule] = [(rf"^decoder\.up\.{i}\.", f"decoder.up_{levels - 1 - i}.") for i in range(levels)]
+    places += [(r"^decoder\.up_(\d+)\.", r"decoder.up.\1."),
                (r"\.block\.(\d+)\.", r".res.\1."), (r"\.mid\.block_1\.", ".mid.res1."),
                (r"\.mid\.block_2\.", ".mid.res2."), (r"\.mid\.attn_1\.", ".mid.attn.")]
     return places + [(r"\.nin_shortcut\.", ".shortcut."), (r"\.attn\.proj_out\.", ".attn.out.")]
 
 
+# Parity: ldm keeps the VAE's attention projections as 1×1 convs (C, C, 1, 1): the same numbers as a Linear.
+ATTN_CONV = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
 def as_linear(name: str, t: torch.Tensor) -> torch.Tensor:
-    # Parity: ldm keeps the VAE's attention projections as 1×1 convs (C, C, 1, 1): the same numbers as a Linear.
-    is_attn_conv = ".mid.attn_1." in name and name.endswith(".weight") and t.ndim == 4
-    return t[:, :, 0, 0] if is_attn_conv else t
+    return t[:, :, 0, 0] if ATTN_CONV.search(name) and t.ndim == 4 else t
+
+
+def as_conv(name: str, t: torch.Tensor) -> torch.Tensor:
+    """as_linear backwards, for export: the (C, C) weight as ldm's 1×1 conv."""
+    return t[:, :, None, None] if ATTN_CONV.search(name) and t.ndim == 2 else t
 
 
 def check_schedule(state_dict: Mapping[str, torch.Tensor], cfg: ScheduleConfig) -> None:

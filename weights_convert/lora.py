@@ -13,6 +13,10 @@ back; the same regexes that convert the weights, applied to `path + "."`):
                   (lora_up, and a scalar `.alpha`; absent → the rank). Underscores are ambiguous, so
                   the path is looked up among the model's own layers, renamed to diffusers' names.
 
+Each file becomes one named adapter of research/lora.py (default_name: the file's stem), so several
+stack; `read_lora_files` reads and checks a list of them before a model loads (load(..., lora=…)),
+`attach_lora_files` checks them all against the UNet, then attaches them.
+
 Strict both ways, as conversion is: every key is used or the file is refused with one line naming
 it; `lora_te_` and `text_encoder.` keys adapt CLIP's text tower, which m9 does not have (its text
 encoder is XLM-R), and are refused with that reason.
@@ -30,8 +34,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from altdiff_min.errors import BadFile
-from altdiff_min.research.lora import LoRA, attach, load_lora_weights, lora_layers, targets_of
+from altdiff_min.errors import AltDiffError, BadFile, BadType, BadValue
+from altdiff_min.research.lora import LoRA, attach, check_name, finite, load_lora_weights, lora_layers, plain_layers
 from altdiff_min.storage.files import atomic_file, safetensors_os_error
 
 from .rules import rename
@@ -103,7 +107,7 @@ def read_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], model:
               what: str) -> tuple[dict[str, tuple[int, float]], dict[str, torch.Tensor]]:
     """{our layer: (r, alpha)} and {our `layer.lora_A.weight`/`lora_B.weight`: tensor} from a file's
     tensors, checked against `model`'s plain layers (shapes, ranks, finite values)."""
-    layers = {name: model.get_submodule(name) for name in targets_of(model, [".*"])}
+    layers = plain_layers(model, [".*"])  # a layer that has LoRAs already: its base
     kohya = {"lora_unet_" + to_diffusers(name).replace(".", "_"): name for name in layers}
     found: dict[str, dict[str, torch.Tensor]] = {}
     first: dict[str, str] = {}  # a layer → its first key, for messages
@@ -158,8 +162,11 @@ def check_file(path: str) -> int:
     is a UNet LoRA weight (diffusers/peft or kohya; no text-tower keys), each layer with both its down
     and up weights, all finite. Returns the number of layers; shapes are checked against the UNet when
     it loads (read_lora)."""
-    what = f"LoRA file {path}"
-    tensors, metadata = read_file(path)
+    return check_tensors(*read_file(path), f"LoRA file {path}")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> int:
+    """check_file's checks on a file's tensors and metadata."""
     alphas_from_metadata(metadata, what)
     layers: dict[str, set[str]] = {}
     for key, tensor in tensors.items():
@@ -176,16 +183,71 @@ def check_file(path: str) -> int:
     return len(layers)
 
 
-def load_lora(model: nn.Module, path: str, scale: float = 1.0) -> dict[str, LoRA]:
-    """Attach the LoRA of a diffusers/peft or kohya .safetensors file to our UNet `model` (in place,
-    at `scale`); returns {layer: LoRA}. Nothing changes when the file is refused."""
-    if lora_layers(model):
-        raise BadFile(f"cannot load {path}: the model already has LoRA layers (merge or remove them first)")
-    tensors, metadata = read_file(path)
-    shapes, weights = read_lora(tensors, metadata, model, f"LoRA file {path}")
+def load_lora(model: nn.Module, path: str, scale: float = 1.0, name: str | None = None) -> dict[str, LoRA]:
+    """Attach the LoRA of a diffusers/peft or kohya .safetensors file to our UNet `model` (in place, at
+    `scale`) as the adapter `name` (None: default_name(path)), beside any it has; returns {layer: LoRA}.
+    Nothing changes when the file is refused."""
+    name = default_name(path) if name is None else name
+    return attach_lora_files(model, [(path, finite(scale, "scale"), name, *read_file(path))])[name]
+
+
+def default_name(path: str) -> str:
+    """A file's adapter name: its stem, any '.' made '_' (a module name holds no dot); a stem that torch's
+    module dictionary takes for itself (train, keys, …) gets "_lora" after it."""
+    name = os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+    return name if name and not hasattr(nn.ModuleDict(), name) else name + "_lora"
+
+
+LoRAFile = tuple[str, float, str, dict, dict]  # (path, scale, name, tensors, metadata)
+
+
+def lora_list(lora, what: str = "lora") -> list[tuple[str, float, str]]:
+    """[(path, scale, name)] of `lora`: a list of FILE or (FILE, SCALE) (a FILE alone: one), scales
+    finite (default 1.0), named default_name(FILE); a file given twice, or two that share a name,
+    refused in one line."""
+    items = [lora] if isinstance(lora, (str, os.PathLike)) else lora
+    if not isinstance(items, (list, tuple)):
+        raise BadType(f"{what} is a list of LoRA files, FILE or (FILE, SCALE), not {lora!r}")
+    out, seen = [], {}
+    for item in items:
+        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else \
+            tuple(item) if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
+        if not isinstance(path, (str, os.PathLike)):
+            raise BadType(f"{what}: each LoRA is a FILE or (FILE, SCALE), not {item!r}")
+        path, scale = os.fspath(path), finite(scale, f"scale of {os.fspath(path)}")
+        real, name = os.path.realpath(path), default_name(path)
+        if real in seen.values():
+            raise BadValue(f"{what}: the LoRA file {path} is given twice")
+        if name in seen:
+            raise BadValue(f"{what}: {seen[name]} and {path} would both be the LoRA {name!r}: rename one of the files")
+        try:
+            seen[check_name(name)] = real
+        except AltDiffError as e:
+            raise BadValue(f"{what}: {path}: {e}") from None
+        out.append((path, scale, name))
+    return out
+
+
+def read_lora_files(lora, what: str = "lora") -> list[LoRAFile]:
+    """lora_list(lora), each file read and checked (check_tensors) before a model loads."""
+    files = []
+    for path, scale, name in lora_list(lora, what):
+        tensors, metadata = read_file(path)
+        check_tensors(tensors, metadata, f"LoRA file {path}")
+        files.append((path, scale, name, tensors, metadata))
+    return files
+
+
+def attach_lora_files(model: nn.Module, files: list[LoRAFile]) -> dict[str, dict[str, LoRA]]:
+    """read_lora_files' files onto our UNet `model`, each its own adapter at its scale: every file is
+    checked against the model's layers before the first is attached. Returns {name: {layer: LoRA}}."""
+    read = [(name, scale, *read_lora(tensors, metadata, model, f"LoRA file {path}"))
+            for path, scale, name, tensors, metadata in files]
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    added = attach(model, shapes, scale)
-    load_lora_weights(model, {k: v.to(device, dtype) for k, v in weights.items()})
+    added = {}
+    for name, scale, shapes, weights in read:
+        added[name] = attach(model, shapes, scale, name)
+        load_lora_weights(model, {k: v.to(device, dtype) for k, v in weights.items()}, name)
     return added
 
 
@@ -230,3 +292,54 @@ def save_lora(model: nn.Module, folder: str, name: str = FILE, record: dict | No
             raise safetensors_os_error(e) from None
         os.chmod(tmp, mode)
     return path
+
+
+# ---- writing the kohya / web-UI form (export --to kohya) ----------------------------------------------------
+KOHYA_PARTS = {"A": "lora_down.weight", "B": "lora_up.weight"}
+
+
+def kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> dict[str, torch.Tensor]:
+    """A diffusers/peft LoRA file's tensors as kohya names them: the diffusers module path with `_` for
+    `.` after `lora_unet_`, lora_down/lora_up, and each layer's alpha as a scalar (the alpha
+    diffusers would use: peft's alpha_pattern, lora_alpha, else the most common rank)."""
+    default_alpha, pattern = alphas_from_metadata(metadata, what)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        kind, path, part = split(key, what)
+        if kind == "kohya":
+            raise BadFile(f"{what} is in the kohya form already ({key})")
+        layers.setdefault(path, {})[part] = tensor
+    ranks = Counter(parts["A"].shape[0] for parts in layers.values() if "A" in parts)
+    out = {}
+    for path, parts in layers.items():
+        if set(parts) != {"A", "B"}:
+            raise BadFile(f"{what}: the layer {path} has {' and '.join(sorted(parts))} but not both down (A) and up (B)")
+        alpha = next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", path)), default_alpha)
+        name = "lora_unet_" + path.replace(".", "_")
+        out.update({f"{name}.{KOHYA_PARTS[p]}": parts[p].contiguous() for p in "AB"})
+        out[f"{name}.alpha"] = torch.tensor(float(ranks.most_common(1)[0][0] if alpha is None else alpha))
+    return out
+
+
+def save_kohya(path: str, out: str, force: bool = False) -> str:
+    """`export LORA_FILE OUT --to kohya`: the diffusers/peft LoRA file `path` written to `out` in the kohya
+    form (checked first, as generate --lora checks it: keys, both halves, finite values); returns out."""
+    from altdiff_min.storage.files import locked
+
+    from .export import MARK_METADATA, check_lora_destination, write_weights
+
+    what = f"LoRA file {path}"
+    out = os.path.abspath(out)
+    check_lora_destination(out, force)
+    check_file(path)
+    tensors = kohya_state_dict(*read_file(path), what)
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    alphas = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
+    metadata = {"ss_network_module": "networks.lora", MARK_METADATA: json.dumps({"source": os.path.abspath(path)}),
+                **({"ss_network_dim": str(*ranks)} if len(ranks) == 1 else {}),
+                **({"ss_network_alpha": f"{next(iter(alphas)):g}"} if len(alphas) == 1 else {})}
+    with locked(out):
+        check_lora_destination(out, force)
+        with atomic_file(out) as tmp:
+            write_weights(tmp, tensors, metadata, os.stat(tmp).st_mode & 0o666)
+    return out

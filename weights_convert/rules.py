@@ -42,6 +42,27 @@ class Report:
         return "; ".join(lines)
 
 
+class Alias(tuple):
+    """A rule that reads another spelling only (an older diffusers', the prefix transformers 5 strips):
+    convert applies it like any rule, export (invert) never writes it."""
+
+
+class Nested:
+    """A replacement that renames the rest of the name by a module's own rules under `prefix`: one
+    module inside another (the safety checker's CLIP tower). Made by `nested`; invert reads it backwards."""
+
+    def __init__(self, prefix: str, rules: list[Rule]):
+        self.prefix, self.rules = prefix, rules
+
+    def __call__(self, m: re.Match) -> str:
+        return self.prefix + rename(m.group(1), self.rules)
+
+
+def nested(theirs: str, ours: str, rules: list[Rule]) -> Rule:
+    """Everything under the prefix `theirs`, renamed by `rules`, under the prefix `ours`."""
+    return (rf"^{re.escape(theirs)}(.*)$", Nested(ours, rules))
+
+
 def rename(name: str, rules: list[Rule]) -> str:
     for pattern, replacement in rules:
         name = re.sub(pattern, replacement, name, count=1)
@@ -129,3 +150,97 @@ def load_model(make: Callable[[], torch.nn.Module], source: Mapping[str, torch.T
     tensors, report = convert_state_dict(source, rules, drops, model.state_dict(), what)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval(), report
+
+
+# ---- backwards: altdiff-min's names → the reference's, for export ------------------------------------------
+# The rules are the one home of each layout's names; export reads them backwards. A rule whose regex is
+# literal text, `^`/`$` anchors and capture groups (each used once in the replacement) is a bijection
+# between what it matches and what it writes, so it inverts mechanically: the replacement becomes the
+# regex (its groups' sub-patterns put back), the regex the replacement; the list runs in reverse order.
+# Alias rules (other spellings read only) are left out: names are written as current readers expect them.
+_PIECE = re.compile(r"\\(.)|(\()|([A-Za-z0-9_\-]+)|(\^)|(\$)|(.)", re.DOTALL)
+
+
+def _pattern_pieces(pattern: str) -> tuple[list, bool, bool]:
+    """A simple rule regex as [literal str | group sub-pattern (a 1-tuple)], anchored at start, at end."""
+    pieces, i, start, end = [], 0, False, False
+    while i < len(pattern):
+        m = _PIECE.match(pattern, i)
+        escaped, group, literal, caret, dollar, other = m.groups()
+        if escaped is not None:
+            if escaped.isalnum():  # \d, \w, …: a class, not one character
+                raise ValueError(f"rule {pattern!r} is not invertible (class \\{escaped} outside a group)")
+            pieces.append(escaped)
+        elif group:
+            depth, j = 1, m.end()
+            while depth:
+                if j == len(pattern):
+                    raise ValueError(f"rule {pattern!r}: unbalanced group")
+                c = pattern[j]
+                j += 2 if c == "\\" else 1
+                depth += {"(": 1, ")": -1}.get(c, 0) if c != "\\" else 0
+            inner = pattern[m.end():j - 1]
+            if re.search(r"(?<!\\)\((?!\?:)", inner):
+                raise ValueError(f"rule {pattern!r} is not invertible (a group inside a group)")
+            pieces.append((inner,))
+            i = j
+            continue
+        elif literal is not None:
+            pieces.append(literal)
+        elif caret is not None and i == 0:
+            start = True
+        elif dollar is not None and m.end() == len(pattern):
+            end = True
+        else:
+            raise ValueError(f"rule {pattern!r} is not invertible ({other or caret or dollar!r} outside a group)")
+        i = m.end()
+    return pieces, start, end
+
+
+def invert(rules: list[Rule]) -> list[Rule]:
+    """The rules backwards (ours → the reference's names), in reverse order; ValueError for a rule that is
+    not plain text and groups (a callable replacement, a class outside a group, a group dropped)."""
+    inverse: list[Rule] = []
+    for pattern, replacement in (rule for rule in reversed(rules) if not isinstance(rule, Alias)):
+        if isinstance(replacement, Nested):
+            pieces, _, _ = _pattern_pieces(pattern)
+            if pieces[-1:] != [(".*",)] or not all(isinstance(p, str) for p in pieces[:-1]):
+                raise ValueError(f"rule {pattern!r}: a nested rule is `^prefix(.*)$`")
+            inverse.append(nested(replacement.prefix, "".join(pieces[:-1]), invert(replacement.rules)))
+            continue
+        if callable(replacement):
+            raise TypeError(f"rule {pattern!r} has a computed replacement: it does not invert mechanically")
+        pieces, start, end = _pattern_pieces(pattern)
+        groups = [p[0] for p in pieces if isinstance(p, tuple)]
+        regex, order = "^" if start else "", []
+        parts = re.findall(r"([^\\]+)|\\(\d+)", replacement)
+        if "".join(lit or f"\\{ref}" for lit, ref in parts) != replacement or not parts:
+            raise ValueError(f"rule {pattern!r} writes {replacement!r}: only text and \\N groups invert mechanically")
+        for literal, ref in parts:
+            if literal:
+                regex += re.escape(literal)
+            elif int(ref) in order:
+                raise ValueError(f"rule {pattern!r} uses group {ref} twice: it does not invert mechanically")
+            else:
+                order.append(int(ref))
+                regex += f"({groups[int(ref) - 1]})"
+        if sorted(order) != list(range(1, len(groups) + 1)):
+            raise ValueError(f"rule {pattern!r} drops a group: it does not invert mechanically")
+        n = iter(range(1, len(groups) + 1))
+        back = "".join(p.replace("\\", "\\\\") if isinstance(p, str) else f"\\g<{order.index(next(n)) + 1}>"
+                       for p in pieces)
+        inverse.append((regex + ("$" if end else ""), back))
+    return inverse
+
+
+def rename_back(names: list[str], rules: list[Rule], what: str) -> dict[str, str]:
+    """{our name: the reference's name} by the inverted rules, each checked to convert forward into the
+    name it came from, no two the same: the forward rules stay the only statement of the layout."""
+    inverse = invert(rules)
+    out = {name: rename(name, inverse) for name in names}
+    if wrong := [f"{n} → {t} → {rename(t, rules)}" for n, t in out.items() if rename(t, rules) != n]:
+        raise ConversionError(f"{what}: {len(wrong)} name(s) do not come back through the rules, e.g. {wrong[:3]}")
+    if len(set(out.values())) != len(out):
+        same = [t for t, k in Counter(out.values()).items() if k > 1]
+        raise ConversionError(f"{what}: several tensors would be written as {same[:3]}")
+    return out

@@ -17,11 +17,12 @@ from altdiff_min.sampling.schedule import SPACINGS, ScheduleConfig
 
 from .rules import ConversionError
 
-CARRIED = ("num_train_timesteps", "beta_start", "beta_end", "steps_offset", "set_alpha_to_one", "timestep_spacing")
+CARRIED = ("num_train_timesteps", "beta_start", "beta_end", "steps_offset", "set_alpha_to_one", "timestep_spacing",
+           "prediction_type")  # epsilon or v_prediction: samplers.model_eps reads either
 # diffusers' defaults shared by the scheduler classes below, for options a file leaves out.
 # set_alpha_to_one None and timestep_spacing None: each sampler's own (see altdiff_min.sampling.samplers).
 ABSENT = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-          "steps_offset": 0, "set_alpha_to_one": None, "timestep_spacing": None}
+          "steps_offset": 0, "set_alpha_to_one": None, "timestep_spacing": None, "prediction_type": "epsilon"}
 # Where a class's own defaults differ from ABSENT or from what altdiff-min implements (diffusers 0.42's
 # __init__ defaults; tests/test_convert.py compares them with the installed diffusers). None: a file
 # that names no class, read with ABSENT alone.
@@ -40,7 +41,7 @@ CLASS_DEFAULTS: dict[str | None, dict] = {
 # What AltDiffusion's scheduler configs say and altdiff-min implements (diffusers' defaults). The
 # sampler options apply when a config of that scheduler class is re-targeted with from_config.
 IMPLEMENTED = {
-    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False, "trained_betas": None,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "trained_betas": None,
     "thresholding": False, "rescale_betas_zero_snr": False,
     "skip_prk_steps": True,  # PNDMScheduler: 'plms' is PNDM without its Runge–Kutta steps, as AltDiffusion runs it
     # DPMSolverMultistepScheduler: our dpm++2m is its default configuration.
@@ -94,3 +95,12 @@ def config_from_hf(hf: Mapping, name: str = "scheduler_config.json") -> Schedule
         return ScheduleConfig(**{k: options[k] for k in CARRIED})
     except AltDiffError as e:
         raise ConversionError(f"{name}: {e}") from None
+
+
+def config_to_hf(cfg: ScheduleConfig) -> dict:
+    """config_from_hf backwards: scheduler/scheduler_config.json for our schedule, as m9's DDIMScheduler
+    (the options AltDiffusion's samplers implement stated, so that from_config into another class keeps
+    them; a None of ours is diffusers' per-class default, so it is left unstated)."""
+    options = {k: getattr(cfg, k) for k in CARRIED if getattr(cfg, k) is not None}
+    fixed = {k: IMPLEMENTED[k] for k in ("beta_schedule", "clip_sample", "trained_betas", "thresholding")}
+    return {"_class_name": "DDIMScheduler", **options, **fixed}  # prediction_type: CARRIED

@@ -71,6 +71,17 @@ def config_from_hf(config: Mapping) -> TextEncoderConfig:
     )
 
 
+def config_to_hf(cfg: TextEncoderConfig) -> dict:
+    """config_from_hf backwards: text_encoder/config.json (RobertaSeriesConfig) for our config."""
+    return {"architectures": ["RobertaSeriesModelWithTransformation"], "model_type": "xlm-roberta",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,
+            "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp, "max_position_embeddings": cfg.max_positions,
+            "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.eps, "pad_token_id": cfg.pad_id,
+            "bos_token_id": 0, "eos_token_id": 2,  # XLM-R's <s> and </s> (the tokenizer's fairseq ids)
+            "project_dim": cfg.project_dim, "has_pre_transformation": cfg.pre_transformation,
+            **{k: REFERENCE_DEFAULTS[k] for k in ("hidden_act", "position_embedding_type", "use_attention_mask")}}
+
+
 # m9's text encoder has no second head, and diffusers' RobertaSeriesModelWithTransformation then has no
 # pre_LN; a file saved from FlagAI's model (which always builds one) still carries it, as the ldm
 # single file does. Dropped only for such a config: for m18 it is a weight the model needs.

@@ -13,7 +13,7 @@ import torch
 
 from altdiff_min.model.unet import UNet, UNetConfig
 
-from .rules import Drop, Report, Rule, load_model
+from .rules import Drop, Report, Rule, invert, load_model
 
 PLACES: list[Rule] = [  # conv_in and conv_out keep their names
     (r"^time_embedding\.linear_1\.", "time_mlp.0."),
@@ -37,37 +37,20 @@ TRANSFORMER_INSIDE: list[Rule] = [  # norm, proj_in, proj_out and the block's no
     (r"\.transformer_blocks\.0\.", ".block."),  # one transformer block per attention
     (r"\.block\.attn1\.", ".block.self_attn."),
     (r"\.block\.attn2\.", ".block.cross_attn."),
+    # before the feed-forward's rules: read backwards (export, rules.invert), `.out.` becomes the
+    # attention's to_out.0 only once the feed-forward's own `.ff.out.` has become ff.net.2
+    *ATTENTION_INSIDE,
     (r"\.ff\.net\.0\.proj\.", ".ff.proj."),
     (r"\.ff\.net\.2\.", ".ff.out."),
-    *ATTENTION_INSIDE,
 ]
 
 RULES: list[Rule] = PLACES + RES_INSIDE + TRANSFORMER_INSIDE
 
 # The same mapping backwards, ours → diffusers' names, for files whose keys name diffusers' modules
-# (LoRA files, weights_convert/lora.py). tests/test_lora.py checks that every tensor name of a
-# diffusers UNet comes back from rename(rename(name, RULES), TO_DIFFUSERS).
-TO_DIFFUSERS: list[Rule] = [
-    (r"^time_mlp\.0\.", "time_embedding.linear_1."),
-    (r"^time_mlp\.2\.", "time_embedding.linear_2."),
-    (r"^(down|up)\.(\d+)\.res\.", r"\1_blocks.\2.resnets."),
-    (r"^(down|up)\.(\d+)\.attn\.", r"\1_blocks.\2.attentions."),
-    (r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0."),
-    (r"^up\.(\d+)\.upsample\.", r"up_blocks.\1.upsamplers.0."),
-    (r"^mid_res1\.", "mid_block.resnets.0."),
-    (r"^mid_attn\.", "mid_block.attentions.0."),
-    (r"^mid_res2\.", "mid_block.resnets.1."),
-    (r"^norm_out\.", "conv_norm_out."),
-    (r"\.time_proj\.", ".time_emb_proj."),
-    (r"\.shortcut\.", ".conv_shortcut."),
-    (r"\.block\.self_attn\.", ".block.attn1."),
-    (r"\.block\.cross_attn\.", ".block.attn2."),
-    (r"\.ff\.proj\.", ".ff.net.0.proj."),
-    (r"\.ff\.out\.", ".ff.net.2."),
-    (r"\.(attn[12])\.([qkv])\.", r".\1.to_\2."),
-    (r"\.(attn[12])\.out\.", r".\1.to_out.0."),
-    (r"\.block\.", ".transformer_blocks.0."),
-]
+# (LoRA files, weights_convert/lora.py) and for export: RULES read backwards (rules.invert).
+# tests/test_lora.py checks that every tensor name of a diffusers UNet comes back from
+# rename(rename(name, RULES), TO_DIFFUSERS).
+TO_DIFFUSERS: list[Rule] = invert(RULES)
 
 DROPS: list[Drop] = []  # diffusers' UNet state dict holds nothing we do not use
 
@@ -154,6 +137,19 @@ def config_from_hf(hf: Mapping) -> UNetConfig:
         eps=hf["norm_eps"],
         dropout=hf["dropout"],
     )
+
+
+def config_to_hf(cfg: UNetConfig, sample_size: int) -> dict:
+    """config_from_hf backwards: diffusers' unet/config.json for our config (sample_size: the latent
+    side, image size / 8; not m9's mistaken 32). The options left out take diffusers' defaults, SD v1's."""
+    attention = ["CrossAttn" if a else "" for a in cfg.attention]
+    return {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers,
+            "down_block_types": [f"{a}DownBlock2D" for a in attention],
+            "up_block_types": [f"{a}UpBlock2D" for a in reversed(attention)],
+            "attention_head_dim": cfg.heads,  # the number of heads: diffusers' naming mistake, see config_from_hf
+            "cross_attention_dim": cfg.context_dim, "norm_num_groups": cfg.groups, "norm_eps": cfg.eps,
+            "dropout": cfg.dropout, "sample_size": sample_size}
 
 
 def load(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> tuple[UNet, Report]:

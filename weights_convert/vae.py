@@ -11,7 +11,7 @@ import torch
 
 from altdiff_min.model.vae import VAE, VAEConfig
 
-from .rules import Drop, Report, Rule, load_model
+from .rules import Alias, Drop, Report, Rule, load_model
 from .unet import ATTENTION_INSIDE, reject_other_values
 
 PLACES: list[Rule] = [  # conv_in, conv_out, quant_conv and post_quant_conv keep their names
@@ -27,8 +27,9 @@ PLACES: list[Rule] = [  # conv_in, conv_out, quant_conv and post_quant_conv keep
 
 # diffusers before 0.14 (m9's hub vae/ was written by 0.8) named the mid-block attention's projections
 # query/key/value/proj_attn; diffusers still reads such files (renaming them on load), and so do we.
-LEGACY_ATTENTION: list[Rule] = [(rf"(\.mid\.attn)\.{old}\.", rf"\1.{new}.")
+LEGACY_ATTENTION: list[Rule] = [Alias((rf"(\.mid\.attn)\.{old}\.", rf"\1.{new}."))
                                 for old, new in [("query", "q"), ("key", "k"), ("value", "v"), ("proj_attn", "out")]]
+# (Alias: export writes the current names.)
 
 INSIDE: list[Rule] = [(r"\.conv_shortcut\.", ".shortcut."), (r"\.group_norm\.", ".norm."), *ATTENTION_INSIDE,
                       *LEGACY_ATTENTION]
@@ -73,6 +74,16 @@ def config_from_hf(hf: Mapping) -> VAEConfig:
         groups=hf["norm_num_groups"],
         scaling_factor=hf["scaling_factor"],
     )
+
+
+def config_to_hf(cfg: VAEConfig, sample_size: int) -> dict:
+    """config_from_hf backwards: diffusers' vae/config.json for our config (sample_size: the image size)."""
+    levels = len(cfg.channels)
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.image_channels, "out_channels": cfg.image_channels,
+            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "scaling_factor": cfg.scaling_factor,
+            "act_fn": "silu", "sample_size": sample_size}
 
 
 def load(state_dict: Mapping[str, torch.Tensor], cfg: VAEConfig) -> tuple[VAE, Report]:

@@ -15,7 +15,7 @@ from altdiff_min.vision.safety import SafetyChecker
 from altdiff_min.vision.tower import CLIP_MEAN, CLIP_STD, VisionConfig
 
 from . import text_encoder
-from .rules import Drop, Report, Rule, load_model, rename
+from .rules import Alias, Drop, Report, Rule, load_model, nested, rename
 
 # transformers' CLIPVisionConfig defaults (ViT-B/32's, not ViT-L/14's): what a config that leaves a
 # key out means.
@@ -25,13 +25,14 @@ CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_
 # ---- CLIP's vision tower → altdiff_min.vision.tower.VisionTransformer -------------------------------------------
 RULES: list[Rule] = [
     # transformers 4.x and the hub's files say vision_model.embeddings…; 5.x's CLIPVisionModel strips
-    # the prefix when it loads them (its state dict starts at embeddings…): accept both.
-    (r"^vision_model\.", ""),
+    # the prefix when it loads them (its state dict starts at embeddings…): accept both, write 5.x's.
+    Alias((r"^vision_model\.", "")),
     (r"^embeddings\.position_embedding\.weight$", "position_embedding"),  # an nn.Embedding there, a table here
-    (r"^embeddings\.", ""),  # patch_embedding.weight, class_embedding
+    (r"^embeddings\.(class_embedding|patch_embedding\.)", r"\1"),
     (r"^pre_layrnorm\.", "pre_norm."),
     (r"^post_layernorm\.", "post_norm."),
-    (r"^encoder\.layers?\.", "layers."),  # 5.x's save_pretrained writes the vision layers as encoder.layer.N
+    Alias((r"^encoder\.layer\.", "layers.")),  # 5.x's save_pretrained writes the vision layers as encoder.layer.N
+    (r"^encoder\.layers\.", "layers."),
     # inside a layer
     (r"\.self_attn\.(q|k|v|out)_proj\.", r".attn.\1."),
     (r"\.layer_norm1\.", ".attn_norm."),
@@ -114,9 +115,7 @@ def load_altclip(state_dict: Mapping[str, torch.Tensor], cfg: AltCLIPConfig) -> 
 # diffusers' StableDiffusionSafetyChecker → altdiff_min.vision.safety.SafetyChecker. The hub's files say
 # vision_model.vision_model.…; transformers 5 loads them as vision_model.… : the vision RULES take
 # both once the outer vision_model. is ours (vision.). The other five names are the same here.
-SAFETY_RULES: list[Rule] = [
-    (r"^vision_model\.(.*)$", lambda m: "vision." + rename(m.group(1), RULES)),
-]
+SAFETY_RULES: list[Rule] = [nested("vision_model.", "vision.", RULES)]
 SAFETY_DROPS: list[Drop] = DROPS
 
 
@@ -125,6 +124,27 @@ def safety_config_from_hf(hf: dict) -> VisionConfig:
     512 when left out as in transformers)."""
     return replace(config_from_hf(tower_config(hf, "vision_config", CLIP_VISION_DEFAULTS)),
                    project_dim=hf.get("projection_dim", 512))
+
+
+def safety_config_to_hf(cfg: VisionConfig) -> dict:
+    """safety_config_from_hf backwards: safety_checker/config.json (a CLIPConfig; its text tower, which
+    the checker does not have, left at transformers' defaults)."""
+    vision = {"hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+              "intermediate_size": cfg.mlp, "patch_size": cfg.patch, "image_size": cfg.image_size,
+              "num_channels": cfg.image_channels, "layer_norm_eps": cfg.eps, "hidden_act": "quick_gelu",
+              "projection_dim": cfg.project_dim}
+    return {"architectures": ["StableDiffusionSafetyChecker"], "model_type": "clip", "projection_dim": cfg.project_dim,
+            "vision_config": vision}
+
+
+def preprocessor_to_hf(cfg: VisionConfig) -> dict:
+    """feature_extractor/preprocessor_config.json asking for what vision.preprocess does (check_preprocessor
+    accepts exactly this): CLIP's resize, centre crop and normalisation at the tower's image size."""
+    s = cfg.image_size
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": s},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": s, "width": s}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+            "do_convert_rgb": True}
 
 
 def load_safety_checker(state_dict: Mapping[str, torch.Tensor], cfg: VisionConfig) -> tuple[SafetyChecker, Report]:

@@ -30,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--with-safety-checker", action="store_true", help="also convert the diffusers folder's "
                          "safety_checker/ (1.1 GB from the hub; generate then checks every picture by default)")
 
+    export = commands.add_parser("export", help="a model folder → the diffusers layout or a web-UI single file; a "
+                                 "LoRA file → the kohya form")
+    export.add_argument("model", help="a model folder (for --to kohya: a diffusers/peft LoRA .safetensors file)")
+    export.add_argument("out", help="the diffusers folder, or the .safetensors file, to write")
+    export.add_argument("--to", required=True, help="diffusers (AltDiffusionPipeline.from_pretrained), single-file (the "
+                        "ldm layout of the web UIs and FlagAI), or kohya (a LoRA file for the web UIs)")
+    export.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16 (default: fp32)")
+    export.add_argument("--force", action="store_true", help="replace OUT if altdiff-min export wrote it")
+
     gen = commands.add_parser("generate", help="text to image, as FlagAI's predict_generate_images")
     gen.add_argument("prompt", nargs="?", help="the prompt (or --from-file)")
     gen.add_argument("--negative-prompt", default="")
@@ -67,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                      "placeholder (default: when the model folder holds one; --no-safety-checker: never)")
     gen.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                      help="apply a UNet LoRA (.safetensors, diffusers/peft or kohya/web-UI format) at SCALE (default "
-                     "1.0; 0: none); checked before the model loads, recorded (path, SHA-256, scale) and replayed. "
-                     "One file: stacking several is not supported yet")
+                     "1.0; 0: none); repeat for several (their updates add up, each at its scale); checked before "
+                     "the model loads, recorded (path, SHA-256, scale) and replayed")
+    gen.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                     help="add the new word(s) of a textual-inversion file (diffusers' learned_embeds.safetensors, or "
+                     "the web UI's; TOKEN renames its one word) to the tokenizer; repeatable; recorded and replayed")
     gen.add_argument("--replay", metavar="MANIFEST:LINE|PICTURE",
                      help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
                      "manifest.jsonl, or a PNG generate made (it carries its settings)")
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     ui.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ui.add_argument("--lora-dir", metavar="DIR", help="offer the UNet LoRA files in DIR (*.safetensors, read at start) "
+                    "on the page, each by name with a scale")
 
     from ..toy.train import add_arguments
 
@@ -133,7 +147,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="MODEL DATA OUT_DIR",
                    help="MODEL: the model folder to start from, 'toy' or one `altdiff-min convert` wrote; DATA: a "
                    "folder of images captioned in metadata.jsonl ({\"file_name\": …, \"text\": …} per line) or in "
-                   "NAME.txt beside each image, or 'toy' (the toy world's pictures); OUT_DIR: the run folder to write, "
+                   "NAME.txt beside each image, or 'toy' (the toy world's pictures), or several mixed by weight, "
+                   "SOURCE:WEIGHT,SOURCE:WEIGHT (e.g. new:3,toy:1; see docs/training.md); OUT_DIR: the run folder to write, "
                    "OUT_DIR/model is the result, for load() and --model. With --resume, OUT_DIR alone: the run's "
                    "model, data and settings come from OUT_DIR/run.json")
     add_config_arguments(p)  # one flag per TrainConfig setting, its default written there
@@ -173,7 +188,8 @@ def train(args) -> int:
             raise BadValue(f"--resume with OUT_DIR alone needs {os.path.join(out_dir, RUN)} (a run altdiff-min "
                            f"started); give MODEL DATA OUT_DIR")
         data = recorded.get("data") or {}
-        sources = [(recorded.get("model") or {}).get("path"), "toy" if data.get("kind") == "toy" else data.get("path")]
+        sources = [(recorded.get("model") or {}).get("path"),
+                   {"toy": "toy", "mixture": data.get("spec")}.get(data.get("kind"), data.get("path"))]
         if not all(isinstance(x, str) for x in sources):
             raise BadValue(f"{os.path.join(out_dir, RUN)} does not name the run's model and data; give MODEL DATA OUT_DIR")
     resolution = args.resolution
@@ -211,6 +227,11 @@ def run(args) -> int:
         from .generate import generate
 
         return generate(args)
+    if args.command == "export":
+        from weights_convert.export import export
+
+        print(f"wrote {export(args.model, args.out, to=args.to, dtype=args.dtype, force=args.force)}")
+        return 0
     if args.command == "demo":
         from .demo import run as run_demo
 

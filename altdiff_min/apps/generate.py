@@ -88,11 +88,12 @@ def replay(args) -> int | None:
         picture = row.get("init_img")
         args.init_img, args.strength = (picture["path"], row["strength"]) if picture else (None, None)
         args.mask, args.paste_unmasked = (row["mask"]["path"], row["paste_unmasked"]) if row.get("mask") else (None, False)
-        recorded_lora = row.get("lora")  # the same LoRA file (its SHA-256 checked below) at the same scale
-        args.lora = [f"{recorded_lora['path']}:{float(recorded_lora['scale'])!r}"] if recorded_lora else None
-        for name, recorded in (("init_img", picture), ("mask", row.get("mask")), ("LoRA file", recorded_lora)):
+        loras = recorded_loras(row)  # the same LoRA files (their SHA-256 checked below) at the same scales
+        args.lora = [f"{lora['path']}:{float(lora['scale'])!r}" for lora in loras] or None
+        for name, recorded in (("init_img", picture), ("mask", row.get("mask")), *(("LoRA file", lora) for lora in loras)):
             if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
+        replay_embeddings(args, row)
         keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
         kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
                  "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int,
@@ -178,47 +179,96 @@ def picture_arguments(args, config: dict) -> dict | None:
             "record": record, "height": height, "width": width}
 
 
-def lora_argument(args) -> dict | None:
-    """--lora FILE[:SCALE] (SCALE 1.0 unless given): parsed, and the file checked as a LoRA file, before
-    the model loads → what the manifest records: {"path", "sha256", "scale"}. One file for now."""
+def lora_argument(args) -> list[dict]:
+    """--lora FILE[:SCALE], repeatable (SCALE 1.0 unless given): parsed, and each file checked as a LoRA
+    file, before the model loads → what the manifest records: [{"path", "sha256", "scale"}]. A file
+    given twice, or two files that would be one adapter name, are refused (weights_convert/lora.py lora_list)."""
     import math
 
-    from weights_convert.lora import check_file
+    from weights_convert.lora import check_file, lora_list
 
     from ..errors import AltDiffError, BadValue
 
-    if not args.lora:
-        return None
-    if len(args.lora) > 1:
-        raise BadValue(f"--lora given {len(args.lora)} times: stacking LoRAs is not supported yet; give one --lora FILE[:SCALE]")
-    given, path, scale = args.lora[0], args.lora[0], 1.0
-    if not os.path.isfile(given) and ":" in given:  # FILE:SCALE (a file whose own name holds ':' is taken whole)
-        path, _, text = given.rpartition(":")
-        try:
-            scale = float(text)
-        except ValueError:
-            scale = math.nan
-        if not math.isfinite(scale):
-            raise BadValue(f"--lora {given}: SCALE must be a finite number, not {text!r} (FILE[:SCALE], e.g. style.safetensors:0.8)")
+    parsed = []
+    for given in args.lora or []:
+        path, scale = given, 1.0
+        if not os.path.isfile(given) and ":" in given:  # FILE:SCALE (a file whose own name holds ':' is taken whole)
+            path, _, text = given.rpartition(":")
+            try:
+                scale = float(text)
+            except ValueError:
+                scale = math.nan
+            if not math.isfinite(scale):
+                raise BadValue(f"--lora {given}: SCALE must be a finite number, not {text!r} (FILE[:SCALE], e.g. style.safetensors:0.8)")
+        parsed.append((path, scale))
     try:
-        check_file(path)
+        lora_list(parsed, "--lora")
+        for path, _ in parsed:
+            check_file(path)
     except AltDiffError as e:
-        raise type(e)(f"--lora: {e}") from None
-    return {"path": os.path.abspath(path), "sha256": file_digest(path, "--lora"), "scale": scale}
+        raise type(e)(f"--lora: {e}" if not str(e).startswith("--lora") else str(e)) from None
+    return [{"path": os.path.abspath(path), "sha256": file_digest(path, "--lora"), "scale": scale} for path, scale in parsed]
 
 
-def apply_lora(model, lora: dict | None) -> None:
-    """The checked --lora file onto the loaded model's UNet (weights_convert/lora.py load_lora: its
-    shapes are checked against this UNet there)."""
-    from weights_convert.lora import load_lora
+def recorded_loras(row: dict) -> list[dict]:
+    """A record's LoRA files: a list of {"path", "sha256", "scale"} (one dict in records written when
+    generate took one file; none: [])."""
+    lora = row.get("lora") or []
+    return [lora] if isinstance(lora, dict) else lora
 
-    from ..errors import AltDiffError
 
-    if lora:
+def embedding_arguments(args, config: dict) -> tuple[list[dict], dict]:
+    """--embedding FILE[:TOKEN] (repeatable): each textual-inversion file read and checked (its rows'
+    width against this model's, finite) before the model loads → the manifest's records [{"path",
+    "sha256", "token" (the one given, or null), "tokens" (the words it adds)}] and {token: rows}."""
+    from weights_convert.embeddings import check_width, read_embeddings
+
+    from ..errors import AltDiffError, BadValue
+
+    records, words, source = [], {}, {}
+    for given in args.embedding or []:
+        path, token = given, None
+        if not os.path.isfile(given) and ":" in given:  # FILE:TOKEN (a file whose own name holds ':' is taken whole)
+            path, _, token = given.rpartition(":")
         try:
-            load_lora(model.unet, lora["path"], lora["scale"])
+            found = read_embeddings(path, token or None)
+            check_width(found, config["text_encoder"].hidden, path)
         except AltDiffError as e:
-            raise type(e)(f"--lora: {e}") from None
+            raise type(e)(f"--embedding: {e}") from None
+        for t in found:
+            if t in words:
+                raise BadValue(f"--embedding: the token {t!r} is in both {source[t]} and {path}")
+            source[t] = path
+        words.update(found)
+        records.append({"path": os.path.abspath(path), "sha256": file_digest(path, "--embedding"), "token": token or None,
+                        "tokens": list(found)})
+    return records, words
+
+
+def apply_embeddings(model, words: dict) -> None:
+    """The --embedding words onto the loaded model (research/textual_inversion.py add_words: a token the
+    tokenizer has already is refused there, before anything changes)."""
+    from ..errors import AltDiffError
+    from ..research.textual_inversion import add_words
+
+    if words:
+        try:
+            add_words(model, words)
+        except AltDiffError as e:
+            raise type(e)(f"--embedding: {e}") from None
+
+
+def replay_embeddings(args, row: dict) -> None:
+    """--replay: the recorded --embedding files again, each unchanged since (its SHA-256)."""
+    from ..errors import BadValue
+
+    recorded = row.get("embeddings") or []
+    if not isinstance(recorded, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in recorded):
+        raise TypeError("embeddings is not a list of recorded files")
+    args.embedding = [f"{e['path']}:{e['token']}" if e.get("token") else e["path"] for e in recorded] or None
+    for e in recorded:
+        if file_digest(e["path"], "--replay: the embedding") != e.get("sha256"):
+            raise BadValue(f"--replay: {e['path']} has changed since the picture was made")
 
 
 # generate's arguments as the command line names them, for arguments.check_arguments' messages
@@ -260,7 +310,8 @@ def generate(args) -> int:
     config = read_config(args.model)
     shape = Shape.of_config(config, NO_LIMITS if args.no_limits else Limits())
     picture = picture_arguments(args, config)
-    lora = lora_argument(args)
+    loras = lora_argument(args)
+    embeddings, words = embedding_arguments(args, config)
     default_h, default_w = (picture["height"], picture["width"]) if picture else (shape.image_size, shape.image_size)
     height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
     for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):  # a side the picture gave: say so
@@ -300,15 +351,16 @@ def generate(args) -> int:
                       f"stopped before recording it)", file=sys.stderr)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         model = load(args.model, device=world.device, dtype=dtype, compile=args.compile, limits=shape.limits,
-                     safety_checker=checked)
-        apply_lora(model, lora)
+                     safety_checker=checked, lora=[(lora["path"], lora["scale"]) for lora in loras])
+        apply_embeddings(model, words)
         # What makes the picture (provenance.picture_record): the PNG carries it, so a replay on the same
         # machine writes the same bytes.
         arguments = {"negative_prompt": args.negative_prompt, "seed": args.seed, "n_samples": args.n_samples,
                      "sampler": sampler, "steps": args.steps, "scale": args.scale, "guidance": guidance, "eta": args.eta,
                      "safety_checker": checked}
         model_folder, made_in = fingerprint(args.model), environment(world.device, dtype)
-        more = {**(picture["record"] if picture else {}), **({"lora": lora} if lora else {})}
+        more = {**(picture["record"] if picture else {}), **({"lora": loras} if loras else {})}
+        more |= {"embeddings": embeddings} if embeddings else {}
 
         def record(prompt: str, k: int) -> dict:
             return picture_record(model, prompt, k, arguments, (width, height), model_folder, made_in, **more)

@@ -15,6 +15,8 @@ A SPEC (JSON, or TOML on Python ≥ 3.11):
     scale = [1.0, 3.0, 7.5]
     sampler = ["ddim", "dpm++2m"]
     cross_attention = [true, ["down", "up"], "mid"]  # everywhere; all but the middle; the middle only
+    lora_scale = [0.0, 0.5, 1.0]                   # with `lora = ["style.safetensors"]` (beside the spec):
+                                                   # every LoRA of the spec at that scale (default 1.0)
 
 Every cell (setting × prompt × seed) is one picture, `generate(prompt, seed=seed, **fixed, **setting)`,
 written atomically to OUT/pictures/sSSS-pPPP-seedN.png; a sweep that was interrupted resumes by
@@ -34,6 +36,7 @@ import csv
 import inspect
 import itertools
 import json
+import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -45,7 +48,8 @@ from ..storage.files import atomic_file, clean_partials, locked, make_folder, re
 from ..storage.folder import fingerprint
 from .metrics import Metric, find_metric
 
-SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes"}
+SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes", "lora"}
+LORA_SCALE = "lora_scale"  # not a generate argument: the scale of the spec's LoRAs (research/lora.py lora_scales)
 NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
              "return_trajectory", "return_flags", "controllers",  # objects: a spec holds JSON
              # image to image needs a picture, which a spec cannot hold yet
@@ -68,6 +72,7 @@ class Spec:
     axes: dict[str, list]
     metrics: list[str]
     clip_model: str | None = None  # the AltCLIP folder of the metric "clip"
+    lora: list[str] | None = None  # UNet LoRA files (absolute paths), at the setting's lora_scale
 
     @property
     def settings(self) -> list[dict]:
@@ -82,7 +87,8 @@ class Spec:
         # clip_model only when given: the sweeps recorded before it existed still resume
         return {"format": FORMAT, "model": self.model, "prompts": self.prompts, "seeds": self.seeds,
                 "fixed": self.fixed, "axes": self.axes, "metrics": self.metrics,
-                **({"clip_model": self.clip_model} if self.clip_model is not None else {})}
+                **({"clip_model": self.clip_model} if self.clip_model is not None else {}),
+                **({"lora": self.lora} if self.lora else {})}
 
 
 def read_spec(path: str) -> Spec:
@@ -130,7 +136,10 @@ def read_spec(path: str) -> Spec:
     fixed, axes = raw.get("fixed", {}), raw.get("axes", {})
     if not isinstance(fixed, dict) or not isinstance(axes, dict):
         raise BadType(f"{path}: 'fixed' and 'axes' must be tables of generate arguments")
-    allowed = generate_arguments()
+    lora = read_lora_entry(path, raw.get("lora"))
+    allowed = generate_arguments() | ({LORA_SCALE} if lora else set())
+    if not lora and LORA_SCALE in {*fixed, *axes}:
+        raise BadValue(f"{path}: {LORA_SCALE} scales the spec's LoRA files: give them as 'lora' (a list of .safetensors files)")
     for name in [*fixed, *axes]:
         if name not in allowed:
             raise BadValue(f"{path}: {name!r} is not a generate argument a sweep can set; choose from {sorted(allowed)}")
@@ -143,6 +152,9 @@ def read_spec(path: str) -> Spec:
         if not isinstance(rule, str):  # its text, which the table records; a Rule object is not JSON
             raise BadType(f"{path}: guidance must be a rule's text such as 'rescale:0.7', got {rule!r}")
         guidance_rule(rule, f"{path}: guidance")
+    for scale in axes.get(LORA_SCALE, []) + ([fixed[LORA_SCALE]] if LORA_SCALE in fixed else []):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise BadValue(f"{path}: {LORA_SCALE} must be a finite number, got {scale!r}")
     metrics = raw.get("metrics", [])
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise BadValue(f"{path}: 'metrics' must be a list of names")
@@ -154,7 +166,27 @@ def read_spec(path: str) -> Spec:
                        f"(`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one)")
     if "clip" not in metrics and clip_model is not None:
         raise BadValue(f"{path}: 'clip_model' is read by the metric \"clip\" only; add \"clip\" to 'metrics' or remove it")
-    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics, clip_model)
+    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics, clip_model, lora)
+
+
+def read_lora_entry(path: str, lora) -> list[str] | None:
+    """The spec's 'lora': a .safetensors file or a list of them, beside the spec (relative paths), each
+    checked as generate --lora checks it (weights_convert/lora.py) → their absolute paths."""
+    from weights_convert.lora import check_file, lora_list
+
+    if lora is None:
+        return None
+    files = [lora] if isinstance(lora, str) else lora
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise BadValue(f"{path}: 'lora' must name a LoRA file or a non-empty list of them")
+    files = [os.path.join(os.path.dirname(os.path.abspath(path)), f) for f in files]
+    try:
+        lora_list(files, "'lora'")
+        for file in files:
+            check_file(file)
+    except AltDiffError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return files
 
 
 def check_cells(spec: Spec, model) -> None:
@@ -185,7 +217,10 @@ def recorded_spec(spec: Spec, environment: dict | None = None) -> dict:
     """spec.json: the spec, the model folder's whole fingerprint (folder.fingerprint: its path and every
     *_sha256; a changed model is another sweep), and the environments its pictures were made in
     (provenance.environment: the software, device, dtype and threads; a resumed sweep adds its own)."""
-    return {**spec.as_dict(), "model_folder": fingerprint(spec.model),
+    from .generate import file_digest
+
+    loras = [{"path": f, "sha256": file_digest(f, "LoRA file")} for f in spec.lora or []]  # a changed file: another sweep
+    return {**spec.as_dict(), "model_folder": fingerprint(spec.model), **({"lora_files": loras} if loras else {}),
             **({"environments": [environment]} if environment is not None else {})}
 
 
@@ -276,7 +311,7 @@ def run_sweep(spec_path: str, out: str | None = None, device: str = "cpu", force
     world = join_world(check_device(device))
     try:
         functions = {name: find_metric(name, spec.clip_model, world.device) for name in spec.metrics} | (metrics or {})
-        model = load(spec.model, device=world.device)
+        model = load(spec.model, device=world.device, lora=spec.lora or ())
         try:
             check_cells(spec, model)
         except AltDiffError as e:
@@ -303,7 +338,11 @@ def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
     pictures do, so `generate --replay PICTURE` makes it again."""
     from tqdm import tqdm
 
+    from weights_convert.lora import default_name
+
+    from ..research.lora import lora_scales
     from ..storage.provenance import environment, picture_record, png_bytes
+    from .generate import file_digest
 
     settings, mine = spec.settings, [c for i, c in enumerate(spec.cells()) if i % world.size == world.rank]
     # Made: a regular file. A link planted at a picture's name is not taken as the picture: atomic_file refuses it.
@@ -312,11 +351,15 @@ def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
         refuse_link(os.path.join(out, picture_name(cell, spec)), "picture")
     model_folder = fingerprint(spec.model) if todo else None
     made_in = environment(world.device, model.unet.conv_in.weight.dtype)
+    loras = {f: file_digest(f, "LoRA file") for f in spec.lora or []} if todo else {}
     for cell in tqdm(todo, desc="sweep", disable=not (progress and world.rank == 0)):
         s, p, k = cell
         arguments = {**spec.fixed, **settings[s], "seed": spec.seeds[k]}
-        image = model.generate(spec.prompts[p], progress=False, **arguments)[0]
-        record = picture_record(model, spec.prompts[p], 0, arguments, image.size, model_folder, made_in)
+        scale = float(arguments.pop(LORA_SCALE, 1.0))  # the same for every LoRA of the spec, as generate --lora records it
+        with lora_scales(model.unet, {default_name(f): scale for f in loras}):
+            image = model.generate(spec.prompts[p], progress=False, **arguments)[0]
+        more = {"lora": [{"path": f, "sha256": digest, "scale": scale} for f, digest in loras.items()]} if loras else {}
+        record = picture_record(model, spec.prompts[p], 0, arguments, image.size, model_folder, made_in, **more)
         with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp, open(tmp, "wb") as f:
             f.write(png_bytes(image, record))
 

@@ -1,12 +1,17 @@
 """`altdiff-min ui`: a web page (Gradio) for text-to-image and image-to-image with one loaded model.
 
-    altdiff-min ui [--model toy] [--host 127.0.0.1] [--port 7860] [--device cpu] [--dtype fp32]
+    altdiff-min ui [--model toy] [--host 127.0.0.1] [--port 7860] [--device cpu] [--dtype fp32] [--lora-dir DIR]
 
 The model is loaded once; every request passes its own settings to `model.generate`, which reads no
 global state, so two requests can run at once (CONCURRENCY) without affecting each other. With each
 picture the page shows its seed, and for the batch the settings and the `altdiff-min generate`
 command line that makes the same pictures again. The pictures it serves are PNG files carrying their
 record (provenance.picture_record), as generate's do: `altdiff-min generate --replay PICTURE`.
+
+LoRAs: with --lora-dir, the *.safetensors files in DIR (read when the server starts, checked before
+the model loads) are offered by name beside a scale slider. They are all attached at scale 0; a request
+weighs the one it chose for its own call only (research/lora.py lora_scales), so concurrent requests
+keep their own. The page names a file, never a path: a client cannot make the server read a file.
 
 Gradio is an optional dependency (`pip install -e .[ui]`): it is imported here only, inside the
 functions, so that the rest of the package never needs it and a missing gradio is one clear line.
@@ -51,6 +56,7 @@ MAX_FILE_SIZE = 20 * 1024 * 1024
 # bounded by MAX_FILE_SIZE instead (gradio.route_utils.API_PREFIX + routes.py's "/upload").
 MAX_BODY_SIZE = 1024 * 1024
 UPLOAD_ROUTE = "/gradio_api/upload"
+NO_LORA = "none"  # the LoRA field's first choice
 SEED_RANGE = 2**32  # random seeds stay within what the page's number field holds exactly (2**53)
 TITLE = "altdiff-min: multilingual Stable Diffusion (AltDiffusion-m9)"
 
@@ -106,7 +112,7 @@ def precision(model: AltDiffusion) -> tuple[str, str]:
     return str(weight.device), next(name for name, dtype in DTYPES.items() if dtype == weight.dtype)
 
 
-def command_line(model: AltDiffusion, kwargs: dict[str, Any]) -> str:
+def command_line(model: AltDiffusion, kwargs: dict[str, Any], lora: dict | None = None) -> str:
     """The `altdiff-min generate` command that makes the same pictures (samples/NNNNN.png, in order);
     with an init picture, it names the uploaded files where the server keeps them."""
     device, dtype = precision(model)
@@ -122,24 +128,63 @@ def command_line(model: AltDiffusion, kwargs: dict[str, Any]) -> str:
         flags += [f"--init-img={kwargs['image']}", "--strength", kwargs["strength"]]
         if kwargs["mask"] is not None:
             flags += [f"--mask={kwargs['mask']}"] + ["--paste-unmasked"] * kwargs["paste_unmasked"]
+    if lora:
+        flags += [f"--lora={lora['path']}:{lora['scale']!r}"]
     words = ["altdiff-min", "generate", *flags, "--", prompt] if prompt.startswith("-") else \
         ["altdiff-min", "generate", prompt, *flags]
     return shlex.join(str(w) for w in words)
 
 
-def settings_record(model: AltDiffusion, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What the page shows as JSON: every argument (pictures by their path), the model and precision."""
+def settings_record(model: AltDiffusion, kwargs: dict[str, Any], lora: dict | None = None) -> dict[str, Any]:
+    """What the page shows as JSON: every argument (pictures by their path), the model and precision,
+    the LoRA (path, SHA-256, scale) if one was chosen."""
     device, dtype = precision(model)
-    return {**kwargs, "model": model.path, "device": device, "dtype": dtype}
+    # "file", not "path": Gradio takes a JSON object with a "path" for a file to serve
+    shown = {"lora": {"file": lora["path"], "sha256": lora["sha256"], "scale": lora["scale"]}} if lora else {}
+    return {**kwargs, "model": model.path, "device": device, "dtype": dtype, **shown}
+
+
+def lora_folder(folder: str) -> dict[str, dict]:
+    """--lora-dir: {name: {"path", "sha256"}} of the *.safetensors files in `folder` (not its subfolders),
+    each checked as generate --lora checks it, before the model loads."""
+    from weights_convert.lora import check_file, default_name, lora_list
+
+    from .generate import file_digest
+
+    if not os.path.isdir(folder):
+        raise BadValue(f"--lora-dir: {folder} is not a folder")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.endswith(".safetensors") and os.path.isfile(os.path.join(folder, f)))
+    if not files:
+        raise BadValue(f"--lora-dir: {folder} holds no .safetensors files")
+    try:
+        lora_list(files, "--lora-dir")
+        for file in files:
+            check_file(file)
+    except AltDiffError as e:
+        raise type(e)(f"--lora-dir: {e}" if not str(e).startswith("--lora-dir") else str(e)) from None
+    return {default_name(f): {"path": os.path.abspath(f), "sha256": file_digest(f, "--lora-dir")} for f in files}
+
+
+def chosen_lora(loras: dict[str, dict], name, scale) -> dict | None:
+    """The page's LoRA field and slider → {"name", "path", "sha256", "scale"}, or None for "none"."""
+    from ..research.lora import finite
+
+    if name in (None, "", NO_LORA):
+        return None
+    if name not in loras:
+        raise BadValue(f"LoRA {name!r} is not one of this server's ({', '.join(loras) or 'none'})")
+    return {"name": name, **loras[name], "scale": finite(scale, "scale")}
 
 
 def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, int | None], None],
-         model_folder: dict | None = None):
+         model_folder: dict | None = None, lora: dict | None = None):
     """Run generate for one request: (pictures with their captions, the recipe, the settings). Each
     picture carries its record (provenance.picture_record) in its .info, as the PNG text chunks of
     provenance.text_chunks, which the page's PNG files keep (Gradio copies .info's text into them), so
     `altdiff-min generate --replay PICTURE` makes it again. model_folder: the model folder's
-    fingerprint (folder.fingerprint; None: taken now)."""
+    fingerprint (folder.fingerprint; None: taken now). lora: chosen_lora's, weighed for this call only."""
+    from ..research.lora import lora_scales
     from ..storage.provenance import environment, picture_record, text_chunks
     from .generate import file_digest
 
@@ -157,7 +202,9 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
 
         pictures["image"] = read_picture(kwargs["image"], "init picture")
         pictures["mask"] = read_picture(kwargs["mask"], "mask") if kwargs["mask"] is not None else None
-    images = model.generate(**{**kwargs, **pictures}, progress=False, callback=callback)
+    with lora_scales(model.unet, {lora["name"]: lora["scale"]} if lora else {}):
+        images = model.generate(**{**kwargs, **pictures}, progress=False, callback=callback)
+    lora = lora and {k: lora[k] for k in ("path", "sha256", "scale")}  # as generate --lora records it
     n = len(images)
     arguments = {k: v for k, v in kwargs.items() if k not in ("prompt", "image", "strength", "mask", "paste_unmasked")}
     picture = {} if "image" not in kwargs else {  # as `generate --init-img` records it
@@ -165,37 +212,40 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
         "strength": kwargs["strength"], "paste_unmasked": kwargs["paste_unmasked"],
         "mask": {"path": os.path.abspath(kwargs["mask"]), "sha256": file_digest(kwargs["mask"], "mask")}
         if kwargs["mask"] is not None else None}
+    picture |= {"lora": [lora]} if lora else {}
     model_folder = fingerprint(model.path) if model_folder is None else model_folder
     made_in = environment(*precision(model))
     for k, image in enumerate(images):
         image.info.update(text_chunks(picture_record(model, kwargs["prompt"], k, arguments, image.size, model_folder,
                                                      made_in, **picture)))
     gallery = [(image, f"seed {kwargs['seed']} · picture {k + 1} of {n}") for k, image in enumerate(images)]
-    return gallery, command_line(model, kwargs), settings_record(model, kwargs)
+    return gallery, command_line(model, kwargs, lora), settings_record(model, kwargs, lora)
 
 
 # The page.
 
-def build_app(model: AltDiffusion):
-    """The Gradio app for `model` (not launched): a text-to-image tab and an image-to-image tab."""
+def build_app(model: AltDiffusion, loras: dict[str, dict] | None = None):
+    """The Gradio app for `model` (not launched): a text-to-image tab and an image-to-image tab. loras:
+    lora_folder's, attached to the model (at scale 0): a LoRA field and a scale slider on both tabs."""
     gr = require_gradio()
     model_folder = fingerprint(model.path)  # the folder as it was loaded: every picture's record names it
+    loras = loras or {}
 
-    def run_request(kwargs_of: Callable[[], dict[str, Any]], progress) -> tuple:
+    def run_request(kwargs_of: Callable[[], dict[str, Any]], progress, lora_name=NO_LORA, lora_scale=1.0) -> tuple:
         try:
-            kwargs = kwargs_of()
+            kwargs, lora = kwargs_of(), chosen_lora(loras, lora_name, lora_scale)
             return make(model, kwargs, lambda i, total: progress((i, total), desc=kwargs["sampler"], unit="steps"),
-                        model_folder)
+                        model_folder, lora)
         except AltDiffError as e:  # an expected failure: its one line on the page, no traceback in the log
             raise gr.Error(str(e), print_exception=False) from None
 
-    def txt2img(prompt, negative_prompt, sampler, steps, scale, seed, width, height, n_samples,
-                progress=gr.Progress()):
+    def txt2img(prompt, negative_prompt, sampler, steps, scale, seed, width, height, n_samples, lora=NO_LORA,
+                lora_scale=1.0, progress=gr.Progress()):
         return run_request(lambda: request(prompt, negative_prompt, sampler, steps, scale, seed, width, height,
-                                           n_samples), progress)
+                                           n_samples), progress, lora, lora_scale)
 
     def img2img(prompt, negative_prompt, sampler, steps, scale, seed, width, height, n_samples, image, strength,
-                mask, paste_unmasked, progress=gr.Progress()):
+                mask, paste_unmasked, lora=NO_LORA, lora_scale=1.0, progress=gr.Progress()):
         def kwargs():
             if image is None:
                 raise BadValue("image to image: upload an init picture")
@@ -203,7 +253,7 @@ def build_app(model: AltDiffusion):
                               picture_size=True),
                     "image": image, "strength": strength, "mask": mask, "paste_unmasked": bool(paste_unmasked)}
 
-        return run_request(kwargs, progress)
+        return run_request(kwargs, progress, lora, lora_scale)
 
     size = model.image_size
     multiple = check_multiple(model)
@@ -232,6 +282,14 @@ def build_app(model: AltDiffusion):
                                   elem_id=f"n-samples-{tab}")
         return [prompt, negative, sampler, steps, scale, seed, width, height, n_samples]
 
+    def lora_fields(tab: str) -> list:
+        """With --lora-dir: the LoRA (by its file's name) and its scale, last in the handlers' order."""
+        if not loras:
+            return []
+        with gr.Row():
+            return [gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA", elem_id=f"lora-{tab}"),
+                    gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA scale", elem_id=f"lora-scale-{tab}")]
+
     def results(name: str) -> tuple:
         # PNG, not Gradio's default WebP: the pictures come back lossless, pixel for pixel what generate made.
         gallery = gr.Gallery(label="pictures", format="png", columns=4, fit_columns=False, height="auto", object_fit="contain",
@@ -248,7 +306,7 @@ def build_app(model: AltDiffusion):
         gr.Markdown(f"## {TITLE}\nModel: `{model.path}` ({', '.join(precision(model))}); "
                     f"trained at {size}×{size}, sizes in multiples of {multiple}.")
         with gr.Tab("Text to image"):
-            inputs = settings("txt2img")
+            inputs = settings("txt2img") + lora_fields("txt2img")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             outputs = results("txt2img")
         button.click(txt2img, inputs, outputs, api_name="txt2img", concurrency_limit=CONCURRENCY,
@@ -266,10 +324,11 @@ def build_app(model: AltDiffusion):
                                      info="small: close to the picture; 1: from the picture drowned in noise "
                                           "(with a mask: the masked part from pure noise)")
                 paste = gr.Checkbox(False, label="keep the unmasked pixels exactly (paste them back)")
+            extra = lora_fields("img2img")
             button = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
             outputs = results("img2img")
         # One concurrency_id: both tabs share the CONCURRENCY model runs.
-        button.click(img2img, [*inputs, image, strength, mask, paste], outputs, api_name="img2img",
+        button.click(img2img, [*inputs, image, strength, mask, paste, *extra], outputs, api_name="img2img",
                      concurrency_limit=CONCURRENCY, concurrency_id="model")
     return app
 
@@ -376,8 +435,9 @@ def run(args) -> int:
     check_port(args.host, args.port)
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     read_config(args.model)
-    model = load(args.model, device=device, dtype=DTYPES[args.dtype])
+    loras = lora_folder(args.lora_dir) if args.lora_dir else {}
+    model = load(args.model, device=device, dtype=DTYPES[args.dtype], lora=[(f["path"], 0.0) for f in loras.values()])
     print(f"altdiff-min ui: {model.path} on {device}, http://{args.host}:{args.port}", flush=True)
-    launch(build_app(model), args.host, args.port)
+    launch(build_app(model, loras), args.host, args.port)
     return 0
 

@@ -234,6 +234,22 @@ def euler_ancestral(eps: Eps, x: torch.Tensor, ts: Timesteps | Sequence[float], 
     return x
 
 
+def model_eps(model: Eps, ts: Timesteps, cfg: ScheduleConfig) -> Eps:
+    """The samplers' ε from the model's output: the one place a v-prediction model is read (cfg.prediction_type).
+    With α = √ᾱ = 1/√(σ² + 1), s = √(1 − ᾱ) at the step's level σ (x_t = α·x0 + s·ε, v = α·ε − s·x0), ε = α·v + s·x_t:
+    the model's input x_t is variance preserving for every sampler (Euler's x/√(σ² + 1) too). The k-th call is
+    step k's, at ts.sigmas[k] (Karras' σ for dpm++2m-karras, not σ of its rounded timestep, as diffusers' DPM-Solver
+    reads v); PLMS's warm-up call and those after it are at integer timesteps, whose level is σ_t. Parity: DDIM,
+    DPM-Solver++ and Euler(-a) as diffusers' schedulers in v mode; diffusers' PNDM instead extrapolates the raw v's
+    of several steps and converts the result, PLMS here extrapolates the ε's."""
+    calls = iter(range(len(ts) + 1))
+
+    def eps(x: torch.Tensor, t: float) -> torch.Tensor:  # ᾱ = α² at the step's level
+        a = 1 / (ts.sigmas[k] ** 2 + 1) if (k := next(calls)) < len(ts) and ts.t[k] == t else alphas_cumprod(cfg)[int(t)].item()
+        return math.sqrt(a) * model(x, t) + math.sqrt(1 - a) * x
+    return model if cfg.prediction_type == "epsilon" else eps
+
+
 # The samplers' functions; what each is (spacing, timesteps, state, landing, warm-up, η) is its row of
 # schedule.ROUTES, under the same name.
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {

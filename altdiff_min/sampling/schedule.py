@@ -35,6 +35,9 @@ class ScheduleConfig:
     # How S steps are spread over the T training timesteps (Lin et al. 2023, table 2). None: each
     # sampler's own diffusers default (ROUTES' spacing), as m9's scheduler_config.json states none.
     timestep_spacing: Spacing | None = None
+    # What the UNet predicts: ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, §4; diffusers'
+    # get_velocity). The samplers read ε either way: samplers.model_eps converts.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
     def __post_init__(self):
         check_config(self)  # types, ranges and limits: altdiff_min/checks.py

@@ -275,6 +275,28 @@ def atomic_file(path: str) -> Iterator[str]:
         os.close(fd)
 
 
+def put_in_place(tmp: str, path: str) -> None:
+    """Rename the finished folder `tmp` to `path`: an old `path` is moved aside first (`.NAME.old-*`) and
+    removed after, the parent fsync'd after each rename; if the new one cannot be put in place the old
+    one goes back. A killed process leaves at most the old one beside `path` (folder.recover)."""
+    import shutil
+
+    parent, old = os.path.dirname(path), None
+    try:
+        if os.path.lexists(path):
+            old = sibling(path, "old")
+            os.replace(path, old)
+            fsync_path(parent)
+        os.replace(tmp, path)
+        fsync_path(parent)
+        if old:
+            shutil.rmtree(old)
+    except OSError:
+        if old and not os.path.lexists(path):
+            os.replace(old, path)
+        raise
+
+
 @contextmanager
 def locked(path: str) -> Iterator[None]:
     """Hold an exclusive lock on writing `path` (a sibling .NAME.lock, flock'd); raise Busy at once if

@@ -35,7 +35,8 @@ from ..model.unet import UNet, UNetConfig
 from ..model.vae import VAE, VAEConfig
 from ..sampling.schedule import ScheduleConfig
 from .checksums import CHECKSUMS, sha256_of, write_checksums
-from .files import fsync_path, leftovers, locked, make_folder, parse_json, read_json, safetensors_os_error, sibling
+from .files import (fsync_path, leftovers, locked, make_folder, parse_json, put_in_place, read_json, safetensors_os_error,
+                    sibling)
 
 FORMAT, VERSION = "altdiff-min", 1
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "sentencepiece.bpe.model"
@@ -155,10 +156,9 @@ def not_a_model_folder(path: str) -> str | None:
 
 def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfig | None, tokenizer_file: str,
                  max_length: int, dtype: torch.dtype | None, image_size: int | None, **extra: Any) -> None:
-    """Write into a fresh `.NAME.partial-*` sibling, fsync its files and itself, then move any old
-    folder aside (`.NAME.old-*`), rename the new one into place, fsync the parent after each rename,
-    and remove the old one. Call inside `destination(path)`."""
-    parent, tmp, old = os.path.dirname(path), sibling(path, "partial"), None
+    """Write into a fresh `.NAME.partial-*` sibling, fsync its files and itself, then put it in place
+    (files.put_in_place: any old folder moved aside, then removed). Call inside `destination(path)`."""
+    tmp = sibling(path, "partial")
     if unknown := sorted(set(configs) - set(MODULES)):
         raise BadValue(f"a model folder holds {sorted(MODULES)}, not {unknown}")
     def written(v: torch.Tensor) -> torch.Tensor:  # dtype None keeps each float's precision, float64 excepted
@@ -189,17 +189,8 @@ def write_locked(path: str, configs: dict, states: dict, schedule: ScheduleConfi
             if name:
                 os.chmod(os.path.join(tmp, name), mode)
             fsync_path(os.path.join(tmp, name))
-        if os.path.lexists(path):
-            old = sibling(path, "old")
-            os.replace(path, old)
-            fsync_path(parent)
-        os.replace(tmp, path)
-        fsync_path(parent)
-        if old:
-            shutil.rmtree(old)
+        put_in_place(tmp, path)
     except OSError as e:
-        if old and not os.path.lexists(path):
-            os.replace(old, path)  # the new folder could not be put in place: the old one goes back
         raise io_error(path, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

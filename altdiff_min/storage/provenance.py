@@ -151,8 +151,9 @@ def parameters(record: dict) -> str:
     fields.update({"Batch size": record["n_samples"], "Batch pos": record["sample"], "Precision": record["dtype"],
                    "Version": f"altdiff-min {(record.get('environment') or {}).get('altdiff_min')}"})
     prompt = record["prompt"]
-    if lora := record.get("lora"):  # A1111's prompt tag: it carries the scale, and pasted into a web UI it applies the LoRA
-        prompt += f" <lora:{os.path.splitext(os.path.basename(lora['path']))[0]}:{lora['scale']:g}>"
+    lora = record.get("lora") or []  # a list; one dict in records of the time generate took one LoRA file
+    for file in [lora] if isinstance(lora, dict) else lora:  # A1111's prompt tag: it carries the scale, and
+        prompt += f" <lora:{os.path.splitext(os.path.basename(file['path']))[0]}:{file['scale']:g}>"  # applies the LoRA
     lines = [prompt] + ([f"Negative prompt: {record['negative_prompt']}"] if record.get("negative_prompt") else [])
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items())])
 

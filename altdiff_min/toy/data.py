@@ -24,12 +24,16 @@ import numpy as np
 from ..errors import BadValue
 
 SIZE = 64  # image side in pixels; the VAE turns it into 8×8 latents
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # the shipped model's world
+RING = "ring"  # a shape the shipped model never saw: what the fine-tuning lesson teaches it
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220),
            "yellow": (235, 200, 20), "purple": (140, 50, 180), "orange": (245, 130, 20)}
 LANGUAGES = ("en", "zh", "es", "fr", "ru", "ja", "ko", "ar", "it")  # AltDiffusion-m9's nine
 WHITE = (255, 255, 255)
 MIN_SIZE, MAX_SIZE = 24, 48  # shape side (circle: diameter) in pixels; a 24-pixel shape is 3 latent cells wide
+# A ring is a disc with a hole of 0.4 its diameter, 34–48 pixels across: its band is 10–14 pixels wide, which the
+# shipped VAE gives back in the right colour (59 of 60 rings; at a hole of 0.5, 47 of 60: thin bands blend with white).
+RING_HOLE, RING_SIDES = 0.4, (34, 48)
 
 SIZE_CHOICES = (None, "small", "big")  # an object's size word: none, or one of two
 RELATIONS = ("left of", "right of", "above", "below")  # where a scene's first object is, relative to its second
@@ -50,6 +54,8 @@ def mask(shape: str, size: int, center: tuple[float, float]) -> np.ndarray:
     dx, dy, half = x - center[0], y - center[1], size / 2
     if shape == "circle":
         return dx**2 + dy**2 <= half**2
+    if shape == RING:
+        return (dx**2 + dy**2 <= half**2) & (dx**2 + dy**2 > (RING_HOLE * half) ** 2)
     if shape == "square":
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
     # the half-width narrows linearly from `half` at the base (dy = +half) to 0 at the apex (dy = −half)
@@ -57,8 +63,8 @@ def mask(shape: str, size: int, center: tuple[float, float]) -> np.ndarray:
 
 
 def check_object(shape: str, colour: str) -> None:
-    if shape not in SHAPES:
-        raise BadValue(f"unknown shape {shape!r}; choose one of {SHAPES}")
+    if shape not in SHAPES + (RING,):
+        raise BadValue(f"unknown shape {shape!r}; choose one of {SHAPES + (RING,)}")
     if colour not in COLOURS:
         raise BadValue(f"unknown colour {colour!r}; choose one of {tuple(COLOURS)}")
 
@@ -67,12 +73,13 @@ def render(shape: str, colour: str, size: int | None = None, center: tuple[float
            rng: np.random.Generator | None = None) -> np.ndarray:
     """A (64, 64, 3) uint8 picture: `shape` in `colour` on white. `Image.fromarray(...)` makes it a PIL image.
 
-    size: side of the shape's bounding square, MIN_SIZE..MAX_SIZE (random if None); center: (x, y) in
+    size: side of the shape's bounding square, MIN_SIZE..MAX_SIZE (a ring: RING_SIDES; random if None); center: (x, y) in
     pixels (random if None, always such that the whole shape is in the frame).
     """
     check_object(shape, colour)
     rng = rng if rng is not None else np.random.default_rng()
-    size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1)) if size is None else size
+    lo, hi = RING_SIDES if shape == RING else (MIN_SIZE, MAX_SIZE)
+    size = int(rng.integers(lo, hi + 1)) if size is None else size
     if not 2 <= size <= SIZE - 2:
         raise BadValue(f"size must be in [2, {SIZE - 2}] pixels, got {size}")
     half = size / 2
@@ -197,6 +204,10 @@ SHAPE_WORDS = {
     "ar": {"circle": "دائرة", "square": "مربع", "triangle": "مثلث"},
     "it": {"circle": "cerchio", "square": "quadrato", "triangle": "triangolo"},
 }
+# The ring is kept out of SHAPE_WORDS: the shipped world never names it, so its words are in neither the toy
+# tokenizer's corpus nor its vocabulary (`all_captions`, `vocabulary`), as a new word would not be.
+RING_WORDS = {"en": "ring", "zh": "圆环", "es": "anillo", "fr": "anneau", "ru": ("кольцо", "кольца"), "ja": "輪",
+              "ko": "고리", "ar": "حلقة", "it": "anello"}
 COLOUR_WORDS = {
     "en": {"red": "red", "green": "green", "blue": "blue", "yellow": "yellow", "purple": "purple", "orange": "orange"},
     "zh": {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"},
@@ -225,6 +236,9 @@ RU_INSTRUMENTAL = {  # the masculine instrumental (над/под + instrumental)
     "круг": "кругом", "квадрат": "квадратом", "треугольник": "треугольником", "красный": "красным",
     "зелёный": "зелёным", "синий": "синим", "жёлтый": "жёлтым", "фиолетовый": "фиолетовым",
     "оранжевый": "оранжевым", "маленький": "маленьким", "большой": "большим"}
+# кольцо (ring) is neuter: its adjectives' nominative ends in -ое/-ее (the genitive and instrumental are the masculine's)
+RU_NEUTER = {"красный": "красное", "зелёный": "зелёное", "синий": "синее", "жёлтый": "жёлтое",
+             "фиолетовый": "фиолетовое", "оранжевый": "оранжевое", "маленький": "маленькое", "большой": "большое"}
 # One object, phrased as "a (small) red circle", "… on a white background", "a picture of …". An empty
 # {size} leaves two spaces, which `squash` closes: without a size word these are the first world's captions.
 PHRASINGS = {
@@ -243,7 +257,7 @@ PHRASINGS = {
     "it": ("un {shape} {colour} {size}", "un {shape} {colour} {size} su uno sfondo bianco",
            "un'immagine di un {shape} {colour} {size}"),
 }
-FEMININE = {("ar", "circle")}  # the shape nouns whose adjectives take the feminine form
+FEMININE = {("ar", "circle"), ("ar", "ring")}  # the shape nouns whose adjectives take the feminine form
 # Two objects. An object as a noun phrase (with its article, where the language has one):
 OBJECT = {"en": "{a} {size} {colour} {shape}", "zh": "{colour}{size}{shape}", "es": "un {shape} {colour} {size}",
           "fr": "un {size} {shape} {colour}", "ru": "{size} {colour} {shape}", "ja": "{size}{colour}{shape}",
@@ -300,33 +314,38 @@ def choose(phrasing: int | np.random.Generator | None, count: int) -> int:
     return phrasing
 
 
-def words(obj: Obj, lang: str, case: str = "nom") -> dict[str, str]:
+def words(obj: Obj, lang: str, case: str = "nom", noun: str | None = None) -> dict[str, str]:
     """The words of one object in `lang`: {"a", "size", "colour", "shape"}, in `case` for ru ("nom",
-    "gen" or "ins"), agreeing with the noun's gender for ar; "size" is "" for an unsized object."""
-    shape, colour = SHAPE_WORDS[lang][obj.shape], COLOUR_WORDS[lang][obj.colour]
-    size = SIZE_WORDS[lang][obj.size] if obj.size else ""
+    "gen" or "ins"), agreeing with the noun's gender for ar and ru; "size" is "" for an unsized object.
+    noun: a word said in place of the shape's (a textual-inversion token: "<ring>"), in every case."""
+    shape = RING_WORDS[lang] if obj.shape == RING else SHAPE_WORDS[lang][obj.shape]
+    colour, size = COLOUR_WORDS[lang][obj.colour], SIZE_WORDS[lang][obj.size] if obj.size else ""
     if lang == "ru":
         form = {"nom": 0, "gen": 1, "ins": 0}[case]
         shape, colour, size = (w[form] if w else w for w in (shape, colour, size))
         if case == "ins":
             shape, colour, size = (RU_INSTRUMENTAL.get(w, w) for w in (shape, colour, size))
+        if case == "nom" and obj.shape == RING:
+            colour, size = RU_NEUTER[colour], RU_NEUTER.get(size, size)
     elif lang == "ar":
         feminine = (lang, obj.shape) in FEMININE
         colour, size = colour[feminine], size[feminine] if size else size
+    shape = shape if noun is None else noun
     first = size or colour
     return {"a": "an" if first[0] in "aeiou" else "a", "size": size, "colour": colour, "shape": shape}  # en's a/an
 
 
 def caption(shape: str, colour: str, lang: str, phrasing: int | np.random.Generator | None = None,
-            size: str | None = None) -> str:
+            size: str | None = None, noun: str | None = None) -> str:
     """The caption of a `colour` `shape` in `lang`: phrasing i of PHRASINGS[lang], a random one when
-    given a numpy Generator, the plainest ("a red circle") when None. size: None, "small" or "big"."""
+    given a numpy Generator, the plainest ("a red circle") when None. size: None, "small" or "big";
+    noun: a word in place of the shape's ("a red <ring>": a new token's captions)."""
     if lang not in LANGUAGES:
         raise BadValue(f"unknown language {lang!r}; choose one of {LANGUAGES}")
     obj = Obj(shape, colour, size)
     template = PHRASINGS[lang][choose(phrasing, len(PHRASINGS[lang]))]
-    genitive = {f"{k}_gen": v for k, v in words(obj, lang, "gen").items()}
-    return squash(template.format(**words(obj, lang), **genitive))
+    genitive = {f"{k}_gen": v for k, v in words(obj, lang, "gen", noun).items()}
+    return squash(template.format(**words(obj, lang, noun=noun), **genitive))
 
 
 def caption_scene(scene: Scene, lang: str, phrasing: int | np.random.Generator | None = None) -> str:

@@ -3,6 +3,7 @@
     detect(image)                        → ("triangle", "blue"), or (None, None) for a blank picture
     detect_scene(image)                  → Scene(Obj("circle", "red", "small"), "left of", Obj("square", "blue", "big"))
     table = evaluate(model)              → {lang: {"colour": 0.98, "shape": 0.93}} over all 162 prompts
+    table = evaluate_rings(model)        → {lang: {"colour", "shape", "both"}}: "a red ring" … in nine languages
     table = evaluate_scenes(model)       → {lang: {"colour", "shape", "size", "objects", "relation", "swaps", ...}}
     vae_readback(model.vae, SceneWorld()) → {"lone": …, "pairs": …, "small": …}: read right after the VAE
     print(format_table(table))
@@ -20,6 +21,7 @@ from .data import (
     INVERSE,
     LANGUAGES,
     RELATIONS,
+    RING,
     SHAPES,
     SIDES,
     SIZE_CHOICES,
@@ -31,7 +33,8 @@ from .data import (
 )
 
 INK = 96  # a pixel is "ink" when some channel is this far below white: about half-way to every palette colour
-# Fill ratio of the ink's bounding box: square 1, circle π/4 ≈ 0.79, triangle 1/2; split half-way.
+# Fill ratio of the ink's bounding box: square 1, circle π/4 ≈ 0.79, triangle 1/2; split half-way (a ring is
+# told by its hole, not its fill: π/4 · (1 − 0.4²) ≈ 0.66 would read as a circle).
 SQUARE_ABOVE, CIRCLE_ABOVE = 0.89, 0.64
 SPECK = 20  # pieces of ink smaller than this (pixels) are noise, not objects: a 12-pixel triangle has ~70
 SPLIT = 0.3  # a piece of ink whose inside is ≥ 30% a second colour is two objects touching: split by colour
@@ -56,9 +59,15 @@ def nearest_colour(pixels: np.ndarray) -> np.ndarray:
 
 
 def shape_of(region: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
-    """The shape a boolean region's bounding box is filled like, and the box (x0, y0, x1, y1), ends excluded."""
+    """The shape of a boolean region, and its box (x0, y0, x1, y1), ends excluded: a ring when it encloses
+    a hole (a piece of its box's background, at least SPECK pixels, touching no side of the box), else
+    the shape its box is filled like."""
     ys, xs = np.nonzero(region)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    background = ~region[box[1]:box[3], box[0]:box[2]]
+    if any(hole.sum() >= SPECK and not (hole[0].any() or hole[-1].any() or hole[:, 0].any() or hole[:, -1].any())
+           for hole in label(background)):
+        return RING, box
     fill = region.sum() / ((box[2] - box[0]) * (box[3] - box[1]))
     return ("square" if fill > SQUARE_ABOVE else "circle" if fill > CIRCLE_ABOVE else "triangle"), box
 
@@ -240,6 +249,25 @@ def evaluate(model, scale: float = 7.5, steps: int = 25, seeds: int | Sequence[i
         seen_shape, seen_colour = detect(image)
         right[lang]["colour"] += seen_colour == colour
         right[lang]["shape"] += seen_shape == shape
+    return {lang: {k: n / per_language for k, n in counts.items()} for lang, counts in right.items()}
+
+
+def evaluate_rings(model, noun: str | None = None, scale: float = 7.5, steps: int = 25,
+                   seeds: int | Sequence[int] = (0, 1), phrasing: int = 0, languages: tuple[str, ...] = LANGUAGES,
+                   sampler: str = "ddim", batch_size: int | None = None) -> dict[str, dict[str, float]]:
+    """How well a model draws rings: one picture per language × colour ("a red ring", or with `noun`,
+    a new token's captions: "a red <ring>") and seed. Per language, the fraction with the right colour,
+    with the right shape (a ring), and with both."""
+    prompts = [(lang, colour) for lang in languages for colour in COLOURS]
+    images = draw(model, [caption(RING, c, lang, phrasing, noun=noun) for lang, c in prompts], seeds, sampler, scale,
+                  steps, batch_size)
+    right = {lang: {"colour": 0, "shape": 0, "both": 0} for lang in languages}
+    for (lang, colour), image in zip(prompts * (len(images) // len(prompts)), images):
+        seen_shape, seen_colour = detect(image)
+        right[lang]["colour"] += seen_colour == colour
+        right[lang]["shape"] += seen_shape == RING
+        right[lang]["both"] += (seen_shape, seen_colour) == (RING, colour)
+    per_language = len(images) // len(languages)
     return {lang: {k: n / per_language for k, n in counts.items()} for lang, counts in right.items()}
 
 

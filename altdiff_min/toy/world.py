@@ -12,7 +12,20 @@ import torch
 
 from ..errors import BadValue
 from ..training.dataset import register_data
-from .data import COLOURS, LANGUAGES, PHRASINGS, SHAPES, SIZE, Scene, caption, random_scene, render, render_scene, scene_captions
+from .data import (
+    COLOURS,
+    LANGUAGES,
+    PHRASINGS,
+    RING,
+    SHAPES,
+    SIZE,
+    Scene,
+    caption,
+    random_scene,
+    render,
+    render_scene,
+    scene_captions,
+)
 
 
 @dataclass
@@ -88,4 +101,34 @@ class SceneWorld:
         return {"kind": "toy scenes", "examples": self.n, "seed": self.seed, "resolution": self.resolution}
 
 
+class RingWorld(ToyWorld):
+    """A shape the shipped model never saw: rings (a disc with a hole), example i in colour i % 6, at a
+    size and place fixed by (seed, i), with every caption of it in the nine languages and their phrasings.
+    noun: a word said in place of "ring" in every language (a textual-inversion token, "<ring>"); None: the
+    languages' own words (ring, 圆环, anillo, anneau, кольцо, 輪, 고리, حلقة, anello)."""
+
+    def __init__(self, n: int = 36, seed: int = 0, noun: str | None = None):
+        if isinstance(n, bool) or not isinstance(n, int) or n < len(COLOURS):
+            raise BadValue(f"the ring world needs at least {len(COLOURS)} pictures, one per colour, got {n!r}")
+        if noun is not None and (not isinstance(noun, str) or not noun.strip()):
+            raise BadValue(f"noun must be a non-empty word, got {noun!r}")
+        self.n, self.seed, self.noun = n, seed, noun
+        self.labels = [(RING, colour) for colour in COLOURS]
+        self.captions = {label: tuple(caption(*label, lang, p, noun=noun) for lang in LANGUAGES
+                                      for p in range(len(PHRASINGS[lang]))) for label in self.labels}
+
+    def describe(self) -> dict:
+        return {"kind": "toy rings", "examples": self.n, "seed": self.seed, "resolution": self.resolution,
+                **({"noun": self.noun} if self.noun else {})}
+
+
+class TokenRingWorld(RingWorld):
+    """RingWorld captioned with the token "<ring>" in place of the word, in every language."""
+
+    def __init__(self, n: int = 36, seed: int = 0):
+        super().__init__(n, seed, noun="<ring>")
+
+
 register_data("toy", ToyWorld)  # DATA "toy" of `altdiff-min train`
+register_data("toy-ring", RingWorld)  # 36 rings, captioned with each language's word
+register_data("toy-<ring>", TokenRingWorld)  # the same pictures, captioned with "<ring>"

@@ -12,9 +12,10 @@ import torch
 
 from ..errors import BadValue
 from ..model.tokenizer import check_prompt
+from .objectives import PREDICTION
 from ..research.lora import DEFAULT_TARGETS
 
-TRAIN = ("unet", "text_encoder", "both", "vae")  # what trains; "vae" is the toy's first stage
+TRAIN = ("unet", "text_encoder", "both", "embeddings", "vae")  # what trains; "vae" is the toy's first stage
 
 
 PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,7 +29,8 @@ def setting(default, help: str, **cli):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train: str = setting("unet", "what trains; the VAE stays frozen", choices=TRAIN[:3])
+    train: str = setting("unet", "what trains; the VAE stays frozen; embeddings: only the rows of the --new-token "
+                         "words (textual inversion)", choices=TRAIN[:4])
     max_steps: int = setting(1000, "optimizer steps (the cosine schedule ends at the last); with --resume, a larger "
                              "number extends the run (the schedule is recomputed: see train.train)")
     batch_size: int = setting(1, "examples per process per micro-step")
@@ -48,6 +50,21 @@ class TrainConfig:
     uncond_prob: float = setting(0.1, "captions replaced by '' (for classifier-free guidance)")
     snr_gamma: float = setting(0.0, "weight each example's loss by min(SNR, GAMMA)/SNR (Min-SNR-γ, Hang et al. 2023; "
                                "5 is theirs and diffusers'); 0: unweighted", metavar="GAMMA")
+    prediction_type: str = setting("model", "what the UNet learns to predict: epsilon (the noise), v_prediction "
+                                   "(v = √ᾱ·ε − √(1−ᾱ)·x0, diffusers' get_velocity), or model: what the base model's "
+                                   "folder records (m9: epsilon); the result's folder records it and every sampler "
+                                   "reads it", choices=PREDICTION)
+    noise_offset: float = setting(0.0, "add X·n to each example's noise, n ~ N(0, 1) per channel and constant over "
+                                  "the picture (diffusers' --noise_offset, e.g. 0.1: darker darks, brighter lights); "
+                                  "0: none", metavar="X")
+    class_prompt: str = setting("", "DreamBooth prior preservation: the class's prompt (e.g. 'a ring'); with "
+                                "--class-images N, N pictures of it are drawn with the base model before training "
+                                "(OUT_DIR/class_images, kept for --resume) and every step adds their loss",
+                                metavar="TEXT")
+    class_images: int = setting(0, "how many class pictures (with --class-prompt); each step pairs every "
+                                "example with one", metavar="N")
+    class_steps: int = setting(50, "DDIM steps of each class picture (guidance 7.5, seed K for picture K)")
+    prior_weight: float = setting(1.0, "λ: loss = instance loss + λ · class-picture (prior) loss", metavar="LAMBDA")
     kl_weight: float = setting(1e-3, "train='vae' only: the KL term's weight", cli=False)
     seed: int = setting(0, "the data order and every random draw of the run")
     save_every: int = setting(500, "steps between checkpoints (and one at the end)")
@@ -55,6 +72,10 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = setting((), "a prompt to sample (repeat the flag for more); picture K uses seed K",
                                               flag="--sample-prompt", metavar="PROMPT")
     sample_steps: int = setting(25, "DDIM steps of the sample pictures")
+    new_tokens: tuple[str, ...] = setting((), "--train embeddings: a new word to learn, e.g. '<ring>' (repeat the flag "
+                                          "for more); the captions must hold it", flag="--new-token", metavar="TOKEN")
+    init_words: tuple[str, ...] = setting((), "--train embeddings: the word (one token) whose row each new token starts "
+                                          "from: one for all, or one per --new-token", flag="--init-word", metavar="WORD")
     lora: int = setting(0, "train a LoRA of rank R on the UNet (Hu et al. 2021) instead of its weights: the base stays "
                         "frozen, the optimizer holds only the LoRA, the result is OUT_DIR/lora/"
                         "pytorch_lora_weights.safetensors (diffusers/peft format); 0: train every weight", metavar="R")
@@ -67,29 +88,40 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.train not in TRAIN:
-            raise BadValue(f"--train must be one of {', '.join(TRAIN[:3])}, got {self.train!r}")
+            raise BadValue(f"--train must be one of {', '.join(TRAIN[:4])}, got {self.train!r}")
         if self.mixed_precision not in PRECISION:
             raise BadValue(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps"):
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "sample_steps", "class_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadValue(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup", "sample_every", "seed", "lora"):
+        for name in ("warmup", "sample_every", "seed", "class_images", "lora"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BadValue(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma", "lora_alpha"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "kl_weight", "snr_gamma", "noise_offset", "prior_weight",
+                     "lora_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise BadValue(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
         if not 0 <= self.ema < 1 or not 0 <= self.uncond_prob < 1:
             raise BadValue(f"ema and uncond_prob must be in [0, 1), got {self.ema} and {self.uncond_prob}")
+        if self.prediction_type not in PREDICTION:
+            raise BadValue(f"--prediction-type must be one of {', '.join(PREDICTION)}, got {self.prediction_type!r}")
+        if not isinstance(self.class_prompt, str) or bool(self.class_prompt.strip()) != bool(self.class_images):
+            raise BadValue("DreamBooth's prior preservation needs both --class-prompt TEXT and --class-images N "
+                           f"(N >= 1), got {self.class_prompt!r} and {self.class_images!r}")
+        if self.class_images and self.train == "vae":
+            raise BadValue("--class-images: the prior loss is a diffusion loss; the VAE does not take it")
+        if self.class_prompt:
+            check_prompt(self.class_prompt)
         if self.sample_every and not self.sample_prompts:
             raise BadValue("--sample-every needs at least one --sample-prompt")
         for prompt in self.sample_prompts:
             if not isinstance(prompt, str):
                 raise BadValue(f"sample_prompts must be strings, got {prompt!r}")
             check_prompt(prompt)
+        check_words_setting(self)
         self.check_lora()
 
     def check_lora(self) -> None:
@@ -97,9 +129,9 @@ class TrainConfig:
             if self.lora_alpha or self.lora_targets != DEFAULT_TARGETS:
                 raise BadValue("--lora-alpha and --lora-targets shape a LoRA: give --lora R too")
             return
-        if self.train != "unet":
-            raise BadValue(f"--lora trains a LoRA on the UNet only; use --train unet, not {self.train} (the text "
-                           f"encoder trains whole or not at all)")
+        if self.train not in ("unet", "embeddings"):
+            raise BadValue(f"--lora trains a LoRA on the UNet: with --train unet, or --train embeddings (new words "
+                           f"and a LoRA together), not {self.train} (the text encoder trains whole or not at all)")
         if not self.lora_targets or not all(isinstance(p, str) and p for p in self.lora_targets):
             raise BadValue(f"--lora-targets must be non-empty patterns, got {self.lora_targets!r}")
         for pattern in self.lora_targets:
@@ -110,11 +142,22 @@ class TrainConfig:
 
     @property
     def modules(self) -> tuple[str, ...]:
-        return {"both": ("text_encoder", "unet")}.get(self.train, (self.train,))
+        """The modules that train (in part: embeddings, the text encoder's new rows; with lora, the UNet's LoRA)."""
+        modules = {"both": ("text_encoder", "unet"), "embeddings": ("text_encoder",)}.get(self.train, (self.train,))
+        return modules + ("unet",) if self.lora and "unet" not in modules else modules
 
     def global_batch(self, processes: int) -> int:
         """Examples per optimizer step: batch_size × processes × grad_accum."""
         return self.batch_size * processes * self.grad_accum
+
+
+def check_words_setting(cfg: TrainConfig) -> None:
+    """--new-token and --init-word go with --train embeddings (the tokenizer checks the words themselves:
+    research/textual_inversion.py init_ids)."""
+    if (cfg.train == "embeddings") != bool(cfg.new_tokens) or (cfg.train == "embeddings") != bool(cfg.init_words):
+        raise BadValue("--train embeddings takes --new-token TOKEN and --init-word WORD, and they go with it only")
+    if not all(isinstance(w, str) for w in cfg.new_tokens + cfg.init_words):
+        raise BadValue(f"new_tokens and init_words must be strings, got {cfg.new_tokens!r} and {cfg.init_words!r}")
 
 
 # What a resumed run may change: how the global batch is split (not its size), memory, what is saved

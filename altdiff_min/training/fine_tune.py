@@ -11,7 +11,7 @@ import torch
 
 from ..errors import BadValue
 from ..storage.files import locked, make_folder
-from . import run_folder
+from . import run_folder, words
 from .config import PRECISION, SAME_ON_RESUME, TrainConfig, flag, recorded_settings
 from .distributed import World, join_world, leave_world, on_rank0
 from .lora import check_targets
@@ -62,9 +62,11 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
               device: str | torch.device = "cpu", resume: bool = False, force: bool = False,
               progress: bool = True) -> str:
     """`altdiff-min train MODEL DATA OUT_DIR`: fine-tune a model folder ("toy" or a converted m9) on
-    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the
-    result (with cfg.lora: OUT_DIR/lora/pytorch_lora_weights.safetensors, the LoRA alone, its metadata
-    naming the base model). Under torchrun every process calls this; rank 0 checks and writes, the others follow.
+    DATA (a captioned folder, or "toy") into the run folder OUT_DIR; returns OUT_DIR/model, the result;
+    with cfg.lora, OUT_DIR/lora/pytorch_lora_weights.safetensors instead (the LoRA alone, its metadata
+    naming the base model); with --train embeddings, OUT_DIR/learned_embeds.safetensors (training/words.py),
+    and the LoRA file beside it when cfg.lora too. Under torchrun every process calls this; rank 0
+    checks and writes, the others follow.
     Everything is checked before the model is loaded: the settings, the model folder, OUT_DIR, the data."""
     from safetensors import SafetensorError
 
@@ -72,13 +74,15 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
     from ..pipeline import load
     from ..storage.folder import fingerprint, read_config
     from ..storage.provenance import environment
-    from .dataset import NAMED, open_data
+    from . import mixing, prior
+    from .dataset import NAMED, CaptionedFolder
 
     world = join_world(check_device(device))
     try:
         with ExitStack() as stack:
+            sources = mixing.parse(data)  # a bad DATA list is one line before anything is read
             config = read_config(model_path)
-            native = NAMED[data].resolution if data in NAMED else config.get("image_size", 512)  # the toy world: 64 px
+            native = mixing.native_resolution(sources, NAMED, config.get("image_size", 512))  # the toy world: 64 px
             resolution = native if resolution is None else resolution
             try:
                 check_size(resolution, resolution, config["vae"], config["unet"])
@@ -93,13 +97,15 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 stack.enter_context(locked(out_dir))  # held until the run ends
                 return run_folder.prepare(out_dir, force, resume)
 
-            dataset = on_rank0(world, lambda: open_data(data, resolution, progress))  # before OUT_DIR is touched
+            dataset = on_rank0(world, lambda: mixing.open_sources(data, resolution, progress))  # before OUT_DIR is touched
             check_batch(cfg, world.size, len(dataset))
+            words.check(model_path, config, cfg, dataset)
             recorded = on_rank0(world, claim)
             model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
                    "config": dataclasses.asdict(cfg), "world_size": world.size,
-                   "global_batch": cfg.global_batch(world.size), "batch": describe_batch(cfg, world.size)}
+                   "global_batch": cfg.global_batch(world.size), "batch": describe_batch(cfg, world.size),
+                   **({"class_images": prior.record(cfg, resolution)} if cfg.class_images else {})}
 
             # What made the run: altdiff-min's version and git commit, torch's, the device and its name,
             # the dtype the forward pass computes in (the weights and the optimizer are fp32), the threads.
@@ -118,6 +124,11 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
 
             on_rank0(world, record)
             model = load(model_path, device=world.device, dtype=torch.float32)
+            if cfg.class_images:  # DreamBooth: the base model draws the class pictures (those missing) first
+                folder = on_rank0(world, lambda: prior.draw_class_images(model, out_dir, cfg, resolution, model_record,
+                                                                         progress))
+                dataset = prior.WithClasses(dataset, on_rank0(world, lambda: CaptionedFolder(folder, resolution)))
+            words.start(model, cfg)
             losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
             result = os.path.join(out_dir, run_folder.MODEL)
             made = {"base": model_record, "data": run["data"], "config": run["config"], "global_batch": run["global_batch"],
@@ -127,7 +138,11 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 from weights_convert.lora import FILE, save_lora
 
                 folder = os.path.join(out_dir, run_folder.LORA)
-                return save_lora(model.unet, folder, record={"train": made}) if world.rank == 0 else os.path.join(folder, FILE)
+                result = save_lora(model.unet, folder, record={"train": made}) if world.rank == 0 else os.path.join(folder, FILE)
+            if cfg.train == "embeddings":
+                return words.save(model, cfg, out_dir, world.rank)
+            if cfg.lora:
+                return result
             if world.rank == 0:
                 try:  # a failed write (a full disk) leaves the previous OUT_DIR/model as it was (folder.write_folder)
                     model.save(result, force=True, train=made)

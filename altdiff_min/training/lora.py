@@ -1,4 +1,5 @@
 """LoRA training (`altdiff-min train … --lora R`): what trains, what a checkpoint holds, what a run leaves.
+(`weights`/`load_weights` say what a checkpoint holds for every mode: whole modules, a LoRA, new words.)
 
 With cfg.lora = r the UNet's chosen layers (cfg.lora_targets) are wrapped in research.lora's LoRA,
 W x + (alpha / r) · B A x, and only A and B train: the base weights are frozen, so the optimizer,
@@ -24,6 +25,8 @@ from ..research.lora import (
 )
 from .config import TrainConfig
 
+ROWS = "token_embedding.rows"  # the text encoder's added rows (research/textual_inversion.py AddedRows)
+
 
 def attach(unet: nn.Module, cfg: TrainConfig, generator: Callable[[int], torch.Generator]) -> list[nn.Parameter]:
     """Wrap the UNet's target layers in new LoRAs (B zero, so training starts at the base model; A
@@ -44,19 +47,28 @@ def attach(unet: nn.Module, cfg: TrainConfig, generator: Callable[[int], torch.G
 
 
 def weights(model, cfg: TrainConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """A checkpoint's "modules": the trained modules' state dicts, or with LoRA the UNet's LoRA tensors alone."""
-    if cfg.lora:
-        return {"unet": {k: v.detach() for k, v in lora_state_dict(model.unet).items()}}
-    return {name: getattr(model, name).state_dict() for name in cfg.modules}
+    """A checkpoint's "modules": what trains of each trained module. A module training whole, its state
+    dict; with LoRA, the UNet's LoRA tensors alone; with --train embeddings, the text encoder's new rows
+    alone (the rest is the base model's: a checkpoint of m9's words is kilobytes, not its 2 GB encoder)."""
+    def held(name: str) -> dict[str, torch.Tensor]:
+        if cfg.lora and name == "unet":
+            return {k: v.detach() for k, v in lora_state_dict(model.unet).items()}
+        if cfg.train == "embeddings" and name == "text_encoder":
+            return {ROWS: model.text_encoder.token_embedding.rows.detach()}
+        return getattr(model, name).state_dict()
+    return {name: held(name) for name in cfg.modules}
 
 
 def load_weights(model, cfg: TrainConfig, modules: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Put `weights` back (a resumed run: the LoRA run's checkpoint holds no base weight)."""
-    if cfg.lora:
-        load_lora_weights(model.unet, modules["unet"])
-        return
+    """Put `weights` back (a resumed run: a LoRA's or new words' checkpoint holds no base weight)."""
     for name in cfg.modules:
-        getattr(model, name).load_state_dict(modules[name])
+        if cfg.lora and name == "unet":
+            load_lora_weights(model.unet, modules["unet"])
+        elif cfg.train == "embeddings" and name == "text_encoder":
+            with torch.no_grad():
+                model.text_encoder.token_embedding.rows.copy_(modules[name][ROWS])
+        else:
+            getattr(model, name).load_state_dict(modules[name])
 
 
 def record(cfg: TrainConfig) -> dict:

@@ -7,6 +7,7 @@
     samples/        step-NNNNNNN-K.png: the --sample-prompt pictures, every --sample-every steps, each
                     carrying its record (prompt, seed, sampler, steps, the training step, the run folder)
     model/          the result, a model folder `altdiff_min.load` reads (written at the end)
+    learned_embeds.safetensors   instead, with --train embeddings: the new words' rows (training/words.py)
     lora/           a --lora run's result instead: pytorch_lora_weights.safetensors (diffusers/peft
                     format; its metadata names the base model it belongs to), no model folder
 

@@ -1,7 +1,7 @@
 """Training: the maths every recipe shares, and the one loop that runs it, on one process or under torchrun.
 
-The maths
-    diffusion_loss   ε-prediction (Ho et al. 2020, eq. 14, unweighted):
+The maths (the targets, weights and DreamBooth's prior loss: objectives.py)
+    diffusion_loss   ε-prediction (Ho et al. 2020, eq. 14, unweighted; or v-prediction, --prediction-type):
                      L = mean ‖ε − ε_θ(x_t, t, c)‖²,  x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε  (schedule.add_noise)
                      with t uniform over the T training timesteps and ε ~ N(0, I); optionally each
                      example weighted by min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1−ᾱ_t) (Min-SNR-γ, Hang et
@@ -22,7 +22,10 @@ Under torchrun the objective is wrapped in DistributedDataParallel (gloo on CPU,
     global batch  G = batch_size × processes × grad_accum examples per optimizer step
     step s, place j < G:  the example at position s·G + j of the data stream (epoch after epoch, each
                           a permutation seeded by (seed, epoch)); its caption choice, dropout, t, ε and
-                          posterior sample drawn from a generator seeded by (seed, s, j)
+                          posterior sample drawn from a generator seeded by (seed, s, j) (and last its
+                          --noise-offset draw); with --class-prompt, place j's class example too, from
+                          its own stream and generator (seed, 2, s, j) (prior.py); with several DATA
+                          sources, the stream draws each position's source by weight (mixing.py)
     micro-step a, rank r: places (a·processes + r)·batch_size … + batch_size
 
 So the maths depends on the seed, the step and the place in the global batch only, never on how many
@@ -46,8 +49,9 @@ from tqdm import tqdm
 from ..errors import BadValue, NotFinite
 from ..model.unet import UNet
 from ..model.vae import VAE
-from ..sampling.schedule import ScheduleConfig, add_noise, alphas_cumprod
-from . import lora, run_folder
+from ..research import textual_inversion
+from ..sampling.schedule import ScheduleConfig, add_noise
+from . import lora, objectives, run_folder
 from .config import PRECISION, TrainConfig
 from .distributed import World
 
@@ -61,17 +65,16 @@ def trainable(*modules: torch.nn.Module) -> None:
 
 
 def diffusion_loss(unet: UNet, context: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   schedule: ScheduleConfig = ScheduleConfig(), snr_gamma: float = 0.0) -> torch.Tensor:
-    """mean ‖ε_θ(x_t, t, context) − ε‖² over every element of the batch: latents, noise (B, 4, h, w)
-    in the sampler's scale (VAE latents × scaling_factor), t (B,) integer timesteps, context (B, 77, D).
-    snr_gamma γ > 0: each example's mean error weighted by min(SNR_t, γ)/SNR_t (Min-SNR-γ), then averaged."""
+                   schedule: ScheduleConfig = ScheduleConfig(), snr_gamma: float = 0.0,
+                   prior_weight: float | None = None) -> torch.Tensor:
+    """mean ‖UNet(x_t, t, context) − target‖² over every element of the batch: latents, noise (B, 4, h, w)
+    in the sampler's scale (VAE latents × scaling_factor), t (B,) integer timesteps, context (B, 77, D);
+    the target ε or v by schedule.prediction_type (objectives.target). snr_gamma γ > 0: each example's
+    mean error weighted by Min-SNR-γ, then averaged; prior_weight: DreamBooth's instance + λ · class
+    loss over the batch's two halves (objectives.reduce)."""
     x_t = add_noise(latents, noise, t, schedule)
-    error = (unet(x_t, t, context).float() - noise.float()).pow(2)
-    if not snr_gamma:
-        return error.mean()
-    a = alphas_cumprod(schedule).to(error.device)[t]
-    snr = a / (1 - a)
-    return (error.flatten(1).mean(dim=1) * snr.clamp(max=snr_gamma) / snr).mean()
+    error = (unet(x_t, t, context).float() - objectives.target(latents, noise, t, schedule).float()).pow(2)
+    return objectives.reduce(error, t, schedule, snr_gamma, prior_weight)
 
 
 def drop_captions(ids: torch.Tensor, empty: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -121,16 +124,17 @@ def generator(seed: int, *key: int) -> torch.Generator:
 
 
 class Stream:
-    """Position p of the data stream → example index: epoch p // n is a permutation seeded by (seed, epoch)."""
+    """Position p of the data stream → example index: epoch p // n is a permutation seeded by (seed, epoch);
+    key: another stream of the same seed (a mixture's sources, DreamBooth's class pictures)."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.orders = n, seed, {}
+    def __init__(self, n: int, seed: int, key: tuple[int, ...] = ()):
+        self.n, self.seed, self.key, self.orders = n, seed, key, {}
 
     def __getitem__(self, p: int) -> int:
         epoch = p // self.n
         if epoch not in self.orders:
             self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
-            self.orders[epoch] = torch.randperm(self.n, generator=generator(self.seed, 0, epoch)).tolist()
+            self.orders[epoch] = torch.randperm(self.n, generator=generator(self.seed, 0, epoch, *self.key)).tolist()
         return self.orders[epoch][p % self.n]
 
 
@@ -159,7 +163,7 @@ class Objective(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and "text_encoder" in self.cfg.modules):
             context = self.module("text_encoder")(batch["ids"], batch["mask"])
         return diffusion_loss(self.module("unet"), context, batch["latents"], batch["noise"], batch["t"], self.schedule,
-                              self.cfg.snr_gamma)
+                              self.cfg.snr_gamma, self.cfg.prior_weight if self.cfg.class_images else None)
 
 
 class Batches:
@@ -167,7 +171,8 @@ class Batches:
 
     def __init__(self, model, data, cfg: TrainConfig, world: World):
         self.model, self.data, self.cfg, self.world = model, data, cfg, world
-        self.stream = Stream(len(data), cfg.seed)
+        self.stream = data.order(cfg.seed) if hasattr(data, "order") else Stream(len(data), cfg.seed)  # mixing.py
+        self.classes = data.class_order(cfg.seed) if hasattr(data, "class_order") else None  # prior.py
         self.global_batch = cfg.global_batch(world.size)
         down = model.vae.cfg.size_multiple
         self.latent_shape = (model.vae.cfg.latent_channels, data.resolution // down, data.resolution // down)
@@ -194,6 +199,9 @@ class Batches:
             return {"pixels": torch.stack([self.data.pixels(i) for i in examples]).to(world.device),
                     "noise": torch.stack([torch.randn(self.latent_shape, generator=g) for g in gens]).to(world.device)}
         texts, drop, t, noise, latents = [], [], [], [], []
+        if self.classes is not None:  # DreamBooth: the places' class examples after them, with their own draws
+            examples += [self.classes[step * self.global_batch + j] for j in places]
+            gens += [generator(cfg.seed, 2, step, j) for j in places]
         for i, g in zip(examples, gens):  # the order of the draws is part of the run's definition
             captions = self.data.texts(i)
             texts.append(captions[int(torch.randint(len(captions), (1,), generator=g))])
@@ -202,6 +210,7 @@ class Batches:
             noise.append(torch.randn(self.latent_shape, generator=g))
             mean, std = self.posterior(i)
             latents.append((mean + std * torch.randn(self.latent_shape, generator=g)) * self.model.vae.cfg.scaling_factor)
+            noise[-1] = objectives.offset_noise(noise[-1], g, cfg.noise_offset)
         ids, mask = caption_tokens(self.model.tokenizer, texts, torch.tensor(drop))
         return {name: value.to(world.device) for name, value in
                 {"ids": ids, "mask": mask, "t": torch.tensor(t), "noise": torch.stack(noise),
@@ -233,16 +242,19 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     loss.jsonl's rows: step, loss, lr, grad_norm (the gradient's global norm before clipping, after
     fp16 unscaling; null where not finite: a step the grad scaler skipped), seconds (training time
     since the run began, counted on across --resume)."""
+    model.schedule = objectives.with_prediction(model.schedule, cfg.prediction_type)  # what it learns, saves, samples
     objective = Objective(model, cfg)
     trained = [getattr(model, name) for name in cfg.modules]
-    if cfg.lora:  # only the LoRA trains (training/lora.py)
-        params = lora.attach(model.unet, cfg, lambda k: generator(cfg.seed, 2, k))
-    else:
-        trainable(*trained)
-        text = model.text_encoder
-        if "text_encoder" in cfg.modules and text.cfg.pre_transformation:  # m18 never runs its last layer:
-            text.layers[-1].requires_grad_(False), text.transformation.requires_grad_(False)  # no gradient for DDP
-        params = [p for module in trained for p in module.parameters() if p.requires_grad]
+    whole = [getattr(model, name) for name in cfg.modules if not (cfg.lora and name == "unet")]  # weight by weight
+    trainable(*whole)
+    text = model.text_encoder
+    if "text_encoder" in cfg.modules and text.cfg.pre_transformation:  # m18 never runs its last layer:
+        text.layers[-1].requires_grad_(False), text.transformation.requires_grad_(False)  # no gradient for DDP to wait on
+    if cfg.train == "embeddings":  # textual inversion: the new words' rows alone
+        textual_inversion.train_only_new_rows(text)
+    params = [p for module in whole for p in module.parameters() if p.requires_grad]
+    if cfg.lora:  # a LoRA on the UNet, its base frozen (training/lora.py); with embeddings, both train
+        params += lora.attach(model.unet, cfg, lambda k: generator(cfg.seed, 2, k))
     for module in trained:
         module.gradient_checkpointing = cfg.gradient_checkpointing and hasattr(module, "gradient_checkpointing")
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
