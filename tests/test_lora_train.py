@@ -231,7 +231,7 @@ sys.exit(main(["train", *sys.argv[1:]]))
 
 
 @pytest.mark.parametrize("bad, said", [
-    (["--train", "both"], "--lora trains a LoRA on the UNet only; use --train unet, not both"),
+    (["--train", "both"], "--lora trains a LoRA on the UNet: with --train unet, or --train embeddings"),
     (["--lora", "-1"], "lora must be an int >= 0"),
     (["--lora", "0", "--lora-alpha", "4"], "--lora-alpha and --lora-targets shape a LoRA: give --lora R too"),
     (["--lora-alpha", "nan"], "lora_alpha must be a finite number"),
