@@ -269,7 +269,12 @@ def train_step_fn(which: str, folder: str, device: str, amp: torch.dtype, checkp
             unet.enable_gradient_checkpointing()
         loss_fn = lambda c, x0, eps, t: F.mse_loss(
             unet(add_noise(x0, eps, t), t, encoder_hidden_states=c).sample.float(), eps.float())
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    return optimizer_step(loss_fn, list(unet.parameters()), 1e-5, device, amp)
+
+
+def optimizer_step(loss_fn, params: list, lr: float, device: str, amp: torch.dtype):
+    """step(*batch): one AdamW step of `params` on loss_fn(*batch), under autocast to `amp`."""
+    opt = torch.optim.AdamW(params, lr=lr)
     scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)  # fp16 needs loss scaling; bf16 does not
 
     def step(*batch) -> None:
@@ -337,17 +342,7 @@ def lora_step_fn(which: str, path: str, device: str, amp: torch.dtype, r: int):
             params = list(unet.parameters())
         loss_fn = lambda c, x0, eps, t: F.mse_loss(
             unet(add_noise(x0, eps, t), t, encoder_hidden_states=c).sample.float(), eps.float())
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)
-
-    def step(*batch) -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=amp, enabled=amp != torch.float32):
-            loss = loss_fn(*batch)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    return step, sum(p.numel() for p in params)
+    return optimizer_step(loss_fn, params, 1e-4, device, amp), sum(p.numel() for p in params)
 
 
 def resident_mib() -> float:

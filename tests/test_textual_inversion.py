@@ -308,6 +308,42 @@ def test_train_embeddings_cli_writes_diffusers_file_and_resumes_to_the_same_bits
     assert model.generate("un <ring> y <ball>", steps=2, height=64, width=64, output="tensor", progress=False).isfinite().all()
 
 
+def test_new_words_and_a_lora_train_together_and_resume_to_the_same_bits(small_model_dir, ring_pictures, tmp_path):
+    """`--train embeddings --lora R` (pivotal tuning): the new rows and the UNet's LoRA train in one
+    optimizer, every base weight keeps its bits, the run leaves learned_embeds.safetensors and the LoRA
+    file, its checkpoint holds the rows and the LoRA alone, and a killed run resumes to the same bits."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import ENV, KILLER, cli
+
+    from weights_convert.lora import FILE
+
+    args = [small_model_dir, ring_pictures, "--train", "embeddings", "--new-token", "<ring>", "--init-word",
+            one_token_word(small_model_dir), "--lora", "2", "--max-steps", "4", "--save-every", "2", "--batch-size", "2",
+            "--lr", "1e-2", "--no-progress"]
+    cli(*args, tmp_path / "whole")
+    whole = tmp_path / "whole"
+    assert {"learned_embeds.safetensors", "lora", "checkpoint.pt"} <= set(os.listdir(whole)) and "model" not in os.listdir(whole)
+    checkpoint = torch.load(whole / "checkpoint.pt", weights_only=True)
+    assert list(checkpoint["modules"]["text_encoder"]) == ["token_embedding.rows"]
+    assert checkpoint["modules"]["unet"] and all(".lora_" in k for k in checkpoint["modules"]["unet"])
+    killed = subprocess.run([sys.executable, "-c", KILLER, "after-step", "3", *args, str(tmp_path / "run")],
+                            env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    cli(*args, tmp_path / "run", "--resume")
+    for name in ("learned_embeds.safetensors", os.path.join("lora", FILE)):
+        a, b = load_file(whole / name), load_file(tmp_path / "run" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    base, tuned = load(small_model_dir), load(small_model_dir, lora=[str(whole / "lora" / FILE)])
+    add_words(tuned, read_embeddings(str(whole / "learned_embeds.safetensors")))
+    kept = {k.replace(".base.", "."): v for k, v in tuned.unet.state_dict().items() if ".adapters." not in k}
+    assert kept.keys() == base.unet.state_dict().keys()
+    assert all(torch.equal(kept[k], v) for k, v in base.unet.state_dict().items())  # the base keeps its bits
+    assert tuned.generate("un <ring>", steps=2, height=64, width=64, output="tensor", progress=False).isfinite().all()
+
+
 def test_train_embeddings_under_torchrun_does_the_sums_of_one_process(small_model_dir, ring_pictures, tmp_path):
     from test_train import cli
 
