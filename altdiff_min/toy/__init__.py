@@ -13,10 +13,11 @@ object a picture), so everything in altdiff-min can be run and looked into witho
     detect(image)                                            # ("triangle", "blue")
 
 data.py     the pictures (`render`, `render_scene`) and captions (`caption`, `caption_scene`); SHAPES,
-            COLOURS, LANGUAGES, RELATIONS
-world.py    the worlds as training data: `ToyWorld` (DATA "toy" of `altdiff-min train`), `SceneWorld`
+            COLOURS, LANGUAGES, RELATIONS; RING, the shape the fine-tuning lesson teaches
+world.py    the worlds as training data: `ToyWorld` (DATA "toy" of `altdiff-min train`), `SceneWorld`,
+            `RingWorld` (DATA "toy-ring", and "toy-<ring>" captioned with a new token)
 detect.py   what a picture shows (`detect`, `detect_scene`), and a model's accuracy per language
-            (`evaluate`; `evaluate_scenes` for compositions)
+            (`evaluate`; `evaluate_scenes` for compositions; `evaluate_rings`)
 train.py    `train_toy` / `altdiff-min train-toy OUT_DIR`: how the shipped model was made
 """
 import os
