@@ -74,7 +74,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
     from ..pipeline import load
     from ..storage.folder import fingerprint, read_config
     from ..storage.provenance import environment
-    from . import mixing, prior
+    from . import mixing, objectives, prior
     from .dataset import NAMED, CaptionedFolder
 
     world = join_world(check_device(device))
@@ -90,6 +90,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 raise BadValue(f"--resolution {resolution} does not fit {model_path}: {e}") from None
             if cfg.lora:
                 check_targets(config["unet"], cfg)
+            objectives.check_prediction(cfg, config["schedule"])
             out_dir = os.path.abspath(out_dir)
 
             def claim() -> dict | None:

@@ -15,8 +15,6 @@ from ..research import textual_inversion
 from ..storage.folder import TOKENIZER, resolve
 from .config import TrainConfig
 
-RESULT = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE (weights_convert/embeddings.py FILE)
-
 
 def check(model_path: str, config: dict, cfg: TrainConfig, dataset) -> None:
     """Before the model loads or OUT_DIR is touched: the new tokens are new to the model's tokenizer,
@@ -46,9 +44,9 @@ def start(model, cfg: TrainConfig) -> None:
 
 def save(model, cfg: TrainConfig, out_dir: str, rank: int) -> str:
     """The trained rows as OUT_DIR/learned_embeds.safetensors ({token: (1, D)}, fp32; rank 0 writes)."""
-    from weights_convert.embeddings import write_embeddings
+    from weights_convert.embeddings import FILE, write_embeddings  # FILE: diffusers' TEXT_INVERSION_NAME_SAFE
 
-    path = os.path.join(out_dir, RESULT)
+    path = os.path.join(out_dir, FILE)
     if rank == 0:
         write_embeddings(path, textual_inversion.learned(model, cfg.new_tokens))
     return path
