@@ -19,7 +19,6 @@ import shutil
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from altdiff_min.errors import AltDiffError, BadFile, BadValue, Exists, io_error
 from altdiff_min.sampling.schedule import ScheduleConfig, alphas_cumprod, betas
@@ -31,7 +30,7 @@ from altdiff_min.storage.files import (
     make_folder,
     put_in_place,
     read_json,
-    safetensors_os_error,
+    save_safetensors,
     sibling,
 )
 from altdiff_min.storage.folder import (
@@ -185,13 +184,9 @@ def write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def write_weights(path: str, tensors: dict, metadata: dict, mode: int) -> None:
-    """safetensors' file, with the permissions the umask gives (`mode`; safetensors writes 0600)."""
-    try:
-        save_file(tensors, path, metadata={"format": "pt", **metadata})
-    except SafetensorError as e:
-        raise safetensors_os_error(e) from None
-    os.chmod(path, mode)
+def write_weights(path: str, tensors: dict, metadata: dict, mode: int | None = None) -> None:
+    """safetensors' file, with the permissions the umask gives (files.save_safetensors)."""
+    save_safetensors(path, tensors, {"format": "pt", **metadata}, mode)
 
 
 def diffusers_configs(config: dict) -> dict[str, dict]:

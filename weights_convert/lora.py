@@ -32,11 +32,10 @@ from collections import Counter
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from altdiff_min.errors import AltDiffError, BadFile, BadType, BadValue
 from altdiff_min.research.lora import LoRA, attach, check_name, finite, load_lora_weights, lora_layers, plain_layers
-from altdiff_min.storage.files import atomic_file, safetensors_os_error
+from altdiff_min.storage.files import atomic_file, save_safetensors
 
 from .rules import rename
 from .unet import RULES, TO_DIFFUSERS
@@ -283,14 +282,9 @@ def save_lora(model: nn.Module, folder: str, name: str = FILE, record: dict | No
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
     with atomic_file(path) as tmp:
-        mode = os.stat(tmp).st_mode & 0o666  # as the umask makes files (safetensors writes 0600), as folder.py does
-        try:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
-                      metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True),
-                                **({RECORD_KEY: json.dumps(record, ensure_ascii=False)} if record else {})})
-        except (SafetensorError, OSError) as e:
-            raise safetensors_os_error(e) from None
-        os.chmod(tmp, mode)
+        save_safetensors(tmp, {k: v.contiguous().cpu() for k, v in tensors.items()},
+                         {"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True),
+                          **({RECORD_KEY: json.dumps(record, ensure_ascii=False)} if record else {})})
     return path
 
 
@@ -341,5 +335,5 @@ def save_kohya(path: str, out: str, force: bool = False) -> str:
     with locked(out):
         check_lora_destination(out, force)
         with atomic_file(out) as tmp:
-            write_weights(tmp, tensors, metadata, os.stat(tmp).st_mode & 0o666)
+            write_weights(tmp, tensors, metadata)
     return out
