@@ -419,3 +419,14 @@ def test_a_model_with_loras_is_saved_only_once_they_are_merged_and_removed(small
         remove_lora(model.unet)
         model.save(str(tmp_path / "out"))
         assert rel_err(load_model(str(tmp_path / "out")).unet(x, t, context), want) <= TOL
+
+
+def test_per_call_scales_change_only_the_model_they_name(base, two_files, inputs):
+    """Two models holding the same file (one adapter name): lora_scales on one leaves the other's as set."""
+    x, t, context = inputs
+    first, second = ours_with(base, two_files["style"], 0.7), ours_with(base, two_files["style"], 0.7)
+    with torch.no_grad():
+        before = second(x, t, context)
+        with lora_scales(first, {"style": 0.0}):
+            changed, other = first(x, t, context), second(x, t, context)
+        assert torch.equal(other, before) and rel_diff(changed, before) > 1e-3
