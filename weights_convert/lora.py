@@ -313,27 +313,3 @@ def kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         out.update({f"{name}.{KOHYA_PARTS[p]}": parts[p].contiguous() for p in "AB"})
         out[f"{name}.alpha"] = torch.tensor(float(ranks.most_common(1)[0][0] if alpha is None else alpha))
     return out
-
-
-def save_kohya(path: str, out: str, force: bool = False) -> str:
-    """`export LORA_FILE OUT --to kohya`: the diffusers/peft LoRA file `path` written to `out` in the kohya
-    form (checked first, as generate --lora checks it: keys, both halves, finite values); returns out."""
-    from altdiff_min.storage.files import locked
-
-    from .export import MARK_METADATA, check_lora_destination, write_weights
-
-    what = f"LoRA file {path}"
-    out = os.path.abspath(out)
-    check_lora_destination(out, force)
-    check_file(path)
-    tensors = kohya_state_dict(*read_file(path), what)
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
-    alphas = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
-    metadata = {"ss_network_module": "networks.lora", MARK_METADATA: json.dumps({"source": os.path.abspath(path)}),
-                **({"ss_network_dim": str(*ranks)} if len(ranks) == 1 else {}),
-                **({"ss_network_alpha": f"{next(iter(alphas)):g}"} if len(alphas) == 1 else {})}
-    with locked(out):
-        check_lora_destination(out, force)
-        with atomic_file(out) as tmp:
-            write_weights(tmp, tensors, metadata)
-    return out
