@@ -91,6 +91,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
             if cfg.lora:
                 check_targets(config["unet"], cfg)
             objectives.check_prediction(cfg, config["schedule"])
+            words.check(model_path, config, cfg)
             out_dir = os.path.abspath(out_dir)
 
             def claim() -> dict | None:
@@ -100,7 +101,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
 
             dataset = on_rank0(world, lambda: mixing.open_sources(data, resolution, progress))  # before OUT_DIR is touched
             check_batch(cfg, world.size, len(dataset))
-            words.check(model_path, config, cfg, dataset)
+            words.check_captions(cfg, dataset)
             recorded = on_rank0(world, claim)
             model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),

@@ -16,10 +16,9 @@ from ..storage.folder import TOKENIZER, resolve
 from .config import TrainConfig
 
 
-def check(model_path: str, config: dict, cfg: TrainConfig, dataset) -> None:
-    """Before the model loads or OUT_DIR is touched: the new tokens are new to the model's tokenizer,
-    each init word one of its tokens, and every new token in at least one caption (else its row would
-    never be read, so never trained)."""
+def check(model_path: str, config: dict, cfg: TrainConfig) -> None:
+    """Before the data is read: the new tokens are new to the model's tokenizer and each init word is
+    one of its tokens."""
     if cfg.train != "embeddings":
         return
     tokenizer = Tokenizer(os.path.join(resolve(model_path), TOKENIZER), config["tokenizer"]["max_length"])
@@ -27,6 +26,13 @@ def check(model_path: str, config: dict, cfg: TrainConfig, dataset) -> None:
         textual_inversion.init_ids(tokenizer, cfg.new_tokens, cfg.init_words)
     except BadValue as e:
         raise BadValue(f"--new-token/--init-word: {e}") from None
+
+
+def check_captions(cfg: TrainConfig, dataset) -> None:
+    """Before the model loads or OUT_DIR is touched: every new token is in at least one caption (else
+    its row would never be read, so never trained)."""
+    if cfg.train != "embeddings":
+        return
     unread = set(cfg.new_tokens)
     for i in range(len(dataset)):
         unread -= {t for t in unread if any(t in text for text in dataset.texts(i))}
