@@ -227,6 +227,18 @@ def lora_list(lora, what: str = "lora") -> list[tuple[str, float, str]]:
     return out
 
 
+def check_lora_files(lora, what: str) -> list[tuple[str, float, str]]:
+    """lora_list(lora, what), each file checked as a LoRA file (check_file) before any model loads; an
+    error names `what` (the flag or setting that gave the files)."""
+    try:
+        listed = lora_list(lora, what)
+        for path, _, _ in listed:
+            check_file(path)
+    except AltDiffError as e:
+        raise type(e)(str(e) if str(e).startswith(what) else f"{what}: {e}") from None
+    return listed
+
+
 def read_lora_files(lora, what: str = "lora") -> list[LoRAFile]:
     """lora_list(lora), each file read and checked (check_tensors) before a model loads."""
     files = []
