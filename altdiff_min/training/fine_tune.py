@@ -13,7 +13,7 @@ from ..errors import BadValue
 from ..storage.files import locked, make_folder
 from . import run_folder, words
 from .config import PRECISION, SAME_ON_RESUME, TrainConfig, flag, recorded_settings
-from .distributed import World, join_world, leave_world, on_rank0
+from .distributed import World, barrier, join_world, leave_world, on_rank0
 from .lora import check_targets
 from .train import train
 
@@ -127,8 +127,10 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
             on_rank0(world, record)
             model = load(model_path, device=world.device, dtype=torch.float32)
             if cfg.class_images:  # DreamBooth: the base model draws the class pictures (those missing) first
-                folder = on_rank0(world, lambda: prior.draw_class_images(model, out_dir, cfg, resolution, model_record,
-                                                                         progress))
+                folder = on_rank0(world, lambda: prior.class_folder(out_dir))
+                prior.draw_class_images(model, out_dir, cfg, resolution, model_record, progress, world.rank, world.size)
+                barrier(world)
+                on_rank0(world, lambda: prior.write_metadata(folder, cfg))
                 dataset = prior.WithClasses(dataset, on_rank0(world, lambda: CaptionedFolder(folder, resolution)))
             words.start(model, cfg)
             losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
