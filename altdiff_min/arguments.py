@@ -208,6 +208,18 @@ def check_pictures_finite(images: torch.Tensor) -> None:
                         f"or the guidance scale hold non-finite numbers, or the model overflows in this dtype")
 
 
+def check_savable(model) -> None:
+    """A model folder holds the model files' weights: not added tokens (research/textual_inversion.py) nor
+    LoRA layers (research/lora.py), whose state dicts load into no model file."""
+    from .research.lora import LoRA
+
+    if not isinstance(model.text_encoder.token_embedding, torch.nn.Embedding):
+        raise BadValue("this model holds added tokens, which a model folder cannot: write them with write_embeddings")
+    if any(isinstance(m, LoRA) for m in model.unet.modules()):
+        raise BadValue("this model's UNet holds LoRA layers, which a model folder cannot: write them with save_lora, "
+                       "or merge_lora then remove_lora to keep them in the weights")
+
+
 def check_load_flags(limits, **flags) -> None:
     """load's switches (compile, safety_checker, fast, check_finite): each True or False; limits a Limits."""
     for name, flag in flags.items():

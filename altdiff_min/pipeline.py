@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm  # the plain text bar: also in notebooks, without ipywidgets
 
 from .arguments import Limits, Shape, check_arguments, check_device, check_dtype, check_load_flags
-from .arguments import check_picture_arguments, check_pictures_finite, check_safety_request, check_text_layer
+from .arguments import check_picture_arguments, check_pictures_finite, check_safety_request, check_savable, check_text_layer
 from .errors import BadType, BadValue
 from .model.text_encoder import TextEncoder
 from .model.tokenizer import Tokenizer
@@ -251,8 +251,7 @@ class AltDiffusion:
 
     def save(self, path: str, force: bool = False, **extra: Any) -> None:
         """Write this model as a model folder (atomically; see folder.write_folder)."""
-        if not isinstance(self.text_encoder.token_embedding, torch.nn.Embedding):  # research/textual_inversion.py's rows
-            raise BadValue("this model holds added tokens, which a model folder cannot: write them with write_embeddings")
+        check_savable(self)
         modules = {name: getattr(self, name) for name in (*DIFFUSION, "safety_checker") if getattr(self, name) is not None}
         write_folder(path, {n: m.cfg for n, m in modules.items()}, {n: m.state_dict() for n, m in modules.items()},
                      self.schedule, self.tokenizer.model_file, self.tokenizer.max_length, force=force,

@@ -92,6 +92,45 @@ def test_arrows_only_run_down():
     assert not up
 
 
+def converter_reach() -> dict[str, set[str]]:
+    """weights_convert.x → the altdiff_min modules it reaches, through the converter's own imports too."""
+    folder = os.path.join(REPO, "weights_convert")
+    direct = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".py"):
+            found = set()
+            for node in ast.walk(ast.parse(open(os.path.join(folder, f), encoding="utf-8").read())):
+                if isinstance(node, ast.ImportFrom):
+                    base = ".".join(["weights_convert"] * bool(node.level) + [node.module] * bool(node.module))
+                    found |= {base} | {f"{base}.{a.name}" for a in node.names}
+                elif isinstance(node, ast.Import):
+                    found |= {a.name for a in node.names}
+            direct[f"weights_convert.{f[:-3]}"] = found
+    reach = {}
+    for name in direct:
+        seen, todo = set(), [name]
+        while todo:
+            for m in direct.get(todo.pop(), ()):
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        reach[name] = {m for m in seen if m in GRAPH}
+    return reach
+
+
+def test_what_the_converter_brings_runs_down_too():
+    """altdiff_min's files that import the converter (the pipeline reads LoRA files by its rules) reach,
+    through it, only rooms below their own: the converter is no back door for an up-arrow."""
+    reach = converter_reach()
+    up = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("weights_convert"):
+                up += [f"{name} -> {node.module} -> {b}" for b in reach.get(node.module, ())
+                       if room(b) != room(name) and floor(b) >= floor(name)]
+    assert not up
+
+
 def test_no_import_circle():
     state, path, circles = {}, [], []
 

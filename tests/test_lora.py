@@ -398,3 +398,35 @@ def test_a_compiled_unet_runs_its_loras_in_the_graph(small_model_dir, two_files)
     with pytest.raises(BadValue, match="compiled UNet reads no per-call LoRA scales"), \
             lora_scales(compiled.unet, {"style": 0.0}):
         pass
+
+
+def test_a_model_with_loras_is_saved_only_once_they_are_merged_and_removed(small_model_dir, two_files, tmp_path):
+    """A LoRA layer's state dict (…q.base.weight, …adapters.style.lora_A.weight) loads into no UNet: save
+    refuses it in one line, writing nothing; merged and removed, the weights are plain and save."""
+    from altdiff_min.pipeline import load as load_model
+    from altdiff_min.research.lora import remove_lora
+
+    model = load_model(small_model_dir, lora=[two_files["style"]])
+    with pytest.raises(BadValue, match="holds LoRA layers"):
+        model.save(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    with torch.no_grad():
+        x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+        context = torch.randn(2, 77, model.unet.cfg.context_dim, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([10.0, 500.0])
+        want = model.unet(x, t, context)
+        merge_lora(model.unet)
+        remove_lora(model.unet)
+        model.save(str(tmp_path / "out"))
+        assert rel_err(load_model(str(tmp_path / "out")).unet(x, t, context), want) <= TOL
+
+
+def test_per_call_scales_change_only_the_model_they_name(base, two_files, inputs):
+    """Two models holding the same file (one adapter name): lora_scales on one leaves the other's as set."""
+    x, t, context = inputs
+    first, second = ours_with(base, two_files["style"], 0.7), ours_with(base, two_files["style"], 0.7)
+    with torch.no_grad():
+        before = second(x, t, context)
+        with lora_scales(first, {"style": 0.0}):
+            changed, other = first(x, t, context), second(x, t, context)
+        assert torch.equal(other, before) and rel_diff(changed, before) > 1e-3

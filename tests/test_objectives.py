@@ -223,7 +223,9 @@ def test_bad_settings_are_one_line_before_any_work(small_model_dir, pictures, tm
     for args, message in [(["--class-images", "2"], "needs both --class-prompt TEXT and --class-images N"),
                           (["--class-prompt", "a ring"], "needs both"),
                           (["--prediction-type", "sample"], "invalid choice"),
-                          (["--noise-offset", "-0.1"], "noise_offset must be a finite number >= 0")]:
+                          (["--noise-offset", "-0.1"], "noise_offset must be a finite number >= 0"),
+                          (["--prediction-type", "v_prediction", "--lora", "2"], "a LoRA or new words are used on the "
+                           "base model, which predicts epsilon")]:
         done = cli(small_model_dir, pictures, tmp_path / "out", *STEPS, *args, check=False)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
     for data, message in [(f"{pictures}:0,toy", "must be a finite number > 0"), (f"{pictures},nowhere:2", "not found")]:

@@ -385,3 +385,13 @@ def test_a_model_with_added_words_is_not_saved_as_a_model_folder(small_model_dir
     with pytest.raises(BadValue, match="holds added tokens"):
         model.save(str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_embeddings_file_has_the_permissions_the_umask_gives(tmp_path):
+    """safetensors writes 0600; the file is the user's ordinary file, as model folders, LoRA files and exports."""
+    old = os.umask(0o022)
+    try:
+        write_embeddings(str(tmp_path / "learned_embeds.safetensors"), {"<ring>": torch.randn(2, 8)})
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "learned_embeds.safetensors").st_mode & 0o777 == 0o644

@@ -559,3 +559,17 @@ def test_evaluate_counts_then_divides_so_all_right_is_exactly_one(monkeypatch, s
     asked.clear()
     table = evaluate(None, seeds=seeds)  # one colour in six never right: 5/6 of every language's pictures
     assert table == {lang: {"colour": 5 / 6, "shape": 1.0} for lang in LANGUAGES}
+
+
+def test_a_ring_run_resumes_from_its_folder_alone(tmp_path):
+    """`train OUT_DIR --resume`: the registered ring world is reopened by the name run.json records."""
+    from altdiff_min.apps.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "toy", "toy-<ring>", out, "--train", "embeddings", "--new-token", "<ring>", "--init-word",
+                 "circle", "--max-steps", "1", "--batch-size", "6", "--save-every", "1", "--no-progress"]) == 0
+    with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+        assert json.load(f)["data"]["name"] == "toy-<ring>"
+    assert main(["train", out, "--resume", "--max-steps", "2", "--no-progress"]) == 0
+    with open(os.path.join(out, "loss.jsonl"), encoding="utf-8") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]

@@ -17,10 +17,9 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from altdiff_min.errors import BadFile, BadValue
-from altdiff_min.storage.files import atomic_file, safetensors_os_error
+from altdiff_min.storage.files import atomic_file, save_safetensors
 
 FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
 WEB_UI_KEY = "emb_params"
@@ -82,7 +81,4 @@ def write_embeddings(path: str, words: dict[str, torch.Tensor]) -> None:
     """{token: rows (n, D)} as diffusers' textual_inversion script saves them: fp32, metadata format pt; atomic."""
     tensors = {t: rows.detach().float().cpu().reshape(-1, rows.shape[-1]).contiguous() for t, rows in words.items()}
     with atomic_file(path) as tmp:
-        try:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        except (SafetensorError, RuntimeError) as e:
-            raise safetensors_os_error(e) from None
+        save_safetensors(tmp, tensors, {"format": "pt"})

@@ -19,7 +19,6 @@ import shutil
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from altdiff_min.errors import AltDiffError, BadFile, BadValue, Exists, io_error
 from altdiff_min.sampling.schedule import ScheduleConfig, alphas_cumprod, betas
@@ -31,7 +30,7 @@ from altdiff_min.storage.files import (
     make_folder,
     put_in_place,
     read_json,
-    safetensors_os_error,
+    save_safetensors,
     sibling,
 )
 from altdiff_min.storage.folder import (
@@ -83,8 +82,6 @@ def export(model: str, out: str, to: str = "diffusers", dtype: str = "fp32", for
         raise BadValue(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model, out = resolve(model), os.path.abspath(os.fspath(out))
     if to == "kohya":
-        from .lora import save_kohya
-
         return save_kohya(model, out, force)
     if os.path.isfile(model) and model.endswith(".safetensors"):
         raise BadValue(f"{model} is a file: export takes a model folder (a LoRA file goes --to kohya)")
@@ -185,13 +182,9 @@ def write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def write_weights(path: str, tensors: dict, metadata: dict, mode: int) -> None:
-    """safetensors' file, with the permissions the umask gives (`mode`; safetensors writes 0600)."""
-    try:
-        save_file(tensors, path, metadata={"format": "pt", **metadata})
-    except SafetensorError as e:
-        raise safetensors_os_error(e) from None
-    os.chmod(path, mode)
+def write_weights(path: str, tensors: dict, metadata: dict, mode: int | None = None) -> None:
+    """safetensors' file, with the permissions the umask gives (files.save_safetensors)."""
+    save_safetensors(path, tensors, {"format": "pt", **metadata}, mode)
 
 
 def diffusers_configs(config: dict) -> dict[str, dict]:
@@ -273,3 +266,25 @@ def check_lora_destination(out: str, force: bool) -> None:
         raise Exists(f"{out} {problem}; --force replaces only what altdiff-min export wrote")
     if not out.endswith(".safetensors"):
         raise BadFile(f"{out}: a kohya LoRA file is written as .safetensors")
+
+
+def save_kohya(path: str, out: str, force: bool = False) -> str:
+    """`export LORA_FILE OUT --to kohya`: the diffusers/peft LoRA file `path` written to `out` in the kohya
+    form (checked first, as generate --lora checks it: keys, both halves, finite values); returns out."""
+    from .lora import check_file, kohya_state_dict, read_file
+
+    what = f"LoRA file {path}"
+    out = os.path.abspath(out)
+    check_lora_destination(out, force)
+    check_file(path)
+    tensors = kohya_state_dict(*read_file(path), what)
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    alphas = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
+    metadata = {"ss_network_module": "networks.lora", MARK_METADATA: json.dumps({"source": os.path.abspath(path)}),
+                **({"ss_network_dim": str(*ranks)} if len(ranks) == 1 else {}),
+                **({"ss_network_alpha": f"{next(iter(alphas)):g}"} if len(alphas) == 1 else {})}
+    with locked(out):
+        check_lora_destination(out, force)
+        with atomic_file(out) as tmp:
+            write_weights(tmp, tensors, metadata)
+    return out

@@ -32,11 +32,10 @@ from collections import Counter
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from altdiff_min.errors import AltDiffError, BadFile, BadType, BadValue
 from altdiff_min.research.lora import LoRA, attach, check_name, finite, load_lora_weights, lora_layers, plain_layers
-from altdiff_min.storage.files import atomic_file, safetensors_os_error
+from altdiff_min.storage.files import atomic_file, save_safetensors
 
 from .rules import rename
 from .unet import RULES, TO_DIFFUSERS
@@ -228,6 +227,18 @@ def lora_list(lora, what: str = "lora") -> list[tuple[str, float, str]]:
     return out
 
 
+def check_lora_files(lora, what: str) -> list[tuple[str, float, str]]:
+    """lora_list(lora, what), each file checked as a LoRA file (check_file) before any model loads; an
+    error names `what` (the flag or setting that gave the files)."""
+    try:
+        listed = lora_list(lora, what)
+        for path, _, _ in listed:
+            check_file(path)
+    except AltDiffError as e:
+        raise type(e)(str(e) if str(e).startswith(what) else f"{what}: {e}") from None
+    return listed
+
+
 def read_lora_files(lora, what: str = "lora") -> list[LoRAFile]:
     """lora_list(lora), each file read and checked (check_tensors) before a model loads."""
     files = []
@@ -283,14 +294,9 @@ def save_lora(model: nn.Module, folder: str, name: str = FILE, record: dict | No
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
     with atomic_file(path) as tmp:
-        mode = os.stat(tmp).st_mode & 0o666  # as the umask makes files (safetensors writes 0600), as folder.py does
-        try:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
-                      metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True),
-                                **({RECORD_KEY: json.dumps(record, ensure_ascii=False)} if record else {})})
-        except (SafetensorError, OSError) as e:
-            raise safetensors_os_error(e) from None
-        os.chmod(tmp, mode)
+        save_safetensors(tmp, {k: v.contiguous().cpu() for k, v in tensors.items()},
+                         {"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True),
+                          **({RECORD_KEY: json.dumps(record, ensure_ascii=False)} if record else {})})
     return path
 
 
@@ -318,28 +324,4 @@ def kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         name = "lora_unet_" + path.replace(".", "_")
         out.update({f"{name}.{KOHYA_PARTS[p]}": parts[p].contiguous() for p in "AB"})
         out[f"{name}.alpha"] = torch.tensor(float(ranks.most_common(1)[0][0] if alpha is None else alpha))
-    return out
-
-
-def save_kohya(path: str, out: str, force: bool = False) -> str:
-    """`export LORA_FILE OUT --to kohya`: the diffusers/peft LoRA file `path` written to `out` in the kohya
-    form (checked first, as generate --lora checks it: keys, both halves, finite values); returns out."""
-    from altdiff_min.storage.files import locked
-
-    from .export import MARK_METADATA, check_lora_destination, write_weights
-
-    what = f"LoRA file {path}"
-    out = os.path.abspath(out)
-    check_lora_destination(out, force)
-    check_file(path)
-    tensors = kohya_state_dict(*read_file(path), what)
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
-    alphas = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
-    metadata = {"ss_network_module": "networks.lora", MARK_METADATA: json.dumps({"source": os.path.abspath(path)}),
-                **({"ss_network_dim": str(*ranks)} if len(ranks) == 1 else {}),
-                **({"ss_network_alpha": f"{next(iter(alphas)):g}"} if len(alphas) == 1 else {})}
-    with locked(out):
-        check_lora_destination(out, force)
-        with atomic_file(out) as tmp:
-            write_weights(tmp, tensors, metadata, os.stat(tmp).st_mode & 0o666)
     return out

@@ -189,7 +189,7 @@ def train(args) -> int:
                            f"started); give MODEL DATA OUT_DIR")
         data = recorded.get("data") or {}
         sources = [(recorded.get("model") or {}).get("path"),
-                   {"toy": "toy", "mixture": data.get("spec")}.get(data.get("kind"), data.get("path"))]
+                   data.get("name") or {"toy": "toy", "mixture": data.get("spec")}.get(data.get("kind"), data.get("path"))]
         if not all(isinstance(x, str) for x in sources):
             raise BadValue(f"{os.path.join(out_dir, RUN)} does not name the run's model and data; give MODEL DATA OUT_DIR")
     resolution = args.resolution

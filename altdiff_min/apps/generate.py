@@ -185,9 +185,9 @@ def lora_argument(args) -> list[dict]:
     given twice, or two files that would be one adapter name, are refused (weights_convert/lora.py lora_list)."""
     import math
 
-    from weights_convert.lora import check_file, lora_list
+    from weights_convert.lora import check_lora_files
 
-    from ..errors import AltDiffError, BadValue
+    from ..errors import BadValue
 
     parsed = []
     for given in args.lora or []:
@@ -201,12 +201,7 @@ def lora_argument(args) -> list[dict]:
             if not math.isfinite(scale):
                 raise BadValue(f"--lora {given}: SCALE must be a finite number, not {text!r} (FILE[:SCALE], e.g. style.safetensors:0.8)")
         parsed.append((path, scale))
-    try:
-        lora_list(parsed, "--lora")
-        for path, _ in parsed:
-            check_file(path)
-    except AltDiffError as e:
-        raise type(e)(f"--lora: {e}" if not str(e).startswith("--lora") else str(e)) from None
+    check_lora_files(parsed, "--lora")
     return [{"path": os.path.abspath(path), "sha256": file_digest(path, "--lora"), "scale": scale} for path, scale in parsed]
 
 

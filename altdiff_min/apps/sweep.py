@@ -172,7 +172,7 @@ def read_spec(path: str) -> Spec:
 def read_lora_entry(path: str, lora) -> list[str] | None:
     """The spec's 'lora': a .safetensors file or a list of them, beside the spec (relative paths), each
     checked as generate --lora checks it (weights_convert/lora.py) → their absolute paths."""
-    from weights_convert.lora import check_file, lora_list
+    from weights_convert.lora import check_lora_files
 
     if lora is None:
         return None
@@ -181,9 +181,7 @@ def read_lora_entry(path: str, lora) -> list[str] | None:
         raise BadValue(f"{path}: 'lora' must name a LoRA file or a non-empty list of them")
     files = [os.path.join(os.path.dirname(os.path.abspath(path)), f) for f in files]
     try:
-        lora_list(files, "'lora'")
-        for file in files:
-            check_file(file)
+        check_lora_files(files, "'lora'")
     except AltDiffError as e:
         raise type(e)(f"{path}: {e}") from None
     return files

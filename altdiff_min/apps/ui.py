@@ -147,7 +147,7 @@ def settings_record(model: AltDiffusion, kwargs: dict[str, Any], lora: dict | No
 def lora_folder(folder: str) -> dict[str, dict]:
     """--lora-dir: {name: {"path", "sha256"}} of the *.safetensors files in `folder` (not its subfolders),
     each checked as generate --lora checks it, before the model loads."""
-    from weights_convert.lora import check_file, default_name, lora_list
+    from weights_convert.lora import check_lora_files, default_name
 
     from .generate import file_digest
 
@@ -157,12 +157,7 @@ def lora_folder(folder: str) -> dict[str, dict]:
                    if f.endswith(".safetensors") and os.path.isfile(os.path.join(folder, f)))
     if not files:
         raise BadValue(f"--lora-dir: {folder} holds no .safetensors files")
-    try:
-        lora_list(files, "--lora-dir")
-        for file in files:
-            check_file(file)
-    except AltDiffError as e:
-        raise type(e)(f"--lora-dir: {e}" if not str(e).startswith("--lora-dir") else str(e)) from None
+    check_lora_files(files, "--lora-dir")
     return {default_name(f): {"path": os.path.abspath(f), "sha256": file_digest(f, "--lora-dir")} for f in files}
 
 

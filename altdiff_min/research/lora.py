@@ -43,7 +43,7 @@ from ..errors import BadType, BadValue
 # peft matches its target_modules.
 DEFAULT_TARGETS = (r"(self|cross)_attn\.(q|k|v|out)",)
 DEFAULT = "default"  # peft's adapter name when none is given
-SCALES: ContextVar[Mapping[str, float] | None] = ContextVar("lora_scales", default=None)  # lora_scales' per call
+SCALES: ContextVar[Mapping[int, float] | None] = ContextVar("lora_scales", default=None)  # lora_scales': id(adapter) → scale
 
 
 def finite(value, what: str) -> float:
@@ -137,8 +137,8 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         scales = None if torch.compiler.is_compiling() else SCALES.get()  # a compiled graph: the adapters' own
-        for name, a in self.adapters.items():
-            scale = a.scale if scales is None else scales.get(name, a.scale)
+        for a in self.adapters.values():
+            scale = a.scale if scales is None else scales.get(id(a), a.scale)
             if not a.merged and scale != 0:
                 out = out + a.lora_B(a.lora_A(x)) * (a.alpha / a.r * scale)  # peft's order of operations
         return out
@@ -315,7 +315,8 @@ def lora_scales(model: nn.Module, scales: Mapping[str, float]):
     scales = {check_names(model, n)[0]: finite(s, f"scale of {n!r}") for n, s in scales.items()}
     if merged := sorted({n for _, n, a in adapters(model) if n in scales and a.merged}):
         raise BadValue(f"the LoRA {merged[0]!r} is merged into the weights: unmerge it to change its scale per call")
-    token = SCALES.set({**(SCALES.get() or {}), **scales})
+    # keyed by the adapters themselves: another model's adapter of the same name keeps its own scale
+    token = SCALES.set({**(SCALES.get() or {}), **{id(a): scales[n] for _, n, a in adapters(model) if n in scales}})
     try:
         yield
     finally:

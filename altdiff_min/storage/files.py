@@ -390,6 +390,21 @@ def append_line(path: str, line: str) -> None:
         os.close(fd)  # releases the lock
 
 
+def save_safetensors(path: str, tensors: dict, metadata: dict[str, str], mode: int | None = None) -> None:
+    """safetensors' file at `path` (a temporary name: atomic_file's, or inside a partial folder) with the
+    permissions the umask gives (`mode`, else the existing temporary file's): safetensors writes 0600,
+    and a model's files are the user's ordinary files. Its write errors become the OSError they wrap."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    mode = os.stat(path).st_mode & 0o666 if mode is None else mode
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except (SafetensorError, RuntimeError) as e:
+        raise safetensors_os_error(e) from None
+    os.chmod(path, mode)
+
+
 def safetensors_os_error(e: Exception) -> OSError:
     """safetensors' write error as the OSError it wraps (its message names the errno), so that it is
     one line naming the folder as every other failed write is (errors.io_error)."""

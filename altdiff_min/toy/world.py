@@ -118,8 +118,8 @@ class RingWorld(ToyWorld):
                                       for p in range(len(PHRASINGS[lang]))) for label in self.labels}
 
     def describe(self) -> dict:
-        return {"kind": "toy rings", "examples": self.n, "seed": self.seed, "resolution": self.resolution,
-                **({"noun": self.noun} if self.noun else {})}
+        return {"kind": "toy rings", "name": "toy-<ring>" if self.noun == "<ring>" else "toy-ring", "examples": self.n,
+                "seed": self.seed, "resolution": self.resolution, **({"noun": self.noun} if self.noun else {})}
 
 
 class TokenRingWorld(RingWorld):

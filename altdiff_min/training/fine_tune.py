@@ -13,7 +13,7 @@ from ..errors import BadValue
 from ..storage.files import locked, make_folder
 from . import run_folder, words
 from .config import PRECISION, SAME_ON_RESUME, TrainConfig, flag, recorded_settings
-from .distributed import World, join_world, leave_world, on_rank0
+from .distributed import World, barrier, join_world, leave_world, on_rank0
 from .lora import check_targets
 from .train import train
 
@@ -74,7 +74,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
     from ..pipeline import load
     from ..storage.folder import fingerprint, read_config
     from ..storage.provenance import environment
-    from . import mixing, prior
+    from . import mixing, objectives, prior
     from .dataset import NAMED, CaptionedFolder
 
     world = join_world(check_device(device))
@@ -90,6 +90,8 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 raise BadValue(f"--resolution {resolution} does not fit {model_path}: {e}") from None
             if cfg.lora:
                 check_targets(config["unet"], cfg)
+            objectives.check_prediction(cfg, config["schedule"])
+            words.check(model_path, config, cfg)
             out_dir = os.path.abspath(out_dir)
 
             def claim() -> dict | None:
@@ -99,7 +101,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
 
             dataset = on_rank0(world, lambda: mixing.open_sources(data, resolution, progress))  # before OUT_DIR is touched
             check_batch(cfg, world.size, len(dataset))
-            words.check(model_path, config, cfg, dataset)
+            words.check_captions(cfg, dataset)
             recorded = on_rank0(world, claim)
             model_record = fingerprint(model_path)
             run = {"format": run_folder.FORMAT, "model": model_record, "data": dataset.describe(),
@@ -125,8 +127,10 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
             on_rank0(world, record)
             model = load(model_path, device=world.device, dtype=torch.float32)
             if cfg.class_images:  # DreamBooth: the base model draws the class pictures (those missing) first
-                folder = on_rank0(world, lambda: prior.draw_class_images(model, out_dir, cfg, resolution, model_record,
-                                                                         progress))
+                folder = on_rank0(world, lambda: prior.class_folder(out_dir))
+                prior.draw_class_images(model, out_dir, cfg, resolution, model_record, progress, world.rank, world.size)
+                barrier(world)
+                on_rank0(world, lambda: prior.write_metadata(folder, cfg))
                 dataset = prior.WithClasses(dataset, on_rank0(world, lambda: CaptionedFolder(folder, resolution)))
             words.start(model, cfg)
             losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)

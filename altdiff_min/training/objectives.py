@@ -19,6 +19,7 @@ import dataclasses
 
 import torch
 
+from ..errors import BadValue
 from ..sampling.schedule import ScheduleConfig, alphas_cumprod
 
 PREDICTION = ("model", "epsilon", "v_prediction")  # "model": what the base model's folder records
@@ -27,6 +28,15 @@ PREDICTION = ("model", "epsilon", "v_prediction")  # "model": what the base mode
 def with_prediction(schedule: ScheduleConfig, prediction_type: str) -> ScheduleConfig:
     """The schedule a run trains and saves with: the model's, with --prediction-type unless "model"."""
     return schedule if prediction_type == "model" else dataclasses.replace(schedule, prediction_type=prediction_type)
+
+
+def check_prediction(cfg, schedule: ScheduleConfig) -> None:
+    """A run whose result is a file used on the base model (a LoRA, new words) keeps the base's prediction
+    type: the file is loaded onto a folder that says what the UNet predicts, and no loader reads it from the file."""
+    keeps = cfg.prediction_type in ("model", schedule.prediction_type)
+    if (cfg.lora or cfg.train == "embeddings") and not keeps:
+        raise BadValue(f"--prediction-type {cfg.prediction_type}: a LoRA or new words are used on the base model, "
+                       f"which predicts {schedule.prediction_type}; train the whole UNet to change what it predicts")
 
 
 def velocity(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: ScheduleConfig) -> torch.Tensor:

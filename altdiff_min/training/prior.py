@@ -39,26 +39,41 @@ def record(cfg, resolution: int) -> dict:
             "steps": cfg.class_steps, "scale": SCALE, "seeds": f"0…{cfg.class_images - 1}", "resolution": resolution}
 
 
-def draw_class_images(model, out_dir: str, cfg, resolution: int, model_folder: dict, progress: bool = True) -> str:
-    """The class pictures OUT_DIR/class_images lacks, drawn with `model` (the base model: call this
-    before training), each written atomically, then metadata.jsonl; returns the folder."""
-    from ..storage.provenance import environment, picture_record, png_bytes
-
+def class_folder(out_dir: str) -> str:
+    """OUT_DIR/class_images, made if missing, a killed write's leftovers removed (rank 0, before any draws)."""
     folder = os.path.join(out_dir, CLASS_IMAGES)
     if os.path.islink(folder):
         raise BadFile(f"{folder} is a symbolic link; altdiff-min does not write a run's files through links (remove it)")
     make_folder(folder, "class_images")
-    clean_partials(folder)  # a picture whose write a kill interrupted: drawn again below
+    clean_partials(folder)  # a picture whose write a kill interrupted: drawn again
+    return folder
+
+
+def draw_class_images(model, out_dir: str, cfg, resolution: int, model_folder: dict, progress: bool = True,
+                      rank: int = 0, processes: int = 1) -> str:
+    """The class pictures OUT_DIR/class_images (class_folder) lacks, drawn with `model` (the base model:
+    call this before training), each written atomically; under torchrun each process draws those k with
+    k % processes == rank (picture k is seed k's whoever draws it), so none waits on another for long.
+    Returns the folder; write_metadata follows, once all have drawn."""
+    from ..storage.provenance import environment, picture_record, png_bytes
+
+    folder = os.path.join(out_dir, CLASS_IMAGES)
     names = [f"{k:05d}.png" for k in range(cfg.class_images)]
-    missing = [k for k, name in enumerate(names) if not os.path.isfile(os.path.join(folder, name))]
+    missing = [k for k, name in enumerate(names) if k % processes == rank and not os.path.isfile(os.path.join(folder, name))]
     made_in = environment(model.unet.conv_in.weight.device, model.unet.conv_in.weight.dtype)
-    for k in tqdm(missing, desc="class images", disable=not progress):
+    for k in tqdm(missing, desc="class images", disable=not (progress and rank == 0)):
         asked = {"steps": cfg.class_steps, "scale": SCALE, "seed": k, "height": resolution, "width": resolution}
         image = model.generate(cfg.class_prompt, progress=False, safety_checker=False, **asked)[0]
         kept = picture_record(model, cfg.class_prompt, 0, asked, image.size, model_folder, made_in,
                               class_image={"run": os.path.abspath(out_dir), "index": k})
         with atomic_file(os.path.join(folder, names[k])) as tmp, open(tmp, "wb") as f:
             f.write(png_bytes(image, kept))
+    return folder
+
+
+def write_metadata(folder: str, cfg) -> str:
+    """The class pictures' captions (metadata.jsonl: each the class prompt), once every picture is drawn."""
+    names = [f"{k:05d}.png" for k in range(cfg.class_images)]
     with atomic_file(os.path.join(folder, "metadata.jsonl")) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps({"file_name": name, "text": cfg.class_prompt}, ensure_ascii=False) + "\n" for name in names)
     fsync_path(folder)

@@ -15,13 +15,10 @@ from ..research import textual_inversion
 from ..storage.folder import TOKENIZER, resolve
 from .config import TrainConfig
 
-RESULT = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE (weights_convert/embeddings.py FILE)
 
-
-def check(model_path: str, config: dict, cfg: TrainConfig, dataset) -> None:
-    """Before the model loads or OUT_DIR is touched: the new tokens are new to the model's tokenizer,
-    each init word one of its tokens, and every new token in at least one caption (else its row would
-    never be read, so never trained)."""
+def check(model_path: str, config: dict, cfg: TrainConfig) -> None:
+    """Before the data is read: the new tokens are new to the model's tokenizer and each init word is
+    one of its tokens."""
     if cfg.train != "embeddings":
         return
     tokenizer = Tokenizer(os.path.join(resolve(model_path), TOKENIZER), config["tokenizer"]["max_length"])
@@ -29,6 +26,13 @@ def check(model_path: str, config: dict, cfg: TrainConfig, dataset) -> None:
         textual_inversion.init_ids(tokenizer, cfg.new_tokens, cfg.init_words)
     except BadValue as e:
         raise BadValue(f"--new-token/--init-word: {e}") from None
+
+
+def check_captions(cfg: TrainConfig, dataset) -> None:
+    """Before the model loads or OUT_DIR is touched: every new token is in at least one caption (else
+    its row would never be read, so never trained)."""
+    if cfg.train != "embeddings":
+        return
     unread = set(cfg.new_tokens)
     for i in range(len(dataset)):
         unread -= {t for t in unread if any(t in text for text in dataset.texts(i))}
@@ -46,9 +50,9 @@ def start(model, cfg: TrainConfig) -> None:
 
 def save(model, cfg: TrainConfig, out_dir: str, rank: int) -> str:
     """The trained rows as OUT_DIR/learned_embeds.safetensors ({token: (1, D)}, fp32; rank 0 writes)."""
-    from weights_convert.embeddings import write_embeddings
+    from weights_convert.embeddings import FILE, write_embeddings  # FILE: diffusers' TEXT_INVERSION_NAME_SAFE
 
-    path = os.path.join(out_dir, RESULT)
+    path = os.path.join(out_dir, FILE)
     if rank == 0:
         write_embeddings(path, textual_inversion.learned(model, cfg.new_tokens))
     return path
