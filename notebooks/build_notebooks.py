@@ -681,18 +681,21 @@ for way, rehearse, ring, colour, shape, mb, minutes in table:
 So, on this toy: rehearsal is what keeps the old world, whatever trains; a LoRA keeps it only with
 rehearsal, and then learns less; the new word helps the LoRA learn, but shares its start with the
 word it was copied from.""",
-    """asks = [("red", "en"), ("blue", "zh"), ("yellow", "ru")]   # titles name the language: the font has no CJK
+    """asks = [("red", "en"), ("blue", "zh"), ("yellow", "ru")]
 names, pictures = [], []
 for (way, rehearse), (model, word) in taught.items():
     prompts = [caption(RING, c, lang, noun=word) for c, lang in asks] + [caption("circle", "green", "fr")]
     pictures += list(model.generate(prompts, steps=25, seed=0, output="tensor", progress=False))
-    names += [f"{way}{' +old' if rehearse else ''}\\n{lang}: {c} {shape}"
-              for c, lang, shape in [(c, lang, "ring") for c, lang in asks] + [("green", "fr", "circle")]]
-for k, (way, rehearse) in enumerate(taught):   # what the detector reads in each row
-    print(f"{way:18} {'+old' if rehearse else '    '}", [detect(p) for p in pictures[4 * k:4 * k + 4]])
+    names += [f"{way}{' +old' if rehearse else ''}\\n{p}" for p in prompts]
 show(pictures, names, rows=len(taught), size=1.5)""",
     """md:**The pictures** (seed 0; rows: each way, without and with rehearsal; the last column asks
-for a green circle in French; the printed lists are what the detector reads). PICTURES_READING What would close the gap for the LoRA: more steps or a larger
+for a green circle in French; the Chinese titles show as boxes: the plotting font has no CJK glyphs).
+Without rehearsal every way draws the French green circle as a ring (the LoRA's, red); with
+rehearsal the full fine-tune and the LoRA draw it as a disc again, the new word + LoRA still as a
+ring. The Russian yellow ring (жёлтое кольцо: a neuter adjective the toy never read) comes out green
+in both LoRA ways and as a yellow-orange disc without a hole after the full fine-tune: what the
+model cannot read there is the colour word. With rehearsal, the full fine-tune and the LoRA draw the
+Chinese blue ring as a disc (seed 0), while `<ring>` gives a ring in both of its rows. What would close the gap for the LoRA: more steps or a larger
 rank (the lesson's runs stop at 1,200), an init word that is not the neighbour it must stay apart
 from, or DreamBooth's prior preservation (`--class-prompt "a circle" --class-images N`), which
 rehearses with the base model's own pictures instead of the training data.""",
