@@ -134,7 +134,6 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 dataset = prior.WithClasses(dataset, on_rank0(world, lambda: CaptionedFolder(folder, resolution)))
             words.start(model, cfg)
             losses = train(model, dataset, cfg, out_dir, world, resume=recorded is not None, progress=progress)
-            result = os.path.join(out_dir, run_folder.MODEL)
             made = {"base": model_record, "data": run["data"], "config": run["config"], "global_batch": run["global_batch"],
                     "steps": cfg.max_steps, "weights": "ema" if cfg.ema else "last",
                     "final_loss": losses[-1] if losses else None, "environment": env}
@@ -142,11 +141,12 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 from weights_convert.lora import FILE, save_lora
 
                 folder = os.path.join(out_dir, run_folder.LORA)
-                result = save_lora(model.unet, folder, record={"train": made}) if world.rank == 0 else os.path.join(folder, FILE)
-            if cfg.train == "embeddings":
+                lora = save_lora(model.unet, folder, record={"train": made}) if world.rank == 0 else os.path.join(folder, FILE)
+            if cfg.train == "embeddings":  # new words (a LoRA beside them): their file is the result
                 return words.save(model, cfg, out_dir, world.rank)
             if cfg.lora:
-                return result
+                return lora
+            result = os.path.join(out_dir, run_folder.MODEL)
             if world.rank == 0:
                 try:  # a failed write (a full disk) leaves the previous OUT_DIR/model as it was (folder.write_folder)
                     model.save(result, force=True, train=made)

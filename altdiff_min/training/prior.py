@@ -39,6 +39,11 @@ def record(cfg, resolution: int) -> dict:
             "steps": cfg.class_steps, "scale": SCALE, "seeds": f"0…{cfg.class_images - 1}", "resolution": resolution}
 
 
+def picture_names(cfg) -> list[str]:
+    """Class picture k's file name, for k < cfg.class_images."""
+    return [f"{k:05d}.png" for k in range(cfg.class_images)]
+
+
 def class_folder(out_dir: str) -> str:
     """OUT_DIR/class_images, made if missing, a killed write's leftovers removed (rank 0, before any draws)."""
     folder = os.path.join(out_dir, CLASS_IMAGES)
@@ -58,7 +63,7 @@ def draw_class_images(model, out_dir: str, cfg, resolution: int, model_folder: d
     from ..storage.provenance import environment, picture_record, png_bytes
 
     folder = os.path.join(out_dir, CLASS_IMAGES)
-    names = [f"{k:05d}.png" for k in range(cfg.class_images)]
+    names = picture_names(cfg)
     missing = [k for k, name in enumerate(names) if k % processes == rank and not os.path.isfile(os.path.join(folder, name))]
     made_in = environment(model.unet.conv_in.weight.device, model.unet.conv_in.weight.dtype)
     for k in tqdm(missing, desc="class images", disable=not (progress and rank == 0)):
@@ -73,7 +78,7 @@ def draw_class_images(model, out_dir: str, cfg, resolution: int, model_folder: d
 
 def write_metadata(folder: str, cfg) -> str:
     """The class pictures' captions (metadata.jsonl: each the class prompt), once every picture is drawn."""
-    names = [f"{k:05d}.png" for k in range(cfg.class_images)]
+    names = picture_names(cfg)
     with atomic_file(os.path.join(folder, "metadata.jsonl")) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps({"file_name": name, "text": cfg.class_prompt}, ensure_ascii=False) + "\n" for name in names)
     fsync_path(folder)
