@@ -312,6 +312,7 @@ def lora_step_fn(which: str, path: str, device: str, amp: torch.dtype, r: int):
     if which == "ours":
         from safetensors.torch import load_file
 
+        from altdiff_min.research import speed
         from altdiff_min.training import lora
         from altdiff_min.training.config import TrainConfig
         from weights_convert import unet as unet_rules
@@ -319,7 +320,7 @@ def lora_step_fn(which: str, path: str, device: str, amp: torch.dtype, r: int):
         with open(os.path.join(path, "config.json")) as f:
             config = unet_rules.config_from_hf(json.load(f))
         unet, _ = unet_rules.load(load_file(os.path.join(path, "diffusion_pytorch_model.safetensors")), config)
-        unet = unet.to(device)
+        unet = speed.apply(unet.to(device))  # as `train`'s load leaves it
         if r:
             params = lora.attach(unet, TrainConfig(lora=r), lambda k: generator(0, 2, k))  # as `train --lora r`
         else:

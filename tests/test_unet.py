@@ -150,7 +150,9 @@ def test_compiles_as_one_graph():
                          ids=["im2col", "im2col-640-in", "direct-few-channels", "direct-many-pixels"])
 def test_fast_conv3x3_equals_the_direct_convolution(in_ch, out_ch, h, w):
     """speed.FastConv3x3's CPU shortcut (a matrix product over unfolded patches) computes the same
-    convolution; with gradients recorded it is the direct kernel itself."""
+    convolution; while its weight trains it is the direct kernel itself. With the weight frozen (a
+    LoRA's base) and gradients recorded it takes the product too: the input's gradient is the direct
+    kernel's, and autograd keeps no unfolded input (nothing saved but the weight it already holds)."""
     from altdiff_min.model.layers import Conv3x3
     from altdiff_min.research.speed import FastConv3x3, apply, as_written
 
@@ -161,5 +163,17 @@ def test_fast_conv3x3_equals_the_direct_convolution(in_ch, out_ch, h, w):
     direct = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
     with torch.no_grad():
         assert rel_err(conv(x), direct) < 1e-5
-    assert torch.equal(conv(x), direct)  # grad enabled: the direct kernel
+    assert torch.equal(conv(x), direct)  # grad enabled and the weight trains: the direct kernel
+    conv.requires_grad_(False)
+    x.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = conv(x)
+    assert rel_err(out, direct) < 1e-5
+    grad = torch.randn_like(out)
+    (fast_grad,), (direct_grad,) = (torch.autograd.grad(o, x, grad) for o in (out, torch.nn.functional.conv2d(
+        x, conv.weight, padding=1)))
+    assert rel_err(fast_grad, direct_grad) < 1e-5
+    held = {conv.weight.data_ptr(), conv.bias.data_ptr()}
+    assert sum(t.numel() for t in saved if t.data_ptr() not in held) <= x.numel()  # never the 9× unfolded input
     assert type(as_written(torch.nn.Sequential(conv))[0]) is Conv3x3

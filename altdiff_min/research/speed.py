@@ -29,12 +29,14 @@ class FastConv3x3(Conv3x3):
     2 cores: 35–65 GFLOP/s on m9's 8×8 and 4×4 levels at 1280 channels, against ~290 at 32×32). There
     the same sum runs as one matrix product over the unfolded 3×3 neighbourhoods, 2–4× faster; the
     result is the same up to float rounding. With fewer channels (640 and below) or more pixels the
-    direct kernel is as fast or faster, and is kept; and it is kept while gradients are recorded,
-    where the unfolded input (9× the input) would be saved for backward."""
+    direct kernel is as fast or faster, and is kept; and it is kept while this layer's weight
+    trains, where the unfolded input (9× the input) would be saved for its gradient. A frozen weight
+    (a LoRA's base, a text-encoder-only run) needs only the gradient of the input, Wᵀ·grad folded
+    back: autograd then saves no unfolded input, and the product's speed carries into training."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        if x.device.type != "cpu" or h * w > 64 or self.out_channels < 1024 or torch.is_grad_enabled():
+        if x.device.type != "cpu" or h * w > 64 or self.out_channels < 1024 or (torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(x)
         patches = F.unfold(x, 3, padding=1)  # (B, in_ch·9, h·w): column p is pixel p's 3×3 neighbourhood
         # One 2-D product for the whole batch. (weight @ patches would broadcast: with weights that do not
