@@ -32,9 +32,12 @@ class AttentionMaps(Controller):
     """Cross-attention probabilities per layer name, summed over the UNet calls made while capturing
     (`sums`, with `calls` the count), and, with per_step=True, each call's own (`steps`): every row
     of the UNet's batch. `guided`: whether those calls were guidance batches, whose first half is
-    the unconditional branch (None until a call is recorded)."""
+    the unconditional branch (None until a call is recorded); `size`: the latents' (height, width),
+    and `scales`: how many times smaller each layer's grid is (a Site's scale), as the calls told them."""
     per_step: bool = False
     guided: bool | None = None
+    size: tuple[int, int] | None = None
+    scales: dict[str, int] = field(default_factory=dict)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     steps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -42,7 +45,9 @@ class AttentionMaps(Controller):
 
     def probs(self, site, when, probs):
         if site.kind == "cross":
-            self.record(self.names.get(site, site.name), probs, when.guided)
+            name = self.names.get(site, site.name)
+            self.record(name, probs, when.guided)
+            self.size, self.scales[name] = when.size, site.scale
         return None  # read, not changed
 
     def record(self, name: str, probs: torch.Tensor, guided: bool) -> None:
@@ -69,7 +74,8 @@ class AttentionMaps(Controller):
         count = len(next(iter(self.steps.values()), []))
         if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
             raise BadValue(f"step must be an integer in [{-count}, {count}), the calls captured; got {i!r}")
-        return AttentionMaps(guided=self.guided, sums={name: calls[i] for name, calls in self.steps.items()},
+        return AttentionMaps(guided=self.guided, size=self.size, scales=self.scales, names=self.names,
+                             sums={name: calls[i] for name, calls in self.steps.items()},
                              calls={name: 1 for name in self.steps})
 
     def heatmap(self, token: int, size: tuple[int, int], layers: list[str] | None = None,

@@ -1,6 +1,7 @@
 """What a toy picture shows, measured rather than learned, and how often a model draws what it was asked.
 
     detect(image)                        → ("triangle", "blue"), or (None, None) for a blank picture
+    object_mask(image)                   → (64, 64) bool: the object's pixels
     detect_scene(image)                  → Scene(Obj("circle", "red", "small"), "left of", Obj("square", "blue", "big"))
     table = evaluate(model)              → {lang: {"colour": 0.98, "shape": 0.93}} over all 162 prompts
     table = evaluate_rings(model)        → {lang: {"colour", "shape", "both"}}: "a red ring" … in nine languages
@@ -80,11 +81,21 @@ def detect(image) -> tuple[str | None, str | None]:
     pixels) are left out, as detect_objects leaves them out: one stray pixel would widen the box.
     """
     image = as_uint8(image).astype(np.float32)
-    ink = (255 - image).max(axis=-1) > INK
-    ink = np.logical_or.reduce([piece for piece in label(ink) if piece.sum() >= SPECK] or [np.zeros_like(ink)])
+    ink = ink_of(image)
     if not ink.any():
         return None, None
     return shape_of(ink)[0], list(COLOURS)[int(nearest_colour(image[ink].mean(axis=0)))]
+
+
+def object_mask(image) -> np.ndarray:
+    """(H, W) bool: the pixels of the drawn objects, the ink that `detect` reads (specks left out)."""
+    return ink_of(as_uint8(image).astype(np.float32))
+
+
+def ink_of(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float RGB in 0–255 → (H, W) bool: the ink, its pieces under SPECK pixels left out."""
+    ink = (255 - pixels).max(axis=-1) > INK
+    return np.logical_or.reduce([piece for piece in label(ink) if piece.sum() >= SPECK] or [np.zeros_like(ink)])
 
 
 def label(mask: np.ndarray) -> list[np.ndarray]:
