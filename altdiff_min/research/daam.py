@@ -34,9 +34,10 @@ THRESHOLD = 0.4  # τ, the paper's threshold on a normalised map (§4: segmentat
 
 def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     """The positions (in the 77 the UNet reads, <s> is 0) of the pieces that spell `word` in `prompt`,
-    every time it occurs: runs of whole pieces whose text ("▁" read as a space) is the word. A word of
-    a spaced script begins with "▁" ("▁cercle"); in Chinese or Japanese a word is whatever run of
-    pieces spells it ("圆形" in 一个红色的圆形). Several words: "red circle"."""
+    every time it occurs: runs of whole pieces whose text ("▁" read as a space) is the word, with the
+    lone "▁" before one if there is one. A word of a spaced script begins with "▁" ("▁cercle", or
+    "▁", "c", "ercle"); in Chinese or Japanese a word is whatever run of pieces spells it ("圆形" in
+    一个红色的圆形). Several words: "red circle"."""
     if not isinstance(word, str) or not word.split():
         raise BadValue(f"word must be a non-empty string, got {word!r}")
     target = " ".join(word.split())
@@ -56,8 +57,8 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
                     break
         if end is None:
             i += 1
-        else:
-            found += range(i, end + 1)
+        else:  # a lone "▁" before the run is the word's start (sentencepiece's space), as in daam
+            found += range(i - (pieces[i - 1] == "▁"), end + 1)
             i = end + 1
     if not found:
         raise BadValue(f"{word!r} is not a word of {prompt!r}, whose pieces are {pieces[1:-1]}")
@@ -72,10 +73,12 @@ def daam_layers(maps: AttentionMaps) -> list[str]:
 
 
 def latent_word_maps(maps: AttentionMaps, tokenizer, prompt: str | list[str], word: str | list[str],
-                     layers: list[str] | None = None) -> torch.Tensor:
-    """DAAM's raw word map at the latents' size, unnormalised (steps 1–3 above): (pictures, h, w).
+                     layers: list[str] | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """DAAM's raw word map, unnormalised (steps 1–3 above): (pictures, h, w), (h, w) = grid.
     prompt, word: one per picture, in the batch's order (a prompt of n_samples pictures repeated n
-    times), or one string for all; layers: names as in `maps.sums` (default `daam_layers`)."""
+    times), or one string for all; layers: names as in `maps.sums` (default `daam_layers`); grid:
+    the size each (layer, head) map is upsampled to, the latents' by default (DAAM's code takes
+    64×64 for a 512-px model and 96×96 for others, whatever size the picture is drawn at)."""
     if not maps.sums:
         raise BadValue("no attention maps were captured: generate inside `with capture_attention(pipe.unet) as maps:`")
     first = next(iter(maps.sums.values()))
@@ -94,15 +97,16 @@ def latent_word_maps(maps: AttentionMaps, tokenizer, prompt: str | list[str], wo
     if (last := max(max(p) for p in positions)) >= first.shape[-1]:
         raise BadValue(f"the word's position {last} is past the {first.shape[-1]} tokens the UNet reads")
     height, width = maps.size
+    grid = (height, width) if grid is None else tuple(grid)
     total, pairs = [0.0] * pictures, 0
     for name in layers:
         probs = maps.sums[name]  # (rows, heads, h·w, 77): summed over the UNet calls (DAAM: over time)
         probs = probs[len(probs) // 2:] if maps.guided else probs  # the conditional rows
-        heads, grid = probs.shape[1], (height // maps.scales[name], width // maps.scales[name])
+        heads, own = probs.shape[1], (height // maps.scales[name], width // maps.scales[name])
         for i, where in enumerate(positions):
-            one = probs[i][..., where].permute(0, 2, 1).reshape(-1, 1, *grid)  # (heads·pieces, 1, h, w)
-            one = F.interpolate(one, size=(height, width), mode="bicubic").clamp_min(0)
-            total[i] = total[i] + one.reshape(heads, len(where), height, width).sum(0)
+            one = probs[i][..., where].permute(0, 2, 1).reshape(-1, 1, *own)  # (heads·pieces, 1, h, w)
+            one = F.interpolate(one, size=grid, mode="bicubic").clamp_min(0)  # clamped: bicubic undershoots
+            total[i] = total[i] + one.reshape(heads, len(where), *grid).sum(0)
         pairs += heads
     return torch.stack([t.mean(0) / pairs for t in total])  # pieces averaged; (layer, head) pairs averaged
 
