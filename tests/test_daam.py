@@ -135,3 +135,14 @@ def test_toy_shape_words_map_onto_the_object(toy):
     for lang, row in table.items():
         assert row["pictures"] >= 7  # of 9: a picture with nothing drawn has no object to find
         assert row["iou"] > 0.3 and row["iou"] > row["shifted"] + 0.15, (lang, row)
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_object_mask_is_the_drawn_shape(shape):
+    from altdiff_min.toy.data import mask, render
+    from altdiff_min.toy.detect import object_mask
+
+    picture = render(shape, "yellow", size=30, center=(20.0, 40.0))
+    assert (object_mask(picture) == mask(shape, 30, (20.0, 40.0))).all() and mask(shape, 30, (20.0, 40.0)).sum() > 300
+    picture[2, 2] = 0  # a speck: not an object
+    assert object_mask(picture).sum() == mask(shape, 30, (20.0, 40.0)).sum()
