@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadValue
-from .instruments import AttentionMaps
+from .instruments import AttentionMaps, capture_attention
 
 THRESHOLD = 0.4  # τ, the paper's threshold on a normalised map (§4: segmentation)
 
@@ -146,7 +146,7 @@ def shifted(heat: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def toy_word_iou(model, seeds=(0, 1), languages=None, colours=None, shapes=None, steps: int = 25,
-                 scale: float = 7.5, threshold: float = THRESHOLD) -> dict[str, dict[str, float | int]]:
+                 scale: float = 7.5, threshold: float = THRESHOLD, progress: bool = False) -> dict[str, dict]:
     """How well the shape word's map finds the object on the toy: per language, over every colour ×
     shape caption (toy.data.caption, the plainest phrasing) and seed, the mean IoU of the map's
     segment (> threshold) with the object's pixels (toy.detect.object_mask), and of the `shifted`
@@ -154,22 +154,24 @@ def toy_word_iou(model, seeds=(0, 1), languages=None, colours=None, shapes=None,
     One generate call per seed, every caption at once (as toy.detect.draw draws them)."""
     from ..toy.data import COLOURS, LANGUAGES, SHAPES, Obj, caption, words
     from ..toy.detect import object_mask
-    from .instruments import capture_attention
 
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise BadValue(f"seeds must be an int >= 0 or a non-empty list of them, got {seeds!r}")
     asks = [(lang, shape, colour) for lang in languages or LANGUAGES for colour in colours or COLOURS
             for shape in shapes or SHAPES]
     prompts = [caption(shape, colour, lang, 0) for lang, shape, colour in asks]
     nouns = [words(Obj(shape, colour), lang)["shape"] for lang, shape, colour in asks]
-    sums = {lang: {"iou": 0.0, "shifted": 0.0, "pictures": 0} for lang, _, _ in asks}
-    for seed in [seeds] if isinstance(seeds, int) else seeds:
+    found: dict[str, list[tuple[float, float]]] = {lang: [] for lang, _, _ in asks}
+    for seed in seeds:
         with capture_attention(model.unet) as maps:
-            images = model.generate(prompts, steps=steps, scale=scale, seed=seed, output="tensor", progress=False)
+            images = model.generate(prompts, steps=steps, scale=scale, seed=seed, output="tensor", progress=progress)
         heat = word_heat_map(maps, model.tokenizer, prompts, nouns, size=tuple(images.shape[-2:]))
         masks = torch.stack([torch.from_numpy(object_mask(image)) for image in images])
-        ours, base = iou(heat, masks, threshold), iou(shifted(heat), masks, threshold)
-        for (lang, _, _), drawn, a, b in zip(asks, masks.any(dim=(1, 2)), ours, base):
+        ours, base = iou(heat, masks, threshold).tolist(), iou(shifted(heat), masks, threshold).tolist()
+        for (lang, _, _), drawn, a, b in zip(asks, masks.any(dim=(1, 2)).tolist(), ours, base):
             if drawn:
-                row = sums[lang]
-                row["iou"], row["shifted"], row["pictures"] = row["iou"] + float(a), row["shifted"] + float(b), row["pictures"] + 1
-    return {lang: {"iou": row["iou"] / max(row["pictures"], 1), "shifted": row["shifted"] / max(row["pictures"], 1),
-                   "pictures": row["pictures"]} for lang, row in sums.items()}
+                found[lang].append((a, b))
+    return {lang: {"iou": sum(a for a, _ in pairs) / max(len(pairs), 1),
+                   "shifted": sum(b for _, b in pairs) / max(len(pairs), 1), "pictures": len(pairs)}
+            for lang, pairs in found.items()}
