@@ -20,6 +20,9 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,notebooks,ui]" "$(TORCH)"
+	# daam, the DAAM reference of tests/test_daam_reference.py: its own requirements pin a 2023 diffusers,
+	# so it comes without them (the test stands in for spacy and scipy, which only its parsing uses)
+	$(PY) -m pip install -q --no-deps "daam==0.2.0"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,8 +1,7 @@
 """DAAM's word heat maps against the daam package itself (daam 0.2.0, Tang et al. 2023) running on
-diffusers' AltDiffusionPipeline over the small model. daam is not in the environment (it pins
-diffusers 0.21 and spaCy): install it beside it, `pip install --target DIR daam==0.2.0 --no-deps`,
-and run with PYTHONPATH=DIR. Its imports of spaCy and SciPy serve parsing and evaluation only, and
-are stood in for here when missing."""
+diffusers' AltDiffusionPipeline over the small model. daam's own requirements pin diffusers 0.21 and
+spaCy, so `make` installs it without them (`pip install --no-deps daam==0.2.0`, see the Makefile). Its
+imports of spaCy and SciPy serve parsing and evaluation only, and are stood in for here when missing."""
 import sys
 import types
 
@@ -25,7 +24,9 @@ def daam(monkeypatch):
             module.Token, module.linear_sum_assignment = object, None
             monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(sys.modules["spacy"], "tokens", sys.modules["spacy.tokens"], raising=False)
-    return pytest.importorskip("daam", reason="daam is installed beside the environment, not in it (see the docstring)")
+    import daam  # installed by the Makefile without its requirements
+
+    return daam
 
 
 @pytest.mark.parametrize("prompt, word", [("un cercle rouge", "cercle"),  # "▁cerc", "le" in the small vocabulary
