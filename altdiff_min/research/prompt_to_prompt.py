@@ -359,14 +359,15 @@ def edit(model, source: str | list[str], target: str | list[str] | None = None, 
          seed: int = 0, steps: int = 50, scale: float = 7.5, cross_replace_steps=0.8, self_replace_steps=0.4,
          value_replace_steps=0.0, weights: dict[str, float] | None = None, local_blend: Sequence[str] | None = None,
          latents: torch.Tensor | None = None, uncond_embeddings: Sequence[torch.Tensor] | None = None,
-         sampler: str = "ddim", output: str = "tensor", progress: bool = True,
-         blend_options: dict | None = None) -> tuple:
+         sampler: str = "ddim", height: int | None = None, width: int | None = None, output: str = "tensor",
+         progress: bool = True, blend_options: dict | None = None) -> tuple:
     """(source pictures, edited pictures) of one generate call holding both prompts, from one x_T.
 
     source/target: a prompt each, or equal-length lists (pair i: source[i] → target[i]); for
     mode="reweight" the target is the source (leave it None). latents: x_T, (1 or pairs, C, h, w),
     e.g. from inverting a real picture, instead of the seed's draw (torch.randn((pairs, C, h, w)) from
-    `seed`, as generate draws it for the source prompts alone). uncond_embeddings: one (1, 77, D)
+    `seed`, as generate draws it for the source prompts alone; height × width: the pictures', default
+    the model's image_size). uncond_embeddings: one (1, 77, D)
     unconditional context per step (null-text inversion). output "tensor" (pairs, 3, H, W) or "pil".
     """
     target = source if target is None and mode == "reweight" else target
@@ -385,8 +386,8 @@ def edit(model, source: str | list[str], target: str | list[str] | None = None, 
         if len(uncond_embeddings) != steps:
             raise BadValue(f"uncond_embeddings must hold one context per step ({steps}), got {len(uncond_embeddings)}")
         controllers.insert(0, StepUnconditional(model.unet, uncond_embeddings))
-    down = model.vae.cfg.size_multiple
-    shape = (len(sources), model.unet.cfg.in_channels, model.image_size // down, model.image_size // down)
+    down, height, width = model.vae.cfg.size_multiple, height or model.image_size, width or model.image_size
+    shape = (len(sources), model.unet.cfg.in_channels, height // down, width // down)
     if latents is None:
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] not in (1, len(sources)):
@@ -394,7 +395,7 @@ def edit(model, source: str | list[str], target: str | list[str] | None = None, 
                        f"{getattr(latents, 'shape', latents)!r}")
     latents = latents.expand(len(sources), -1, -1, -1)
     images = model.generate(sources + targets, steps=steps, sampler=sampler, scale=scale, seed=seed,
-                            latents=torch.cat([latents, latents]), output=output, callback=callback,
+                            height=height, width=width, latents=torch.cat([latents, latents]), output=output, callback=callback,
                             progress=progress, controllers=controllers)
     n = len(sources)
     if isinstance(source, str):
