@@ -235,7 +235,7 @@ def test_words_and_positions(toy):
     ("a red circle", "a blue circle", "refine", "refine: the target's 'blue' replaces the source's 'red'"),
     ("a red circle", "a circle", "refine", "the source's 'red' is missing from the target"),
     ("a red circle", "a light blue circle", "swap", "'light' 'blue' replaces the source's 'red', 2 word"),
-    ("красный круг", "синий квадрат круг", "swap", "'квадрат' has no source word"),
+    ("красный круг", "красный круг квадрат", "swap", "'квадрат' has no source word"),
 ])
 def test_unalignable_targets_name_the_word(toy, source, target, mode, message):
     with pytest.raises(BadValue, match=re.escape(message)):
