@@ -1,0 +1,403 @@
+"""Prompt-to-prompt (Hertz et al., ICLR 2023): edit a picture by editing its prompt, on the door.
+
+    source, edited = edit(pipe, "a red circle", "a blue circle", seed=0)                  # word swap
+    source, edited = edit(pipe, "a circle", "a big circle", mode="refine", seed=0)          # words added
+    source, edited = edit(pipe, "a red circle", mode="reweight", weights={"red": 3}, seed=0)
+
+The source and target prompts run in one batch from the same x_T (their rows: the sources, then the
+targets; with guidance the unconditional rows come first and are left alone, as the paper's code
+edits only the conditional half). While steps are in `cross_replace_steps`, each target row's
+cross-attention probabilities M_t are replaced by its source's M_s carried over to the target's
+token positions (§3.2: word swap, refinement, reweighting); while in `self_replace_steps`, its
+self-attention probabilities by the source's, at the sites with at most `self_max_positions` query
+positions (the paper's code: ≤ 16² positions; the toy's 8×8 latents: every site). LocalBlend (§3.3)
+keeps the source's latents outside the edited words' attention mask after each step.
+
+Words. A prompt's words are read off the XLM-R pieces: a piece starting with "▁" starts a word and
+the pieces after it belong to it; in Chinese and Japanese text (Han, kana), which has no spaces,
+every piece is a word of its own (so "红色" is two words, 红 and 色, where the tokenizer splits it). A
+lone "▁" piece belongs to the word after it. <s> (position 0), </s> and the padding align with the
+other prompt's: the k-th <pad> after </s> with the k-th.
+
+Alignment of the target's words to the source's: by equal word text (the longest matching blocks of
+difflib.SequenceMatcher). `swap`: the other words must be replaced one for one (in Chinese and
+Japanese a replaced run may have any number of words, the tokenizer's split varying); a replaced
+word's maps go to the target's pieces summed over its source pieces and divided evenly over the
+target's (its mass kept; one for one when the counts agree, as the reference's replacement mapper).
+`refine`: the target is the source with words added; the added words keep their own maps.
+A word added to a swap, or replaced or dropped in a refinement, is a one-line BadValue naming it,
+before any work. Source and target may be in different languages only as far as the rules above
+carry them: a swap maps words by position, so a translation is accepted only with the same number of
+words and is meaningful only where the word order matches.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadType, BadValue
+from .interventions import Controller
+
+MODES = ("swap", "refine", "reweight")
+SELF_MAX_POSITIONS = 16 ** 2  # google/prompt-to-prompt replaces self-attention only where Lq ≤ 16²
+BLEND_THRESHOLD, BLEND_START, BLEND_SIDE = 0.3, 0.2, 16  # its LocalBlend: th 0.3, start_blend 0.2, 16×16 maps
+
+
+def is_cjk(text: str) -> bool:
+    """Whether `text` holds a character of a script written without spaces: Han, hiragana, katakana."""
+    return any(0x3040 <= (o := ord(c)) <= 0x30FF or 0x3400 <= o <= 0x4DBF or 0x4E00 <= o <= 0x9FFF
+               or 0xF900 <= o <= 0xFAFF or 0xFF66 <= o <= 0xFF9F or 0x20000 <= o <= 0x2FFFF for c in text)
+
+
+@dataclass
+class Word:
+    """A word of a prompt: its text (normalised, without "▁") and its positions among the 77 tokens."""
+    text: str
+    positions: list[int] = field(default_factory=list)
+    cjk: bool = False
+
+
+def words(tokenizer, prompt: str) -> tuple[list[Word], int]:
+    """The words of `prompt` (see the module's docstring) and its length in tokens, <s> and </s> included."""
+    pieces = tokenizer.pieces(prompt)
+    found: list[Word] = []
+    pending: list[int] = []  # a lone "▁" piece: the next word's
+    for pos, piece in enumerate(pieces[1:-1], start=1):
+        if piece == "▁":
+            pending.append(pos)
+            continue
+        cjk = is_cjk(piece)
+        if pending or not found or piece.startswith("▁") or cjk or found[-1].cjk:
+            found.append(Word("", [], cjk))
+        found[-1].text += piece.lstrip("▁")
+        found[-1].positions += [*pending, pos]
+        pending = []
+    if pending:  # whitespace at the end: the last word's
+        found[-1:] = [Word(found[-1].text, found[-1].positions + pending, found[-1].cjk)] if found else [Word("", pending)]
+    return found, len(pieces)
+
+
+def positions_of(tokenizer, prompt: str, word: str) -> list[int]:
+    """The token positions of every occurrence of `word` in `prompt`: whole words, or in Chinese and
+    Japanese any run of words whose text it is ("红色"). A word it does not hold: BadValue naming it."""
+    if not isinstance(word, str) or not word.strip():
+        raise BadValue(f"a word to find must be a non-empty str, got {word!r}")
+    ws, _ = words(tokenizer, prompt)
+    target = tokenizer.nfkc.normalize_str(word).strip()
+    found = []
+    for i in range(len(ws)):
+        text = ""
+        for j in range(i, len(ws)):
+            text += ws[j].text
+            if text == target and (j == i or ws[i].cjk):
+                found += [p for w in ws[i:j + 1] for p in w.positions]
+            if len(text) >= len(target):
+                break
+    if not found:
+        raise BadValue(f"the prompt {prompt!r} has no word {word!r}; its words: {[w.text for w in ws]}")
+    return sorted(set(found))
+
+
+def check_prompts(sources, targets) -> tuple[list[str], list[str]]:
+    sources = [sources] if isinstance(sources, str) else sources
+    targets = [targets] if isinstance(targets, str) else targets
+    for name, ps in (("source", sources), ("target", targets)):
+        if not isinstance(ps, (list, tuple)) or not ps or not all(isinstance(p, str) for p in ps):
+            raise BadType(f"the {name} must be a prompt (str) or a non-empty list of them, got {ps!r}")
+    if len(sources) != len(targets):
+        raise BadValue(f"one target per source: got {len(sources)} sources and {len(targets)} targets")
+    return list(sources), list(targets)
+
+
+def align(tokenizer, source: str, target: str, mode: str, max_length: int = 77
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mapper (max_length, max_length): target column n of the replaced maps is Σ_w M_s[..., w]·mapper[w, n];
+    which target positions take the source's maps (the others, refinement's added words, keep their own);
+    and for each target position the source position holding the same token (a kept word's piece, <s>,
+    </s>, padding), or -1 (a swapped or added word's)."""
+    src, n_src = words(tokenizer, source)
+    tgt, n_tgt = words(tokenizer, target)
+    mapper, mapped = torch.zeros(max_length, max_length), torch.zeros(max_length, dtype=torch.bool)
+    partner = torch.full((max_length,), -1, dtype=torch.long)
+
+    def carry(a: list[int], b: list[int], same: bool = False) -> None:  # a source word's maps onto a target word's
+        if len(a) == len(b):
+            mapper[a, b] = 1.0
+            if same:
+                partner[b] = torch.tensor(a)
+        else:
+            mapper[torch.tensor(a)[:, None], torch.tensor(b)[None, :]] = 1.0 / len(b)  # summed, spread evenly
+        mapped[b] = True
+
+    def said(ws: Sequence[Word]) -> str:
+        return " ".join(repr(w.text) for w in ws)
+
+    blocks = SequenceMatcher(None, [w.text for w in src], [w.text for w in tgt], autojunk=False).get_opcodes()
+    for tag, i1, i2, j1, j2 in blocks:
+        if tag == "equal":
+            for a, b in zip(src[i1:i2], tgt[j1:j2]):
+                carry(a.positions, b.positions, same=True)
+        elif tag == "delete":
+            raise BadValue(f"{mode}: the source's {said(src[i1:i2])} is missing from the target {target!r}: "
+                           f"every source word must stay or be swapped one for one")
+        elif tag == "insert" and mode == "refine":
+            continue  # added words keep their own maps
+        elif tag == "insert":
+            raise BadValue(f"swap: the target's {said(tgt[j1:j2])} has no source word to take the place of "
+                           f"(a word swap replaces words one for one): add words with mode='refine'")
+        elif mode == "refine":
+            raise BadValue(f"refine: the target's {said(tgt[j1:j2])} replaces the source's {said(src[i1:i2])}; "
+                           f"a refinement only adds words: swap words with mode='swap'")
+        elif i2 - i1 == j2 - j1:
+            for a, b in zip(src[i1:i2], tgt[j1:j2]):
+                carry(a.positions, b.positions)
+        elif any(w.cjk for w in (*src[i1:i2], *tgt[j1:j2])):  # Chinese/Japanese: the split may differ
+            carry([p for w in src[i1:i2] for p in w.positions], [p for w in tgt[j1:j2] for p in w.positions])
+        else:
+            raise BadValue(f"swap: the target's {said(tgt[j1:j2])} replaces the source's {said(src[i1:i2])}, "
+                           f"{j2 - j1} word(s) for {i2 - i1}: a word swap replaces words one for one")
+    carry([0], [0], same=True)  # <s>
+    pads = max_length - max(n_src, n_tgt)
+    carry(list(range(n_src - 1, n_src + pads)), list(range(n_tgt - 1, n_tgt + pads)), same=True)  # </s>, padding
+    return mapper, mapped, partner
+
+
+def steps_window(value, name: str) -> tuple[float, float]:
+    """A fraction f (the first f of the steps) or (start, end) fractions, 0 ≤ start ≤ end ≤ 1."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (0.0, float(value))
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not 0 <= value[0] <= value[1] <= 1):
+        raise BadValue(f"{name} must be a fraction in [0, 1] or (start, end) with 0 <= start <= end <= 1, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+class EditAttention(Controller):
+    """The edit itself, for pairs of rows (sources, then targets) on one batch: built by WordSwap,
+    Refine or Reweight. `steps`: the run's steps; step i is UNet call i (DDIM, DPM-Solver, Euler:
+    one call a step), in a window when int(start·steps) ≤ i < int(end·steps), as the reference
+    counts. `weights` {word: c}: the target's words whose cross-attention columns are multiplied by c
+    while the maps are replaced (the reference's equalizer, applied on top of the replacement).
+
+    value_replace_steps (not in the paper; 0 by default): while in it, the target's cross-attention
+    values at its kept tokens (the words it shares with the source, <s>, </s>, padding) are the
+    source's. XLM-R reads both ways, so every token's embedding, <s> and the padding included, holds
+    the swapped word too, and carries it into the picture through its value whatever the maps say;
+    CLIP, the paper's encoder, reads left to right, and the tokens before the swap stay the same."""
+
+    def __init__(self, tokenizer, sources, targets, mode: str, steps: int, cross_replace_steps=0.8,
+                 self_replace_steps=0.4, weights: dict[str, float] | None = None,
+                 self_max_positions: int = SELF_MAX_POSITIONS, value_replace_steps=0.0):
+        if mode not in MODES:
+            raise BadValue(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise BadValue(f"steps must be an int >= 1, got {steps!r}")
+        self.sources, self.targets = check_prompts(sources, targets)
+        if mode == "reweight" and self.sources != self.targets:
+            raise BadValue("reweight: the target is the source (weights change how its words are read); "
+                           "to reweight a swap or a refinement, pass weights with mode='swap' or 'refine'")
+        if weights is not None and (not isinstance(weights, dict) or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in weights.values())):
+            raise BadValue(f"weights must be a dict {{word: number}}, got {weights!r}")
+        if mode == "reweight" and not weights:
+            raise BadValue("reweight needs weights={word: c}")
+        cross = steps_window(cross_replace_steps, "cross_replace_steps")
+        own = steps_window(self_replace_steps, "self_replace_steps")
+        self.cross = range(int(cross[0] * steps), int(cross[1] * steps))
+        self.self = range(int(own[0] * steps), int(own[1] * steps))
+        values = steps_window(value_replace_steps, "value_replace_steps")
+        self.values = range(int(values[0] * steps), int(values[1] * steps))
+        self.self_max_positions = self_max_positions
+        length = tokenizer.max_length
+        pairs = [align(tokenizer, s, t, "swap" if mode == "reweight" else mode, length)
+                 for s, t in zip(self.sources, self.targets)]
+        self.mapper = torch.stack([m for m, _, _ in pairs])  # (pairs, 77, 77)
+        self.mapped = torch.stack([k for _, k, _ in pairs])  # (pairs, 77)
+        self.partner = torch.stack([p for _, _, p in pairs])  # (pairs, 77)
+        self.equalizer = torch.ones(len(pairs), length)  # (pairs, 77)
+        for i, t in enumerate(self.targets):
+            for word, c in (weights or {}).items():
+                self.equalizer[i, positions_of(tokenizer, t, word)] = float(c)
+
+    def rows(self, batch: int, guided: bool) -> int:
+        """Where the conditional rows start (sources, then targets), checked against the pairs."""
+        first = batch // 2 if guided else 0
+        if batch - first != 2 * len(self.sources):
+            raise BadValue(f"prompt-to-prompt was built for {len(self.sources)} source/target pair(s) "
+                           f"({2 * len(self.sources)} rows), and the UNet's batch holds {batch - first} conditional rows")
+        return first
+
+    def qkv(self, site, when, q, k, v):
+        if site.kind != "cross" or when.call not in self.values:
+            return None
+        first, n = self.rows(len(v), when.guided), len(self.sources)
+        kept = self.partner >= 0
+        v = v.clone()
+        for i in range(n):  # the target's kept tokens read the source's values
+            v[first + n + i, kept[i]] = v[first + i, self.partner[i, kept[i]]]
+        return q, k, v
+
+    def probs(self, site, when, probs):
+        step, n = when.call, len(self.sources)
+        replace_self = site.kind == "self" and step in self.self and probs.shape[2] <= self.self_max_positions
+        if not (site.kind == "cross" and step in self.cross) and not replace_self:
+            return None
+        first = self.rows(probs.shape[0], when.guided)
+        base, edited = probs[first:first + n], probs[first + n:]
+        if replace_self:
+            new = base
+        else:  # §3.2: M_t ← the source's maps carried to the target's positions, then reweighted
+            mapper, mapped, eq = (x.to(probs.device, probs.dtype) for x in (self.mapper, self.mapped, self.equalizer))
+            carried = torch.einsum("bhqw,bwn->bhqn", base, mapper)
+            new = torch.where(mapped[:, None, None, :].bool(), carried, edited) * eq[:, None, None, :]
+        probs = probs.clone()
+        probs[first + n:] = new
+        return probs
+
+
+class WordSwap(EditAttention):
+    """Word swap (the reference's AttentionReplace): "a red circle" → "a blue circle"."""
+
+    def __init__(self, tokenizer, sources, targets, steps: int, **options):
+        super().__init__(tokenizer, sources, targets, "swap", steps, **options)
+
+
+class Refine(EditAttention):
+    """Refinement (AttentionRefine): "a circle" → "a big circle"; the added words keep their own maps."""
+
+    def __init__(self, tokenizer, sources, targets, steps: int, **options):
+        super().__init__(tokenizer, sources, targets, "refine", steps, **options)
+
+
+class Reweight(EditAttention):
+    """Reweighting alone (AttentionReweight): the same prompt twice, `weights` {word: c} on the second."""
+
+    def __init__(self, tokenizer, prompts, weights: dict[str, float], steps: int, **options):
+        super().__init__(tokenizer, prompts, prompts, "reweight", steps, weights=weights, **options)
+
+
+class LocalBlend(Controller):
+    """§3.3: after each step from int(start·steps) on, each target's latents are its source's outside
+    the mask where `words` are read, in the source's or the target's maps. The maps: the words'
+    cross-attention columns summed (conditional rows, heads averaged) over the sites of the finest
+    grid whose side is at most `side` (the reference: 16×16), summed over the steps so far; then a
+    3×3 max-pool, nearest upsampling to the latents, scaled to a maximum of 1, > threshold. A word may
+    be in the source, the target or both. Read by the controller (probs), applied by `callback`."""
+
+    def __init__(self, tokenizer, sources, targets, words: Sequence[str], steps: int,
+                 threshold: float = BLEND_THRESHOLD, start: float = BLEND_START, side: int = BLEND_SIDE):
+        self.sources, self.targets = check_prompts(sources, targets)
+        if isinstance(words, str) or not isinstance(words, (list, tuple)) or not words:
+            raise BadValue(f"local_blend must be a non-empty list of words, got {words!r}")
+        if not 0 <= threshold < 1 or not 0 <= start <= 1:
+            raise BadValue(f"threshold must be in [0, 1) and start in [0, 1], got {threshold!r}, {start!r}")
+        length = tokenizer.max_length
+        self.alpha = torch.zeros(2 * len(self.sources), length)  # (rows, 77): the words' columns per row
+        for row, prompt in enumerate(self.sources + self.targets):
+            for word in words:
+                try:
+                    self.alpha[row, positions_of(tokenizer, prompt, word)] = 1.0
+                except BadValue:
+                    pass
+        for i, (s, t) in enumerate(zip(self.sources, self.targets)):
+            if not (self.alpha[i].any() or self.alpha[len(self.sources) + i].any()):
+                raise BadValue(f"local_blend: none of {list(words)} is a word of {s!r} or {t!r}")
+        self.threshold, self.start, self.side = threshold, int(start * steps), side
+        self.maps: dict[int, torch.Tensor] = {}  # site scale → (rows, h, w) summed
+
+    def probs(self, site, when, probs):
+        h, w = when.size[0] // site.scale, when.size[1] // site.scale
+        if site.kind != "cross" or max(h, w) > self.side:
+            return None
+        rows = probs[probs.shape[0] // 2:] if when.guided else probs
+        read = torch.einsum("bqn,bn->bq", rows.float().mean(dim=1), self.alpha.to(rows.device)).reshape(-1, h, w)
+        self.maps[site.scale] = self.maps[site.scale] + read if site.scale in self.maps else read
+        return None
+
+    def mask(self, size: tuple[int, int]) -> torch.Tensor:
+        """(pairs, 1, H, W): 1 where a target is free to change (the source's or its own words' mask)."""
+        maps = self.maps[min(self.maps)][:, None]
+        maps = F.interpolate(F.max_pool2d(maps, 3, 1, padding=1), size=size)  # "nearest", as the reference
+        maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        n = len(self.sources)
+        return ((maps[:n] > self.threshold) | (maps[n:] > self.threshold)).float()
+
+    def callback(self, i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
+        if i < self.start or not self.maps:
+            return None
+        n = len(self.sources)
+        mask = self.mask(tuple(x.shape[-2:])).to(x.device, x.dtype)
+        return torch.cat([x[:n], x[:n] + mask * (x[n:] - x[:n])])
+
+
+class StepUnconditional(Controller):
+    """Per-step unconditional contexts (null-text inversion's ∅_t, one (1, 77, D) a step): at guided
+    calls, the unconditional rows' cross-attention keys and values are those of embeddings[call]."""
+
+    def __init__(self, unet: torch.nn.Module, embeddings: Sequence[torch.Tensor]):
+        self.layers = {m.site: m for m in unet.modules() if getattr(m, "site", None) is not None}
+        self.embeddings = list(embeddings)
+
+    def qkv(self, site, when, q, k, v):
+        if site.kind != "cross" or not when.guided:
+            return None
+        if when.call >= len(self.embeddings):
+            raise BadValue(f"{len(self.embeddings)} unconditional embeddings for a run of more UNet calls")
+        layer, half = self.layers[site], len(k) // 2
+        e = self.embeddings[when.call].to(k.device, k.dtype)
+        k, v = k.clone(), v.clone()
+        k[:half], v[:half] = layer.k(e).expand(half, -1, -1), layer.v(e).expand(half, -1, -1)
+        return q, k, v
+
+
+def edit(model, source: str | list[str], target: str | list[str] | None = None, mode: str = "swap",
+         seed: int = 0, steps: int = 50, scale: float = 7.5, cross_replace_steps=0.8, self_replace_steps=0.4,
+         value_replace_steps=0.0, weights: dict[str, float] | None = None, local_blend: Sequence[str] | None = None,
+         latents: torch.Tensor | None = None, uncond_embeddings: Sequence[torch.Tensor] | None = None,
+         sampler: str = "ddim", height: int | None = None, width: int | None = None, output: str = "tensor",
+         progress: bool = True, blend_options: dict | None = None) -> tuple:
+    """(source pictures, edited pictures) of one generate call holding both prompts, from one x_T.
+
+    source/target: a prompt each, or equal-length lists (pair i: source[i] → target[i]); for
+    mode="reweight" the target is the source (leave it None). latents: x_T, (1 or pairs, C, h, w),
+    e.g. from inverting a real picture, instead of the seed's draw (torch.randn((pairs, C, h, w)) from
+    `seed`, as generate draws it for the source prompts alone; height × width: the pictures', default
+    the model's image_size). uncond_embeddings: one (1, 77, D)
+    unconditional context per step (null-text inversion). output "tensor" (pairs, 3, H, W) or "pil".
+    """
+    target = source if target is None and mode == "reweight" else target
+    if target is None:
+        raise BadValue(f"mode {mode!r} needs a target prompt")
+    sources, targets = check_prompts(source, target)
+    edit_ = EditAttention(model.tokenizer, sources, targets, mode, steps, cross_replace_steps,
+                          self_replace_steps, weights, value_replace_steps=value_replace_steps)
+    controllers: list[Controller] = [edit_]
+    callback: Callable | None = None
+    if local_blend is not None:
+        blend = LocalBlend(model.tokenizer, sources, targets, local_blend, steps, **(blend_options or {}))
+        controllers.append(blend)
+        callback = blend.callback
+    if uncond_embeddings is not None:
+        if len(uncond_embeddings) != steps:
+            raise BadValue(f"uncond_embeddings must hold one context per step ({steps}), got {len(uncond_embeddings)}")
+        controllers.insert(0, StepUnconditional(model.unet, uncond_embeddings))
+    down, height, width = model.vae.cfg.size_multiple, height or model.image_size, width or model.image_size
+    shape = (len(sources), model.unet.cfg.in_channels, height // down, width // down)
+    if latents is None:
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] not in (1, len(sources)):
+        raise BadValue(f"latents must be x_T of shape (1 or {len(sources)}, C, h, w), got "
+                       f"{getattr(latents, 'shape', latents)!r}")
+    latents = latents.expand(len(sources), -1, -1, -1)
+    images = model.generate(sources + targets, steps=steps, sampler=sampler, scale=scale, seed=seed,
+                            height=height, width=width, latents=torch.cat([latents, latents]), output=output, callback=callback,
+                            progress=progress, controllers=controllers)
+    n = len(sources)
+    if isinstance(source, str):
+        return images[0], images[n]
+    return images[:n], images[n:]
