@@ -24,9 +24,8 @@ def edit_request(model, image, source, target, mode="swap", cross_replace_steps=
     and the settings as JSON."""
     from ..storage.folder import fingerprint
     from ..storage.pictures import read_picture_argument
-    from ..storage.provenance import environment, text_chunks
+    from ..storage.provenance import DTYPE_NAMES, environment, text_chunks
     from .generate import file_digest
-    from .ui import precision, whole
 
     if image is None:
         raise BadValue("edit: upload the picture to edit")
@@ -34,14 +33,16 @@ def edit_request(model, image, source, target, mode="swap", cross_replace_steps=
         raise BadValue("edit: give the source prompt, which describes the picture (not empty or blank)")
     picture = read_picture_argument(image, "picture")
     given = [w.strip() for w in (weights or "").split(",") if w.strip()]
-    checked = check_edit(model.shape, model.tokenizer, picture, source, target or None, mode, whole("steps", steps),
+    steps = int(steps) if isinstance(steps, float) and steps.is_integer() else steps  # the page's sliders send 25.0
+    checked = check_edit(model.shape, model.tokenizer, picture, source, target or None, mode, steps,
                          scale, inversion, cross_replace_steps, self_replace_steps, parse_weights(given))
     reconstruction, edited = edit_picture(model, picture, checked, progress=progress)
+    weight = model.unet.conv_in.weight
     made = records(model, checked, {"path": os.path.abspath(image), "sha256": file_digest(image, "picture")},
-                   fingerprint(model.path) if model_folder is None else model_folder, environment(*precision(model)))
+                   fingerprint(model.path) if model_folder is None else model_folder, environment(weight.device, weight.dtype))
     for shows, result in (("reconstruction", reconstruction), ("edited", edited)):
         result.info.update(text_chunks(made[shows]))
-    settings = {**checked, "model": model.path, **dict(zip(("device", "dtype"), precision(model)))}
+    settings = {**checked, "model": model.path, "device": str(weight.device), "dtype": DTYPE_NAMES[weight.dtype]}
     return reconstruction, edited, settings
 
 
