@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
                      "manifest.jsonl, or a PNG generate made (it carries its settings)")
 
+    from .edit import add_arguments as add_edit_arguments
+
+    add_edit_arguments(commands.add_parser("edit", help="edit a picture by editing its prompt: null-text inversion, "
+                                           "then prompt-to-prompt (docs/editing.md)"))
+
     add_train_arguments(commands.add_parser(
         "train", help="fine-tune a model folder on captioned pictures (one process, or many under torchrun)",
         description="Fine-tune MODEL on DATA into the run folder OUT_DIR (run.json, checkpoint.pt, loss.jsonl, "
@@ -223,6 +228,10 @@ def run(args) -> int:
         from ..toy.train import run as run_train_toy
 
         return run_train_toy(args)
+    if args.command == "edit":
+        from .edit import run as run_edit
+
+        return run_edit(args)
     if args.command == "generate":
         from .generate import generate
 

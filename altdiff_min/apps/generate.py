@@ -49,26 +49,14 @@ def replay(args) -> int | None:
     the picture carries) holds; returns which picture of that batch to keep (a seed's noise is drawn
     for the whole batch at once)."""
     from ..errors import BadFile, BadValue
-    from ..storage.files import parse_json, read_text
     from ..storage.folder import fingerprint
-    from ..storage.provenance import environment, record_of_png
+    from ..storage.provenance import environment
 
     if args.prompt is not None or args.from_file:
         raise BadValue("--replay takes the prompt from the manifest line; give no prompt or --from-file")
-    if is_png(args.replay):
-        source = args.replay
-        row = record_of_png(source, "--replay")
-        if row is None:
-            raise BadFile(f"--replay: {source} carries no altdiff-min record (it was not made by altdiff-min generate)")
-    else:
-        file, _, line = args.replay.rpartition(":")
-        if not file or not line.isdigit() or int(line) < 1:
-            raise BadValue(f"--replay takes MANIFEST:LINE (e.g. out/manifest.jsonl:3) or a picture generate made, "
-                           f"got {args.replay!r}")
-        lines = read_text(file, "manifest").splitlines()
-        if int(line) > len(lines):
-            raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
-        source, row = f"{file} line {line}", parse_json(lines[int(line) - 1], f"{file} line {line}")
+    source, row = read_record(args.replay)
+    if isinstance(row, dict) and "edit" in row:  # apps/edit.py's: a picture edited, not generated
+        raise BadValue(f"--replay: {source} is a picture altdiff-min edit made: `altdiff-min edit --replay {args.replay}`")
     if isinstance(row, dict) and isinstance(training := row.get("training"), dict):  # provenance.picture_record's
         raise BadValue(f"--replay: {source} is a sample of the training run {training.get('run')} at step "
                        f"{training.get('step')}: those weights are in no model folder, so it cannot be made again")
@@ -121,6 +109,44 @@ def replay(args) -> int | None:
               f"the picture may differ in its last bits", file=sys.stderr)
     args.skip_grid = True
     return keep
+
+
+def read_record(replay: str, command: str = "generate") -> tuple[str, object]:
+    """--replay MANIFEST:LINE or PICTURE.png → (where it was read, for messages; the record, unchecked)."""
+    from ..errors import BadFile, BadValue
+    from ..storage.files import parse_json, read_text
+    from ..storage.provenance import record_of_png
+
+    if is_png(replay):
+        row = record_of_png(replay, "--replay")
+        if row is None:
+            raise BadFile(f"--replay: {replay} carries no altdiff-min record (it was not made by altdiff-min {command})")
+        return replay, row
+    file, _, line = replay.rpartition(":")
+    if not file or not line.isdigit() or int(line) < 1:
+        raise BadValue(f"--replay takes MANIFEST:LINE (e.g. out/manifest.jsonl:3) or a picture {command} made, "
+                       f"got {replay!r}")
+    lines = read_text(file, "manifest").splitlines()
+    if int(line) > len(lines):
+        raise BadValue(f"--replay: {file} has {len(lines)} line(s), not {line}")
+    return f"{file} line {line}", parse_json(lines[int(line) - 1], f"{file} line {line}")
+
+
+def check_outdir(outdir: str) -> tuple[str, str]:
+    """OUTDIR/samples made, both writable, the manifest a regular file (never a link) → (samples, manifest)."""
+    from ..errors import BadValue
+    from ..storage.files import make_folder, refuse_link
+    from ..storage.manifest import paths
+
+    samples, manifest = paths(outdir)
+    make_folder(samples, "--outdir")
+    for folder in (samples, outdir):  # the pictures; the manifest and the grid
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BadValue(f"--outdir: cannot write into {folder} (permission denied)")
+    refuse_link(manifest, "manifest")
+    if os.path.lexists(manifest) and not (os.path.isfile(manifest) and os.access(manifest, os.R_OK | os.W_OK)):
+        raise BadValue(f"--outdir: {manifest} is not a file this run can read and append to")
+    return samples, manifest
 
 
 def is_png(path: str) -> bool:
@@ -289,9 +315,9 @@ def generate(args) -> int:
     from ..errors import BadValue
     from ..pipeline import load
     from ..sampling.guidance import guidance_rule
-    from ..storage.files import make_folder, refuse_link, save_numbered
+    from ..storage.files import save_numbered
     from ..storage.folder import fingerprint, read_config
-    from ..storage.manifest import job_rows, paths, recover, save_picture
+    from ..storage.manifest import job_rows, recover, save_picture
     from ..storage.provenance import environment, picture_record, png_bytes
     from ..training.distributed import barrier, gather, join_world, leave_world, on_rank0
 
@@ -323,14 +349,7 @@ def generate(args) -> int:
     checked = "safety_checker" in config["modules"] and args.safety_checker is not False
     if args.C != config["unet"].in_channels:
         raise BadValue(f"--C {args.C}: this model's latents have {config['unet'].in_channels} channels")
-    samples, manifest = paths(args.outdir)
-    make_folder(samples, "--outdir")
-    for folder in (samples, args.outdir):  # the pictures; the manifest and the grid
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise BadValue(f"--outdir: cannot write into {folder} (permission denied)")
-    refuse_link(manifest, "manifest")
-    if os.path.lexists(manifest) and not (os.path.isfile(manifest) and os.access(manifest, os.R_OK | os.W_OK)):
-        raise BadValue(f"--outdir: {manifest} is not a file this run can read and append to")
+    _, manifest = check_outdir(args.outdir)
     if picture and (width, height) != picture["kwargs"]["image"].size:
         print(f"--init-img {args.init_img} ({'×'.join(map(str, picture['kwargs']['image'].size))}) is resized to "
               f"{width}×{height}", file=sys.stderr)

@@ -18,6 +18,9 @@ A SPEC (JSON, or TOML on Python ≥ 3.11):
     lora_scale = [0.0, 0.5, 1.0]                   # with `lora = ["style.safetensors"]` (beside the spec):
                                                    # every LoRA of the spec at that scale (default 1.0)
 
+With an `edit` table (picture, source) the sweep edits one real picture instead: prompts are the
+targets, the axes `altdiff-min edit`'s arguments (apps/sweep_edit.py, docs/sweeps.md).
+
 Every cell (setting × prompt × seed) is one picture, `generate(prompt, seed=seed, **fixed, **setting)`,
 written atomically to OUT/pictures/sSSS-pPPP-seedN.png; a sweep that was interrupted resumes by
 skipping the cells whose picture exists. Under torchrun cell c is made by rank c % processes, and each
@@ -47,8 +50,10 @@ from ..sampling.guidance import guidance_rule
 from ..storage.files import atomic_file, clean_partials, locked, make_folder, read_json, read_text, refuse_link
 from ..storage.folder import fingerprint
 from .metrics import Metric, find_metric
+from .sweep_edit import EDIT_ARGUMENTS, check_edit_cells, make_edit_cell, read_edit_entry
+from .sweep_sheet import contact_sheet, label
 
-SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes", "lora"}
+SPEC_KEYS = {"model", "prompts", "prompts_file", "seeds", "metrics", "clip_model", "fixed", "axes", "lora", "edit"}
 LORA_SCALE = "lora_scale"  # not a generate argument: the scale of the spec's LoRAs (research/lora.py lora_scales)
 NOT_SWEPT = {"prompt", "seed", "n_samples", "latents", "output", "callback", "progress", "prompt_embeds",
              "return_trajectory", "return_flags", "controllers",  # objects: a spec holds JSON
@@ -73,6 +78,7 @@ class Spec:
     metrics: list[str]
     clip_model: str | None = None  # the AltCLIP folder of the metric "clip"
     lora: list[str] | None = None  # UNet LoRA files (absolute paths), at the setting's lora_scale
+    edit: dict | None = None  # an edit sweep's picture, its SHA-256 and source prompt (apps/sweep_edit.py)
 
     @property
     def settings(self) -> list[dict]:
@@ -88,7 +94,7 @@ class Spec:
         return {"format": FORMAT, "model": self.model, "prompts": self.prompts, "seeds": self.seeds,
                 "fixed": self.fixed, "axes": self.axes, "metrics": self.metrics,
                 **({"clip_model": self.clip_model} if self.clip_model is not None else {}),
-                **({"lora": self.lora} if self.lora else {})}
+                **({"lora": self.lora} if self.lora else {}), **({"edit": self.edit} if self.edit else {})}
 
 
 def read_spec(path: str) -> Spec:
@@ -136,13 +142,15 @@ def read_spec(path: str) -> Spec:
     fixed, axes = raw.get("fixed", {}), raw.get("axes", {})
     if not isinstance(fixed, dict) or not isinstance(axes, dict):
         raise BadType(f"{path}: 'fixed' and 'axes' must be tables of generate arguments")
+    edit = read_edit_entry(path, raw)  # prompts are its targets; no seeds, no LoRA
     lora = read_lora_entry(path, raw.get("lora"))
-    allowed = generate_arguments() | ({LORA_SCALE} if lora else set())
+    allowed = EDIT_ARGUMENTS if edit else generate_arguments() | ({LORA_SCALE} if lora else set())
     if not lora and LORA_SCALE in {*fixed, *axes}:
         raise BadValue(f"{path}: {LORA_SCALE} scales the spec's LoRA files: give them as 'lora' (a list of .safetensors files)")
     for name in [*fixed, *axes]:
         if name not in allowed:
-            raise BadValue(f"{path}: {name!r} is not a generate argument a sweep can set; choose from {sorted(allowed)}")
+            raise BadValue(f"{path}: {name!r} is not {'an edit' if edit else 'a generate'} argument a sweep can set; "
+                           f"choose from {sorted(allowed)}")
     if both := set(fixed) & set(axes):
         raise BadValue(f"{path}: {sorted(both)} is both fixed and an axis")
     for name, values in axes.items():
@@ -166,7 +174,7 @@ def read_spec(path: str) -> Spec:
                        f"(`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one)")
     if "clip" not in metrics and clip_model is not None:
         raise BadValue(f"{path}: 'clip_model' is read by the metric \"clip\" only; add \"clip\" to 'metrics' or remove it")
-    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics, clip_model, lora)
+    return Spec(raw["model"], prompts, seeds, fixed, axes, metrics, clip_model, lora, edit)
 
 
 def read_lora_entry(path: str, lora) -> list[str] | None:
@@ -191,6 +199,8 @@ def check_cells(spec: Spec, model) -> None:
     """Every setting's arguments, checked by generate's own checks (arguments.py) before any picture is made."""
     from ..arguments import check_arguments, check_text_layer
 
+    if spec.edit:
+        return check_edit_cells(spec, model)
     for setting in spec.settings:
         arguments = {**spec.fixed, **setting}
         model.unet.text_parts(arguments.get("cross_attention", True))  # true, false or a list of UNet parts
@@ -350,8 +360,14 @@ def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
     model_folder = fingerprint(spec.model) if todo else None
     made_in = environment(world.device, model.unet.conv_in.weight.dtype)
     loras = {f: file_digest(f, "LoRA file") for f in spec.lora or []} if todo else {}
+    inverted = {}  # an edit sweep's inversions of its picture, by (inversion, steps, scale)
     for cell in tqdm(todo, desc="sweep", disable=not (progress and world.rank == 0)):
         s, p, k = cell
+        if spec.edit:
+            image, record = make_edit_cell(spec, model, settings[s], spec.prompts[p], inverted, model_folder, made_in)
+            with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp, open(tmp, "wb") as f:
+                f.write(png_bytes(image, record))
+            continue
         arguments = {**spec.fixed, **settings[s], "seed": spec.seeds[k]}
         scale = float(arguments.pop(LORA_SCALE, 1.0))  # the same for every LoRA of the spec, as generate --lora records it
         with lora_scales(model.unet, {default_name(f): scale for f in loras}):
@@ -396,43 +412,3 @@ def write_results(out: str, spec: Spec, functions: dict[str, Metric]) -> list[di
             means.append(f"{key} {sum(values) / len(values):.2f}" if values else f"{key} –")
         print(f"{label(setting):40} {'  '.join(means)}")
     return rows
-
-
-def label(setting: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(fixed)"
-
-
-def shortened(draw, text: str, width: float) -> str:
-    """`text` cut (with "…") to fit `width` pixels in draw's font."""
-    if draw.textlength(text) <= width:
-        return text
-    while text and draw.textlength(text + "…") > width:
-        text = text[:-1]
-    return text.rstrip() + "…"
-
-
-SHEET_LEFT, SHEET_TOP, SHEET_GAP = 220, 30, 2  # the settings' labels, the columns' two-line heads, between pictures
-
-
-def contact_sheet(out: str, spec: Spec, pictures: list) -> None:
-    """One row per setting, labelled; one column per prompt × seed, headed by the prompt (shortened to
-    the column's width) over the seed. pictures: the cells' pictures, in spec.cells() order."""
-    from PIL import Image, ImageDraw
-
-    w, h = max(p.size[0] for p in pictures), max(p.size[1] for p in pictures)  # an axis may change the size
-    columns = len(spec.prompts) * len(spec.seeds)
-    left, top, gap = SHEET_LEFT, SHEET_TOP, SHEET_GAP
-    sheet = Image.new("RGB", (left + columns * (w + gap), top + len(spec.settings) * (h + gap)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c in range(columns):
-        p, k = divmod(c, len(spec.seeds))
-        x = left + c * (w + gap) + 2
-        draw.text((x, 2), shortened(draw, spec.prompts[p], w - 4), fill="black")
-        draw.text((x, 15), shortened(draw, f"seed {spec.seeds[k]}", w - 4), fill="black")
-    for i, picture in enumerate(pictures):
-        s, c = divmod(i, columns)
-        sheet.paste(picture, (left + c * (w + gap), top + s * (h + gap)))
-        if c == 0:
-            draw.text((4, top + s * (h + gap) + h // 2 - 6), label(spec.settings[s])[:34], fill="black")
-    with atomic_file(os.path.join(out, "contact_sheet.png")) as tmp:
-        sheet.save(tmp, format="PNG")

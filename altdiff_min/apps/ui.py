@@ -1,4 +1,4 @@
-"""`altdiff-min ui`: a web page (Gradio) for text-to-image and image-to-image with one loaded model.
+"""`altdiff-min ui`: a web page (Gradio) for text-to-image, image-to-image and editing with one loaded model.
 
     altdiff-min ui [--model toy] [--host 127.0.0.1] [--port 7860] [--device cpu] [--dtype fp32] [--lora-dir DIR]
 
@@ -220,8 +220,11 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
 # The page.
 
 def build_app(model: AltDiffusion, loras: dict[str, dict] | None = None):
-    """The Gradio app for `model` (not launched): a text-to-image tab and an image-to-image tab. loras:
-    lora_folder's, attached to the model (at scale 0): a LoRA field and a scale slider on both tabs."""
+    """The Gradio app for `model` (not launched): text-to-image, image-to-image and edit (apps/ui_edit.py)
+    tabs. loras: lora_folder's, attached to the model (at scale 0): a LoRA field and a scale slider on
+    the first two tabs."""
+    from .ui_edit import edit_tab
+
     gr = require_gradio()
     model_folder = fingerprint(model.path)  # the folder as it was loaded: every picture's record names it
     loras = loras or {}
@@ -322,9 +325,10 @@ def build_app(model: AltDiffusion, loras: dict[str, dict] | None = None):
             extra = lora_fields("img2img")
             button = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
             outputs = results("img2img")
-        # One concurrency_id: both tabs share the CONCURRENCY model runs.
+        # One concurrency_id: every tab shares the CONCURRENCY model runs.
         button.click(img2img, [*inputs, image, strength, mask, paste, *extra], outputs, api_name="img2img",
                      concurrency_limit=CONCURRENCY, concurrency_id="model")
+        edit_tab(gr, model, model_folder, CONCURRENCY)  # a picture edited by editing its prompt
     return app
 
 
