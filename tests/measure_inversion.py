@@ -10,7 +10,7 @@ import sys
 import torch
 
 import altdiff_min
-from altdiff_min.research.inversion import measure
+from altdiff_min.toy.editing import measure_inversion
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -21,7 +21,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    table = measure(altdiff_min.load("toy"), args.n, args.steps, args.scale, batch=args.batch, progress=False,
+    table = measure_inversion(altdiff_min.load("toy"), args.n, args.steps, args.scale, batch=args.batch, progress=False,
                     log=lambda line: print(line, flush=True))
     vae = table["vae round trip"]["mean |Δpixel|"]
     print(f"\n{args.n} pictures, {args.steps} steps, {torch.get_num_threads()} threads")

@@ -9,7 +9,8 @@ from helpers import rel_err
 from altdiff_min.errors import BadValue
 from altdiff_min.pipeline import load
 from altdiff_min.research.daam import (
-    THRESHOLD, expand, iou, latent_word_maps, shifted, toy_word_iou, word_heat_map, word_positions)
+    THRESHOLD, expand, iou, latent_word_maps, shifted, word_heat_map, word_positions)
+from altdiff_min.toy.editing import toy_word_iou
 from altdiff_min.research.instruments import AttentionMaps, capture_attention
 from altdiff_min.research.interventions import Controller
 

@@ -93,7 +93,7 @@ def test_ddim_inversion_and_a_refinement(small_model_dir, picture, tmp_path):
 def test_bad_input_is_one_line_before_the_model_loads_and_nothing_is_written(small_model_dir, picture, tmp_path,
                                                                              monkeypatch, capsys, change, message):
     import altdiff_min.pipeline as pipeline
-    import altdiff_min.research.inversion as inversion
+    import altdiff_min.inversion as inversion
 
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(inversion, "picture_latents", lambda *a, **k: pytest.fail("inversion began"))

@@ -1,4 +1,4 @@
-"""Inversion of real pictures (altdiff_min/research/inversion.py): DDIM inversion against diffusers'
+"""Inversion of real pictures (altdiff_min/inversion.py): DDIM inversion against diffusers'
 DDIMInverseScheduler step by step on the small random AltDiffusion, the inverse of diffusers' forward
 DDIM step for every spacing, null-text inversion on the shipped toy, and bad input."""
 import dataclasses
@@ -16,7 +16,7 @@ import altdiff_min
 from altdiff_min.errors import BadType, BadValue, NotFinite
 from altdiff_min.pipeline import load
 from altdiff_min.research.interventions import Controller
-from altdiff_min.research.inversion import (Inversion, ddim_inversion_route, invert, null_text, null_text_inversion,
+from altdiff_min.inversion import (Inversion, ddim_inversion_route, invert, null_text, null_text_inversion,
                                             sample_inverted, stepwise_eps)
 from altdiff_min.sampling.guidance import guided_eps
 from altdiff_min.sampling.samplers import ddim

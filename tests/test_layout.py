@@ -23,7 +23,7 @@ FLOORS = [
     {"model", "sampling"},               # the maths: modules and samplers (the core, with pipeline.py)
     {"storage", "research"},             # model folders, files, pictures; the intervention API, speed paths
     {"arguments"},                       # generate's checks, on a model's shape
-    {"pipeline"},                        # load + the stages (the core's top)
+    {"pipeline", "inversion"},           # load + the stages (the core's top); the stages run backward: a picture to its noise
     {"training"},                        # the one training loop, data, run folders, processes
     {"vision"},                          # the CLIP tower, AltCLIP, the safety checker, the CLIP score
     {"toy"},                             # the toy world, its detector, its recipe

@@ -22,7 +22,7 @@ def write(folder, spec):
 
 
 def test_an_edit_sweep_inverts_once_and_its_pictures_replay(tmp_path, monkeypatch, capsys):
-    import altdiff_min.research.inversion as inversion
+    import altdiff_min.inversion as inversion
 
     calls = []
     real = inversion.null_text_inversion
@@ -53,7 +53,7 @@ def test_an_edit_sweep_inverts_once_and_its_pictures_replay(tmp_path, monkeypatc
     ({"axes": {"inversion": ["ddim", "magic"]}}, "--inversion must be one of null-text, ddim"),
 ])
 def test_bad_edit_specs_are_refused_before_any_picture(tmp_path, monkeypatch, capsys, change, message):
-    import altdiff_min.research.inversion as inversion
+    import altdiff_min.inversion as inversion
 
     monkeypatch.setattr(inversion, "picture_latents", lambda *a, **k: pytest.fail("inversion began"))
     assert main(["sweep", write(tmp_path, {**SPEC, **change}), "--device", "cpu"]) == 2

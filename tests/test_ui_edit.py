@@ -52,7 +52,7 @@ def test_the_tabs_handler_is_the_edit_and_its_pictures_replay(toy, upload, tmp_p
     ("UPLOAD", "a red circle", "a big blue circle", "a word swap replaces words one for one"),
 ])
 def test_bad_fields_are_one_line_before_any_model_work(toy, upload, monkeypatch, image, source, target, message):
-    import altdiff_min.research.inversion as inversion
+    import altdiff_min.inversion as inversion
 
     monkeypatch.setattr(inversion, "picture_latents", lambda *a, **k: pytest.fail("inversion began"))
     with pytest.raises(BadValue, match=message):

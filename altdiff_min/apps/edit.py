@@ -1,7 +1,7 @@
 """`altdiff-min edit PICTURE --prompt SOURCE --target TARGET`: a real picture edited by editing its prompt.
 
     picture ─ null-text inversion (or plain DDIM inversion) under SOURCE at the guidance scale
-            ─ x_T and one unconditional context per step (research/inversion.py)
+            ─ x_T and one unconditional context per step (altdiff_min/inversion.py)
             ─ prompt-to-prompt from that x_T with those contexts: SOURCE and TARGET in one batch
               (research/prompt_to_prompt.py edit); the SOURCE row is the reconstruction
 
@@ -90,7 +90,7 @@ def check_edit(shape, tokenizer, picture, source, target=None, mode: str = "swap
     the prompts lack are refused here. → the edit's keyword arguments for edit_picture."""
     from ..arguments import check_arguments
     from ..errors import BadValue
-    from ..research.inversion import check_fitting, null_text_inversion
+    from ..inversion import check_fitting, null_text_inversion
     from ..research.prompt_to_prompt import MODES, EditAttention, LocalBlend
     from ..storage import pictures
 
@@ -126,7 +126,7 @@ def check_edit(shape, tokenizer, picture, source, target=None, mode: str = "swap
 def edit_picture(model, picture, checked: dict, progress: bool = True, inverted: dict | None = None):
     """check_edit's arguments on a loaded model → (reconstruction, edited) PIL pictures. inverted: a
     cache {(inversion, steps, scale): Inversion} for runs that edit one picture many ways (a sweep)."""
-    from ..research.inversion import invert, null_text_inversion
+    from ..inversion import invert, null_text_inversion
     from ..research.prompt_to_prompt import edit
 
     c = checked

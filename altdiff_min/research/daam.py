@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadValue
-from .instruments import AttentionMaps, capture_attention
+from .instruments import AttentionMaps
 
 THRESHOLD = 0.4  # τ, the paper's threshold on a normalised map (§4: segmentation)
 
@@ -142,36 +142,3 @@ def iou(heat: torch.Tensor, mask: torch.Tensor, threshold: float = THRESHOLD) ->
 def shifted(heat: torch.Tensor) -> torch.Tensor:
     """A baseline map: each map rolled by half the picture both ways (its blob, away from its object)."""
     return heat.roll(shifts=(heat.shape[-2] // 2, heat.shape[-1] // 2), dims=(-2, -1))
-
-
-@torch.no_grad()
-def toy_word_iou(model, seeds=(0, 1), languages=None, colours=None, shapes=None, steps: int = 25,
-                 scale: float = 7.5, threshold: float = THRESHOLD, progress: bool = False) -> dict[str, dict]:
-    """How well the shape word's map finds the object on the toy: per language, over every colour ×
-    shape caption (toy.data.caption, the plainest phrasing) and seed, the mean IoU of the map's
-    segment (> threshold) with the object's pixels (toy.detect.object_mask), and of the `shifted`
-    map's (the baseline). Pictures with nothing drawn are left out; `pictures` counts the others.
-    One generate call per seed, every caption at once (as toy.detect.draw draws them)."""
-    from ..toy.data import COLOURS, LANGUAGES, SHAPES, Obj, caption, words
-    from ..toy.detect import object_mask
-
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise BadValue(f"seeds must be an int >= 0 or a non-empty list of them, got {seeds!r}")
-    asks = [(lang, shape, colour) for lang in languages or LANGUAGES for colour in colours or COLOURS
-            for shape in shapes or SHAPES]
-    prompts = [caption(shape, colour, lang, 0) for lang, shape, colour in asks]
-    nouns = [words(Obj(shape, colour), lang)["shape"] for lang, shape, colour in asks]
-    found: dict[str, list[tuple[float, float]]] = {lang: [] for lang, _, _ in asks}
-    for seed in seeds:
-        with capture_attention(model.unet) as maps:
-            images = model.generate(prompts, steps=steps, scale=scale, seed=seed, output="tensor", progress=progress)
-        heat = word_heat_map(maps, model.tokenizer, prompts, nouns, size=tuple(images.shape[-2:]))
-        masks = torch.stack([torch.from_numpy(object_mask(image)) for image in images])
-        ours, base = iou(heat, masks, threshold).tolist(), iou(shifted(heat), masks, threshold).tolist()
-        for (lang, _, _), drawn, a, b in zip(asks, masks.any(dim=(1, 2)).tolist(), ours, base):
-            if drawn:
-                found[lang].append((a, b))
-    return {lang: {"iou": sum(a for a, _ in pairs) / max(len(pairs), 1),
-                   "shifted": sum(b for _, b in pairs) / max(len(pairs), 1), "pictures": len(pairs)}
-            for lang, pairs in found.items()}

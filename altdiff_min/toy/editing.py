@@ -1,8 +1,11 @@
-"""How well prompt-to-prompt edits the toy's pictures (altdiff_min.research.prompt_to_prompt), measured.
+"""Editing research measured on the toy: prompt-to-prompt (altdiff_min.research.prompt_to_prompt), word
+heat maps (altdiff_min.research.daam) and inversion (altdiff_min.inversion).
 
     table = measure_swaps(model, "colour")   → {lang: {"pairs", "asked", "kept", "edited", "source_right"}}
     curve = reweight_sweep(model)            → {c: {"colour", "saturation", "kept"}}: the colour word × c
-    python -m altdiff_min.toy.editing        prints both (the numbers in docs/editing.md)
+    ious = toy_word_iou(model)               → {lang: {"iou", "shifted", "pictures"}}: the shape word's map
+    errors = measure_inversion(model)        → reconstruction error and time of the VAE, DDIM, null-text
+    python -m altdiff_min.toy.editing        prints the first two (the numbers in docs/editing.md)
 
 An edit is right when the detector (detect.py) sees in the edited picture the shape and colour the
 target asks for ("asked"), and the object stayed put: its box's centre within CENTRE_PX pixels of the
@@ -12,14 +15,23 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ..errors import BadValue
+from ..inversion import Inversion, ddim_inversion_route, null_text, picture_latents, sample_inverted
+from ..research.daam import THRESHOLD, iou, shifted, word_heat_map
+from ..research.instruments import capture_attention
 from ..research.prompt_to_prompt import edit
-from .data import COLOURS, LANGUAGES, SHAPES, Obj, caption, words
-from .detect import INK, SPECK, as_uint8, detect, label
+from ..sampling.guidance import guided_eps
+from ..sampling.schedule import timesteps
+from ..storage import pictures
+from .data import COLOURS, LANGUAGES, SHAPES, Obj, caption, render, words
+from .detect import INK, SPECK, as_uint8, detect, label, object_mask
 
 CENTRE_PX, SIDE_RATIO = 2.0, 0.10  # the issue's bar: the object moves ≤ 2 px and changes size ≤ 10%
 
@@ -125,6 +137,79 @@ def reweight_sweep(model, cs: Sequence[float] = (0, 0.5, 1, 2, 3, 4), languages:
                     n += 1
         curve[c] = {"colour": round(right / n, 3), "saturation": round(sat / n, 3), "kept": round(stayed / n, 3)}
     return curve
+
+
+@torch.no_grad()
+def toy_word_iou(model, seeds=(0, 1), languages=None, colours=None, shapes=None, steps: int = 25,
+                 scale: float = 7.5, threshold: float = THRESHOLD, progress: bool = False) -> dict[str, dict]:
+    """How well the shape word's map finds the object on the toy: per language, over every colour ×
+    shape caption (toy.data.caption, the plainest phrasing) and seed, the mean IoU of the map's
+    segment (> threshold) with the object's pixels (toy.detect.object_mask), and of the `shifted`
+    map's (the baseline). Pictures with nothing drawn are left out; `pictures` counts the others.
+    One generate call per seed, every caption at once (as toy.detect.draw draws them)."""
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise BadValue(f"seeds must be an int >= 0 or a non-empty list of them, got {seeds!r}")
+    asks = [(lang, shape, colour) for lang in languages or LANGUAGES for colour in colours or COLOURS
+            for shape in shapes or SHAPES]
+    prompts = [caption(shape, colour, lang, 0) for lang, shape, colour in asks]
+    nouns = [words(Obj(shape, colour), lang)["shape"] for lang, shape, colour in asks]
+    found: dict[str, list[tuple[float, float]]] = {lang: [] for lang, _, _ in asks}
+    for seed in seeds:
+        with capture_attention(model.unet) as maps:
+            images = model.generate(prompts, steps=steps, scale=scale, seed=seed, output="tensor", progress=progress)
+        heat = word_heat_map(maps, model.tokenizer, prompts, nouns, size=tuple(images.shape[-2:]))
+        masks = torch.stack([torch.from_numpy(object_mask(image)) for image in images])
+        ours, base = iou(heat, masks, threshold).tolist(), iou(shifted(heat), masks, threshold).tolist()
+        for (lang, _, _), drawn, a, b in zip(asks, masks.any(dim=(1, 2)).tolist(), ours, base):
+            if drawn:
+                found[lang].append((a, b))
+    return {lang: {"iou": sum(a for a, _ in pairs) / max(len(pairs), 1),
+                   "shifted": sum(b for _, b in pairs) / max(len(pairs), 1), "pictures": len(pairs)}
+            for lang, pairs in found.items()}
+
+
+def measure_inversion(model, n: int = 50, steps: int = 50, scale: float = 7.5, seed: int = 0, batch: int = 10,
+            progress: bool = True, log=print) -> dict[str, dict[str, float]]:
+    """Reconstruction over n toy pictures (altdiff_min.toy: one shape in one colour, captioned in the
+    nine languages in turn), `batch` pictures at a time: mean |Δpixel| (pixels in [0, 1]) and seconds
+    per picture (a batch's time over its pictures) of the VAE round trip, DDIM inversion at guidance
+    `scale` sampled back at `scale`, and null-text inversion at `scale` sampled back at `scale`.
+    log(line) gets one line per batch. Not a test: the numbers are docs/editing.md's."""
+
+
+    rng = np.random.default_rng(seed)
+    names = ("vae round trip", f"ddim inversion at {scale:g}", f"null-text at {scale:g}")
+    errors, seconds = {k: [] for k in names}, {k: 0.0 for k in names}
+    ts = timesteps("ddim", steps, model.schedule)
+    for first in range(0, n, batch):
+        objects = [(SHAPES[k % len(SHAPES)], list(COLOURS)[(k // len(SHAPES)) % len(COLOURS)])
+                   for k in range(first, min(n, first + batch))]
+        pixels = torch.cat([pictures.prepare_image(Image.fromarray(render(s, c, rng=rng)), (64, 64)) for s, c in objects])
+        prompts = [caption(s, c, LANGUAGES[(first + j) % len(LANGUAGES)], rng) for j, (s, c) in enumerate(objects)]
+        B, got = len(objects), {}
+        with torch.no_grad():
+            context = model.encode_prompt(prompts, guided=True)  # [∅ × B; c × B]
+            start = time.perf_counter()
+            z0 = picture_latents(model, pixels)
+            got[names[0]] = model.decode_latents(z0)
+            seconds[names[0]] += time.perf_counter() - start
+            start = time.perf_counter()
+            route = ddim_inversion_route(guided_eps(model.denoise, context, scale), z0, ts)
+            inv = Inversion(route, ts, context[B:], [context[:B]] * len(ts), scale)
+            got[names[1]] = model.decode_latents(sample_inverted(model, inv, progress=progress))
+            seconds[names[1]] += time.perf_counter() - start
+            start = time.perf_counter()
+            pivot = ddim_inversion_route(guided_eps(model.denoise, context[B:], 1.0), z0, ts)
+        uncond, _, _ = null_text(model, pivot, ts, context[B:], context[:1], scale, progress=progress)
+        inv = Inversion(pivot, ts, context[B:], uncond, scale)
+        got[names[2]] = model.decode_latents(sample_inverted(model, inv, progress=progress))
+        seconds[names[2]] += time.perf_counter() - start
+        truth = (pixels + 1) / 2
+        for name, images in got.items():
+            errors[name] += (images.float().cpu() - truth).abs().flatten(1).mean(1).tolist()
+        log(f"pictures {first}–{first + B - 1}: " + ", ".join(f"{k} {np.mean(errors[k][-B:]):.4f}" for k in names))
+    return {k: {"mean |Δpixel|": float(np.mean(errors[k])), "seconds": seconds[k] / n} for k in names}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ Model level:
     invert(model, picture, prompt, steps, scale)     → Inversion (plain DDIM inversion)
     null_text_inversion(model, picture, prompt, steps, scale=7.5)  → Inversion with the fitted ∅_i
     sample_inverted(model, inversion, prompts=None, controllers=...)  → clean latents (decode_latents)
-    measure(model, n=50)                             the reconstruction table of docs/editing.md
+    toy.editing.measure_inversion(model, n=50)      the reconstruction table of docs/editing.md
 
 The route: the same `Timesteps` drive inversion and sampling. Forward DDIM step i goes from ᾱ_a = ᾱ[t_i]
 to ᾱ_b (t_i − stride, or final_alpha past the end: samplers.landing); inversion runs the steps in the
@@ -27,19 +27,18 @@ inversion exact only as steps → ∞ and drift under guidance > 1. The forward 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from ..arguments import check_arguments
-from ..errors import BadType, BadValue
-from ..sampling.guidance import Denoiser, Rule, guided_eps
-from ..sampling.samplers import Eps, Callback, ddim, ddim_step, landing, model_eps
-from ..sampling.schedule import ScheduleConfig, Timesteps, as_timesteps
-from ..storage import pictures
-from .interventions import Controller, check_controllers, intervene
+from .arguments import check_arguments
+from .errors import BadType, BadValue
+from .sampling.guidance import Denoiser, Rule, guided_eps
+from .sampling.samplers import Eps, Callback, ddim, ddim_step, landing, model_eps
+from .sampling.schedule import ScheduleConfig, Timesteps, as_timesteps
+from .storage import pictures
+from .research.interventions import Controller, check_controllers, intervene
 
 
 def ddim_inversion_route(eps: Eps, z0: torch.Tensor, ts: Timesteps | list[int], cfg: ScheduleConfig = ScheduleConfig(),
@@ -235,50 +234,3 @@ def sample_inverted(model, inversion: Inversion, prompts: list[str] | None = Non
             bar.update()
             return callback(i, t, x, x0) if callback is not None else None
         return ddim(model_eps(eps, ts, cfg), x, ts, cfg, callback=on_step)
-
-
-def measure(model, n: int = 50, steps: int = 50, scale: float = 7.5, seed: int = 0, batch: int = 10,
-            progress: bool = True, log=print) -> dict[str, dict[str, float]]:
-    """Reconstruction over n toy pictures (altdiff_min.toy: one shape in one colour, captioned in the
-    nine languages in turn), `batch` pictures at a time: mean |Δpixel| (pixels in [0, 1]) and seconds
-    per picture (a batch's time over its pictures) of the VAE round trip, DDIM inversion at guidance
-    `scale` sampled back at `scale`, and null-text inversion at `scale` sampled back at `scale`.
-    log(line) gets one line per batch. Not a test: the numbers are docs/editing.md's."""
-    import numpy as np
-    from PIL import Image
-
-    from ..sampling.schedule import timesteps
-    from ..toy.data import COLOURS, LANGUAGES, SHAPES, caption, render
-
-    rng = np.random.default_rng(seed)
-    names = ("vae round trip", f"ddim inversion at {scale:g}", f"null-text at {scale:g}")
-    errors, seconds = {k: [] for k in names}, {k: 0.0 for k in names}
-    ts = timesteps("ddim", steps, model.schedule)
-    for first in range(0, n, batch):
-        objects = [(SHAPES[k % len(SHAPES)], list(COLOURS)[(k // len(SHAPES)) % len(COLOURS)])
-                   for k in range(first, min(n, first + batch))]
-        pixels = torch.cat([pictures.prepare_image(Image.fromarray(render(s, c, rng=rng)), (64, 64)) for s, c in objects])
-        prompts = [caption(s, c, LANGUAGES[(first + j) % len(LANGUAGES)], rng) for j, (s, c) in enumerate(objects)]
-        B, got = len(objects), {}
-        with torch.no_grad():
-            context = model.encode_prompt(prompts, guided=True)  # [∅ × B; c × B]
-            start = time.perf_counter()
-            z0 = picture_latents(model, pixels)
-            got[names[0]] = model.decode_latents(z0)
-            seconds[names[0]] += time.perf_counter() - start
-            start = time.perf_counter()
-            route = ddim_inversion_route(guided_eps(model.denoise, context, scale), z0, ts)
-            inv = Inversion(route, ts, context[B:], [context[:B]] * len(ts), scale)
-            got[names[1]] = model.decode_latents(sample_inverted(model, inv, progress=progress))
-            seconds[names[1]] += time.perf_counter() - start
-            start = time.perf_counter()
-            pivot = ddim_inversion_route(guided_eps(model.denoise, context[B:], 1.0), z0, ts)
-        uncond, _, _ = null_text(model, pivot, ts, context[B:], context[:1], scale, progress=progress)
-        inv = Inversion(pivot, ts, context[B:], uncond, scale)
-        got[names[2]] = model.decode_latents(sample_inverted(model, inv, progress=progress))
-        seconds[names[2]] += time.perf_counter() - start
-        truth = (pixels + 1) / 2
-        for name, images in got.items():
-            errors[name] += (images.float().cpu() - truth).abs().flatten(1).mean(1).tolist()
-        log(f"pictures {first}–{first + B - 1}: " + ", ".join(f"{k} {np.mean(errors[k][-B:]):.4f}" for k in names))
-    return {k: {"mean |Δpixel|": float(np.mean(errors[k])), "seconds": seconds[k] / n} for k in names}
