@@ -42,6 +42,9 @@ from ..errors import BadType, BadValue
 # Regexes matched against the tail of a module's dotted name (after a dot, or the whole name), as
 # peft matches its target_modules.
 DEFAULT_TARGETS = (r"(self|cross)_attn\.(q|k|v|out)",)
+# The text encoder's: every self-attention's q, k, v, out (diffusers' --train_text_encoder recipe: q_proj,
+# k_proj, v_proj, out_proj; XLM-R's query, key, value, attention.output.dense).
+TEXT_TARGETS = (r"attn\.(q|k|v|out)",)
 DEFAULT = "default"  # peft's adapter name when none is given
 SCALES: ContextVar[Mapping[int, float] | None] = ContextVar("lora_scales", default=None)  # lora_scales': id(adapter) → scale
 
