@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from altdiff_min.model.unet import UNet, UNetConfig
 from altdiff_min.pipeline import load
-from altdiff_min.research.lora import lora_layers, lora_parameters
+from altdiff_min.research.lora import lora_layers, lora_parameters, lora_state_dict
 from altdiff_min.training import lora as lora_training
 from altdiff_min.training.config import TrainConfig
 from altdiff_min.training.train import generator
@@ -284,7 +284,6 @@ def test_lora_flags_are_trainconfig_fields():
 def test_gradient_checkpointing_changes_no_bit_of_the_lora(small_model_dir, pictures):
     """Recomputing the activations in the backward pass (non-reentrant: the frozen blocks' inputs need no
     grad for the LoRA inside them to get one) trains the same LoRA, bit for bit."""
-    from altdiff_min.research.lora import lora_state_dict
     from altdiff_min.training.dataset import open_data
     from altdiff_min.training.train import train
 
@@ -306,7 +305,6 @@ def test_a_text_encoder_lora_trains_alone_and_resumes_to_the_same_bits(settings,
     """A LoRA on the text encoder too (and, with new words, their rows): only the LoRAs (and the rows) move,
     every base tensor keeps its bits; the checkpoint holds nothing else; a run stopped at its step-2
     checkpoint and resumed ends on the bits of one that ran through."""
-    from altdiff_min.research.lora import lora_state_dict
     from altdiff_min.training import run_folder, words
     from altdiff_min.training.mixing import open_sources
     from altdiff_min.training.train import train
@@ -351,3 +349,18 @@ def test_a_text_encoder_lora_trains_alone_and_resumes_to_the_same_bits(settings,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if "new_tokens" in settings:
         assert torch.equal(model.text_encoder.token_embedding.rows, resumed.text_encoder.token_embedding.rows)
+
+
+def test_a_both_modules_run_leaves_one_file_with_both_loras(small_model_dir, pictures, tmp_path):
+    """`train --train both --lora 2`: the file holds the UNet's LoRA (`unet.`) and the text encoder's
+    (`text_encoder.`), as many numbers as the two modules' LoRAs trained, and `load(lora=…)` puts both back."""
+    cli(small_model_dir, pictures, *STEPS, tmp_path / "run", "--train", "both", "--batch-size", "2")
+    tensors = load_file(lora_file(tmp_path / "run"))
+    held = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["modules"]
+    for prefix, name in (("unet.", "unet"), ("text_encoder.", "text_encoder")):
+        part = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        assert part and sum(v.numel() for v in part.values()) == sum(v.numel() for v in held[name].values())
+    model = load(small_model_dir, lora=[lora_file(tmp_path / "run")])
+    for name in ("unet", "text_encoder"):
+        loaded = lora_state_dict(getattr(model, name))
+        assert loaded.keys() == held[name].keys() and all(torch.equal(loaded[k], held[name][k]) for k in loaded)
