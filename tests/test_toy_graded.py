@@ -91,6 +91,8 @@ def test_rendered_pictures_score_exactly_ideal():
         scene = random_scene(rng, 2)
         picture = render_scene(scene, rng)
         assert grade(picture, scene) == grade(picture, scene.flipped()) == EXACT_PAIR
+    framed = np.pad(picture, ((5, 11), (20, 12), (0, 0)), constant_values=255)  # 80 × 96: another picture size
+    assert grade(framed, scene) == EXACT_PAIR
     blank = np.full((SIZE, SIZE, 3), WHITE, np.uint8)
     assert grade(blank, Scene(Obj("circle", "red"))) == dict.fromkeys(EXACT_ONE)  # nothing to score
 

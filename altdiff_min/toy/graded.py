@@ -11,8 +11,8 @@ rendered pictures (0, 1, 0); a picture with nothing to score has None (left out 
 
 Colour: CIEDE2000 (Sharma, Wu & Dalal 2005, eqs. 1–25; ISO/CIE 11664-6), not CIE76 (the Euclidean
 distance in L*a*b*): the palette is saturated (C* 60–100), where CIE76 counts a chroma difference
-about 1 + 0.045 C* ≈ 4–5 times what it is worth against a lightness one (CIEDE2000's S_C), and a
-model's colours err mostly towards the white (lightness and chroma) and in hue.
+about 1 + 0.045 C* ≈ 4–5 times what it is worth against a lightness one (CIEDE2000's S_C), and chroma
+is what a model loses (the shipped model's colours are paler than asked: docs/toy.md, Graded scores).
 """
 from __future__ import annotations
 
