@@ -12,7 +12,8 @@ from helpers import lora_file
 from PIL import Image
 
 from altdiff_min.apps.cli import main
-from altdiff_min.toy import detect
+from altdiff_min.toy import COLOURS as COLOURS_RGB
+from altdiff_min.toy import Obj, Scene, detect, grade
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = {"model": "toy", "prompts": ["a red circle", "un carré bleu"], "seeds": [0, 3], "metrics": ["toy"],
@@ -37,9 +38,15 @@ def test_sweep_table_sheet_and_metric(tmp_path, capsys):
     assert len(rows) == 4 * 2 * 2  # settings × prompts × seeds
     assert [(r["scale"], r["sampler"]) for r in rows[::4]] == [("1.0", "ddim"), ("1.0", "euler"), ("7.5", "ddim"), ("7.5", "euler")]
     asked = {"a red circle": ("circle", "red"), "un carré bleu": ("square", "blue")}
-    for r in rows:  # the accuracy column is the detector on the saved picture
-        shape, colour = detect(Image.open(out / r["file"]).convert("RGB"))
+    assert list(rows[0]) == ["setting", "scale", "sampler", "prompt", "seed", "file", "colour", "shape", "objects",
+                             "relation", "delta_e", "iou", "position"]  # the graded scores after the first columns
+    for r in rows:  # the accuracy column is the detector on the saved picture, the graded ones its grade
+        picture = Image.open(out / r["file"]).convert("RGB")
+        shape, colour = detect(picture)
         assert float(r["colour"]) == (colour == asked[r["prompt"]][1]) and float(r["shape"]) == (shape == asked[r["prompt"]][0])
+        graded = grade(picture, Scene(Obj(*asked[r["prompt"]])))
+        assert r["delta_e"] == ("" if graded["delta_e"] is None else str(graded["delta_e"])) and r["position"] == ""
+        assert r["iou"] == ("" if graded["iou"] is None else str(graded["iou"]))
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size == (220 + 4 * 66, 30 + 4 * 66)  # a row per setting, a column per prompt × seed
     printed = capsys.readouterr().out
@@ -61,28 +68,35 @@ def test_a_guidance_rule_is_an_axis(tmp_path):
 
 
 def test_the_toy_metric_reads_two_object_prompts_in_any_language():
-    """Two objects: "objects" (both right) and "relation" (where the prompt puts them); one: colour, shape."""
+    """Two objects: "objects" (both right) and "relation" (where the prompt puts them); one: colour, shape.
+    Then the graded scores (toy.graded): exact on a rendered picture, and how far a wrong one is."""
     import numpy as np
 
     from altdiff_min.apps.metrics import toy_metric
     from altdiff_min.toy import Obj, Scene, caption_scene, render_scene
     from altdiff_min.toy.data import INVERSE
+    from altdiff_min.toy.graded import delta_e
 
     scene = Scene(Obj("circle", "red", "small"), "above", Obj("triangle", "blue"))
     picture = Image.fromarray(render_scene(scene, np.random.default_rng(0)))
     other = Scene(Obj("circle", "green", "small"), "above", Obj("triangle", "blue"))
+    exact = {"delta_e": 0.0, "iou": 1.0, "position": 0.0}
     for lang, p in (("en", 0), ("ko", 1), ("ar", 3)):
         assert toy_metric(picture, caption_scene(scene, lang, p)) == {"colour": None, "shape": None, "objects": 1.0,
-                                                                      "relation": 1.0}
+                                                                      "relation": 1.0, **exact}
         assert toy_metric(picture, caption_scene(scene.flipped(), lang, p))["relation"] == 1.0  # the same picture
-        assert toy_metric(picture, caption_scene(Scene(scene.first, INVERSE["above"], scene.second), lang, p)) == \
+        below = toy_metric(picture, caption_scene(Scene(scene.first, INVERSE["above"], scene.second), lang, p))
+        assert {k: below[k] for k in ("colour", "shape", "objects", "relation")} == \
             {"colour": None, "shape": None, "objects": 1.0, "relation": 0.0}
-        assert toy_metric(picture, caption_scene(other, lang, p)) == {"colour": None, "shape": None, "objects": 0.0,
-                                                                      "relation": None}
+        assert below["position"] > 20  # the other way round: as far as the centres are apart
+        assert toy_metric(picture, caption_scene(other, lang, p)) == {
+            "colour": None, "shape": None, "objects": 0.0, "relation": None,
+            "delta_e": delta_e(COLOURS_RGB["red"], "green") / 2, "iou": 1.0, "position": 0.0}  # the circle's colour wrong
     lone = Image.fromarray(render_scene(Scene(Obj("square", "orange", "big")), np.random.default_rng(1)))
     assert toy_metric(lone, caption_scene(Scene(Obj("square", "orange", "big")), "ja", 2)) == \
-        {"colour": 1.0, "shape": 1.0, "objects": None, "relation": None}
-    assert toy_metric(lone, "a photo of a cat") == dict.fromkeys(("colour", "shape", "objects", "relation"))
+        {"colour": 1.0, "shape": 1.0, "objects": None, "relation": None, "delta_e": 0.0, "iou": 1.0, "position": None}
+    assert toy_metric(lone, "a photo of a cat") == dict.fromkeys(("colour", "shape", "objects", "relation", "delta_e",
+                                                                  "iou", "position"))
 
 
 def test_the_clip_metric_is_the_clip_score_of_each_saved_picture(altclip_dir, tmp_path, monkeypatch):

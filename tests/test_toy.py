@@ -510,9 +510,10 @@ def test_evaluation_takes_seeds_a_sampler_and_a_batch_size():
     model = load(TOY_MODEL, dtype=torch.float32)
     whole = evaluate(model, steps=2, seeds=[0, 1], languages=("ja",))  # 2 steps: the arguments' test, not a quality one
     assert whole == evaluate(model, steps=2, seeds=[0, 1], languages=("ja",), batch_size=12)  # the same pictures
-    assert set(whole) == {"ja"} and all(0 <= v <= 1 for v in whole["ja"].values())
+    assert set(whole) == {"ja"} and all(0 <= whole["ja"][k] <= 1 for k in ("colour", "shape"))
+    assert 0 <= whole["ja"]["ungraded"] <= 36 and (whole["ja"]["iou"] is None or 0 <= whole["ja"]["iou"] <= 1)
     euler = evaluate(model, steps=2, seeds=3, languages=("fr",), sampler="euler", batch_size=18)
-    assert set(euler["fr"]) == {"colour", "shape"}
+    assert set(euler["fr"]) == {"colour", "shape", "delta_e", "iou", "ungraded"}  # the fractions, then the graded scores
     with pytest.raises(ValueError, match="seeds"):
         evaluate(model, seeds=[])
     with pytest.raises(ValueError, match="batch_size"):
@@ -523,12 +524,15 @@ def test_evaluation_takes_seeds_a_sampler_and_a_batch_size():
     assert [s.relation for s in scenes[3:]] == list(RELATIONS)
     assert [s.first.size for s in scenes[:3]] == [None, "small", "big"]
     table = evaluate_scenes(model, scenes, steps=2, seeds=0, languages=("en", "ja"), batch_size=4)
+    columns = ["colour", "shape", "size", "objects", "relation", "swaps", "pairs",  # the fractions and counts,
+               "delta_e", "iou", "pair_delta_e", "pair_iou", "position", "ungraded"]  # then the graded scores
     for row in table.values():
-        assert set(row) == {"colour", "shape", "size", "objects", "relation", "swaps", "pairs"}
+        assert list(row) == columns
         assert row["pairs"] == 4 and 0 <= row["swaps"] <= 4 and 0 <= row["objects"] <= 1
+        assert 0 <= row["ungraded"] <= 7 and all(row[k] is None or 0 <= row[k] <= 1 for k in ("iou", "pair_iou"))
     text = format_table(table)
-    assert text.splitlines()[0].split() == ["lang", "colour", "shape", "size", "objects", "relation", "swaps", "pairs"]
-    assert text.splitlines()[-1].split()[-1] == "8"  # counts add up over the languages, fractions average
+    assert text.splitlines()[0].split() == ["lang", *columns]
+    assert text.splitlines()[-1].split()[1 + columns.index("pairs")] == "8"  # counts add up over the languages, fractions average
     assert format_table({"en": {"colour": 0.5, "shape": 1.0}}) == (
         "lang  colour   shape\nen       50%    100%\nall      50%    100%")
 
@@ -553,12 +557,14 @@ def test_evaluate_counts_then_divides_so_all_right_is_exactly_one(monkeypatch, s
     answers = [(s, c) for lang in LANGUAGES for c in COLOURS for s in SHAPES]
     monkeypatch.setattr(detect_module, "draw", draw)
     monkeypatch.setattr(detect_module, "detect", lambda i: answers[i % len(answers)])
+    monkeypatch.setattr(detect_module, "grade", lambda i, asked: {"delta_e": 0.0, "iou": 1.0, "position": None})
     table = evaluate(None, seeds=seeds)
-    assert table == {lang: {"colour": 1.0, "shape": 1.0} for lang in LANGUAGES}
+    assert table == {lang: {"colour": 1.0, "shape": 1.0, "delta_e": 0.0, "iou": 1.0, "ungraded": 0} for lang in LANGUAGES}
     answers = [(s, c if c != next(iter(COLOURS)) else None) for lang in LANGUAGES for c in COLOURS for s in SHAPES]
     asked.clear()
     table = evaluate(None, seeds=seeds)  # one colour in six never right: 5/6 of every language's pictures
-    assert table == {lang: {"colour": 5 / 6, "shape": 1.0} for lang in LANGUAGES}
+    assert {lang: {k: row[k] for k in ("colour", "shape")} for lang, row in table.items()} == \
+        {lang: {"colour": 5 / 6, "shape": 1.0} for lang in LANGUAGES}
 
 
 def test_a_ring_run_resumes_from_its_folder_alone(tmp_path):

@@ -29,8 +29,8 @@ picture depends only on its cell, so any number of processes makes the same pict
 contact_sheet.png (one labelled row per setting, one column per prompt × seed), and the mean of every
 metric per setting, printed.
 
-The metrics are apps/metrics.py's: "toy" is the toy detector's accuracy (None for a prompt that is
-not a toy caption); "clip" is the multilingual CLIP score by the AltCLIP folder `clip_model`
+The metrics are apps/metrics.py's: "toy" is the toy detector's accuracy and its graded scores (ΔE,
+IoU, position: toy/graded.py; None for a prompt that is not a toy caption); "clip" is the multilingual CLIP score by the AltCLIP folder `clip_model`
 (`altdiff-min convert BAAI/AltCLIP-m9 OUT_DIR` writes one), loaded once per sweep on the sweep's device.
 """
 from __future__ import annotations

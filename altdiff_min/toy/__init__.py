@@ -16,7 +16,8 @@ data.py     the pictures (`render`, `render_scene`) and captions (`caption`, `ca
             COLOURS, LANGUAGES, RELATIONS; RING, the shape the fine-tuning lesson teaches
 world.py    the worlds as training data: `ToyWorld` (DATA "toy" of `altdiff-min train`), `SceneWorld`,
             `RingWorld` (DATA "toy-ring", and "toy-<ring>" captioned with a new token)
-detect.py   what a picture shows (`detect`, `detect_scene`), and a model's accuracy per language
+detect.py   what a picture shows (`detect`, `detect_scene`), how near it is to what was asked (`grade`:
+            graded.py's ΔE, IoU, position), and a model's accuracy and graded scores per language
             (`evaluate`; `evaluate_scenes` for compositions; `evaluate_rings`)
 train.py    `train_toy` / `altdiff-min train-toy OUT_DIR`: how the shipped model was made
 """
@@ -24,11 +25,11 @@ import os
 
 from ..storage.folder import register_folder
 from .data import COLOURS, LANGUAGES, RELATIONS, SHAPES, Obj, Scene, caption, caption_scene, render, render_scene
-from .detect import detect, detect_scene, evaluate, evaluate_scenes, format_table
+from .detect import detect, detect_scene, evaluate, evaluate_scenes, format_table, grade
 from .world import SceneWorld, ToyWorld
 
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 register_folder("toy", TOY_MODEL)  # load("toy"), --model toy
 
 __all__ = ["TOY_MODEL", "SHAPES", "COLOURS", "LANGUAGES", "RELATIONS", "Obj", "Scene", "render", "render_scene",
-           "caption", "caption_scene", "detect", "detect_scene", "evaluate", "evaluate_scenes", "format_table", "ToyWorld", "SceneWorld"]
+           "caption", "caption_scene", "detect", "detect_scene", "grade", "evaluate", "evaluate_scenes", "format_table", "ToyWorld", "SceneWorld"]

@@ -47,10 +47,11 @@ SIDES = {1: {None: (MIN_SIZE, MAX_SIZE), "small": (14, 20), "big": (32, 46)},
 GAP = 6  # the least distance in pixels between two objects' boxes along their relation's axis
 
 
-def mask(shape: str, size: int, center: tuple[float, float]) -> np.ndarray:
-    """(64, 64) bool: the pixels whose centres lie inside a `size`-pixel `shape` centred at (x, y).
-    The square is upright; the triangle has its base at the bottom and its apex at the top middle."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5  # pixel centres
+def mask(shape: str, size: float, center: tuple[float, float], frame: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
+    """(64, 64) bool (frame: (height, width)): the pixels whose centres lie inside a `size`-pixel `shape`
+    centred at (x, y). The square is upright; the triangle has its base at the bottom and its apex at the
+    top middle. x and y may be arrays that broadcast (…, 1, 1): one mask per centre (graded.py's fit)."""
+    y, x = np.mgrid[0:frame[0], 0:frame[1]] + 0.5  # pixel centres
     dx, dy, half = x - center[0], y - center[1], size / 2
     if shape == "circle":
         return dx**2 + dy**2 <= half**2

@@ -3,7 +3,9 @@
     detect(image)                        → ("triangle", "blue"), or (None, None) for a blank picture
     object_mask(image)                   → (64, 64) bool: the object's pixels
     detect_scene(image)                  → Scene(Obj("circle", "red", "small"), "left of", Obj("square", "blue", "big"))
-    table = evaluate(model)              → {lang: {"colour": 0.98, "shape": 0.93}} over all 162 prompts
+    grade(image, Scene(Obj("circle", "red")))  → {"delta_e": 0.0, "iou": 1.0, "position": None} (graded.py)
+    table = evaluate(model)              → {lang: {"colour": 0.98, "shape": 0.93, "delta_e", "iou", "ungraded"}}
+                                           over all 162 prompts; evaluate(model, guidance="rescale:0.7", ...)
     table = evaluate_rings(model)        → {lang: {"colour", "shape", "both"}}: "a red ring" … in nine languages
     table = evaluate_scenes(model)       → {lang: {"colour", "shape", "size", "objects", "relation", "swaps", ...}}
     vae_readback(model.vae, SceneWorld()) → {"lone": …, "pairs": …, "small": …}: read right after the VAE
@@ -11,6 +13,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +35,7 @@ from .data import (
     caption_scene,
     random_scene,
 )
+from .graded import FORMATS, SCORES, grade_objects, means
 
 INK = 96  # a pixel is "ink" when some channel is this far below white: about half-way to every palette colour
 # Fill ratio of the ink's bounding box: square 1, circle π/4 ≈ 0.79, triangle 1/2; split half-way (a ring is
@@ -125,7 +129,11 @@ def detect_objects(image) -> list[tuple[Obj, tuple[int, int, int, int]]]:
     splits into its colours' pieces. Each object as `detect` reads one: colour from the mean, shape
     from the box's fill; its size word from its side against SMALL_BELOW for a scene of that many.
     """
-    image = as_uint8(image).astype(np.float32)
+    return [(obj, box) for obj, box, _ in read_objects(as_uint8(image).astype(np.float32))]
+
+
+def read_objects(image: np.ndarray) -> list[tuple[Obj, tuple[int, int, int, int], np.ndarray]]:
+    """`detect_objects` of (H, W, 3) float RGB, each object with its region (its pixels, a bool mask)."""
     ink = (255 - image).max(axis=-1) > INK
     colours = nearest_colour(image)
     regions = []
@@ -144,7 +152,7 @@ def detect_objects(image) -> list[tuple[Obj, tuple[int, int, int, int]]]:
         shape, box = shape_of(region)
         side = max(box[2] - box[0], box[3] - box[1])
         colour = list(COLOURS)[int(nearest_colour(image[region].mean(axis=0)))]
-        found.append((Obj(shape, colour, "small" if side < small_below else "big"), box))
+        found.append((Obj(shape, colour, "small" if side < small_below else "big"), box, region))
     return sorted(found, key=lambda f: (f[1][0] + f[1][2], f[1][1] + f[1][3]))
 
 
@@ -191,6 +199,19 @@ def judge_pair(seen: Scene | None, asked: Scene) -> tuple[bool, bool | None]:
     return True, told.relation == asked.relation
 
 
+def grade(image, asked: Scene) -> dict[str, float | None]:
+    """The graded scores (graded.py) of a picture against the scene `asked`: "delta_e" (CIEDE2000 of the
+    object's mean colour from the asked one), "iou" (its fit to the asked shape), "position" (pixels
+    from the asked relation; a pair only). One object asked: all the ink, as `detect` reads it; two: the
+    two objects `detect_scene` reads. None where there is nothing to score: a blank picture, or a pair
+    prompt drawn with other than two objects."""
+    pixels = as_uint8(image).astype(np.float32)
+    if asked.second is None:
+        ink = ink_of(pixels)
+        return grade_objects(pixels, [(None, shape_of(ink)[1], ink)] if ink.any() else [], asked)
+    return grade_objects(pixels, read_objects(pixels), asked)
+
+
 @torch.no_grad()
 def vae_readback(vae, world, n: int = 240) -> dict[str, float]:
     """How much of a scene survives the VAE: the fraction of the world's first n pictures (a
@@ -212,10 +233,15 @@ def vae_readback(vae, world, n: int = 240) -> dict[str, float]:
 
 
 # ---- accuracy of a model ----------------------------------------------------------------------------
+DRAWN = {"prompt", "n_samples", "seed", "latents", "output", "progress", "return_trajectory", "return_flags"}
+
+
 def draw(model, prompts: list[str], seeds: int | Sequence[int] = 0, sampler: str = "ddim", scale: float = 7.5,
-         steps: int = 25, batch_size: int | None = None) -> list[torch.Tensor]:
+         steps: int = 25, batch_size: int | None = None, **generate) -> list[torch.Tensor]:
     """One picture per prompt and seed (seed-major), in batches of batch_size prompts (None: as many as the
-    model's Limits.max_batch lets one call of `generate` draw, 256 unless raised).
+    model's Limits.max_batch lets one call of `generate` draw, 256 unless raised). generate: any other
+    argument of `model.generate`, passed to every call (guidance=, controllers=, text_layer=,
+    cross_attention=, negative_prompt=, ...); not those draw sets itself (DRAWN).
 
     A seed's initial latents are drawn for all prompts at once, torch.randn((len(prompts), 4, h, w))
     from the seed as `generate` draws them, and split into the batches: prompt i starts from the same
@@ -229,6 +255,11 @@ def draw(model, prompts: list[str], seeds: int | Sequence[int] = 0, sampler: str
         raise BadType(f"batch_size must be an int or None, got {batch_size!r}")
     if batch_size is not None and batch_size < 1:
         raise BadValue(f"batch_size must be >= 1, got {batch_size}")
+    if taken := sorted(set(generate) & DRAWN):
+        raise BadValue(f"{taken}: set by the evaluation itself (one picture per prompt and seed), not passed to generate")
+    known = inspect.signature(model.generate).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in known.values()) and (unknown := sorted(set(generate) - set(known))):
+        raise BadValue(f"{unknown}: not arguments of generate")
     batch_size = batch_size or min(len(prompts), model.limits.max_batch)
     down = model.vae.cfg.size_multiple
     shape = (len(prompts), model.unet.cfg.in_channels, model.image_size // down, model.image_size // down)
@@ -239,39 +270,45 @@ def draw(model, prompts: list[str], seeds: int | Sequence[int] = 0, sampler: str
             part = slice(start, start + batch_size)
             images += list(model.generate(prompts[part], steps=steps, sampler=sampler, scale=scale, seed=seed,
                                           latents=None if batch_size >= len(prompts) else noise[part],
-                                          output="tensor", progress=False))
+                                          output="tensor", progress=False, **generate))
     return images
 
 
 def evaluate(model, scale: float = 7.5, steps: int = 25, seeds: int | Sequence[int] = 0, phrasing: int = 0,
-             languages: tuple[str, ...] = LANGUAGES, sampler: str = "ddim",
-             batch_size: int | None = None) -> dict[str, dict[str, float]]:
+             languages: tuple[str, ...] = LANGUAGES, sampler: str = "ddim", batch_size: int | None = None,
+             **generate) -> dict[str, dict[str, float | int | None]]:
     """Draw one picture per language × colour × shape prompt and seed (`sampler`, `steps`, guidance
-    `scale`) and detect it. Returns, per language, the fraction of pictures with the right colour and
-    with the right shape. seeds: one or several, each drawing every prompt once; batch_size: prompts
-    per call of `generate` (None: up to the model's max_batch; fewer saves memory, same pictures: `draw`).
+    `scale`, and any other generate argument: guidance=, controllers=, text_layer=, cross_attention=...)
+    and detect it. Returns, per language, the fraction of pictures with the right colour and with the
+    right shape, and the graded scores' means (`grade`): "delta_e" (CIEDE2000 from the asked colour) and
+    "iou" (fit to the asked shape), over the pictures not blank; "ungraded" counts the blank ones.
+    seeds: one or several, each drawing every prompt once; batch_size: prompts per call of `generate`
+    (None: up to the model's max_batch; fewer saves memory, same pictures: `draw`).
     """
     prompts = [(lang, shape, colour) for lang in languages for colour in COLOURS for shape in SHAPES]
     images = draw(model, [caption(s, c, lang, phrasing) for lang, s, c in prompts], seeds, sampler, scale, steps,
-                  batch_size)
+                  batch_size, **generate)
     right = {lang: {"colour": 0, "shape": 0} for lang in languages}  # counted, then divided once: a sum of
     per_language = len(images) // len(languages)                     # 1/n's comes out 1.0000000000000002
+    graded: dict[str, list[dict]] = {lang: [] for lang in languages}
     for (lang, shape, colour), image in zip(prompts * (len(images) // len(prompts)), images):
         seen_shape, seen_colour = detect(image)
         right[lang]["colour"] += seen_colour == colour
         right[lang]["shape"] += seen_shape == shape
-    return {lang: {k: n / per_language for k, n in counts.items()} for lang, counts in right.items()}
+        graded[lang].append(grade(image, Scene(Obj(shape, colour))))
+    return {lang: {**{k: n / per_language for k, n in counts.items()}, **means(graded[lang], SCORES[:2]),
+                   "ungraded": sum(g["delta_e"] is None for g in graded[lang])} for lang, counts in right.items()}
 
 
 def evaluate_rings(model, noun: str | None = None, scale: float = 7.5, steps: int = 25,
                    seeds: int | Sequence[int] = (0, 1), phrasing: int = 0, languages: tuple[str, ...] = LANGUAGES,
-                   sampler: str = "ddim", batch_size: int | None = None) -> dict[str, dict[str, float]]:
+                   sampler: str = "ddim", batch_size: int | None = None, **generate) -> dict[str, dict[str, float]]:
     """How well a model draws rings: one picture per language × colour ("a red ring", or with `noun`,
-    a new token's captions: "a red <ring>") and seed. Per language, the fraction with the right colour,
-    with the right shape (a ring), and with both."""
+    a new token's captions: "a red <ring>") and seed (generate: as `evaluate`). Per language, the
+    fraction with the right colour, with the right shape (a ring), and with both."""
     prompts = [(lang, colour) for lang in languages for colour in COLOURS]
     images = draw(model, [caption(RING, c, lang, phrasing, noun=noun) for lang, c in prompts], seeds, sampler, scale,
-                  steps, batch_size)
+                  steps, batch_size, **generate)
     right = {lang: {"colour": 0, "shape": 0, "both": 0} for lang in languages}
     for (lang, colour), image in zip(prompts * (len(images) // len(prompts)), images):
         seen_shape, seen_colour = detect(image)
@@ -295,10 +332,10 @@ def compositions(singles: int = 18, pairs: int = 36, seed: int = 0) -> list[Scen
 
 def evaluate_scenes(model, scenes: list[Scene] | None = None, scale: float = 7.5, steps: int = 25,
                     seeds: int | Sequence[int] = 0, phrasing: int | np.random.Generator = 0,
-                    languages: tuple[str, ...] = LANGUAGES, sampler: str = "ddim",
-                    batch_size: int | None = None) -> dict[str, dict[str, float | int | None]]:
-    """Composition accuracy: one picture per language × scene (default `compositions()`) and seed,
-    detected with `detect_scene`. Per language:
+                    languages: tuple[str, ...] = LANGUAGES, sampler: str = "ddim", batch_size: int | None = None,
+                    **generate) -> dict[str, dict[str, float | int | None]]:
+    """Composition accuracy: one picture per language × scene (default `compositions()`) and seed
+    (generate: any other generate argument, as `evaluate`), detected with `detect_scene`. Per language:
 
       colour, shape   lone objects: the fraction drawn alone with the right colour / shape
       size            lone objects asked with a size word: the fraction of those with the right one
@@ -307,17 +344,23 @@ def evaluate_scenes(model, scenes: list[Scene] | None = None, scale: float = 7.5
       swaps           pairs drawn with each colour on the other's shape (a red square and a blue circle
                       for "a red circle left of a blue square"): the binding failure, counted
       pairs           how many pair pictures were drawn (for reading swaps)
+      delta_e, iou    lone objects: the graded scores' means (`grade`)
+      pair_delta_e, pair_iou, position   pairs: the same, each the mean of the pair's two; position:
+                      pixels from the asked relation (0 when it reads right)
+      ungraded        pictures without scores: blank lone objects, pairs drawn with other than two objects
 
     phrasing: an index (0–2: lone objects have three phrasings), or a numpy Generator for a random one each.
     """
     scenes = compositions() if scenes is None else scenes
     asks = [(lang, scene) for lang in languages for scene in scenes]
     images = draw(model, [caption_scene(s, lang, phrasing) for lang, s in asks], seeds, sampler, scale, steps,
-                  batch_size)
+                  batch_size, **generate)
     counts = {lang: dict.fromkeys(("single", "colour", "shape", "sized", "size", "pairs", "objects", "relation",
                                    "swaps"), 0) for lang in languages}
+    graded = {(lang, k): [] for lang in languages for k in (1, 2)}  # per language, lone and pairs
     for (lang, asked), image in zip(asks * (len(images) // len(asks)), images):
         seen, n = detect_scene(image), counts[lang]
+        graded[lang, len(asked.objects)].append(grade(image, asked))
         if asked.second is None:
             one = seen.first if seen is not None and seen.second is None else None
             n["single"] += 1
@@ -335,7 +378,10 @@ def evaluate_scenes(model, scenes: list[Scene] | None = None, scale: float = 7.5
         n["swaps"] += a.shape != b.shape and a.colour != b.colour and judge_pair(seen, swapped)[0]
     return {lang: {"colour": ratio(n["colour"], n["single"]), "shape": ratio(n["shape"], n["single"]),
                    "size": ratio(n["size"], n["sized"]), "objects": ratio(n["objects"], n["pairs"]),
-                   "relation": ratio(n["relation"], n["objects"]), "swaps": n["swaps"], "pairs": n["pairs"]}
+                   "relation": ratio(n["relation"], n["objects"]), "swaps": n["swaps"], "pairs": n["pairs"],
+                   **means(graded[lang, 1], SCORES[:2]), **means(graded[lang, 2], SCORES[:2], "pair_"),
+                   **means(graded[lang, 2], SCORES[2:]),
+                   "ungraded": sum(g["delta_e"] is None for k in (1, 2) for g in graded[lang, k])}
             for lang, n in counts.items()}
 
 
@@ -345,12 +391,13 @@ def ratio(right: int, total: int) -> float | None:
 
 def format_table(table: dict[str, dict[str, float | int | None]]) -> str:
     """An accuracy table (`evaluate`'s or `evaluate_scenes`') as text: one line per language, then
-    `all`: the mean of each fraction, the sum of each count. A fraction of nothing prints as –."""
+    `all`: the mean of each fraction and score, the sum of each count. A fraction of nothing prints as –."""
     columns = list(next(iter(table.values())))
     width = {c: max(6, len(c)) for c in columns}
 
     def cell(c: str, value) -> str:
-        text = "–" if value is None else f"{value:.0%}" if isinstance(value, float) else str(value)
+        form = FORMATS.get(c.removeprefix("pair_"), "{:.0%}")  # the graded scores as numbers, fractions as %
+        text = "–" if value is None else form.format(value) if isinstance(value, float) else str(value)
         return f"{text:>{width[c]}}"
 
     def total(c: str):
