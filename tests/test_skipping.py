@@ -185,7 +185,8 @@ def test_the_work_skipped_is_not_done(ours):
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda: ToMe(0.8), BadValue, r"ratio must be a number in \[0, 0.75\]"),
+    (lambda: ToMe(0.8), BadValue, r"ratio must be in \[0, 0.75\]"),
+    (lambda: ToMe("half"), BadType, "ratio must be a number"),
     (lambda: ToMe(0.5, sx=0), BadValue, "sx must be at least 1"),
     (lambda: ToMe(0.5, merge_mlp=True), BadValue, "merge_mlp=True is not supported"),
     (lambda: ToMe(0.5, use_rand="yes"), BadType, "use_rand must be True or False"),
@@ -222,7 +223,7 @@ def test_the_command_line_uses_records_and_replays_them(small_model_dir, ours, t
     assert Image.open(out / rows[1]["file"]).tobytes() == expected.tobytes()
     assert main(["generate", "--replay", str(out / rows[1]["file"]), "--outdir", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "samples" / "00000.png").read_bytes() == (out / rows[1]["file"]).read_bytes()
-    for extra, message in ((["--tome", "0.9"], "--tome: ToMe ratio must be"), (["--deepcache", "3:x"], "--deepcache takes N"),
+    for extra, message in ((["--tome", "0.9"], "--tome: ToMe ratio must be in"), (["--deepcache", "3:x"], "--deepcache takes N"),
                            (["--deepcache", "3:9"], "branch 9, but this model's UNet has 9"),
                            (["--tome", "0.5", "--compile"], "drop --compile")):
         capsys.readouterr()

@@ -102,9 +102,10 @@ class ToMe(Controller):
     def __init__(self, ratio: float = 0.5, max_downsample: int = 1, sx: int = 2, sy: int = 2, use_rand: bool = True,
                  merge_attn: bool = True, merge_crossattn: bool = False, merge_mlp: bool = False, seed: int = 0):
         sx, sy = whole("ToMe sx", sx, 1), whole("ToMe sy", sy, 1)
-        most = 1 - 1 / (sx * sy)  # every token but one per cell
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= most:
-            raise BadValue(f"ToMe ratio must be a number in [0, {most:g}] (1 − 1/(sx·sy): one token per cell stays), got {ratio!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise BadType(f"ToMe ratio must be a number, got {ratio!r}")
+        if not 0 <= ratio <= (most := 1 - 1 / (sx * sy)):
+            raise BadValue(f"ToMe ratio must be in [0, {most:g}] (1 − 1/(sx·sy): one token of each cell stays), got {ratio!r}")
         for name, flag in (("use_rand", use_rand), ("merge_attn", merge_attn), ("merge_crossattn", merge_crossattn),
                            ("merge_mlp", merge_mlp)):
             if not isinstance(flag, bool):
@@ -112,8 +113,9 @@ class ToMe(Controller):
         if merge_mlp:
             raise BadValue("ToMe merge_mlp=True is not supported: the door has no hook around the feed-forward "
                            "(tomesd advises against it)")
-        self.ratio, self.max_downsample, self.sx, self.sy = float(ratio), whole("ToMe max_downsample", max_downsample, 1), sx, sy
-        self.use_rand, self.merge_attn, self.merge_crossattn, self.seed = use_rand, merge_attn, merge_crossattn, whole("ToMe seed", seed, 0)
+        self.ratio, self.sx, self.sy = float(ratio), sx, sy
+        self.max_downsample, self.seed = whole("ToMe max_downsample", max_downsample, 1), whole("ToMe seed", seed, 0)
+        self.use_rand, self.merge_attn, self.merge_crossattn = use_rand, merge_attn, merge_crossattn
         self.generator, self.when, self.matching = None, None, None
 
     def settings(self) -> dict:
