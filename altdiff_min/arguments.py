@@ -210,13 +210,13 @@ def check_pictures_finite(images: torch.Tensor) -> None:
 
 def check_savable(model) -> None:
     """A model folder holds the model files' weights: not added tokens (research/textual_inversion.py) nor
-    LoRA layers (research/lora.py), whose state dicts load into no model file."""
-    from .research.lora import LoRA
+    LoRA layers (research/lora.py, in the UNet or the text encoder), whose state dicts load into no model file."""
+    from .research.lora import lora_layers
 
     if not isinstance(model.text_encoder.token_embedding, torch.nn.Embedding):
         raise BadValue("this model holds added tokens, which a model folder cannot: write them with write_embeddings")
-    if any(isinstance(m, LoRA) for m in model.unet.modules()):
-        raise BadValue("this model's UNet holds LoRA layers, which a model folder cannot: write them with save_lora, "
+    if lora_layers(model):
+        raise BadValue("this model holds LoRA layers, which a model folder cannot: write them with save_lora, "
                        "or merge_lora then remove_lora to keep them in the weights")
 
 

@@ -279,8 +279,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     the UNet as one graph; the first steps then take a while. limits: the largest image side, batch
     and pixels per call `generate` accepts (see Limits). check_finite: a weight holding NaN or infinity
     is refused (errors.NotFinite, naming the tensor) instead of sampling to the end into a NaN picture;
-    one pass over the weights (aminmax per tensor); False skips it. lora: UNet LoRA files, each FILE or
-    (FILE, SCALE) (scale 1.0 unless given), read and checked before the weights load, then attached as
+    one pass over the weights (aminmax per tensor); False skips it. lora: LoRA files (UNet, text encoder), each
+    FILE or (FILE, SCALE) (scale 1.0 unless given), read and checked before the weights load, then attached as
     adapters named after the files (weights_convert/lora.py; research/lora.py to reweigh, merge, remove).
     """
     device, dtype = check_device(device), check_dtype(dtype)
@@ -292,7 +292,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
                                              check_finite=check_finite)
     if fast:
         modules = {name: speed.apply(module) for name, module in modules.items()}
-    attach_lora_files(modules["unet"], loras)  # before compiling: the LoRAs are in the graph
+    attach_lora_files(modules["unet"], loras, modules["text_encoder"])  # before compiling: in the graph
     if compile:
         modules["unet"] = speed.compile_unet(modules["unet"])
     return AltDiffusion(tokenizer=tokenizer, schedule=config["schedule"], path=path,

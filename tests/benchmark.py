@@ -25,14 +25,15 @@ the same batch, loss and AdamW(lr=1e-4) on the LoRA alone): ours (training/lora.
 against diffusers' UNet2DConditionModel + peft (`add_adapter(LoraConfig)`, as its train_text_to_image_lora.py),
 and full fine-tuning of the same UNet on both sides: step time (`interleaved`, in this process) and the
 peak memory the training adds to the loaded UNet (a child per side; the peak is reset, /proc/self/clear_refs,
-once the UNet is built: imports and loading are not counted). --lora-unet mid (the default on the CPU: m9's architecture at channels 64/128/256/256) or m9.
+once the UNet is built: imports and loading are not counted). --lora-unet mid (the default on the CPU: m9's architecture at channels 64/128/256/256) or m9;
+--lora-pair: the LoRA pair alone (m9's two LoRA UNets fit a 24 GB machine, its four with the full fine-tunes do not).
 A training step holds ~15 GB on the CPU in fp32 (weights, grads, AdamW's two moments), so the two sides
 cannot share a 24 GB machine: the training rows run in child processes, ours, diffusers, ours, … (--runs
 each), each timing its own steps after a warm-up step (which allocates AdamW's state) and reporting its peak.
 On a 2-core CPU use a reduced --size (the default there is 256 px); the output states it.
 
     python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp32 bf16] [--compile [both]] [--json out.json]
-                              [--train-only | --no-train | --lora-only | --skipping-only] [--lora R] [--lora-unet mid|m9]
+                              [--train-only | --no-train | --lora-only | --skipping-only] [--lora R] [--lora-unet mid|m9] [--lora-pair]
                               (on cuda, --dtype bf16 for the training rows)
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -388,7 +390,7 @@ def lora_step_fn(which: str, path: str, device: str, amp: torch.dtype, r: int):
         unet, _ = unet_rules.load(load_file(os.path.join(path, "diffusion_pytorch_model.safetensors")), config)
         unet = speed.apply(unet.to(device))  # as `train`'s load leaves it
         if r:
-            params = lora.attach(unet, TrainConfig(lora=r), lambda k: generator(0, 2, k))  # as `train --lora r`
+            params = lora.attach(SimpleNamespace(unet=unet), TrainConfig(lora=r), lambda m, k: generator(0, 2 + m, k))  # as train --lora r
         else:
             trainable(unet)
             params = list(unet.parameters())
@@ -450,7 +452,7 @@ def lora_training(args) -> dict:
     print(f"LoRA rows: r={args.lora} on the {label}, {args.size} px, ours / diffusers+peft / LoRA / full interleaved, "
           f"{args.runs} rounds …", flush=True)
     device, path = args.device, lora_unet_folder(args.folder, args.lora_unet)
-    modes = {"lora": (f"LoRA r={args.lora}", args.lora), "lora-full": ("full", 0)}
+    modes = {"lora": (f"LoRA r={args.lora}", args.lora), **({} if args.lora_pair else {"lora-full": ("full", 0)})}
     fns, trained = {}, {}
     with torch.enable_grad():
         batch = train_inputs(2, args.size, device)
@@ -469,6 +471,8 @@ def lora_training(args) -> dict:
         found[mode] = {"step": step, "added": added}
         rows[f"{name} train step, {label} (s)"] = step
         rows[f"{name} train, memory added (MiB)"] = added
+    if args.lora_pair:
+        return rows
     lora, full = found["lora"], found["lora-full"]
     print(f"trained numbers: LoRA {trained['lora', 'ours']:,}, full {trained['lora-full', 'ours']:,}. LoRA / full: "
           f"step time {lora['step'][0] / full['step'][0]:.2f} (ours), {lora['step'][1] / full['step'][1]:.2f} "
@@ -636,6 +640,8 @@ def main() -> None:
     p.add_argument("--lora", type=int, default=4, help="the LoRA rows' rank (default 4)")
     p.add_argument("--lora-unet", choices=["mid", "m9"], default=None,
                    help="the UNet the LoRA rows train (default: mid on the CPU, m9 on cuda)")
+    p.add_argument("--lora-pair", action="store_true",
+                   help="the LoRA rows without their full fine-tunes (m9's four UNets side by side exceed 24 GB)")
     p.add_argument("--probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["image", "train", "checkpointing", "batch", "lora", "lora-full"], default="image",
                    help=argparse.SUPPRESS)

@@ -144,6 +144,18 @@ def test_training_script_file_same_output_as_diffusers(base, peft_file, inputs, 
     assert rel_err(*outputs(base, ours, ref, inputs)) <= TOL
 
 
+def test_file_without_alphas_of_mixed_ranks_same_output_as_diffusers(base, peft_file, inputs, tmp_path):
+    """No metadata and no alphas, one layer of rank 2 among rank 4: diffusers reads each layer's alpha as
+    its own rank (scale 1), not the most common one."""
+    tensors = {k: v.clone() for k, v in load_file(peft_file).items()}
+    tensors[A], tensors[B] = tensors[A][:2].contiguous(), tensors[B][:, :2].contiguous()
+    path = bad(tmp_path, tensors)
+    ref, ours = diffusers_with(base, path), ours_with(base, path)
+    assert lora_layers(ours)["mid_attn.block.self_attn.q"].alpha == 2.0
+    assert {layer.alpha for layer in lora_layers(ours).values()} == {2.0, 4.0}
+    assert rel_err(*outputs(base, ours, ref, inputs)) <= TOL
+
+
 def kohya_file(peft_file, folder, alpha=2.0) -> str:
     """The same weights under kohya's names, with a per-layer alpha ≠ r, and LoCon layers (1×1 and 3×3
     convolutions, a feed-forward and a time projection)."""

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import M9_UNET, UNET, rel_diff, rel_err, write_pictures
@@ -16,7 +18,7 @@ from safetensors.torch import load_file
 
 from altdiff_min.model.unet import UNet, UNetConfig
 from altdiff_min.pipeline import load
-from altdiff_min.research.lora import lora_layers, lora_parameters
+from altdiff_min.research.lora import lora_layers, lora_parameters, lora_state_dict
 from altdiff_min.training import lora as lora_training
 from altdiff_min.training.config import TrainConfig
 from altdiff_min.training.train import generator
@@ -50,9 +52,26 @@ def test_training_attaches_exactly_the_formulas_parameters_to_m9(r):
     optimizer gets) are every parameter that requires grad, and there are 199,296 · r of them."""
     with torch.device("meta"):
         unet = UNet(UNetConfig())
-    params = lora_training.attach(unet, TrainConfig(lora=r), lambda k: generator(0, 2, k))
+    params = lora_training.attach(SimpleNamespace(unet=unet), TrainConfig(lora=r), lambda m, k: generator(0, 2 + m, k))
     assert sum(p.numel() for p in params) == 199_296 * r
     assert {id(p) for p in params} == {id(p) for p in unet.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_both_modules_take_their_recipes_loras_on_m9(r):
+    """--train both --lora r: the UNet's 199,296 · r, and the text encoder's every self-attention q, k, v, out
+    (1024 → 1024 each, 24 layers: 24 · 4 · r · 2048 = 196,608 · r, diffusers' --train_text_encoder recipe);
+    only they require grad, each module's A drawn from its own stream."""
+    from altdiff_min.model.text_encoder import TextEncoder, TextEncoderConfig
+
+    with torch.device("meta"):
+        model = SimpleNamespace(unet=UNet(UNetConfig()), text_encoder=TextEncoder(TextEncoderConfig()))
+    drawn = []
+    params = lora_training.attach(model, TrainConfig(train="both", lora=r), lambda m, k: drawn.append(m) or generator(0, 2 + m, k))
+    assert sum(p.numel() for p in params) == (199_296 + 196_608) * r
+    trainable = [p for module in (model.unet, model.text_encoder) for p in module.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in trainable}
+    assert sorted(set(drawn)) == [0, 1] and len(lora_layers(model.text_encoder)) == 24 * 4
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +250,11 @@ sys.exit(main(["train", *sys.argv[1:]]))
 
 
 @pytest.mark.parametrize("bad, said", [
-    (["--train", "both"], "--lora trains a LoRA on the UNet: with --train unet, or --train embeddings"),
+    (["--lora-text-targets", "attn.q"], "--lora-text-targets with --train unet: a LoRA on both modules is --train both"),
+    (["--train", "both", "--lora-text-targets", "fc9"], "--lora-text-targets fc9 choose no nn.Linear or nn.Conv2d of "
+                                                         "the text encoder"),
     (["--lora", "-1"], "lora must be an int >= 0"),
-    (["--lora", "0", "--lora-alpha", "4"], "--lora-alpha and --lora-targets shape a LoRA: give --lora R too"),
+    (["--lora", "0", "--lora-alpha", "4"], "--lora-alpha, --lora-targets and --lora-text-targets shape a LoRA: give --lora R too"),
     (["--lora-alpha", "nan"], "lora_alpha must be a finite number"),
     (["--lora-targets", "to_q("], "--lora-targets 'to_q(' is not a regular expression"),
     (["--lora-targets", "to_q", "to_k"], "--lora-targets to_q to_k choose no nn.Linear or nn.Conv2d of the UNet"),
@@ -263,7 +284,6 @@ def test_lora_flags_are_trainconfig_fields():
 def test_gradient_checkpointing_changes_no_bit_of_the_lora(small_model_dir, pictures):
     """Recomputing the activations in the backward pass (non-reentrant: the frozen blocks' inputs need no
     grad for the LoRA inside them to get one) trains the same LoRA, bit for bit."""
-    from altdiff_min.research.lora import lora_state_dict
     from altdiff_min.training.dataset import open_data
     from altdiff_min.training.train import train
 
@@ -275,3 +295,72 @@ def test_gradient_checkpointing_changes_no_bit_of_the_lora(small_model_dir, pict
         ends.append(lora_state_dict(model.unet))
     assert all(ends[0][k].abs().sum() > 0 for k in ends[0] if "lora_B" in k)
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+@pytest.mark.parametrize("settings", [
+    dict(train="both"),  # diffusers' --train_text_encoder: a LoRA on each module
+    dict(train="embeddings", new_tokens=("<ring>",), init_words=("circle",), lora_text_targets=("attn\\.(q|v)", "fc1")),
+], ids=["both", "words+both"])
+def test_a_text_encoder_lora_trains_alone_and_resumes_to_the_same_bits(settings, tmp_path, monkeypatch):
+    """A LoRA on the text encoder too (and, with new words, their rows): only the LoRAs (and the rows) move,
+    every base tensor keeps its bits; the checkpoint holds nothing else; a run stopped at its step-2
+    checkpoint and resumed ends on the bits of one that ran through."""
+    from altdiff_min.training import run_folder, words
+    from altdiff_min.training.mixing import open_sources
+    from altdiff_min.training.train import train
+
+    cfg = lambda steps: TrainConfig(max_steps=steps, batch_size=3, lr=1e-2, lora=2, save_every=2, **settings)
+    data = open_sources("toy-<ring>" if "new_tokens" in settings else "toy-ring", 64)
+
+    def run(steps, out, resume=False):
+        out.mkdir(exist_ok=True)
+        model = load("toy")
+        words.start(model, cfg(steps))
+        before = {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in ("text_encoder", "unet")}
+        train(model, data, cfg(steps), str(out), resume=resume, progress=False)
+        return model, before
+
+    model, before = run(3, tmp_path / "whole")
+    for name in ("text_encoder", "unet"):
+        module = getattr(model, name)
+        after = {k.replace(".base.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+        moved = [k for k, v in before[name].items() if not torch.equal(after[k], v)]
+        assert moved == (["token_embedding.rows"] if name == "text_encoder" and "new_tokens" in settings else [])
+        assert lora_layers(module) and all(m.lora_B.weight.abs().sum() > 0 for m in lora_layers(module).values())
+    held = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["modules"]
+    assert list(held) == ["text_encoder", "unet"]
+    assert all(".lora_" in k or k == lora_training.ROWS for part in held.values() for k in part)
+    assert (lora_training.ROWS in held["text_encoder"]) == ("new_tokens" in settings)
+    append = run_folder.LossLog.append
+
+    def stopping_append(self, row):  # stopped once step 3 is logged: past the step-2 checkpoint
+        append(self, row)
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(run_folder.LossLog, "append", stopping_append)
+        with pytest.raises(KeyboardInterrupt):
+            run(3, tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed, _ = run(3, tmp_path / "run", resume=True)
+    for name in ("text_encoder", "unet"):
+        a, b = lora_state_dict(getattr(model, name)), lora_state_dict(getattr(resumed, name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "new_tokens" in settings:
+        assert torch.equal(model.text_encoder.token_embedding.rows, resumed.text_encoder.token_embedding.rows)
+
+
+def test_a_both_modules_run_leaves_one_file_with_both_loras(small_model_dir, pictures, tmp_path):
+    """`train --train both --lora 2`: the file holds the UNet's LoRA (`unet.`) and the text encoder's
+    (`text_encoder.`), as many numbers as the two modules' LoRAs trained, and `load(lora=…)` puts both back."""
+    cli(small_model_dir, pictures, *STEPS, tmp_path / "run", "--train", "both", "--batch-size", "2")
+    tensors = load_file(lora_file(tmp_path / "run"))
+    held = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["modules"]
+    for prefix, name in (("unet.", "unet"), ("text_encoder.", "text_encoder")):
+        part = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        assert part and sum(v.numel() for v in part.values()) == sum(v.numel() for v in held[name].values())
+    model = load(small_model_dir, lora=[lora_file(tmp_path / "run")])
+    for name in ("unet", "text_encoder"):
+        loaded = lora_state_dict(getattr(model, name))
+        assert loaded.keys() == held[name].keys() and all(torch.equal(loaded[k], held[name][k]) for k in loaded)

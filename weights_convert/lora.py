@@ -1,25 +1,34 @@
-"""LoRA files for the UNet: diffusers/peft's `pytorch_lora_weights.safetensors` (read and written) and
-kohya's / the web UIs' (read). The maths is altdiff_min/research/lora.py; this file only names.
+"""LoRA files for the UNet and for m9's text encoder (XLM-R): diffusers/peft's
+`pytorch_lora_weights.safetensors` (read and written) and kohya's / the web UIs' (read; UNet only). The
+maths is altdiff_min/research/lora.py; this file only names.
 
-A LoRA key is a module path and a part. The module path names a diffusers UNet module, so it is
-renamed with the UNet converter's own rules (weights_convert/unet.py: RULES to ours, TO_DIFFUSERS
-back; the same regexes that convert the weights, applied to `path + "."`):
+A LoRA key is a module, a module path and a part. The path names a diffusers UNet module, or a module
+of transformers' RobertaSeriesModelWithTransformation (the text encoder diffusers' AltDiffusionPipeline
+holds), so it is renamed with that converter's own rules (weights_convert/unet.py RULES / TO_DIFFUSERS,
+weights_convert/text_encoder.py RULES / TO_TRANSFORMERS: the regexes that convert the weights, applied
+to `path + "."`):
 
   diffusers/peft  unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight  (lora_B;
-                  diffusers' older `.lora.down.weight` / `.lora.up.weight` too). alpha: the file's
-                  `lora_adapter_metadata` (peft's LoraConfig: unet.lora_alpha, unet.alpha_pattern),
-                  else the rank, as diffusers reads it.
+                  diffusers' older `.lora.down.weight` / `.lora.up.weight` too)
+                  text_encoder.roberta.encoder.layer.0.attention.self.query.lora_linear_layer.down.weight
+                  (…up; lora_A/lora_B and .lora.down/.up read too). The text encoder's part is written as
+                  diffusers writes a text encoder's LoRA (convert_state_dict_to_diffusers): diffusers
+                  (0.42) reads a text encoder's peft lora_A/B keys only under CLIP's q_proj … out_proj
+                  names, lora_linear_layer under any. alpha: the file's `lora_adapter_metadata` (peft's
+                  LoraConfig per module: unet.lora_alpha, text_encoder.alpha_pattern, …), else the layer's
+                  rank, as diffusers reads it.
   kohya           lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
                   (lora_up, and a scalar `.alpha`; absent → the rank). Underscores are ambiguous, so
                   the path is looked up among the model's own layers, renamed to diffusers' names.
 
-Each file becomes one named adapter of research/lora.py (default_name: the file's stem), so several
-stack; `read_lora_files` reads and checks a list of them before a model loads (load(..., lora=…)),
-`attach_lora_files` checks them all against the UNet, then attaches them.
+Each file becomes one named adapter of research/lora.py (default_name: the file's stem) on each module
+it adapts, so several stack; `read_lora_files` reads and checks a list of them before a model loads
+(load(..., lora=…)), `attach_lora_files` checks them all against the UNet and the text encoder, then
+attaches them.
 
 Strict both ways, as conversion is: every key is used or the file is refused with one line naming
-it; `lora_te_` and `text_encoder.` keys adapt CLIP's text tower, which m9 does not have (its text
-encoder is XLM-R), and are refused with that reason.
+it. `lora_te_`, `text_encoder_2.` and `text_encoder.` keys that do not name XLM-R's modules (CLIP's
+`text_model.…`) adapt CLIP's text tower, which m9 does not have, and are refused with that reason.
 """
 from __future__ import annotations
 
@@ -28,36 +37,47 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from altdiff_min.errors import AltDiffError, BadFile, BadType, BadValue
-from altdiff_min.research.lora import LoRA, attach, check_name, finite, load_lora_weights, lora_layers, plain_layers
+from altdiff_min.research.lora import (LoRA, attach, check_name, finite, load_lora_weights, lora_layers, names,
+                                       plain_layers)
 from altdiff_min.storage.files import atomic_file, save_safetensors
 
+from . import text_encoder, unet
 from .rules import rename
-from .unet import RULES, TO_DIFFUSERS
 
 FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 RECORD_KEY = "altdiff_min"  # what made the file (save_lora's record), as JSON
 PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora.down.weight": "A", "lora.up.weight": "B",
+         "lora_linear_layer.down.weight": "A", "lora_linear_layer.up.weight": "B",
          "lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
-TEXT_TOWER = "adapts CLIP's text tower, which m9 does not have (its text encoder is XLM-R); only UNet LoRAs load"
+# The modules a file adapts, by its keys' prefix (diffusers' unet_name, text_encoder_name): the rules to
+# our names and back, the module's name in messages, and how save_lora writes its A and B.
+NAMES = {"unet": (unet.RULES, unet.TO_DIFFUSERS), "text_encoder": (text_encoder.RULES, text_encoder.TO_TRANSFORMERS)}
+TITLE = {"unet": "UNet", "text_encoder": "text encoder"}
+WRITTEN = {"unet": ("lora_A.weight", "lora_B.weight"),
+           "text_encoder": ("lora_linear_layer.down.weight", "lora_linear_layer.up.weight")}
+XLM_R = ("roberta.", "transformation.", "transformation_pre.")  # where XLM-R's layers are (transformers' names)
+TEXT_TOWER = ("adapts CLIP's text tower, which m9 does not have (its text encoder is XLM-R; LoRA keys of XLM-R "
+              "are text_encoder.roberta.…)")
 
 
-def to_ours(diffusers: str) -> str:
-    return rename(diffusers + ".", RULES)[:-1]
+def to_ours(path: str, module: str = "unet") -> str:
+    return rename(path + ".", NAMES[module][0])[:-1]
 
 
-def to_diffusers(ours: str) -> str:
-    """Our module path in diffusers' names; checked to come back through the converter's rules."""
-    name = rename(ours + ".", TO_DIFFUSERS)[:-1]
-    if to_ours(name) != ours:
-        raise BadFile(f"no diffusers name for the layer {ours} (TO_DIFFUSERS gives {name}, which converts to "
-                      f"{to_ours(name)})")
+def to_diffusers(ours: str, module: str = "unet") -> str:
+    """Our module path in the reference's names; checked to come back through the converter's rules."""
+    name = rename(ours + ".", NAMES[module][1])[:-1]
+    if to_ours(name, module) != ours:
+        raise BadFile(f"no reference name for the {TITLE[module]} layer {ours} (the rules backwards give {name}, "
+                      f"which converts to {to_ours(name, module)})")
     return name
 
 
@@ -72,9 +92,10 @@ def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise BadFile(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
 
 
-def split(key: str, what: str) -> tuple[str, str, str]:
-    """(format, module path, part) of a file's key: format 'kohya' or 'diffusers'."""
-    if key.startswith(("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")):
+def split(key: str, what: str) -> tuple[str, str, str, str]:
+    """(format, module, module path, part) of a file's key: format 'kohya' or 'diffusers', module 'unet'
+    or 'text_encoder'."""
+    if key.startswith(("lora_te_", "lora_te1_", "lora_te2_", "text_encoder_2.")):
         raise BadFile(f"{what}: {key} {TEXT_TOWER}")
     part = next((p for p in PARTS if key.endswith("." + p)), None)
     if part is None:
@@ -82,19 +103,25 @@ def split(key: str, what: str) -> tuple[str, str, str]:
                       f"lora_up.weight or …alpha)")
     path = key[: -len(part) - 1]
     if path.startswith("lora_unet_"):
-        return "kohya", path.removeprefix("lora_unet_"), PARTS[part]
+        return "kohya", "unet", path.removeprefix("lora_unet_"), PARTS[part]
     if PARTS[part] == "alpha":
         raise BadFile(f"{what}: {key}: a per-layer alpha in a diffusers-named file is not a format altdiff-min reads")
-    return "diffusers", path.removeprefix("unet."), PARTS[part]
+    if path.startswith("text_encoder."):
+        path = path.removeprefix("text_encoder.")
+        if not (path + ".").startswith(XLM_R):  # CLIP's text_model.encoder.layers.…
+            raise BadFile(f"{what}: {key} {TEXT_TOWER}")
+        return "diffusers", "text_encoder", path, PARTS[part]
+    return "diffusers", "unet", path.removeprefix("unet."), PARTS[part]
 
 
-def alphas_from_metadata(metadata: dict[str, str], what: str) -> tuple[float | None, dict[str, float]]:
-    """peft's lora_alpha and alpha_pattern as diffusers saved them (unet.-prefixed), if the file has them."""
+def alphas_from_metadata(metadata: dict[str, str], what: str, module: str = "unet") -> tuple[float | None, dict[str, float]]:
+    """peft's lora_alpha and alpha_pattern of `module` as diffusers saved them (`unet.`- or
+    `text_encoder.`-prefixed), if the file has them."""
     if METADATA_KEY not in metadata:
         return None, {}
     try:
         config = json.loads(metadata[METADATA_KEY])
-        alpha, pattern = config.get("unet.lora_alpha"), config.get("unet.alpha_pattern") or {}
+        alpha, pattern = config.get(f"{module}.lora_alpha"), config.get(f"{module}.alpha_pattern") or {}
         if alpha is not None:
             alpha = float(alpha)
         return alpha, {str(k): float(v) for k, v in pattern.items()}
@@ -102,92 +129,111 @@ def alphas_from_metadata(metadata: dict[str, str], what: str) -> tuple[float | N
         raise BadFile(f"{what}: its {METADATA_KEY} is not peft's LoraConfig as JSON ({e})") from None
 
 
-def read_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], model: nn.Module,
-              what: str) -> tuple[dict[str, tuple[int, float]], dict[str, torch.Tensor]]:
-    """{our layer: (r, alpha)} and {our `layer.lora_A.weight`/`lora_B.weight`: tensor} from a file's
-    tensors, checked against `model`'s plain layers (shapes, ranks, finite values)."""
-    layers = plain_layers(model, [".*"])  # a layer that has LoRAs already: its base
-    kohya = {"lora_unet_" + to_diffusers(name).replace(".", "_"): name for name in layers}
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    first: dict[str, str] = {}  # a layer → its first key, for messages
+def layer_alpha(default: float | None, pattern: dict[str, float], path: str, r: int) -> float:
+    """A diffusers-named layer's alpha: peft's alpha_pattern (a regex, matched as peft matches it), else
+    lora_alpha, else the layer's rank (diffusers' reading of a file without alphas: scale 1)."""
+    alpha = next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", path)), default)
+    return float(r if alpha is None else alpha)
+
+
+Read = dict[str, tuple[dict[str, tuple[int, float]], dict[str, torch.Tensor]]]  # module → (shapes, weights)
+
+
+def read_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], modules: nn.Module | Mapping[str, nn.Module | None],
+              what: str) -> Read:
+    """{module: ({our layer: (r, alpha)}, {our `layer.lora_A.weight`/`lora_B.weight`: tensor})} for each
+    module the file adapts ('unet', 'text_encoder'), checked against `modules` {name: our module} (a
+    module alone: the UNet): every key names a plain layer of a module given; shapes, ranks, finite values."""
+    modules = {"unet": modules} if isinstance(modules, nn.Module) else modules
+    layers_of: dict[str, dict[str, nn.Module]] = {}  # a layer that has LoRAs already: its base
+    kohya: dict[str, str] | None = None
+    found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    first: dict[tuple[str, str], str] = {}  # a layer → its first key, for messages
     for key, tensor in tensors.items():
-        kind, path, part = split(key, what)
-        ours = kohya.get("lora_unet_" + path) if kind == "kohya" else to_ours(path)
+        kind, module, path, part = split(key, what)
+        if modules.get(module) is None:
+            raise BadValue(f"{what}: {key} adapts the {TITLE[module]}, and no {TITLE[module]} was given to attach it to")
+        if module not in layers_of:
+            layers_of[module] = plain_layers(modules[module], [".*"])
+        layers = layers_of[module]
+        if kind == "kohya":
+            if kohya is None:
+                kohya = {to_diffusers(name).replace(".", "_"): name for name in layers}
+            ours = kohya.get(path)
+        else:
+            ours = to_ours(path, module)
         if ours not in layers:
-            raise BadFile(f"{what}: {key} names no layer of this UNet")
-        if part in found.setdefault(ours, {}):
+            raise BadFile(f"{what}: {key} names no layer of this {TITLE[module]}")
+        if part in found.setdefault((module, ours), {}):
             raise BadFile(f"{what}: {key} repeats a weight of the layer {path}")
         if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
             raise BadFile(f"{what}: {key} holds {'NaN or infinite values' if tensor.is_floating_point() else tensor.dtype}")
-        found[ours][part] = tensor
-        first.setdefault(ours, key)
+        found[module, ours][part] = tensor
+        first.setdefault((module, ours), key)
     if not found:
         raise BadFile(f"{what} holds no LoRA weights")
-    default_alpha, pattern = alphas_from_metadata(metadata, what)
-    ranks = {name: parts["A"].shape[0] for name, parts in found.items() if "A" in parts}
-    common_rank = Counter(ranks.values()).most_common(1)[0][0] if ranks else None
-    shapes, out = {}, {}
-    for name, parts in found.items():
-        key = first[name]
+    out: Read = {}
+    for (module, name), parts in found.items():
+        key, d, layer = first[module, name], to_diffusers(name, module), layers_of[module][name]
         if set(parts) - {"alpha"} != {"A", "B"}:
-            raise BadFile(f"{what}: the layer {to_diffusers(name)} has {' and '.join(sorted(parts))} but not both "
-                          f"down (A) and up (B) weights")
-        a, b, layer = parts["A"], parts["B"], layers[name]
+            raise BadFile(f"{what}: the layer {d} has {' and '.join(sorted(parts))} but not both down (A) and up (B) weights")
+        a, b = parts["A"], parts["B"]
         r = a.shape[0]
         if isinstance(layer, nn.Linear):
             want_a, want_b = (r, layer.in_features), (layer.out_features, r)
         else:
             want_a, want_b = (r, layer.in_channels, *layer.kernel_size), (layer.out_channels, r, 1, 1)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise BadFile(f"{what}: {key}: the LoRA of {to_diffusers(name)} is {tuple(a.shape)} down, "
-                          f"{tuple(b.shape)} up; this UNet's layer needs {want_a} and {want_b} "
-                          f"(a LoRA for another architecture, or a rank mismatch?)")
+            raise BadFile(f"{what}: {key}: the LoRA of {d} is {tuple(a.shape)} down, {tuple(b.shape)} up; this "
+                          f"{TITLE[module]}'s layer needs {want_a} and {want_b} (a LoRA for another architecture, "
+                          f"or a rank mismatch?)")
         if "alpha" in parts:  # kohya: per layer
             alpha = parts["alpha"].float().reshape(-1)
             if alpha.numel() != 1:
-                raise BadFile(f"{what}: the alpha of {to_diffusers(name)} is not one number")
+                raise BadFile(f"{what}: the alpha of {d} is not one number")
             alpha = alpha.item()
-        else:  # diffusers: peft's alpha_pattern (regex as peft matches it), lora_alpha, else the common rank
-            d = to_diffusers(name)
-            alpha = next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", d)), default_alpha)
-            alpha = float(common_rank if alpha is None else alpha)
+        else:
+            alpha = layer_alpha(*alphas_from_metadata(metadata, what, module), d, r)
+        shapes, weights = out.setdefault(module, ({}, {}))
         shapes[name] = (r, alpha)
-        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
-    return shapes, out
+        weights[f"{name}.lora_A.weight"], weights[f"{name}.lora_B.weight"] = a, b
+    return out
 
 
 def check_file(path: str) -> int:
     """Check a LoRA file without a model (before one loads): a readable .safetensors file whose every key
-    is a UNet LoRA weight (diffusers/peft or kohya; no text-tower keys), each layer with both its down
-    and up weights, all finite. Returns the number of layers; shapes are checked against the UNet when
-    it loads (read_lora)."""
+    is a LoRA weight of the UNet (diffusers/peft or kohya) or of XLM-R (no CLIP text-tower keys), each
+    layer with both its down and up weights, all finite. Returns the number of layers; shapes are
+    checked against the modules when they load (read_lora)."""
     return check_tensors(*read_file(path), f"LoRA file {path}")
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> int:
     """check_file's checks on a file's tensors and metadata."""
-    alphas_from_metadata(metadata, what)
-    layers: dict[str, set[str]] = {}
+    for module in NAMES:
+        alphas_from_metadata(metadata, what, module)
+    layers: dict[tuple[str, str, str], set[str]] = {}
     for key, tensor in tensors.items():
-        kind, module, part = split(key, what)
+        kind, module, path, part = split(key, what)
         if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
             raise BadFile(f"{what}: {key} holds {'NaN or infinite values' if tensor.is_floating_point() else tensor.dtype}")
-        layers.setdefault(f"{kind}:{module}", set()).add(part)
+        layers.setdefault((kind, module, path), set()).add(part)
     if not layers:
         raise BadFile(f"{what} holds no LoRA weights")
-    for module, parts in layers.items():
+    for (_, _, path), parts in layers.items():
         if not {"A", "B"} <= parts:
-            raise BadFile(f"{what}: the layer {module.partition(':')[2]} has {' and '.join(sorted(parts))} but not "
-                          f"both down (A) and up (B) weights")
+            raise BadFile(f"{what}: the layer {path} has {' and '.join(sorted(parts))} but not both down (A) and up (B) weights")
     return len(layers)
 
 
-def load_lora(model: nn.Module, path: str, scale: float = 1.0, name: str | None = None) -> dict[str, LoRA]:
-    """Attach the LoRA of a diffusers/peft or kohya .safetensors file to our UNet `model` (in place, at
-    `scale`) as the adapter `name` (None: default_name(path)), beside any it has; returns {layer: LoRA}.
-    Nothing changes when the file is refused."""
+def load_lora(model: nn.Module, path: str, scale: float = 1.0, name: str | None = None,
+              text_encoder: nn.Module | None = None) -> dict[str, LoRA]:
+    """Attach the LoRA of a diffusers/peft or kohya .safetensors file to our UNet `model` (and, for its
+    text_encoder. keys, to our `text_encoder`; None: such keys are refused), in place, at `scale`, as the
+    adapter `name` (None: default_name(path)), beside any they have; returns {layer: LoRA} (the text
+    encoder's layers named text_encoder.…). Nothing changes when the file is refused."""
     name = default_name(path) if name is None else name
-    return attach_lora_files(model, [(path, finite(scale, "scale"), name, *read_file(path))])[name]
+    return attach_lora_files(model, [(path, finite(scale, "scale"), name, *read_file(path))], text_encoder)[name]
 
 
 def default_name(path: str) -> str:
@@ -249,46 +295,73 @@ def read_lora_files(lora, what: str = "lora") -> list[LoRAFile]:
     return files
 
 
-def attach_lora_files(model: nn.Module, files: list[LoRAFile]) -> dict[str, dict[str, LoRA]]:
-    """read_lora_files' files onto our UNet `model`, each its own adapter at its scale: every file is
-    checked against the model's layers before the first is attached. Returns {name: {layer: LoRA}}."""
-    read = [(name, scale, *read_lora(tensors, metadata, model, f"LoRA file {path}"))
+def attach_lora_files(model: nn.Module | None, files: list[LoRAFile],
+                      text_encoder: nn.Module | None = None) -> dict[str, dict[str, LoRA]]:
+    """read_lora_files' files onto our UNet `model` and our `text_encoder` (each file's adapter, one name,
+    on every module it adapts), each at its scale: every file is checked against the modules, and every
+    name against the adapters they hold, before the first is attached. Returns {name: {layer: LoRA}}
+    (the text encoder's layers named text_encoder.…)."""
+    modules = {"unet": model, "text_encoder": text_encoder}
+    read = [(name, scale, read_lora(tensors, metadata, modules, f"LoRA file {path}"))
             for path, scale, name, tensors, metadata in files]
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if twice := [n for n, k in Counter(name for name, _, _ in read).items() if k > 1]:
+        raise BadValue(f"two of the LoRA files would both be the LoRA {twice[0]!r}: name them apart")
+    for name, _, parts in read:
+        for module in parts:
+            if name in names(modules[module]):
+                raise BadValue(f"the {TITLE[module]} already has a LoRA named {name!r}: remove it first (remove_lora), "
+                               f"or name this one")
     added = {}
-    for name, scale, shapes, weights in read:
-        added[name] = attach(model, shapes, scale, name)
-        load_lora_weights(model, {k: v.to(device, dtype) for k, v in weights.items()}, name)
+    for name, scale, parts in read:
+        added[name] = {}
+        for module, (shapes, weights) in parts.items():
+            target = modules[module]
+            device, dtype = next(target.parameters()).device, next(target.parameters()).dtype
+            layers = attach(target, shapes, scale, name)
+            load_lora_weights(target, {k: v.to(device, dtype) for k, v in weights.items()}, name)
+            added[name].update({("" if module == "unet" else f"{module}.") + k: v for k, v in layers.items()})
     return added
 
 
-def diffusers_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """The model's LoRA as diffusers' file holds it: {unet.<diffusers path>.lora_A/B.weight: tensor},
-    and peft's LoraConfig for the metadata (r and lora_alpha the most common, patterns for the rest)."""
-    layers = lora_layers(model)
-    if not layers:
-        raise BadFile("the model has no LoRA layers to save")
-    tensors, ranks, alphas = {}, {}, {}
-    for name, layer in layers.items():
-        d = to_diffusers(name)
-        tensors[f"unet.{d}.lora_A.weight"] = layer.lora_A.weight.detach()
-        tensors[f"unet.{d}.lora_B.weight"] = layer.lora_B.weight.detach()
-        ranks[d], alphas[d] = layer.r, layer.alpha
+def peft_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """peft's LoraConfig of one module's layers {reference path: r / alpha}: r and lora_alpha the most
+    common, patterns for the rest (regexes of the whole path, as peft matches them)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config = {"r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-              "target_modules": sorted(ranks), "peft_type": "LORA", "bias": "none", "lora_dropout": 0.0,
-              "init_lora_weights": True, "use_dora": False, "use_rslora": False,
-              "rank_pattern": {re.escape(d): v for d, v in ranks.items() if v != r},
-              "alpha_pattern": {re.escape(d): v for d, v in alphas.items() if v != alpha}}
-    return tensors, {f"unet.{k}": v for k, v in config.items()}
+    return {"r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "target_modules": sorted(ranks), "peft_type": "LORA", "bias": "none", "lora_dropout": 0.0,
+            "init_lora_weights": True, "use_dora": False, "use_rslora": False,
+            "rank_pattern": {re.escape(d): v for d, v in ranks.items() if v != r},
+            "alpha_pattern": {re.escape(d): v for d, v in alphas.items() if v != alpha}}
 
 
-def save_lora(model: nn.Module, folder: str, name: str = FILE, record: dict | None = None) -> str:
-    """Write the model's LoRA into folder/name (atomically) in diffusers' format, loadable with
-    diffusers' `load_lora_weights`; returns the file's path. record: what made it (a training run's
-    base model, data and settings), kept as JSON under the metadata key RECORD_KEY (readers ignore it)."""
-    tensors, config = diffusers_state_dict(model)
+def diffusers_state_dict(model: nn.Module | None, text_encoder: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The LoRAs of our UNet `model` and `text_encoder` as diffusers' file holds them ({unet.<diffusers
+    path>.lora_A/B.weight, text_encoder.<transformers path>.lora_linear_layer.down/up.weight: tensor}),
+    and each module's peft LoraConfig for the metadata, prefixed with its name as diffusers packs it."""
+    tensors, config = {}, {}
+    for module, target in (("unet", model), ("text_encoder", text_encoder)):
+        layers = lora_layers(target) if target is not None else {}
+        ranks, alphas = {}, {}
+        for name, layer in layers.items():
+            d = to_diffusers(name, module)
+            for written, weight in zip(WRITTEN[module], (layer.lora_A.weight, layer.lora_B.weight)):
+                tensors[f"{module}.{d}.{written}"] = weight.detach()
+            ranks[d], alphas[d] = layer.r, layer.alpha
+        if layers:
+            config.update({f"{module}.{k}": v for k, v in peft_config(ranks, alphas).items()})
+    if not tensors:
+        raise BadFile("the model has no LoRA layers to save")
+    return tensors, config
+
+
+def save_lora(model: nn.Module | None, folder: str, name: str = FILE, record: dict | None = None,
+              text_encoder: nn.Module | None = None) -> str:
+    """Write the LoRAs of our UNet `model` and of our `text_encoder` (if given; either may hold none)
+    into folder/name (atomically) in diffusers' format, loadable with diffusers' `load_lora_weights`;
+    returns the file's path. record: what made it (a training run's base model, data and settings),
+    kept as JSON under the metadata key RECORD_KEY (readers ignore it)."""
+    tensors, config = diffusers_state_dict(model, text_encoder)
     if not all(math.isfinite(t.float().abs().max().item()) for t in tensors.values()):
         raise BadFile("the model's LoRA weights hold NaN or infinite values; nothing written")
     os.makedirs(folder, exist_ok=True)
@@ -306,22 +379,24 @@ KOHYA_PARTS = {"A": "lora_down.weight", "B": "lora_up.weight"}
 
 def kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> dict[str, torch.Tensor]:
     """A diffusers/peft LoRA file's tensors as kohya names them: the diffusers module path with `_` for
-    `.` after `lora_unet_`, lora_down/lora_up, and each layer's alpha as a scalar (the alpha
-    diffusers would use: peft's alpha_pattern, lora_alpha, else the most common rank)."""
+    `.` after `lora_unet_`, lora_down/lora_up, and each layer's alpha as a scalar (the alpha diffusers
+    would use: peft's alpha_pattern, lora_alpha, else the layer's rank). UNet only: the kohya form's
+    text-encoder keys (lora_te_…) name CLIP's layers, which the web UIs look up in CLIP's text tower."""
     default_alpha, pattern = alphas_from_metadata(metadata, what)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        kind, path, part = split(key, what)
+        kind, module, path, part = split(key, what)
         if kind == "kohya":
             raise BadFile(f"{what} is in the kohya form already ({key})")
+        if module != "unet":
+            raise BadFile(f"{what}: {key} adapts m9's text encoder (XLM-R), which the kohya form cannot name (its "
+                          f"lora_te_ keys name CLIP's layers): only a UNet LoRA exports to kohya")
         layers.setdefault(path, {})[part] = tensor
-    ranks = Counter(parts["A"].shape[0] for parts in layers.values() if "A" in parts)
     out = {}
     for path, parts in layers.items():
         if set(parts) != {"A", "B"}:
             raise BadFile(f"{what}: the layer {path} has {' and '.join(sorted(parts))} but not both down (A) and up (B)")
-        alpha = next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", path)), default_alpha)
         name = "lora_unet_" + path.replace(".", "_")
         out.update({f"{name}.{KOHYA_PARTS[p]}": parts[p].contiguous() for p in "AB"})
-        out[f"{name}.alpha"] = torch.tensor(float(ranks.most_common(1)[0][0] if alpha is None else alpha))
+        out[f"{name}.alpha"] = torch.tensor(layer_alpha(default_alpha, pattern, path, parts["A"].shape[0]))
     return out

@@ -7,7 +7,7 @@ import torch
 
 from altdiff_min.model.text_encoder import TextEncoder, TextEncoderConfig
 
-from .rules import Drop, Report, Rule, load_model
+from .rules import Drop, Report, Rule, invert, load_model
 
 RULES: list[Rule] = [
     (r"^roberta\.embeddings\.word_embeddings\.", "token_embedding."),
@@ -26,6 +26,11 @@ RULES: list[Rule] = [
     (r"\.output\.LayerNorm\.", ".mlp_norm."),
     (r"^pre_LN\.", "pre_ln."),  # transformation.* and transformation_pre.* keep their names
 ]
+
+# The same mapping backwards, ours → transformers' names (RobertaSeriesModelWithTransformation, as
+# diffusers' AltDiffusionPipeline holds it), for LoRA files (weights_convert/lora.py). tests/test_lora_text.py
+# checks that every module name of the reference comes back through rename(rename(name, RULES), TO_TRANSFORMERS).
+TO_TRANSFORMERS: list[Rule] = invert(RULES)
 
 DROPS: list[Drop] = [
     (r"^roberta\.pooler\.", "pooler: the CLS pooling head, not used for conditioning"),

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="check every picture with the model's safety checker and replace flagged ones by a "
                      "placeholder (default: when the model folder holds one; --no-safety-checker: never)")
     gen.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
-                     help="apply a UNet LoRA (.safetensors, diffusers/peft or kohya/web-UI format) at SCALE (default "
+                     help="apply a LoRA of the UNet and/or text encoder (.safetensors, diffusers/peft or kohya/web-UI format) at SCALE (default "
                      "1.0; 0: none); repeat for several (their updates add up, each at its scale); checked before "
                      "the model loads, recorded (path, SHA-256, scale) and replayed")
     gen.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     ui.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    ui.add_argument("--lora-dir", metavar="DIR", help="offer the UNet LoRA files in DIR (*.safetensors, read at start) "
+    ui.add_argument("--lora-dir", metavar="DIR", help="offer the LoRA files in DIR (*.safetensors, read at start) "
                     "on the page, each by name with a scale")
 
     from ..toy.train import add_arguments

@@ -77,7 +77,7 @@ class Spec:
     axes: dict[str, list]
     metrics: list[str]
     clip_model: str | None = None  # the AltCLIP folder of the metric "clip"
-    lora: list[str] | None = None  # UNet LoRA files (absolute paths), at the setting's lora_scale
+    lora: list[str] | None = None  # LoRA files (absolute paths), at the setting's lora_scale
     edit: dict | None = None  # an edit sweep's picture, its SHA-256 and source prompt (apps/sweep_edit.py)
 
     @property
@@ -370,7 +370,7 @@ def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
             continue
         arguments = {**spec.fixed, **settings[s], "seed": spec.seeds[k]}
         scale = float(arguments.pop(LORA_SCALE, 1.0))  # the same for every LoRA of the spec, as generate --lora records it
-        with lora_scales(model.unet, {default_name(f): scale for f in loras}):
+        with lora_scales(model, {default_name(f): scale for f in loras}):
             image = model.generate(spec.prompts[p], progress=False, **arguments)[0]
         more = {"lora": [{"path": f, "sha256": digest, "scale": scale} for f, digest in loras.items()]} if loras else {}
         record = picture_record(model, spec.prompts[p], 0, arguments, image.size, model_folder, made_in, **more)

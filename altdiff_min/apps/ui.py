@@ -197,7 +197,7 @@ def make(model: AltDiffusion, kwargs: dict[str, Any], on_step: Callable[[int, in
 
         pictures["image"] = read_picture(kwargs["image"], "init picture")
         pictures["mask"] = read_picture(kwargs["mask"], "mask") if kwargs["mask"] is not None else None
-    with lora_scales(model.unet, {lora["name"]: lora["scale"]} if lora else {}):
+    with lora_scales(model, {lora["name"]: lora["scale"]} if lora else {}):
         images = model.generate(**{**kwargs, **pictures}, progress=False, callback=callback)
     lora = lora and {k: lora[k] for k in ("path", "sha256", "scale")}  # as generate --lora records it
     n = len(images)

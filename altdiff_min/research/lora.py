@@ -21,6 +21,13 @@ differently (as research/interventions.py keeps its controllers).
 The default targets are diffusers' Stable Diffusion recipe, `to_q/to_k/to_v/to_out.0` of every
 attention in the UNet's transformer blocks: our `self_attn`/`cross_attn` `q`, `k`, `v`, `out`
 (layers.Attention inside unet.TransformerBlock). For m9's UNet that is 199,296 · r parameters.
+TEXT_TARGETS are the text encoder's, diffusers' recipe for SD's text encoder (q_proj, k_proj, v_proj,
+out_proj of every self-attention): our `layers.N.attn.q/k/v/out`; for m9's XLM-R 196,608 · r.
+
+A pipeline (altdiff_min.pipeline.AltDiffusion) holds LoRAs in two modules, its text_encoder and unet: a
+file's adapter is attached to both under one name (weights_convert/lora.py). Every function below
+that reads adapters by name (names, set_scale, lora_scales, merge_lora, unmerge_lora, remove_lora,
+lora_layers, …) takes such a pipeline as well as a module, and then acts on both (`carriers`).
 
 Files (the diffusers/peft and kohya formats) are read and written by weights_convert/lora.py; this
 file knows only the maths and our module names.
@@ -42,6 +49,8 @@ from ..errors import BadType, BadValue
 # Regexes matched against the tail of a module's dotted name (after a dot, or the whole name), as
 # peft matches its target_modules.
 DEFAULT_TARGETS = (r"(self|cross)_attn\.(q|k|v|out)",)
+TEXT_TARGETS = (r"attn\.(q|k|v|out)",)  # the text encoder's: layers.N.attn.q, k, v, out (XLM-R's query … output.dense)
+CARRIERS = ("text_encoder", "unet")  # a pipeline's modules that may hold LoRAs (its attribute names)
 DEFAULT = "default"  # peft's adapter name when none is given
 SCALES: ContextVar[Mapping[int, float] | None] = ContextVar("lora_scales", default=None)  # lora_scales': id(adapter) → scale
 
@@ -247,8 +256,21 @@ def attach(model: nn.Module, layers: Mapping[str, tuple[int, float | None]], sca
     return added
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRA]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRA)}
+def carriers(model) -> dict[str, nn.Module]:
+    """{prefix: module} of what may hold LoRA layers: a module itself (prefix ""), or a pipeline's
+    text_encoder and unet ("text_encoder.", "unet."), so that one adapter name acts on both."""
+    if isinstance(model, nn.Module):
+        return {"": model}
+    found = {f"{n}.": m for n in CARRIERS if isinstance(m := getattr(model, n, None), nn.Module)}
+    if not found:
+        raise BadType(f"LoRAs are held by an nn.Module or a pipeline's text_encoder and unet, not {type(model).__name__}")
+    return found
+
+
+def lora_layers(model) -> dict[str, LoRA]:
+    """{name: LoRA} of a module's LoRA layers (a pipeline's: named text_encoder.… and unet.…)."""
+    return {prefix + name: m for prefix, module in carriers(model).items()
+            for name, m in module.named_modules() if isinstance(m, LoRA)}
 
 
 def adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, str, Adapter]]:
@@ -310,7 +332,8 @@ def lora_scales(model: nn.Module, scales: Mapping[str, float]):
     adapters are in the weights and cannot be reweighed: refused."""
     if not isinstance(scales, Mapping):
         raise BadType(f"LoRA scales are a mapping {{name: scale}}, not {scales!r}")
-    if scales and getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile's (load(compile=True))
+    if scales and any(getattr(m, "_compiled_call_impl", None) is not None and set(scales) & set(names(m))
+                      for m in carriers(model).values()):  # nn.Module.compile's (load(compile=True))
         raise BadValue("a compiled UNet reads no per-call LoRA scales (its graph holds no Python): use set_scale")
     scales = {check_names(model, n)[0]: finite(s, f"scale of {n!r}") for n, s in scales.items()}
     if merged := sorted({n for _, n, a in adapters(model) if n in scales and a.merged}):
@@ -342,12 +365,13 @@ def remove_lora(model: nn.Module, name: str | None = None) -> nn.Module:
     merge_and_unload), an unmerged one is gone (the original weights). A layer left with no adapter
     is its plain layer again. Returns `model`."""
     chosen = check_names(model, name)
-    for layer, module in lora_layers(model).items():
-        for n in chosen:
-            if n in module.adapters:
-                del module.adapters[n]
-        if not module.adapters:
-            for p, trained in zip(module.base.parameters(), module.trained):
-                p.requires_grad_(trained)
-            _replace(model, layer, module.base)
+    for carrier in carriers(model).values():
+        for layer, module in lora_layers(carrier).items():
+            for n in chosen:
+                if n in module.adapters:
+                    del module.adapters[n]
+            if not module.adapters:
+                for p, trained in zip(module.base.parameters(), module.trained):
+                    p.requires_grad_(trained)
+                _replace(carrier, layer, module.base)
     return model

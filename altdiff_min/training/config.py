@@ -13,7 +13,7 @@ import torch
 from ..errors import BadValue
 from ..model.tokenizer import check_prompt
 from .objectives import PREDICTION
-from ..research.lora import DEFAULT_TARGETS
+from ..research.lora import DEFAULT_TARGETS, TEXT_TARGETS
 
 TRAIN = ("unet", "text_encoder", "both", "embeddings", "vae")  # what trains; "vae" is the toy's first stage
 
@@ -76,15 +76,22 @@ class TrainConfig:
                                           "for more); the captions must hold it", flag="--new-token", metavar="TOKEN")
     init_words: tuple[str, ...] = setting((), "--train embeddings: the word (one token) whose row each new token starts "
                                           "from: one for all, or one per --new-token", flag="--init-word", metavar="WORD")
-    lora: int = setting(0, "train a LoRA of rank R on the UNet (Hu et al. 2021) instead of its weights: the base stays "
-                        "frozen, the optimizer holds only the LoRA, the result is OUT_DIR/lora/"
-                        "pytorch_lora_weights.safetensors (diffusers/peft format); 0: train every weight", metavar="R")
+    lora: int = setting(0, "train a LoRA of rank R (Hu et al. 2021) instead of the weights of what trains: the UNet "
+                        "(--train unet or embeddings), the text encoder (--train text_encoder), or both (--train both, "
+                        "diffusers' --train_text_encoder); the base stays frozen, the optimizer holds only the LoRA, the "
+                        "result is OUT_DIR/lora/pytorch_lora_weights.safetensors (diffusers/peft format); 0: train every "
+                        "weight", metavar="R")
     lora_alpha: float = setting(0.0, "the LoRA's alpha: its update is scaled by alpha/R (0: alpha = R, diffusers' "
                                 "default)", metavar="A")
     lora_targets: tuple[str, ...] = setting(DEFAULT_TARGETS, "regexes matched against the tail of the UNet's layer "
                                             "names (as peft's target_modules); the default: every attention's q, k, "
                                             "v, out, diffusers' SD recipe (to_q/to_k/to_v/to_out.0)",
                                             metavar="PATTERN", nargs="+")
+    lora_text_targets: tuple[str, ...] = setting((), "the same over the text encoder's layer names; empty: "
+                                                 f"{TEXT_TARGETS[0]} (every self-attention's q, k, v, out) where the "
+                                                 "text encoder takes a LoRA; given with --train embeddings, the new "
+                                                 "words, a UNet LoRA and a text-encoder LoRA train together",
+                                                 metavar="PATTERN", nargs="+")
 
     def __post_init__(self):
         if self.train not in TRAIN:
@@ -126,25 +133,41 @@ class TrainConfig:
 
     def check_lora(self) -> None:
         if not self.lora:
-            if self.lora_alpha or self.lora_targets != DEFAULT_TARGETS:
-                raise BadValue("--lora-alpha and --lora-targets shape a LoRA: give --lora R too")
+            if self.lora_alpha or self.lora_targets != DEFAULT_TARGETS or self.lora_text_targets:
+                raise BadValue("--lora-alpha, --lora-targets and --lora-text-targets shape a LoRA: give --lora R too")
             return
-        if self.train not in ("unet", "embeddings"):
-            raise BadValue(f"--lora trains a LoRA on the UNet: with --train unet, or --train embeddings (new words "
-                           f"and a LoRA together), not {self.train} (the text encoder trains whole or not at all)")
-        if not self.lora_targets or not all(isinstance(p, str) and p for p in self.lora_targets):
-            raise BadValue(f"--lora-targets must be non-empty patterns, got {self.lora_targets!r}")
-        for pattern in self.lora_targets:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise BadValue(f"--lora-targets {pattern!r} is not a regular expression: {e}") from None
+        if self.train == "vae":
+            raise BadValue("--lora: the VAE takes no LoRA; train the UNet, the text encoder or both")
+        if self.lora_text_targets and self.train in ("unet", "text_encoder"):
+            raise BadValue(f"--lora-text-targets with --train {self.train}: a LoRA on both modules is --train both "
+                           f"(on the text encoder alone, --train text_encoder)")
+        for what, patterns in (("--lora-targets", self.lora_targets), ("--lora-text-targets", self.text_targets)):
+            if not patterns or not all(isinstance(p, str) and p for p in patterns):
+                raise BadValue(f"{what} must be non-empty patterns, got {patterns!r}")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise BadValue(f"{what} {pattern!r} is not a regular expression: {e}") from None
+
+    @property
+    def text_targets(self) -> tuple[str, ...]:
+        return self.lora_text_targets or TEXT_TARGETS
+
+    @property
+    def lora_modules(self) -> tuple[str, ...]:
+        """The modules that carry a LoRA (none without --lora): what trains, the UNet with new words, and the
+        text encoder with them when --lora-text-targets are given."""
+        if not self.lora:
+            return ()
+        text = self.train in ("text_encoder", "both") or bool(self.lora_text_targets)
+        return ("text_encoder",) * text + ("unet",) * (self.train != "text_encoder")
 
     @property
     def modules(self) -> tuple[str, ...]:
-        """The modules that train (in part: embeddings, the text encoder's new rows; with lora, the UNet's LoRA)."""
+        """The modules that train (in part: embeddings, the text encoder's new rows; with lora, their LoRAs)."""
         modules = {"both": ("text_encoder", "unet"), "embeddings": ("text_encoder",)}.get(self.train, (self.train,))
-        return modules + ("unet",) if self.lora and "unet" not in modules else modules
+        return tuple(dict.fromkeys(modules + self.lora_modules))
 
     def global_batch(self, processes: int) -> int:
         """Examples per optimizer step: batch_size × processes × grad_accum."""

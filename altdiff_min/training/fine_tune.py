@@ -89,7 +89,7 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
             except BadValue as e:
                 raise BadValue(f"--resolution {resolution} does not fit {model_path}: {e}") from None
             if cfg.lora:
-                check_targets(config["unet"], cfg)
+                check_targets(config, cfg)
             objectives.check_prediction(cfg, config["schedule"])
             words.check(model_path, config, cfg)
             out_dir = os.path.abspath(out_dir)
@@ -141,7 +141,9 @@ def fine_tune(model_path: str, data: str, out_dir: str, cfg: TrainConfig, resolu
                 from weights_convert.lora import FILE, save_lora
 
                 folder = os.path.join(out_dir, run_folder.LORA)
-                lora = save_lora(model.unet, folder, record={"train": made}) if world.rank == 0 else os.path.join(folder, FILE)
+                text = model.text_encoder if "text_encoder" in cfg.lora_modules else None  # `text_encoder.` keys too
+                lora = save_lora(model.unet, folder, record={"train": made}, text_encoder=text) if world.rank == 0 \
+                    else os.path.join(folder, FILE)
             if cfg.train == "embeddings":  # new words (a LoRA beside them): their file is the result
                 return words.save(model, cfg, out_dir, world.rank)
             if cfg.lora:

@@ -245,16 +245,18 @@ def train(model, data, cfg: TrainConfig, out_dir: str | None = None, world: Worl
     model.schedule = objectives.with_prediction(model.schedule, cfg.prediction_type)  # what it learns, saves, samples
     objective = Objective(model, cfg)
     trained = [getattr(model, name) for name in cfg.modules]
-    whole = [getattr(model, name) for name in cfg.modules if not (cfg.lora and name == "unet")]  # weight by weight
+    whole = [getattr(model, name) for name in cfg.modules  # weight by weight (the new rows: whole, then frozen but them)
+             if name not in cfg.lora_modules or (name == "text_encoder" and cfg.train == "embeddings")]
     trainable(*whole)
     text = model.text_encoder
-    if "text_encoder" in cfg.modules and text.cfg.pre_transformation:  # m18 never runs its last layer:
-        text.layers[-1].requires_grad_(False), text.transformation.requires_grad_(False)  # no gradient for DDP to wait on
     if cfg.train == "embeddings":  # textual inversion: the new words' rows alone
         textual_inversion.train_only_new_rows(text)
     params = [p for module in whole for p in module.parameters() if p.requires_grad]
-    if cfg.lora:  # a LoRA on the UNet, its base frozen (training/lora.py); with embeddings, both train
-        params += lora.attach(model.unet, cfg, lambda k: generator(cfg.seed, 2, k))
+    if cfg.lora:  # LoRAs, their bases frozen (training/lora.py); with embeddings, rows and LoRAs train together
+        params += lora.attach(model, cfg, lambda m, k: generator(cfg.seed, 2 + m, k))
+    if "text_encoder" in cfg.modules and text.cfg.pre_transformation:  # m18 never runs its last layer:
+        text.layers[-1].requires_grad_(False), text.transformation.requires_grad_(False)  # no gradient for DDP to wait on
+        params = [p for p in params if p.requires_grad]
     for module in trained:
         module.gradient_checkpointing = cfg.gradient_checkpointing and hasattr(module, "gradient_checkpointing")
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
