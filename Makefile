@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml | $(PY)
 	# daam, the DAAM reference of tests/test_daam_reference.py: its own requirements pin a 2023 diffusers,
 	# so it comes without them (the test stands in for spacy and scipy, which only its parsing uses)
 	$(PY) -m pip install -q --no-deps "daam==0.2.0"
+	# tomesd and DeepCache, the references of tests/test_skipping.py (token merging, feature caching): they
+	# run on the pinned diffusers and need nothing it lacks; without their requirements pip leaves torch alone
+	$(PY) -m pip install -q --no-deps "tomesd==0.1.3" "DeepCache==0.1.1"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -10,6 +10,10 @@ Attention controllers (altdiff_min.research.interventions), eager only: one inte
   controller, with a controller overriding no hook, with one whose probs hook returns None (the
   explicit softmax path), and diffusers; each row is ours vs that round's diffusers, and a line
   states each way's ratio to "before" (no controller ≈ 1: the door is free when unused).
+Skipping work (research/skipping.py), eager only: the guided UNet step at 64×64 latents (512 px) as written,
+  with ToMe 0.5 and with DeepCache interval 3 (the mean of one whole and two shallow steps), ours against
+  diffusers patched by tomesd / run under DeepCache's helper, in one interleaved round; a line states each
+  way's speed-up over its own plain step. --skipping-only: these rows alone.
 Training rows (UNet only: forward + backward + AdamW(lr=1e-5) step, batch 2, latents (--size / 8)²,
 fp32 master weights, autocast to --dtype unless fp32; ours `train.diffusion_loss`, diffusers the same
 loss by hand on its UNet2DConditionModel):
@@ -29,7 +33,7 @@ each), each timing its own steps after a warm-up step (which allocates AdamW's s
 On a 2-core CPU use a reduced --size (the default there is 256 px); the output states it.
 
     python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp32 bf16] [--compile [both]] [--json out.json]
-                              [--train-only | --no-train | --lora-only] [--lora R] [--lora-unet mid|m9] [--lora-pair]
+                              [--train-only | --no-train | --lora-only | --skipping-only] [--lora R] [--lora-unet mid|m9] [--lora-pair]
                               (on cuda, --dtype bf16 for the training rows)
 """
 from __future__ import annotations
@@ -227,6 +231,68 @@ def controller_rows(ours, theirs, x, t, context, runs: int, device: str) -> dict
         f"{way} {median[way] / median['before']:.3f} ({min(a / b for a, b in zip(times[way], times['before'])):.2f}–"
         f"{max(a / b for a, b in zip(times[way], times['before'])):.2f})" for way in ("none", "no hook", "probs → None")),
         flush=True)
+    return rows
+
+
+def skipping_rows(ours, theirs, device: str, dtype: torch.dtype, runs: int) -> dict:
+    """The guided UNet step at 64×64 latents (512 px) as written, with ToMe (ratio 0.5) and with DeepCache
+    (interval 3, branch 0: the mean of three steps, one whole and two shallow), ours (research/skipping.py)
+    and diffusers' (tomesd 0.1.3's patch, DeepCache 0.1.1's helper), in one interleaved round; then each
+    way's speed-up over its own step as written."""
+    import types
+
+    import tomesd
+    from DeepCache import DeepCacheSDHelper
+
+    from altdiff_min.research.interventions import evaluation, intervene
+    from altdiff_min.research.skipping import DeepCache, ToMe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 64, 64, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    route = [torch.tensor(float(t), device=device) for t in (999, 979, 959)]  # three DDIM steps
+
+    def ours_under(controller, ts):
+        def fn():
+            with intervene([controller]):
+                for t in ts:
+                    with evaluation(t, True, (64, 64)):
+                        ours.unet(x, t, context)
+        return fn
+
+    def theirs_tome():
+        tomesd.apply_patch(theirs.unet, ratio=0.5)
+        try:
+            theirs.unet(x, route[0], encoder_hidden_states=context)
+        finally:
+            tomesd.remove_patch(theirs.unet)
+
+    def theirs_deepcache():
+        helper = DeepCacheSDHelper(pipe=types.SimpleNamespace(unet=theirs.unet, scheduler=types.SimpleNamespace(
+            timesteps=[t.item() for t in route])))  # the helper counts steps by the scheduler's timesteps
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+        try:
+            for t in route:
+                theirs.unet(x, t, encoder_hidden_states=context)
+        finally:
+            helper.disable()
+
+    fns = {"plain": lambda: ours.unet(x, route[0], context), "tome": ours_under(ToMe(0.5), route[:1]),
+           "deepcache": ours_under(DeepCache(3), route),
+           "theirs plain": lambda: theirs.unet(x, route[0], encoder_hidden_states=context),
+           "theirs tome": theirs_tome, "theirs deepcache": theirs_deepcache}
+    times = interleaved_many(fns, runs, device)
+    for way in ("deepcache", "theirs deepcache"):
+        times[way] = [s / len(route) for s in times[way]]
+    rows, median = {}, {name: statistics.median(ts) for name, ts in times.items()}
+    for way, row in (("plain", "UNet step 64×64, as written (s)"), ("tome", "UNet step 64×64, ToMe 0.5 (s)"),
+                     ("deepcache", "UNet step 64×64, DeepCache 3, mean of 3 (s)")):
+        rows[row] = Timing((median[way], median[f"theirs {way}"]))
+        rows[row].pairs = list(zip(times[way], times[f"theirs {way}"]))
+    print("skipping work, speed-up over the step as written (median): " + " · ".join(
+        f"{name} ours {median['plain'] / median[way]:.2f}×, diffusers {median['theirs plain'] / median['theirs ' + way]:.2f}×"
+        for name, way in (("ToMe 0.5", "tome"), ("DeepCache 3", "deepcache"))), flush=True)
     return rows
 
 
@@ -534,6 +600,7 @@ def inference(args) -> tuple[dict, dict]:
                                                lambda: theirs.unet(x, t, encoder_hidden_states=context), args.runs, device)
     if not args.compile:  # a compiled UNet refuses controllers
         rows.update(controller_rows(ours, theirs, x, t, context, args.runs, device))
+        rows.update(skipping_rows(ours, theirs, device, dtype, args.runs))
     step = rows["guided UNet step (s)"][0]
     peak = matmul_gflops(device, dtype, args.runs)
     unet_speed = {"gflop": gflop, "gflops": gflop / step, "matmul_gflops": peak, "fraction": gflop / step / peak}
@@ -569,6 +636,7 @@ def main() -> None:
     which.add_argument("--train-only", action="store_true", help="only the training rows")
     which.add_argument("--no-train", action="store_true", help="skip the training rows (the LoRA rows too)")
     which.add_argument("--lora-only", action="store_true", help="only the LoRA rows (no m9 built for --lora-unet mid)")
+    which.add_argument("--skipping-only", action="store_true", help="only the rows of ToMe and DeepCache (64×64 latents)")
     p.add_argument("--lora", type=int, default=4, help="the LoRA rows' rank (default 4)")
     p.add_argument("--lora-unet", choices=["mid", "m9"], default=None,
                    help="the UNet the LoRA rows train (default: mid on the CPU, m9 on cuda)")
@@ -592,15 +660,23 @@ def main() -> None:
         if not (args.lora_only and args.lora_unet == "mid"):
             print(f"building the random m9 in both layouts under {folder} …", flush=True)
             build(folder)
-        for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not (args.train_only or args.lora_only) else []:
+        if args.skipping_only:
+            for dtype in dtypes:
+                print(f"skipping rows: {dtype}, {args.runs} rounds …", flush=True)
+                ours, theirs = load_ours(folder, args.device, DTYPES[dtype]), load_diffusers(folder, args.device, DTYPES[dtype])
+                results += [(name, dtype, "no", row) for name, row in
+                            skipping_rows(ours, theirs, args.device, DTYPES[dtype], args.runs).items()]
+                del ours, theirs
+        for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not (args.train_only or args.lora_only
+                                                                                    or args.skipping_only) else []:
             print(f"inference rows: {dtype}, {'compiled' if compiled else 'eager'} …", flush=True)
             rows, unet_speed[f"{dtype} {'compiled' if compiled else 'eager'}"] = inference(
                 argparse.Namespace(**{**vars(args), "dtype": dtype, "compile": compiled}))
             results += [(name, dtype, "yes" if compiled else "no", row) for name, row in rows.items()]
             write_json(results, unet_speed, args)  # so far: what survives a run stopped at a time limit
-        if not (args.no_train or args.lora_only):
+        if not (args.no_train or args.lora_only or args.skipping_only):
             results += [(name, args.dtype, "-", row) for name, row in training(args).items()]
-        if not args.no_train:
+        if not (args.no_train or args.skipping_only):
             results += [(name, args.dtype, "-", row) for name, row in lora_training(args).items()]
     report(results, unet_speed, args)
 

@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
                      help="add the new word(s) of a textual-inversion file (diffusers' learned_embeds.safetensors, or "
                      "the web UI's; TOKEN renames its one word) to the tokenizer; repeatable; recorded and replayed")
+    gen.add_argument("--tome", type=float, default=None, metavar="RATIO",
+                     help="token merging (ToMe for SD, tomesd's defaults): merge this share of the tokens before each "
+                     "self-attention of the finest level, e.g. 0.5; faster, the picture changes a little; recorded and replayed")
+    gen.add_argument("--deepcache", default=None, metavar="N[:BRANCH]",
+                     help="feature caching (DeepCache): the whole UNet every N steps, the others only the blocks above "
+                     "skip branch BRANCH (default 0, the shallowest), reusing the deep ones; recorded and replayed")
     gen.add_argument("--replay", metavar="MANIFEST:LINE|PICTURE",
                      help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
                      "manifest.jsonl, or a PNG generate made (it carries its settings)")

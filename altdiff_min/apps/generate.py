@@ -82,6 +82,10 @@ def replay(args) -> int | None:
             if recorded and file_digest(recorded["path"], f"--replay: the {name}") != recorded["sha256"]:
                 raise BadValue(f"--replay: {recorded['path']} has changed since the picture was made")
         replay_embeddings(args, row)
+        args.tome = args.deepcache = None  # the record's settings instead (skip_arguments)
+        args.skipping = {k: row[k] for k in ("tome", "deepcache") if k in row}
+        if not all(isinstance(v, dict) for v in args.skipping.values()):
+            raise TypeError("tome or deepcache is not an object")
         keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
         kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
                  "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int,
@@ -231,6 +235,35 @@ def lora_argument(args) -> list[dict]:
     return [{"path": os.path.abspath(path), "sha256": file_digest(path, "--lora"), "scale": scale} for path, scale in parsed]
 
 
+def skip_arguments(args, config: dict) -> tuple[list, dict]:
+    """--tome RATIO and --deepcache N[:BRANCH] (research/skipping.py), or a replayed record's settings, made
+    and checked against the model's config before it loads → generate's controllers, and the record."""
+    from ..errors import AltDiffError, BadFile, BadValue
+    from ..research.skipping import DeepCache, ToMe, skip_branches
+
+    settings = dict(getattr(args, "skipping", None) or {})  # replay's
+    if args.tome is not None:
+        settings["tome"] = {"ratio": args.tome}
+    if args.deepcache is not None:
+        interval, _, branch = args.deepcache.partition(":")
+        if not (interval.isdigit() and (branch.isdigit() or not branch)):
+            raise BadValue(f"--deepcache takes N or N:BRANCH, whole numbers (e.g. 3 or 3:0), got {args.deepcache!r}")
+        settings["deepcache"] = {"interval": int(interval), "branch": int(branch or 0)}
+    made = {}
+    for key, kind, flag in (("tome", ToMe, "--tome"), ("deepcache", DeepCache, "--deepcache")):
+        try:
+            made[key] = kind(**settings[key]) if key in settings else None
+        except AltDiffError as e:
+            raise type(e)(f"{flag}: {e}") from None
+        except TypeError:  # a replayed record's settings that are no arguments of the class
+            raise BadFile(f"--replay: the recorded {key} settings {settings[key]!r} are not {kind.__name__}'s") from None
+    if made["deepcache"] and made["deepcache"].branch >= (n := skip_branches(config["unet"])):
+        raise BadValue(f"--deepcache: branch {made['deepcache'].branch}, but this model's UNet has {n} skip branches (0–{n - 1})")
+    if args.compile and any(made.values()):
+        raise BadValue("--tome and --deepcache change the UNet's walk, which a compiled UNet runs as one graph: drop --compile")
+    return [c for c in made.values() if c], {key: c.settings() for key, c in made.items() if c}
+
+
 def recorded_loras(row: dict) -> list[dict]:
     """A record's LoRA files: a list of {"path", "sha256", "scale"} (one dict in records written when
     generate took one file; none: [])."""
@@ -333,6 +366,7 @@ def generate(args) -> int:
     picture = picture_arguments(args, config)
     loras = lora_argument(args)
     embeddings, words = embedding_arguments(args, config)
+    skipping, skip_record = skip_arguments(args, config)
     default_h, default_w = (picture["height"], picture["width"]) if picture else (shape.image_size, shape.image_size)
     height, width = (default_h if args.H is None else args.H), (default_w if args.W is None else args.W)
     for flag, value, given in (("--H", height, args.H), ("--W", width, args.W)):  # a side the picture gave: say so
@@ -374,7 +408,7 @@ def generate(args) -> int:
                      "safety_checker": checked}
         model_folder, made_in = fingerprint(args.model), environment(world.device, dtype)
         more = {**(picture["record"] if picture else {}), **({"lora": loras} if loras else {})}
-        more |= {"embeddings": embeddings} if embeddings else {}
+        more |= ({"embeddings": embeddings} if embeddings else {}) | skip_record
 
         def record(prompt: str, k: int) -> dict:
             return picture_record(model, prompt, k, arguments, (width, height), model_folder, made_in, **more)
@@ -386,7 +420,7 @@ def generate(args) -> int:
                                                n_samples=args.n_samples, steps=args.steps, sampler=sampler,
                                                scale=args.scale, guidance=guidance, eta=args.eta, height=height, width=width,
                                                seed=args.seed, progress=world.rank == 0, safety_checker=checked,
-                                               return_flags=True, **(picture["kwargs"] if picture else {}))
+                                               return_flags=True, controllers=skipping, **(picture["kwargs"] if picture else {}))
                 made = [(index, k, png_bytes(image, record(prompts[index], k)), flags[k] if checked else None)
                         for k, image in enumerate(images) if keep is None or k == keep]
             for index, k, png, flagged in sorted(p for part in gather(world, made) or [] for p in part):

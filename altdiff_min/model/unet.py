@@ -23,7 +23,7 @@ from einops import rearrange
 
 from ..checks import check_config
 from ..errors import BadType, BadValue
-from .door import label_sites
+from .door import active, label_sites
 from .layers import Attention, Downsample, Level, ResBlock, Upsample, checkpointed
 
 
@@ -78,7 +78,9 @@ class GEGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN transformer block over pixels, with cross-attention to the text between self-attention and MLP."""
+    """Pre-LN transformer block over pixels, with cross-attention to the text between self-attention and MLP.
+    While a sampling run has controllers, their `tokens` hook sees (and may change) the block's input first
+    (interventions.Controller.tokens: token merging computes its matching from it)."""
 
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
@@ -87,6 +89,7 @@ class TransformerBlock(nn.Module):
         self.norm3, self.ff = nn.LayerNorm(dim), GEGLU(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x if (run := active()) is None else run.tokens(self.self_attn.site, x)  # controllers see its input (ToMe)
         x = x + self.self_attn(self.norm1(x))
         if context is not None:  # None: the "no cross-attention" ablation, the text is never read
             x = x + self.cross_attn(self.norm2(x), context)  # unmasked: all context tokens, padding included
@@ -190,31 +193,39 @@ class UNet(nn.Module):
     def forward(self, latents: torch.Tensor, timesteps: float | torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """ε (B, out_channels, h, w) for (B, in_channels, h, w) latents at `timesteps` (a number, or one per
         latent), given the (B, L, context_dim) text context. context None skips every cross-attention
-        (the text is never read); to switch single parts off, see interventions.CrossAttentionSwitch."""
+        (the text is never read); to switch single parts off, see interventions.CrossAttentionSwitch.
+
+        Every block of the walk (res block, transformer, resampler) runs through `step`. While a sampling run
+        has controllers they may stand in for it (interventions.Controller.block; DeepCache reuses the deep
+        blocks' outputs), told its depth, len(skips) as it runs: the skips made before it on the way down,
+        or still to be taken after it on the way up (the middle block's depth is the number of skips)."""
         t = self.check_inputs(latents, timesteps, context)
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]).to(latents.dtype))
-
+        run, ckpt = active(), self.gradient_checkpointing
         x = self.conv_in(latents)
-        ckpt = self.gradient_checkpointing
         skips = [x]
+
+        def step(block: nn.Module, *args) -> torch.Tensor:  # one block of the walk; a run's controllers may stand in for it
+            return checkpointed(ckpt, block, *args) if run is None else run.block(block, len(skips), ckpt, *args)
+
         for level in self.down:
             for i, res in enumerate(level.res):
-                x = checkpointed(ckpt, res, x, emb)
+                x = step(res, x, emb)
                 if level.attn:
-                    x = checkpointed(ckpt, level.attn[i], x, context)
+                    x = step(level.attn[i], x, context)
                 skips.append(x)
             if level.downsample is not None:
-                x = level.downsample(x)
+                x = step(level.downsample, x)
                 skips.append(x)
 
-        x = checkpointed(ckpt, self.mid_res1, x, emb)
-        x = checkpointed(ckpt, self.mid_res2, checkpointed(ckpt, self.mid_attn, x, context), emb)
+        x = step(self.mid_res1, x, emb)
+        x = step(self.mid_res2, step(self.mid_attn, x, context), emb)
 
         for level in self.up:
             for i, res in enumerate(level.res):
-                x = checkpointed(ckpt, res, torch.cat([x, skips.pop()], dim=1), emb)
+                x = step(res, torch.cat([x, skips.pop()], dim=1), emb)
                 if level.attn:
-                    x = checkpointed(ckpt, level.attn[i], x, context)
+                    x = step(level.attn[i], x, context)
             if level.upsample is not None:
-                x = level.upsample(x)
+                x = step(level.upsample, x)
         return self.conv_out(F.silu(self.norm_out(x)))

@@ -13,6 +13,15 @@ such attention asks them, in order, at three places (Vaswani et al. 2017, eq. 1)
                                a controller that has this hook makes that site take the explicit path
     output(site, when, out)    the layer's output after its out-projection (B, Lq, C) → changed or None
 
+Two more hooks reach outside the attention (research/skipping.py's speed paths use them):
+
+    tokens(site, when, x)      a transformer block's input tokens (B, L, C), before its first norm, told
+                               the block's site (its self-attention's) → changed or None
+    block(when, depth, block, compute)
+                               each block of the UNet's walk (res block, transformer, resampler, in
+                               order), at `depth` (UNet.forward: how many skips lie above it) → its
+                               output: `compute()` runs it as written, or return something else
+
 `when` is a `Moment`: which UNet evaluation of the run (call, from 0: the step for DDIM, DPM-Solver
 and Euler), its timestep t, whether the batch is a guidance batch (unconditional rows first, then
 the conditional ones), and the latents' (height, width), from which a site's grid is
@@ -28,7 +37,7 @@ from them. Guidance rules (how ε(x, ∅) and ε(x, c) combine) are altdiff_min.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +46,7 @@ import torch
 from ..errors import BadType, BadValue
 from ..model.attention import attention, attention_probs
 from ..model.door import RUN, Site, active  # noqa: F401  (Site and active: the door's, read here too)
+from ..model.layers import checkpointed
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,12 @@ class Controller:
     def output(self, site: Site, when: Moment, out: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def tokens(self, site: Site, when: Moment, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def block(self, when: Moment, depth: int, block: torch.nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return compute()
+
 
 def overrides(controller: Controller, hook: str) -> bool:
     return getattr(type(controller), hook) is not getattr(Controller, hook)
@@ -72,7 +88,7 @@ class Run:
 
     def __init__(self, controllers: Sequence[Controller]):
         self.controllers = tuple(controllers)
-        self.hooks = {h: [c for c in self.controllers if overrides(c, h)] for h in ("qkv", "probs", "output")}
+        self.hooks = {h: [c for c in self.controllers if overrides(c, h)] for h in ("qkv", "probs", "output", "tokens", "block")}
         self.calls, self.when = 0, Moment(0, 0.0, False, (0, 0))
 
     @contextmanager
@@ -102,6 +118,22 @@ class Run:
             if (changed := c.output(site, when, out)) is not None:
                 out = changed
         return out
+
+    def tokens(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """A transformer block's input, through the controllers' `tokens` hooks in order."""
+        for c in self.hooks["tokens"]:
+            if (changed := c.tokens(site, self.when, x)) is not None:
+                x = changed
+        return x
+
+    def block(self, block: torch.nn.Module, depth: int, ckpt: bool, *args) -> torch.Tensor:
+        """One block of the UNet's walk: the first controller with a `block` hook decides, its `compute`
+        asks the next one, and the last one's runs the block as written (checkpointed while training)."""
+        def compute(i: int = 0) -> torch.Tensor:
+            if i == len(self.hooks["block"]):
+                return checkpointed(ckpt, block, *args)
+            return self.hooks["block"][i].block(self.when, depth, block, lambda: compute(i + 1))
+        return compute()
 
 
 @contextmanager
