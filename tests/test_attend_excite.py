@@ -319,6 +319,32 @@ def test_unused_it_changes_nothing_and_the_hook_runs_before_each_step(ours):
     assert all(s[5] == (4, 4, 8, 12) for s in watch.seen)
 
 
+def test_an_inverted_picture_is_sampled_with_the_hook_too(ours):
+    """sample_inverted (editing real pictures) runs the `latents` hooks as generate does: each step
+    once, in order, on the prompts' rows; Bind moves its latents."""
+    from altdiff_min.inversion import Inversion, sample_inverted
+
+    ts = timesteps("ddim", 3, ours.schedule)
+    noise = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(4))
+    inversion = Inversion([noise], ts, ours.encode(PROMPTS[:1]), [ours.encode([""])] * 3, 7.5)
+    seen = []
+
+    class Watch(Controller):
+        def latents(self, step, x):
+            seen.append((step.i, step.t, tuple(x.shape)))
+    plain = sample_inverted(ours, inversion, PROMPTS, controllers=[Watch()], progress=False)
+    assert seen == [(i, float(t), (2, 4, 8, 12)) for i, t in enumerate(ts)]
+    said = [("red", "circle"), ("rouge", "cercle")]  # one pair a prompt, each in its language
+    pairs = [[tuple(occurrences(ours.tokenizer, p, w)[0] for w in pair)] for p, pair in zip(PROMPTS, said)]
+    bind = Bind(pairs, [len(ours.tokenizer.pieces(p)) for p in PROMPTS], scale=SCALE, step_size=2000)
+    bound = sample_inverted(ours, inversion, PROMPTS, progress=False, controllers=[bind])
+    assert [i for i, _ in bind.losses] == [0, 1, 2]
+    assert rel_diff(bound, plain) > 1e-3
+    with pytest.raises(BadValue, match="was built for"):
+        sample_inverted(ours, inversion, PROMPTS[:1], progress=False,
+                        controllers=[AttendAndExcite.for_words(ours.tokenizer, PROMPTS[1], ["cercle"])])
+
+
 def test_the_command_line_excites_and_binds_records_and_replays(small_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     args = ["generate", PROMPTS[1], "--model", small_model_dir, "--n-samples", "1", "--steps", "2", "--H", "64",
