@@ -143,7 +143,7 @@ def check_call(name: str, built_for: tuple[str, ...] | None, sampler: str, promp
 def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
     """diffusers' (and the authors') GaussianSmoothing kernel: per axis exp(−((d − mean) / (2σ))²), as
     they write it (not exp(−d²/2σ²)), the product of the axes normalised to sum 1."""
-    d = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     k = torch.exp(-((d / (2 * sigma)) ** 2))
     k = torch.outer(k, k)
     return k / k.sum()
@@ -154,7 +154,7 @@ def excite_loss(maps: torch.Tensor, subjects: list, cfg: ExciteConfig = ExciteCo
     """Attend-and-Excite's loss per picture (B,): steps 1–3 of the module's docstring. subjects: per
     picture, a list of subjects, each a list of positions among the 77 (1 ≤ p ≤ 75); lengths: per
     picture its prompt's token count, for cfg.normalize_eot."""
-    kernel, pad = gaussian_kernel(cfg.kernel_size, cfg.sigma).to(maps.device), cfg.kernel_size // 2
+    kernel, pad = gaussian_kernel(cfg.kernel_size, cfg.sigma).to(maps), cfg.kernel_size // 2
     losses = []
     for b, words in enumerate(subjects):
         end = lengths[b] - 1 if cfg.normalize_eot else maps.shape[-1] - 1  # <s> and the last position left out

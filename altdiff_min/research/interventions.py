@@ -27,8 +27,8 @@ Latent hooks: generate's `callback(i, t, x, x0)` may return changed latents; the
 from them. A controller's fourth hook, `latents(step, x)`, is called before each step's first UNet
 evaluation (before step 0 on x_T, then after step i's callback for step i + 1) and may return the
 latents that step starts from: latent guidance such as Attend-and-Excite (research/attend_excite.py),
-which differentiates through `step.unet`, a conditional UNet evaluation at the step's timestep that
-the run's attention controllers do not see (`alone`). `check(sampler, prompts)` lets a controller
+which differentiates through `step.unet`, a conditional UNet evaluation at the step's timestep, run
+inside `alone` so that the run's attention controllers neither see nor count it. `check(sampler, prompts)` lets a controller
 refuse a call before any model work. Guidance rules (how ε(x, ∅) and ε(x, c) combine) are
 altdiff_min.sampling.guidance's.
 """
@@ -58,8 +58,9 @@ class Moment:
 @dataclass(frozen=True)
 class Step:
     """Before step i of a run of `steps` (0 the noisiest), at timestep t, by `sampler`. unet(x): the
-    UNet's output at t for latents x with the prompts' contexts (the conditional rows, x's batch), run
-    with no controller but those `alone` names (autograd follows it where grad is enabled)."""
+    UNet's output at t for latents x with the prompts' contexts (the conditional rows, x's batch);
+    autograd follows it where grad is enabled. The run's controllers see it as one more UNet call
+    unless the hook calls it inside `alone(...)`."""
     i: int
     t: float
     steps: int
