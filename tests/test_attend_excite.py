@@ -345,30 +345,57 @@ def test_an_inverted_picture_is_sampled_with_the_hook_too(ours):
                         controllers=[AttendAndExcite.for_words(ours.tokenizer, PROMPTS[1], ["cercle"])])
 
 
-def test_the_command_line_excites_and_binds_records_and_replays(small_model_dir, tmp_path, capsys, monkeypatch):
+def test_the_command_line_binds_records_and_replays(small_model_dir, tmp_path):
+    """--bind-pairs through generate: the Python picture, recorded, replayed byte for byte (the flags'
+    controllers reach model.generate one way for all three flags)."""
     out = tmp_path / "o"
     args = ["generate", PROMPTS[1], "--model", small_model_dir, "--n-samples", "1", "--steps", "2", "--H", "64",
             "--W", "96", "--seed", "3", "--device", "cpu", "--skip-grid"]
-    assert main(args + ["--outdir", str(out), "--excite", "cercle", "--bind-pairs", "rouge=cercle"]) == 0
+    assert main(args + ["--outdir", str(out), "--bind-pairs", "rouge=cercle"]) == 0
     (row,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert row["excite"] == ["cercle"] and row["bind_pairs"] == [["rouge", "cercle"]] and "bind" not in row
+    assert row["bind_pairs"] == [["rouge", "cercle"]] and "bind" not in row and "excite" not in row
     model = load(small_model_dir)
-    expected = model.generate(PROMPTS[1], steps=2, height=64, width=96, seed=3, progress=False, controllers=[
-        AttendAndExcite.for_words(model.tokenizer, PROMPTS[1], ["cercle"]),
-        Bind.for_pairs(model.tokenizer, PROMPTS[1], [("rouge", "cercle")])])[0]
+    expected = model.generate(PROMPTS[1], steps=2, height=64, width=96, seed=3, progress=False,
+                              controllers=[Bind.for_pairs(model.tokenizer, PROMPTS[1], [("rouge", "cercle")])])[0]
     assert Image.open(out / row["file"]).tobytes() == expected.tobytes()
     assert main(["generate", "--replay", str(out / row["file"]), "--outdir", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "samples" / "00000.png").read_bytes() == (out / row["file"]).read_bytes()
+
+
+def test_the_flags_make_the_python_controllers_and_replay_them(toy):
+    """Each flag gives the controller the Python API gives for its words; its record gives the flag back."""
+    from argparse import Namespace
+
+    from altdiff_min.apps import excite as flags
+
+    prompt = "un cercle rouge à gauche d'un carré bleu"
+    args = Namespace(excite="cercle, carré", bind=True, bind_pairs=None)
+    excite, bind = flags.controllers(args, toy.tokenizer, prompt, "ddim")
+    assert excite.subjects == AttendAndExcite.for_words(toy.tokenizer, prompt, ["cercle", "carré"]).subjects
+    assert bind.subtrees == toy_bind(toy.tokenizer, prompt).subtrees
+    pairs = Namespace(excite=None, bind=False, bind_pairs="rouge=cercle,bleu=carré")
+    (bound,) = flags.controllers(pairs, toy.tokenizer, prompt, "dpm++2m")
+    assert bound.subtrees == Bind.for_pairs(toy.tokenizer, prompt, [("rouge", "cercle"), ("bleu", "carré")]).subtrees
+    for given in (args, pairs):
+        again = Namespace()
+        flags.replay(again, json.loads(json.dumps(flags.record(given))))
+        assert flags.record(again) == flags.record(given)
+    assert flags.record(args) == {"excite": ["cercle", "carré"], "bind": True}
+
+
+@pytest.mark.parametrize("prompt,extra,message", [
+    (PROMPTS[1], ["--excite", "carré"], "--excite: 'carré' is not a word of"),
+    (PROMPTS[1], ["--excite", "cercle,"], "--excite takes words separated by commas"),
+    (PROMPTS[1], ["--bind-pairs", "rouge"], "--bind-pairs takes MODIFIER=NOUN pairs"),
+    (PROMPTS[1], ["--bind", "--bind-pairs", "rouge=cercle"], "not both"),
+    ("un chien", ["--bind"], "--bind pairs the toy's colour words"),
+    (PROMPTS[1], ["--excite", "cercle", "--sampler", "euler_a"], "sampler must be one of"),
+    (PROMPTS[1], ["--excite", "cercle", "--compile"], "drop --compile"),
+])
+def test_bad_flags_are_refused_before_the_model_loads(small_model_dir, tmp_path, capsys, monkeypatch, prompt, extra, message):
     import altdiff_min.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    capsys.readouterr()
-    for prompt, extra, message in [
-            (PROMPTS[1], ["--excite", "carré"], "--excite: 'carré' is not a word of"),
-            (PROMPTS[1], ["--excite", "cercle,"], "--excite takes words separated by commas"),
-            (PROMPTS[1], ["--bind-pairs", "rouge"], "--bind-pairs takes MODIFIER=NOUN pairs"),
-            ("un chien", ["--bind"], "--bind pairs the toy's colour words"),
-            (PROMPTS[1], ["--excite", "cercle", "--sampler", "euler_a"], "sampler must be one of"),
-            (PROMPTS[1], ["--excite", "cercle", "--compile"], "drop --compile")]:
-        assert main([args[0], prompt, *args[2:], "--outdir", str(tmp_path / "no"), *extra]) == 2
-        assert message in capsys.readouterr().err
+    assert main(["generate", prompt, "--model", small_model_dir, "--outdir", str(tmp_path / "no"), "--device", "cpu",
+                 *extra]) == 2
+    assert message in capsys.readouterr().err
