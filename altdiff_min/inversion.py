@@ -38,7 +38,7 @@ from .sampling.guidance import Denoiser, Rule, guided_eps
 from .sampling.samplers import Eps, Callback, ddim, ddim_step, landing, model_eps
 from .sampling.schedule import ScheduleConfig, Timesteps, as_timesteps
 from .storage import pictures
-from .research.interventions import Controller, check_controllers, intervene
+from .research.interventions import Controller, check_controllers, intervene, latent_steps
 
 
 def ddim_inversion_route(eps: Eps, z0: torch.Tensor, ts: Timesteps | list[int], cfg: ScheduleConfig = ScheduleConfig(),
@@ -215,13 +215,14 @@ def sample_inverted(model, inversion: Inversion, prompts: list[str] | None = Non
     → clean latents (P, 4, h, w) (model.decode_latents makes them pictures). prompts (or cond, (P, 77, D)
     conditional rows): default the inverted prompt; several (prompt-to-prompt's source and target) run
     in one batch from the same x_T, sharing each step's ∅_i. scale: default the inversion's.
-    controllers: attention controllers for this run (the UNet's batch is [∅_i × P; c × P], guided);
-    callback(i, t, x, x0) as the samplers' (latent hook)."""
+    controllers: attention controllers for this run (the UNet's batch is [∅_i × P; c × P], guided), their
+    `latents` hooks (latent guidance) as generate runs them; callback(i, t, x, x0) as the samplers' (latent hook)."""
     if prompts is not None and cond is not None:
         raise BadValue("give prompts or cond, not both")
     controllers = check_controllers(controllers)
     if prompts is not None:
         prompts, _, _ = check_arguments(model.shape, prompts, steps=len(inversion.ts), scale=1.0)
+        check_controllers(controllers, sampler="ddim", prompts=prompts)
         cond = model.encode_prompt(prompts, guided=False)
     cond = inversion.context if cond is None else cond
     scale = inversion.scale if scale is None else scale
@@ -229,8 +230,11 @@ def sample_inverted(model, inversion: Inversion, prompts: list[str] | None = Non
     ts, cfg = inversion.ts, model.schedule
     eps = stepwise_eps(model.denoise, cond, inversion.uncond, ts, scale) if scale != 1 else \
         (lambda x, t: model.denoise(x, t, cond))
-    with tqdm(total=len(ts), desc="ddim", disable=not progress, leave=False) as bar, intervene(controllers):
+    with tqdm(total=len(ts), desc="ddim", disable=not progress, leave=False) as bar, intervene(controllers) as run:
+        before = latent_steps(run, model.denoise, cond, ts, "ddim")
+
         def on_step(i, t, x, x0):
             bar.update()
-            return callback(i, t, x, x0) if callback is not None else None
-        return ddim(model_eps(eps, ts, cfg), x, ts, cfg, callback=on_step)
+            out = callback(i, t, x, x0) if callback is not None else None
+            return before(i + 1, x if out is None else out)
+        return ddim(model_eps(eps, ts, cfg), before(0, x), ts, cfg, callback=on_step)

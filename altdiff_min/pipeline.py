@@ -29,7 +29,7 @@ from .model.tokenizer import Tokenizer
 from .model.unet import UNet
 from .model.vae import VAE
 from .research import speed
-from .research.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene
+from .research.interventions import Controller, CrossAttentionSwitch, check_controllers, evaluation, intervene, latent_steps
 from .sampling import img2img
 from .sampling.guidance import Rule, Scale, guidance_rule, guided_eps
 from .sampling.samplers import draw_noise, get_sampler, model_eps
@@ -113,7 +113,7 @@ class AltDiffusion:
         this run (altdiff_min.research.interventions). After every step, in this order: `blend` (inpainting's,
         also applied to PLMS's warm-up estimate), `trajectory` (a list: {"t", "latents", "x0"} appended,
         on the CPU), then `callback(i, t, x, x0)`, which may return the latents to go on from (the
-        latent hook)."""
+        latent hook), then the controllers' `latents` hooks for the next step (also before step 0)."""
         with tqdm(total=len(ts), desc=sampler, disable=not progress, leave=False) as bar:
             def on_step(i: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
@@ -121,12 +121,14 @@ class AltDiffusion:
                 if trajectory is not None:
                     trajectory.append({"t": t, "latents": x.float().cpu(), "x0": x0.float().cpu()})
                 out = callback(i, t, x, x0) if callback is not None else None
-                return x if out is None else out
+                return before(i + 1, x if out is None else out)  # latent guidance for the next step
 
             eps = model_eps(guided_eps(self.denoise, context, scale, guidance), ts, self.schedule)  # v → ε, once
             extra = {"warmup": blend.warmup} if blend is not None and route(sampler).warmup else {}
-            with intervene(controllers):
-                return get_sampler(sampler)(eps, x, ts, self.schedule, eta=eta, generator=generator, callback=on_step, **extra)
+            with intervene(controllers) as run:
+                before = latent_steps(run, self.denoise, context, ts, sampler)  # x unchanged without a `latents` hook
+                return get_sampler(sampler)(eps, before(0, x), ts, self.schedule, eta=eta, generator=generator,
+                                            callback=on_step, **extra)
 
     def denoise(self, x: torch.Tensor, t: float, context: torch.Tensor | None, guided: bool = False) -> torch.Tensor:
         """One UNet evaluation ε(x, t, context), marked for attention controllers (interventions.evaluation:
@@ -203,7 +205,7 @@ class AltDiffusion:
                                                   height, width, seed, latents, output, prompt_embeds, guidance)
         reads = self.unet.text_parts(cross_attention)
         reads_text = bool(reads)  # [] or False: the text is never encoded
-        controllers = check_controllers(controllers, compiled=isinstance(self.unet, speed.CompiledUNet))
+        controllers = check_controllers(controllers, isinstance(self.unet, speed.CompiledUNet), sampler, prompts)
         if reads_text and reads != self.unet.text_parts(True):  # some parts do not read the text
             controllers = check_controllers([CrossAttentionSwitch(reads), *controllers],
                                             compiled=isinstance(self.unet, speed.CompiledUNet))

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="make a picture again, into --outdir: the one of line LINE (1-based) of an --outdir's "
                      "manifest.jsonl, or a PNG generate made (it carries its settings)")
 
+    from .excite import add_arguments as add_excite_arguments
+
+    add_excite_arguments(gen)
     from .edit import add_arguments as add_edit_arguments
 
     add_edit_arguments(commands.add_parser("edit", help="edit a picture by editing its prompt: null-text inversion, "

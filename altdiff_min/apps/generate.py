@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
+from . import excite
+
 
 def read_prompts(args) -> list[str]:
     from ..errors import AltDiffError, BadValue
@@ -86,6 +88,7 @@ def replay(args) -> int | None:
         args.skipping = {k: row[k] for k in ("tome", "deepcache") if k in row}
         if not all(isinstance(v, dict) for v in args.skipping.values()):
             raise TypeError("tome or deepcache is not an object")
+        excite.replay(args, row)
         keep, args.replayed = row["sample"], {**row, "file": row.get("file", os.path.abspath(args.replay))}
         kinds = {"prompt": str, "negative_prompt": str, "seed": int, "sampler": str, "steps": int, "scale": (int, float),
                  "eta": (int, float), "height": int, "width": int, "n_samples": int, "dtype": str, "sample": int,
@@ -377,6 +380,7 @@ def generate(args) -> int:
     for prompt in prompts:  # generate's own checks, on the folder's config (arguments.py): one prompt a call
         check_arguments(shape, prompt, args.negative_prompt, args.n_samples, args.steps, sampler, args.scale, args.eta,
                         height, width, args.seed, guidance=guidance, names=FLAGS)
+    excite.check_before_loading(args, config, prompts, sampler)
     if args.safety_checker and "safety_checker" not in config["modules"]:
         raise BadValue(f"--safety-checker: {args.model} holds no safety checker (convert the diffusers folder "
                        f"with --with-safety-checker)")
@@ -408,7 +412,7 @@ def generate(args) -> int:
                      "safety_checker": checked}
         model_folder, made_in = fingerprint(args.model), environment(world.device, dtype)
         more = {**(picture["record"] if picture else {}), **({"lora": loras} if loras else {})}
-        more |= ({"embeddings": embeddings} if embeddings else {}) | skip_record
+        more |= ({"embeddings": embeddings} if embeddings else {}) | skip_record | excite.record(args)
 
         def record(prompt: str, k: int) -> dict:
             return picture_record(model, prompt, k, arguments, (width, height), model_folder, made_in, **more)
@@ -420,7 +424,9 @@ def generate(args) -> int:
                                                n_samples=args.n_samples, steps=args.steps, sampler=sampler,
                                                scale=args.scale, guidance=guidance, eta=args.eta, height=height, width=width,
                                                seed=args.seed, progress=world.rank == 0, safety_checker=checked,
-                                               return_flags=True, controllers=skipping, **(picture["kwargs"] if picture else {}))
+                                               return_flags=True, **(picture["kwargs"] if picture else {}),
+                                               controllers=[*skipping, *excite.controllers(args, model.tokenizer,
+                                                                                           prompts[index], sampler)])
                 made = [(index, k, png_bytes(image, record(prompts[index], k)), flags[k] if checked else None)
                         for k, image in enumerate(images) if keep is None or k == keep]
             for index, k, png, flagged in sorted(p for part in gather(world, made) or [] for p in part):

@@ -33,7 +33,13 @@ two web requests on one model may use different controllers. A compiled UNet has
 graph: `check_controllers` refuses controllers for it in one line.
 
 Latent hooks: generate's `callback(i, t, x, x0)` may return changed latents; the sampler continues
-from them. Guidance rules (how ε(x, ∅) and ε(x, c) combine) are altdiff_min.sampling.guidance's.
+from them. A controller's fourth hook, `latents(step, x)`, is called before each step's first UNet
+evaluation (before step 0 on x_T, then after step i's callback for step i + 1) and may return the
+latents that step starts from: latent guidance such as Attend-and-Excite (research/attend_excite.py),
+which differentiates through `step.unet`, a conditional UNet evaluation at the step's timestep, run
+inside `alone` so that the run's attention controllers neither see nor count it. `check(sampler, prompts)` lets a controller
+refuse a call before any model work. Guidance rules (how ε(x, ∅) and ε(x, c) combine) are
+altdiff_min.sampling.guidance's.
 """
 from __future__ import annotations
 
@@ -59,8 +65,25 @@ class Moment:
     size: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class Step:
+    """Before step i of a run of `steps` (0 the noisiest), at timestep t, by `sampler`. unet(x): the
+    UNet's output at t for latents x with the prompts' contexts (the conditional rows, x's batch);
+    autograd follows it where grad is enabled. The run's controllers see it as one more UNet call
+    unless the hook calls it inside `alone(...)`."""
+    i: int
+    t: float
+    steps: int
+    sampler: str
+    unet: Callable[[torch.Tensor], torch.Tensor]
+
+
 class Controller:
     """Base of attention controllers: override any of the hooks; None leaves the value as it is."""
+
+    def check(self, sampler: str, prompts: list[str]) -> None:
+        """Raise a one-line errors.BadValue if this controller cannot run a generate call with this
+        sampler and these prompts (prompt_embeds: one "" each); generate asks before any model work."""
 
     def qkv(self, site: Site, when: Moment, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return None
@@ -76,6 +99,10 @@ class Controller:
 
     def block(self, when: Moment, depth: int, block: torch.nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         return compute()
+
+    def latents(self, step: Step, x: torch.Tensor) -> torch.Tensor | None:
+        """Latent guidance: the latents x_t step.i is about to read → the latents it reads instead, or None."""
+        return None
 
 
 def overrides(controller: Controller, hook: str) -> bool:
@@ -153,6 +180,36 @@ def intervene(controllers: Sequence[Controller] | None):
 
 
 @contextmanager
+def alone(controllers: Sequence[Controller]):
+    """Run the enclosed UNet evaluations with `controllers` only, not those of the run around them (a
+    latent hook's own evaluations: the run's controllers count and read the sampling's calls)."""
+    token = RUN.set(Run(controllers) if controllers else None)
+    try:
+        yield RUN.get()
+    finally:
+        RUN.reset(token)
+
+
+def latent_steps(run: Run | None, denoise, context: torch.Tensor | None, ts, sampler: str
+                 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """before(i, x): the latents step i starts from, after each `latents` hook of the run's controllers
+    in turn; x itself past the last step or without such a hook. context: the run's (negative rows
+    first when guided), of which step.unet reads the last len(x) rows, the prompts'."""
+    steering = [c for c in (run.controllers if run is not None else ()) if overrides(c, "latents")]
+
+    def before(i: int, x: torch.Tensor) -> torch.Tensor:
+        if not steering or i >= len(ts):
+            return x
+        t, cond = ts[i], None if context is None else context[-len(x):]
+        step = Step(i, float(t), len(ts), sampler, lambda z: denoise(z, t, cond, False))
+        for c in steering:
+            if (changed := c.latents(step, x)) is not None:
+                x = changed
+        return x
+    return before
+
+
+@contextmanager
 def evaluation(t: float, guided: bool, size: tuple[int, int]):
     """Around one UNet evaluation: the active run (if any) learns its moment."""
     run = RUN.get()
@@ -163,8 +220,10 @@ def evaluation(t: float, guided: bool, size: tuple[int, int]):
         yield
 
 
-def check_controllers(controllers, compiled: bool = False) -> tuple[Controller, ...]:
-    """A list of Controller instances (None: none); refused for a compiled UNet, whose graph runs no hook."""
+def check_controllers(controllers, compiled: bool = False, sampler: str | None = None,
+                      prompts: list[str] | None = None) -> tuple[Controller, ...]:
+    """A list of Controller instances (None: none); refused for a compiled UNet, whose graph runs no hook;
+    with `sampler` and `prompts` (generate's), each controller's own `check` of them."""
     if controllers is None:
         return ()
     if isinstance(controllers, Controller):
@@ -174,6 +233,8 @@ def check_controllers(controllers, compiled: bool = False) -> tuple[Controller, 
     if controllers and compiled:
         raise BadValue("attention controllers need the UNet as written, and this one is compiled "
                        "(load(..., compile=True)): load the model without compile to change its attention")
+    for c in controllers if sampler is not None else ():
+        c.check(sampler, list(prompts or []))
     return tuple(controllers)
 
 
