@@ -579,9 +579,11 @@ tokenizer cannot even spell the word: "ring" becomes r-i-n-g, 圆环 and 輪 are
 This lesson teaches it rings from 36 pictures, captioned in the nine languages, three ways:
 
 - **every weight** of the text encoder and the UNet (`--train both`);
-- **a LoRA** of rank 4 on the UNet (`--lora 4`): the base frozen, a few hundred kilobytes trained;
-- **a new word and a LoRA** (`--train embeddings --new-token "<ring>" --init-word circle --lora 4`):
-  the captions say `<ring>` in every language, its embedding row and the LoRA train together;
+- **LoRAs** of rank 4 on the UNet and the text encoder (`--train both --lora 4`, diffusers'
+  `--train_text_encoder`): the bases frozen, half a megabyte trained;
+- **a new word and LoRAs** (`--train embeddings --new-token "<ring>" --init-word a --lora 4
+  --lora-text-targets …`): the captions say `<ring>` in every language, its embedding row and both
+  LoRAs train together;
 
 each alone and **with rehearsal**, half of every batch drawn from the old world (DATA
 `toy-ring:1,toy:1`). For each: how often it draws a ring of the asked colour (`evaluate_rings`: nine
@@ -620,10 +622,11 @@ from lesson import scratch_folder
 
 runs = scratch_folder()
 STEPS = 1200
-LORA = {"lora": 4, "lora_targets": (r"(self|cross)_attn\\.(q|k|v|out)", r"res\\.\\d+\\.conv[12]", r"ff\\.(proj|out)")}
+LORA = {"lora": 4, "lora_targets": (r"(self|cross)_attn\\.(q|k|v|out)", r"res\\.\\d+\\.conv[12]", r"ff\\.(proj|out)"),
+        "lora_text_targets": (r"attn\\.(q|k|v|out)", r"fc1", r"fc2")}   # the UNet's layers, and the text encoder's
 WAYS = {"every weight": {"train": "both", "lr": 5e-4},
-        "LoRA r=4": {"train": "unet", "lr": 3e-3, **LORA},
-        "<ring> + LoRA r=4": {"train": "embeddings", "new_tokens": ("<ring>",), "init_words": ("circle",), "lr": 3e-3, **LORA}}
+        "LoRA r=4": {"train": "both", "lr": 3e-3, **LORA},
+        "<ring> + LoRA r=4": {"train": "embeddings", "new_tokens": ("<ring>",), "init_words": ("a",), "lr": 3e-3, **LORA}}
 taught, table = {}, []
 
 def mean(scores, key):
@@ -664,23 +667,24 @@ for way, rehearse, ring, colour, shape, mb, minutes in table:
 2-core CPU that other jobs shared, so only roughly comparable):
 
 - **Every weight** learns the ring best: 98% alone, 93% with rehearsal. Alone it forgets the old
-  world's shapes (28% right), while the colours mostly survive (90%). With half of every batch from the old world it keeps it whole
-  (99% / 99%). That is the only way here that passes the bar this lesson set (rings ≥ 80% with the
-  old world ≥ 95% / 95%), at the price of a whole model (11.5 MB; m9's would be 4 GB).
-- **A LoRA of rank 4** (attention, resnet convolutions and feed-forward layers: 0.5 MB) cannot learn
-  the ring from the words alone: the text encoder is frozen, and the words it is given are pieces
-  the encoder never read (r-i-n-g, <unk>), so the UNet must learn to read rings out of spelling. Alone
-  it reaches 57% and loses the old shapes (12%); with rehearsal it keeps the old world (100% / 98%)
-  but learns rings in 41% of pictures.
-- **A new word and a LoRA** gives the encoder a word to read: `<ring>` learns its own row. Alone it
-  draws rings right 82% of the time, but the old shapes fall to 35%. With rehearsal the colours stay
-  (100%) but only 74% of old shapes survive, and the rings drop to 69%: the word started as a copy of
-  *circle*, and the circles are what it takes with it (the same run, measured apart from this
-  lesson: asked for a circle in English, it drew a ring 14 times in 18).
+  world's shapes (28% right), while the colours mostly survive (90%). With half of every batch from
+  the old world it keeps it whole (99% / 99%). That is the only way here that passes the bar this
+  lesson set (rings ≥ 80% with the old world ≥ 95% / 95%), at the price of a whole model (11.5 MB;
+  m9's would be 4 GB).
+- **LoRAs of rank 4** (the UNet's attention, resnet convolutions and feed-forward layers; the text
+  encoder's attention and feed-forward layers: 0.5 MB) learn the ring alone almost as well as every
+  weight (95%), and forget less of the old shapes (46% right, against 28%). The text encoder's LoRA
+  is what makes the difference: with the encoder frozen, the words are pieces it never read (r-i-n-g,
+  <unk>), and a LoRA on the UNet alone, with these settings, reaches 57% (41% with rehearsal). With rehearsal the
+  old world stays whole (99% / 99%), but the rings fall to 48%: half the batches teach rings, and a
+  rank-4 update that must also leave the old world alone learns less in 1,200 steps.
+- **A new word and LoRAs**: `<ring>` starts as the row of "a", a word with no shape, and learns its
+  own. Alone it draws rings right 97% of the time; with rehearsal 61%, while the old colours stay
+  (99%) and 91% of the old shapes survive.
 
-So, on this toy: rehearsal is what keeps the old world, whatever trains; a LoRA keeps it only with
-rehearsal, and then learns less; the new word helps the LoRA learn, but shares its start with the
-word it was copied from.""",
+So, on this toy: rehearsal is what keeps the old world, whatever trains; the LoRAs learn the ring
+as well as every weight when nothing else is asked of them, but with rehearsal they fall short of
+the bar at this rank and length.""",
     """asks = [("red", "en"), ("blue", "zh"), ("yellow", "ru")]
 names, pictures = [], []
 for (way, rehearse), (model, word) in taught.items():
@@ -690,15 +694,14 @@ for (way, rehearse), (model, word) in taught.items():
 show(pictures, names, rows=len(taught), size=1.5)""",
     """md:**The pictures** (seed 0; rows: each way, without and with rehearsal; the last column asks
 for a green circle in French; the Chinese titles show as boxes: the plotting font has no CJK glyphs).
-Without rehearsal every way draws the French green circle as a ring (the LoRA's, red); with
-rehearsal the full fine-tune and the LoRA draw it as a disc again, the new word + LoRA still as a
-ring. The Russian yellow ring (жёлтое кольцо: a neuter adjective the toy never read) comes out green
-in both LoRA ways and as a yellow-orange disc without a hole after the full fine-tune: what the
-model cannot read there is the colour word. With rehearsal, the full fine-tune and the LoRA draw the
-Chinese blue ring as a disc (seed 0), while `<ring>` gives a ring in both of its rows. What would close the gap for the LoRA: more steps or a larger
-rank (the lesson's runs stop at 1,200), an init word that is not the neighbour it must stay apart
-from, or DreamBooth's prior preservation (`--class-prompt "a circle" --class-images N`), which
-rehearses with the base model's own pictures instead of the training data.""",
+Without rehearsal every way draws the French green circle as a ring; with rehearsal every way draws
+it as a disc again. The Russian yellow ring (жёлтое кольцо: a neuter adjective the toy never read)
+is a yellow ring after the LoRAs alone, which read the new spelling through the text encoder's LoRA;
+the other ways draw it yellow-orange without a hole, and the new word with rehearsal draws a square.
+With rehearsal the Chinese blue ring comes out as a disc in every way (seed 0). What would close the
+gap for the LoRAs: more steps or a larger rank (the lesson's runs stop at 1,200), more ring batches
+than old ones, or DreamBooth's prior preservation (`--class-prompt "a circle" --class-images N`),
+which rehearses with the base model's own pictures instead of the training data.""",
 ]
 
 LESSONS["07_sweep"] = [
