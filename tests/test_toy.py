@@ -54,7 +54,7 @@ from altdiff_min.toy.data import (
     scene_corpus,
 )
 from altdiff_min.toy.detect import SPECK, compositions, detect_objects, evaluate_rings, same_scene
-from altdiff_min.toy.train import Recipe, train_tokenizer, train_toy
+from altdiff_min.toy.train import WORLD_RECIPES, Recipe, recipe_for, train_tokenizer, train_toy
 from altdiff_min.toy.world import RingWorld, SceneWorld
 
 # What the shipped model must reach in every language separately, and how it is sampled for that.
@@ -535,6 +535,19 @@ def test_evaluation_takes_seeds_a_sampler_and_a_batch_size():
     assert text.splitlines()[-1].split()[1 + columns.index("pairs")] == "8"  # counts add up over the languages, fractions average
     assert format_table({"en": {"colour": 0.5, "shape": 1.0}}) == (
         "lang  colour   shape\nen       50%    100%\nall      50%    100%")
+
+
+def test_each_world_has_its_recipe_and_flags_change_it(monkeypatch):
+    import altdiff_min.toy.train as training
+    from altdiff_min.apps.cli import main
+
+    assert recipe_for() == Recipe() and recipe_for("scenes").unet_steps == WORLD_RECIPES["scenes"]["unet_steps"] > Recipe().unet_steps
+    assert recipe_for("scenes", unet_steps=7).unet_steps == 7 and recipe_for("scenes", unet_steps=7).images == 21600
+    seen = []
+    monkeypatch.setattr(training, "train_toy", lambda out, seed, force, evaluate, **r: seen.append(recipe_for(**r)))
+    assert main(["train-toy", "out", "--world", "scenes", "--unet-batch", "64", "--unet-channels", "16", "32"]) == 0
+    assert seen[-1] == recipe_for("scenes", unet_batch=64, unet_channels=(16, 32))  # what was not given: the world's
+    assert main(["train-toy", "out"]) == 0 and seen[-1] == Recipe()
 
 
 def test_train_toy_command_line_help():

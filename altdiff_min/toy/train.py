@@ -97,6 +97,17 @@ class Recipe:
             raise BadValue("kl_weight, warmup and snr_gamma must be >= 0 and uncond_prob in [0, 1)")
 
 
+# What a world changes in the recipe above. Scenes: binding two objects wants both the batch and the
+# updates (docs/toy.md), so twice the pictures (fresh ones keep the longer run from memorising) and
+# 9,000 UNet steps of 128, about 1.5 hours of a 2-core CPU.
+WORLD_RECIPES = {"shapes": {}, "scenes": dict(images=21600, vae_steps=800, unet_steps=9000)}
+
+
+def recipe_for(world: str = "shapes", **changes) -> Recipe:
+    """The world's recipe (Recipe's defaults, then WORLD_RECIPES[world]) with `changes` on top."""
+    return Recipe(world=world, **{**WORLD_RECIPES.get(world, {}), **changes})
+
+
 def toy_configs(vocab_size: int, r: Recipe = Recipe()) -> tuple[TextEncoderConfig, UNetConfig, VAEConfig]:
     """m9's three modules, shrunk to the recipe's sizes: by default ~0.1 M + 1.8 M + 1 M parameters
     instead of 560 M + 860 M + 84 M."""
@@ -163,7 +174,8 @@ def curve(losses: list[float], points: int = 50) -> list[float]:
 def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool = True, progress: bool = True,
               **recipe) -> AltDiffusion:
     """Train the toy model and save it as a model folder at out_dir (refused if it exists, unless
-    force). recipe: fields of `Recipe` to change, e.g. unet_steps=3000. evaluate: measure the
+    force). recipe: fields of `Recipe` to change, e.g. unet_steps=3000 or world="scenes" (then that
+    world's defaults, WORLD_RECIPES, apply to the fields not given). evaluate: measure the
     finished model with the detector (`detect.evaluate`, ~30 s) and record the table in config.json.
     Returns the trained model.
 
@@ -172,7 +184,7 @@ def train_toy(out_dir: str, seed: int = 0, force: bool = False, evaluate: bool =
     rank 0 measures and writes the folder. On this project's 2-core CPU it does not pay: two
     one-thread processes ran the VAE stage 1.25× as fast as one two-thread process, but the UNet
     stage only 0.8× as fast (the gradients' all-reduce competes for the two cores)."""
-    r = Recipe(**recipe)  # bad values are refused here, before any work
+    r = recipe_for(**recipe)  # bad values are refused here, before any work
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BadValue(f"seed must be an int >= 0, got {seed!r}")
     world = join_world("cpu")
@@ -251,17 +263,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="the model folder to write (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and training")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("--vae-steps", type=int, default=Recipe.vae_steps, help="VAE training steps")
-    parser.add_argument("--unet-steps", type=int, default=Recipe.unet_steps, help="text encoder + UNet training steps")
-    parser.add_argument("--unet-batch", type=int, default=Recipe.unet_batch,
-                        help="text encoder + UNet global batch (shared among torchrun's processes)")
-    parser.add_argument("--images", type=int, default=Recipe.images, help="pictures rendered for training")
-    parser.add_argument("--snr-gamma", type=float, default=Recipe.snr_gamma,
-                        help="Min-SNR-γ loss weights of the UNet stage (0: unweighted)")
-    parser.add_argument("--latent-channels", type=int, default=Recipe.latent_channels, help="the VAE's latent channels")
-    parser.add_argument("--unet-channels", type=int, nargs="+", default=Recipe.unet_channels,
-                        help="the UNet's channels per level, e.g. 48 96 96")
-    parser.add_argument("--text-layers", type=int, default=Recipe.text_layers, help="the text encoder's layers")
+    world = " (default: the world's recipe, shapes / scenes: {})"
+    for flag, kind, text in (("--vae-steps", int, "VAE training steps"),
+                             ("--unet-steps", int, "text encoder + UNet training steps"),
+                             ("--unet-batch", int, "text encoder + UNet global batch (shared among torchrun's processes)"),
+                             ("--images", int, "pictures rendered for training"),
+                             ("--snr-gamma", float, "Min-SNR-γ loss weights of the UNet stage (0: unweighted)"),
+                             ("--latent-channels", int, "the VAE's latent channels"),
+                             ("--text-layers", int, "the text encoder's layers")):
+        name = flag[2:].replace("-", "_")
+        defaults = " / ".join(str(getattr(recipe_for(w), name)) for w in WORLDS)
+        parser.add_argument(flag, type=kind, default=None, help=text + world.format(defaults))
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=None,
+                        help="the UNet's channels per level, e.g. 48 96 96 (default: 32 64 64)")
     parser.add_argument("--world", choices=WORLDS, default=Recipe.world,
                         help="shapes: one object a picture (the shipped model's); scenes: one or two, sizes, relations")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement at the end")
@@ -269,8 +283,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `altdiff-min train-toy` with parsed arguments; returns the exit status."""
-    recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}  # each flag
-    recipe["unet_channels"] = tuple(recipe["unet_channels"])  # nargs="+" gives a list
+    recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+              if getattr(args, f.name, None) is not None}  # each flag given, over the world's recipe
+    if "unet_channels" in recipe:
+        recipe["unet_channels"] = tuple(recipe["unet_channels"])  # nargs="+" gives a list
     train_toy(args.out_dir, seed=args.seed, force=args.force, evaluate=not args.no_eval, **recipe)
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {args.out_dir}")
