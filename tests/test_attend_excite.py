@@ -22,7 +22,8 @@ from altdiff_min.research.attend_excite import (AttendAndExcite, Bind, ExciteCon
 from altdiff_min.research.interventions import Controller, Step, intervene
 from altdiff_min.sampling.schedule import timesteps
 from altdiff_min.toy import data
-from altdiff_min.toy.binding import colour_pairs, toy_bind
+from altdiff_min.toy.binding import colour_pairs, evaluate_binding, toy_bind, toy_excite
+from altdiff_min.toy.detect import compositions, evaluate_scenes
 
 PROMPTS, NEGATIVE = ["a red circle on a white background", "un cercle rouge sur un fond blanc"], "模糊"
 INDICES = [[2, 3], [2]]  # diffusers' token_indices, one list a prompt: ▁re, d; ▁cerc (the small tokenizer's pieces)
@@ -251,6 +252,21 @@ def test_pairs_bind_where_the_words_stand(toy):
     for prompt, ((noun, (colour,)),), said in zip(prompts, bind.subtrees, [("rouge", "cercle"), ("红色", "圆形")]):
         pieces = toy.tokenizer.pieces(prompt)
         assert tuple("".join(pieces[p] for p in w).replace("▁", "") for w in (colour, noun)) == said
+    two = data.caption_scene(scenes[1], "ru", 0)  # the same shape twice: two subjects, the nouns bind names
+    excite = toy_excite(toy.tokenizer, prompts + [two])
+    assert excite.subjects == tuple(tuple(tuple(n) for _, n in colour_pairs(toy.tokenizer, p)) for p in prompts + [two])
+    assert len(excite.subjects[-1]) == 2 and excite.prompts == tuple(prompts + [two])
+
+
+def test_binding_is_measured_four_ways_with_each_calls_own_controllers(toy):
+    scenes = compositions(singles=0, pairs=2, seed=4)
+    tables = evaluate_binding(toy, languages=("ko", "es"), scenes=scenes, steps=2)  # 2 steps: the plumbing, not quality
+    assert list(tables) == ["plain", "excite", "bind", "both"] and all(t["seconds"] > 0 for t in tables.values())
+    alone = {lang: evaluate_scenes(toy, scenes, languages=(lang,), steps=2)[lang] for lang in ("ko", "es")}
+    assert tables["plain"]["table"] == alone  # one call a language: each language's noise is its own call's
+    assert all(set(t["table"]) == {"ko", "es"} and t["table"]["es"]["pairs"] == 2 for t in tables.values())
+    with pytest.raises(BadValue, match="ways"):
+        evaluate_binding(toy, ways=("plain", "syngen"))
 
 
 def test_bad_input_is_one_line_before_any_model_work(ours, small_model_dir, monkeypatch):

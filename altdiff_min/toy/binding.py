@@ -2,6 +2,8 @@
 for SynGen's binding loss (altdiff_min.research.attend_excite.Bind; `altdiff-min generate --bind`).
 
     bind = toy_bind(model.tokenizer, caption_scene(scene, "fr"))   # rouge → cercle, bleu → carré
+    excite = toy_excite(model.tokenizer, caption_scene(scene, "fr"))   # cercle, carré: the subjects
+    tables = evaluate_binding(model)   # {way: evaluate_scenes' table and seconds a picture}, four ways
 
 A colour's noun is the nearest shape word after it in en, zh, ru, ja and ko, before it in es, fr, it
 and ar (data.py's OBJECT: "a small red circle", "红色小圆形", "un petit cercle rouge", "un círculo rojo
@@ -13,9 +15,12 @@ pieces: "квадрат" in "квадрата", "دائرة" in "لدائرة"),
 """
 from __future__ import annotations
 
+import time
+
 from ..errors import BadValue
-from ..research.attend_excite import Bind, gap, occurrences, prompt_list
-from .data import LANGUAGES, said
+from ..research.attend_excite import AttendAndExcite, Bind, gap, occurrences, prompt_list
+from .data import LANGUAGES, caption_scene, said
+from .detect import compositions, evaluate_scenes
 
 NOUN_FIRST = frozenset({"es", "fr", "it", "ar"})  # the colour after its noun (data.OBJECT)
 
@@ -58,3 +63,38 @@ def toy_bind(tokenizer, prompts, **options) -> Bind:
     prompts = prompt_list(prompts)
     return Bind([colour_pairs(tokenizer, p) for p in prompts], [len(tokenizer.pieces(p)) for p in prompts],
                 prompts, **options)
+
+
+def toy_excite(tokenizer, prompts, **options) -> AttendAndExcite:
+    """Attend-and-Excite with each prompt's shape nouns as its subjects (those colour_pairs binds: a
+    shape said twice is two subjects, one per object); options: ExciteConfig's."""
+    prompts = prompt_list(prompts)
+    subjects = [list(dict.fromkeys(tuple(noun) for _, noun in colour_pairs(tokenizer, p))) for p in prompts]
+    return AttendAndExcite(subjects, prompts, [len(tokenizer.pieces(p)) for p in prompts], **options)
+
+
+# The ways `evaluate_binding` compares: each a function of one call's prompts → its controllers.
+WAYS = {"plain": lambda tokenizer, prompts: [],
+        "excite": lambda tokenizer, prompts: [toy_excite(tokenizer, prompts)],
+        "bind": lambda tokenizer, prompts: [toy_bind(tokenizer, prompts)],
+        "both": lambda tokenizer, prompts: [toy_excite(tokenizer, prompts), toy_bind(tokenizer, prompts)]}
+
+
+def evaluate_binding(model, ways=tuple(WAYS), languages=LANGUAGES, scenes=None, **evaluate) -> dict[str, dict]:
+    """Pairs drawn plainly, with Attend-and-Excite (the shape nouns), with the binding loss (each
+    colour to its noun), and with both: per way, `evaluate_scenes`' table (default scenes: the 36 pairs
+    of `compositions()`, phrasing 0) and the seconds a picture. One call of `generate` a language, its
+    controllers built for that call's prompts; evaluate: evaluate_scenes' other arguments (seeds,
+    scale, steps, sampler: A&E and the loss take ddim and dpm++2m)."""
+    if unknown := [w for w in ways if w not in WAYS]:
+        raise BadValue(f"ways are some of {tuple(WAYS)}, got {unknown}")
+    scenes = compositions(singles=0) if scenes is None else scenes
+    out = {}
+    for way in ways:
+        table, start = {}, time.perf_counter()
+        for lang in languages:
+            prompts = [caption_scene(s, lang, 0) for s in scenes]
+            table |= evaluate_scenes(model, scenes, languages=(lang,), batch_size=len(scenes),
+                                     controllers=WAYS[way](model.tokenizer, prompts), **evaluate)
+        out[way] = {"table": table, "seconds": (time.perf_counter() - start) / (len(languages) * len(scenes))}
+    return out
