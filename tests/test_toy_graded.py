@@ -12,7 +12,7 @@ from altdiff_min import load
 from altdiff_min.errors import BadValue
 from altdiff_min.toy import COLOURS, SHAPES, Obj, Scene, evaluate, evaluate_scenes, format_table, grade
 from altdiff_min.toy.data import SIZE, WHITE, mask, random_scene, render, render_scene
-from altdiff_min.toy.detect import compositions
+from altdiff_min.toy.detect import compositions, swapped
 from altdiff_min.toy.graded import ciede2000, delta_e, relation_error, shape_iou, srgb_to_lab
 from altdiff_min.toy.world import ToyWorld
 
@@ -228,3 +228,18 @@ def test_graded_keys_follow_the_fractions_in_evaluate_scenes(monkeypatch):
     row = evaluate_scenes(None, scenes, languages=("en",))["en"]
     assert row == {"colour": 1.0, "shape": 1.0, "size": 1.0, "objects": 1.0, "relation": 1.0, "swaps": 0, "pairs": 4,
                    "delta_e": 0.0, "iou": 1.0, "pair_delta_e": 0.0, "pair_iou": 1.0, "position": 0.0, "ungraded": 0}
+
+
+def test_pairs_drawn_swapped_are_counted_as_swaps(monkeypatch):
+    detect_module = sys.modules[evaluate.__module__]
+    red_blue = Scene(Obj("circle", "red"), "above", Obj("square", "blue"))
+    assert swapped(red_blue) == Scene(Obj("circle", "blue"), "above", Obj("square", "red"))
+    assert swapped(Scene(Obj("circle", "red"), "above", Obj("circle", "blue"))) is None  # nothing to swap
+    assert swapped(Scene(Obj("circle", "red"))) is None and swapped(Scene(Obj("circle", "red"), "above", Obj("square", "red"))) is None
+    scenes = compositions(0, 12, seed=3)
+    twins = [swapped(s) or s for s in scenes]  # every swappable pair drawn swapped, the others as asked
+    rng = np.random.default_rng(2)
+    monkeypatch.setattr(detect_module, "draw", lambda model, prompts, seeds, *a, **k: [render_scene(s, rng) for s in twins])
+    row = evaluate_scenes(None, scenes, languages=("it",))["it"]
+    can = sum(swapped(s) is not None for s in scenes)
+    assert 0 < can < 12 and row["swaps"] == can and row["objects"] == pytest.approx((12 - can) / 12)

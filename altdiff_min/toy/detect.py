@@ -199,6 +199,16 @@ def judge_pair(seen: Scene | None, asked: Scene) -> tuple[bool, bool | None]:
     return True, told.relation == asked.relation
 
 
+def swapped(asked: Scene) -> Scene | None:
+    """The pair drawn with each colour on the other's shape (a red square and a blue circle for "a red
+    circle left of a blue square"): the binding failure. None where swapping changes nothing (one
+    object, the same shape or the same colour twice)."""
+    a, b = asked.first, asked.second
+    if b is None or a.shape == b.shape or a.colour == b.colour:
+        return None
+    return Scene(Obj(a.shape, b.colour), asked.relation, Obj(b.shape, a.colour))
+
+
 def grade(image, asked: Scene) -> dict[str, float | None]:
     """The graded scores (graded.py) of a picture against the scene `asked`: "delta_e" (CIEDE2000 of the
     object's mean colour from the asked one), "iou" (its fit to the asked shape), "position" (pixels
@@ -373,9 +383,7 @@ def evaluate_scenes(model, scenes: list[Scene] | None = None, scale: float = 7.5
         objects, where = judge_pair(seen, asked)
         n["objects"] += objects
         n["relation"] += bool(where)
-        a, b = asked.first, asked.second  # swapped: each colour drawn on the other's shape
-        swapped = Scene(Obj(a.shape, b.colour), asked.relation, Obj(b.shape, a.colour))
-        n["swaps"] += a.shape != b.shape and a.colour != b.colour and judge_pair(seen, swapped)[0]
+        n["swaps"] += (twin := swapped(asked)) is not None and judge_pair(seen, twin)[0]
     return {lang: {"colour": ratio(n["colour"], n["single"]), "shape": ratio(n["shape"], n["single"]),
                    "size": ratio(n["size"], n["sized"]), "objects": ratio(n["objects"], n["pairs"]),
                    "relation": ratio(n["relation"], n["objects"]), "swaps": n["swaps"], "pairs": n["pairs"],
