@@ -6,6 +6,7 @@ run, their errors, and the command line's --tome / --deepcache recorded and repl
 import json
 
 import pytest
+from PIL import Image
 import tomesd  # installed by the Makefile, as DeepCache
 import torch
 from DeepCache import DeepCacheSDHelper
@@ -229,3 +230,34 @@ def test_the_command_line_uses_records_and_replays_them(small_model_dir, ours, t
         capsys.readouterr()
         assert main(args + extra) == 2
         assert message in capsys.readouterr().err
+
+
+def test_sweep_axes_skip_work_record_it_and_replay_it(tmp_path, capsys):
+    """tome / deepcache are sweep axes (a ratio, an interval, the class's arguments, or null: off): each
+    cell is generate with those controllers, its picture records their settings, and --replay remakes it."""
+    from altdiff_min.storage.provenance import record_of_png
+
+    spec = {"model": "toy", "prompts": ["un cercle rouge"], "seeds": [2], "metrics": ["toy"], "fixed": {"steps": 4},
+            "axes": {"tome": [None, 0.5], "deepcache": [None, {"interval": 2, "branch": 1}]}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert main(["sweep", str(tmp_path / "spec.json"), "--device", "cpu"]) == 0
+    out, toy = tmp_path / "spec", load("toy")
+    pictures = sorted((out / "pictures").iterdir())
+    made = [ToMe(0.5) if t else None for t in (0, 0, 1, 1)], [DeepCache(2, 1) if d else None for d in (0, 1, 0, 1)]
+    for picture, tome, deepcache in zip(pictures, *made):
+        controllers = [c for c in (tome, deepcache) if c is not None]
+        again = toy.generate("un cercle rouge", seed=2, steps=4, controllers=controllers)[0]
+        assert Image.open(picture).tobytes() == again.tobytes()
+        record = record_of_png(str(picture))
+        assert {k: record.get(k) for k in ("tome", "deepcache")} == {
+            "tome": tome and tome.settings(), "deepcache": deepcache and deepcache.settings()}
+        assert main(["generate", "--replay", str(picture), "--outdir", str(tmp_path / picture.stem)]) == 0
+        assert (tmp_path / picture.stem / "samples" / "00000.png").read_bytes() == picture.read_bytes()
+    assert len({Image.open(p).tobytes() for p in pictures}) == 4  # each setting changes the picture
+    capsys.readouterr()
+    for bad, message in [({"tome": [0.99]}, "tome 0.99: ToMe ratio must be in"), ({"deepcache": [{"every": 2}]}, "not DeepCache's settings"),
+                         ({"deepcache": [{"interval": 2, "branch": 6}]}, f"this model's UNet has {skip_branches(toy.unet.cfg)} skip branches")]:
+        (tmp_path / "bad.json").write_text(json.dumps({**spec, "axes": bad}))
+        assert main(["sweep", str(tmp_path / "bad.json"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()

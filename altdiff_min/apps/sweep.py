@@ -17,6 +17,8 @@ A SPEC (JSON, or TOML on Python ≥ 3.11):
     cross_attention = [true, ["down", "up"], "mid"]  # everywhere; all but the middle; the middle only
     lora_scale = [0.0, 0.5, 1.0]                   # with `lora = ["style.safetensors"]` (beside the spec):
                                                    # every LoRA of the spec at that scale (default 1.0)
+    tome = [0.0, 0.3, 0.5]                         # skipping work (research/skipping.py), as --tome / --deepcache:
+    deepcache = [1, 2, 3]                          # a ratio, an interval, ToMe's / DeepCache's arguments, or null (off)
 
 With an `edit` table (picture, source) the sweep edits one real picture instead: prompts are the
 targets, the axes `altdiff-min edit`'s arguments (apps/sweep_edit.py, docs/sweeps.md).
@@ -49,6 +51,7 @@ from ..model.tokenizer import check_prompt
 from ..sampling.guidance import guidance_rule
 from ..storage.files import atomic_file, clean_partials, locked, make_folder, read_json, read_text, refuse_link
 from ..storage.folder import fingerprint
+from ..research.skipping import SKIPPERS, from_settings, skip_branches
 from .metrics import Metric, find_metric
 from .sweep_edit import EDIT_ARGUMENTS, check_edit_cells, make_edit_cell, read_edit_entry
 from .sweep_sheet import contact_sheet, label
@@ -144,7 +147,7 @@ def read_spec(path: str) -> Spec:
         raise BadType(f"{path}: 'fixed' and 'axes' must be tables of generate arguments")
     edit = read_edit_entry(path, raw)  # prompts are its targets; no seeds, no LoRA
     lora = read_lora_entry(path, raw.get("lora"))
-    allowed = EDIT_ARGUMENTS if edit else generate_arguments() | ({LORA_SCALE} if lora else set())
+    allowed = EDIT_ARGUMENTS if edit else generate_arguments() | set(SKIPPERS) | ({LORA_SCALE} if lora else set())
     if not lora and LORA_SCALE in {*fixed, *axes}:
         raise BadValue(f"{path}: {LORA_SCALE} scales the spec's LoRA files: give them as 'lora' (a list of .safetensors files)")
     for name in [*fixed, *axes]:
@@ -160,6 +163,12 @@ def read_spec(path: str) -> Spec:
         if not isinstance(rule, str):  # its text, which the table records; a Rule object is not JSON
             raise BadType(f"{path}: guidance must be a rule's text such as 'rescale:0.7', got {rule!r}")
         guidance_rule(rule, f"{path}: guidance")
+    for key in set(SKIPPERS) & {*fixed, *axes}:  # each value makes its controller, or is refused now
+        for value in axes.get(key, []) + ([fixed[key]] if key in fixed else []):
+            try:
+                from_settings({key: value})
+            except (AltDiffError, TypeError) as e:
+                raise BadValue(f"{path}: {key} {value!r}: {e}") from None
     for scale in axes.get(LORA_SCALE, []) + ([fixed[LORA_SCALE]] if LORA_SCALE in fixed else []):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise BadValue(f"{path}: {LORA_SCALE} must be a finite number, got {scale!r}")
@@ -205,6 +214,9 @@ def check_cells(spec: Spec, model) -> None:
         arguments = {**spec.fixed, **setting}
         model.unet.text_parts(arguments.get("cross_attention", True))  # true, false or a list of UNet parts
         check_text_layer(model.shape, arguments.get("text_layer"))
+        deepcache = from_settings({key: arguments[key] for key in SKIPPERS if key in arguments}).get("deepcache")
+        if deepcache is not None and deepcache.branch >= (n := skip_branches(model.unet.cfg)):
+            raise BadValue(f"deepcache: branch {deepcache.branch}, but this model's UNet has {n} skip branches (0–{n - 1})")
         check_arguments(model.shape, spec.prompts[0], arguments.get("negative_prompt", ""), 1, arguments.get("steps", 50),
                         arguments.get("sampler", "ddim"), arguments.get("scale", 7.5), arguments.get("eta", 0.0),
                         arguments.get("height"), arguments.get("width"), spec.seeds[0], guidance=arguments.get("guidance"))
@@ -370,9 +382,11 @@ def make_pictures(spec: Spec, out: str, world, model, progress: bool) -> None:
             continue
         arguments = {**spec.fixed, **settings[s], "seed": spec.seeds[k]}
         scale = float(arguments.pop(LORA_SCALE, 1.0))  # the same for every LoRA of the spec, as generate --lora records it
+        skipping = from_settings({key: arguments.pop(key) for key in SKIPPERS if key in arguments})
         with lora_scales(model, {default_name(f): scale for f in loras}):
-            image = model.generate(spec.prompts[p], progress=False, **arguments)[0]
+            image = model.generate(spec.prompts[p], progress=False, controllers=list(skipping.values()), **arguments)[0]
         more = {"lora": [{"path": f, "sha256": digest, "scale": scale} for f, digest in loras.items()]} if loras else {}
+        more |= {key: c.settings() for key, c in skipping.items()}  # as generate --tome / --deepcache records them
         record = picture_record(model, spec.prompts[p], 0, arguments, image.size, model_folder, made_in, **more)
         with atomic_file(os.path.join(out, picture_name(cell, spec))) as tmp, open(tmp, "wb") as f:
             f.write(png_bytes(image, record))

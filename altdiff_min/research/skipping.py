@@ -197,3 +197,24 @@ def skip_branches(unet_config) -> int:
     """How many skips (DeepCache branches) a UNet of this config has: conv_in's, and per level one per
     res block and one for the downsampler (not on the last level)."""
     return len(unet_config.channels) * (unet_config.layers + 1)
+
+
+# A manifest's (and a sweep's) names of the two, each with the argument a lone number sets.
+SKIPPERS = {"tome": (ToMe, "ratio"), "deepcache": (DeepCache, "interval")}
+
+
+def from_settings(settings: dict) -> dict[str, Controller]:
+    """{"tome": 0.5 or ToMe's arguments, "deepcache": 3 or DeepCache's arguments; None: off} (a sweep's
+    axes, a picture record's `settings()`) → the controllers, by name. Unknown names or arguments: one line."""
+    made = {}
+    for key, value in settings.items():
+        if key not in SKIPPERS:
+            raise BadValue(f"{key!r} is not a way of skipping work; choose from {sorted(SKIPPERS)}")
+        kind, lone = SKIPPERS[key]
+        if value is None:
+            continue
+        arguments = value if isinstance(value, dict) else {lone: value}
+        if unknown := sorted(set(arguments) - set(kind().settings())):
+            raise BadValue(f"{key}: {unknown} are not {kind.__name__}'s settings; it has {sorted(kind().settings())}")
+        made[key] = kind(**arguments)
+    return made
