@@ -1,8 +1,9 @@
 """`make demo` runs text-to-image end to end with the shipped toy model and writes the pictures it names."""
 from PIL import Image
 
-from altdiff_min.apps.demo import run
-from altdiff_min.toy import detect
+from altdiff_min.apps.demo import SCENES, run
+from altdiff_min.toy import detect, detect_scene
+from altdiff_min.toy.detect import judge_pair
 
 
 def test_demo_draws_what_each_language_asks_for(tmp_path, capsys):
@@ -13,7 +14,10 @@ def test_demo_draws_what_each_language_asks_for(tmp_path, capsys):
         assert path == str(tmp_path / f"{lang}-000.png") and path in out
         image = Image.open(path)
         assert image.size == (64, 64) and detect(image) == (shape, colour)
-    again = run(outdir=str(tmp_path), asks=asks[:1], seed=1)  # a rerun adds pictures, never overwrites
+    (lang, scene), = SCENES  # then two objects, by the scene toy: both right, in the asked relation
+    assert paths[2:] == [str(tmp_path / f"scene-{lang}-000.png")] and paths[2] in out
+    assert judge_pair(detect_scene(Image.open(paths[2])), scene) == (True, True)
+    again = run(outdir=str(tmp_path), asks=asks[:1], scenes=(), seed=1)  # a rerun adds pictures, never overwrites
     assert again == [str(tmp_path / "zh-001.png")] and Image.open(paths[0]).size == (64, 64)
 
 

@@ -11,17 +11,21 @@ import time
 from ..errors import BadValue
 from ..pipeline import load
 from ..storage.files import make_folder, save_numbered
-from ..toy import caption, detect
+from ..toy import Obj, Scene, caption, caption_scene, detect, detect_scene
 
 # One picture per language: (language, shape, colour), each caption in its second phrasing
 # ("a red circle on a white background").
 ASKS = (("zh", "circle", "red"), ("fr", "square", "blue"), ("ar", "triangle", "green"), ("ru", "circle", "purple"),
         ("ja", "square", "orange"), ("es", "triangle", "yellow"))
+# Then two objects, with the scene toy: (language, scene).
+SCENES = (("ru", Scene(Obj("circle", "red"), "left of", Obj("square", "blue"))),)
 
 
-def run(seed: int = 0, outdir: str = "demo_outputs", asks: tuple[tuple[str, str, str], ...] = ASKS) -> list[str]:
+def run(seed: int = 0, outdir: str = "demo_outputs", asks: tuple[tuple[str, str, str], ...] = ASKS,
+        scenes: tuple[tuple[str, Scene], ...] = SCENES) -> list[str]:
     """Draw each ask with the toy model into outdir/LANG-NNN.png (the next free number: a rerun adds,
-    never overwrites); print and return the paths."""
+    never overwrites), then each scene with the scene toy into outdir/scene-LANG-NNN.png; print and
+    return the paths."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise BadValue(f"--seed must be an int in [0, 2**64), got {seed!r}")
     make_folder(outdir, "the demo's output folder")
@@ -36,4 +40,16 @@ def run(seed: int = 0, outdir: str = "demo_outputs", asks: tuple[tuple[str, str,
         seen_shape, seen_colour = detect(image)
         print(f"{lang}  {prompt:40} → {paths[-1]}  ({time.perf_counter() - start:.2f} s; "
               f"detected: {seen_colour} {seen_shape})")
+    if scenes:
+        pipe = load("toy-scenes")
+        print(f"two objects: the scene toy ({pipe.path})")
+    for lang, scene in scenes:
+        prompt = caption_scene(scene, lang)
+        start = time.perf_counter()
+        image = pipe.generate(prompt, steps=25, seed=seed, progress=False)[0]
+        paths.append(save_numbered(outdir, f"scene-{lang}-{{:03}}.png", lambda tmp: image.save(tmp, format="PNG")))
+        seen = detect_scene(image)
+        told = "nothing it can read" if seen is None else ", ".join(f"{o.colour} {o.shape}" for o in seen.objects) + \
+            (f", the first {seen.relation} the second" if seen.relation else "")
+        print(f"{lang}  {prompt:40} → {paths[-1]}  ({time.perf_counter() - start:.2f} s; detected: {told})")
     return paths

@@ -3,7 +3,8 @@
 Its world is one flat-coloured shape (circle, square, triangle; six colours) on a white 64×64
 picture, captioned in all nine m9 languages; `Scene`s grow it to one or two objects with size words
 (small, big) and relations (left of, right of, above, below). It ships trained in `TOY_MODEL` (on one
-object a picture), so everything in altdiff-min can be run and looked into without the 8 GB real weights:
+object a picture), so everything in altdiff-min can be run and looked into without the 8 GB real weights;
+the scene toy, trained on one or two objects, ships beside it in `TOY_SCENES` ("toy-scenes"):
 
     from altdiff_min import load
     from altdiff_min.toy import TOY_MODEL, caption, detect
@@ -19,7 +20,8 @@ world.py    the worlds as training data: `ToyWorld` (DATA "toy" of `altdiff-min 
 detect.py   what a picture shows (`detect`, `detect_scene`), how near it is to what was asked (`grade`:
             graded.py's ΔE, IoU, position), and a model's accuracy and graded scores per language
             (`evaluate`; `evaluate_scenes` for compositions; `evaluate_rings`)
-train.py    `train_toy` / `altdiff-min train-toy OUT_DIR`: how the shipped model was made
+train.py    `train_toy` / `altdiff-min train-toy OUT_DIR [--world scenes]`: how the shipped models were made
+binding.py  which words bind in a caption (each colour to its shape), for A&E and the binding loss
 """
 import os
 
@@ -30,6 +32,10 @@ from .world import SceneWorld, ToyWorld
 
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 register_folder("toy", TOY_MODEL)  # load("toy"), --model toy
+# The scene toy (`train-toy --world scenes`): one or two objects, sizes, relations; beside the first, not
+# in its place, so that the lessons' and docs' one-object numbers stay the shipped model's.
+TOY_SCENES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes_model")
+register_folder("toy-scenes", TOY_SCENES)  # load("toy-scenes"), --model toy-scenes
 
-__all__ = ["TOY_MODEL", "SHAPES", "COLOURS", "LANGUAGES", "RELATIONS", "Obj", "Scene", "render", "render_scene",
+__all__ = ["TOY_MODEL", "TOY_SCENES", "SHAPES", "COLOURS", "LANGUAGES", "RELATIONS", "Obj", "Scene", "render", "render_scene",
            "caption", "caption_scene", "detect", "detect_scene", "grade", "evaluate", "evaluate_scenes", "format_table", "ToyWorld", "SceneWorld"]
