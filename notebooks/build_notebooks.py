@@ -177,6 +177,35 @@ spacing. Euler ancestral's fresh noise costs it two prompts in five at 7.5. PLMS
 does not tolerate the jumps, and the larger jumps at 7.5 make it much worse. With a model whose ε
 varies smoothly the higher orders pay off in fewer steps; which model that is, is an experiment
 this code makes easy: every sampler is a plain function over any `eps(x, t)` and a list of timesteps.""",
+    """md:## Doing less per step: token merging and feature caching
+Two published ways to make each step cheaper, as controllers (`altdiff_min.research.skipping`; per
+call, off unless asked for): **ToMe** (Bolya & Hoffman 2023) merges the most similar tokens before
+each self-attention of the finest level and unmerges after; **DeepCache** (Ma et al. 2024) runs the
+whole UNet only every N-th step and, in between, only the blocks down to one skip branch, reusing
+the deeper blocks' last outputs. Both change the sums, so the pictures move: how much, on the toy?
+Three languages here (the nine-language table is in docs/interventions.md; the speed-ups at 512 px on
+m9's UNet, DeepCache 3 2.3× and ToMe 0.5 about 1.1× on this CPU, in docs/benchmarks.md).""",
+    """from altdiff_min.research.skipping import DeepCache, ToMe
+from altdiff_min.toy.detect import evaluate
+
+ways = {"none": [], "ToMe 0.5": [ToMe(0.5)], "DeepCache 2": [DeepCache(2)], "DeepCache 3": [DeepCache(3)],
+        "DeepCache 5": [DeepCache(5)], "DeepCache 3, branch 2": [DeepCache(3, branch=2)],
+        "DeepCache 5, branch 3": [DeepCache(5, branch=3)]}
+print(f"{'':24}{'colour':>8}{'shape':>8}{'ΔE':>8}{'IoU':>8}{'seconds':>9}")
+for name, controllers in ways.items():
+    start = time.perf_counter()
+    table = evaluate(pipe, languages=("en", "zh", "ar"), controllers=controllers)   # 54 prompts, DDIM 25
+    seconds = time.perf_counter() - start
+    mean = lambda key: sum(row[key] for row in table.values()) / len(table)
+    print(f"{name:24}{mean('colour'):8.0%}{mean('shape'):8.0%}{mean('delta_e'):8.2f}{mean('iou'):8.3f}{seconds:9.1f}")""",
+    """md:On three languages as on nine (docs/interventions.md): ToMe 0.5 keeps every colour and shape
+(ΔE from 2.55 to 3.76) and saves nothing at this size. DeepCache at branch 0, the paper's setting,
+loses the colours from interval 2 on (94%, then 33% and 24%) and the shapes at 3 and 5: on this UNet
+of three levels the colour is still being settled in the blocks it caches. From branch 2 (the whole
+finest level runs every step, the two coarser ones are cached) it keeps everything at ΔE within 0.2
+of none, for about 1.2× here. On m9's UNet at 512 px DeepCache 3 at branch 0 makes the step 2.3×
+faster on this CPU (docs/benchmarks.md); which branches keep m9's pictures is for the real weights
+to say. A sweep varies them too: `"axes": {"deepcache": [null, 2, {"interval": 3, "branch": 2}]}`.""",
 ]
 
 LESSONS["03_cross_attention"] = [
@@ -885,6 +914,112 @@ below its shifted map (0.34): its map lies beside the object, not on it. Over 48
 (docs/interventions.md) the mean IoU is 0.41 against 0.19 shifted, with English and Chinese the
 weakest; on this toy, whose attention grids are 8×8 at most, a word map is a coarse guide to where
 a word acts, and which word holds the place varies by language.""",
+]
+
+
+LESSONS["09_binding"] = [
+    """md:# 9 · Binding: two objects, and whose colour is whose
+
+The scene toy (`altdiff_min.load("toy-scenes")`, made by `altdiff-min train-toy --world scenes`, see
+docs/toy.md) draws one object or two, with size words and relations ("a red circle to the left of a
+blue square"). With two objects its commonest mistake is Stable Diffusion's own: the colours go to
+the wrong nouns (attribute leakage; GenEval scores SD v1.5 0.06 on colour attribution). This
+lesson looks at why, in the cross-attention, then tries two fixes that move the latents at
+inference time, Attend-and-Excite and SynGen's binding loss (docs/binding.md), and measures them.""",
+    SETUP.replace('altdiff_min.load("toy")                       # the small model shipped with the package',
+                  'altdiff_min.load("toy-scenes")                # the scene toy, shipped beside "toy"'),
+    """from altdiff_min.research.instruments import capture_attention
+from altdiff_min.toy.detect import as_uint8, compositions, detect_scene, judge_pair, read_objects, swapped
+from lesson import word_map, word_tokens
+
+scenes = compositions(singles=0)                       # 36 pairs, the four relations in turn
+prompts = [data.caption_scene(s, "en") for s in scenes]
+with capture_attention(pipe.unet) as maps:
+    images = pipe.generate(prompts, steps=25, seed=0, output="tensor", progress=False)
+
+def verdict(image, asked):
+    seen = detect_scene(image)
+    if judge_pair(seen, asked)[0]:
+        return "right"
+    twin = swapped(asked)
+    return "swapped" if twin is not None and judge_pair(seen, twin)[0] else "other"
+
+verdicts = [verdict(im, s) for im, s in zip(images, scenes)]
+print({v: verdicts.count(v) for v in ("right", "swapped", "other")}, "of", len(scenes))
+show(images[:12], [f"{p[:22]}…\\n{v}" for p, v in zip(prompts[:12], verdicts[:12])], rows=2, size=1.9)""",
+    """md:## Where each colour word is read
+For a pair drawn with two objects of the two asked shapes, take each colour word's cross-attention
+map (all layers, heads and steps, upsampled to the picture) and compare its mean inside the object
+of its own noun with its mean inside the other object. A colour word bound to its noun should be
+read more on its own object; in a swapped picture, is it read on the other one?""",
+    """def own_share(k, scene):
+    # each colour word's mean map on its own noun's object / (that + its mean on the other object)
+    found = read_objects(as_uint8(images[k]).astype("float32"))   # (object, box, its pixels) each, as detect reads them
+    shapes = [obj.shape for obj, _, _ in found]
+    a, b = scene.objects
+    if len(found) != 2 or a.shape == b.shape or a.colour == b.colour or sorted(shapes) != sorted([a.shape, b.shape]):
+        return None
+    shares = []
+    for obj in scene.objects:
+        heat = word_map(maps, word_tokens(pipe, prompts[k], data.words(obj, "en")["colour"]))[k]
+        inside = {shape: heat[torch.from_numpy(region)].mean().item() for (_, _, region), shape in zip(found, shapes)}
+        other = next(s for s in inside if s != obj.shape)
+        shares.append(inside[obj.shape] / (inside[obj.shape] + inside[other]))
+    return sum(shares) / 2
+
+by_verdict = {}
+for k, (scene, v) in enumerate(zip(scenes, verdicts)):
+    if (share := own_share(k, scene)) is not None:
+        by_verdict.setdefault(v, []).append(share)
+for v, shares in by_verdict.items():
+    print(f"{v:8} {len(shares):2} pictures: a colour word's attention on its own noun's object "
+          f"{sum(shares) / len(shares):.0%} of its two objects' (50%: no preference)")""",
+    """k = next((k for k, v in enumerate(verdicts) if v == "swapped"), 0)
+words = [data.words(o, "en")[part] for o in scenes[k].objects for part in ("colour", "shape")]
+heat = [word_map(maps, word_tokens(pipe, prompts[k], w))[k] for w in words]
+show([images[k]] + heat, [verdicts[k]] + words, size=1.8, suptitle=prompts[k])""",
+    """md:## Two fixes at inference time
+Both are attention controllers with a `latents` hook: before each of the first 25 steps, one
+conditional UNet pass with autograd, a loss on its cross-attention maps, and x ← x − α·∇ₓ loss.
+
+- **Attend-and-Excite** (Chefer et al. 2023): the loss is 1 − the largest attention of the most
+  neglected subject (here the two shape nouns, `toy_excite`), with extra refinement passes at
+  steps 0, 10 and 20 until every subject is attended enough.
+- **The binding loss** (SynGen, Rassin et al. 2023): each colour word's map is pulled onto its
+  noun's and pushed from the other words' (`toy_bind` pairs each colour with its noun in any of the
+  nine languages).
+
+`evaluate_binding` draws the same pairs four ways (plain, each fix, both) and reads them with the
+detector; here 12 pairs in three languages (the full tables, nine languages × 36 pairs, are in
+docs/binding.md). The maps are read on the toy's finest grid, 8×8 (`scale=1`): the references'
+default grid, latents / 4, is 2×2 here, and on it both methods break most pictures (docs/binding.md).""",
+    """from altdiff_min.toy.binding import evaluate_binding
+
+tables = evaluate_binding(pipe, languages=("en", "zh", "ru"), scenes=compositions(singles=0, pairs=12),
+                          excite={"scale": 1}, bind={"scale": 1})
+print(f"{'way':8}{'both right':>12}{'relation':>10}{'swaps':>7}{'s a picture':>13}")
+for way, t in tables.items():
+    rows = list(t["table"].values())
+    right = sum(r["objects"] * r["pairs"] for r in rows) / sum(r["pairs"] for r in rows)
+    related = [r["relation"] for r in rows if r["relation"] is not None]
+    print(f"{way:8}{right:12.0%}{sum(related) / max(len(related), 1):10.0%}{sum(r['swaps'] for r in rows):7d}"
+          f"{t['seconds']:13.2f}")""",
+    """md:**Reading it.** In the swapped pictures a colour word's attention lies mostly on the other noun's
+object (27% on its own), in the right ones mostly on its own (76%): a colour is drawn where its word
+is read, and in a swapped picture that is the wrong object. In the example above "yellow" and
+"circle" are read on the left object, "red" and "triangle" on the right: the colours went where the
+sentence puts them (the first named on the left), the shapes traded places.
+
+**The fixes.** On these 36 pairs, with the maps on the 8×8 grid, Attend-and-Excite draws 78% of the
+pairs right against 67% plain, the binding loss 69% and both 64%: a few pictures either way in a
+small sample. Over nine languages × 36 pairs (docs/binding.md) neither moves the toy much: A&E 63%
+against 62% plain; the binding loss 58%, with the relation right in 64% of those against 54%. On the
+references' own grid, latents / 4, which is 2×2 on this toy, A&E halves the swaps but breaks 57
+pictures in 324, and the binding loss breaks most of them. Both methods were made for SD's 16×16 maps
+at 512 px; on maps of 8×8 cells, where each object covers a few cells, pulling a colour's map onto its
+noun's moves little. The cost is a conditional UNet pass with its backward before each of the first
+25 steps (A&E: up to 20 more at steps 0, 10 and 20): here about 2.7× the plain time a picture for the
+binding loss, 5× for A&E and 6.6× for both.""",
 ]
 
 

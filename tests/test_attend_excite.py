@@ -267,6 +267,9 @@ def test_binding_is_measured_four_ways_with_each_calls_own_controllers(toy):
     assert all(set(t["table"]) == {"ko", "es"} and t["table"]["es"]["pairs"] == 2 for t in tables.values())
     with pytest.raises(BadValue, match="ways"):
         evaluate_binding(toy, ways=("plain", "syngen"))
+    for way, options in (("excite", {"excite": {"scale": 8}}), ("bind", {"bind": {"scale": 8}})):  # the methods' options
+        with pytest.raises(BadValue, match="would be 1×1"):
+            evaluate_binding(toy, ways=(way,), languages=("ko",), scenes=scenes, steps=2, **options)
 
 
 def test_bad_input_is_one_line_before_any_model_work(ours, small_model_dir, monkeypatch):

@@ -73,18 +73,22 @@ def toy_excite(tokenizer, prompts, **options) -> AttendAndExcite:
     return AttendAndExcite(subjects, prompts, [len(tokenizer.pieces(p)) for p in prompts], **options)
 
 
-# The ways `evaluate_binding` compares: each a function of one call's prompts → its controllers.
-WAYS = {"plain": lambda tokenizer, prompts: [],
-        "excite": lambda tokenizer, prompts: [toy_excite(tokenizer, prompts)],
-        "bind": lambda tokenizer, prompts: [toy_bind(tokenizer, prompts)],
-        "both": lambda tokenizer, prompts: [toy_excite(tokenizer, prompts), toy_bind(tokenizer, prompts)]}
+# The ways `evaluate_binding` compares: each a function of one call's prompts and the methods' options
+# (ExciteConfig's, BindConfig's) → its controllers.
+WAYS = {"plain": lambda tokenizer, prompts, excite, bind: [],
+        "excite": lambda tokenizer, prompts, excite, bind: [toy_excite(tokenizer, prompts, **excite)],
+        "bind": lambda tokenizer, prompts, excite, bind: [toy_bind(tokenizer, prompts, **bind)],
+        "both": lambda tokenizer, prompts, excite, bind: [toy_excite(tokenizer, prompts, **excite),
+                                                          toy_bind(tokenizer, prompts, **bind)]}
 
 
-def evaluate_binding(model, ways=tuple(WAYS), languages=LANGUAGES, scenes=None, **evaluate) -> dict[str, dict]:
+def evaluate_binding(model, ways=tuple(WAYS), languages=LANGUAGES, scenes=None, excite: dict | None = None,
+                     bind: dict | None = None, **evaluate) -> dict[str, dict]:
     """Pairs drawn plainly, with Attend-and-Excite (the shape nouns), with the binding loss (each
     colour to its noun), and with both: per way, `evaluate_scenes`' table (default scenes: the 36 pairs
     of `compositions()`, phrasing 0) and the seconds a picture. One call of `generate` a language, its
-    controllers built for that call's prompts; evaluate: evaluate_scenes' other arguments (seeds,
+    controllers built for that call's prompts. excite, bind: the methods' options (ExciteConfig's and
+    BindConfig's fields, e.g. the grid's `scale`); evaluate: evaluate_scenes' other arguments (seeds,
     scale, steps, sampler: A&E and the loss take ddim and dpm++2m)."""
     if unknown := [w for w in ways if w not in WAYS]:
         raise BadValue(f"ways are some of {tuple(WAYS)}, got {unknown}")
@@ -95,6 +99,7 @@ def evaluate_binding(model, ways=tuple(WAYS), languages=LANGUAGES, scenes=None, 
         for lang in languages:
             prompts = [caption_scene(s, lang, 0) for s in scenes]
             table |= evaluate_scenes(model, scenes, languages=(lang,), batch_size=len(scenes),
-                                     controllers=WAYS[way](model.tokenizer, prompts), **evaluate)
+                                     controllers=WAYS[way](model.tokenizer, prompts, excite or {}, bind or {}),
+                                     **evaluate)
         out[way] = {"table": table, "seconds": (time.perf_counter() - start) / (len(languages) * len(scenes))}
     return out
