@@ -48,10 +48,10 @@ from dataclasses import dataclass
 
 from ..errors import AltDiffError, BadFile, BadType, BadValue, Exists
 from ..model.tokenizer import check_prompt
+from ..research.skipping import SKIPPERS, from_settings, skip_branches
 from ..sampling.guidance import guidance_rule
 from ..storage.files import atomic_file, clean_partials, locked, make_folder, read_json, read_text, refuse_link
 from ..storage.folder import fingerprint
-from ..research.skipping import SKIPPERS, from_settings, skip_branches
 from .metrics import Metric, find_metric
 from .sweep_edit import EDIT_ARGUMENTS, check_edit_cells, make_edit_cell, read_edit_entry
 from .sweep_sheet import contact_sheet, label

@@ -213,8 +213,8 @@ def from_settings(settings: dict) -> dict[str, Controller]:
         kind, lone = SKIPPERS[key]
         if value is None:
             continue
-        arguments = value if isinstance(value, dict) else {lone: value}
-        if unknown := sorted(set(arguments) - set(kind().settings())):
-            raise BadValue(f"{key}: {unknown} are not {kind.__name__}'s settings; it has {sorted(kind().settings())}")
+        arguments, known = (value if isinstance(value, dict) else {lone: value}), sorted(kind().settings())
+        if unknown := sorted(set(arguments) - set(known)):
+            raise BadValue(f"{key}: {unknown} are not {kind.__name__}'s settings; it has {known}")
         made[key] = kind(**arguments)
     return made

@@ -73,13 +73,10 @@ def toy_excite(tokenizer, prompts, **options) -> AttendAndExcite:
     return AttendAndExcite(subjects, prompts, [len(tokenizer.pieces(p)) for p in prompts], **options)
 
 
-# The ways `evaluate_binding` compares: each a function of one call's prompts and the methods' options
-# (ExciteConfig's, BindConfig's) → its controllers.
-WAYS = {"plain": lambda tokenizer, prompts, excite, bind: [],
-        "excite": lambda tokenizer, prompts, excite, bind: [toy_excite(tokenizer, prompts, **excite)],
-        "bind": lambda tokenizer, prompts, excite, bind: [toy_bind(tokenizer, prompts, **bind)],
-        "both": lambda tokenizer, prompts, excite, bind: [toy_excite(tokenizer, prompts, **excite),
-                                                          toy_bind(tokenizer, prompts, **bind)]}
+# The ways `evaluate_binding` compares: which methods each applies, and how a method is built for one
+# call's prompts.
+METHODS = {"excite": toy_excite, "bind": toy_bind}
+WAYS = {"plain": (), "excite": ("excite",), "bind": ("bind",), "both": ("excite", "bind")}
 
 
 def evaluate_binding(model, ways=tuple(WAYS), languages=LANGUAGES, scenes=None, excite: dict | None = None,
@@ -93,13 +90,14 @@ def evaluate_binding(model, ways=tuple(WAYS), languages=LANGUAGES, scenes=None, 
     if unknown := [w for w in ways if w not in WAYS]:
         raise BadValue(f"ways are some of {tuple(WAYS)}, got {unknown}")
     scenes = compositions(singles=0) if scenes is None else scenes
+    options = {"excite": excite or {}, "bind": bind or {}}
     out = {}
     for way in ways:
         table, start = {}, time.perf_counter()
         for lang in languages:
             prompts = [caption_scene(s, lang, 0) for s in scenes]
             table |= evaluate_scenes(model, scenes, languages=(lang,), batch_size=len(scenes),
-                                     controllers=WAYS[way](model.tokenizer, prompts, excite or {}, bind or {}),
+                                     controllers=[METHODS[m](model.tokenizer, prompts, **options[m]) for m in WAYS[way]],
                                      **evaluate)
         out[way] = {"table": table, "seconds": (time.perf_counter() - start) / (len(languages) * len(scenes))}
     return out

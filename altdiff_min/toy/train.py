@@ -275,7 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         defaults = " / ".join(str(getattr(recipe_for(w), name)) for w in WORLDS)
         parser.add_argument(flag, type=kind, default=None, help=text + world.format(defaults))
     parser.add_argument("--unet-channels", type=int, nargs="+", default=None,
-                        help="the UNet's channels per level, e.g. 48 96 96 (default: 32 64 64)")
+                        help=f"the UNet's channels per level, e.g. 48 96 96 (default: {' '.join(map(str, Recipe.unet_channels))})")
     parser.add_argument("--world", choices=WORLDS, default=Recipe.world,
                         help="shapes: one object a picture (the shipped model's); scenes: one or two, sizes, relations")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement at the end")
