@@ -98,6 +98,31 @@ def test_swap_replaces_the_targets_maps_in_its_steps_only(pipe, scale):
     assert cross == 3 * 11 and self_ > 0 and outside > 0  # 11 cross-attention sites in the small UNet
 
 
+def test_a_words_own_window_and_the_references_step_count(pipe):
+    # {"default_": 1.0, "bleu": 0.4} over 5 steps: every column but bleu's in calls int(1.0·6) = all 5,
+    # bleu's in calls < int(0.4·6) = 2; the reference counts its windows over steps + 1 rows.
+    edit_ = EditAttention(pipe.tokenizer, SOURCE, TARGET, "swap", 5, self_replace_steps=0.0,
+                          cross_replace_steps={"default_": 1.0, "bleu": 0.4})
+    blue = positions_of(pipe.tokenizer, TARGET, "bleu")
+    others = [j for j in range(77) if j not in blue]
+    calls = set()
+    for site, when, probs in run(pipe, edit_, 7.5):
+        if site.kind != "cross":
+            continue
+        _, src, tgt = halves(when, probs)
+        want = expected_cross(pipe.tokenizer, SOURCE, TARGET, src)
+        assert torch.equal(tgt[..., others], want[..., others])
+        assert torch.equal(tgt[..., blue], want[..., blue]) == (when.call < 2)
+        calls.add(when.call)
+    assert calls == set(range(5))
+    half = EditAttention(pipe.tokenizer, SOURCE, TARGET, "swap", 5, cross_replace_steps=0.5)
+    assert half.alpha[:, 0].any(dim=1).tolist() == [True] * 3 + [False] * 3  # int(0.5·6) = 3 calls, not int(0.5·5) = 2
+    with pytest.raises(BadValue, match="'vert', which no target prompt holds"):
+        EditAttention(pipe.tokenizer, SOURCE, TARGET, "swap", 5, cross_replace_steps={"vert": 0.4})
+    with pytest.raises(BadValue, match=r"cross_replace_steps\['bleu'\] must be a fraction"):
+        EditAttention(pipe.tokenizer, SOURCE, TARGET, "swap", 5, cross_replace_steps={"bleu": 1.5})
+
+
 def test_refine_carries_the_kept_words_and_leaves_the_added_ones(pipe):
     source, target = "un cercle rouge", "un grand cercle rouge"
     edit_ = EditAttention(pipe.tokenizer, source, target, "refine", 5, cross_replace_steps=0.4, self_replace_steps=0.0)

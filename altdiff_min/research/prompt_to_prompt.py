@@ -177,11 +177,47 @@ def steps_window(value, name: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
+def cross_alpha(tokenizer, targets: Sequence[str], steps: int, cross_replace_steps) -> torch.Tensor:
+    """(steps + 1, pairs, 77) bool: which of each target's columns take the source's maps at each step.
+    cross_replace_steps: a window for every column (a fraction or (start, end), steps_window), or a
+    dict of windows, {"default_": window, word: window, ...}, as the reference's (google/prompt-to-
+    prompt ptp_utils.get_time_words_attention_alpha, "default_" (0, 1) when left out): a word's window
+    holds at its positions in each target that has it. A window [start, end) counts steps + 1 rows,
+    int(start·(steps + 1)) ≤ i < int(end·(steps + 1)), as the reference does. A word in no target:
+    BadValue naming it."""
+    windows = cross_replace_steps if isinstance(cross_replace_steps, dict) else {"default_": cross_replace_steps}
+    windows = {"default_": (0.0, 1.0), **windows}
+    alpha = torch.zeros(steps + 1, len(targets), tokenizer.max_length, dtype=torch.bool)
+
+    def fill(window, name, row, columns):
+        start, end = steps_window(window, name)
+        alpha[:, row, columns] = False
+        alpha[int(start * (steps + 1)):int(end * (steps + 1)), row, columns] = True
+
+    for row in range(len(targets)):
+        fill(windows["default_"], "cross_replace_steps", row, slice(None))
+    for word, window in windows.items():
+        if word == "default_":
+            continue
+        found = False
+        for row, target in enumerate(targets):
+            try:
+                columns = positions_of(tokenizer, target, word)
+            except BadValue:
+                continue
+            fill(window, f"cross_replace_steps[{word!r}]", row, columns)
+            found = True
+        if not found:
+            raise BadValue(f"cross_replace_steps names the word {word!r}, which no target prompt holds: {list(targets)}")
+    return alpha
+
+
 class EditAttention(Controller):
     """The edit itself, for pairs of rows (sources, then targets) on one batch: built by WordSwap,
     Refine or Reweight. `steps`: the run's steps; step i is UNet call i (DDIM, DPM-Solver, Euler:
     one call a step), in a window when int(start·steps) ≤ i < int(end·steps), as the reference
-    counts. `weights` {word: c}: the target's words whose cross-attention columns are multiplied by c
+    counts (the cross-attention windows over steps + 1, `cross_alpha`, which also takes a window per
+    word). `weights` {word: c}: the target's words whose cross-attention columns are multiplied by c
     while the maps are replaced (the reference's equalizer, applied on top of the replacement).
 
     value_replace_steps (not in the paper; 0 by default): while in it, the target's cross-attention
@@ -206,9 +242,7 @@ class EditAttention(Controller):
             raise BadValue(f"weights must be a dict {{word: number}}, got {weights!r}")
         if mode == "reweight" and not weights:
             raise BadValue("reweight needs weights={word: c}")
-        cross = steps_window(cross_replace_steps, "cross_replace_steps")
         own = steps_window(self_replace_steps, "self_replace_steps")
-        self.cross = range(int(cross[0] * steps), int(cross[1] * steps))
         self.self = range(int(own[0] * steps), int(own[1] * steps))
         values = steps_window(value_replace_steps, "value_replace_steps")
         self.values = range(int(values[0] * steps), int(values[1] * steps))
@@ -223,6 +257,7 @@ class EditAttention(Controller):
         for i, t in enumerate(self.targets):
             for word, c in (weights or {}).items():
                 self.equalizer[i, positions_of(tokenizer, t, word)] = float(c)
+        self.alpha = cross_alpha(tokenizer, self.targets, steps, cross_replace_steps)  # (steps + 1, pairs, 77)
 
     def rows(self, batch: int, guided: bool) -> int:
         """Where the conditional rows start (sources, then targets), checked against the pairs."""
@@ -245,16 +280,18 @@ class EditAttention(Controller):
     def probs(self, site, when, probs):
         step, n = when.call, len(self.sources)
         replace_self = site.kind == "self" and step in self.self and probs.shape[2] <= self.self_max_positions
-        if not (site.kind == "cross" and step in self.cross) and not replace_self:
+        alpha = self.alpha[min(step, len(self.alpha) - 1)]  # (pairs, 77): the columns replaced at this step
+        if not (site.kind == "cross" and alpha.any()) and not replace_self:
             return None
         first = self.rows(probs.shape[0], when.guided)
         base, edited = probs[first:first + n], probs[first + n:]
         if replace_self:
             new = base
         else:  # §3.2: M_t ← the source's maps carried to the target's positions, then reweighted
-            mapper, mapped, eq = (x.to(probs.device, probs.dtype) for x in (self.mapper, self.mapped, self.equalizer))
+            mapper, eq = (x.to(probs.device, probs.dtype) for x in (self.mapper, self.equalizer))
             carried = torch.einsum("bhqw,bwn->bhqn", base, mapper)
-            new = torch.where(mapped[:, None, None, :].bool(), carried, edited) * eq[:, None, None, :]
+            replaced = torch.where(self.mapped[:, None, None, :].to(probs.device), carried, edited) * eq[:, None, None, :]
+            new = torch.where(alpha[:, None, None, :].to(probs.device), replaced, edited)
         probs = probs.clone()
         probs[first + n:] = new
         return probs
