@@ -179,6 +179,20 @@ def test_step_unconditional_contexts_of_the_negative_prompt_change_nothing(pipe)
     assert rel_diff(torch.stack(c), torch.stack(a)) > 1e-3
 
 
+def test_each_pairs_own_unconditional_contexts_are_its_run_alone(pipe):
+    # P pictures inverted at once give (P, 77, D) a step: pair p's rows read row p, as pair p alone.
+    options = dict(steps=3, progress=False, **SIZE)
+    sources, targets = [SOURCE, "un carré vert"], [TARGET, "un carré jaune"]
+    x = torch.randn((2, 4, 8, 12), generator=torch.Generator().manual_seed(4))
+    uncond = [pipe.encode(["un chien", "la nuit"]) * (1 + 0.1 * i) for i in range(3)]
+    both = edit(pipe, sources, targets, latents=x, uncond_embeddings=uncond, **options)
+    for p in range(2):
+        alone = edit(pipe, sources[p], targets[p], latents=x[p:p + 1], uncond_embeddings=[u[p:p + 1] for u in uncond], **options)
+        assert rel_err(both[0][p], alone[0]) < 1e-5 and rel_err(both[1][p], alone[1]) < 1e-5
+    with pytest.raises(BadValue, match=r"each step's uncond_embeddings must be \(1 or 2, 77, D\)"):
+        edit(pipe, sources, targets, latents=x, uncond_embeddings=[pipe.encode(["a", "b", "c"])] * 3, **options)
+
+
 def test_local_blend_keeps_the_source_outside_the_mask(pipe):
     x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(1))
     blend = LocalBlend(pipe.tokenizer, SOURCE, TARGET, ["cercle"], steps=4, threshold=0.97, start=0.0)

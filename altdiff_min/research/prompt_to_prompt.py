@@ -373,8 +373,10 @@ class LocalBlend(Controller):
 
 
 class StepUnconditional(Controller):
-    """Per-step unconditional contexts (null-text inversion's ∅_t, one (1, 77, D) a step): at guided
-    calls, the unconditional rows' cross-attention keys and values are those of embeddings[call]."""
+    """Per-step unconditional contexts (null-text inversion's ∅_t, one (1 or P, 77, D) a step): at guided
+    calls, the unconditional rows' cross-attention keys and values are those of embeddings[call]. P
+    rows (P pictures inverted at once): row p is the unconditional context of every p-th row of the
+    batch's half (edit's sources, then its targets: pair p's two rows share picture p's ∅_t)."""
 
     def __init__(self, unet: torch.nn.Module, embeddings: Sequence[torch.Tensor]):
         self.layers = {m.site: m for m in unet.modules() if getattr(m, "site", None) is not None}
@@ -387,8 +389,11 @@ class StepUnconditional(Controller):
             raise BadValue(f"{len(self.embeddings)} unconditional embeddings for a run of more UNet calls")
         layer, half = self.layers[site], len(k) // 2
         e = self.embeddings[when.call].to(k.device, k.dtype)
+        if half % len(e):
+            raise BadValue(f"{len(e)} unconditional rows a step for a guided batch of {half} rows")
+        e = e.repeat(half // len(e), 1, 1)
         k, v = k.clone(), v.clone()
-        k[:half], v[:half] = layer.k(e).expand(half, -1, -1), layer.v(e).expand(half, -1, -1)
+        k[:half], v[:half] = layer.k(e), layer.v(e)
         return q, k, v
 
 
@@ -405,7 +410,8 @@ def edit(model, source: str | list[str], target: str | list[str] | None = None, 
     e.g. from inverting a real picture, instead of the seed's draw (torch.randn((pairs, C, h, w)) from
     `seed`, as generate draws it for the source prompts alone; height × width: the pictures', default
     the model's image_size). uncond_embeddings: one (1, 77, D)
-    unconditional context per step (null-text inversion). output "tensor" (pairs, 3, H, W) or "pil".
+    unconditional context per step (null-text inversion), or (pairs, 77, D): pair p's picture's. output
+    "tensor" (pairs, 3, H, W) or "pil".
     """
     target = source if target is None and mode == "reweight" else target
     if target is None:
@@ -422,6 +428,9 @@ def edit(model, source: str | list[str], target: str | list[str] | None = None, 
     if uncond_embeddings is not None:
         if len(uncond_embeddings) != steps:
             raise BadValue(f"uncond_embeddings must hold one context per step ({steps}), got {len(uncond_embeddings)}")
+        if any(e.dim() != 3 or len(e) not in (1, len(sources)) for e in uncond_embeddings):
+            raise BadValue(f"each step's uncond_embeddings must be (1 or {len(sources)}, 77, D), got "
+                           f"{[tuple(e.shape) for e in uncond_embeddings[:1]]}")
         controllers.insert(0, StepUnconditional(model.unet, uncond_embeddings))
     down, height, width = model.vae.cfg.size_multiple, height or model.image_size, width or model.image_size
     shape = (len(sources), model.unet.cfg.in_channels, height // down, width // down)

@@ -2,6 +2,7 @@
 heat maps (altdiff_min.research.daam) and inversion (altdiff_min.inversion).
 
     table = measure_swaps(model, "colour")   → {lang: {"pairs", "asked", "kept", "edited", "source_right"}}
+    table = measure_inverted_swaps(model)    → the same from null-text-inverted rendered pictures
     curve = reweight_sweep(model)            → {c: {"colour", "saturation", "kept"}}: the colour word × c
     ious = toy_word_iou(model)               → {lang: {"iou", "shifted", "pictures"}}: the shape word's map
     errors = measure_inversion(model)        → reconstruction error and time of the VAE, DDIM, null-text
@@ -93,13 +94,52 @@ def measure_swaps(model, kind: str = "colour", languages: Sequence[str] = LANGUA
             targets_ = [caption(ns, nc, lang) for _, _, ns, nc, _ in part]
             x = noise(model, [seed for *_, seed in part])
             src, out = edit(model, sources, targets_, steps=steps, scale=scale, latents=x, progress=False, **options)
-            for (s, c, ns, nc, _), a, b in zip(part, src, out):
-                asked, stayed = detect(b) == (ns, nc), kept(a, b)
-                counts["asked"] += asked
-                counts["kept"] += stayed
-                counts["edited"] += asked and stayed
-                counts["source_right"] += detect(a) == (s, c)
+            grade(counts, [case[:4] for case in part], src, out)
         table[lang] = {"pairs": len(cases), **{k: round(v / len(cases), 3) for k, v in counts.items()}}
+    return table
+
+
+def grade(counts: dict, cases, sources, edited) -> None:
+    """Adds to counts each (shape, colour, new shape, new colour) case's grades: the edit shows what was
+    asked, kept its source's place and size (both: edited), and the source is what it was asked to be."""
+    for (s, c, ns, nc), a, b in zip(cases, sources, edited):
+        asked, stayed = detect(b) == (ns, nc), kept(a, b)
+        counts["asked"] += asked
+        counts["kept"] += stayed
+        counts["edited"] += asked and stayed
+        counts["source_right"] += detect(a) == (s, c)
+
+
+def measure_inverted_swaps(model, kind: str = "colour", languages: Sequence[str] = LANGUAGES, per_language: int = 6,
+                           steps: int = 25, scale: float = 7.5, seed: int = 0, progress: bool = False,
+                           log=None, **options) -> dict:
+    """measure_swaps on real pictures: per language, `per_language` rendered objects (random size and place,
+    the objects in turn across the languages, each swapped to the next colour or shape), null-text
+    inverted at `scale` under their caption (one batch a language) and edited from their x_T with
+    their ∅_t. "kept" compares the edit with the real picture; "source_right": the reconstruction is
+    the picture's shape and colour. Per language also the seconds per picture (inversion and edit)."""
+    rng, swaps, ts = np.random.default_rng(seed), swap_pairs(kind, 1), timesteps("ddim", steps, model.schedule)
+    table = {}
+    for li, lang in enumerate(languages):
+        cases = [swaps[(li * per_language + k) % len(swaps)] for k in range(per_language)]
+        real = [render(s, c, rng=rng) for s, c, _, _ in cases]
+        pixels = torch.cat([pictures.prepare_image(Image.fromarray(r), (64, 64)) for r in real])
+        sources = [caption(s, c, lang) for s, c, _, _ in cases]
+        targets = [caption(ns, nc, lang) for _, _, ns, nc in cases]
+        start = time.perf_counter()
+        with torch.no_grad():
+            cond = model.encode_prompt(sources, guided=True)  # [∅ × B; c × B]
+            pivot = ddim_inversion_route(guided_eps(model.denoise, cond[len(cases):], 1.0), picture_latents(model, pixels), ts)
+        uncond, _, _ = null_text(model, pivot, ts, cond[len(cases):], cond[:1], scale, progress=progress)
+        src, out = edit(model, sources, targets, steps=steps, scale=scale, latents=pivot[-1],
+                        uncond_embeddings=uncond, progress=False, **options)
+        counts = dict.fromkeys(("asked", "kept", "edited", "source_right"), 0)
+        grade(counts, cases, real, out)
+        counts["source_right"] = sum(detect(a) == (s, c) for (s, c, _, _), a in zip(cases, src))
+        table[lang] = {"pairs": len(cases), **{k: round(v / len(cases), 3) for k, v in counts.items()},
+                       "seconds": round((time.perf_counter() - start) / len(cases), 1)}
+        if log is not None:
+            log(f"{lang}: {table[lang]}")
     return table
 
 
