@@ -615,7 +615,7 @@ This lesson teaches it rings from 36 pictures, captioned in the nine languages, 
   LoRAs train together;
 
 each alone and **with rehearsal**, half of every batch drawn from the old world (DATA
-`toy-ring:1,toy:1`). For each: how often it draws a ring of the asked colour (`evaluate_rings`: nine
+`toy-ring:1,toy:1`); then the two LoRA ways with rehearsal again at twice the steps. For each: how often it draws a ring of the asked colour (`evaluate_rings`: nine
 languages × six colours × two seeds), how much of the old world survives (`toy.evaluate`: the 162
 prompts the shipped model draws right), the size of what the run leaves, and the time.""",
     SETUP,
@@ -661,11 +661,11 @@ taught, table = {}, []
 def mean(scores, key):
     return sum(row[key] for row in scores.values()) / len(scores)
 
-def teach(way, rehearse):
+def teach(way, rehearse, steps=STEPS):
     settings = WAYS[way]
     word = settings.get("new_tokens", (None,))[0]
     data = ("toy-<ring>" if word else "toy-ring") + (":1,toy:1" if rehearse else "")
-    cfg = TrainConfig(max_steps=STEPS, batch_size=12, warmup=10, save_every=STEPS, **settings)
+    cfg = TrainConfig(max_steps=steps, batch_size=12, warmup=10, save_every=steps, **settings)
     out = f"{runs}/{len(table)}"
     start = time.perf_counter()
     result = fine_tune("toy", data, out, cfg, progress=False)
@@ -677,11 +677,11 @@ def teach(way, rehearse):
         add_words(model, read_embeddings(result))
     size = sum(os.path.getsize(f"{f}/model.safetensors" if os.path.isdir(f) else f) for f in files)
     ring, old = evaluate_rings(model, noun=word), evaluate(model)
-    taught[way, rehearse] = model, word
-    table.append((way, "yes" if rehearse else "no", mean(ring, "both"), mean(old, "colour"), mean(old, "shape"),
+    taught[way, rehearse, steps] = model, word
+    table.append((way, "yes" if rehearse else "no", steps, mean(ring, "both"), mean(old, "colour"), mean(old, "shape"),
                   size / 1e6, minutes))
-    print(f"{way:18} rehearsal {table[-1][1]:3}  rings right {table[-1][2]:4.0%}  old colour {table[-1][3]:4.0%}  "
-          f"old shape {table[-1][4]:4.0%}  {table[-1][5]:6.2f} MB  {minutes:4.1f} min")
+    print(f"{way:18} rehearsal {table[-1][1]:3}  {steps} steps  rings right {table[-1][3]:4.0%}  "
+          f"old colour {table[-1][4]:4.0%}  old shape {table[-1][5]:4.0%}  {table[-1][6]:6.2f} MB  {minutes:4.1f} min")
 
 for rehearse in (False, True):
     teach("every weight", rehearse)""",
@@ -689,9 +689,12 @@ for rehearse in (False, True):
     teach("LoRA r=4", rehearse)""",
     """for rehearse in (False, True):
     teach("<ring> + LoRA r=4", rehearse)""",
-    """print(f"{'way':18} {'rehearsal':>9} {'rings right':>12} {'old colour':>11} {'old shape':>10} {'file MB':>8} {'minutes':>8}")
-for way, rehearse, ring, colour, shape, mb, minutes in table:
-    print(f"{way:18} {rehearse:>9} {ring:12.0%} {colour:11.0%} {shape:10.0%} {mb:8.2f} {minutes:8.1f}")""",
+    """def print_table():
+    print(f"{'way':18} {'rehearsal':>9} {'steps':>6} {'rings right':>12} {'old colour':>11} {'old shape':>10} {'file MB':>8} {'minutes':>8}")
+    for way, rehearse, steps, ring, colour, shape, mb, minutes in table:
+        print(f"{way:18} {rehearse:>9} {steps:6} {ring:12.0%} {colour:11.0%} {shape:10.0%} {mb:8.2f} {minutes:8.1f}")
+
+print_table()""",
     """md:**The table** (1,200 steps of 12 pictures each, the same seed for every run; minutes on a
 2-core CPU that other jobs shared, so only roughly comparable):
 
@@ -714,23 +717,37 @@ for way, rehearse, ring, colour, shape, mb, minutes in table:
 So, on this toy: rehearsal is what keeps the old world, whatever trains; the LoRAs learn the ring
 as well as every weight when nothing else is asked of them, but with rehearsal they fall short of
 the bar at this rank and length.""",
+    """md:**Twice the steps.** With rehearsal only half of each batch shows rings, so a run of 1,200
+steps shows them half as often as a run without. The two LoRA ways with rehearsal again, at 2,400 steps:""",
+    """for way in ("LoRA r=4", "<ring> + LoRA r=4"):
+    teach(way, True, steps=2 * STEPS)
+print_table()""",
+    """md:**At 2,400 steps both LoRA ways pass the bar.** LoRA r=4 with rehearsal draws rings right 91%
+of the time (48% at 1,200 steps) while the old world stays 99% / 100%; the new word and LoRAs 94%
+(61%), the old world 100% / 99%. Each is still a 0.54 MB file, about five minutes on this CPU. What
+the ring needed was more looks at rings, not more capacity: 2,400 batches half of rings show as many
+ring pictures as 1,200 batches of rings alone, and the rings right come out close to that run's
+(91–94% against 95–97%). Two other ways to show more rings, tried with the same seed outside this
+notebook, cost the old world instead: three ring pictures for every old one at 1,200 steps drew rings
+right 74% (LoRA) and 88% (new word), but the old shapes fell to 84% and 75%; rank 8 at two to one,
+86% rings and 76% old shapes.""",
     """asks = [("red", "en"), ("blue", "zh"), ("yellow", "ru")]
 names, pictures = [], []
-for (way, rehearse), (model, word) in taught.items():
+for (way, rehearse, steps), (model, word) in taught.items():
     prompts = [caption(RING, c, lang, noun=word) for c, lang in asks] + [caption("circle", "green", "fr")]
     pictures += list(model.generate(prompts, steps=25, seed=0, output="tensor", progress=False))
-    names += [f"{way}{' +old' if rehearse else ''}\\n{p}" for p in prompts]
+    names += [f"{way}{' +old' if rehearse else ''}{f' ({steps})' if steps != STEPS else ''}\\n{p}" for p in prompts]
 show(pictures, names, rows=len(taught), size=1.5)""",
-    """md:**The pictures** (seed 0; rows: each way, without and with rehearsal; the last column asks
-for a green circle in French; the Chinese titles show as boxes: the plotting font has no CJK glyphs).
-Without rehearsal every way draws the French green circle as a ring; with rehearsal every way draws
-it as a disc again. The Russian yellow ring (жёлтое кольцо: a neuter adjective the toy never read)
+    """md:**The pictures** (seed 0; rows: each way, without and with rehearsal, then the two LoRA ways
+with rehearsal at 2,400 steps; the last column asks for a green circle in French; the Chinese titles
+show as boxes: the plotting font has no CJK glyphs). Without rehearsal every way draws the French
+green circle as a ring; with rehearsal every way draws it as a disc again, at both lengths. The Russian yellow ring (жёлтое кольцо: a neuter adjective the toy never read)
 is a yellow ring after the LoRAs alone, which read the new spelling through the text encoder's LoRA;
 the other ways draw it yellow-orange without a hole, and the new word with rehearsal draws a square.
-With rehearsal the Chinese blue ring comes out as a disc in every way (seed 0). What would close the
-gap for the LoRAs: more steps or a larger rank (the lesson's runs stop at 1,200), more ring batches
-than old ones, or DreamBooth's prior preservation (`--class-prompt "a circle" --class-images N`),
-which rehearses with the base model's own pictures instead of the training data.""",
+With rehearsal at 1,200 steps the Chinese blue ring comes out as a disc in every way (seed 0); at
+2,400 the new word draws it as a ring, and LoRA r=4 draws the Russian yellow ring as an orange ring.
+Another way to rehearse is DreamBooth's prior preservation (`--class-prompt "a circle" --class-images
+N`), which rehearses with the base model's own pictures instead of the training data.""",
 ]
 
 LESSONS["07_sweep"] = [
