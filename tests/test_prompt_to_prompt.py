@@ -21,7 +21,7 @@ from altdiff_min.research.prompt_to_prompt import (
 )
 from altdiff_min.toy.data import caption
 from altdiff_min.toy.detect import detect
-from altdiff_min.toy.editing import kept, placement
+from altdiff_min.toy.editing import kept, measure_inverted_swaps, placement
 
 SIZE = dict(height=64, width=96)
 SOURCE, TARGET = "un cercle rouge sur un fond blanc", "un cercle bleu sur un fond blanc"
@@ -319,3 +319,16 @@ def test_a_colour_swap_on_the_toy_changes_the_colour_and_keeps_the_object(toy):
     # Centre ≤ 2 px and side ≤ 10% in 4 of the 6 (measured: seeds 3 and 5 move), more than the same
     # seeds drawn without the edit keep.
     assert sum(stayed) >= 4 and sum(stayed) > sum(stayed_plain), (stayed, stayed_plain, moved)
+
+
+def test_swaps_measured_on_inverted_real_pictures(toy):
+    # Rendered pictures, null-text inverted: their reconstructions are what they show, and every kind
+    # and setting is graded on the same inversions.
+    table = measure_inverted_swaps(toy, {"paper": {}, "values": {"value_replace_steps": 0.8}},
+                                   languages=("en", "ko"), per_language=3, steps=10)
+    assert set(table) == {(k, n) for k in ("colour", "shape") for n in ("paper", "values")}
+    for rows in table.values():
+        assert set(rows) == {"en", "ko"}
+        for row in rows.values():
+            assert row["pairs"] == 3 and row["source_right"] == 1.0 and row["seconds"] > 0
+            assert all(0 <= row[k] <= 1 for k in ("asked", "kept", "edited")) and row["edited"] <= min(row["asked"], row["kept"])

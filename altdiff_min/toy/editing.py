@@ -110,36 +110,48 @@ def grade(counts: dict, cases, sources, edited) -> None:
         counts["source_right"] += detect(a) == (s, c)
 
 
-def measure_inverted_swaps(model, kind: str = "colour", languages: Sequence[str] = LANGUAGES, per_language: int = 6,
-                           steps: int = 25, scale: float = 7.5, seed: int = 0, progress: bool = False,
-                           log=None, **options) -> dict:
-    """measure_swaps on real pictures: per language, `per_language` rendered objects (random size and place,
-    the objects in turn across the languages, each swapped to the next colour or shape), null-text
-    inverted at `scale` under their caption (one batch a language) and edited from their x_T with
-    their ∅_t. "kept" compares the edit with the real picture; "source_right": the reconstruction is
-    the picture's shape and colour. Per language also the seconds per picture (inversion and edit)."""
-    rng, swaps, ts = np.random.default_rng(seed), swap_pairs(kind, 1), timesteps("ddim", steps, model.schedule)
-    table = {}
+def measure_inverted_swaps(model, settings: dict[str, dict] | None = None, kinds: Sequence[str] = ("colour", "shape"),
+                           languages: Sequence[str] = LANGUAGES, per_language: int = 6, steps: int = 25,
+                           scale: float = 7.5, seed: int = 0, log=None) -> dict:
+    """measure_swaps on real pictures: per language, `per_language` rendered objects (random size and
+    place; the objects in turn across the languages), null-text inverted at `scale` under their caption
+    (one batch a language, once for every kind and setting), then each swapped to the next colour or
+    shape (`kinds`) from their x_T with their ∅_t under each of `settings` {name: edit's options}
+    (default {"the paper's": {}}). "kept" compares the edit with the real picture; "source_right":
+    the reconstruction shows the picture's shape and colour. → {(kind, name): {lang: the fractions,
+    and "seconds": per picture, its inversion and the edit}}; log(line) gets one line each."""
+    settings = settings or {"the paper's": {}}
+    rng, ts = np.random.default_rng(seed), timesteps("ddim", steps, model.schedule)
+    table: dict = {(kind, name): {} for kind in kinds for name in settings}
     for li, lang in enumerate(languages):
-        cases = [swaps[(li * per_language + k) % len(swaps)] for k in range(per_language)]
-        real = [render(s, c, rng=rng) for s, c, _, _ in cases]
-        pixels = torch.cat([pictures.prepare_image(Image.fromarray(r), (64, 64)) for r in real])
-        sources = [caption(s, c, lang) for s, c, _, _ in cases]
-        targets = [caption(ns, nc, lang) for _, _, ns, nc in cases]
+        objects = [(SHAPES[k % len(SHAPES)], list(COLOURS)[(k // len(SHAPES)) % len(COLOURS)])
+                   for k in range(li * per_language, (li + 1) * per_language)]
+        real = [render(s, c, rng=rng) for s, c in objects]
+        sources = [caption(s, c, lang) for s, c in objects]
         start = time.perf_counter()
         with torch.no_grad():
+            pixels = torch.cat([pictures.prepare_image(Image.fromarray(r), (64, 64)) for r in real])
             cond = model.encode_prompt(sources, guided=True)  # [∅ × B; c × B]
-            pivot = ddim_inversion_route(guided_eps(model.denoise, cond[len(cases):], 1.0), picture_latents(model, pixels), ts)
-        uncond, _, _ = null_text(model, pivot, ts, cond[len(cases):], cond[:1], scale, progress=progress)
-        src, out = edit(model, sources, targets, steps=steps, scale=scale, latents=pivot[-1],
-                        uncond_embeddings=uncond, progress=False, **options)
-        counts = dict.fromkeys(("asked", "kept", "edited", "source_right"), 0)
-        grade(counts, cases, real, out)
-        counts["source_right"] = sum(detect(a) == (s, c) for (s, c, _, _), a in zip(cases, src))
-        table[lang] = {"pairs": len(cases), **{k: round(v / len(cases), 3) for k, v in counts.items()},
-                       "seconds": round((time.perf_counter() - start) / len(cases), 1)}
-        if log is not None:
-            log(f"{lang}: {table[lang]}")
+            pivot = ddim_inversion_route(guided_eps(model.denoise, cond[len(objects):], 1.0),
+                                         picture_latents(model, pixels), ts)
+        uncond, _, _ = null_text(model, pivot, ts, cond[len(objects):], cond[:1], scale, progress=False)
+        inverting = time.perf_counter() - start
+        for kind in kinds:
+            names = list(COLOURS) if kind == "colour" else list(SHAPES)
+            cases = [(s, c, *((s, names[(names.index(c) + 1) % len(names)]) if kind == "colour"
+                              else (names[(names.index(s) + 1) % len(names)], c))) for s, c in objects]
+            for name, options in settings.items():
+                start = time.perf_counter()
+                src, out = edit(model, sources, [caption(ns, nc, lang) for _, _, ns, nc in cases], steps=steps,
+                                scale=scale, latents=pivot[-1], uncond_embeddings=uncond, progress=False, **options)
+                counts = dict.fromkeys(("asked", "kept", "edited", "source_right"), 0)
+                grade(counts, cases, real, out)
+                counts["source_right"] = sum(detect(a) == (s, c) for (s, c), a in zip(objects, src))
+                seconds = (inverting + time.perf_counter() - start) / len(objects)
+                table[kind, name][lang] = {"pairs": len(cases), **{k: round(v / len(cases), 3) for k, v in counts.items()},
+                                           "seconds": round(seconds, 2)}
+                if log is not None:
+                    log(f"{kind} swaps, {name}, {lang}: {table[kind, name][lang]}")
     return table
 
 
@@ -253,7 +265,8 @@ def measure_inversion(model, n: int = 50, steps: int = 50, scale: float = 7.5, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Both tables (the paper's settings, then with value_replace_steps=0.8) and the reweighting curve."""
+    """The swap tables (the paper's settings, then with value_replace_steps=0.8), generated and from
+    inverted rendered pictures, and the reweighting curve."""
     from ..pipeline import load
     from .detect import format_table
 
@@ -265,6 +278,11 @@ def main(argv: list[str] | None = None) -> None:
             said = options or "the paper's settings"
             print(f"{kind} swaps, seeds {seeds}, {said}:", flush=True)
             print(format_table(measure_swaps(model, kind, seeds=seeds, **options)), flush=True)
+    settings = {"the paper's settings": {}, "value_replace_steps 0.8": {"value_replace_steps": 0.8}}
+    for (kind, said), rows in measure_inverted_swaps(model, settings, per_language=12).items():
+        seconds = np.mean([row.pop("seconds") for row in rows.values()])
+        print(f"{kind} swaps of null-text-inverted rendered pictures, {said} ({seconds:.1f} s a picture):", flush=True)
+        print(format_table(rows), flush=True)
     print("reweighting the colour word, seed 0:", flush=True)
     for c, row in reweight_sweep(model).items():
         print(f"c={c}: {row}", flush=True)
