@@ -62,10 +62,15 @@ def test_ddim_inversion_and_a_refinement(small_model_dir, picture, tmp_path):
     out = tmp_path / "o"
     assert main(["edit", picture, "--prompt", "a circle", "--target", "a big circle", "--mode", "refine",
                  "--inversion", "ddim", "--scale", "1", "--steps", "2", "--model", small_model_dir, "-o", str(out),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--word-replace-steps", "circle=0.5"]) == 0
     row = json.loads((out / "manifest.jsonl").read_text())
     assert (row["edit"]["mode"], row["edit"]["inversion"], row["scale"]) == ("refine", "ddim", 1.0)
+    assert row["edit"]["cross_replace_steps"] == {"default_": 0.8, "circle": 0.5}  # the word's own window
     assert sorted(os.listdir(out / "samples")) == ["00000.png"]
+    again = tmp_path / "again"
+    assert main(["edit", "--replay", f"{out / 'manifest.jsonl'}:1", "-o", str(again), "--device", "cpu"]) == 0
+    assert json.loads((again / "manifest.jsonl").read_text())["edit"] == row["edit"]
+    assert (again / "samples" / "00000.png").read_bytes() == (out / "samples" / "00000.png").read_bytes()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -86,6 +91,9 @@ def test_ddim_inversion_and_a_refinement(small_model_dir, picture, tmp_path):
     ({"--inversion": "magic"}, "--inversion must be one of null-text, ddim"),
     ({"--cross-replace-steps": "1.5"}, "cross_replace_steps must be a fraction in [0, 1]"),
     ({"--weight": "blue"}, "--weight 'blue': give WORD=C"),
+    ({"--word-replace-steps": "blue"}, "--word-replace-steps 'blue': give WORD=F"),
+    ({"--word-replace-steps": "green=0.2"}, "names the word 'green', which no target prompt holds"),
+    ({"--word-replace-steps": "blue=2"}, "cross_replace_steps['blue'] must be a fraction in [0, 1]"),
     ({"--weight": "green=2"}, "has no word 'green'"),
     ({"--local-blend": "square"}, "local_blend: none of ['square']"),
     ({"--model": "NOWHERE"}, "model folder not found"),

@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
                    "outside where these words are read (LocalBlend)")
     p.add_argument("--cross-replace-steps", type=float, default=None, metavar="F",
                    help="the first fraction F of the steps take the source's cross-attention maps (default 0.8)")
+    p.add_argument("--word-replace-steps", action="append", metavar="WORD=F", help="the target's WORD takes the "
+                   "source's cross-attention maps in the first fraction F of the steps instead (the reference's "
+                   "per-word cross_replace_steps); repeatable")
     p.add_argument("--self-replace-steps", type=float, default=None, metavar="F",
                    help="the first fraction F of the steps take the source's self-attention maps (default 0.4)")
     p.add_argument("--value-replace-steps", type=float, default=None, metavar="F", help="the first fraction F of the "
@@ -62,8 +65,10 @@ def edit_defaults() -> dict:
     return {n: p.default for n, p in inspect.signature(edit).parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-def parse_weights(given: list[str] | None) -> dict[str, float] | None:
-    """--weight WORD=C (repeatable) → {word: c}; a malformed or non-finite one is one line."""
+def parse_weights(given: list[str] | None, flag: str = "--weight", form: str = "WORD=C with C a finite number (e.g. red=2)"
+                  ) -> dict[str, float] | None:
+    """--weight WORD=C (or another flag's WORD=number, repeatable) → {word: number}; a malformed or
+    non-finite one is one line."""
     from ..errors import BadValue
 
     weights = {}
@@ -74,9 +79,18 @@ def parse_weights(given: list[str] | None) -> dict[str, float] | None:
         except ValueError:
             value = math.nan
         if not word.strip() or not math.isfinite(value):
-            raise BadValue(f"--weight {text!r}: give WORD=C with C a finite number (e.g. red=2)")
+            raise BadValue(f"{flag} {text!r}: give {form}")
         weights[word.strip()] = value
     return weights or None
+
+
+def cross_windows(cross: float | None, words: list[str] | None):
+    """--cross-replace-steps F and --word-replace-steps WORD=F → prompt_to_prompt's cross_replace_steps:
+    F alone (None: edit's default), or {"default_": F, word: F, ...} when words have their own."""
+    own = parse_weights(words, "--word-replace-steps", "WORD=F with F a fraction (e.g. square=0.4)")
+    if not own:
+        return cross
+    return {"default_": edit_defaults()["cross_replace_steps"] if cross is None else cross, **own}
 
 
 def check_edit(shape, tokenizer, picture, source, target=None, mode: str = "swap", steps: int = 50,
@@ -180,6 +194,7 @@ def replay(args) -> str:
         args.picture, args.prompt, args.target, args.mode = e["picture"]["path"], e["source"], e["target"], e["mode"]
         args.inversion, args.local_blend = e["inversion"], e["local_blend"]
         args.cross_replace_steps, args.self_replace_steps = e["cross_replace_steps"], e["self_replace_steps"]
+        args.word_replace_steps = None  # a recorded {"default_": F, word: F} is cross_replace_steps whole
         args.value_replace_steps = e["value_replace_steps"]
         args.weight = [f"{w}={c!r}" for w, c in (e["weights"] or {}).items()] or None
         args.steps, args.scale, args.dtype, args.model = row["steps"], row["scale"], row["dtype"], row["model"]["path"]
@@ -226,7 +241,8 @@ def run(args) -> int:
     tokenizer = Tokenizer(os.path.join(resolve(args.model), TOKENIZER), max_length=config["tokenizer"]["max_length"])
     image = read_picture_argument(args.picture, "PICTURE")
     checked = check_edit(shape, tokenizer, image, args.prompt, args.target, args.mode, args.steps, args.scale,
-                         args.inversion, args.cross_replace_steps, args.self_replace_steps, parse_weights(args.weight),
+                         args.inversion, cross_windows(args.cross_replace_steps, args.word_replace_steps),
+                         args.self_replace_steps, parse_weights(args.weight),
                          args.local_blend, args.value_replace_steps, names=FLAGS)
     check_outdir(args.outdir)
     if (checked["width"], checked["height"]) != image.size:
