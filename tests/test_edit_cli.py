@@ -27,7 +27,7 @@ def picture(tmp_path_factory) -> str:
 def test_edit_writes_the_pictures_edit_picture_makes_with_records_that_replay(small_model_dir, picture, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["edit", picture, *EDIT, "--model", small_model_dir, "-o", str(out), "--reconstruction",
-                 "--cross-replace-steps", "0.6", "--weight", "blue=2"]) == 0
+                 "--cross-replace-steps", "0.6", "--weight", "blue=2", "--null-text-steps", "0.5"]) == 0
     captured = capsys.readouterr()
     assert "(70×75) is resized to 64×64" in captured.err
     assert "ddim inversion" in captured.err and "null-text" in captured.err  # the progress bars
@@ -38,11 +38,12 @@ def test_edit_writes_the_pictures_edit_picture_makes_with_records_that_replay(sm
     e = rows[1]["edit"]
     assert e["picture"]["path"] == picture and len(e["picture"]["sha256"]) == 64 and e["inversion"] == "null-text"
     assert (e["mode"], e["cross_replace_steps"], e["self_replace_steps"], e["weights"]) == ("swap", 0.6, 0.4, {"blue": 2.0})
+    assert e["null_text_steps"] == 0.5
     assert (rows[1]["steps"], rows[1]["scale"], rows[1]["width"], rows[1]["height"]) == (3, 7.5, 64, 64)
     # The same pictures as the Python functions make
     model = load(small_model_dir)
     checked = check_edit(model.shape, model.tokenizer, Image.open(picture).convert("RGB"), "a red circle",
-                         "a blue circle", steps=3, cross_replace_steps=0.6, weights={"blue": 2.0})
+                         "a blue circle", steps=3, cross_replace_steps=0.6, weights={"blue": 2.0}, null_text_steps=0.5)
     made = edit_picture(model, Image.open(picture).convert("RGB"), checked, progress=False)
     for row, want in zip(rows, made):
         assert (Image.open(out / row["file"]).convert("RGB").tobytes()) == want.tobytes()
@@ -92,6 +93,7 @@ def test_ddim_inversion_and_a_refinement(small_model_dir, picture, tmp_path):
     ({"--cross-replace-steps": "1.5"}, "cross_replace_steps must be a fraction in [0, 1]"),
     ({"--weight": "blue"}, "--weight 'blue': give WORD=C"),
     ({"--word-replace-steps": "blue"}, "--word-replace-steps 'blue': give WORD=F"),
+    ({"--null-text-steps": "2"}, "null_text_steps must be a fraction in [0, 1]"),
     ({"--word-replace-steps": "green=0.2"}, "names the word 'green', which no target prompt holds"),
     ({"--word-replace-steps": "blue=2"}, "cross_replace_steps['blue'] must be a fraction in [0, 1]"),
     ({"--weight": "green=2"}, "has no word 'green'"),

@@ -193,6 +193,25 @@ def test_each_pairs_own_unconditional_contexts_are_its_run_alone(pipe):
         edit(pipe, sources, targets, latents=x, uncond_embeddings=[pipe.encode(["a", "b", "c"])] * 3, **options)
 
 
+def test_null_text_steps_choose_where_the_targets_read_the_fitted_contexts(pipe):
+    # Nothing replaced, so a target row depends only on its own prompt, x_T and unconditional rows.
+    options = dict(steps=4, progress=False, cross_replace_steps=0.0, self_replace_steps=0.0, **SIZE)
+    x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(6))
+    uncond = [pipe.encode(["un chien"]) * (1 + 0.1 * i) for i in range(4)]
+    plain = edit(pipe, SOURCE, TARGET, latents=x, **options)
+    fitted = edit(pipe, SOURCE, TARGET, latents=x, uncond_embeddings=uncond, **options)
+    assert rel_err(torch.stack(edit(pipe, SOURCE, TARGET, latents=x, uncond_embeddings=uncond, null_text_steps=(0.0, 1.0),
+                                    **options)), torch.stack(fitted)) < 1e-6  # the paper's: both rows, every step
+    never = edit(pipe, SOURCE, TARGET, latents=x, uncond_embeddings=uncond, null_text_steps=0.0, **options)
+    assert rel_err(never[1], plain[1]) < 1e-5 and rel_err(never[0], fitted[0]) < 1e-5  # the target: empty; the source: ∅_t
+    half = edit(pipe, SOURCE, TARGET, latents=x, uncond_embeddings=uncond, null_text_steps=0.5, **options)
+    assert rel_err(half[0], fitted[0]) < 1e-5 and min(rel_diff(half[1], plain[1]), rel_diff(half[1], fitted[1])) > 1e-4
+    with pytest.raises(BadValue, match="null_text_steps chooses where the targets read uncond_embeddings"):
+        edit(pipe, SOURCE, TARGET, null_text_steps=0.5, **options)
+    with pytest.raises(BadValue, match="null_text_steps must be a fraction"):
+        edit(pipe, SOURCE, TARGET, uncond_embeddings=uncond, null_text_steps=1.5, **options)
+
+
 def test_local_blend_keeps_the_source_outside_the_mask(pipe):
     x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(1))
     blend = LocalBlend(pipe.tokenizer, SOURCE, TARGET, ["cercle"], steps=4, threshold=0.97, start=0.0)

@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--value-replace-steps", type=float, default=None, metavar="F", help="the first fraction F of the "
                    "steps give the target's kept tokens the source's cross-attention values (default 0; XLM-R "
                    "spreads the swapped word over every token: docs/editing.md)")
+    p.add_argument("--null-text-steps", type=float, default=None, metavar="F", help="the first fraction F of the "
+                   "steps give the target's unconditional rows the fitted null-text contexts, the rest the empty "
+                   "prompt's (default 1: every step, as the paper; they hold the picture's colour: docs/editing.md)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the inversion and of the edit")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale of the edit (null-text "
                    "fits its unconditional contexts for it)")
@@ -95,7 +98,8 @@ def cross_windows(cross: float | None, words: list[str] | None):
 
 def check_edit(shape, tokenizer, picture, source, target=None, mode: str = "swap", steps: int = 50,
                scale: float = 7.5, inversion: str = "null-text", cross_replace_steps=None, self_replace_steps=None,
-               weights: dict | None = None, local_blend=None, value_replace_steps=None, names: dict | None = None) -> dict:
+               weights: dict | None = None, local_blend=None, value_replace_steps=None, names: dict | None = None,
+               null_text_steps=None) -> dict:
     """Every argument, one line each, before any model work (the tokenizer and shape only: from a
     folder's files or a loaded model): the picture (pictures.check_picture: NaN tensors too) and its
     size rounded down as image to image rounds it, both prompts, steps and scale (generate's checks),
@@ -105,7 +109,7 @@ def check_edit(shape, tokenizer, picture, source, target=None, mode: str = "swap
     from ..arguments import check_arguments
     from ..errors import BadValue
     from ..inversion import check_fitting, null_text_inversion
-    from ..research.prompt_to_prompt import MODES, EditAttention, LocalBlend
+    from ..research.prompt_to_prompt import MODES, EditAttention, LocalBlend, steps_window
     from ..storage import pictures
 
     if mode not in MODES:
@@ -128,12 +132,15 @@ def check_edit(shape, tokenizer, picture, source, target=None, mode: str = "swap
     cross = defaults["cross_replace_steps"] if cross_replace_steps is None else cross_replace_steps
     own = defaults["self_replace_steps"] if self_replace_steps is None else self_replace_steps
     values = defaults["value_replace_steps"] if value_replace_steps is None else value_replace_steps
+    null = defaults["null_text_steps"] if null_text_steps is None else null_text_steps
+    steps_window(null, "null_text_steps")
     EditAttention(tokenizer, [source], [target], mode, steps, cross, own, weights,
                   value_replace_steps=values)  # the alignment, the windows
     if local_blend:
         LocalBlend(tokenizer, [source], [target], list(local_blend), steps)
     return {"source": source, "target": target, "mode": mode, "steps": steps, "scale": float(scale),
-            "inversion": inversion, "cross_replace_steps": cross, "self_replace_steps": own, "value_replace_steps": values, "weights": weights,
+            "inversion": inversion, "cross_replace_steps": cross, "self_replace_steps": own, "value_replace_steps": values,
+            "null_text_steps": null, "weights": weights,
             "local_blend": list(local_blend) if local_blend else None, "width": width, "height": height}
 
 
@@ -155,7 +162,7 @@ def edit_picture(model, picture, checked: dict, progress: bool = True, inverted:
             inverted[key] = inv
     return edit(model, c["source"], c["target"], c["mode"], steps=c["steps"], scale=c["scale"],
                 cross_replace_steps=c["cross_replace_steps"], self_replace_steps=c["self_replace_steps"],
-                value_replace_steps=c["value_replace_steps"],
+                value_replace_steps=c["value_replace_steps"], null_text_steps=c["null_text_steps"],
                 weights=c["weights"], local_blend=c["local_blend"], latents=inv.noise, uncond_embeddings=inv.uncond,
                 height=c["height"], width=c["width"], output="pil", progress=progress)
 
@@ -163,7 +170,7 @@ def edit_picture(model, picture, checked: dict, progress: bool = True, inverted:
 def edit_record(checked: dict, picture: dict, shows: str) -> dict:
     """The "edit" entry of a record: what makes the picture besides generate's entries."""
     kept = ("source", "target", "mode", "inversion", "cross_replace_steps", "self_replace_steps", "value_replace_steps",
-            "weights", "local_blend")
+            "null_text_steps", "weights", "local_blend")
     return {"picture": picture, **{k: checked[k] for k in kept}, "shows": shows}
 
 
@@ -195,7 +202,7 @@ def replay(args) -> str:
         args.inversion, args.local_blend = e["inversion"], e["local_blend"]
         args.cross_replace_steps, args.self_replace_steps = e["cross_replace_steps"], e["self_replace_steps"]
         args.word_replace_steps = None  # a recorded {"default_": F, word: F} is cross_replace_steps whole
-        args.value_replace_steps = e["value_replace_steps"]
+        args.value_replace_steps, args.null_text_steps = e["value_replace_steps"], e.get("null_text_steps")  # older records: none
         args.weight = [f"{w}={c!r}" for w, c in (e["weights"] or {}).items()] or None
         args.steps, args.scale, args.dtype, args.model = row["steps"], row["scale"], row["dtype"], row["model"]["path"]
         shows, digest, model = e["shows"], e["picture"]["sha256"], row["model"]
@@ -243,7 +250,7 @@ def run(args) -> int:
     checked = check_edit(shape, tokenizer, image, args.prompt, args.target, args.mode, args.steps, args.scale,
                          args.inversion, cross_windows(args.cross_replace_steps, args.word_replace_steps),
                          args.self_replace_steps, parse_weights(args.weight),
-                         args.local_blend, args.value_replace_steps, names=FLAGS)
+                         args.local_blend, args.value_replace_steps, names=FLAGS, null_text_steps=args.null_text_steps)
     check_outdir(args.outdir)
     if (checked["width"], checked["height"]) != image.size:
         print(f"PICTURE {args.picture} ({'×'.join(map(str, image.size))}) is resized to "

@@ -26,7 +26,7 @@ import os
 from ..errors import AltDiffError, BadValue
 
 EDIT_ARGUMENTS = {"steps", "scale", "mode", "inversion", "cross_replace_steps", "self_replace_steps",
-                  "value_replace_steps", "weights", "local_blend"}  # check_edit's keyword arguments
+                  "value_replace_steps", "null_text_steps", "weights", "local_blend"}  # check_edit's keyword arguments
 
 
 def read_edit_entry(path: str, raw: dict) -> dict | None:

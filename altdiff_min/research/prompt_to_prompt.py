@@ -400,7 +400,7 @@ class StepUnconditional(Controller):
 def edit(model, source: str | list[str], target: str | list[str] | None = None, mode: str = "swap",
          seed: int = 0, steps: int = 50, scale: float = 7.5, cross_replace_steps=0.8, self_replace_steps=0.4,
          value_replace_steps=0.0, weights: dict[str, float] | None = None, local_blend: Sequence[str] | None = None,
-         latents: torch.Tensor | None = None, uncond_embeddings: Sequence[torch.Tensor] | None = None,
+         latents: torch.Tensor | None = None, uncond_embeddings: Sequence[torch.Tensor] | None = None, null_text_steps=1.0,
          sampler: str = "ddim", height: int | None = None, width: int | None = None, output: str = "tensor",
          progress: bool = True, blend_options: dict | None = None) -> tuple:
     """(source pictures, edited pictures) of one generate call holding both prompts, from one x_T.
@@ -410,7 +410,11 @@ def edit(model, source: str | list[str], target: str | list[str] | None = None, 
     e.g. from inverting a real picture, instead of the seed's draw (torch.randn((pairs, C, h, w)) from
     `seed`, as generate draws it for the source prompts alone; height × width: the pictures', default
     the model's image_size). uncond_embeddings: one (1, 77, D)
-    unconditional context per step (null-text inversion), or (pairs, 77, D): pair p's picture's. output
+    unconditional context per step (null-text inversion), or (pairs, 77, D): pair p's picture's.
+    null_text_steps (not in the paper; 1 by default, the paper's): the window of steps in which the
+    targets' unconditional rows read uncond_embeddings too; outside it they read the empty prompt's,
+    as plain generation does (the fitted ∅_t hold the inverted picture, its colour included: on the
+    toy a colour swap of an inverted picture mostly keeps the old colour; docs/editing.md). output
     "tensor" (pairs, 3, H, W) or "pil".
     """
     target = source if target is None and mode == "reweight" else target
@@ -431,7 +435,16 @@ def edit(model, source: str | list[str], target: str | list[str] | None = None, 
         if any(e.dim() != 3 or len(e) not in (1, len(sources)) for e in uncond_embeddings):
             raise BadValue(f"each step's uncond_embeddings must be (1 or {len(sources)}, 77, D), got "
                            f"{[tuple(e.shape) for e in uncond_embeddings[:1]]}")
+        start, end = steps_window(null_text_steps, "null_text_steps")
+        fitted = range(int(start * steps), int(end * steps))
+        if len(fitted) < steps:
+            empty = model.encode([""]).to(uncond_embeddings[0].device, uncond_embeddings[0].dtype)
+            n = len(sources)
+            uncond_embeddings = [e if i in fitted else torch.cat([e.expand(n, -1, -1), empty.expand(n, -1, -1)])
+                                 for i, e in enumerate(uncond_embeddings)]  # the sources' rows ∅_t, the targets' empty
         controllers.insert(0, StepUnconditional(model.unet, uncond_embeddings))
+    elif steps_window(null_text_steps, "null_text_steps") != (0.0, 1.0):
+        raise BadValue("null_text_steps chooses where the targets read uncond_embeddings: give uncond_embeddings")
     down, height, width = model.vae.cfg.size_multiple, height or model.image_size, width or model.image_size
     shape = (len(sources), model.unet.cfg.in_channels, height // down, width // down)
     if latents is None:
