@@ -278,7 +278,10 @@ def main(argv: list[str] | None = None) -> None:
             said = options or "the paper's settings"
             print(f"{kind} swaps, seeds {seeds}, {said}:", flush=True)
             print(format_table(measure_swaps(model, kind, seeds=seeds, **options)), flush=True)
-    settings = {"the paper's settings": {}, "value_replace_steps 0.8": {"value_replace_steps": 0.8}}
+    settings = {"the paper's settings": {}, "value_replace_steps 0.8": {"value_replace_steps": 0.8},
+                **{f"{said}, null_text_steps {f}": {**options, "null_text_steps": f}
+                   for said, options, f in (("the paper's", {}, 0.5), ("values 0.8", {"value_replace_steps": 0.8}, 0.5),
+                                            ("values 0.8", {"value_replace_steps": 0.8}, 0.8))}}
     for (kind, said), rows in measure_inverted_swaps(model, settings, per_language=12).items():
         seconds = np.mean([row.pop("seconds") for row in rows.values()])
         print(f"{kind} swaps of null-text-inverted rendered pictures, {said} ({seconds:.1f} s a picture):", flush=True)
