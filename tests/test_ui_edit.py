@@ -29,13 +29,15 @@ def upload(tmp_path_factory) -> str:
 
 def test_the_tabs_handler_is_the_edit_and_its_pictures_replay(toy, upload, tmp_path):
     reconstruction, edited, settings = edit_request(toy, upload, "a red circle", "a blue circle", "swap", 0.6, 0.2,
-                                                    steps=3, weights="blue=1.5")
+                                                    steps=3, weights="blue=1.5", value_replace_steps=0.8, null_text_steps=0.5)
     checked = check_edit(toy.shape, toy.tokenizer, Image.open(upload).convert("RGB"), "a red circle", "a blue circle",
-                         steps=3, cross_replace_steps=0.6, self_replace_steps=0.2, weights={"blue": 1.5})
+                         steps=3, cross_replace_steps=0.6, self_replace_steps=0.2, weights={"blue": 1.5},
+                         value_replace_steps=0.8, null_text_steps=0.5)
     want = edit_picture(toy, Image.open(upload).convert("RGB"), checked, progress=False)
     for got, made in zip((reconstruction, edited), want):
         assert got.size == (64, 64) and got.tobytes() == made.tobytes()
     assert (settings["source"], settings["target"], settings["weights"]) == ("a red circle", "a blue circle", {"blue": 1.5})
+    assert (settings["value_replace_steps"], settings["null_text_steps"]) == (0.8, 0.5)
     record = json.loads(edited.info[RECORD_CHUNK])
     assert record["edit"]["shows"] == "edited" and record["prompt"] == "a blue circle"
     assert json.loads(reconstruction.info[RECORD_CHUNK])["edit"]["shows"] == "reconstruction"

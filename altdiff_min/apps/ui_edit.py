@@ -16,8 +16,8 @@ from .edit import INVERSIONS, check_edit, edit_defaults, edit_picture, parse_wei
 
 
 def edit_request(model, image, source, target, mode="swap", cross_replace_steps=None, self_replace_steps=None,
-                 steps=25, scale=7.5, inversion="null-text", weights="", model_folder: dict | None = None,
-                 progress: bool = False):
+                 steps=25, scale=7.5, inversion="null-text", weights="", value_replace_steps=None, null_text_steps=None,
+                 model_folder: dict | None = None, progress: bool = False):
     """What the tab's button calls (without Gradio): image, the uploaded file's path; weights, "word=c,
     word=c" (blank: none); a blank target is the source (reweight). → (reconstruction, edited, settings):
     PIL pictures with their records in .info (provenance.text_chunks, which Gradio's PNG files keep)
@@ -35,7 +35,8 @@ def edit_request(model, image, source, target, mode="swap", cross_replace_steps=
     given = [w.strip() for w in (weights or "").split(",") if w.strip()]
     steps = int(steps) if isinstance(steps, float) and steps.is_integer() else steps  # the page's sliders send 25.0
     checked = check_edit(model.shape, model.tokenizer, picture, source, target or None, mode, steps,
-                         scale, inversion, cross_replace_steps, self_replace_steps, parse_weights(given))
+                         scale, inversion, cross_replace_steps, self_replace_steps, parse_weights(given),
+                         value_replace_steps=value_replace_steps, null_text_steps=null_text_steps)
     reconstruction, edited = edit_picture(model, picture, checked, progress=progress)
     weight = model.unet.conv_in.weight
     made = records(model, checked, {"path": os.path.abspath(image), "sha256": file_digest(image, "picture")},
@@ -52,10 +53,11 @@ def edit_tab(gr, model, model_folder: dict, concurrency: int) -> None:
 
     defaults = edit_defaults()  # the paper's windows
 
-    def run(image, source, target, mode, cross, own, steps, scale, inversion, weights, progress=gr.Progress(track_tqdm=True)):
+    def run(image, source, target, mode, cross, own, steps, scale, inversion, weights, values, null,
+            progress=gr.Progress(track_tqdm=True)):
         try:
             return edit_request(model, image, source, target, mode, cross, own, steps, scale, inversion, weights,
-                                model_folder, progress=True)
+                                values, null, model_folder, progress=True)
         except AltDiffError as e:  # one line on the page, as the other tabs
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -77,6 +79,13 @@ def edit_tab(gr, model, model_folder: dict, concurrency: int) -> None:
             own = gr.Slider(0, 1, value=defaults["self_replace_steps"], step=0.05, label="self replace steps", elem_id="self-edit",
                             info="… that take the source's self-attention (the layout)")
         with gr.Row():
+            values = gr.Slider(0, 1, value=defaults["value_replace_steps"], step=0.05, label="value replace steps",
+                               elem_id="values-edit", info="… in which the target's other words read the source's "
+                               "values (XLM-R spreads the swapped word over every token: docs/editing.md)")
+            null = gr.Slider(0, 1, value=defaults["null_text_steps"], step=0.05, label="null-text steps",
+                             elem_id="null-edit", info="… in which the edit reads the fitted null-text contexts "
+                             "(they hold the picture's colour; the empty prompt's after)")
+        with gr.Row():
             steps = gr.Slider(1, 150, value=25, step=1, precision=0, label="steps", elem_id="steps-edit")
             scale = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance scale", elem_id="scale-edit")
         button = gr.Button("Edit", variant="primary", elem_id="edit")
@@ -85,5 +94,5 @@ def edit_tab(gr, model, model_folder: dict, concurrency: int) -> None:
                      for name, label in (("reconstruction", "reconstruction"), ("edited", "edited"))]
         with gr.Accordion("settings", open=False):
             settings = gr.JSON(label="settings", elem_id="settings-edit")
-    button.click(run, [image, source, target, mode, cross, own, steps, scale, inversion, weights], [*shown, settings],
+    button.click(run, [image, source, target, mode, cross, own, steps, scale, inversion, weights, values, null], [*shown, settings],
                  api_name="edit", concurrency_limit=concurrency, concurrency_id="model")
