@@ -11,14 +11,8 @@ import altdiff_min
 from altdiff_min.errors import BadType, BadValue
 from altdiff_min.pipeline import load
 from altdiff_min.research.interventions import Controller
-from altdiff_min.research.prompt_to_prompt import (
-    EditAttention,
-    LocalBlend,
-    align,
-    edit,
-    positions_of,
-    words,
-)
+from altdiff_min.research.prompt_to_prompt import EditAttention, LocalBlend, align, edit
+from altdiff_min.research.words import positions_of, words
 from altdiff_min.toy.data import caption
 from altdiff_min.toy.detect import detect
 from altdiff_min.toy.editing import kept, measure_inverted_swaps, placement
