@@ -14,8 +14,8 @@ positions (the paper's code: ≤ 16² positions; the toy's 8×8 latents: every s
 keeps the source's latents outside the edited words' attention mask after each step.
 
 Words are read off the XLM-R pieces (research/words.py). <s> (position 0), </s> and the padding align
-with the other prompt's: the k-th <pad> after </s> with the k-th. The target's words align to the source's: by equal word text (the longest matching blocks of
-difflib.SequenceMatcher). `swap`: the other words must be replaced one for one (in Chinese and
+with the other prompt's: the k-th <pad> after </s> with the k-th. The target's words align to the
+source's by equal word text (the longest matching blocks of difflib.SequenceMatcher). `swap`: the other words must be replaced one for one (in Chinese and
 Japanese a replaced run may have any number of words, the tokenizer's split varying); a replaced
 word's maps go to the target's pieces summed over its source pieces and divided evenly over the
 target's (its mass kept; one for one when the counts agree, as the reference's replacement mapper).
@@ -134,8 +134,7 @@ def cross_alpha(tokenizer, targets: Sequence[str], steps: int, cross_replace_ste
         alpha[:, row, columns] = False
         alpha[int(start * (steps + 1)):int(end * (steps + 1)), row, columns] = True
 
-    for row in range(len(targets)):
-        fill(windows["default_"], "cross_replace_steps", row, slice(None))
+    fill(windows["default_"], "cross_replace_steps", slice(None), slice(None))
     for word, window in windows.items():
         if word == "default_":
             continue
@@ -198,6 +197,7 @@ class EditAttention(Controller):
             for word, c in (weights or {}).items():
                 self.equalizer[i, positions_of(tokenizer, t, word)] = float(c)
         self.alpha = cross_alpha(tokenizer, self.targets, steps, cross_replace_steps)  # (steps + 1, pairs, 77)
+        self.cross = {i for i, columns in enumerate(self.alpha) if columns.any()}  # the calls that replace any
 
     def rows(self, batch: int, guided: bool) -> int:
         """Where the conditional rows start (sources, then targets), checked against the pairs."""
@@ -220,8 +220,7 @@ class EditAttention(Controller):
     def probs(self, site, when, probs):
         step, n = when.call, len(self.sources)
         replace_self = site.kind == "self" and step in self.self and probs.shape[2] <= self.self_max_positions
-        alpha = self.alpha[min(step, len(self.alpha) - 1)]  # (pairs, 77): the columns replaced at this step
-        if not (site.kind == "cross" and alpha.any()) and not replace_self:
+        if not (site.kind == "cross" and step in self.cross) and not replace_self:
             return None
         first = self.rows(probs.shape[0], when.guided)
         base, edited = probs[first:first + n], probs[first + n:]
@@ -231,7 +230,7 @@ class EditAttention(Controller):
             mapper, eq = (x.to(probs.device, probs.dtype) for x in (self.mapper, self.equalizer))
             carried = torch.einsum("bhqw,bwn->bhqn", base, mapper)
             replaced = torch.where(self.mapped[:, None, None, :].to(probs.device), carried, edited) * eq[:, None, None, :]
-            new = torch.where(alpha[:, None, None, :].to(probs.device), replaced, edited)
+            new = torch.where(self.alpha[step, :, None, None, :].to(probs.device), replaced, edited)  # this call's columns
         probs = probs.clone()
         probs[first + n:] = new
         return probs

@@ -94,20 +94,26 @@ def measure_swaps(model, kind: str = "colour", languages: Sequence[str] = LANGUA
             targets_ = [caption(ns, nc, lang) for _, _, ns, nc, _ in part]
             x = noise(model, [seed for *_, seed in part])
             src, out = edit(model, sources, targets_, steps=steps, scale=scale, latents=x, progress=False, **options)
-            grade(counts, [case[:4] for case in part], src, out)
+            grade(counts, [case[:4] for case in part], src, src, out)
         table[lang] = {"pairs": len(cases), **{k: round(v / len(cases), 3) for k, v in counts.items()}}
     return table
 
 
-def grade(counts: dict, cases, sources, edited) -> None:
+def grade(counts: dict, cases, places, sources, edited) -> None:
     """Adds to counts each (shape, colour, new shape, new colour) case's grades: the edit shows what was
-    asked, kept its source's place and size (both: edited), and the source is what it was asked to be."""
-    for (s, c, ns, nc), a, b in zip(cases, sources, edited):
-        asked, stayed = detect(b) == (ns, nc), kept(a, b)
+    asked, kept the place and size of its picture in `places` (both: edited), and the source row is
+    what it was asked to be."""
+    for (s, c, ns, nc), place, a, b in zip(cases, places, sources, edited):
+        asked, stayed = detect(b) == (ns, nc), kept(place, b)
         counts["asked"] += asked
         counts["kept"] += stayed
         counts["edited"] += asked and stayed
         counts["source_right"] += detect(a) == (s, c)
+
+
+def objects(start: int, stop: int) -> list[tuple[str, str]]:
+    """The toy's objects start … stop − 1 in turn: every shape in the first colour, then the next colour."""
+    return [(SHAPES[k % len(SHAPES)], list(COLOURS)[(k // len(SHAPES)) % len(COLOURS)]) for k in range(start, stop)]
 
 
 def measure_inverted_swaps(model, settings: dict[str, dict] | None = None, kinds: Sequence[str] = ("colour", "shape"),
@@ -124,30 +130,27 @@ def measure_inverted_swaps(model, settings: dict[str, dict] | None = None, kinds
     rng, ts = np.random.default_rng(seed), timesteps("ddim", steps, model.schedule)
     table: dict = {(kind, name): {} for kind in kinds for name in settings}
     for li, lang in enumerate(languages):
-        objects = [(SHAPES[k % len(SHAPES)], list(COLOURS)[(k // len(SHAPES)) % len(COLOURS)])
-                   for k in range(li * per_language, (li + 1) * per_language)]
-        real = [render(s, c, rng=rng) for s, c in objects]
-        sources = [caption(s, c, lang) for s, c in objects]
+        drawn = objects(li * per_language, (li + 1) * per_language)
+        real = [render(s, c, rng=rng) for s, c in drawn]
+        sources = [caption(s, c, lang) for s, c in drawn]
         start = time.perf_counter()
         with torch.no_grad():
             pixels = torch.cat([pictures.prepare_image(Image.fromarray(r), (64, 64)) for r in real])
             cond = model.encode_prompt(sources, guided=True)  # [∅ × B; c × B]
-            pivot = ddim_inversion_route(guided_eps(model.denoise, cond[len(objects):], 1.0),
+            pivot = ddim_inversion_route(guided_eps(model.denoise, cond[len(drawn):], 1.0),
                                          picture_latents(model, pixels), ts)
-        uncond, _, _ = null_text(model, pivot, ts, cond[len(objects):], cond[:1], scale, progress=False)
+        uncond, _, _ = null_text(model, pivot, ts, cond[len(drawn):], cond[:1], scale, progress=False)
         inverting = time.perf_counter() - start
         for kind in kinds:
-            names = list(COLOURS) if kind == "colour" else list(SHAPES)
-            cases = [(s, c, *((s, names[(names.index(c) + 1) % len(names)]) if kind == "colour"
-                              else (names[(names.index(s) + 1) % len(names)], c))) for s, c in objects]
+            swapped = {(s, c): (ns, nc) for s, c, ns, nc in swap_pairs(kind, 1)}  # each to the next one
+            cases = [(s, c, *swapped[s, c]) for s, c in drawn]
             for name, options in settings.items():
                 start = time.perf_counter()
                 src, out = edit(model, sources, [caption(ns, nc, lang) for _, _, ns, nc in cases], steps=steps,
                                 scale=scale, latents=pivot[-1], uncond_embeddings=uncond, progress=False, **options)
                 counts = dict.fromkeys(("asked", "kept", "edited", "source_right"), 0)
-                grade(counts, cases, real, out)
-                counts["source_right"] = sum(detect(a) == (s, c) for (s, c), a in zip(objects, src))
-                seconds = (inverting + time.perf_counter() - start) / len(objects)
+                grade(counts, cases, real, src, out)
+                seconds = (inverting + time.perf_counter() - start) / len(drawn)
                 table[kind, name][lang] = {"pairs": len(cases), **{k: round(v / len(cases), 3) for k, v in counts.items()},
                                            "seconds": round(seconds, 2)}
                 if log is not None:
@@ -235,11 +238,10 @@ def measure_inversion(model, n: int = 50, steps: int = 50, scale: float = 7.5, s
     errors, seconds = {k: [] for k in names}, {k: 0.0 for k in names}
     ts = timesteps("ddim", steps, model.schedule)
     for first in range(0, n, batch):
-        objects = [(SHAPES[k % len(SHAPES)], list(COLOURS)[(k // len(SHAPES)) % len(COLOURS)])
-                   for k in range(first, min(n, first + batch))]
-        pixels = torch.cat([pictures.prepare_image(Image.fromarray(render(s, c, rng=rng)), (64, 64)) for s, c in objects])
-        prompts = [caption(s, c, LANGUAGES[(first + j) % len(LANGUAGES)], rng) for j, (s, c) in enumerate(objects)]
-        B, got = len(objects), {}
+        drawn = objects(first, min(n, first + batch))
+        pixels = torch.cat([pictures.prepare_image(Image.fromarray(render(s, c, rng=rng)), (64, 64)) for s, c in drawn])
+        prompts = [caption(s, c, LANGUAGES[(first + j) % len(LANGUAGES)], rng) for j, (s, c) in enumerate(drawn)]
+        B, got = len(drawn), {}
         with torch.no_grad():
             context = model.encode_prompt(prompts, guided=True)  # [∅ × B; c × B]
             start = time.perf_counter()
