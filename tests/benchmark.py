@@ -14,6 +14,7 @@ Skipping work (research/skipping.py), eager only: the guided UNet step at 64×64
   with ToMe 0.5 and with DeepCache interval 3 (the mean of one whole and two shallow steps), ours against
   diffusers patched by tomesd / run under DeepCache's helper, in one interleaved round; a line states each
   way's speed-up over its own plain step. --skipping-only: these rows alone.
+--vae-only: the VAE decode row alone (batch 1, at --size; `--size 512` is how m9 is used), per dtype.
 Training rows (UNet only: forward + backward + AdamW(lr=1e-5) step, batch 2, latents (--size / 8)²,
 fp32 master weights, autocast to --dtype unless fp32; ours `train.diffusion_loss`, diffusers the same
 loss by hand on its UNet2DConditionModel):
@@ -33,7 +34,7 @@ each), each timing its own steps after a warm-up step (which allocates AdamW's s
 On a 2-core CPU use a reduced --size (the default there is 256 px); the output states it.
 
     python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp32 bf16] [--compile [both]] [--json out.json]
-                              [--train-only | --no-train | --lora-only | --skipping-only] [--lora R] [--lora-unet mid|m9] [--lora-pair]
+                              [--train-only | --no-train | --lora-only | --skipping-only | --vae-only] [--lora R] [--lora-unet mid|m9] [--lora-pair]
                               (on cuda, --dtype bf16 for the training rows)
 """
 from __future__ import annotations
@@ -637,6 +638,7 @@ def main() -> None:
     which.add_argument("--no-train", action="store_true", help="skip the training rows (the LoRA rows too)")
     which.add_argument("--lora-only", action="store_true", help="only the LoRA rows (no m9 built for --lora-unet mid)")
     which.add_argument("--skipping-only", action="store_true", help="only the rows of ToMe and DeepCache (64×64 latents)")
+    which.add_argument("--vae-only", action="store_true", help="only the VAE decode row, at --size")
     p.add_argument("--lora", type=int, default=4, help="the LoRA rows' rank (default 4)")
     p.add_argument("--lora-unet", choices=["mid", "m9"], default=None,
                    help="the UNet the LoRA rows train (default: mid on the CPU, m9 on cuda)")
@@ -667,16 +669,24 @@ def main() -> None:
                 results += [(name, dtype, "no", row) for name, row in
                             skipping_rows(ours, theirs, args.device, DTYPES[dtype], args.runs).items()]
                 del ours, theirs
-        for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not (args.train_only or args.lora_only
-                                                                                    or args.skipping_only) else []:
+        for dtype in dtypes if args.vae_only else []:
+            print(f"VAE decode: {dtype}, {args.size} px, {args.runs} rounds …", flush=True)
+            ours, theirs = load_ours(folder, args.device, DTYPES[dtype]), load_diffusers(folder, args.device, DTYPES[dtype])
+            z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+            z = z.to(args.device, DTYPES[dtype])
+            results.append((f"VAE decode, {args.size} px (s)", dtype, "no", interleaved(
+                lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z), args.runs, args.device)))
+            del ours, theirs
+        only = args.train_only or args.lora_only or args.skipping_only or args.vae_only
+        for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not only else []:
             print(f"inference rows: {dtype}, {'compiled' if compiled else 'eager'} …", flush=True)
             rows, unet_speed[f"{dtype} {'compiled' if compiled else 'eager'}"] = inference(
                 argparse.Namespace(**{**vars(args), "dtype": dtype, "compile": compiled}))
             results += [(name, dtype, "yes" if compiled else "no", row) for name, row in rows.items()]
             write_json(results, unet_speed, args)  # so far: what survives a run stopped at a time limit
-        if not (args.no_train or args.lora_only or args.skipping_only):
+        if not (args.no_train or only):
             results += [(name, args.dtype, "-", row) for name, row in training(args).items()]
-        if not (args.no_train or args.skipping_only):
+        if not (args.no_train or args.skipping_only or args.vae_only):
             results += [(name, args.dtype, "-", row) for name, row in lora_training(args).items()]
     report(results, unet_speed, args)
 

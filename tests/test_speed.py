@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import M9_UNET, rel_diff, rel_err
+from helpers import M9_UNET, M9_VAE, rel_diff, rel_err
 
 from altdiff_min.research import speed
 from altdiff_min.storage.folder import WEIGHTS
@@ -36,10 +36,32 @@ def test_fast_m9_unet_equals_the_unet_as_written():
     assert rel_err(fast, written) < 1e-5
 
 
+def test_fast_m9_decoder_equals_the_decoder_as_written():
+    """m9's VAE decoder (random weights, batch 2, non-square latents) with its activations in channels_last:
+    the same picture, contiguous as the decoder as written returns it, and the same state dict."""
+    from altdiff_min.model.vae import VAE, Decoder
+    from weights_convert.vae import config_from_hf
+
+    torch.manual_seed(0)
+    vae = VAE(config_from_hf(M9_VAE)).eval()
+    z = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(1))
+    state = dict(vae.state_dict())
+    with torch.no_grad():
+        written = vae.decode(z)
+        speed.apply(vae)
+        fast = vae.decode(z)
+    assert type(vae.decoder) is speed.FastDecoder and "FastDecoder" in repr(vae)
+    assert fast.is_contiguous() and fast.shape == written.shape == (2, 3, 48, 80)
+    assert {k: v.data_ptr() for k, v in vae.state_dict().items()} == {k: v.data_ptr() for k, v in state.items()}
+    assert rel_err(fast, written) < 1e-5
+    speed.as_written(vae)
+    assert type(vae.decoder) is Decoder
+
+
 def test_load_applies_the_speed_paths_per_model_and_fast_false_leaves_them_off(small_model_dir):
     fast, written = load(small_model_dir), load(small_model_dir, fast=False)
-    assert "FastConv3x3" in repr(fast.unet) and "FastConv3x3" in repr(fast.vae)
-    assert "FastConv3x3" not in repr(written.unet) + repr(written.vae)
+    assert "FastConv3x3" in repr(fast.unet) and "FastConv3x3" in repr(fast.vae) and "FastDecoder" in repr(fast.vae)
+    assert "FastConv3x3" not in repr(written.unet) + repr(written.vae) and "FastDecoder" not in repr(written.vae)
     assert all(type(m) is Conv3x3 for m in written.unet.modules() if isinstance(m, Conv3x3))  # one model, not the class
     a = fast.generate("un cercle rouge", steps=3, seed=0, height=64, width=96, output="tensor", progress=False)
     b = written.generate("un cercle rouge", steps=3, seed=0, height=64, width=96, output="tensor", progress=False)

@@ -6,6 +6,7 @@ applied shows in the model's repr (FastConv3x3 in place of Conv3x3; a compiled U
 OptimizedModule).
 
   FastConv3x3   on the CPU, the 3×3 convolutions of m9's small, wide levels as one matrix product
+  FastDecoder   on the CPU, the VAE decoder's activations in channels_last (oneDNN's own layout)
   CompiledUNet  the UNet as one torch.compile graph (load(..., compile=True), --compile); on CUDA
                 replayed as a CUDA graph, with the weights in channels_last
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from ..model.layers import Conv3x3
 from ..model.unet import UNet
+from ..model.vae import Decoder
 
 
 class FastConv3x3(Conv3x3):
@@ -47,7 +49,22 @@ class FastConv3x3(Conv3x3):
         return out.view(-1, b, h * w).transpose(0, 1).reshape(b, -1, h, w)
 
 
-FAST = {Conv3x3: FastConv3x3}  # the module as written → its fast twin (a subclass adding no state)
+class FastDecoder(Decoder):
+    """The decoder with its activations in channels_last (NHWC) on the CPU: its latents go in in that
+    layout and every convolution, norm and upsampling after them keeps it, so oneDNN runs its
+    convolutions without converting each input from NCHW and each output back. Measured on 2 cores
+    (m9's decoder, batch 1): fp32 −7% at 256 px and −10% at 512 px, bf16 −12% at 256 px; the
+    result is the same sums in another order (2e-5 relative in fp32). Only the activations change
+    layout: the weights stay as loaded, so a saved state dict is unchanged (some writers assume
+    contiguous tensors). The picture comes back contiguous, as the decoder as written returns it."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.device.type != "cpu":  # measured on the CPU only
+            return super().forward(z)
+        return super().forward(z.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+FAST = {Conv3x3: FastConv3x3, Decoder: FastDecoder}  # the module as written → its fast twin (a subclass adding no state)
 
 
 def apply(module: nn.Module) -> nn.Module:
