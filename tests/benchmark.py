@@ -14,7 +14,8 @@ Skipping work (research/skipping.py), eager only: the guided UNet step at 64×64
   with ToMe 0.5 and with DeepCache interval 3 (the mean of one whole and two shallow steps), ours against
   diffusers patched by tomesd / run under DeepCache's helper, in one interleaved round; a line states each
   way's speed-up over its own plain step. --skipping-only: these rows alone.
---vae-only: the VAE decode row alone (batch 1, at --size; `--size 512` is how m9 is used), per dtype.
+--vae-only: the VAE decode row alone (batch 1, at --size; `--size 512` is how m9 is used), per dtype;
+--image-only: the whole-image row alone (text encoder, --steps, VAE decode), per dtype.
 Training rows (UNet only: forward + backward + AdamW(lr=1e-5) step, batch 2, latents (--size / 8)²,
 fp32 master weights, autocast to --dtype unless fp32; ours `train.diffusion_loss`, diffusers the same
 loss by hand on its UNet2DConditionModel):
@@ -34,7 +35,7 @@ each), each timing its own steps after a warm-up step (which allocates AdamW's s
 On a 2-core CPU use a reduced --size (the default there is 256 px); the output states it.
 
     python tests/benchmark.py [--size 512] [--steps 25] [--device cuda] [--dtype fp32 bf16] [--compile [both]] [--json out.json]
-                              [--train-only | --no-train | --lora-only | --skipping-only | --vae-only] [--lora R] [--lora-unet mid|m9] [--lora-pair]
+                              [--train-only | --no-train | --lora-only | --skipping-only | --vae-only | --image-only] [--lora R] [--lora-unet mid|m9] [--lora-pair]
                               (on cuda, --dtype bf16 for the training rows)
 """
 from __future__ import annotations
@@ -639,6 +640,7 @@ def main() -> None:
     which.add_argument("--lora-only", action="store_true", help="only the LoRA rows (no m9 built for --lora-unet mid)")
     which.add_argument("--skipping-only", action="store_true", help="only the rows of ToMe and DeepCache (64×64 latents)")
     which.add_argument("--vae-only", action="store_true", help="only the VAE decode row, at --size")
+    which.add_argument("--image-only", action="store_true", help="only the whole-image row, at --size and --steps")
     p.add_argument("--lora", type=int, default=4, help="the LoRA rows' rank (default 4)")
     p.add_argument("--lora-unet", choices=["mid", "m9"], default=None,
                    help="the UNet the LoRA rows train (default: mid on the CPU, m9 on cuda)")
@@ -669,15 +671,20 @@ def main() -> None:
                 results += [(name, dtype, "no", row) for name, row in
                             skipping_rows(ours, theirs, args.device, DTYPES[dtype], args.runs).items()]
                 del ours, theirs
-        for dtype in dtypes if args.vae_only else []:
-            print(f"VAE decode: {dtype}, {args.size} px, {args.runs} rounds …", flush=True)
+        for dtype in dtypes if args.vae_only or args.image_only else []:
+            print(f"{'VAE decode' if args.vae_only else 'whole image'}: {dtype}, {args.size} px, {args.runs} rounds …", flush=True)
             ours, theirs = load_ours(folder, args.device, DTYPES[dtype]), load_diffusers(folder, args.device, DTYPES[dtype])
-            z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
-            z = z.to(args.device, DTYPES[dtype])
-            results.append((f"VAE decode, {args.size} px (s)", dtype, "no", interleaved(
-                lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z), args.runs, args.device)))
-            del ours, theirs
-        only = args.train_only or args.lora_only or args.skipping_only or args.vae_only
+            if args.vae_only:
+                z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+                z = z.to(args.device, DTYPES[dtype])
+                fns = (lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z))
+            else:
+                fns = image_fns(ours, theirs, args)
+            name = f"VAE decode, {args.size} px (s)" if args.vae_only else f"whole image, {args.size} px, {args.steps} steps (s)"
+            results.append((name, dtype, "no", interleaved(*fns, args.runs, args.device)))
+            write_json(results, unet_speed, args)
+            del ours, theirs, fns
+        only = args.train_only or args.lora_only or args.skipping_only or args.vae_only or args.image_only
         for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not only else []:
             print(f"inference rows: {dtype}, {'compiled' if compiled else 'eager'} …", flush=True)
             rows, unet_speed[f"{dtype} {'compiled' if compiled else 'eager'}"] = inference(
@@ -686,7 +693,7 @@ def main() -> None:
             write_json(results, unet_speed, args)  # so far: what survives a run stopped at a time limit
         if not (args.no_train or only):
             results += [(name, args.dtype, "-", row) for name, row in training(args).items()]
-        if not (args.no_train or args.skipping_only or args.vae_only):
+        if not (args.no_train or args.skipping_only or args.vae_only or args.image_only):
             results += [(name, args.dtype, "-", row) for name, row in lora_training(args).items()]
     report(results, unet_speed, args)
 
