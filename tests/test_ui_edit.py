@@ -29,15 +29,18 @@ def upload(tmp_path_factory) -> str:
 
 def test_the_tabs_handler_is_the_edit_and_its_pictures_replay(toy, upload, tmp_path):
     reconstruction, edited, settings = edit_request(toy, upload, "a red circle", "a blue circle", "swap", 0.6, 0.2,
-                                                    steps=3, weights="blue=1.5", value_replace_steps=0.8, null_text_steps=0.5)
+                                                    steps=3, weights="blue=1.5", value_replace_steps=0.8, null_text_steps=0.5,
+                                                    word_windows="blue=0.3")
+    windows = {"default_": 0.6, "blue": 0.3}
     checked = check_edit(toy.shape, toy.tokenizer, Image.open(upload).convert("RGB"), "a red circle", "a blue circle",
-                         steps=3, cross_replace_steps=0.6, self_replace_steps=0.2, weights={"blue": 1.5},
+                         steps=3, cross_replace_steps=windows, self_replace_steps=0.2, weights={"blue": 1.5},
                          value_replace_steps=0.8, null_text_steps=0.5)
     want = edit_picture(toy, Image.open(upload).convert("RGB"), checked, progress=False)
     for got, made in zip((reconstruction, edited), want):
         assert got.size == (64, 64) and got.tobytes() == made.tobytes()
     assert (settings["source"], settings["target"], settings["weights"]) == ("a red circle", "a blue circle", {"blue": 1.5})
     assert (settings["value_replace_steps"], settings["null_text_steps"]) == (0.8, 0.5)
+    assert settings["cross_replace_steps"] == windows
     record = json.loads(edited.info[RECORD_CHUNK])
     assert record["edit"]["shows"] == "edited" and record["prompt"] == "a blue circle"
     assert json.loads(reconstruction.info[RECORD_CHUNK])["edit"]["shows"] == "reconstruction"
@@ -48,17 +51,20 @@ def test_the_tabs_handler_is_the_edit_and_its_pictures_replay(toy, upload, tmp_p
     np.testing.assert_array_equal(np.asarray(again), np.asarray(edited.convert("RGB")))
 
 
-@pytest.mark.parametrize("image, source, target, message", [
-    (None, "a red circle", "a blue circle", "upload the picture"),
-    ("UPLOAD", "  ", "a blue circle", "give the source prompt"),
-    ("UPLOAD", "a red circle", "a big blue circle", "a word swap replaces words one for one"),
+@pytest.mark.parametrize("image, source, target, windows, message", [
+    (None, "a red circle", "a blue circle", "", "upload the picture"),
+    ("UPLOAD", "  ", "a blue circle", "", "give the source prompt"),
+    ("UPLOAD", "a red circle", "a big blue circle", "", "a word swap replaces words one for one"),
+    ("UPLOAD", "a red circle", "a blue circle", "blue", "word windows 'blue': give WORD=F"),
+    ("UPLOAD", "a red circle", "a blue circle", "green=0.4", "names the word 'green', which no target prompt holds"),
+    ("UPLOAD", "a red circle", "a blue circle", "blue=1.5", "cross_replace_steps"),
 ])
-def test_bad_fields_are_one_line_before_any_model_work(toy, upload, monkeypatch, image, source, target, message):
+def test_bad_fields_are_one_line_before_any_model_work(toy, upload, monkeypatch, image, source, target, windows, message):
     import altdiff_min.inversion as inversion
 
     monkeypatch.setattr(inversion, "picture_latents", lambda *a, **k: pytest.fail("inversion began"))
     with pytest.raises(BadValue, match=message):
-        edit_request(toy, upload if image == "UPLOAD" else image, source, target, steps=3)
+        edit_request(toy, upload if image == "UPLOAD" else image, source, target, steps=3, word_windows=windows)
 
 
 def test_the_page_has_the_edit_tab(toy):

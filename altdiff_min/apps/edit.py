@@ -87,10 +87,11 @@ def parse_weights(given: list[str] | None, flag: str = "--weight", form: str = "
     return weights or None
 
 
-def cross_windows(cross: float | None, words: list[str] | None):
+def cross_windows(cross: float | None, words: list[str] | None, flag: str = "--word-replace-steps"):
     """--cross-replace-steps F and --word-replace-steps WORD=F → prompt_to_prompt's cross_replace_steps:
-    F alone (None: edit's default), or {"default_": F, word: F, ...} when words have their own."""
-    own = parse_weights(words, "--word-replace-steps", "WORD=F with F a fraction (e.g. square=0.4)")
+    F alone (None: edit's default), or {"default_": F, word: F, ...} when words have their own.
+    flag: what a malformed WORD=F is called in its one-line error."""
+    own = parse_weights(words, flag, "WORD=F with F a fraction (e.g. square=0.4)")
     if not own:
         return cross
     return {"default_": edit_defaults()["cross_replace_steps"] if cross is None else cross, **own}

@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 
 from ..errors import AltDiffError, BadValue
-from .edit import INVERSIONS, check_edit, edit_defaults, edit_picture, parse_weights, records
+from .edit import INVERSIONS, check_edit, cross_windows, edit_defaults, edit_picture, parse_weights, records
 
 
 def edit_request(model, image, source, target, mode="swap", cross_replace_steps=None, self_replace_steps=None,
                  steps=25, scale=7.5, inversion="null-text", weights="", value_replace_steps=None, null_text_steps=None,
-                 model_folder: dict | None = None, progress: bool = False):
+                 word_windows="", model_folder: dict | None = None, progress: bool = False):
     """What the tab's button calls (without Gradio): image, the uploaded file's path; weights, "word=c,
-    word=c" (blank: none); a blank target is the source (reweight). → (reconstruction, edited, settings):
+    word=c" (blank: none); word_windows, "word=f, …": target words with their own cross-attention window
+    (`edit --word-replace-steps`); a blank target is the source (reweight). → (reconstruction, edited, settings):
     PIL pictures with their records in .info (provenance.text_chunks, which Gradio's PNG files keep)
     and the settings as JSON."""
     from ..storage.folder import fingerprint
@@ -32,10 +33,11 @@ def edit_request(model, image, source, target, mode="swap", cross_replace_steps=
     if not isinstance(source, str) or not source.strip():
         raise BadValue("edit: give the source prompt, which describes the picture (not empty or blank)")
     picture = read_picture_argument(image, "picture")
-    given = [w.strip() for w in (weights or "").split(",") if w.strip()]
+    given, windows = ([w.strip() for w in (text or "").split(",") if w.strip()] for text in (weights, word_windows))
     steps = int(steps) if isinstance(steps, float) and steps.is_integer() else steps  # the page's sliders send 25.0
     checked = check_edit(model.shape, model.tokenizer, picture, source, target or None, mode, steps,
-                         scale, inversion, cross_replace_steps, self_replace_steps, parse_weights(given),
+                         scale, inversion, cross_windows(cross_replace_steps, windows, "word windows"), self_replace_steps,
+                         parse_weights(given),
                          value_replace_steps=value_replace_steps, null_text_steps=null_text_steps)
     reconstruction, edited = edit_picture(model, picture, checked, progress=progress)
     weight = model.unet.conv_in.weight
@@ -53,11 +55,11 @@ def edit_tab(gr, model, model_folder: dict, concurrency: int) -> None:
 
     defaults = edit_defaults()  # the paper's windows
 
-    def run(image, source, target, mode, cross, own, steps, scale, inversion, weights, values, null,
+    def run(image, source, target, mode, cross, own, steps, scale, inversion, weights, values, null, windows,
             progress=gr.Progress(track_tqdm=True)):
         try:
             return edit_request(model, image, source, target, mode, cross, own, steps, scale, inversion, weights,
-                                values, null, model_folder, progress=True)
+                                values, null, windows, model_folder, progress=True)
         except AltDiffError as e:  # one line on the page, as the other tabs
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -71,6 +73,8 @@ def edit_tab(gr, model, model_folder: dict, concurrency: int) -> None:
                                     placeholder="swap: a blue circle · refine: a big red circle · reweight: blank")
                 weights = gr.Textbox("", label="word weights (optional)", placeholder="blue=2, circle=0.5",
                                      elem_id="weights-edit")
+                windows = gr.Textbox("", label="word windows (optional)", placeholder="square=0.4",
+                                     elem_id="windows-edit", info="target words with their own cross replace steps")
         with gr.Row():
             mode = gr.Dropdown(list(MODES), value="swap", label="mode", elem_id="mode-edit")
             inversion = gr.Dropdown(list(INVERSIONS), value="null-text", label="inversion", elem_id="inversion-edit")
@@ -94,5 +98,6 @@ def edit_tab(gr, model, model_folder: dict, concurrency: int) -> None:
                      for name, label in (("reconstruction", "reconstruction"), ("edited", "edited"))]
         with gr.Accordion("settings", open=False):
             settings = gr.JSON(label="settings", elem_id="settings-edit")
-    button.click(run, [image, source, target, mode, cross, own, steps, scale, inversion, weights, values, null], [*shown, settings],
+    button.click(run, [image, source, target, mode, cross, own, steps, scale, inversion, weights, values, null, windows],
+                 [*shown, settings],
                  api_name="edit", concurrency_limit=concurrency, concurrency_id="model")
