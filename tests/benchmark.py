@@ -298,6 +298,10 @@ def skipping_rows(ours, theirs, device: str, dtype: torch.dtype, runs: int) -> d
     return rows
 
 
+def vae_fns(ours, theirs, z):
+    return lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z)
+
+
 def image_fns(ours, theirs, args):
     gen = dict(height=args.size, width=args.size)
     return (lambda: ours.generate(PROMPT, steps=args.steps, sampler="dpm++2m", seed=0, output="tensor", progress=False, **gen),
@@ -611,7 +615,7 @@ def inference(args) -> tuple[dict, dict]:
     if dtype != torch.float32 and not args.compile:
         rows["UNet step, converted in / outside inference_mode (s)"] = conversion_ways(folder, device, dtype, x, t,
                                                                                       context, args.runs)
-    rows["VAE decode (s)"] = interleaved(lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z), args.runs, device)
+    rows["VAE decode (s)"] = interleaved(*vae_fns(ours, theirs, z), args.runs, device)
     rows[f"image, {args.steps} steps (s)"] = interleaved(*image_fns(ours, theirs, args), args.runs, device)
     del ours, theirs
     if not args.compile:
@@ -672,19 +676,16 @@ def main() -> None:
                             skipping_rows(ours, theirs, args.device, DTYPES[dtype], args.runs).items()]
                 del ours, theirs
         for dtype in dtypes if args.vae_only or args.image_only else []:
-            print(f"{'VAE decode' if args.vae_only else 'whole image'}: {dtype}, {args.size} px, {args.runs} rounds …", flush=True)
-            ours, theirs = load_ours(folder, args.device, DTYPES[dtype]), load_diffusers(folder, args.device, DTYPES[dtype])
-            if args.vae_only:
-                z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
-                z = z.to(args.device, DTYPES[dtype])
-                fns = (lambda: ours.vae.decode(z), lambda: theirs.vae.decode(z))
-            else:
-                fns = image_fns(ours, theirs, args)
             name = f"VAE decode, {args.size} px (s)" if args.vae_only else f"whole image, {args.size} px, {args.steps} steps (s)"
+            print(f"{name}: {dtype}, {args.runs} rounds …", flush=True)
+            ours, theirs = load_ours(folder, args.device, DTYPES[dtype]), load_diffusers(folder, args.device, DTYPES[dtype])
+            z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+            fns = vae_fns(ours, theirs, z.to(args.device, DTYPES[dtype])) if args.vae_only else image_fns(ours, theirs, args)
             results.append((name, dtype, "no", interleaved(*fns, args.runs, args.device)))
             write_json(results, unet_speed, args)
             del ours, theirs, fns
-        only = args.train_only or args.lora_only or args.skipping_only or args.vae_only or args.image_only
+        alone = args.skipping_only or args.vae_only or args.image_only  # one group of rows alone: no training rows either
+        only = args.train_only or args.lora_only or alone
         for dtype, compiled in [(d, c) for d in dtypes for c in compiles] if not only else []:
             print(f"inference rows: {dtype}, {'compiled' if compiled else 'eager'} …", flush=True)
             rows, unet_speed[f"{dtype} {'compiled' if compiled else 'eager'}"] = inference(
@@ -693,7 +694,7 @@ def main() -> None:
             write_json(results, unet_speed, args)  # so far: what survives a run stopped at a time limit
         if not (args.no_train or only):
             results += [(name, args.dtype, "-", row) for name, row in training(args).items()]
-        if not (args.no_train or args.skipping_only or args.vae_only or args.image_only):
+        if not (args.no_train or alone):
             results += [(name, args.dtype, "-", row) for name, row in lora_training(args).items()]
     report(results, unet_speed, args)
 

@@ -33,11 +33,11 @@ def edit_request(model, image, source, target, mode="swap", cross_replace_steps=
     if not isinstance(source, str) or not source.strip():
         raise BadValue("edit: give the source prompt, which describes the picture (not empty or blank)")
     picture = read_picture_argument(image, "picture")
-    given, windows = ([w.strip() for w in (text or "").split(",") if w.strip()] for text in (weights, word_windows))
+    entries = lambda text: [w.strip() for w in (text or "").split(",") if w.strip()]  # "word=x, word=x"
     steps = int(steps) if isinstance(steps, float) and steps.is_integer() else steps  # the page's sliders send 25.0
-    checked = check_edit(model.shape, model.tokenizer, picture, source, target or None, mode, steps,
-                         scale, inversion, cross_windows(cross_replace_steps, windows, "word windows"), self_replace_steps,
-                         parse_weights(given),
+    cross = cross_windows(cross_replace_steps, entries(word_windows), "word windows")
+    checked = check_edit(model.shape, model.tokenizer, picture, source, target or None, mode, steps, scale, inversion,
+                         cross, self_replace_steps, parse_weights(entries(weights)),
                          value_replace_steps=value_replace_steps, null_text_steps=null_text_steps)
     reconstruction, edited = edit_picture(model, picture, checked, progress=progress)
     weight = model.unet.conv_in.weight
@@ -99,5 +99,4 @@ def edit_tab(gr, model, model_folder: dict, concurrency: int) -> None:
         with gr.Accordion("settings", open=False):
             settings = gr.JSON(label="settings", elem_id="settings-edit")
     button.click(run, [image, source, target, mode, cross, own, steps, scale, inversion, weights, values, null, windows],
-                 [*shown, settings],
-                 api_name="edit", concurrency_limit=concurrency, concurrency_id="model")
+                 [*shown, settings], api_name="edit", concurrency_limit=concurrency, concurrency_id="model")
