@@ -267,6 +267,27 @@ def test_refine_adds_words(toy, lang):
     assert int(mapped[:n].sum()) >= len(tok.pieces(source)) - 1  # the source's tokens all carried (a "▁" may join)
 
 
+class Split:
+    """A tokenizer stub whose pieces are given: the same Japanese text split two ways."""
+    PIECES = {"青い正方形": ["▁青い", "正方形"], "白い背景に青い正方形": ["▁白", "い", "背景", "に", "青", "い", "正方形"],
+              "赤い正方形": ["▁赤", "い", "正方形"]}
+
+    def pieces(self, prompt):
+        return ["<s>", *self.PIECES[prompt], "</s>"]
+
+
+def test_a_word_split_otherwise_in_the_target_is_still_the_same_word():
+    # "青い" is one piece in the source and two in the target: aligned character by character, it is kept
+    mapper, mapped, partner = align(Split(), "青い正方形", "白い背景に青い正方形", "refine")
+    assert mapped[:9].tolist() == [True, False, False, False, False, True, True, True, True]
+    assert mapper[1, 5] == mapper[1, 6] == 0.5 and mapper[1].sum() == 1  # its map spread over 青 and い
+    assert partner[:9].tolist() == [0, -1, -1, -1, -1, -1, -1, 2, 3]  # 正方形 and </s> are the same tokens
+    mapper, mapped, partner = align(Split(), "青い正方形", "赤い正方形", "swap")  # 青い → 赤 い: a run for a run
+    assert mapped[:5].all() and mapper[1, 1] == mapper[1, 2] == 0.5 and partner[3] == 2
+    with pytest.raises(BadValue, match="refine: the target's '赤' replaces the source's '青い'"):
+        align(Split(), "青い正方形", "赤い正方形", "refine")
+
+
 def test_words_and_positions(toy):
     tok = toy.tokenizer
     assert [w.text for w in words(tok, "a red circle")[0]] == ["a", "red", "circle"]

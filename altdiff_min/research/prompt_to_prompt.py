@@ -13,29 +13,27 @@ self-attention probabilities by the source's, at the sites with at most `self_ma
 positions (the paper's code: ≤ 16² positions; the toy's 8×8 latents: every site). LocalBlend (§3.3)
 keeps the source's latents outside the edited words' attention mask after each step.
 
-Words are read off the XLM-R pieces (research/words.py). <s> (position 0), </s> and the padding align
-with the other prompt's: the k-th <pad> after </s> with the k-th. The target's words align to the
-source's by equal word text (the longest matching blocks of difflib.SequenceMatcher). `swap`: the other words must be replaced one for one (in Chinese and
-Japanese a replaced run may have any number of words, the tokenizer's split varying); a replaced
-word's maps go to the target's pieces summed over its source pieces and divided evenly over the
-target's (its mass kept; one for one when the counts agree, as the reference's replacement mapper).
-`refine`: the target is the source with words added; the added words keep their own maps.
-A word added to a swap, or replaced or dropped in a refinement, is a one-line BadValue naming it,
-before any work. Source and target may be in different languages only as far as the rules above
+Words are read off the XLM-R pieces and aligned by `words.align`: <s>, </s> and the padding with
+the other prompt's; the target's words with the source's by equal text (in Chinese and Japanese
+character by character, as their split into pieces varies with the text around them). `swap`: the
+other words must be replaced one for one (in Chinese and Japanese a replaced run may have any number
+of words); `refine`: the target is the source with words added, which keep their own maps. A
+replaced word's maps go to the target's pieces summed over its source pieces and divided evenly over
+the target's (one for one when the counts agree, as the reference's replacement mapper). A word added
+to a swap, or replaced or dropped in a refinement, is a one-line BadValue naming it, before any work. Source and target may be in different languages only as far as the rules above
 carry them: a swap maps words by position, so a translation is accepted only with the same number of
 words and is meaningful only where the word order matches.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from difflib import SequenceMatcher
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import BadType, BadValue
 from .interventions import Controller
-from .words import Word, positions_of, words
+from .words import align, positions_of
 
 MODES = ("swap", "refine", "reweight")
 SELF_MAX_POSITIONS = 16 ** 2  # google/prompt-to-prompt replaces self-attention only where Lq ≤ 16²
@@ -51,59 +49,6 @@ def check_prompts(sources, targets) -> tuple[list[str], list[str]]:
     if len(sources) != len(targets):
         raise BadValue(f"one target per source: got {len(sources)} sources and {len(targets)} targets")
     return list(sources), list(targets)
-
-
-def align(tokenizer, source: str, target: str, mode: str, max_length: int = 77
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The mapper (max_length, max_length): target column n of the replaced maps is Σ_w M_s[..., w]·mapper[w, n];
-    which target positions take the source's maps (the others, refinement's added words, keep their own);
-    and for each target position the source position holding the same token (a kept word's piece, <s>,
-    </s>, padding), or -1 (a swapped or added word's)."""
-    src, n_src = words(tokenizer, source)
-    tgt, n_tgt = words(tokenizer, target)
-    mapper, mapped = torch.zeros(max_length, max_length), torch.zeros(max_length, dtype=torch.bool)
-    partner = torch.full((max_length,), -1, dtype=torch.long)
-
-    def carry(a: list[int], b: list[int], same: bool = False) -> None:  # a source word's maps onto a target word's
-        if len(a) == len(b):
-            mapper[a, b] = 1.0
-            if same:
-                partner[b] = torch.tensor(a)
-        else:
-            mapper[torch.tensor(a)[:, None], torch.tensor(b)[None, :]] = 1.0 / len(b)  # summed, spread evenly
-        mapped[b] = True
-
-    def said(ws: Sequence[Word]) -> str:
-        return " ".join(repr(w.text) for w in ws)
-
-    blocks = SequenceMatcher(None, [w.text for w in src], [w.text for w in tgt], autojunk=False).get_opcodes()
-    for tag, i1, i2, j1, j2 in blocks:
-        if tag == "equal":
-            for a, b in zip(src[i1:i2], tgt[j1:j2]):
-                carry(a.positions, b.positions, same=True)
-        elif tag == "delete":
-            raise BadValue(f"{mode}: the source's {said(src[i1:i2])} is missing from the target {target!r}: "
-                           f"every source word must stay or be swapped one for one")
-        elif tag == "insert" and mode == "refine":
-            continue  # added words keep their own maps
-        elif tag == "insert":
-            raise BadValue(f"swap: the target's {said(tgt[j1:j2])} has no source word to take the place of "
-                           f"(a word swap replaces words one for one): add words with mode='refine'")
-        elif mode == "refine":
-            raise BadValue(f"refine: the target's {said(tgt[j1:j2])} replaces the source's {said(src[i1:i2])}; "
-                           f"a refinement only adds words: swap words with mode='swap'")
-        elif i2 - i1 == j2 - j1:
-            for a, b in zip(src[i1:i2], tgt[j1:j2]):
-                carry(a.positions, b.positions)
-        elif any(w.cjk for w in (*src[i1:i2], *tgt[j1:j2])):  # Chinese/Japanese: the split may differ
-            carry([p for w in src[i1:i2] for p in w.positions], [p for w in tgt[j1:j2] for p in w.positions])
-        else:
-            raise BadValue(f"swap: the target's {said(tgt[j1:j2])} replaces the source's {said(src[i1:i2])}, "
-                           f"{j2 - j1} word(s) for {i2 - i1}: a word swap replaces words one for one")
-    carry([0], [0], same=True)  # <s>
-    pads = max_length - max(n_src, n_tgt)
-    carry(list(range(n_src - 1, n_src + pads)), list(range(n_tgt - 1, n_tgt + pads)), same=True)  # </s>, padding
-    return mapper, mapped, partner
 
 
 def steps_window(value, name: str) -> tuple[float, float]:

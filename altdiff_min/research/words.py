@@ -7,10 +7,14 @@ words, 红 and 色, where the tokenizer splits it). A lone "▁" piece belongs t
 
     ws, n = words(tokenizer, "un cercle rouge")      # [Word("un", [1]), …], n tokens with <s> and </s>
     positions_of(tokenizer, "一个红色的圆", "红色")     # the token positions of 红 and 色
+    mapper, mapped, partner = align(tokenizer, "a red circle", "a blue circle", "swap")  # prompt-to-prompt's
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+
+import torch
 
 from ..errors import BadValue
 
@@ -68,3 +72,85 @@ def positions_of(tokenizer, prompt: str, word: str) -> list[int]:
     if not found:
         raise BadValue(f"the prompt {prompt!r} has no word {word!r}; its words: {[w.text for w in ws]}")
     return sorted(set(found))
+
+
+def align(tokenizer, source: str, target: str, mode: str, max_length: int = 77
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt-to-prompt's token alignment, `mode` "swap" or "refine": the mapper (max_length, max_length)
+    (target column n of the replaced maps is Σ_w M_s[..., w]·mapper[w, n]); which target positions take
+    the source's maps (refinement's added words keep their own); and for each target position the
+    source position holding the same token (a kept word's piece, <s>, </s>, padding), or -1.
+
+    The words are matched by their text, the longest matching blocks first (difflib.SequenceMatcher),
+    Chinese and Japanese words character by character: the same text may be one piece in one prompt and
+    two in the other ("青い" and "青" "い"), and is still the same words. Words linked by matched or
+    replaced text form groups; a group with as many pieces each side is carried piece for piece (its
+    pieces partners where they are the same), any other group's maps summed over its source pieces and
+    spread evenly over its target's."""
+    src, n_src = words(tokenizer, source)
+    tgt, n_tgt = words(tokenizer, target)
+    mapper, mapped = torch.zeros(max_length, max_length), torch.zeros(max_length, dtype=torch.bool)
+    partner = torch.full((max_length,), -1, dtype=torch.long)
+
+    def units(ws: list[Word]) -> list[tuple[str, int]]:  # (text, word index): a CJK word's characters each
+        return [(c, i) for i, w in enumerate(ws) for c in (w.text if w.cjk else [w.text])]
+
+    def said(ws: list[Word], us) -> str:
+        return " ".join(repr(ws[i].text) for i in dict.fromkeys(i for _, i in us))
+
+    us, ut = units(src), units(tgt)
+    ps, pt = tokenizer.pieces(source), tokenizer.pieces(target)
+    linked: list[tuple[int, int]] = []  # (source word, target word)
+    for tag, i1, i2, j1, j2 in SequenceMatcher(None, [u for u, _ in us], [u for u, _ in ut], autojunk=False).get_opcodes():
+        a, b = us[i1:i2], ut[j1:j2]
+        if tag == "equal":
+            linked += [(x[1], y[1]) for x, y in zip(a, b)]
+        elif tag == "delete":
+            raise BadValue(f"{mode}: the source's {said(src, a)} is missing from the target {target!r}: "
+                           f"every source word must stay or be swapped one for one")
+        elif tag == "insert" and mode == "refine":
+            continue  # added words keep their own maps
+        elif tag == "insert":
+            raise BadValue(f"swap: the target's {said(tgt, b)} has no source word to take the place of "
+                           f"(a word swap replaces words one for one): add words with mode='refine'")
+        elif mode == "refine":
+            raise BadValue(f"refine: the target's {said(tgt, b)} replaces the source's {said(src, a)}; "
+                           f"a refinement only adds words: swap words with mode='swap'")
+        elif len(a) == len(b):
+            linked += [(x[1], y[1]) for x, y in zip(a, b)]
+        elif any(src[i].cjk for _, i in a) or any(tgt[j].cjk for _, j in b):  # a run for a run
+            linked += [(x[1], y[1]) for x in a for y in b]
+        else:
+            raise BadValue(f"swap: the target's {said(tgt, b)} replaces the source's {said(src, a)}, "
+                           f"{len(b)} word(s) for {len(a)}: a word swap replaces words one for one")
+    group = {("s", i): ("s", i) for i in range(len(src))} | {("t", j): ("t", j) for j in range(len(tgt))}
+
+    def root(k):
+        while group[k] != k:
+            k = group[k]
+        return k
+    for i, j in linked:
+        group[root(("s", i))] = root(("t", j))
+    groups: dict = {}
+    for side, k in sorted(group):
+        groups.setdefault(root((side, k)), ([], []))[side == "t"].append(k)
+    for si, tj in groups.values():
+        if si and tj:  # not an added word (refine) nor, alone, a word of the other prompt
+            a, b = [p for i in si for p in src[i].positions], [p for j in tj for p in tgt[j].positions]
+            carry(mapper, mapped, partner, a, b, same=[ps[p] for p in a] == [pt[p] for p in b])
+    carry(mapper, mapped, partner, [0], [0], True)  # <s>
+    pads = max_length - max(n_src, n_tgt)
+    carry(mapper, mapped, partner, list(range(n_src - 1, n_src + pads)), list(range(n_tgt - 1, n_tgt + pads)), True)
+    return mapper, mapped, partner
+
+
+def carry(mapper, mapped, partner, a: list[int], b: list[int], same: bool) -> None:
+    """Source positions a's maps onto target positions b: one for one where the counts agree, else summed
+    and spread evenly; `same`: the pieces are the same tokens (partner records them)."""
+    if len(a) == len(b):
+        mapper[a, b] = 1.0
+        if same:
+            partner[b] = torch.tensor(a)
+    else:
+        mapper[torch.tensor(a)[:, None], torch.tensor(b)[None, :]] = 1.0 / len(b)
+    mapped[b] = True
