@@ -6,14 +6,19 @@ import time
 
 import nbformat as nbf
 
-SETUP = """import time
+MODELS = {"toy": 'altdiff_min.load("toy")                       # the small model shipped with the package',
+          "toy-one": 'altdiff_min.load("toy-one")                   # the first toy (one object): this lesson was measured on it'}
+
+
+def setup(model: str = "toy") -> str:
+    return f"""import time
 import torch
 import altdiff_min
 from altdiff_min.toy import data, detect
 from lesson import show, decode
 
 torch.manual_seed(0)
-pipe = altdiff_min.load("toy")                       # the small model shipped with the package
+pipe = {MODELS[model]}
 print(pipe.unet.cfg, pipe.vae.cfg, sep="\\n")"""
 
 
@@ -33,9 +38,9 @@ AltDiffusion turns text into an image in four stages: the **tokenizer** cuts the
 the **text encoder** (XLM-RoBERTa plus a projection) turns them into a context the UNet can read,
 the **sampler** starts from noise and asks the **UNet** for the noise ε at each step, and the
 **VAE decoder** turns the final latents into pixels. This lesson walks through each stage on the
-small `toy` model shipped with altdiff-min (trained on coloured shapes, captions in nine languages);
+small `toy-one` model shipped with altdiff-min (trained on one coloured shape a picture, captions in nine languages);
 the real AltDiffusion-m9 has the same code with bigger configs.""",
-    SETUP,
+    setup("toy-one"),
     """md:## 1. Tokens
 XLM-R's sentencepiece pieces, with fairseq's ids: `<s>`=0, `<pad>`=1, `</s>`=2, then piece id + 1.
 Every prompt becomes 77 ids, padded.""",
@@ -109,7 +114,7 @@ solver over the noise levels of Karras et al. 2022, which crowd the steps at low
 **Euler ancestral** steps further down and adds fresh noise each time, so it never settles on one
 path. Fewer steps is where they differ, and on this small model, how smooth the guided ε is decides
 which of them works.""",
-    SETUP,
+    setup("toy-one"),
     """md:## The routes
 Each sampler runs over an explicit list of timesteps, `samplers.timesteps(name, steps, schedule)`:
 what diffusers' scheduler of that kind gives for the same config. The spacing comes from the
@@ -198,7 +203,7 @@ for name, controllers in ways.items():
     seconds = time.perf_counter() - start
     mean = lambda key: sum(row[key] for row in table.values()) / len(table)
     print(f"{name:24}{mean('colour'):8.0%}{mean('shape'):8.0%}{mean('delta_e'):8.2f}{mean('iou'):8.3f}{seconds:9.1f}")""",
-    """md:On three languages as on nine (docs/interventions.md): ToMe 0.5 keeps every colour and shape
+    """md:On three languages as on nine (docs/interventions.md, where the toy loses the same colours): ToMe 0.5 keeps every colour and shape
 (ΔE from 2.55 to 3.76) and saves nothing at this size. DeepCache at branch 0, the paper's setting,
 loses the colours from interval 2 on (94%, then 33% and 24%) and the shapes at 3 and 5: on this UNet
 of three levels the colour is still being settled in the blocks it caches. From branch 2 (the whole
@@ -217,7 +222,7 @@ the layers to the explicit softmax path while recording), and `heatmap` turns on
 attention into a map over the image, one per picture (the prompt's rows of the batch; with guidance
 the batch also holds the unconditional branch, which `branch="unconditional"` or `"both"` gives).
 The same seed and the same sentence in four languages: one picture, and where does each word look?""",
-    SETUP,
+    setup("toy-one"),
     """from altdiff_min.research.instruments import capture_attention
 
 def maps_for(lang, shape="circle", colour="green", seed=7):
@@ -403,7 +408,7 @@ LESSONS["04_ablations"] = [
 
 Every switch here is an argument of `generate`, off by default (the defaults are the ones the
 tests prove equal to diffusers). What each one shows is written under it.""",
-    SETUP,
+    setup("toy-one"),
     """prompt = data.caption("circle", "blue", "it")
 print(prompt)
 scales = (0.0, 1.0, 2.0, 4.0, 7.5, 15.0)
@@ -480,7 +485,7 @@ from altdiff_min.apps.sweep import run_sweep
 from lesson import scratch_folder
 
 folder = scratch_folder()   # removed when the kernel stops
-spec = {"model": "toy", "seeds": [0, 1], "metrics": ["toy"], "fixed": {"steps": 25},
+spec = {"model": "toy-one", "seeds": [0, 1], "metrics": ["toy"], "fixed": {"steps": 25},
         "prompts": [data.caption("circle", "red", "fr"), data.caption("square", "blue", "ja"),
                     data.caption("triangle", "green", "ar")],
         "axes": {"scale": [1.0, 7.5], "cross_attention": [True, False]}}
@@ -501,7 +506,7 @@ only where the word acts. With the toy we can look at each part of that claim: t
 one word changed, the prompt switched after k steps, the attention maps step by step; then
 image-to-image and inpainting (`generate(image=…, strength=…, mask=…)`) on a rendered picture.
 `drawn` below is what the detector reads: the object, the centre of its box and its width, in pixels.""",
-    SETUP,
+    setup("toy-one"),
     """from altdiff_min.toy.detect import detect_objects
 
 def drawn(image):   # "red circle at (x, y), w px": what the detector reads, and where
@@ -618,7 +623,7 @@ each alone and **with rehearsal**, half of every batch drawn from the old world 
 `toy-ring:1,toy:1`); then the two LoRA ways with rehearsal again at twice the steps. For each: how often it draws a ring of the asked colour (`evaluate_rings`: nine
 languages × six colours × two seeds), how much of the old world survives (`toy.evaluate`: the 162
 prompts the shipped model draws right), the size of what the run leaves, and the time.""",
-    SETUP,
+    setup("toy-one"),
     """from altdiff_min.toy.data import RING, LANGUAGES, caption
 from altdiff_min.toy import detect, evaluate, format_table
 from altdiff_min.toy.detect import evaluate_rings
@@ -668,11 +673,11 @@ def teach(way, rehearse, steps=STEPS):
     cfg = TrainConfig(max_steps=steps, batch_size=12, warmup=10, save_every=steps, **settings)
     out = f"{runs}/{len(table)}"
     start = time.perf_counter()
-    result = fine_tune("toy", data, out, cfg, progress=False)
+    result = fine_tune("toy-one", data, out, cfg, progress=False)
     minutes = (time.perf_counter() - start) / 60
     lora = f"{out}/lora/pytorch_lora_weights.safetensors"
     files = [result] if "lora" not in settings else [lora] + ([result] if word else [])
-    model = altdiff_min.load(result if os.path.isdir(result) else "toy", lora=[lora] if "lora" in settings else [])
+    model = altdiff_min.load(result if os.path.isdir(result) else "toy-one", lora=[lora] if "lora" in settings else [])
     if word:
         add_words(model, read_embeddings(result))
     size = sum(os.path.getsize(f"{f}/model.safetensors" if os.path.isdir(f) else f) for f in files)
@@ -759,13 +764,13 @@ sheet; run again, it skips the pictures already made, so an interrupted sweep re
 compared the samplers at 25 steps and showed one prompt at fewer; here the question is asked as a
 table: four samplers × four step counts at guidance 7.5, four prompts in four languages, three seeds
 (192 pictures), each read by the toy detector ("colour" and "shape": 1 when right).""",
-    SETUP,
+    setup("toy-one"),
     """import json
 from PIL import Image
 from altdiff_min.apps.sweep import run_sweep
 from lesson import scratch_folder
 folder = scratch_folder()   # removed when the kernel stops
-spec = {"model": "toy", "seeds": [0, 1, 2], "metrics": ["toy"], "fixed": {"scale": 7.5},
+spec = {"model": "toy-one", "seeds": [0, 1, 2], "metrics": ["toy"], "fixed": {"scale": 7.5},
         "prompts": [data.caption("circle", "red", "en"), data.caption("square", "blue", "zh"),
                     data.caption("triangle", "yellow", "es"), data.caption("circle", "purple", "ko")],
         "axes": {"sampler": ["ddim", "euler", "dpm++2m-karras", "plms"], "steps": [3, 6, 12, 25]}}
@@ -810,7 +815,7 @@ that noise with a changed prompt while attention keeps the layout (**prompt-to-p
 `altdiff_min.inversion` (DDIM and null-text inversion), `altdiff_min.research.prompt_to_prompt`
 (the edit, as attention controllers) and `altdiff_min.research.daam` (where a word is read); the
 measured tables over many pictures are in docs/editing.md.""",
-    SETUP,
+    setup("toy-one"),
     """import numpy as np
 from PIL import Image
 from altdiff_min.inversion import invert, null_text_inversion, picture_latents, sample_inverted
@@ -950,14 +955,13 @@ a word acts, and which word holds the place varies by language.""",
 LESSONS["09_binding"] = [
     """md:# 9 · Binding: two objects, and whose colour is whose
 
-The scene toy (`altdiff_min.load("toy-scenes")`, made by `altdiff-min train-toy --world scenes`, see
+The toy (`altdiff_min.load("toy")`, made by `altdiff-min train-toy --world scenes`, see
 docs/toy.md) draws one object or two, with size words and relations ("a red circle to the left of a
 blue square"). With two objects its commonest mistake is Stable Diffusion's own: the colours go to
 the wrong nouns (attribute leakage; GenEval scores SD v1.5 0.06 on colour attribution). This
 lesson looks at why, in the cross-attention, then tries two fixes that move the latents at
 inference time, Attend-and-Excite and SynGen's binding loss (docs/binding.md), and measures them.""",
-    SETUP.replace('altdiff_min.load("toy")                       # the small model shipped with the package',
-                  'altdiff_min.load("toy-scenes")                # the scene toy, shipped beside "toy"'),
+    setup("toy"),
     """from altdiff_min.research.instruments import capture_attention
 from altdiff_min.toy.detect import as_uint8, compositions, detect_scene, judge_pair, read_objects, swapped
 from lesson import word_map, word_tokens

@@ -1,4 +1,4 @@
-"""Reconstruction of real pictures after inversion, on the shipped toy (not a test: docs/editing.md's table).
+"""Reconstruction of real pictures after inversion, on toy-one (not a test: docs/editing.md's table).
 
     PYTHONPATH=$PWD python tests/measure_inversion.py [--n 50] [--steps 50] [--batch 10]
 
@@ -21,7 +21,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    table = measure_inversion(altdiff_min.load("toy"), args.n, args.steps, args.scale, batch=args.batch, progress=False,
+    table = measure_inversion(altdiff_min.load("toy-one"), args.n, args.steps, args.scale, batch=args.batch, progress=False,
                     log=lambda line: print(line, flush=True))
     vae = table["vae round trip"]["mean |Δpixel|"]
     print(f"\n{args.n} pictures, {args.steps} steps, {torch.get_num_threads()} threads")

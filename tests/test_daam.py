@@ -101,8 +101,9 @@ def test_word_positions(pipe, toy):
     assert word_positions(toy.tokenizer, "a red circle", "circle") == [3]
     assert word_positions(toy.tokenizer, "a red circle", " red  circle ") == [2, 3]
     zh = "一个红色的圆形"
-    assert [toy.tokenizer.pieces(zh)[k] for k in word_positions(toy.tokenizer, zh, "圆形")] == ["圆形"]
-    assert word_positions(toy.tokenizer, "一个红色的圆形", "红色") == [4, 5]  # "红", "色": a run of pieces
+    for word in ("圆形", "红色"):  # a piece, or a run of pieces ("红", "色"), whichever the tokenizer makes
+        where = word_positions(toy.tokenizer, zh, word)
+        assert "".join(toy.tokenizer.pieces(zh)[k] for k in where).lstrip("▁") == word and where == sorted(where)
     for prompt, word in (("a red circle", "circ"), ("a red circle", "ed"), ("a red circle", "")):
         with pytest.raises(BadValue, match="not a word of|non-empty"):
             word_positions(toy.tokenizer, prompt, word)
@@ -138,7 +139,7 @@ def test_toy_shape_words_map_onto_the_object(toy):
     table = toy_word_iou(toy, seeds=(0,), languages=("fr", "ko"), colours=("red", "blue", "green"), steps=10)
     for lang, row in table.items():
         assert row["pictures"] >= 7  # of 9: a picture with nothing drawn has no object to find
-        assert row["iou"] > 0.3 and row["iou"] > row["shifted"] + 0.15, (lang, row)
+        assert row["iou"] > 0.45 and row["iou"] > row["shifted"] + 0.35, (lang, row)  # measured 0.57–0.58 against 0.02–0.04
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])

@@ -14,7 +14,7 @@ def test_demo_draws_what_each_language_asks_for(tmp_path, capsys):
         assert path == str(tmp_path / f"{lang}-000.png") and path in out
         image = Image.open(path)
         assert image.size == (64, 64) and detect(image) == (shape, colour)
-    (lang, scene), = SCENES  # then two objects, by the scene toy: both right, in the asked relation
+    (lang, scene), = SCENES  # then two objects: both right, in the asked relation
     assert paths[2:] == [str(tmp_path / f"scene-{lang}-000.png")] and paths[2] in out
     assert judge_pair(detect_scene(Image.open(paths[2])), scene) == (True, True)
     again = run(outdir=str(tmp_path), asks=asks[:1], scenes=(), seed=1)  # a rerun adds pictures, never overwrites

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=34234, help="every prompt starts from this seed's noise")
     gen.add_argument("--outdir", default="AltDiffusionOutputs")
     gen.add_argument("--skip-grid", action="store_true")
-    gen.add_argument("--model", default="toy", help="a converted model folder, or 'toy' / 'toy-scenes', the small shipped models (default: toy)")
+    gen.add_argument("--model", default="toy", help="a converted model folder, or 'toy' / 'toy-one', the small shipped models (default: toy)")
     gen.add_argument("--device", default="cuda" if torch_cuda() else "cpu")
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")

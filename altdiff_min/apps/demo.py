@@ -17,15 +17,14 @@ from ..toy import Obj, Scene, caption, caption_scene, detect, detect_scene
 # ("a red circle on a white background").
 ASKS = (("zh", "circle", "red"), ("fr", "square", "blue"), ("ar", "triangle", "green"), ("ru", "circle", "purple"),
         ("ja", "square", "orange"), ("es", "triangle", "yellow"))
-# Then two objects, with the scene toy: (language, scene).
+# Then two objects: (language, scene).
 SCENES = (("ru", Scene(Obj("circle", "red"), "left of", Obj("square", "blue"))),)
 
 
 def run(seed: int = 0, outdir: str = "demo_outputs", asks: tuple[tuple[str, str, str], ...] = ASKS,
         scenes: tuple[tuple[str, Scene], ...] = SCENES) -> list[str]:
     """Draw each ask with the toy model into outdir/LANG-NNN.png (the next free number: a rerun adds,
-    never overwrites), then each scene with the scene toy into outdir/scene-LANG-NNN.png; print and
-    return the paths."""
+    never overwrites), then each scene into outdir/scene-LANG-NNN.png; print and return the paths."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise BadValue(f"--seed must be an int in [0, 2**64), got {seed!r}")
     make_folder(outdir, "the demo's output folder")
@@ -40,9 +39,6 @@ def run(seed: int = 0, outdir: str = "demo_outputs", asks: tuple[tuple[str, str,
         seen_shape, seen_colour = detect(image)
         print(f"{lang}  {prompt:40} → {paths[-1]}  ({time.perf_counter() - start:.2f} s; "
               f"detected: {seen_colour} {seen_shape})")
-    if scenes:
-        pipe = load("toy-scenes")
-        print(f"two objects: the scene toy ({pipe.path})")
     for lang, scene in scenes:
         prompt = caption_scene(scene, lang)
         start = time.perf_counter()

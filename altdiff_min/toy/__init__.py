@@ -1,10 +1,9 @@
 """The toy: a miniature AltDiffusion trained from scratch, on CPU, with altdiff-min's own modules.
 
-Its world is one flat-coloured shape (circle, square, triangle; six colours) on a white 64×64
-picture, captioned in all nine m9 languages; `Scene`s grow it to one or two objects with size words
-(small, big) and relations (left of, right of, above, below). It ships trained in `TOY_MODEL` (on one
-object a picture), so everything in altdiff-min can be run and looked into without the 8 GB real weights;
-the scene toy, trained on one or two objects, ships beside it in `TOY_SCENES` ("toy-scenes"):
+Its world is flat-coloured shapes (circle, square, triangle; six colours) on a white 64×64 picture,
+captioned in all nine m9 languages: one object, or two (`Scene`s) with size words (small, big) and
+relations (left of, right of, above, below). It ships trained in `TOY_MODEL` ("toy", made by `train-toy
+--world scenes`), so everything in altdiff-min can be run and looked into without the 8 GB real weights:
 
     from altdiff_min import load
     from altdiff_min.toy import TOY_MODEL, caption, detect
@@ -12,6 +11,9 @@ the scene toy, trained on one or two objects, ships beside it in `TOY_SCENES` ("
     model = load(TOY_MODEL)                                  # or load("toy")
     image = model.generate(caption("triangle", "blue", "ru"), steps=25, seed=0)[0]
     detect(image)                                            # ("triangle", "blue")
+
+The first toy, trained on one object a picture (`train-toy`), ships too, as `TOY_ONE` ("toy-one"): the
+lessons and docs whose numbers were measured on it name it.
 
 data.py     the pictures (`render`, `render_scene`) and captions (`caption`, `caption_scene`); SHAPES,
             COLOURS, LANGUAGES, RELATIONS; RING, the shape the fine-tuning lesson teaches
@@ -31,11 +33,9 @@ from .detect import detect, detect_scene, evaluate, evaluate_scenes, format_tabl
 from .world import SceneWorld, ToyWorld
 
 TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
-register_folder("toy", TOY_MODEL)  # load("toy"), --model toy
-# The scene toy (`train-toy --world scenes`): one or two objects, sizes, relations; beside the first, not
-# in its place, so that the lessons' and docs' one-object numbers stay the shipped model's.
-TOY_SCENES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes_model")
-register_folder("toy-scenes", TOY_SCENES)  # load("toy-scenes"), --model toy-scenes
+register_folder("toy", TOY_MODEL)  # load("toy"), --model toy: one or two objects, sizes, relations
+TOY_ONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "one_object_model")
+register_folder("toy-one", TOY_ONE)  # load("toy-one"), --model toy-one: the first toy, one object
 
-__all__ = ["TOY_MODEL", "TOY_SCENES", "SHAPES", "COLOURS", "LANGUAGES", "RELATIONS", "Obj", "Scene", "render", "render_scene",
+__all__ = ["TOY_MODEL", "TOY_ONE", "SHAPES", "COLOURS", "LANGUAGES", "RELATIONS", "Obj", "Scene", "render", "render_scene",
            "caption", "caption_scene", "detect", "detect_scene", "grade", "evaluate", "evaluate_scenes", "format_table", "ToyWorld", "SceneWorld"]

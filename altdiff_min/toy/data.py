@@ -10,8 +10,8 @@
 
 Pixels are exact: every pixel is white or exactly a palette colour (no anti-aliasing), so the
 detector (detect.py) is exact on rendered images and measuring a trained model measures the model alone.
-The shipped model learnt the first world (`render`, `caption`: one object, no size word); `Scene`s
-add size words and a second object with its relation, and `SceneWorld` is their training data.
+The first world is one object, no size word (`render`, `caption`: toy-one learnt it); `Scene`s add
+size words and a second object with its relation, and `SceneWorld`, the shipped toy's training data, both.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import numpy as np
 from ..errors import BadValue
 
 SIZE = 64  # image side in pixels; the VAE turns it into 8×8 latents
-SHAPES = ("circle", "square", "triangle")  # the shipped model's world
-RING = "ring"  # a shape the shipped model never saw: what the fine-tuning lesson teaches it
+SHAPES = ("circle", "square", "triangle")  # the toys' shapes
+RING = "ring"  # a shape the toys never saw: what the fine-tuning lesson teaches one
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220),
            "yellow": (235, 200, 20), "purple": (140, 50, 180), "orange": (245, 130, 20)}
 LANGUAGES = ("en", "zh", "es", "fr", "ru", "ja", "ko", "ar", "it")  # AltDiffusion-m9's nine

@@ -5,14 +5,14 @@
     relation_error(box_a, box_b, "above") → 0.0 when a reads as above b, else how many pixels it is from that
     grade_objects(pixels, found, asked)   → {"delta_e", "iou", "position"}: detect.grade reads `found`
 
-The detector's verdicts saturate: the shipped model draws the colour and shape asked 100% of the time,
+The detector's verdicts saturate: the shipped toys draw one object's colour and shape 100% of the time,
 so settings that draw them better or worse look alike. These scores are continuous and exact on
 rendered pictures (0, 1, 0); a picture with nothing to score has None (left out of means, and counted).
 
 Colour: CIEDE2000 (Sharma, Wu & Dalal 2005, eqs. 1–25; ISO/CIE 11664-6), not CIE76 (the Euclidean
 distance in L*a*b*): the palette is saturated (C* 60–100), where CIE76 counts a chroma difference
 about 1 + 0.045 C* ≈ 4–5 times what it is worth against a lightness one (CIEDE2000's S_C), and chroma
-is what a model loses (the shipped model's colours are paler than asked: docs/toy.md, Graded scores).
+is what a model loses (toy-one's colours are paler than asked: docs/toy.md, Graded scores).
 """
 from __future__ import annotations
 

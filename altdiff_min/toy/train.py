@@ -8,8 +8,8 @@
              → AltDiffusion(...).save(OUT_DIR): a model folder like the converter's, for `load`
 
 Both stages are runs of the shared training loop (altdiff_min/training/train.py, `train`) over the toy world:
-world.ToyWorld (one object a picture, the shipped model's) or, with world="scenes" (--world scenes),
-world.SceneWorld (one or two objects, size words, relations). This file holds only the recipe: the
+world.ToyWorld (one object a picture, toy-one's) or, with world="scenes" (--world scenes),
+world.SceneWorld (one or two objects, size words, relations: the shipped toy's). This file holds only the recipe: the
 configs, the two stages' settings, the order.
 
 The modules are altdiff-min's own, in small configurations (`toy_configs`); everything else about
@@ -49,8 +49,8 @@ from .detect import evaluate_scenes, format_table, vae_readback
 from .world import SceneWorld, ToyWorld
 
 EVAL_SCALE, EVAL_STEPS = 7.5, 25  # guidance and DDIM steps of the accuracy measured after training
-# The worlds a recipe trains on. "shapes": one unsized object a picture (world.ToyWorld), the shipped
-# model's. "scenes": a third lone objects (a size word two times in three), two thirds pairs with their
+# The worlds a recipe trains on. "shapes": one unsized object a picture (world.ToyWorld), toy-one's.
+# "scenes" (the shipped toy's): a third lone objects (a size word two times in three), two thirds pairs with their
 # relation (world.SceneWorld): pairs are the harder half (two bindings and a relation to learn), lone
 # objects keep the first world's captions true. Its tokenizer sees the size and relation words too.
 WORLDS = ("shapes", "scenes")
@@ -277,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-channels", type=int, nargs="+", default=None,
                         help=f"the UNet's channels per level, e.g. 48 96 96 (default: {' '.join(map(str, Recipe.unet_channels))})")
     parser.add_argument("--world", choices=WORLDS, default=Recipe.world,
-                        help="shapes: one object a picture (the shipped model's); scenes: one or two, sizes, relations")
+                        help="shapes: one object a picture (toy-one's); scenes: one or two, sizes, relations (the shipped toy's)")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement at the end")
 
 

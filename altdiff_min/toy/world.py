@@ -1,6 +1,6 @@
 """The toy worlds as training data, with the interface train.py reads (len, pixels(i), texts(i),
-resolution, describe): `ToyWorld`, one object a picture (the shipped model's), and `SceneWorld`,
-one or two objects with size words and relations. "toy" as DATA of `altdiff-min train` is ToyWorld
+resolution, describe): `ToyWorld`, one object a picture (toy-one's), and `SceneWorld`,
+one or two objects with size words and relations (the shipped toy's). "toy" as DATA of `altdiff-min train` is ToyWorld
 (registered with training/dataset.py below).
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ class SceneWorld:
 
 
 class RingWorld(ToyWorld):
-    """A shape the shipped model never saw: rings (a disc with a hole), example i in colour i % 6, at a
+    """A shape the toys never saw: rings (a disc with a hole), example i in colour i % 6, at a
     size and place fixed by (seed, i), with every caption of it in the nine languages and their phrasings.
     noun: a word said in place of "ring" in every language (a textual-inversion token, "<ring>"); None: the
     languages' own words (ring, 圆环, anillo, anneau, кольцо, 輪, 고리, حلقة, anello)."""
