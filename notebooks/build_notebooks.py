@@ -253,7 +253,7 @@ renormalised over the words.
 The same seed gives the same green circle in every language, and every word's map (averaged over
 layers, heads and steps) gathers on it: the colour words (green, vert, зелёный, خضراء) and even "a"
 and "un" as a blob over the disc, the shape words (circle, cercle, круг, دائرة) brightest at its
-centre with arms along its axes. The toy learnt to place two objects, so it reads its words where
+centre with arms along its axes. The toy, trained to place two objects, reads its words where
 their object is (docs/interventions.md measures that for the shape word: IoU 0.49–0.59 with the
 object in every language). The text encoder is bidirectional, so every position's vector already
 mixes the whole sentence: which position the UNet reads the meaning from is the encoder's choice, not the word's. (matplotlib draws Arabic letters unjoined.)""",
@@ -400,8 +400,9 @@ asks for.""",
 
 SWEEP_TEXT = """md:**Reading the table.** With cross-attention on, every picture shows the colour and
 the shape asked for, at both scales (the 1.00s). Without it the prompt is never read: each seed
-draws its own picture whatever the prompt (a blue circle from seed 0, a green square from seed 1),
-and the detector finds what was asked only where that happens to match, a third of the time.
+draws its own pair whatever the prompt (two triangles, red and orange, from seed 0; a green square
+over a red one from seed 1), and the detector finds what was asked only where that happens to match,
+a third of the time.
 `results.csv` has one row per picture (setting, prompt, seed, file, colour, shape, and the
 two-object columns objects and relation, empty for these one-object prompts), ready for a
 spreadsheet or pandas; running the sweep again skips the cells already made."""
@@ -411,26 +412,26 @@ LESSONS["04_ablations"] = [
 
 Every switch here is an argument of `generate`, off by default (the defaults are the ones the
 tests prove equal to diffusers). What each one shows is written under it.""",
-    setup("toy-one"),
+    setup("toy"),
     """prompt = data.caption("circle", "blue", "it")
 print(prompt)
 scales = (0.0, 1.0, 2.0, 4.0, 7.5, 15.0)
 images = [pipe.generate(prompt, scale=s, steps=25, seed=11, output="tensor", progress=False)[0] for s in scales]
 show(images, [f"scale {s}" for s in scales])""",
     """md:**Guidance sweep.** Scale 0 is the unconditional model (the empty prompt): it draws whatever
-this noise suggests to it, here a blue square. Scale 1 is the conditional model alone, and already
-draws the blue circle asked for: on this small world the prompt is easy to follow. Larger scales
-push ε further from the unconditional prediction (ε = ε∅ + s·(ε_c − ε∅)): the same blue circle in
-the same place, whose outline starts to wobble at 7.5 and dents at 15.""",
+this noise suggests to it, here a circle over a triangle (the toy's world has pairs, and so do many
+of its unconditional pictures). Scale 1 is the conditional model alone, and already draws the blue
+circle asked for, small: on this small world the prompt is easy to follow. Larger scales push ε
+further from the unconditional prediction (ε = ε∅ + s·(ε_c − ε∅)): the circle grows to a size it
+then keeps from 2 to 15, in the same place, its outline a little dented at 15.""",
     """schedules = {"constant 7.5": 7.5, "7.5 early, 1 late": lambda t: 7.5 if t > 500 else 1.0,
              "1 early, 7.5 late": lambda t: 1.0 if t > 500 else 7.5}
 show([pipe.generate(prompt, scale=s, steps=25, seed=11, output="tensor", progress=False)[0] for s in schedules.values()],
      list(schedules))""",
-    """md:**Guidance schedules.** All three put the same circle in the same place: here scale 1 already
-gets the layout right, so guidance only changes the outline, and the outline is decided late.
-Guidance in the late steps only gives the wobbly edge of constant 7.5; guidance in the early
-(noisy) steps only gives the smooth circle of scale 1 (compare the sweep above). The early steps
-decide the layout, the late ones the details.""",
+    """md:**Guidance schedules.** All three put the circle in the same place, and the size is decided
+early: guidance in the early (noisy) steps only gives the large circle of constant 7.5, guidance in
+the late steps only the small circle of scale 1 (compare the sweep above). The early steps decide
+the layout, the late ones the details.""",
     """images = [pipe.generate(data.caption(shape, "red", "en"), cross_attention=False, steps=25, seed=2,
                         output="tensor", progress=False)[0] for shape in data.SHAPES]
 show(images, [f"no cross-attn: red {s}" for s in data.SHAPES])""",
@@ -452,12 +453,13 @@ show(shown, [f"{name}\\n{text}" for name in parts for text in captions[:6]], row
     """md:**Cross-attention per part.** `cross_attention` also takes the parts of the UNet that keep
 reading the text, the others skipping their cross-attention: `"down"`, `"mid"`, `"up"`, or single
 levels named as the modules are, such as `"up.1"` (`pipe.unet.text_parts()` lists them). On the toy,
-the middle block's reading is redundant: without it every colour and shape is still right, and the
-pictures look the same as with cross-attention everywhere. The way down alone mostly gets the shape
-(94%) but seldom the colour (36%): a green square for "a red square", muddy mixtures for the circles.
-The way up alone gets more colours (60%) and fewer shapes (86%). The middle block alone is hardly
-better than no text at all: five of its six pictures above are the ones drawn with no cross-attention,
-and its 17% of colours is chance (one in six). The colour needs both halves of the UNet.""",
+the middle block's reading is redundant: without it every colour and shape is still right,
+and the pictures look the same as with cross-attention everywhere. The way down alone gets some
+shapes (62%) and few colours (28%): red and green mixed, squares for a triangle and a circle. The
+way up alone gets most colours (89%) and fewer shapes (67%), and in five of its six pictures draws
+the object twice. The middle block alone draws exactly the pictures drawn with no cross-attention
+at all, all six: its 15% of colours is chance (one in six). The colour comes from the way up, the
+shape needs both halves.""",
     """a = pipe.encode([data.caption("square", "yellow", "en")])
 b = pipe.encode([data.caption("triangle", "green", "zh")])
 weights = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -474,8 +476,8 @@ show([pipe.generate(prompt, text_layer=k, steps=25, seed=11, output="tensor", pr
      [f"text layer {k}" for k in layers])""",
     """md:**Which text-encoder layer.** The UNet was trained on the last layer's output; feeding it an
 earlier one (0 = the embeddings alone) shows how much of the meaning the later layers add. Here the
-embeddings alone give a green square, neither the colour nor the shape asked for; one layer of
-attention over the words already gives the blue circle.""",
+embeddings alone give two triangles, green and red, neither the colour nor the shape asked for; one
+layer of attention over the words gives blue circles, but two; the second layer makes it one.""",
     """md:## An ablation as a table: `sweep`
 The switches above, one picture at a time, are anecdotes. `altdiff-min sweep SPEC` (or `run_sweep`)
 makes every combination of some `generate` arguments over prompts and seeds, measures every picture
@@ -488,7 +490,7 @@ from altdiff_min.apps.sweep import run_sweep
 from lesson import scratch_folder
 
 folder = scratch_folder()   # removed when the kernel stops
-spec = {"model": "toy-one", "seeds": [0, 1], "metrics": ["toy"], "fixed": {"steps": 25},
+spec = {"model": "toy", "seeds": [0, 1], "metrics": ["toy"], "fixed": {"steps": 25},
         "prompts": [data.caption("circle", "red", "fr"), data.caption("square", "blue", "ja"),
                     data.caption("triangle", "green", "ar")],
         "axes": {"scale": [1.0, 7.5], "cross_attention": [True, False]}}
@@ -509,7 +511,7 @@ only where the word acts. With the toy we can look at each part of that claim: t
 one word changed, the prompt switched after k steps, the attention maps step by step; then
 image-to-image and inpainting (`generate(image=…, strength=…, mask=…)`) on a rendered picture.
 `drawn` below is what the detector reads: the object, the centre of its box and its width, in pixels.""",
-    setup("toy-one"),
+    setup("toy"),
     """from altdiff_min.toy.detect import detect_objects
 
 def drawn(image):   # "red circle at (x, y), w px": what the detector reads, and where
@@ -528,12 +530,13 @@ images = torch.cat([pipe.generate(p, steps=25, seed=SEED, output="tensor", progr
 for (name, p), im in zip(prompts.items(), images):
     print(f"seed {SEED}  {name:18} {p:22} → {drawn(im)}")
 show(images, list(edits), size=1.8)""",
-    """md:**One word changed.** With the same seed, each edit changes only what its word says: the
-object stays where it was, within a few pixels (centre (32, 43) as asked, (29–30, 39–40) edited),
-at about its size (35 px, 37–41 edited). The same sentence in Chinese or in Arabic gives nearly
-the same picture: the same red circle, at (32, 43–44), 35 px. On this toy the place comes from the
-seed's noise and the words decide what is drawn there. No prompt-to-prompt machinery is needed for
-that: the edit keeps the noise.""",
+    """md:**One word changed.** With the same seed, a changed colour word keeps everything else: the
+green circle is the red one's twin (centre (26, 34), 33 px). A changed shape word does not: the
+triangle is drawn 16 px lower and to the right, at (41, 42), the square 12 px higher, at (25, 22),
+both at about the circle's size (34 px). The same sentence in Chinese or in Arabic gives nearly the
+same picture: the same red circle at (26, 34), 33 and 31 px. On this toy the noise fixes the place
+when the colour changes, not when the shape does: keeping it then is what prompt-to-prompt's
+machinery is for (lesson 08, docs/editing.md).""",
     """from altdiff_min.sampling.schedule import timesteps
 A, B = prompts["as asked"], data.caption("triangle", "green", "en")
 ts = timesteps("ddim", 25, pipe.schedule)
@@ -549,12 +552,13 @@ with torch.no_grad():
         print(f"{k:2} steps of A, {25 - k:2} of B → {drawn(pictures[-1])}")
 show(pictures, titles, size=1.5, suptitle=f"A: {A}  ·  then B: {B}")""",
     """md:**Switching the prompt part-way.** A for the first k of the 25 DDIM steps, then B. If the first
-steps decided everything, a few steps of A would give a red circle. They do not: B's colour and
-shape win up to 18 steps of A (B then runs its last 7 steps, from t = 241). At 21 steps of A the
-shape has settled into A's circle but B's last 4 steps (from t = 121) still make it green. Only
-all 25 steps of A give the red circle. Meanwhile the object barely moves: its centre stays within
-(28–32, 34–43) whatever k is. On this toy, the early steps settle *where*; the shape is settled
-between steps 18 and 21, and under guidance 7.5 the last four steps can still recolour it.""",
+steps decided everything, a few steps of A would give a red circle. They do not: B's colour wins up
+to 21 steps of A (B then runs its last 4 steps, from t = 121), B's shape up to 15 (at 18 a rounded
+triangle, which the detector reads as a circle). Only all 25 steps of A give the red circle. The
+place is settled first: after 0 or 2 steps of A, B's triangle is where B alone draws it, (40–41,
+41–42); from 5 steps of A on it sits at (26–27, 26–32), near A's circle at (26, 34). On this toy the
+first five steps settle *where*, the shape is settled between steps 15 and 21, and under guidance
+7.5 the last four steps can still recolour it.""",
     """from altdiff_min.research.instruments import capture_attention
 from lesson import word_tokens, word_map
 with capture_attention(pipe.unet, per_step=True) as maps:   # per_step: keep each UNet call's maps
@@ -565,12 +569,9 @@ show([image[0], *rows[0], image[0], *rows[1]], [f"{w}\\nstep {i + 1}" if i is no
                                               for w in ("red", "circle") for i in (None, *steps)], rows=2, size=1.3)""",
     """md:**The maps step by step.** Each word's map at single steps (step 1 is the noisiest; each map
 scaled on its own, lesson 03). The maps are there from step 1 and hardly change over the first
-three steps; later they drift, and step 25's differ. They do not outline the circle: "red" is read
-most at the top left and "circle" at the top right, where the picture is white. As lesson 03
-found, the bidirectional text encoder spreads the sentence's meaning over every position. On this
-toy, then, what the first steps' maps fix is which position is read where, not an object's
-silhouette. Prompt-to-prompt's edits keep these early maps when a word changes; here the place
-is already kept by the noise (the first cell).""",
+three steps; then they gather, "red" onto the disc itself by step 25, "circle" onto a box over the
+circle's part of the picture from step 5 on. The first steps' maps already point at where the
+object will be: what prompt-to-prompt keeps when a word changes is, on this toy, the object's place.""",
     """import numpy as np
 from PIL import Image
 picture = Image.fromarray(data.render("circle", "red", size=30, center=(22, 40)))
@@ -588,11 +589,11 @@ show(shown, titles, rows=2)""",
     """md:**Image to image.** Strength s noises the picture to the level of the last int(25·s) steps and
 runs only those, with the new prompt. Asking for a green circle, every strength recolours it,
 0.2 included: its 5 steps start at t = 161, and the prompt switch above showed that the last four
-steps can still recolour. The circle keeps its place and size up to 0.6 (centre (22–24, 40),
-31–32 px), grows at 0.8, and at 1.0 is a new circle (48 px at (31, 26)): the picture is gone.
-Asking for a red triangle, 0.2 leaves a half-made triangle with a green patch (the detector still
-reads a red triangle). From 0.4 on the triangles are clean; they sit where the circle was
-across (x 22–24) and rise higher than it (centre y 34–35).""",
+steps can still recolour. The circle keeps its place and size up to 0.6 (centre (23, 39–40),
+30 px), moves a little at 0.8, and at 1.0 is a new circle (43 px at (32, 26)): the picture is gone.
+Asking for a red triangle, 0.2 leaves a rounded, half-made triangle (the detector reads a red
+triangle). From 0.4 on the triangles are clean; they sit where the circle was across (x 22–24),
+rise higher than it (centre y 32–34) and are larger (39–41 px against 30).""",
     """mask = np.zeros((64, 64), np.uint8)
 mask[21:60, 3:42] = 255   # the circle's box and 4 pixels around it
 target = data.caption("square", "blue", "en")
@@ -603,9 +604,10 @@ for s, im in zip(strengths, out):
     print(f"  strength {s}: {drawn(im)}")
 show([torch.from_numpy(mask).float() / 255, *out], ["the mask"] + [f"strength {s}" for s in strengths])""",
     """md:**Inpainting.** Only the masked box is re-made; `paste_unmasked=True` puts the original pixels
-back outside the mask. At every strength the red circle becomes a blue square near its place
-(centre (23–25, 39–41)). At 0.8 and 1.0 the square grows past the box, and the paste cuts it at
-the mask's right edge: the mask bounds what changes, not what the model draws.""",
+back outside the mask. At every strength the red circle becomes a blue square: up to 0.8 in its
+place (centre (22–24, 38–39), 28–32 px); at 1.0 the square is drawn further right, past the box,
+and the paste cuts it at the mask's right edge (what is left reads 19 px wide): the mask bounds
+what changes, not what the model draws.""",
 ]
 
 LESSONS["06_fine_tuning"] = [
@@ -767,13 +769,13 @@ sheet; run again, it skips the pictures already made, so an interrupted sweep re
 compared the samplers at 25 steps and showed one prompt at fewer; here the question is asked as a
 table: four samplers × four step counts at guidance 7.5, four prompts in four languages, three seeds
 (192 pictures), each read by the toy detector ("colour" and "shape": 1 when right).""",
-    setup("toy-one"),
+    setup("toy"),
     """import json
 from PIL import Image
 from altdiff_min.apps.sweep import run_sweep
 from lesson import scratch_folder
 folder = scratch_folder()   # removed when the kernel stops
-spec = {"model": "toy-one", "seeds": [0, 1, 2], "metrics": ["toy"], "fixed": {"scale": 7.5},
+spec = {"model": "toy", "seeds": [0, 1, 2], "metrics": ["toy"], "fixed": {"scale": 7.5},
         "prompts": [data.caption("circle", "red", "en"), data.caption("square", "blue", "zh"),
                     data.caption("triangle", "yellow", "es"), data.caption("circle", "purple", "ko")],
         "axes": {"sampler": ["ddim", "euler", "dpm++2m-karras", "plms"], "steps": [3, 6, 12, 25]}}
@@ -789,14 +791,14 @@ for sampler in spec["axes"]["sampler"]:
     cells = [[r for r in rows if r["sampler"] == sampler and r["steps"] == n] for n in spec["axes"]["steps"]]
     print(f"{sampler:16}" + "".join(f"{sum(r['colour'] == r['shape'] == 1.0 for r in c):>10}" for c in cells))
 show([Image.open(f"{folder}/steps/contact_sheet.png")], size=12)""",
-    """md:**Reading the table.** At 25 steps DDIM and Euler draw 11 of the 12 pictures right and
-DPM-Solver++ (2M, over Karras' levels) all 12. At 12 steps none gets past 7 of 12: DDIM's shapes
-are right (92%) but a third of its colours are not (green and purple circles for "a red circle"),
-and DPM-Solver++ loses objects to fragments and specks. Below 12 steps every sampler fails most
-of the time. PLMS gets at most 3 of 12 at guidance 7.5, for the reason lesson 02 gives. On this
-toy the step count matters more than which of the first three samplers is used. Four prompts
-and three seeds a cell is a small sample: a cell can move by a picture or two with other seeds,
-so add seeds before reading anything into 11 against 12.""",
+    """md:**Reading the table.** At 25 steps DDIM, Euler and DPM-Solver++ (2M, over Karras' levels) draw
+all 12 pictures right. At 12 steps Euler still does, DDIM 11 (one red circle comes out orange) and
+DPM-Solver++ 8: it draws no red circle at all, and shrinks some of the other objects. Below 12 steps
+every sampler fails most of the time: blanks, fragments, and at 6 steps blue blobs whatever was
+asked. PLMS gets at most 1 of 12 at guidance 7.5, for the reason lesson 02 gives. On this toy the
+step count matters more than which of the first three samplers is used. Four prompts and three
+seeds a cell is a small sample: a cell can move by a picture or two with other seeds, so add seeds
+before reading anything into 11 against 12.""",
     """start = time.perf_counter()
 again = run_sweep(f"{folder}/steps.json", progress=False)   # every picture exists: only the measuring is redone
 print(f"again: {len(again)} pictures in {time.perf_counter() - start:.1f} s, the same table: {again == rows}")""",
