@@ -6,19 +6,14 @@ import time
 
 import nbformat as nbf
 
-MODELS = {"toy": 'altdiff_min.load("toy")                       # the small model shipped with the package',
-          "toy-one": 'altdiff_min.load("toy-one")                   # the first toy (one object): this lesson was measured on it'}
-
-
-def setup(model: str = "toy") -> str:
-    return f"""import time
+SETUP = """import time
 import torch
 import altdiff_min
 from altdiff_min.toy import data, detect
 from lesson import show, decode
 
 torch.manual_seed(0)
-pipe = {MODELS[model]}
+pipe = altdiff_min.load("toy")                       # the small model shipped with the package
 print(pipe.unet.cfg, pipe.vae.cfg, sep="\\n")"""
 
 
@@ -40,7 +35,7 @@ the **sampler** starts from noise and asks the **UNet** for the noise ε at each
 **VAE decoder** turns the final latents into pixels. This lesson walks through each stage on the
 small `toy` model shipped with altdiff-min (trained on coloured shapes, captions in nine languages);
 the real AltDiffusion-m9 has the same code with bigger configs.""",
-    setup("toy"),
+    SETUP,
     """md:## 1. Tokens
 XLM-R's sentencepiece pieces, with fairseq's ids: `<s>`=0, `<pad>`=1, `</s>`=2, then piece id + 1.
 Every prompt becomes 77 ids, padded.""",
@@ -114,7 +109,7 @@ solver over the noise levels of Karras et al. 2022, which crowd the steps at low
 **Euler ancestral** steps further down and adds fresh noise each time, so it never settles on one
 path. Fewer steps is where they differ, and on this small model, how smooth the guided ε is decides
 which of them works.""",
-    setup("toy-one"),
+    SETUP,
     """md:## The routes
 Each sampler runs over an explicit list of timesteps, `samplers.timesteps(name, steps, schedule)`:
 what diffusers' scheduler of that kind gives for the same config. The spacing comes from the
@@ -135,11 +130,12 @@ for sampler in SAMPLERS:
         results.append(pipe.generate(prompt, sampler=sampler, steps=steps, seed=4, output="tensor", progress=False)[0])
         titles.append(f"{sampler}\\n{steps} steps, {time.perf_counter() - start:.2f}s")
 show(results, titles, rows=len(SAMPLERS))""",
-    """md:DDIM has the purple triangle by 12 steps, Euler and DPM-Solver++ on either schedule by 25 (Euler's
-12-step triangle is still blue). Euler ancestral draws fresh noise at every step, so each step count
-is another random path and another picture, not a finer version of the same one. PLMS never draws
-the triangle on this model at guidance 7.5: each step count up to 25 gives another picture, and 25
-and 50 steps leave a blue sliver. The x̂₀ trajectories show it step by step
+    """md:DDIM, Euler and DPM-Solver++ over Karras' levels have the purple triangle by 12 steps, DPM-Solver++
+with its default spacing by 25 (its 12-step triangle is still blue). Euler ancestral draws fresh
+noise at every step, so each step count is another random path and another picture, not a finer
+version of the same one (here its 12-step picture is red and green). PLMS never draws the triangle
+on this model at guidance 7.5: each step count gives another picture, specks at 12 and 25 steps and
+a yellow and red blot at 50. The x̂₀ trajectories show it step by step
 (`return_trajectory=True` gives the latents and x̂₀ of every step; decoded here).""",
     """for sampler in SAMPLERS:
     _, trajectory = pipe.generate(prompt, sampler=sampler, steps=8, seed=4, output="tensor", progress=False,
@@ -150,7 +146,7 @@ PLMS replaces ε by an extrapolation, e.g. (55ε − 59ε₋₁ + 37ε₋₂ −
 coefficients add up to 1, but their sizes add up to 160/24 ≈ 6.7, so where ε jumps from one step to
 the next the extrapolation overshoots, and the next ε is computed at the wrong place. Guidance makes
 the jumps larger: ε∅ + s·(ε_c − ε∅) multiplies the conditional change by s. The toy model, trained
-for minutes on a tiny world, decides colour and shape within a few steps, so its guided ε jumps.
+for an hour and a half on a small world, decides colour and shape within a few steps, so its guided ε jumps.
 Below: the largest step-to-step change of ε along DDIM's path, and, over 72 prompts (four
 languages × six colours × three shapes), how often each sampler's 25-step picture shows what was asked.""",
     """from altdiff_min.pipeline import guided_eps
@@ -177,7 +173,7 @@ for sampler in SAMPLERS:
     print(f"{sampler:16}{right[0]:12.0%}{right[1]:14.0%}")""",
     """md:DDIM and Euler, both first order, are the robust ones. DPM-Solver++'s second-order step
 tolerates the jumps at moderate guidance; over Karras' levels, which put more of its 25 steps at
-low noise (the routes above), it got every prompt right at 7.5 too, against 93% with its default
+low noise (the routes above), it got every prompt right at 7.5 too, against 99% with its default
 spacing. Euler ancestral's fresh noise costs it two prompts in five at 7.5. PLMS's extrapolation
 does not tolerate the jumps, and the larger jumps at 7.5 make it much worse. With a model whose ε
 varies smoothly the higher orders pay off in fewer steps; which model that is, is an experiment
@@ -203,12 +199,12 @@ for name, controllers in ways.items():
     seconds = time.perf_counter() - start
     mean = lambda key: sum(row[key] for row in table.values()) / len(table)
     print(f"{name:24}{mean('colour'):8.0%}{mean('shape'):8.0%}{mean('delta_e'):8.2f}{mean('iou'):8.3f}{seconds:9.1f}")""",
-    """md:On three languages as on nine (docs/interventions.md, where the toy loses the same colours): ToMe 0.5 keeps every colour and shape
-(ΔE from 2.55 to 3.76) and saves nothing at this size. DeepCache at branch 0, the paper's setting,
-loses the colours from interval 2 on (94%, then 33% and 24%) and the shapes at 3 and 5: on this UNet
-of three levels the colour is still being settled in the blocks it caches. From branch 2 (the whole
-finest level runs every step, the two coarser ones are cached) it keeps everything at ΔE within 0.2
-of none, for about 1.2× here. On m9's UNet at 512 px DeepCache 3 at branch 0 makes the step 2.3×
+    """md:On three languages as on nine (docs/interventions.md): ToMe 0.5 keeps every colour and shape
+(ΔE from 1.25 to 2.03) and saves nothing at this size. DeepCache at branch 0, the paper's setting,
+keeps them at interval 2 (ΔE 1.57) and loses the colours from 3 on (35%, then 11%), and the shapes
+too: on this UNet of three levels the colour is still being settled in the blocks it caches. From
+branch 2 (the whole finest level runs every step, the two coarser ones are cached) it keeps
+everything at ΔE within 0.05 of none, for about 1.1–1.2× here. On m9's UNet at 512 px DeepCache 3 at branch 0 makes the step 2.3×
 faster on this CPU (docs/benchmarks.md); which branches keep m9's pictures is for the real weights
 to say. A sweep varies them too: `"axes": {"deepcache": [null, 2, {"interval": 3, "branch": 2}]}`.""",
 ]
@@ -222,7 +218,7 @@ the layers to the explicit softmax path while recording), and `heatmap` turns on
 attention into a map over the image, one per picture (the prompt's rows of the batch; with guidance
 the batch also holds the unconditional branch, which `branch="unconditional"` or `"both"` gives).
 The same seed and the same sentence in four languages: one picture, and where does each word look?""",
-    setup("toy"),
+    SETUP,
     """from altdiff_min.research.instruments import capture_attention
 
 def maps_for(lang, shape="circle", colour="green", seed=7):
@@ -412,7 +408,7 @@ LESSONS["04_ablations"] = [
 
 Every switch here is an argument of `generate`, off by default (the defaults are the ones the
 tests prove equal to diffusers). What each one shows is written under it.""",
-    setup("toy"),
+    SETUP,
     """prompt = data.caption("circle", "blue", "it")
 print(prompt)
 scales = (0.0, 1.0, 2.0, 4.0, 7.5, 15.0)
@@ -511,7 +507,7 @@ only where the word acts. With the toy we can look at each part of that claim: t
 one word changed, the prompt switched after k steps, the attention maps step by step; then
 image-to-image and inpainting (`generate(image=…, strength=…, mask=…)`) on a rendered picture.
 `drawn` below is what the detector reads: the object, the centre of its box and its width, in pixels.""",
-    setup("toy"),
+    SETUP,
     """from altdiff_min.toy.detect import detect_objects
 
 def drawn(image):   # "red circle at (x, y), w px": what the detector reads, and where
@@ -627,8 +623,8 @@ This lesson teaches it rings from 36 pictures, captioned in the nine languages, 
 each alone and **with rehearsal**, half of every batch drawn from the old world (DATA
 `toy-ring:1,toy:1`); then the two LoRA ways with rehearsal again at twice the steps. For each: how often it draws a ring of the asked colour (`evaluate_rings`: nine
 languages × six colours × two seeds), how much of the old world survives (`toy.evaluate`: the 162
-prompts the shipped model draws right), the size of what the run leaves, and the time.""",
-    setup("toy-one"),
+prompts the toy draws right), the size of what the run leaves, and the time.""",
+    SETUP,
     """from altdiff_min.toy.data import RING, LANGUAGES, caption
 from altdiff_min.toy import detect, evaluate, format_table
 from altdiff_min.toy.detect import evaluate_rings
@@ -648,10 +644,8 @@ as a ring. Most of the ring words are new pieces, and Russian's кольцо is 
 words change (красное, not красный).""",
     """before = evaluate_rings(pipe)
 print(format_table(before))""",
-    """md:**Before.** The shipped model draws no ring in any language. It draws the colour asked
-when it knows the colour word, which fails in Russian (neuter forms it never read), mostly in Arabic
-(feminine forms after a noun it cannot read) and half the time in Italian and Chinese, where the
-unknown noun pulls the picture elsewhere.""",
+    """md:**Before.** The toy draws no ring in any language. It draws the colour asked in every language
+but Russian, where half the colours are wrong: the neuter forms are words it never read.""",
     """import os
 from altdiff_min.research.textual_inversion import add_words
 from altdiff_min.training.config import TrainConfig
@@ -678,11 +672,11 @@ def teach(way, rehearse, steps=STEPS):
     cfg = TrainConfig(max_steps=steps, batch_size=12, warmup=10, save_every=steps, **settings)
     out = f"{runs}/{len(table)}"
     start = time.perf_counter()
-    result = fine_tune("toy-one", data, out, cfg, progress=False)
+    result = fine_tune("toy", data, out, cfg, progress=False)
     minutes = (time.perf_counter() - start) / 60
     lora = f"{out}/lora/pytorch_lora_weights.safetensors"
     files = [result] if "lora" not in settings else [lora] + ([result] if word else [])
-    model = altdiff_min.load(result if os.path.isdir(result) else "toy-one", lora=[lora] if "lora" in settings else [])
+    model = altdiff_min.load(result if os.path.isdir(result) else "toy", lora=[lora] if "lora" in settings else [])
     if word:
         add_words(model, read_embeddings(result))
     size = sum(os.path.getsize(f"{f}/model.safetensors" if os.path.isdir(f) else f) for f in files)
@@ -706,41 +700,36 @@ for rehearse in (False, True):
 
 print_table()""",
     """md:**The table** (1,200 steps of 12 pictures each, the same seed for every run; minutes on a
-2-core CPU that other jobs shared, so only roughly comparable):
+2-core CPU with nothing else running, most of each run's time is the measuring):
 
-- **Every weight** learns the ring best: 98% alone, 93% with rehearsal. Alone it forgets the old
-  world's shapes (28% right), while the colours mostly survive (90%). With half of every batch from
-  the old world it keeps it whole (99% / 99%). That is the only way here that passes the bar this
-  lesson set (rings ≥ 80% with the old world ≥ 95% / 95%), at the price of a whole model (11.5 MB;
-  m9's would be 4 GB).
+- **Every weight** learns the ring: 100% alone, 92% with rehearsal. Alone it forgets the old
+  world's shapes (39% right; it draws rings for them), while the colours survive (100%). With half
+  of every batch from the old world it keeps it whole (100% / 99%), at the price of a whole model
+  (11.6 MB; m9's would be 4 GB).
 - **LoRAs of rank 4** (the UNet's attention, resnet convolutions and feed-forward layers; the text
-  encoder's attention and feed-forward layers: 0.5 MB) learn the ring alone almost as well as every
-  weight (95%), and forget less of the old shapes (46% right, against 28%). The text encoder's LoRA
-  is what makes the difference: with the encoder frozen, the words are pieces it never read (r-i-n-g,
-  <unk>), and a LoRA on the UNet alone, with these settings, reaches 57% (41% with rehearsal). With rehearsal the
-  old world stays whole (99% / 99%), but the rings fall to 48%: half the batches teach rings, and a
-  rank-4 update that must also leave the old world alone learns less in 1,200 steps.
+  encoder's attention and feed-forward layers: 0.5 MB) learn the ring alone as well as every weight
+  (100%), and forget less of the old shapes (55% right, against 39%). The text encoder's LoRA lets
+  them read words the encoder never read (r-i-n-g, <unk>). With rehearsal the old world stays whole
+  (100% / 99%), and the rings fall to 84%: half the batches teach rings, and a rank-4 update that
+  must also leave the old world alone learns less in 1,200 steps.
 - **A new word and LoRAs**: `<ring>` starts as the row of "a", a word with no shape, and learns its
-  own. Alone it draws rings right 97% of the time; with rehearsal 61%, while the old colours stay
-  (99%) and 91% of the old shapes survive.
+  own. Alone it draws rings right every time (old shapes 59%); with rehearsal too, while the old
+  world stays (100% / 98%).
 
-So, on this toy: rehearsal is what keeps the old world, whatever trains; the LoRAs learn the ring
-as well as every weight when nothing else is asked of them, but with rehearsal they fall short of
-the bar at this rank and length.""",
+So, on this toy: rehearsal is what keeps the old world, whatever trains, and with it every way
+passes the bar this lesson sets (rings ≥ 80% with the old world ≥ 95% / 95%); the new word with
+LoRAs does best, in a 0.54 MB file.""",
     """md:**Twice the steps.** With rehearsal only half of each batch shows rings, so a run of 1,200
 steps shows them half as often as a run without. The two LoRA ways with rehearsal again, at 2,400 steps:""",
     """for way in ("LoRA r=4", "<ring> + LoRA r=4"):
     teach(way, True, steps=2 * STEPS)
 print_table()""",
-    """md:**At 2,400 steps both LoRA ways pass the bar.** LoRA r=4 with rehearsal draws rings right 91%
-of the time (48% at 1,200 steps) while the old world stays 99% / 100%; the new word and LoRAs 94%
-(61%), the old world 100% / 99%. Each is still a 0.54 MB file, about five minutes on this CPU. What
-the ring needed was more looks at rings, not more capacity: 2,400 batches half of rings show as many
-ring pictures as 1,200 batches of rings alone, and the rings right come out close to that run's
-(91–94% against 95–97%). Two other ways to show more rings, tried with the same seed outside this
-notebook, cost the old world instead: three ring pictures for every old one at 1,200 steps drew rings
-right 74% (LoRA) and 88% (new word), but the old shapes fell to 84% and 75%; rank 8 at two to one,
-86% rings and 76% old shapes.""",
+    """md:**At 2,400 steps both LoRA ways do better still.** LoRA r=4 with rehearsal draws rings right 98%
+of the time (84% at 1,200 steps) while the old world stays 100% / 97%; the new word and LoRAs 100%
+again, the old world 100% / 99%. Each is still a 0.54 MB file, under six minutes on this CPU. What
+the plain LoRA needed was more looks at rings: 2,400 batches half of rings show as many ring
+pictures as 1,200 batches of rings alone, and the rings right come out close to that run's (98%
+against 100%).""",
     """asks = [("red", "en"), ("blue", "zh"), ("yellow", "ru")]
 names, pictures = [], []
 for (way, rehearse, steps), (model, word) in taught.items():
@@ -751,11 +740,11 @@ show(pictures, names, rows=len(taught), size=1.5)""",
     """md:**The pictures** (seed 0; rows: each way, without and with rehearsal, then the two LoRA ways
 with rehearsal at 2,400 steps; the last column asks for a green circle in French; the Chinese titles
 show as boxes: the plotting font has no CJK glyphs). Without rehearsal every way draws the French
-green circle as a ring; with rehearsal every way draws it as a disc again, at both lengths. The Russian yellow ring (жёлтое кольцо: a neuter adjective the toy never read)
-is a yellow ring after the LoRAs alone, which read the new spelling through the text encoder's LoRA;
-the other ways draw it yellow-orange without a hole, and the new word with rehearsal draws a square.
-With rehearsal at 1,200 steps the Chinese blue ring comes out as a disc in every way (seed 0); at
-2,400 the new word draws it as a ring, and LoRA r=4 draws the Russian yellow ring as an orange ring.
+green circle as a ring; with rehearsal every way draws it as a disc again, at both lengths. The
+Russian yellow ring (жёлтое кольцо: a neuter adjective the toy never read) is a yellow ring in every
+row, orange-yellow after the LoRAs with rehearsal. With rehearsal at 1,200 steps every weight draws
+the English red ring as a disc, and LoRA r=4 the red and the Chinese blue ring; the new word draws
+them all as rings, and at 2,400 steps both LoRA ways do.
 Another way to rehearse is DreamBooth's prior preservation (`--class-prompt "a circle" --class-images
 N`), which rehearses with the base model's own pictures instead of the training data.""",
 ]
@@ -769,7 +758,7 @@ sheet; run again, it skips the pictures already made, so an interrupted sweep re
 compared the samplers at 25 steps and showed one prompt at fewer; here the question is asked as a
 table: four samplers × four step counts at guidance 7.5, four prompts in four languages, three seeds
 (192 pictures), each read by the toy detector ("colour" and "shape": 1 when right).""",
-    setup("toy"),
+    SETUP,
     """import json
 from PIL import Image
 from altdiff_min.apps.sweep import run_sweep
@@ -819,8 +808,8 @@ that noise with a changed prompt while attention keeps the layout (**prompt-to-p
 "real" pictures are rendered by the toy's `render`, never drawn by the model. The modules:
 `altdiff_min.inversion` (DDIM and null-text inversion), `altdiff_min.research.prompt_to_prompt`
 (the edit, as attention controllers) and `altdiff_min.research.daam` (where a word is read); the
-measured tables over many pictures are in docs/editing.md.""",
-    setup("toy-one"),
+measured tables over many pictures are in docs/editing.md (most on toy-one, the first toy).""",
+    SETUP,
     """import numpy as np
 from PIL import Image
 from altdiff_min.inversion import invert, null_text_inversion, picture_latents, sample_inverted
@@ -860,16 +849,17 @@ print(f"{'× the VAE round trip':28}" + "".join(f"{e / mean['VAE round trip']:18
 print("seconds per picture:", {name: round(s / len(real), 1) for name, s in seconds.items()})
 show(shown, ["real"] + list(rows[0]) + [""] * (len(shown) - 5), rows=len(real), size=1.5)""",
     """md:**Reconstruction** (four rendered pictures, captions in French, Chinese, Arabic and Russian, 50
-DDIM steps; mean |Δpixel| with pixels in [0, 1]). The VAE alone loses 0.0148: the encoder's mean
+DDIM steps; mean |Δpixel| with pixels in [0, 1]). The VAE alone loses 0.0097: the encoder's mean
 decoded again, the floor of anything that goes through latents. DDIM inversion at guidance 1 and
-sampling back at 1 comes back within 1% of it (1.01×). But an edit needs guidance: at 7.5 the same
-inversion drifts, because the guided ε of the way back is not the ε the way up used; three pictures
-come back a little worse (0.0112–0.0247 against 0.0100–0.0216) and the yellow circle badly (0.098):
-2.54× the VAE on average (docs/editing.md: 2.83× over 50 pictures). Null-text inversion keeps
-the guided way back and fits, step by step, only the unconditional embedding ∅_i, so that each
-guided step lands where the unguided inversion was: 1.00×, the VAE's own error. The price is time:
-the fitting runs ten gradient steps of the UNet at each of the 50 steps (12.6 s a picture here,
-on 2 CPU cores, against 0.9 s for DDIM inversion at 1 and sampling back).""",
+sampling back at 1 comes back within 5% of it (1.05×). But an edit needs guidance: at 7.5 the same
+inversion drifts, because the guided ε of the way back is not the ε the way up used; three of the
+four pictures come back worse (0.0093–0.0237 against 0.0069–0.0135, the red circle and the green
+triangle nearly twice the VAE's error): 1.51× the VAE on average (toy-one: 2.54× here, 2.83× over 50
+pictures in docs/editing.md). Null-text inversion keeps the guided way back and fits, step by step,
+only the unconditional embedding ∅_i, so that each guided step lands where the unguided inversion
+was: 0.99×, the VAE's own error. The price is time: the fitting runs ten gradient steps of the UNet
+at each of the 50 steps (12.1 s a picture here, on 2 CPU cores, against 0.9 s for DDIM inversion at
+1 and sampling back).""",
     """from altdiff_min.research.prompt_to_prompt import edit
 
 swaps = {("circle", "red", "fr"): ("circle", "blue"), ("square", "blue", "zh"): ("square", "orange"),
@@ -899,21 +889,21 @@ XLM-R needs it). The columns: the real picture, its reconstruction (the source r
 edit with the fitted ∅_i in every step, as the paper runs it, and the edit whose target reads them only
 in the first half of the steps (`null_text_steps=0.5`; the empty prompt's after).
 
-With ∅_i throughout, as the detector reads it: the French red circle turned blue, but with a hole
-(read as a ring), 2.5 px off and 12% larger; the Chinese blue square stayed put (0.5 px) but came
-out yellow where orange was asked; the Arabic green triangle came out blue instead of purple, and
-54% larger; the Russian yellow circle became a square, in green. The fitted contexts hold the
-picture, its colour included, and at guidance 7.5 they pull the edit back towards it.
+With ∅_i throughout, as the detector reads it: the French red circle turned blue in place and at
+its size, on a grey background; the Chinese blue square stayed put (1.1 px) but came out yellow
+where orange was asked, and 25% larger; the Arabic green triangle came out blue instead of purple,
+and 17% larger; the Russian yellow circle became a yellow square, 1.4 px off and 12% larger. The
+fitted contexts hold the picture, its colour included, and at guidance 7.5 they pull the edit back
+towards it.
 
-With `null_text_steps=0.5` the three colour swaps come out in the asked colour and stay put: the
-blue circle 1.0 px off at the same size, the orange square 1.1 px off at the same size, the purple
-triangle 1.1 px off and 12% larger (just over the bar's 10%). The shape swap draws a yellow square,
-4.0 px off and 18% larger. Over 108 real pictures in the nine languages (docs/editing.md) colour
-swaps go from 29% right to 88% this way, 67–100% by language: close to, not at, the bar the issue
-sets (≥ 90% of edits right in every language, with the object within 2 px and 10% of its size).
-Shape swaps stay far from it (28%): a new shape is drawn at its own size. The toy's 8×8 latents
-leave attention little room: every self-attention map covers the whole picture, so the layout is
-carried by few numbers.""",
+With `null_text_steps=0.5` every edit comes out as asked: the blue circle 1.0 px off and 5%
+smaller, the orange square 1.6 px off at its size, the purple triangle 1.0 px off but 17% larger
+(over the bar's 10%), and the shape swap too, a yellow square 0.7 px off and 9% larger. Three of
+the four are within the bar the issue sets (≥ 90% of edits right in every language, with the object
+within 2 px and 10% of its size); over many pictures neither toy reaches it (docs/editing.md: on
+toy-one colour swaps of 108 real pictures went from 29% right to 88% this way, shape swaps 28%). The
+toy's 8×8 latents leave attention little room: every self-attention map covers the whole picture,
+so the layout is carried by few numbers.""",
     """from altdiff_min.toy.editing import reweight_sweep
 import matplotlib.pyplot as plt
 
@@ -927,11 +917,13 @@ plt.plot(cs, [curve[c]["colour"] for c in cs], "s-", label="colour right")
 plt.xlabel("weight c of the colour word"); plt.legend(); plt.tight_layout(); plt.show()""",
     """md:**Reweighting the colour word** (generated pictures, English, French and Chinese, every shape
 × colour, seed 0; the colour word's cross-attention column × c for the first 80% of the steps).
-On this toy the weight does not change the colour: it is right at every c, and the ink's saturation
-stays at 0.80 from c = 0 to 4. What the weight changes is the layout: at c = 2 only 89% of the
-objects stay within 2 px and 10% of their size, at c = 4 only 68%. A toy colour is one flat value,
-and the model reads it from the whole sentence (XLM-R mixes every word into every token), so
-turning one column's attention down or up moves where things are drawn more than how red they are.""",
+Up to c = 2 the weight does not change the colour: it is right, and the ink's saturation stays at
+0.82 from c = 0 to 2. What it changes is the layout: at c = 0 only 68% of the objects stay within
+2 px and 10% of their size, at 2 only 74%. At c = 4 it breaks the picture: a third of the colours
+are wrong, the saturation falls to 0.63, and 39% of the objects stay put. A toy colour is one flat
+value, and the model reads it from the whole sentence (XLM-R mixes every word into every token), so
+turning one column's attention down or up moves where things are drawn before it changes how red
+they are.""",
     """from altdiff_min.research.daam import word_heat_map, iou, shifted
 from altdiff_min.research.instruments import capture_attention
 from altdiff_min.toy.detect import object_mask
@@ -948,12 +940,12 @@ for prompt, noun, a, b in zip(prompts, nouns, iou(heat, masks), iou(shifted(heat
 show(list(images) + list(heat), prompts + nouns, rows=2, size=1.8)""",
     """md:**Where the shape word is read** (DAAM: the word's cross-attention over every down and up
 layer, head and step, upsampled and normalised; the object's segment is the map above 0.4). The
-IoU with the drawn object: Chinese 正方形 0.49, Korean 원 0.41, Arabic مثلث 0.30, each well above
-the same map shifted by half the picture (0.30, 0.11, 0.05). The English "circle" reads 0.07,
-below its shifted map (0.34): its map lies beside the object, not on it. Over 486 pictures
-(docs/interventions.md) the mean IoU is 0.41 against 0.19 shifted, with English and Chinese the
-weakest; on this toy, whose attention grids are 8×8 at most, a word map is a coarse guide to where
-a word acts, and which word holds the place varies by language.""",
+IoU with the drawn object: English "circle" 0.58, Chinese 正方形 0.67, Korean 원 0.67, Arabic مثلث
+0.28, each far above the same map shifted by half the picture (0.00–0.02). Over 486 pictures
+(docs/interventions.md) the mean IoU is 0.49–0.59 by language against 0.04 shifted; the toy, trained
+to place two objects, reads a shape word where its object is, though on attention grids of 8×8 at
+most a word map is a coarse outline (toy-one's maps found the object far less plainly: IoU 0.29–0.46
+against 0.15–0.25 shifted).""",
 ]
 
 
@@ -966,7 +958,7 @@ blue square"). With two objects its commonest mistake is Stable Diffusion's own:
 the wrong nouns (attribute leakage; GenEval scores SD v1.5 0.06 on colour attribution). This
 lesson looks at why, in the cross-attention, then tries two fixes that move the latents at
 inference time, Attend-and-Excite and SynGen's binding loss (docs/binding.md), and measures them.""",
-    setup("toy"),
+    SETUP,
     """from altdiff_min.research.instruments import capture_attention
 from altdiff_min.toy.detect import as_uint8, compositions, detect_scene, judge_pair, read_objects, swapped
 from lesson import word_map, word_tokens

@@ -13,7 +13,7 @@ relations (left of, right of, above, below). It ships trained in `TOY_MODEL` ("t
     detect(image)                                            # ("triangle", "blue")
 
 The first toy, trained on one object a picture (`train-toy`), ships too, as `TOY_ONE` ("toy-one"): the
-lessons and docs whose numbers were measured on it name it.
+docs whose numbers were measured on it name it.
 
 data.py     the pictures (`render`, `render_scene`) and captions (`caption`, `caption_scene`); SHAPES,
             COLOURS, LANGUAGES, RELATIONS; RING, the shape the fine-tuning lesson teaches
