@@ -20,9 +20,10 @@ other words must be replaced one for one (in Chinese and Japanese a replaced run
 of words); `refine`: the target is the source with words added, which keep their own maps. A
 replaced word's maps go to the target's pieces summed over its source pieces and divided evenly over
 the target's (one for one when the counts agree, as the reference's replacement mapper). A word added
-to a swap, or replaced or dropped in a refinement, is a one-line BadValue naming it, before any work. Source and target may be in different languages only as far as the rules above
-carry them: a swap maps words by position, so a translation is accepted only with the same number of
-words and is meaningful only where the word order matches.
+to a swap, or replaced or dropped in a refinement, is a one-line BadValue naming it, before any work.
+Source and target may be in different languages only as far as the rules above carry them: a swap
+maps words by position, so a translation is accepted only with the same number of words and is
+meaningful only where the word order matches.
 """
 from __future__ import annotations
 

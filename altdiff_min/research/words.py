@@ -92,6 +92,15 @@ def align(tokenizer, source: str, target: str, mode: str, max_length: int = 77
     mapper, mapped = torch.zeros(max_length, max_length), torch.zeros(max_length, dtype=torch.bool)
     partner = torch.full((max_length,), -1, dtype=torch.long)
 
+    def carry(a: list[int], b: list[int], same: bool) -> None:  # source positions a's maps onto target's b
+        if len(a) == len(b):
+            mapper[a, b] = 1.0
+            if same:  # the same tokens: partners
+                partner[b] = torch.tensor(a)
+        else:
+            mapper[torch.tensor(a)[:, None], torch.tensor(b)[None, :]] = 1.0 / len(b)  # summed, spread evenly
+        mapped[b] = True
+
     def units(ws: list[Word]) -> list[tuple[str, int]]:  # (text, word index): a CJK word's characters each
         return [(c, i) for i, w in enumerate(ws) for c in (w.text if w.cjk else [w.text])]
 
@@ -123,34 +132,18 @@ def align(tokenizer, source: str, target: str, mode: str, max_length: int = 77
         else:
             raise BadValue(f"swap: the target's {said(tgt, b)} replaces the source's {said(src, a)}, "
                            f"{len(b)} word(s) for {len(a)}: a word swap replaces words one for one")
-    group = {("s", i): ("s", i) for i in range(len(src))} | {("t", j): ("t", j) for j in range(len(tgt))}
-
-    def root(k):
-        while group[k] != k:
-            k = group[k]
-        return k
-    for i, j in linked:
-        group[root(("s", i))] = root(("t", j))
-    groups: dict = {}
-    for side, k in sorted(group):
-        groups.setdefault(root((side, k)), ([], []))[side == "t"].append(k)
-    for si, tj in groups.values():
-        if si and tj:  # not an added word (refine) nor, alone, a word of the other prompt
-            a, b = [p for i in si for p in src[i].positions], [p for j in tj for p in tgt[j].positions]
-            carry(mapper, mapped, partner, a, b, same=[ps[p] for p in a] == [pt[p] for p in b])
-    carry(mapper, mapped, partner, [0], [0], True)  # <s>
+    groups: list[tuple[list[int], list[int]]] = []  # (source words, target words); the links run in order,
+    for i, j in linked:                                # so a link joins the last group or starts one
+        if groups and (i in groups[-1][0] or j in groups[-1][1]):
+            si, tj = groups[-1]
+            si += [] if i in si else [i]
+            tj += [] if j in tj else [j]
+        else:
+            groups.append(([i], [j]))
+    for si, tj in groups:
+        a, b = [p for i in si for p in src[i].positions], [p for j in tj for p in tgt[j].positions]
+        carry(a, b, same=[ps[p] for p in a] == [pt[p] for p in b])
+    carry([0], [0], True)  # <s>
     pads = max_length - max(n_src, n_tgt)
-    carry(mapper, mapped, partner, list(range(n_src - 1, n_src + pads)), list(range(n_tgt - 1, n_tgt + pads)), True)
+    carry(list(range(n_src - 1, n_src + pads)), list(range(n_tgt - 1, n_tgt + pads)), True)  # </s>, padding
     return mapper, mapped, partner
-
-
-def carry(mapper, mapped, partner, a: list[int], b: list[int], same: bool) -> None:
-    """Source positions a's maps onto target positions b: one for one where the counts agree, else summed
-    and spread evenly; `same`: the pieces are the same tokens (partner records them)."""
-    if len(a) == len(b):
-        mapper[a, b] = 1.0
-        if same:
-            partner[b] = torch.tensor(a)
-    else:
-        mapper[torch.tensor(a)[:, None], torch.tensor(b)[None, :]] = 1.0 / len(b)
-    mapped[b] = True
